@@ -1,0 +1,125 @@
+"""MoELayer: a drop-in Mixture-of-Experts feed-forward layer (FastMoE's data flow, REFERENCE §2).
+
+    y = Σ_{s=1..k} w[t, s] · expert_{e[t, s]}(x_t)        for every token t
+
+Usage::
+
+    from fastmoe_edu import MoELayer
+    layer = MoELayer(d_model=64, d_hidden=128, num_experts=8, top_k=2, router="softmax_topk")
+    y = layer(x)                 # x [..., 64] -> y [..., 64]
+    loss = task_loss + layer.aux_loss
+    layer.last_routing           # expert ids, weights, tokens per expert, dropped count
+
+The forward pass is the sequence of named steps below; each step is one function of the chosen
+backend (``backends/``), so the reference and the numba kernels can be read side by side.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .backends import check_backend_name, get_backend
+from .experts import EXPERT_KINDS, Experts
+from .routers import ROUTERS, build_router
+
+
+@dataclass
+class RoutingRecord:
+    """The last routing decision of a layer, detached, for inspection (notebooks, logs)."""
+    expert_ids: torch.Tensor          # [T, k] after capacity pruning, -1 = dropped
+    weights: torch.Tensor             # [T, k] combine weights, 0 where dropped
+    tokens_per_expert: torch.Tensor   # [E] rows each expert processed
+    num_dropped: int                  # assignments removed by capacity pruning
+    capacity: int | None              # C, or None when dropless
+    logits: torch.Tensor              # [T, E] router scores
+    probs: torch.Tensor | None        # [T, E] router probabilities (sigmoid scores for "sigmoid")
+
+
+class MoELayer(nn.Module):
+    """A Mixture-of-Experts layer: router + dispatch + experts + combine.
+
+    Args:
+        d_model: width of the tokens.
+        d_hidden: hidden width of each expert's feed-forward network.
+        num_experts: E, the number of experts.
+        top_k: experts per token (Switch needs 1, GShard 2; for expert choice, the default capacity factor).
+        router: one of ``fastmoe_edu.routers.ROUTERS``.
+        expert: ``"swiglu"`` or ``"gelu"``.
+        capacity_factor: cf; each expert takes at most C = ceil(cf·k·T/E) assignments. None = dropless.
+        backend: ``"reference"``, ``"numba"`` or ``"auto"``.
+        bias: give the expert linear maps biases.
+        **router_options: passed to the router (e.g. ``renormalize``, ``jitter_epsilon``, ``balance_loss_weight``).
+    """
+
+    def __init__(self, d_model: int, d_hidden: int, num_experts: int, top_k: int = 2,
+                 router: str = "softmax_topk", expert: str = "swiglu", capacity_factor: float | None = None,
+                 backend: str = "reference", bias: bool = False, **router_options):
+        super().__init__()
+        for name, value in (("d_model", d_model), ("d_hidden", d_hidden), ("num_experts", num_experts)):
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        if not (isinstance(top_k, int) and not isinstance(top_k, bool) and 1 <= top_k <= num_experts):
+            raise ValueError(f"top_k={top_k!r} must be an integer in [1, num_experts={num_experts}]")
+        if capacity_factor is not None and not (isinstance(capacity_factor, (int, float)) and capacity_factor > 0):
+            raise ValueError(f"capacity_factor={capacity_factor!r} must be a number > 0, or None for dropless")
+        if router not in ROUTERS:
+            raise ValueError(f"router={router!r} is not a known router; allowed: {', '.join(ROUTERS)}")
+        if expert not in EXPERT_KINDS:
+            raise ValueError(f"expert={expert!r} is not a known expert kind; allowed: {', '.join(EXPERT_KINDS)}")
+        check_backend_name(backend)
+        self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
+        self.router_name, self.backend_name = router, backend
+        self.gate = build_router(router, d_model, num_experts, top_k, capacity_factor, **router_options)
+        self.experts = Experts(num_experts, d_model, d_hidden, expert, bias)
+        self.aux_loss = torch.zeros(())
+        self.last_routing: RoutingRecord | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"input's last dimension is {x.shape[-1]}, expected d_model={self.d_model}")
+        tokens = x.reshape(-1, self.d_model)                                       # [T, d]
+        backend = get_backend(self.backend_name, tokens.device)
+        self.gate.backend = backend
+
+        # 1. Gate: k expert ids and k weights per token (REFERENCE §3).
+        route, self.aux_loss = self.gate(tokens)
+        # Capacity: the most rows one expert takes; assignments past it are dropped (id -1).
+        expert_ids = backend.prune_capacity(route.expert_ids, self.num_experts, route.capacity)
+        weights = route.weights * (expert_ids >= 0)                                # dropped -> weight 0
+        # 2. Count: tokens per expert (a histogram).
+        counts = backend.count_tokens_per_expert(expert_ids, self.num_experts)
+        # 4. Positions: segment starts (exclusive prefix sum), then each (token, slot)'s row.
+        starts = backend.exclusive_prefix_sum(counts)
+        rows = backend.stable_positions(expert_ids, starts)
+        # 5. Local scatter: copy token rows into expert-contiguous order.
+        buffer = backend.scatter_rows(tokens, rows, int(counts.sum()))
+        # 6-8. Experts on their contiguous segments (a grouped GEMM); the expert-parallel subclass
+        #      wraps this step in the global scatter / gather all-to-alls.
+        expert_out = self.run_experts(buffer, counts, backend)
+        # 9. Local gather + combine: y[t] = Σ_s w[t, s] · expert_out[row(t, s)].
+        y = backend.gather_combine(expert_out, rows, weights)
+
+        self.last_routing = self._record(route, expert_ids, weights, counts)
+        return y.reshape(x.shape)
+
+    def run_experts(self, buffer: torch.Tensor, counts: torch.Tensor, backend) -> torch.Tensor:
+        """Step 7: every expert on its own segment of the expert-sorted buffer."""
+        return self.experts(buffer, counts, backend.grouped_matmul)
+
+    def update_router_bias(self, load: torch.Tensor | None = None) -> None:
+        """After an optimizer step: loss-free bias balancing (sigmoid router); a no-op otherwise."""
+        self.gate.update_bias(load)
+
+    @staticmethod
+    def _record(route, expert_ids, weights, counts) -> RoutingRecord:
+        kept_before = int((route.expert_ids >= 0).sum())
+        return RoutingRecord(
+            expert_ids=expert_ids.detach(), weights=weights.detach(), tokens_per_expert=counts.detach(),
+            num_dropped=kept_before - int(counts.sum()), capacity=route.capacity,
+            logits=route.logits.detach(), probs=None if route.probs is None else route.probs.detach())
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, top_k={self.top_k}, router={self.router_name!r}, "
+                f"backend={self.backend_name!r}")

@@ -1,0 +1,436 @@
+"""Routers (gates): for each token, which experts and with what weight. REFERENCE §3.
+
+Every router maps tokens ``x[T, d_model]`` to a :class:`RouterOutput`:
+
+    expert_ids [T, k]   chosen experts, -1 where an assignment is switched off before capacity
+    weights    [T, k]   the combine weights (differentiable: the gate learns through them)
+    capacity            C, the most (token, slot) pairs one expert may take, or None (dropless)
+    balance_loss        the router's own load-balancing loss (0 where it has none)
+    logits     [T, E]   raw scores ``x Wᵀ`` (the z-loss and the notebooks use them)
+
+Capacity pruning itself is a dispatch step (``dispatch.prune_capacity``), so the optimized backend can
+run it; routers only say what C is: ``C = ceil(cf · k · T / E)`` (Switch: k = 1; GShard: k = 2).
+
+Notation: ``logits = x Wᵀ`` [T, E], ``p = softmax(logits)`` over experts, ``f_e`` = fraction of
+assignments sent to expert e, ``P_e`` = mean of p[:, e] over tokens.
+
+The two hot routing functions, :func:`softmax_topk_route` and :func:`sigmoid_topk_route`, are plain
+functions so a backend can swap in a fused kernel with the same name and signature.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+# ----------------------------------------------------------------------------------------------------
+# The two fused routing functions (scores -> top-k -> weights). backends/ mirrors these names.
+# ----------------------------------------------------------------------------------------------------
+def softmax_topk_route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """p = softmax(logits); ids = top-k of p; weights = p[ids] (divided by their sum if renormalize).
+
+    Renormalized, this equals FastMoE's naive gate (softmax over the k largest logits) and Mixtral.
+    """
+    probs = torch.softmax(_router_precision(logits), dim=-1)                       # p_e = e^{l_e} / Σ_j e^{l_j}
+    weights, expert_ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)                      # w_s = p_s / Σ_{s'} p_{s'}
+    return expert_ids, weights
+
+
+def sigmoid_topk_route(
+    logits: torch.Tensor,
+    bias: torch.Tensor,
+    top_k: int,
+    route_scale: float,
+    num_groups: int | None,
+    topk_groups: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3: s = sigmoid(logits); select top-k of (s + b); weights = s_sel / Σ s_sel · scale.
+
+    The bias b only *selects*; it never enters the weights, so it needs no gradient. With groups, the
+    experts are split into ``num_groups`` equal groups, each group is scored by the sum of its two
+    largest (s + b), and only experts of the best ``topk_groups`` groups may be selected.
+    """
+    scores = torch.sigmoid(_router_precision(logits))                              # s = σ(logits)
+    selection = scores + bias                                                      # s + b
+    if num_groups is not None:
+        num_tokens, num_experts = selection.shape
+        grouped = selection.reshape(num_tokens, num_groups, num_experts // num_groups)
+        group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)   # [T, G]
+        best_groups = group_score.topk(topk_groups, dim=-1).indices
+        group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best_groups, True)
+        expert_mask = group_mask.repeat_interleave(num_experts // num_groups, dim=1)
+        selection = selection.masked_fill(~expert_mask, float("-inf"))
+    expert_ids = selection.topk(top_k, dim=-1).indices
+    chosen = scores.gather(1, expert_ids)
+    weights = chosen / chosen.sum(dim=-1, keepdim=True) * route_scale              # w = s / Σ s · scale
+    return expert_ids, weights
+
+
+def _router_precision(logits: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer: route in at least float32 (bfloat16 softmax is too coarse to rank experts)."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+# ----------------------------------------------------------------------------------------------------
+# Losses shared by several routers
+# ----------------------------------------------------------------------------------------------------
+def switch_balance_loss(probs: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    """Switch/Mixtral balance loss  E · Σ_e f_e · P_e  (= 1 when perfectly balanced).
+
+    f_e = fraction of the (token, slot) assignments that chose e (not differentiable),
+    P_e = mean router probability of e (differentiable: this is what the gradient pushes down).
+    """
+    num_experts = probs.shape[-1]
+    ids = expert_ids.reshape(-1)
+    ids = ids[ids >= 0]
+    fraction = torch.bincount(ids, minlength=num_experts).to(probs.dtype) / max(ids.numel(), 1)   # f_e
+    mean_prob = probs.mean(dim=0)                                                                # P_e
+    return num_experts * (fraction * mean_prob).sum()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: mean_t (logsumexp_e logits[t, e])², keeps the logits small."""
+    return torch.logsumexp(_router_precision(logits), dim=-1).square().mean()
+
+
+def cv_squared(values: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation var/mean² (population variance), Shazeer et al. 2017."""
+    return values.var(unbiased=False) / (values.mean().square() + 1e-10)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Router base class
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class RouterOutput:
+    expert_ids: torch.Tensor
+    weights: torch.Tensor
+    capacity: int | None
+    balance_loss: torch.Tensor
+    logits: torch.Tensor
+    probs: torch.Tensor | None = None
+    random_draws: dict = field(default_factory=dict)   # noise actually used (the tests' oracle replays it)
+
+
+class Router(nn.Module):
+    """Common part: the gate weight W [E, d_model], capacity, loss weights, the bias-update hook."""
+
+    #: k the router requires (Switch: 1, GShard: 2), or None if any 1 <= k <= E works.
+    required_top_k: int | None = None
+    #: whether ``capacity_factor`` makes sense for this router.
+    supports_capacity: bool = True
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None,
+                 balance_loss_weight: float = 0.01, z_loss_weight: float = 0.0):
+        super().__init__()
+        self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
+        self.capacity_factor = capacity_factor
+        self.balance_loss_weight, self.z_loss_weight = balance_loss_weight, z_loss_weight
+        self.weight = nn.Parameter(torch.randn(num_experts, d_model) * d_model ** -0.5)   # W_g
+        self.backend = None   # set by MoELayer: supplies softmax_topk_route / sigmoid_topk_route
+
+    # -- what a subclass provides ------------------------------------------------------------------
+    def route(self, x: torch.Tensor) -> RouterOutput:
+        raise NotImplementedError
+
+    # -- shared ------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> tuple[RouterOutput, torch.Tensor]:
+        """Route x [T, d_model]; returns the routing and the weighted aux loss (balance + z)."""
+        out = self.route(x)
+        aux_loss = self.balance_loss_weight * out.balance_loss
+        if self.z_loss_weight:
+            aux_loss = aux_loss + self.z_loss_weight * router_z_loss(out.logits)
+        return out, aux_loss
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.t()                                                 # logits = x Wᵀ
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """C = ceil(cf · k · T / E), or None when dropless."""
+        if self.capacity_factor is None:
+            return None
+        return math.ceil(self.capacity_factor * self.top_k * num_tokens / self.num_experts)
+
+    def update_bias(self, load: torch.Tensor | None = None) -> None:
+        """Loss-free balancing hook (sigmoid router). Other routers have no bias: nothing to do."""
+
+    def _softmax_topk(self, logits, top_k, renormalize):
+        route = self.backend.softmax_topk_route if self.backend is not None else softmax_topk_route
+        return route(logits, top_k, renormalize)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The routers of REFERENCE §3
+# ----------------------------------------------------------------------------------------------------
+class SoftmaxTopKRouter(Router):
+    """Softmax top-k (Mixtral; FastMoE's naive gate): top-k of p, optionally renormalized over the k."""
+
+    def __init__(self, *args, renormalize: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.renormalize = renormalize
+
+    def route(self, x):
+        logits = self.logits(x)
+        expert_ids, weights = self._softmax_topk(logits, self.top_k, self.renormalize)
+        probs = torch.softmax(_router_precision(logits), dim=-1)
+        return RouterOutput(expert_ids, weights, self.capacity(x.shape[0]),
+                            switch_balance_loss(probs, expert_ids), logits, probs)
+
+
+class NoisyTopKRouter(Router):
+    """Noisy top-k gating (Shazeer et al. 2017).
+
+        h = x W_gᵀ + ε · softplus(x W_noiseᵀ),  ε ~ N(0, 1) while training
+        G = softmax(keep_top_k(h))              (the rest set to −∞)
+        loss = cv(importance)² + cv(load)²      importance_e = Σ_t G[t, e]
+        load_e = Σ_t Φ((clean[t, e] − threshold[t, e]) / noise_std[t, e])   (a smooth count)
+    where threshold is the k-th largest noisy score of the *other* experts: the (k+1)-th largest of h
+    if e is among the top k, the k-th largest otherwise.
+    """
+
+    def __init__(self, *args, noise_epsilon: float = 1e-2, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.noise_epsilon = noise_epsilon
+        self.noise_weight = nn.Parameter(torch.zeros(self.num_experts, self.d_model))   # W_noise
+
+    def route(self, x):
+        clean = _router_precision(self.logits(x))
+        draws = {}
+        if self.training:
+            noise_std = F.softplus(_router_precision(x @ self.noise_weight.t())) + self.noise_epsilon
+            noise = torch.randn_like(clean)
+            draws["noise"] = noise
+            scores = clean + noise * noise_std                                     # h = clean + ε·softplus(.)
+        else:
+            scores = clean
+        top_scores, expert_ids = scores.topk(self.top_k, dim=-1)
+        weights = torch.softmax(top_scores, dim=-1)                                # softmax over the kept k
+        gates = torch.zeros_like(scores).scatter(1, expert_ids, weights)           # G[t, e]
+        importance = gates.sum(dim=0)
+        if self.training and self.top_k < self.num_experts:
+            load = self._smooth_load(clean, scores, noise_std)
+        else:
+            load = (gates > 0).to(gates.dtype).sum(dim=0)
+        balance = cv_squared(importance) + cv_squared(load)
+        return RouterOutput(expert_ids, weights, self.capacity(x.shape[0]), balance, clean,
+                            torch.softmax(clean, dim=-1), draws)
+
+    def _smooth_load(self, clean, noisy, noise_std):
+        top_values = noisy.topk(self.top_k + 1, dim=-1).values                    # [T, k+1]
+        threshold_if_in = top_values[:, self.top_k:self.top_k + 1]                 # (k+1)-th largest
+        threshold_if_out = top_values[:, self.top_k - 1:self.top_k]                # k-th largest
+        is_in = noisy >= threshold_if_out
+        normal = torch.distributions.Normal(torch.zeros((), dtype=clean.dtype, device=clean.device), 1.0)
+        prob_if_in = normal.cdf((clean - threshold_if_in) / noise_std)
+        prob_if_out = normal.cdf((clean - threshold_if_out) / noise_std)
+        return torch.where(is_in, prob_if_in, prob_if_out).sum(dim=0)
+
+
+class SwitchRouter(Router):
+    """Switch Transformer top-1 (Fedus et al. 2021).
+
+    Optional input jitter x ← x · U(1−ε, 1+ε) while training; softmax in float32; argmax;
+    weight = p[argmax] (not renormalized); C = ceil(cf · T / E); loss E · Σ_e f_e · P_e.
+    """
+    required_top_k = 1
+
+    def __init__(self, *args, jitter_epsilon: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.jitter_epsilon = jitter_epsilon
+
+    def route(self, x):
+        draws = {}
+        if self.training and self.jitter_epsilon > 0:
+            jitter = torch.empty_like(x).uniform_(1 - self.jitter_epsilon, 1 + self.jitter_epsilon)
+            draws["jitter"] = jitter
+            x = x * jitter
+        logits = self.logits(x)
+        expert_ids, weights = self._softmax_topk(logits, 1, renormalize=False)
+        probs = torch.softmax(_router_precision(logits), dim=-1)
+        return RouterOutput(expert_ids, weights, self.capacity(x.shape[0]),
+                            switch_balance_loss(probs, expert_ids), logits, probs, draws)
+
+
+class GShardRouter(Router):
+    """GShard top-2 (Lepikhin et al. 2020).
+
+    e1 = argmax p, e2 = argmax of p without e1; g1, g2 ← g1/(g1+g2), g2/(g1+g2).
+    Random routing (training only): the second assignment is kept only if 2·g2 > u, u ~ U(0, 1).
+    C = ceil(cf · 2 · T / E); first choices claim capacity before second choices.
+    Loss E · Σ_e m_e · c_e, m_e = mean p[:, e], c_e = fraction of tokens whose *first* choice is e.
+    """
+    required_top_k = 2
+
+    def __init__(self, *args, random_routing: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.random_routing = random_routing
+
+    def route(self, x):
+        logits = self.logits(x)
+        expert_ids, weights = self._softmax_topk(logits, 2, renormalize=True)      # (e1, e2), (g1, g2)
+        draws = {}
+        if self.training and self.random_routing:
+            uniform = torch.rand(x.shape[0], device=x.device, dtype=weights.dtype)
+            draws["uniform"] = uniform
+            keep_second = 2 * weights[:, 1].detach() > uniform
+            expert_ids = torch.stack([expert_ids[:, 0], torch.where(keep_second, expert_ids[:, 1], -1)], dim=1)
+        probs = torch.softmax(_router_precision(logits), dim=-1)
+        first_choice_fraction = torch.bincount(expert_ids[:, 0], minlength=self.num_experts).to(probs.dtype) / x.shape[0]
+        balance = self.num_experts * (probs.mean(dim=0) * first_choice_fraction).sum()
+        return RouterOutput(expert_ids, weights, self.capacity(x.shape[0]), balance, logits, probs, draws)
+
+
+class ExpertChoiceRouter(Router):
+    """Expert choice (Zhou et al. 2022): each *expert* picks its top-C tokens by p along the tokens.
+
+    C = ceil(cf · T / E), cf defaulting to k. A token may be picked by 0..E experts, so the output has
+    one slot per expert: expert_ids[t, e] = e if expert e picked token t, else -1; weight = p[t, e].
+    Balanced by construction: no balance loss, no further capacity pruning.
+    """
+
+    def route(self, x):
+        logits = self.logits(x)
+        probs = torch.softmax(_router_precision(logits), dim=-1)                   # p over experts
+        num_tokens = x.shape[0]
+        factor = self.capacity_factor if self.capacity_factor is not None else self.top_k
+        per_expert = min(num_tokens, math.ceil(factor * num_tokens / self.num_experts))
+        picked_tokens = probs.topk(per_expert, dim=0).indices                      # [C, E]
+        picked = torch.zeros_like(probs, dtype=torch.bool).scatter_(0, picked_tokens, True)
+        all_experts = torch.arange(self.num_experts, device=x.device).expand(num_tokens, -1)
+        expert_ids = torch.where(picked, all_experts, -1)
+        weights = probs * picked
+        zero = probs.new_zeros(())
+        return RouterOutput(expert_ids, weights, None, zero, logits, probs)
+
+
+class SigmoidRouter(Router):
+    """Sigmoid scores with auxiliary-loss-free balancing (DeepSeek-V3).
+
+    Selection uses s + b, weights use s alone (normalized, times ``route_scale``). After every
+    optimizer step the training loop calls ``update_bias``:  b_e ← b_e + γ · sign(mean_load − load_e).
+    """
+
+    def __init__(self, *args, bias_update_rate: float = 1e-3, route_scale: float = 1.0,
+                 num_groups: int | None = None, topk_groups: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bias_update_rate, self.route_scale = bias_update_rate, route_scale
+        self.num_groups, self.topk_groups = num_groups, topk_groups
+        self.register_buffer("bias", torch.zeros(self.num_experts))                # b: not a Parameter
+        self.last_load: torch.Tensor | None = None
+
+    def route(self, x):
+        logits = self.logits(x)
+        route = self.backend.sigmoid_topk_route if self.backend is not None else sigmoid_topk_route
+        expert_ids, weights = route(logits, self.bias, self.top_k, self.route_scale,
+                                    self.num_groups, self.topk_groups)
+        self.last_load = torch.bincount(expert_ids.reshape(-1), minlength=self.num_experts).detach()
+        return RouterOutput(expert_ids, weights, self.capacity(x.shape[0]), logits.new_zeros(()),
+                            logits, torch.sigmoid(_router_precision(logits)))
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor | None = None) -> None:
+        """b_e ← b_e + γ · sign(mean_load − load_e): raise the bias of under-loaded experts."""
+        load = self.last_load if load is None else load
+        if load is None:
+            return
+        load = load.to(self.bias.dtype)
+        self.bias += self.bias_update_rate * torch.sign(load.mean() - load)
+
+
+class XMoERouter(Router):
+    """X-MoE cosine routing (Chi et al. 2022): route in a small space on the unit sphere.
+
+        score[t, e] = cos(P x_t, P w_e) / τ,  p = softmax(score),  top-k
+    P [routing_dim, d_model] projects to a low dimension, τ is a learnable temperature. The expert
+    embeddings are stored in model space (``weight`` [E, d_model], the common gate contract) and share
+    the projection P; any low-dimensional embedding the paper learns is reachable this way.
+    """
+
+    def __init__(self, *args, routing_dim: int = 16, temperature: float = 0.07, renormalize: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.projection = nn.Linear(self.d_model, routing_dim, bias=False)          # P
+        self.temperature = nn.Parameter(torch.tensor(float(temperature)))           # τ (learnable)
+        self.renormalize = renormalize
+
+    def logits(self, x):
+        tokens = F.normalize(self.projection(x), dim=-1)                           # P x / ‖P x‖
+        experts = F.normalize(self.projection(self.weight), dim=-1)                # P w / ‖P w‖
+        return tokens @ experts.t() / self.temperature.clamp(min=1e-2)              # cos / τ
+
+    def route(self, x):
+        logits = self.logits(x)
+        expert_ids, weights = self._softmax_topk(logits, self.top_k, self.renormalize)
+        probs = torch.softmax(_router_precision(logits), dim=-1)
+        return RouterOutput(expert_ids, weights, self.capacity(x.shape[0]),
+                            switch_balance_loss(probs, expert_ids), logits, probs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------------------------------
+ROUTERS: dict[str, type[Router]] = {
+    "softmax_topk": SoftmaxTopKRouter,
+    "noisy_topk": NoisyTopKRouter,
+    "switch": SwitchRouter,
+    "gshard": GShardRouter,
+    "expert_choice": ExpertChoiceRouter,
+    "sigmoid": SigmoidRouter,
+    "xmoe": XMoERouter,
+}
+
+
+def router_options(name: str) -> dict[str, object]:
+    """The keyword options a router accepts, with their defaults (for --help and error messages)."""
+    options = {}
+    for cls in (ROUTERS[name], Router):
+        for param in inspect.signature(cls.__init__).parameters.values():
+            if param.kind == param.KEYWORD_ONLY or (cls is Router and param.default is not param.empty):
+                options.setdefault(param.name, param.default)
+    return options
+
+
+def build_router(name: str, d_model: int, num_experts: int, top_k: int,
+                 capacity_factor: float | None, **options) -> Router:
+    """Look a router up by name and check every argument before anything is built."""
+    if name not in ROUTERS:
+        raise ValueError(f"router={name!r} is not a known router; allowed: {', '.join(ROUTERS)}")
+    cls = ROUTERS[name]
+    if cls.required_top_k is not None and top_k != cls.required_top_k:
+        raise ValueError(f"router={name!r} routes each token to exactly {cls.required_top_k} expert(s); "
+                         f"got top_k={top_k}, pass top_k={cls.required_top_k}")
+    allowed = router_options(name)
+    for key in options:
+        if key not in allowed:
+            raise ValueError(f"unknown option {key!r} for router={name!r}; allowed: {', '.join(sorted(allowed))}")
+    _check_options(name, num_experts, top_k, options)
+    return cls(d_model, num_experts, top_k, capacity_factor, **options)
+
+
+def _check_options(name: str, num_experts: int, top_k: int, options: dict) -> None:
+    for key in ("balance_loss_weight", "z_loss_weight", "bias_update_rate", "noise_epsilon", "jitter_epsilon"):
+        if key in options and not (isinstance(options[key], (int, float)) and options[key] >= 0):
+            raise ValueError(f"{key}={options[key]!r} must be a number >= 0")
+    if "jitter_epsilon" in options and options["jitter_epsilon"] >= 1:
+        raise ValueError(f"jitter_epsilon={options['jitter_epsilon']!r} must be in [0, 1)")
+    if "temperature" in options and not options["temperature"] > 0:
+        raise ValueError(f"temperature={options['temperature']!r} must be > 0")
+    if "routing_dim" in options and not (isinstance(options["routing_dim"], int) and options["routing_dim"] >= 1):
+        raise ValueError(f"routing_dim={options['routing_dim']!r} must be an integer >= 1")
+    groups, topk_groups = options.get("num_groups"), options.get("topk_groups")
+    if (groups is None) != (topk_groups is None):
+        raise ValueError(f"num_groups={groups!r} and topk_groups={topk_groups!r}: set both or neither")
+    if groups is not None:
+        if not (isinstance(groups, int) and groups >= 1 and num_experts % groups == 0):
+            raise ValueError(f"num_groups={groups!r} must be a positive divisor of num_experts={num_experts}")
+        if not (isinstance(topk_groups, int) and 1 <= topk_groups <= groups):
+            raise ValueError(f"topk_groups={topk_groups!r} must be an integer in [1, num_groups={groups}]")
+        if topk_groups * (num_experts // groups) < top_k:
+            raise ValueError(f"topk_groups={topk_groups} groups of {num_experts // groups} experts hold fewer "
+                             f"than top_k={top_k} experts")
