@@ -35,6 +35,7 @@ class RoutingRecord:
     capacity: int | None              # C, or None when dropless
     logits: torch.Tensor              # [T, E] router scores
     probs: torch.Tensor | None        # [T, E] router probabilities (sigmoid scores for "sigmoid")
+    random_draws: dict                # noise / jitter / uniforms the router drew while training
 
 
 class MoELayer(nn.Module):
@@ -50,12 +51,15 @@ class MoELayer(nn.Module):
         capacity_factor: cf; each expert takes at most C = ceil(cf·k·T/E) assignments. None = dropless.
         backend: ``"reference"``, ``"numba"`` or ``"auto"``.
         bias: give the expert linear maps biases.
+        layout: a ``fastmoe_edu.distributed.ParallelLayout`` to spread the experts over MPI ranks
+            (each keeps ``num_experts / ep`` of them; see ``distributed/expert_parallel.py``).
+            None = a single process holds all experts.
         **router_options: passed to the router (e.g. ``renormalize``, ``jitter_epsilon``, ``balance_loss_weight``).
     """
 
     def __init__(self, d_model: int, d_hidden: int, num_experts: int, top_k: int = 2,
                  router: str = "softmax_topk", expert: str = "swiglu", capacity_factor: float | None = None,
-                 backend: str = "reference", bias: bool = False, **router_options):
+                 backend: str = "reference", bias: bool = False, layout=None, **router_options):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_hidden", d_hidden), ("num_experts", num_experts)):
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
@@ -75,6 +79,12 @@ class MoELayer(nn.Module):
         self.experts = Experts(num_experts, d_model, d_hidden, expert, bias)
         self.aux_loss = torch.zeros(())
         self.last_routing: RoutingRecord | None = None
+        # Expert parallelism (an ExpertParallel from fastmoe_edu.distributed), None in one process.
+        self.expert_parallel = None
+        if layout is not None:
+            # Imported here so that single-process users never load MPI.
+            from .distributed.expert_parallel import make_expert_parallel
+            make_expert_parallel(self, layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.d_model:
@@ -85,6 +95,9 @@ class MoELayer(nn.Module):
 
         # 1. Gate: k expert ids and k weights per token (REFERENCE §3).
         route, self.aux_loss = self.gate(tokens)
+        if self.expert_parallel is not None:
+            # Balance statistics over all ranks' tokens (distributed/balance.py).
+            self.aux_loss = self.expert_parallel.global_aux_loss(self.gate, route)
         # Capacity: the most rows one expert takes; assignments past it are dropped (id -1).
         expert_ids = backend.prune_capacity(route.expert_ids, self.num_experts, route.capacity)
         weights = route.weights * (expert_ids >= 0)                                # dropped -> weight 0
@@ -105,11 +118,21 @@ class MoELayer(nn.Module):
         return y.reshape(x.shape)
 
     def run_experts(self, buffer: torch.Tensor, counts: torch.Tensor, backend) -> torch.Tensor:
-        """Step 7: every expert on its own segment of the expert-sorted buffer."""
+        """Step 7: every expert on its own segment of the expert-sorted buffer.
+
+        Expert-parallel: steps 3 and 6-8 around it (counts and rows to the experts' ranks and back).
+        """
+        if self.expert_parallel is not None:
+            return self.expert_parallel.run_experts(self.experts, buffer, counts, backend)
         return self.experts(buffer, counts, backend.grouped_matmul)
 
     def update_router_bias(self, load: torch.Tensor | None = None) -> None:
-        """After an optimizer step: loss-free bias balancing (sigmoid router); a no-op otherwise."""
+        """After an optimizer step: loss-free bias balancing (sigmoid router); a no-op otherwise.
+
+        Expert-parallel: the load is summed over all ranks, so every rank's bias stays the same.
+        """
+        if load is None and self.expert_parallel is not None:
+            load = self.expert_parallel.global_load(self.gate)
         self.gate.update_bias(load)
 
     @staticmethod
@@ -118,7 +141,8 @@ class MoELayer(nn.Module):
         return RoutingRecord(
             expert_ids=expert_ids.detach(), weights=weights.detach(), tokens_per_expert=counts.detach(),
             num_dropped=kept_before - int(counts.sum()), capacity=route.capacity,
-            logits=route.logits.detach(), probs=None if route.probs is None else route.probs.detach())
+            logits=route.logits.detach(), probs=None if route.probs is None else route.probs.detach(),
+            random_draws={key: value.detach() for key, value in route.random_draws.items()})
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, top_k={self.top_k}, router={self.router_name!r}, "

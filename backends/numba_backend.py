@@ -1,0 +1,334 @@
+"""The numba backend: the reference's dispatch and routing functions, as numba kernels.
+
+Same names, signatures and results as ``backends/reference.py`` (which re-exports
+``fastmoe_edu/dispatch.py`` and the two routing functions of ``fastmoe_edu/routers.py``; read their
+docstrings for the semantics). Each function picks its *target* from the tensor's device:
+
+    CPU tensors   ->  numba_cpu.py    (numba.njit + prange)
+    CUDA tensors  ->  numba_cuda.py   (numba.cuda kernels on torch's current stream)
+
+and both targets run the same algorithms, ``kernel_bodies.py``. This file does the torch side:
+allocate outputs, hand the kernels zero-copy views (numpy arrays on the CPU,
+``__cuda_array_interface__`` on the GPU; the torch tensors stay referenced here for as long as a
+kernel uses them), and wrap the differentiable steps in ``torch.autograd.Function``s whose backward
+passes are kernels too:
+
+    scatter_rows         backward: grad_x[t] = Σ_s grad_buffer[rows[t, s]]                (slots in order)
+    gather_combine       backward: grad_expert_out[rows[t, s]] = w[t, s] · grad_y[t]
+                                   grad_w[t, s] = <grad_y[t], expert_out[rows[t, s]]>
+    softmax_topk_route   backward: ∂L/∂logits through the (renormalized) softmax weights
+    sigmoid_topk_route   backward: ∂L/∂logits through the normalized sigmoid weights
+
+What makes it faster than the reference on a CPU: the reference's ranking builds a [T·k, E] one-hot
+matrix and cumsums it (O(T·k·E) memory traffic); here ranking is a two-pass count over chunks,
+O(T·k). Scatter and combine are single fused passes instead of index_select + index_copy + einsum.
+The grouped GEMM avoids the reference's per-expert weight indexing, whose backward makes E
+full-size weight gradients.
+
+Integer results are deterministic and equal to the reference's; float results are bitwise
+reproducible from run to run (no atomics; every output element is one task's fixed-order sum).
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import torch
+
+from . import grouped_gemm_torch, numba_cpu
+
+NAME = "numba"
+
+#: Float dtypes the kernels are compiled for; others (bfloat16, float16: numba has no such types)
+#: run on a float32 copy, like the reference routes them in float32.
+KERNEL_DTYPES = (torch.float32, torch.float64)
+
+#: Grouped GEMM implementations (see set_grouped_gemm).
+GROUPED_GEMMS = ("grouped_mm", "segments", "tiled")
+
+_grouped_gemm = "segments"
+_grouped_gemm_tile = None
+_cuda_kernels_for_cpu_tensors = False
+
+
+def available(device) -> tuple[bool, str]:
+    """The numba backend runs on any CPU, and on CUDA devices when numba.cuda finds a usable GPU."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return True, ""
+    if device.type == "cuda":
+        from numba import cuda
+        if cuda.is_available():
+            return True, ""
+        return False, ("numba.cuda.is_available() is False: numba finds no usable CUDA driver/GPU "
+                       "(check the NVIDIA driver and that numba's CUDA toolkit bindings are installed)")
+    return False, f"the numba backend has kernels for CPU and CUDA tensors, not for device type {device.type!r}"
+
+
+def set_grouped_gemm(name: str, tile: int | None = None) -> None:
+    """Choose how ``grouped_matmul`` runs the experts' matrix products (process-wide):
+
+    ``"segments"``   one torch.mm per expert segment (the default: measured fastest on the CPU,
+                     see docs/benchmarks.md);
+    ``"grouped_mm"`` one torch._grouped_mm call where torch supports the dtype/device/strides, else
+                     the segment loop;
+    ``"tiled"``      the numba.cuda tiled kernel of grouped_gemm_cuda.py (CUDA tensors, or CPU tensors
+                     in numba's CUDA simulator); ``tile`` sets its tile size (default 16).
+    """
+    global _grouped_gemm, _grouped_gemm_tile
+    if name not in GROUPED_GEMMS:
+        raise ValueError(f"grouped GEMM {name!r} is not known; allowed: {', '.join(GROUPED_GEMMS)}")
+    if tile is not None and name != "tiled":
+        raise ValueError("tile= only applies to the 'tiled' grouped GEMM")
+    _grouped_gemm, _grouped_gemm_tile = name, tile
+
+
+def current_grouped_gemm() -> tuple[str, int | None]:
+    """The grouped GEMM implementation and tile size that set_grouped_gemm chose."""
+    return _grouped_gemm, _grouped_gemm_tile
+
+
+def run_cuda_kernels_on_cpu_tensors(enabled: bool) -> None:
+    """Test hook for machines without a GPU: send CPU tensors to the numba.cuda kernels, which then run
+    in numba's CUDA simulator. Needs ``NUMBA_ENABLE_CUDASIM=1`` set before numba was first imported."""
+    global _cuda_kernels_for_cpu_tensors
+    if enabled and not numba.config.ENABLE_CUDASIM:
+        raise RuntimeError("CUDA kernels can take CPU tensors only in numba's CUDA simulator "
+                           "(start Python with NUMBA_ENABLE_CUDASIM=1)")
+    _cuda_kernels_for_cpu_tensors = enabled
+
+
+def _target(tensor: torch.Tensor):
+    """The kernel module for this tensor: numba_cuda for CUDA tensors, numba_cpu otherwise."""
+    if tensor.is_cuda or _cuda_kernels_for_cpu_tensors:
+        from . import numba_cuda
+        return numba_cuda
+    return numba_cpu
+
+
+# ----------------------------------------------------------------------------------------------------
+# Integer steps (no gradients)
+# ----------------------------------------------------------------------------------------------------
+def _chunk_offsets(target, expert_ids, starts, slot_major):
+    """Passes 1-2 of the chunked ranking (kernel_bodies.py): per chunk and expert, the first rank the
+    chunk's assignments to that expert get; and ends[e] = starts[e] + count[e]."""
+    chunk_size = target.ASSIGNMENTS_PER_CHUNK
+    num_chunks = math.ceil(expert_ids.numel() / chunk_size)
+    chunk_counts = torch.empty(num_chunks, starts.numel(), dtype=torch.int64, device=expert_ids.device)
+    ends = torch.empty_like(starts)
+    ids = target.array(expert_ids)
+    target.count_chunks(ids, chunk_size, slot_major, target.array(chunk_counts))
+    target.scan_chunk_counts(target.array(chunk_counts), target.array(starts), target.array(ends))
+    return chunk_counts, ends
+
+
+def _ranks(expert_ids, starts, slot_major):
+    """ranks[t, s] = starts[e] + number of earlier assignments (in walk order) to the same expert e."""
+    target = _target(expert_ids)
+    expert_ids = expert_ids.contiguous()
+    chunk_offsets, _ = _chunk_offsets(target, expert_ids, starts, slot_major)
+    ranks = torch.empty_like(expert_ids)
+    target.rank_chunks(target.array(expert_ids), target.ASSIGNMENTS_PER_CHUNK, slot_major,
+                       target.array(chunk_offsets), target.array(ranks))
+    return ranks
+
+
+def prune_capacity(expert_ids: torch.Tensor, num_experts: int, capacity: int | None) -> torch.Tensor:
+    """Keep at most ``capacity`` assignments per expert, slot-major priority; the rest become -1."""
+    if capacity is None:
+        return expert_ids
+    no_offset = torch.zeros(num_experts, dtype=torch.int64, device=expert_ids.device)
+    rank_in_expert = _ranks(expert_ids, no_offset, slot_major=True)                # -1 where dropped already
+    return torch.where(rank_in_expert < capacity, expert_ids, torch.full_like(expert_ids, -1))
+
+
+def count_tokens_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """count[e] = number of kept (token, slot) pairs routed to expert e."""
+    target = _target(expert_ids)
+    no_offset = torch.zeros(num_experts, dtype=torch.int64, device=expert_ids.device)
+    _, counts = _chunk_offsets(target, expert_ids.contiguous(), no_offset, slot_major=False)
+    return counts
+
+
+def exclusive_prefix_sum(counts: torch.Tensor) -> torch.Tensor:
+    """start[e] = Σ_{j<e} count[j]."""
+    target = _target(counts)
+    counts = counts.contiguous()
+    starts = torch.empty_like(counts)
+    target.exclusive_prefix_sum(target.array(counts), target.array(starts))
+    return starts
+
+
+def stable_positions(expert_ids: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """row[t, s] = start[e] + number of earlier (t·k + s order) assignments to e; -1 if dropped."""
+    return _ranks(expert_ids, starts.contiguous(), slot_major=False)
+
+
+def _row_sources(target, rows, num_rows):
+    """sources[r] = t·k + s for the (token, slot) whose row is r, -1 for a row nobody owns."""
+    sources = torch.full((num_rows,), -1, dtype=torch.int64, device=rows.device)
+    target.find_row_sources(target.array(rows), target.array(sources))
+    return sources
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scatter and gather + combine (differentiable)
+# ----------------------------------------------------------------------------------------------------
+class ScatterRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, rows, num_rows):
+        target = _target(x)
+        x, rows = x.contiguous(), rows.contiguous()
+        sources = _row_sources(target, rows, num_rows)
+        buffer = x.new_empty(num_rows, x.shape[1])
+        target.scatter_rows(target.array(x), target.array(sources), rows.shape[1], target.array(buffer))
+        ctx.save_for_backward(rows)
+        return buffer
+
+    @staticmethod
+    def backward(ctx, grad_buffer):
+        (rows,) = ctx.saved_tensors
+        target = _target(grad_buffer)
+        grad_buffer = grad_buffer.contiguous()
+        grad_x = grad_buffer.new_empty(rows.shape[0], grad_buffer.shape[1])
+        target.scatter_rows_backward(target.array(grad_buffer), target.array(rows), target.array(grad_x))
+        return grad_x, None, None
+
+
+class GatherCombine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, expert_out, rows, weights):
+        target = _target(expert_out)
+        expert_out, rows, weights = expert_out.contiguous(), rows.contiguous(), weights.contiguous()
+        y = expert_out.new_empty(rows.shape[0], expert_out.shape[1])
+        target.gather_combine(target.array(expert_out), target.array(rows), target.array(weights), target.array(y))
+        ctx.save_for_backward(expert_out, rows, weights)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        expert_out, rows, weights = ctx.saved_tensors
+        target = _target(grad_y)
+        grad_y = grad_y.contiguous()
+        grad_expert_out = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            sources = _row_sources(target, rows, expert_out.shape[0])
+            grad_expert_out = torch.empty_like(expert_out)
+            target.gather_combine_backward_rows(target.array(grad_y), target.array(weights), target.array(sources),
+                                                rows.shape[1], target.array(grad_expert_out))
+        if ctx.needs_input_grad[2]:
+            grad_weights = torch.empty_like(weights)
+            target.gather_combine_backward_weights(target.array(grad_y), target.array(expert_out),
+                                                   target.array(rows), target.array(grad_weights))
+        return grad_expert_out, None, grad_weights
+
+
+def scatter_rows(x: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """buffer[rows[t, s]] = x[t] for every kept (t, s); rows nobody owns are 0."""
+    if x.dtype not in KERNEL_DTYPES:
+        return ScatterRows.apply(x.float(), rows, num_rows).to(x.dtype)
+    return ScatterRows.apply(x, rows, num_rows)
+
+
+def gather_combine(expert_out: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """y[t] = Σ_{s kept} weights[t, s] · expert_out[rows[t, s]]; a token with no kept slot gets 0."""
+    weights = weights.to(expert_out.dtype)
+    if expert_out.dtype not in KERNEL_DTYPES:
+        return GatherCombine.apply(expert_out.float(), rows, weights.float()).to(expert_out.dtype)
+    return GatherCombine.apply(expert_out, rows, weights)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Grouped GEMM
+# ----------------------------------------------------------------------------------------------------
+def grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """out[segment e] = rows[segment e] · weight[e]ᵀ, by the implementation set_grouped_gemm chose."""
+    if _grouped_gemm == "tiled":
+        from .grouped_gemm_cuda import DEFAULT_TILE, grouped_matmul_tiled
+        return grouped_matmul_tiled(rows, weight, counts, _grouped_gemm_tile or DEFAULT_TILE)
+    if _grouped_gemm == "grouped_mm" and grouped_gemm_torch.grouped_mm_supports(rows, weight):
+        return grouped_gemm_torch.grouped_mm(rows, weight, counts)
+    return grouped_gemm_torch.segment_matmul(rows, weight, counts)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fused routers (differentiable in the weights)
+# ----------------------------------------------------------------------------------------------------
+class SoftmaxTopKRoute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, top_k, renormalize):
+        target = _target(logits)
+        logits = logits.contiguous()
+        expert_ids = torch.empty(logits.shape[0], top_k, dtype=torch.int64, device=logits.device)
+        weights = logits.new_empty(logits.shape[0], top_k)
+        target.softmax_topk_route(target.array(logits), renormalize, target.array(expert_ids), target.array(weights))
+        ctx.renormalize = renormalize
+        ctx.mark_non_differentiable(expert_ids)
+        ctx.save_for_backward(logits, expert_ids, weights)
+        return expert_ids, weights
+
+    @staticmethod
+    def backward(ctx, grad_expert_ids, grad_weights):
+        logits, expert_ids, weights = ctx.saved_tensors
+        target = _target(logits)
+        grad_weights = grad_weights.contiguous()
+        grad_logits = torch.empty_like(logits)
+        target.softmax_topk_route_backward(target.array(logits), target.array(expert_ids), target.array(weights),
+                                           target.array(grad_weights), ctx.renormalize, target.array(grad_logits))
+        return grad_logits, None, None
+
+
+class SigmoidTopKRoute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, bias, top_k, route_scale, num_groups, topk_groups):
+        target = _target(logits)
+        logits = logits.contiguous()
+        num_tokens = logits.shape[0]
+        selection = torch.empty_like(logits)                                       # scratch: σ(l) + b
+        group_scores = logits.new_empty(num_tokens, max(num_groups, 1))           # scratch (unused if 0)
+        expert_ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
+        weights = logits.new_empty(num_tokens, top_k)
+        target.sigmoid_topk_route(target.array(logits), target.array(bias), route_scale, num_groups, topk_groups,
+                                  target.array(selection), target.array(group_scores), target.array(expert_ids),
+                                  target.array(weights))
+        ctx.route_scale = route_scale
+        ctx.mark_non_differentiable(expert_ids)
+        ctx.save_for_backward(logits, expert_ids)
+        return expert_ids, weights
+
+    @staticmethod
+    def backward(ctx, grad_expert_ids, grad_weights):
+        logits, expert_ids = ctx.saved_tensors
+        target = _target(logits)
+        grad_weights = grad_weights.contiguous()
+        grad_logits = torch.empty_like(logits)
+        target.sigmoid_topk_route_backward(target.array(logits), target.array(expert_ids), target.array(grad_weights),
+                                           ctx.route_scale, target.array(grad_logits))
+        return grad_logits, None, None, None, None, None
+
+
+def _routing_logits(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Route in at least float32 (as the reference does), and check k like torch.topk would."""
+    if not 1 <= top_k <= logits.shape[-1]:
+        raise ValueError(f"top_k={top_k} must be in [1, number of experts={logits.shape[-1]}]")
+    return logits if logits.dtype in KERNEL_DTYPES else logits.float()
+
+
+def softmax_topk_route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """p = softmax(logits); ids = top-k of p; weights = p[ids] (divided by their sum if renormalize)."""
+    return SoftmaxTopKRoute.apply(_routing_logits(logits, top_k), top_k, bool(renormalize))
+
+
+def sigmoid_topk_route(
+    logits: torch.Tensor,
+    bias: torch.Tensor,
+    top_k: int,
+    route_scale: float,
+    num_groups: int | None,
+    topk_groups: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3: s = sigmoid(logits); select top-k of (s + b); weights = s_sel / Σ s_sel · scale."""
+    logits = _routing_logits(logits, top_k)
+    # The bias only selects (no gradient); it is added in the logits' dtype.
+    bias = bias.detach().to(logits.dtype).contiguous()
+    return SigmoidTopKRoute.apply(logits, bias, top_k, float(route_scale), num_groups or 0, topk_groups or 0)

@@ -1,0 +1,121 @@
+"""Measure the all-to-all of expert parallelism and fit the cost model  t = α·(P−1) + β·bytes.
+
+    python bench/bench_alltoall.py                       # launches mpirun -n 2, 4, 8 itself
+    python bench/bench_alltoall.py --ranks 2 4 --method pairwise
+    mpirun -n 4 python bench/bench_alltoall.py --worker out.json    # one world size by hand
+
+Every rank sends the same number of bytes to every other rank (``bytes_per_peer``), so one rank
+sends ``bytes_per_rank = bytes_per_peer · (P − 1)`` in all. A call's time is the *slowest* rank's
+time (the exchange is done when everyone is done), and the median over repeats is kept.
+
+The fit: REFERENCE §4's cost model ``t = α·(P−1) + β·bytes_per_rank`` — α the per-message
+latency, β the inverse bandwidth — by least squares over every (P, size) point. The times span
+several orders of magnitude, so each equation is divided by its measured t (least squares on the
+*relative* error); otherwise the largest messages alone would decide α.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+BYTES_PER_PEER = [8, 64, 512, 4096, 32_768, 262_144, 1_048_576]
+
+
+def worker(output: str, method: str, repeats: int) -> None:
+    """Runs on every rank of one mpirun: time the exchange at every size, rank 0 writes the results."""
+    from mpi4py import MPI
+
+    from fastmoe_edu.distributed import ParallelLayout, abort_on_exception
+
+    abort_on_exception()
+    layout = ParallelLayout()
+    comm, ranks = layout.expert, layout.expert.size
+    results = []
+    for bytes_per_peer in BYTES_PER_PEER:
+        # One float32 row per peer, as wide as the message: counts [1, 1, ..., 1].
+        rows = torch.randn(ranks, bytes_per_peer // 4)
+        counts = [1] * ranks
+        sent = rows.shape[1] * 4
+        times = []
+        for attempt in range(repeats + 2):                        # 2 warm-up calls
+            comm.comm.Barrier()
+            start = time.perf_counter()
+            comm.alltoallv(rows, counts, counts, method)
+            elapsed = comm.comm.allreduce(time.perf_counter() - start, op=MPI.MAX)
+            if attempt >= 2:
+                times.append(elapsed)
+        results.append({"ranks": ranks, "bytes_per_peer": sent, "bytes_per_rank": sent * (ranks - 1),
+                        "seconds": float(np.median(times))})
+    if layout.is_main:
+        Path(output).write_text(json.dumps(results))
+
+
+def fit_alpha_beta(points: list[dict]) -> tuple[float, float]:
+    """Least squares on relative error: minimise Σ ((α·(P−1) + β·bytes − t) / t)²."""
+    design = np.array([[p["ranks"] - 1, p["bytes_per_rank"]] for p in points], dtype=float)
+    times = np.array([p["seconds"] for p in points])
+    (alpha, beta), *_ = np.linalg.lstsq(design / times[:, None], np.ones_like(times), rcond=None)
+    return float(alpha), float(beta)
+
+
+def launch(ranks: list[int], method: str, repeats: int) -> list[dict]:
+    from fastmoe_edu.distributed import mpirun_command
+
+    points = []
+    with tempfile.TemporaryDirectory() as folder:
+        for count in ranks:
+            output = Path(folder) / f"alltoall_{count}.json"
+            command = mpirun_command(count, [__file__, "--worker", str(output), "--method", method,
+                                             "--repeats", str(repeats)])
+            subprocess.run(command, check=True, timeout=600)
+            points.extend(json.loads(output.read_text()))
+    return points
+
+
+def report(points: list[dict], method: str) -> str:
+    alpha, beta = fit_alpha_beta(points)
+    lines = [f"#### All-to-all (`{method}`): measured times and the fit t = α·(P−1) + β·bytes_per_rank", "",
+             "| ranks | bytes per peer | bytes per rank | measured (µs) | model (µs) |",
+             "|---:|---:|---:|---:|---:|"]
+    for p in points:
+        model = alpha * (p["ranks"] - 1) + beta * p["bytes_per_rank"]
+        lines.append(f"| {p['ranks']} | {p['bytes_per_peer']:,} | {p['bytes_per_rank']:,} | "
+                     f"{p['seconds'] * 1e6:,.1f} | {model * 1e6:,.1f} |")
+    lines += ["", "| fitted on | α (µs per peer) | β (ns/byte) | 1/β (GB/s) |", "|---|---:|---:|---:|"]
+    fits = [("all points", points)] + [(f"P = {count} only", [p for p in points if p["ranks"] == count])
+                                       for count in sorted({p["ranks"] for p in points})]
+    for label, subset in fits:
+        alpha, beta = fit_alpha_beta(subset)
+        bandwidth = f"{1 / beta / 1e9:.2f}" if beta > 0 else "n/a"
+        lines.append(f"| {label} | {alpha * 1e6:,.1f} | {beta * 1e9:.3f} | {bandwidth} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--method", choices=["alltoallv", "pairwise"], default="alltoallv")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--worker", metavar="OUTPUT_JSON", help="(internal) run as one rank of an mpirun job")
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.method, args.repeats)
+        return
+    points = launch(args.ranks, args.method, args.repeats)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"python {platform.python_version()}, torch {torch.__version__}")
+    print(report(points, args.method))
+
+
+if __name__ == "__main__":
+    main()

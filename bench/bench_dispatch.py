@@ -1,0 +1,181 @@
+"""Dispatch kernels: time and achieved memory bandwidth, next to a plain memory copy.
+
+    python bench/bench_dispatch.py                        # T=16384, d=256, E=64, k=2, float32
+    python bench/bench_dispatch.py --tokens 4096 --d-model 1024
+
+Each step of FastMoE's data flow that moves data (dispatch.py) is timed for three implementations,
+side by side in one process:
+
+    reference   fastmoe_edu/dispatch.py (one-hot cumsum ranking, index_copy, einsum)
+    numba       backends/numba_backend.py on this machine's target (CPU here)
+    torch-sort  the fastest torch-only way we know: a stable argsort of the expert ids gives the
+                rows, x[order // k] scatters, index_add_ combines
+
+and its *achieved bandwidth* = (bytes the step must read + write at least) / time, against
+``torch.Tensor.copy_`` moving the same number of bytes (half read, half written): the copy is what
+this machine's memory system gives a plain streaming kernel, the ceiling for these steps.
+
+Bytes counted (s = element size, T tokens, k slots, d width; the index arrays are int64):
+    ranking (count + positions)   read ids twice (count, rank), write rows:  3·T·k·8
+    scatter forward               read x (T·d·s), write the buffer (T·k·d·s), read rows
+    scatter backward              read T·k·d·s gradient rows, write T·d·s, read rows
+    combine forward               read T·k·d·s expert rows, write T·d·s, read rows and weights
+    combine backward              read grad_y twice and the expert rows, write the row grads and weights
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numba
+import torch
+
+from fastmoe_edu.backends import numba_backend, reference
+
+
+def timeit(fn, repeats: int) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` calls, after 2 warm-up calls (numba compiles)."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def copy_seconds(num_bytes: int, repeats: int) -> float:
+    """Time of copy_ moving ``num_bytes`` in all (num_bytes/2 read + num_bytes/2 written)."""
+    source = torch.empty(max(num_bytes // 2, 1), dtype=torch.uint8).random_(0, 255)
+    target = torch.empty_like(source)
+    return timeit(lambda: target.copy_(source), repeats)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The torch-only implementation: ranking by a stable argsort
+# ----------------------------------------------------------------------------------------------------
+def torch_sort_ranking(expert_ids, num_experts):
+    """order[i] = the assignment (flat t·k + s) that sits in buffer row i; counts per expert."""
+    flat = expert_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    return order, counts
+
+
+class TorchSortSteps:
+    """Scatter / combine given ``order`` (buffer row -> assignment), with torch's gather and index_add_."""
+
+    def __init__(self, order, top_k):
+        self.order, self.token_of_row = order, order // top_k
+
+    def scatter(self, x):
+        return x.index_select(0, self.token_of_row)
+
+    def combine(self, expert_out, weights, num_tokens):
+        scaled = expert_out * weights.reshape(-1)[self.order, None]
+        return expert_out.new_zeros(num_tokens, expert_out.shape[1]).index_add_(0, self.token_of_row, scaled)
+
+
+def run(args) -> list[dict]:
+    torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    T, d, E, k = args.tokens, args.d_model, args.experts, args.top_k
+    s = torch.tensor([], dtype=dtype).element_size()
+    logits = torch.randn(T, E)
+    expert_ids = torch.topk(logits, k, dim=-1).indices                      # dropless, distinct per token
+    weights = torch.rand(T, k, dtype=dtype)
+    x = torch.randn(T, d, dtype=dtype)
+    results = []
+
+    def measure(step, bytes_moved, implementations):
+        row = {"step": step, "bytes": bytes_moved}
+        for name, fn in implementations.items():
+            row[name] = timeit(fn, args.repeats)
+        row["copy"] = copy_seconds(bytes_moved, args.repeats)
+        results.append(row)
+
+    # Ranking: counts, segment starts, stable row of every assignment.
+    def ranking(backend):
+        def fn():
+            counts = backend.count_tokens_per_expert(expert_ids, E)
+            return backend.stable_positions(expert_ids, backend.exclusive_prefix_sum(counts))
+        return fn
+    measure("ranking (count + positions)", 3 * T * k * 8, {
+        "reference": ranking(reference), "numba": ranking(numba_backend),
+        "torch-sort": lambda: torch_sort_ranking(expert_ids, E)})
+
+    rows = numba_backend.stable_positions(expert_ids, numba_backend.exclusive_prefix_sum(
+        numba_backend.count_tokens_per_expert(expert_ids, E)))
+    order, _ = torch_sort_ranking(expert_ids, E)
+    sort_steps = TorchSortSteps(order, k)
+    index_bytes = T * k * 8
+
+    measure("scatter forward", T * d * s + T * k * d * s + index_bytes, {
+        "reference": lambda: reference.scatter_rows(x, rows, T * k),
+        "numba": lambda: numba_backend.scatter_rows(x, rows, T * k),
+        "torch-sort": lambda: sort_steps.scatter(x)})
+
+    buffer_grad = torch.randn(T * k, d, dtype=dtype)
+
+    def scatter_backward(backend):
+        x_leaf = x.clone().requires_grad_(True)
+        buffer = backend(x_leaf)
+        return lambda: torch.autograd.grad(buffer, x_leaf, buffer_grad, retain_graph=True)
+    measure("scatter backward", T * k * d * s + T * d * s + index_bytes, {
+        "reference": scatter_backward(lambda v: reference.scatter_rows(v, rows, T * k)),
+        "numba": scatter_backward(lambda v: numba_backend.scatter_rows(v, rows, T * k)),
+        "torch-sort": scatter_backward(sort_steps.scatter)})
+
+    expert_out = torch.randn(T * k, d, dtype=dtype)
+    measure("combine forward", T * k * d * s + T * d * s + index_bytes + T * k * s, {
+        "reference": lambda: reference.gather_combine(expert_out, rows, weights),
+        "numba": lambda: numba_backend.gather_combine(expert_out, rows, weights),
+        "torch-sort": lambda: sort_steps.combine(expert_out, weights, T)})
+
+    grad_y = torch.randn(T, d, dtype=dtype)
+
+    def combine_backward(backend):
+        out_leaf = expert_out.clone().requires_grad_(True)
+        weights_leaf = weights.clone().requires_grad_(True)
+        y = backend(out_leaf, weights_leaf)
+        return lambda: torch.autograd.grad(y, (out_leaf, weights_leaf), grad_y, retain_graph=True)
+    measure("combine backward", 2 * T * d * s + 2 * T * k * d * s + index_bytes + 2 * T * k * s, {
+        "reference": combine_backward(lambda o, w: reference.gather_combine(o, rows, w)),
+        "numba": combine_backward(lambda o, w: numba_backend.gather_combine(o, rows, w)),
+        "torch-sort": combine_backward(lambda o, w: sort_steps.combine(o, w, T))})
+    return results
+
+
+def print_table(results: list[dict]) -> None:
+    header = (f"{'step':30s} {'MB':>7s} | {'reference':>10s} {'numba':>10s} {'torch-sort':>10s} {'copy_':>10s} |"
+              f" {'ref/numba':>9s} {'sort/numba':>10s} | {'numba GB/s':>10s} {'copy GB/s':>9s} {'numba/copy':>10s}")
+    print(header)
+    print("-" * len(header))
+    for row in results:
+        gbps = lambda seconds: row["bytes"] / seconds / 1e9                   # noqa: E731
+        print(f"{row['step']:30s} {row['bytes'] / 1e6:7.1f} | "
+              + " ".join(f"{row[name] * 1e3:8.2f}ms" for name in ("reference", "numba", "torch-sort", "copy"))
+              + f" | {row['reference'] / row['numba']:8.1f}x {row['torch-sort'] / row['numba']:9.1f}x"
+              + f" | {gbps(row['numba']):10.1f} {gbps(row['copy']):9.1f} {row['copy'] / row['numba']:9.0%}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--tokens", type=int, default=16384, help="T, tokens (default 16384)")
+    parser.add_argument("--d-model", type=int, default=256, help="d, token width (default 256)")
+    parser.add_argument("--experts", type=int, default=64, help="E (default 64)")
+    parser.add_argument("--top-k", type=int, default=2, help="k (default 2)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per measurement; the median is kept")
+    args = parser.parse_args(argv)
+    print(f"T={args.tokens} d={args.d_model} E={args.experts} k={args.top_k} {args.dtype}; "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), numba {numba.__version__} "
+          f"({numba.get_num_threads()} threads); median of {args.repeats}")
+    print_table(run(args))
+
+
+if __name__ == "__main__":
+    main()

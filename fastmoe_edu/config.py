@@ -1,0 +1,409 @@
+"""Training configuration: one explicit dataclass, TOML files, and ``--key=value`` overrides.
+
+Every setting of a training run is a field of ``TrainConfig`` below, with its default and a one-line
+description. A run's configuration is resolved in three layers, later layers winning:
+
+    1. the dataclass defaults,
+    2. TOML files given with ``--config path.toml`` (several allowed, applied in order),
+    3. ``--key=value`` command-line overrides (``--flag`` alone sets a boolean to true).
+
+    python -m fastmoe_edu.train --help                                   # every key, default, meaning
+    python -m fastmoe_edu.train --config fastmoe_edu/configs/switch.toml --max_steps=200
+    python -m fastmoe_edu.train --router_options.balance_loss_weight=0.02
+
+Values are converted with the field's type (``--lr=1e-3`` is a float, ``--resume=true`` a bool,
+``--capacity_factor=none`` an unset optional). A key that is not a field, in a file or on the
+command line, is an error that lists the allowed keys; ``validate()`` checks every value's range
+before any work starts, so a typo fails in a second instead of after a long run.
+
+To add a setting (e.g. for MPI runs), add a field with ``_field(default, section, help, ...)``:
+parsing, ``--help``, TOML loading and range checks all follow from the declaration.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .backends import BACKEND_NAMES
+from .data import DATASETS
+from .experts import EXPERT_KINDS
+from .routers import ROUTERS as ROUTER_CLASSES
+from .routers import router_options as accepted_router_options
+
+CONFIG_DIR = Path(__file__).with_name("configs")   # the packaged TOML files
+
+# Allowed values of the choice-type settings, taken from the modules that implement them.
+ROUTERS = tuple(ROUTER_CLASSES)
+EXPERTS = tuple(EXPERT_KINDS)
+BACKENDS = tuple(BACKEND_NAMES)
+DATASET_NAMES = tuple(DATASETS)
+SECTIONS = ("data", "model", "backend", "optimization", "eval", "checkpoint", "sample", "system")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is not acceptable; the message says which and why."""
+
+
+def _field(default, section: str, help: str, *, choices=None, minimum=None, above=None):
+    """A dataclass field carrying its documentation and range: ``minimum`` is inclusive, ``above`` strict."""
+    meta = {"section": section, "help": help, "choices": choices, "minimum": minimum, "above": above}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """All settings of one training run (see the module docstring for how they are resolved)."""
+
+    # --- data ---------------------------------------------------------------------------------
+    dataset: str = _field("languages", "data", "dataset name: 'languages' (synthetic mixture) or 'stdlib' "
+                          "(characters of Python's standard library)", choices=DATASET_NAMES)
+    seq_len: int = _field(64, "data", "tokens per training sequence (also the model's context length)", minimum=1)
+    batch_size: int = _field(32, "data", "sequences per optimizer step (the global batch)", minimum=1)
+    stdlib_max_bytes: int = _field(2_000_000, "data", "size cap of the 'stdlib' corpus in characters", minimum=10_000)
+
+    # --- model --------------------------------------------------------------------------------
+    n_layer: int = _field(2, "model", "number of transformer blocks", minimum=1)
+    n_head: int = _field(4, "model", "attention heads per block (must divide d_model)", minimum=1)
+    d_model: int = _field(64, "model", "width of the residual stream", minimum=1)
+    d_hidden: int = _field(128, "model", "hidden width of each expert (and of dense MLPs)", minimum=1)
+    num_experts: int = _field(4, "model", "experts per MoE layer", minimum=1)
+    top_k: int = _field(2, "model", "experts each token is sent to (switch needs 1, gshard 2)", minimum=1)
+    router: str = _field("softmax_topk", "model", "routing algorithm of every MoE layer", choices=ROUTERS)
+    expert: str = _field("swiglu", "model", "expert feed-forward kind", choices=EXPERTS)
+    capacity_factor: typing.Optional[float] = _field(
+        None, "model", "expert capacity = factor * tokens * top_k / num_experts; "
+        "assignments past it are dropped. none = no limit (dropless)", above=0.0)
+    moe_every: int = _field(1, "model", "every n-th block has an MoE feed-forward, the others a dense MLP "
+                            "(1 = all blocks are MoE)", minimum=1)
+    tie_weights: bool = _field(True, "model", "share the token embedding matrix with the output head")
+    router_options: dict = _field({}, "model", "extra keyword arguments of the router, e.g. "
+                                  "balance_loss_weight, z_loss_weight (TOML table [router_options], "
+                                  "CLI --router_options.NAME=VALUE)")
+
+    # --- backend ------------------------------------------------------------------------------
+    backend: str = _field("reference", "backend", "MoE dispatch/expert implementation: reference (plain "
+                          "PyTorch), numba (CPU kernels) or auto", choices=BACKENDS)
+
+    # --- optimization -------------------------------------------------------------------------
+    lr: float = _field(6e-3, "optimization", "peak learning rate of AdamW", above=0.0)
+    min_lr: float = _field(6e-4, "optimization", "learning rate at the end of the cosine decay", minimum=0.0)
+    weight_decay: float = _field(0.1, "optimization", "AdamW weight decay (matrices only, not norms/biases)",
+                                 minimum=0.0)
+    warmup_steps: int = _field(30, "optimization", "steps of linear learning-rate warmup", minimum=0)
+    max_steps: int = _field(500, "optimization", "total optimizer steps of the run", minimum=1)
+    grad_clip: float = _field(1.0, "optimization", "clip the global gradient norm to this (0 = no clipping)",
+                              minimum=0.0)
+    seed: int = _field(1337, "optimization", "seed of model init, data stream and router noise", minimum=0)
+
+    # --- eval ---------------------------------------------------------------------------------
+    eval_interval: int = _field(100, "eval", "estimate the val loss every this many steps (0 = only at the end)",
+                                minimum=0)
+    eval_iters: int = _field(8, "eval", "batches averaged per val-loss estimate", minimum=1)
+
+    # --- checkpoint ---------------------------------------------------------------------------
+    out_dir: str = _field("out", "checkpoint", "directory for checkpoint, history.json and config.toml")
+    checkpoint_interval: int = _field(250, "checkpoint", "save a checkpoint every this many steps "
+                                      "(0 = only at the end)", minimum=0)
+    resume: bool = _field(False, "checkpoint", "continue from the checkpoint in out_dir")
+
+    # --- sample -------------------------------------------------------------------------------
+    sample_tokens: int = _field(128, "sample", "tokens to generate after training (0 = none)", minimum=0)
+    sample_temperature: float = _field(0.8, "sample", "softmax temperature of the generated sample", above=0.0)
+
+    # --- system -------------------------------------------------------------------------------
+    device: str = _field("cpu", "system", "torch device: cpu, cuda or cuda:N")
+    X
+    progress: bool = _field(True, "system", "show the tqdm progress bar and log lines")
+
+    # ------------------------------------------------------------------------------------------
+    def validate(self) -> "TrainConfig":
+        """Check every value; raise ConfigError naming the key, the value and what is allowed."""
+        hints = typing.get_type_hints(TrainConfig)
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            _check_type(f.name, value, hints[f.name])
+            if value is None:
+                continue
+            if meta["choices"] is not None and value not in meta["choices"]:
+                raise ConfigError(f"{f.name}={value!r} is not allowed; allowed values: {', '.join(meta['choices'])}")
+            if meta["minimum"] is not None and value < meta["minimum"]:
+                raise ConfigError(f"{f.name}={value!r} is out of range; it must be >= {meta['minimum']}")
+            if meta["above"] is not None and value <= meta["above"]:
+                raise ConfigError(f"{f.name}={value!r} is out of range; it must be > {meta['above']}")
+        # Relations between fields.
+        if self.d_model % self.n_head:
+            raise ConfigError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"top_k={self.top_k} is out of range; it must be <= num_experts={self.num_experts}")
+        required_k = ROUTER_CLASSES[self.router].required_top_k      # switch: 1, gshard: 2
+        if required_k is not None and self.top_k != required_k:
+            raise ConfigError(f"router={self.router!r} routes each token to exactly {required_k} expert(s): "
+                              f"top_k must be {required_k}, got {self.top_k}")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"min_lr={self.min_lr} is out of range; it must be <= lr={self.lr}")
+        if not (self.device == "cpu" or self.device == "cuda" or
+                (self.device.startswith("cuda:") and self.device[5:].isdigit())):
+            raise ConfigError(f"device={self.device!r} is not allowed; allowed values: cpu, cuda, cuda:N")
+        allowed_options = accepted_router_options(self.router)
+        for key, value in self.router_options.items():
+            if key not in allowed_options:
+                raise ConfigError(f"router_options.{key} is not an option of router={self.router!r}; "
+                                  f"allowed: {', '.join(sorted(allowed_options))}")
+            if not isinstance(value, (bool, int, float, str)):
+                raise ConfigError(f"router_options.{key}={value!r} must be a number, bool or string")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# types: converting strings / TOML values into a field's declared type
+# --------------------------------------------------------------------------------------------------
+
+def _is_optional(tp) -> bool:
+    return typing.get_origin(tp) is typing.Union and type(None) in typing.get_args(tp)
+
+
+def _base_type(tp):
+    """float for Optional[float], else the type itself."""
+    if _is_optional(tp):
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+def _type_name(tp) -> str:
+    return f"{_base_type(tp).__name__} or none" if _is_optional(tp) else tp.__name__
+
+
+def _check_type(name, value, tp):
+    if value is None and _is_optional(tp):
+        return
+    base = _base_type(tp)
+    ok = isinstance(value, base) and not (base in (int, float) and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"{name}={value!r} has the wrong type; expected {_type_name(tp)}")
+
+
+def _coerce(name: str, value, tp):
+    """Turn ``value`` (a CLI string or a TOML value) into the field type ``tp``."""
+    if _is_optional(tp):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+            return None
+        tp = _base_type(tp)
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+        if tp is dict:
+            if isinstance(value, str):
+                value = _parse_literal(value)
+            if not isinstance(value, dict):
+                raise ValueError
+            return dict(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={value!r} cannot be read as {_type_name(tp)}") from None
+    raise ConfigError(f"{name}: unsupported field type {tp!r}")
+
+
+def _parse_literal(text: str):
+    """A CLI value written like a TOML value: 0.01, true, "abc", {a = 1}. Bare words stay strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+# --------------------------------------------------------------------------------------------------
+# applying overrides, TOML files and the command line
+# --------------------------------------------------------------------------------------------------
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def _unknown_key(key: str, source: str) -> ConfigError:
+    names = field_names()
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown config key {key!r} in {source}{hint}; allowed keys: {', '.join(names)}")
+
+
+def apply_overrides(cfg: TrainConfig, overrides: dict, source: str = "overrides") -> TrainConfig:
+    """Return a copy of ``cfg`` with ``overrides`` (key -> value) applied and converted to field types.
+
+    A key ``router_options.NAME`` sets one entry of the router_options dict; a key ``router_options``
+    with a dict value merges into it.
+    """
+    hints = typing.get_type_hints(TrainConfig)
+    changes = {}
+    router_options = dict(cfg.router_options)
+    for key, value in overrides.items():
+        if key.startswith("router_options."):
+            option = key.split(".", 1)[1]
+            router_options[option] = _parse_literal(value) if isinstance(value, str) else value
+            continue
+        if key not in hints:
+            raise _unknown_key(key, source)
+        if key == "router_options":
+            router_options.update(_coerce(key, value, dict))
+            continue
+        changes[key] = _coerce(key, value, hints[key])
+    changes["router_options"] = router_options
+    return dataclasses.replace(cfg, **changes)
+
+
+def load_toml(path: str | Path) -> dict:
+    """Read a config TOML file into a flat key -> value dict (only the [router_options] table is allowed)."""
+    path = Path(path)
+    if not path.exists() and (CONFIG_DIR / path.name).exists() and path.parent == Path("."):
+        path = CONFIG_DIR / path.name                       # "--config switch.toml" finds the packaged file
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "router_options":
+            raise _unknown_key(key, f"{path} (as a [table])")
+    return data
+
+
+def from_dict(values: dict) -> TrainConfig:
+    """A validated TrainConfig from a plain dict (e.g. the one stored in a checkpoint)."""
+    return apply_overrides(TrainConfig(), values, source="dict").validate()
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """defaults <- ``--config`` TOML files (in order) <- ``--key=value`` overrides; then validate.
+
+    ``--help`` / ``-h`` prints every key and exits with status 0.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_files, overrides = [], {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            print(help_text())
+            raise SystemExit(0)
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: settings are written --key=value (see --help)")
+        key, eq, value = arg[2:].partition("=")
+        if key == "config":
+            if not eq:                                       # "--config path" form
+                if i + 1 >= len(argv):
+                    raise ConfigError("--config needs a file path")
+                i, value = i + 1, argv[i + 1]
+            config_files.append(value)
+        elif eq:
+            overrides[key] = value
+        else:                                                # "--flag": a boolean set to true
+            if key not in field_names() and not key.startswith("router_options."):
+                raise _unknown_key(key, "the command line")
+            if typing.get_type_hints(TrainConfig).get(key) is not bool:
+                raise ConfigError(f"--{key} needs a value: write --{key}=VALUE")
+            overrides[key] = "true"
+        i += 1
+    cfg = TrainConfig()
+    for path in config_files:
+        cfg = apply_overrides(cfg, load_toml(path), source=str(path))
+    cfg = apply_overrides(cfg, overrides, source="the command line")
+    return cfg.validate()
+
+
+# --------------------------------------------------------------------------------------------------
+# printing
+# --------------------------------------------------------------------------------------------------
+
+def help_text() -> str:
+    hints = typing.get_type_hints(TrainConfig)
+    lines = [
+        "usage: python -m fastmoe_edu.train [--config FILE.toml ...] [--key=value ...] [--resume]",
+        "",
+        "Settings resolve as: defaults <- --config TOML files (in order) <- --key=value overrides.",
+        f"Packaged configs: {', '.join(sorted(p.name for p in CONFIG_DIR.glob('*.toml')))} (in {CONFIG_DIR})",
+    ]
+    for section in SECTIONS:
+        lines += ["", f"[{section}]"]
+        for f in dataclasses.fields(TrainConfig):
+            if f.metadata["section"] != section:
+                continue
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            lines.append(f"  --{f.name}=<{_type_name(hints[f.name])}>  (default: {_show(default)})")
+            lines.append(f"      {f.metadata['help']}")
+            if f.metadata["choices"]:
+                lines.append(f"      one of: {', '.join(f.metadata['choices'])}")
+            if f.name == "router_options":
+                for router in ROUTERS:
+                    options = ", ".join(f"{k}={_show(v)}" for k, v in sorted(accepted_router_options(router).items()))
+                    lines.append(f"      {router}: {options}")
+    return "\n".join(lines)
+
+
+def _show(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def format_config(cfg: TrainConfig) -> str:
+    """The resolved configuration, one ``key = value`` line per field, grouped by section."""
+    lines = []
+    for section in SECTIONS:
+        lines.append(f"[{section}]")
+        for f in dataclasses.fields(cfg):
+            if f.metadata["section"] == section:
+                lines.append(f"  {f.name:<20} = {_show(getattr(cfg, f.name))}")
+    return "\n".join(lines)
+
+
+def print_config(cfg: TrainConfig) -> None:
+    print(format_config(cfg))
+
+
+def to_toml(cfg: TrainConfig) -> str:
+    """A TOML file that reproduces ``cfg`` (written next to the checkpoint)."""
+    def value(v):
+        if isinstance(v, bool):
+            return str(v).lower()
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return repr(v)
+    lines = []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name == "router_options":
+            continue
+        lines.append(f"{f.name} = {value(v)}" if v is not None else f"# {f.name} unset (none)")
+    lines.append("\n[router_options]")
+    lines += [f"{k} = {value(v)}" for k, v in cfg.router_options.items()]
+    return "\n".join(lines) + "\n"

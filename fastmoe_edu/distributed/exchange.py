@@ -1,0 +1,155 @@
+"""The token exchange of expert parallelism: REFERENCE §2 steps 3, 6 and 8, differentiable.
+
+P ranks, E experts in all, ``L = E / P`` on each; global expert g lives on rank ``g // L``.
+After the local scatter every rank holds its tokens' rows sorted by *global* expert id, so the rows
+for rank p (experts ``p·L .. p·L+L−1``) form one contiguous block. Then:
+
+    3. exchange counts   send[p, e] = rows this rank has for expert e of rank p     (Alltoall)
+                         recv[s, e] = rows rank s has for my local expert e
+    6. global scatter    the block for rank p goes to rank p                          (Alltoallv)
+                         what arrives is ordered (source rank s, local expert e)
+       regroup           reorder to (local expert e, source rank s): each expert's rows contiguous
+    7.                   ... local experts run on their segments ...
+       ungroup           back to (source rank s, local expert e)
+    8. global gather     the reverse Alltoallv: every row returns to the rank that sent it
+
+Backward: the gradient of "send my blocks out" is "send the gradient blocks back", so the backward
+of the global scatter is a global gather with the same plan, and the backward of the global gather
+is a global scatter. The regroup is a permutation of rows; its backward is the inverse permutation.
+
+Because every rank's tokens are a contiguous slice of the global batch, the (expert, source) order
+after the regroup puts each expert's rows in *global token order*: exactly the segment a single
+process would build for the whole batch. That is why N ranks reproduce one process to rounding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .communicator import Communicator
+
+
+@dataclass
+class ExchangePlan:
+    """Who sends how many rows to whom, for one MoE layer call (step 3's result)."""
+    send_counts: torch.Tensor           # [P, L]: rows I send to rank p for its local expert e
+    recv_counts: torch.Tensor           # [P, L]: rows I receive from rank s for my local expert e
+    send_rows: list[int]                # [P]: Σ_e send_counts[p, e]
+    recv_rows: list[int]                # [P]: Σ_e recv_counts[s, e]
+    local_expert_counts: torch.Tensor   # [L]: rows each local expert processes, Σ_s recv_counts[s, e]
+
+
+def exchange_counts(counts: torch.Tensor, num_local_experts: int, comm: Communicator) -> ExchangePlan:
+    """Step 3: ``counts[E]`` (this rank's rows per global expert) -> an :class:`ExchangePlan`.
+
+    ``counts`` viewed as ``[P, L]``: row p are the counts for rank p's experts; Alltoall sends row p to
+    rank p, so row s of the result is what rank s will send me.
+    """
+    send_counts = counts.detach().to("cpu", torch.int64).reshape(comm.size, num_local_experts)
+    recv_counts = comm.alltoall(send_counts.reshape(-1)).reshape(comm.size, num_local_experts)
+    return ExchangePlan(send_counts=send_counts, recv_counts=recv_counts,
+                        send_rows=send_counts.sum(dim=1).tolist(), recv_rows=recv_counts.sum(dim=1).tolist(),
+                        local_expert_counts=recv_counts.sum(dim=0))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Steps 6 and 8: differentiable all-to-alls
+# ----------------------------------------------------------------------------------------------------
+class GlobalScatter(torch.autograd.Function):
+    """Rows sorted by global expert -> the rows of my local experts, from every rank (source-major)."""
+
+    @staticmethod
+    def forward(ctx, rows, plan: ExchangePlan, comm: Communicator, method: str):
+        ctx.plan, ctx.comm, ctx.method = plan, comm, method
+        return comm.alltoallv(rows, plan.send_rows, plan.recv_rows, method)
+
+    @staticmethod
+    def backward(ctx, grad_received):
+        # Each received row's gradient goes back to the rank that sent the row: a global gather.
+        grad_rows = ctx.comm.alltoallv(grad_received.contiguous(), ctx.plan.recv_rows, ctx.plan.send_rows, ctx.method)
+        return grad_rows, None, None, None
+
+
+class GlobalGather(torch.autograd.Function):
+    """The experts' output rows (source-major) -> back to the ranks that sent them, in their order."""
+
+    @staticmethod
+    def forward(ctx, expert_rows, plan: ExchangePlan, comm: Communicator, method: str):
+        ctx.plan, ctx.comm, ctx.method = plan, comm, method
+        return comm.alltoallv(expert_rows, plan.recv_rows, plan.send_rows, method)
+
+    @staticmethod
+    def backward(ctx, grad_returned):
+        # The gradient of a returned row belongs to the rank that computed it: a global scatter.
+        grad_rows = ctx.comm.alltoallv(grad_returned.contiguous(), ctx.plan.send_rows, ctx.plan.recv_rows, ctx.method)
+        return grad_rows, None, None, None
+
+
+def global_scatter(rows: torch.Tensor, plan: ExchangePlan, comm: Communicator, method: str) -> torch.Tensor:
+    return GlobalScatter.apply(rows, plan, comm, method)
+
+
+def global_gather(rows: torch.Tensor, plan: ExchangePlan, comm: Communicator, method: str) -> torch.Tensor:
+    return GlobalGather.apply(rows, plan, comm, method)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Regroup: (source rank, local expert) order <-> (local expert, source rank) order
+# ----------------------------------------------------------------------------------------------------
+def regroup_by_expert(received: torch.Tensor, recv_counts: torch.Tensor, method: str) -> torch.Tensor:
+    """Source-major rows -> expert-major rows (each local expert's rows contiguous, sources in rank order)."""
+    if method == "pairwise":
+        return _reorder_blocks(received, recv_counts)
+    return Permute.apply(received, _expert_major_source_rows(recv_counts))
+
+
+def regroup_by_source(expert_rows: torch.Tensor, recv_counts: torch.Tensor, method: str) -> torch.Tensor:
+    """The inverse of :func:`regroup_by_expert`: expert-major rows -> source-major rows."""
+    if method == "pairwise":
+        return _reorder_blocks(expert_rows, recv_counts.t())
+    return Permute.apply(expert_rows, _expert_major_source_rows(recv_counts.t()))
+
+
+def _reorder_blocks(rows: torch.Tensor, block_counts: torch.Tensor) -> torch.Tensor:
+    """The readable regroup: cut the rows into blocks (i, j) laid out i-major, paste them j-major.
+
+    ``block_counts[i, j]`` is the size of block (i, j). Autograd differentiates split and cat.
+    """
+    outer, inner = block_counts.shape
+    blocks = torch.split(rows, block_counts.reshape(-1).tolist(), dim=0)    # blocks[i · inner + j]
+    transposed = [blocks[i * inner + j] for j in range(inner) for i in range(outer)]
+    return torch.cat(transposed, dim=0) if transposed else rows[:0]
+
+
+def _expert_major_source_rows(block_counts: torch.Tensor) -> torch.Tensor:
+    """For every output row of the j-major layout, the row of the i-major input it comes from.
+
+        input  start of block (i, j):  in_start[i, j]  = exclusive prefix sum over the i-major order
+        output start of block (i, j):  out_start[i, j] = exclusive prefix sum over the j-major order
+        output row  out_start[i, j] + r  reads input row  in_start[i, j] + r
+    """
+    sizes = block_counts.to(torch.int64)
+    in_start = (torch.cumsum(sizes.reshape(-1), 0) - sizes.reshape(-1)).reshape(sizes.shape)
+    sizes_j_major = sizes.t().reshape(-1)
+    out_start = torch.cumsum(sizes_j_major, 0) - sizes_j_major
+    shift_j_major = in_start.t().reshape(-1) - out_start                   # input row − output row, per block
+    total = int(sizes.sum())
+    return torch.arange(total) + torch.repeat_interleave(shift_j_major, sizes_j_major, output_size=total)
+
+
+class Permute(torch.autograd.Function):
+    """``out[i] = rows[source_row[i]]`` for a permutation ``source_row``; backward applies the inverse permutation."""
+
+    @staticmethod
+    def forward(ctx, rows, source_row):
+        source_row = source_row.to(rows.device)
+        ctx.save_for_backward(source_row)
+        return rows.index_select(0, source_row)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (source_row,) = ctx.saved_tensors
+        inverse = torch.empty_like(source_row)
+        inverse[source_row] = torch.arange(source_row.numel(), device=source_row.device)
+        return grad_out.index_select(0, inverse), None

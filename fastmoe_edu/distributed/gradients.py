@@ -1,0 +1,126 @@
+"""Data parallelism: identical starting weights, averaged gradients, a global gradient norm.
+
+Every rank computes the loss of its own shard of the global batch (a mean over its tokens), so the
+training objective is the mean over the R = ep × dp shards::
+
+    L = (1/R) · Σ_r L_r          (= the global-batch mean, because all shards have the same size)
+
+* **Replicated parameters** (embeddings, attention, norms, gates: every rank holds a copy):
+  ``∂L/∂θ = (1/R) Σ_r ∂L_r/∂θ`` — an all-reduce *average* over the data group.
+* **Expert parameters** (each expert lives on one rank of the expert group): the backward
+  all-to-all already delivers every rank's contribution to the expert's owner, so the owner holds
+  ``Σ_{r in its expert group} ∂L_r/∂θ``. Summing that over the dp copies of the expert
+  (expert-replica group) gives the sum over all R shards; dividing by R gives ``∂L/∂θ``.
+  Expert gradients are therefore *not* averaged across the expert group — they are divided by R.
+
+All-reduces are *bucketed*: the gradients are concatenated into a few large flat buffers (default
+25 MB, as PyTorch's DDP) and each bucket is one ``Allreduce``. One message of 25 MB costs one
+latency α; 200 messages of 125 kB would cost 200 α for the same bytes (REFERENCE §4 cost model).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .communicator import Communicator
+from .expert_parallel import expert_parameters
+from .layout import ParallelLayout
+
+DEFAULT_BUCKET_BYTES = 25 * 2**20
+
+
+def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(replicated parameters, expert-parallel parameters) of ``model``, each in module order."""
+    expert_ids = {id(p) for p in expert_parameters(model)}
+    replicated = [p for p in model.parameters() if id(p) not in expert_ids]
+    experts = [p for p in model.parameters() if id(p) in expert_ids]
+    return replicated, experts
+
+
+@torch.no_grad()
+def broadcast_parameters(model: nn.Module, layout: ParallelLayout) -> None:
+    """Make every copy of every parameter and buffer equal to the copy of its group's rank 0.
+
+    Replicated parameters and all buffers (e.g. the sigmoid router's bias) come from rank 0 of the
+    data group; expert slices from rank 0 of their expert-replica group (the ranks holding the same
+    slice). Building the model from the same seed everywhere already gives equal weights; this
+    makes it true by construction, whatever the seed handling.
+    """
+    replicated, experts = split_parameters(model)
+    for tensor in replicated + list(model.buffers()):
+        layout.data.broadcast_(tensor.data, root=0)
+    for tensor in experts:
+        layout.expert_replica.broadcast_(tensor.data, root=0)
+
+
+@torch.no_grad()
+def allreduce_gradients(model: nn.Module, layout: ParallelLayout, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+    """After ``loss.backward()`` on every rank: turn the per-shard gradients into ``∂L/∂θ`` of the global batch."""
+    replicated, experts = split_parameters(model)
+    shards = layout.data_size                                                     # R = ep · dp
+    _allreduce_in_buckets(replicated, layout.data, 1.0 / shards, bucket_bytes)   # (1/R) Σ_r
+    _allreduce_in_buckets(experts, layout.expert_replica, 1.0 / shards, bucket_bytes)   # (1/R) Σ_dp Σ_ep
+
+
+def _allreduce_in_buckets(params: list[nn.Parameter], comm: Communicator, scale: float, bucket_bytes: int) -> None:
+    """``grad ← scale · Σ_ranks grad`` for every parameter, a bucket of flat gradients per Allreduce."""
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        if p.grad is None:                      # unused on this rank: it still takes part (with zeros),
+            p.grad = torch.zeros_like(p)        # or the ranks' buckets would not line up
+    if comm.size == 1:
+        if scale != 1.0:
+            for p in params:
+                p.grad.mul_(scale)
+        return
+    for bucket in _buckets(params, bucket_bytes):
+        grads = [p.grad for p in bucket]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        if flat.dtype in (torch.float16, torch.bfloat16):
+            flat = flat.float()                 # sum 16-bit gradients in float32
+        comm.allreduce_(flat, purpose="allreduce_gradients")
+        flat.mul_(scale)
+        for grad, piece in zip(grads, torch.split(flat, [g.numel() for g in grads])):
+            grad.copy_(piece.view_as(grad))
+
+
+def _buckets(params: list[nn.Parameter], bucket_bytes: int) -> list[list[nn.Parameter]]:
+    """Consecutive parameters of one dtype and device, at most ``bucket_bytes`` per bucket (a larger tensor gets its own)."""
+    buckets, current, current_bytes = [], [], 0
+    for p in params:
+        size = p.numel() * p.element_size()
+        starts_new = current and (current_bytes + size > bucket_bytes
+                                  or (p.dtype, p.device) != (current[0].dtype, current[0].device))
+        if starts_new:
+            buckets.append(current)
+            current, current_bytes = [], 0
+        current.append(p)
+        current_bytes += size
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float, layout: ParallelLayout) -> torch.Tensor:
+    """Distributed ``torch.nn.utils.clip_grad_norm_``: the norm of the *whole* model's gradient.
+
+    Call after :func:`allreduce_gradients`. Replicated gradients are then equal on every rank
+    (count them once); each expert slice is on one rank of the expert group (sum their squares over
+    it). Every rank gets the same norm and the same clip factor ``min(1, max_norm / (norm + 1e-6))``
+    (torch's formula), so replicated weights stay identical.
+    """
+    replicated, experts = split_parameters(model)
+    grads = [p.grad for p in replicated + experts if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    replicated_sq = sum((p.grad.double().square().sum() for p in replicated if p.grad is not None),
+                        torch.zeros((), dtype=torch.float64))
+    expert_sq = sum((p.grad.double().square().sum() for p in experts if p.grad is not None),
+                    torch.zeros((), dtype=torch.float64))
+    layout.expert.allreduce_(expert_sq.reshape(1), purpose="allreduce_grad_norm")
+    total_norm = (replicated_sq + expert_sq).sqrt()
+    clip = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(clip.to(g.dtype))
+    return total_norm.to(grads[0].dtype)

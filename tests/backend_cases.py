@@ -1,0 +1,285 @@
+"""The backend checks, shared by test_backends.py (in-process: numba CPU, real GPU) and
+cudasim_check.py (a subprocess that runs them through the numba.cuda kernels in numba's simulator).
+
+Every ``check_*`` function builds its inputs from a seed, runs the reference and the numba backend
+on them, and raises AssertionError (with the difference) when they disagree. Integer outputs must be
+*equal*; float outputs must be close within TOLERANCES; the numba backend run twice must give
+bitwise-identical floats.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from fastmoe_edu import ROUTERS, MoELayer
+from fastmoe_edu.backends import numba_backend, reference
+from fastmoe_edu.experts import EXPERT_KINDS
+
+# Tolerances, numba vs reference (torch.testing.assert_close: |got − want| ≤ atol + rtol·|want|).
+# The two backends do the same arithmetic except for summation order and a few elementwise
+# functions: the softmax/sigmoid routers (numba sums the partition function in float64, sequentially,
+# with its own exp; torch sums vectorized in the tensor's dtype) and the combine (the reference's
+# einsum may add the k terms in another order). The grouped GEMM is the same torch.mm per segment in
+# both (bitwise equal) unless torch._grouped_mm or the tiled kernel is chosen, whose inner sums over
+# d_in ≤ 32 terms may be ordered differently.
+#   float64: ε = 1.1e-16; a few ulps per op, amplified by ≤ 32-term sums and the layer's 3 GEMMs
+#            gives ~1e-14 relative. rtol 1e-10 / atol 1e-12 is that with a wide margin, and still
+#            catches any real bug (a wrong index or formula is off by O(1)).
+#   float32: ε = 1.2e-7; ~ε × (32-term reduction) × (3 GEMM layers) ≈ 1e-5 relative in the worst
+#            element; rtol 1e-4 / atol 1e-5 leaves a small margin over that.
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.float32: dict(rtol=1e-4, atol=1e-5),
+}
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+ROUTER_OPTIONS = {
+    "softmax_topk": dict(top_k=2),
+    "noisy_topk": dict(top_k=2),
+    "switch": dict(top_k=1, jitter_epsilon=0.1),
+    "gshard": dict(top_k=2),
+    "expert_choice": dict(top_k=2),
+    "sigmoid": dict(top_k=2, num_groups=2, topk_groups=1, route_scale=2.5),
+    "xmoe": dict(top_k=2, routing_dim=4),
+}
+assert set(ROUTER_OPTIONS) == set(ROUTERS), "a router was added: give it options here"
+
+#: Every (router, expert kind, dtype) the layer comparison runs for.
+LAYER_CASES = list(itertools.product(ROUTERS, EXPERT_KINDS, DTYPES))
+
+
+def assert_close(got, want, dtype, what):
+    torch.testing.assert_close(got, want, **TOLERANCES[dtype], msg=lambda message: f"{what}: {message}")
+
+
+def assert_equal(got, want, what):
+    if not torch.equal(got, want):
+        raise AssertionError(f"{what}: not equal\n got  {got.tolist()}\n want {want.tolist()}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The whole layer
+# ----------------------------------------------------------------------------------------------------
+def make_layer(router, expert, dtype, backend, device, sizes, capacity_factor=None):
+    """A MoELayer with weights drawn from seed 0 (so every backend gets the same weights)."""
+    num_tokens, d_model, d_hidden, num_experts = sizes
+    torch.manual_seed(0)
+    layer = MoELayer(d_model, d_hidden, num_experts, router=router, expert=expert, backend=backend,
+                     capacity_factor=capacity_factor, bias=(expert == "gelu"), **ROUTER_OPTIONS[router])
+    layer = layer.to(device=device, dtype=dtype)
+    with torch.no_grad():
+        for name, param in layer.named_parameters():
+            if ".b" in name:                                  # non-zero expert biases
+                param.normal_()
+        if router == "sigmoid":                               # a non-trivial selection bias
+            layer.gate.bias.copy_(torch.randn(num_experts, dtype=dtype, device=device) * 0.1)
+    return layer
+
+
+def forward_backward(layer, x, upstream):
+    """Output, routing, input gradient and parameter gradients of one training step."""
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(1)                                      # noisy routers draw the same noise
+    y = layer(x)
+    loss = (y * upstream).sum() + layer.aux_loss
+    names = [name for name, _ in layer.named_parameters()]
+    grads = torch.autograd.grad(loss, [x, *layer.parameters()], allow_unused=True)
+    results = {"output": y.detach(), "expert_ids": layer.last_routing.expert_ids,
+               "tokens_per_expert": layer.last_routing.tokens_per_expert, "grad input": grads[0]}
+    for name, grad in zip(names, grads[1:]):
+        results[f"grad {name}"] = grad
+    return results
+
+
+def check_layer(router, expert, dtype_name, device="cpu", sizes=(64, 16, 24, 8), capacity_factor=None,
+                backend="numba"):
+    """MoELayer(backend) against MoELayer("reference") with identical weights, input and noise."""
+    dtype = DTYPES[dtype_name]
+    want_layer = make_layer(router, expert, dtype, "reference", device, sizes, capacity_factor)
+    got_layer = make_layer(router, expert, dtype, backend, device, sizes, capacity_factor)
+    got_layer.load_state_dict(want_layer.state_dict())
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(sizes[0], sizes[1], generator=generator, dtype=dtype).to(device)
+    upstream = torch.randn(sizes[0], sizes[1], generator=generator, dtype=dtype).to(device)
+
+    want = forward_backward(want_layer, x, upstream)
+    got = forward_backward(got_layer, x, upstream)
+    again = forward_backward(got_layer, x, upstream)
+    for name in want:
+        if want[name] is None:
+            assert got[name] is None or torch.count_nonzero(got[name]) == 0, name
+            continue
+        if want[name].is_floating_point():
+            assert_close(got[name], want[name], dtype, name)
+            assert_equal(again[name], got[name], f"{name} (second run, bitwise)")
+        else:
+            assert_equal(got[name], want[name], name)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Single steps, on random routings and on the edge cases
+# ----------------------------------------------------------------------------------------------------
+def random_expert_ids(num_tokens, top_k, num_experts, seed, drop_fraction=0.1):
+    """k distinct experts per token (like a router), a fraction switched off (-1)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.rand(num_tokens, num_experts, generator=generator).topk(top_k, dim=1).indices
+    dropped = torch.rand(num_tokens, top_k, generator=generator) < drop_fraction
+    return torch.where(dropped, -1, ids)
+
+
+def edge_case_ids(name, seed=0):
+    """(expert_ids, num_experts) for the named edge case."""
+    generator = torch.Generator().manual_seed(seed)
+    if name == "expert_without_tokens":               # experts 2 and 5 get nothing
+        ids = torch.tensor([0, 1, 3, 4])[torch.randint(0, 4, (20, 1), generator=generator)]
+        return ids, 6
+    if name == "all_to_one_expert":
+        return torch.full((16, 1), 2), 4
+    if name == "one_token":
+        return torch.tensor([[3, 1]]), 4
+    if name == "k_equals_num_experts":
+        return torch.stack([torch.randperm(4, generator=generator) for _ in range(7)]), 4
+    if name == "all_dropped":
+        return torch.full((9, 2), -1), 4
+    raise ValueError(name)
+
+
+EDGE_CASES = ("expert_without_tokens", "all_to_one_expert", "one_token", "k_equals_num_experts", "all_dropped")
+
+
+def check_integer_steps(expert_ids, num_experts, capacities=(None, 1, 3)):
+    """prune_capacity, count, prefix sum and stable positions: numba equal to the reference."""
+    for capacity in capacities:
+        assert_equal(numba_backend.prune_capacity(expert_ids, num_experts, capacity),
+                     reference.prune_capacity(expert_ids, num_experts, capacity), f"prune_capacity C={capacity}")
+    counts = reference.count_tokens_per_expert(expert_ids, num_experts)
+    assert_equal(numba_backend.count_tokens_per_expert(expert_ids, num_experts), counts, "count_tokens_per_expert")
+    starts = reference.exclusive_prefix_sum(counts)
+    assert_equal(numba_backend.exclusive_prefix_sum(counts), starts, "exclusive_prefix_sum")
+    assert_equal(numba_backend.stable_positions(expert_ids, starts), reference.stable_positions(expert_ids, starts),
+                 "stable_positions")
+
+
+def check_float_steps(expert_ids, num_experts, width, dtype_name, seed=0):
+    """scatter_rows and gather_combine, forward and backward: close to the reference, bitwise repeatable."""
+    dtype = DTYPES[dtype_name]
+    generator = torch.Generator().manual_seed(seed)
+    num_tokens = expert_ids.shape[0]
+    counts = reference.count_tokens_per_expert(expert_ids, num_experts)
+    rows = reference.stable_positions(expert_ids, reference.exclusive_prefix_sum(counts))
+    num_rows = int(counts.sum())
+    x = torch.randn(num_tokens, width, generator=generator, dtype=dtype)
+    grad_buffer = torch.randn(num_rows, width, generator=generator, dtype=dtype)
+    expert_out = torch.randn(num_rows, width, generator=generator, dtype=dtype)
+    weights = torch.rand(expert_ids.shape, generator=generator, dtype=dtype) * (expert_ids >= 0)
+    grad_y = torch.randn(num_tokens, width, generator=generator, dtype=dtype)
+
+    def scatter(backend):
+        x_leaf = x.clone().requires_grad_(True)
+        buffer = backend.scatter_rows(x_leaf, rows, num_rows)
+        return {"scatter_rows": buffer.detach(),
+                "scatter_rows backward": torch.autograd.grad(buffer, x_leaf, grad_buffer)[0]}
+
+    def combine(backend):
+        out_leaf, weights_leaf = expert_out.clone().requires_grad_(True), weights.clone().requires_grad_(True)
+        y = backend.gather_combine(out_leaf, rows, weights_leaf)
+        grad_out, grad_weights = torch.autograd.grad(y, (out_leaf, weights_leaf), grad_y)
+        return {"gather_combine": y.detach(), "gather_combine backward (expert_out)": grad_out,
+                "gather_combine backward (weights)": grad_weights}
+
+    _compare_runs(lambda backend: {**scatter(backend), **combine(backend)}, dtype)
+
+
+def check_routers(num_tokens, num_experts, top_k, dtype_name, seed=0):
+    """The fused routing functions, forward (ids equal) and backward, every variant."""
+    dtype = DTYPES[dtype_name]
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(num_tokens, num_experts, generator=generator, dtype=dtype) * 2
+    bias = torch.randn(num_experts, generator=generator) * 0.1
+    grad_weights = torch.randn(num_tokens, top_k, generator=generator, dtype=dtype)
+    groups = 2 if num_experts % 2 == 0 and num_experts >= 2 * top_k else None
+    variants = {
+        "softmax renormalized": lambda backend, l: backend.softmax_topk_route(l, top_k, True),
+        "softmax plain": lambda backend, l: backend.softmax_topk_route(l, top_k, False),
+        "sigmoid": lambda backend, l: backend.sigmoid_topk_route(l, bias, top_k, 2.5, None, None),
+        "sigmoid grouped": lambda backend, l: backend.sigmoid_topk_route(l, bias, top_k, 1.0, groups,
+                                                                        1 if groups else None),
+    }
+
+    def run(backend):
+        results = {}
+        for name, route in variants.items():
+            logits_leaf = logits.clone().requires_grad_(True)
+            expert_ids, weights = route(backend, logits_leaf)
+            results[f"{name} ids"] = expert_ids
+            results[f"{name} weights"] = weights.detach()
+            results[f"{name} backward"] = torch.autograd.grad(weights, logits_leaf, grad_weights)[0]
+        return results
+
+    _compare_runs(run, dtype)
+
+
+def check_grouped_gemm(implementation, counts, d_in, d_out, dtype_name, tile=None, seed=0):
+    """numba_backend.grouped_matmul with ``implementation`` against the reference, forward and backward."""
+    dtype = DTYPES[dtype_name]
+    generator = torch.Generator().manual_seed(seed)
+    counts = torch.tensor(counts)
+    rows = torch.randn(int(counts.sum()), d_in, generator=generator, dtype=dtype)
+    weight = torch.randn(counts.numel(), d_out, d_in, generator=generator, dtype=dtype)
+    grad_out = torch.randn(rows.shape[0], d_out, generator=generator, dtype=dtype)
+
+    def run(backend):
+        rows_leaf, weight_leaf = rows.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        out = backend.grouped_matmul(rows_leaf, weight_leaf, counts)
+        grad_rows, grad_weight = torch.autograd.grad(out, (rows_leaf, weight_leaf), grad_out)
+        return {"grouped_matmul": out.detach(), "grad rows": grad_rows, "grad weight": grad_weight}
+
+    previous = numba_backend.current_grouped_gemm()
+    numba_backend.set_grouped_gemm(implementation, tile)
+    try:
+        _compare_runs(run, dtype)
+    finally:
+        numba_backend.set_grouped_gemm(*previous)
+
+
+def _compare_runs(run, dtype):
+    """run(backend) -> {name: tensor}: numba vs reference, and numba twice (bitwise)."""
+    want, got, again = run(reference), run(numba_backend), run(numba_backend)
+    for name in want:
+        if want[name].is_floating_point():
+            assert_close(got[name], want[name], dtype, name)
+            assert_equal(again[name], got[name], f"{name} (second run, bitwise)")
+        else:
+            assert_equal(got[name], want[name], name)
+
+
+# ----------------------------------------------------------------------------------------------------
+# What cudasim_check.py runs in numba's CUDA simulator: tiny sizes (one Python thread per GPU thread)
+# ----------------------------------------------------------------------------------------------------
+SIMULATOR_LAYER_SIZES = (12, 8, 8, 4)          # tokens, d_model, d_hidden, experts
+
+
+def simulator_cases() -> dict:
+    """case id -> a check to run (no arguments). Layer cases are named ``layer-{router}-{expert}-{dtype}``."""
+    cases = {}
+    for router, expert, dtype_name in LAYER_CASES:
+        cases[f"layer-{router}-{expert}-{dtype_name}"] = (
+            lambda r=router, e=expert, d=dtype_name: check_layer(r, e, d, sizes=SIMULATOR_LAYER_SIZES))
+    for router in ("switch", "gshard"):
+        cases[f"capacity-{router}"] = (lambda r=router: check_layer(
+            r, "swiglu", "float64", sizes=SIMULATOR_LAYER_SIZES, capacity_factor=0.5))
+    # 50 tokens × 2 slots = 4 chunks of the CUDA ranking (32 assignments each).
+    cases["integer-random"] = lambda: check_integer_steps(random_expert_ids(50, 2, 6, seed=0), 6, (None, 5, 13))
+    cases["float-random-float32"] = lambda: check_float_steps(random_expert_ids(10, 2, 4, seed=1), 4, 3, "float32")
+    for name in EDGE_CASES:
+        cases[f"integer-{name}"] = lambda n=name: check_integer_steps(*edge_case_ids(n))
+        cases[f"float-{name}"] = lambda n=name: check_float_steps(*edge_case_ids(n), 3, "float64")
+    for dtype_name in DTYPES:
+        cases[f"routers-{dtype_name}"] = lambda d=dtype_name: check_routers(6, 8, 2, d)
+    cases["routers-k-equals-E"] = lambda: check_routers(3, 4, 4, "float64")
+    cases["tiled-gemm-float64"] = lambda: check_grouped_gemm("tiled", [3, 0, 5, 2], 5, 6, "float64", tile=4)
+    cases["tiled-gemm-float32"] = lambda: check_grouped_gemm("tiled", [6, 1, 0], 4, 3, "float32", tile=4)
+    cases["tiled-gemm-tile16"] = lambda: check_grouped_gemm("tiled", [17, 0, 2], 3, 5, "float64", tile=16)
+    cases["tiled-gemm-all-empty"] = lambda: check_grouped_gemm("tiled", [0, 0], 3, 2, "float64", tile=4)
+    return cases

@@ -1,0 +1,137 @@
+"""A brute-force MoE oracle: every decision made token by token with Python loops.
+
+It shares nothing with fastmoe_edu's routing or dispatch code except the layer's *parameters* and the
+random numbers the layer actually drew (replayed from ``RouterOutput.random_draws``). Slow and obvious
+on purpose: the vectorized reference and every backend are checked against it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import functional as F
+
+
+def _top(values: list[float], count: int) -> list[int]:
+    """Indices of the ``count`` largest values, largest first (Python's sort: ties by index)."""
+    return sorted(range(len(values)), key=lambda i: -values[i])[:count]
+
+
+def _expert(layer, expert: int, row: torch.Tensor) -> torch.Tensor:
+    """expert_e(x) for one token row, from the stacked weights."""
+    ex = layer.experts
+
+    def linear(w, b):
+        out = w[expert] @ row
+        return out + b[expert] if b is not None else out
+
+    hidden = linear(ex.w1, ex.b1)
+    if ex.kind == "swiglu":
+        hidden = F.silu(hidden) * linear(ex.w3, ex.b3)
+    else:
+        hidden = F.gelu(hidden)
+    out = ex.w2[expert] @ hidden
+    return out + ex.b2[expert] if ex.b2 is not None else out
+
+
+def route_token_by_token(layer, x: torch.Tensor, draws: dict):
+    """Per-token routing decisions: a list over tokens of [(expert, weight), ...] in slot order,
+    with ``None`` for an assignment switched off before capacity; plus the oracle's balance loss."""
+    gate, name = layer.gate, layer.router_name
+    num_tokens, num_experts, top_k = x.shape[0], layer.num_experts, layer.top_k
+    decisions, all_probs = [], []
+    for t in range(num_tokens):
+        row = x[t]
+        if name == "switch" and "jitter" in draws:
+            row = row * draws["jitter"][t]
+        if name == "xmoe":
+            token = F.normalize(gate.projection.weight @ row, dim=0)
+            logits = torch.stack([token @ F.normalize(gate.projection.weight @ gate.weight[e], dim=0)
+                                  for e in range(num_experts)]) / gate.temperature.clamp(min=1e-2)
+        else:
+            logits = torch.stack([gate.weight[e] @ row for e in range(num_experts)])
+        probs = torch.softmax(logits, dim=0)
+        all_probs.append(probs)
+        values = probs.tolist()
+        if name in ("softmax_topk", "xmoe"):
+            chosen = _top(values, top_k)
+            weights = probs[chosen] / (probs[chosen].sum() if gate.renormalize else 1.0)
+            decisions.append(list(zip(chosen, weights)))
+        elif name == "switch":
+            best = _top(values, 1)[0]
+            decisions.append([(best, probs[best])])
+        elif name == "gshard":
+            first, second = _top(values, 2)
+            total = probs[first] + probs[second]
+            keep_second = True
+            if "uniform" in draws:
+                keep_second = 2 * float(probs[second] / total) > float(draws["uniform"][t])
+            decisions.append([(first, probs[first] / total), (second if keep_second else None, probs[second] / total)])
+        elif name == "noisy_topk":
+            scores = logits
+            if "noise" in draws:
+                noise_std = F.softplus(torch.stack([gate.noise_weight[e] @ row for e in range(num_experts)]))
+                scores = logits + draws["noise"][t] * (noise_std + gate.noise_epsilon)
+            chosen = _top(scores.tolist(), top_k)
+            weights = torch.softmax(scores[chosen], dim=0)
+            decisions.append(list(zip(chosen, weights)))
+        elif name == "sigmoid":
+            sig = torch.sigmoid(logits)
+            selection = (sig + gate.bias).tolist()
+            allowed = list(range(num_experts))
+            if gate.num_groups is not None:
+                size = num_experts // gate.num_groups
+                group_scores = [sum(sorted(selection[g * size:(g + 1) * size], reverse=True)[:2])
+                                for g in range(gate.num_groups)]
+                best_groups = _top(group_scores, gate.topk_groups)
+                allowed = [e for e in allowed if e // size in best_groups]
+            chosen = sorted(allowed, key=lambda e: -selection[e])[:top_k]
+            weights = sig[chosen] / sig[chosen].sum() * gate.route_scale
+            decisions.append(list(zip(chosen, weights)))
+        elif name == "expert_choice":
+            decisions.append(None)  # filled below: experts choose tokens
+        else:
+            raise KeyError(name)
+    if name == "expert_choice":
+        factor = layer.gate.capacity_factor or top_k
+        per_expert = min(num_tokens, math.ceil(factor * num_tokens / num_experts))
+        decisions = [[(None, torch.zeros((), dtype=x.dtype))] * num_experts for _ in range(num_tokens)]
+        for e in range(num_experts):
+            for t in _top([float(all_probs[t][e]) for t in range(num_tokens)], per_expert):
+                decisions[t][e] = (e, all_probs[t][e])
+    return decisions, torch.stack(all_probs)
+
+
+def apply_capacity(decisions, num_experts: int, capacity: int | None):
+    """Slot-major: all first choices in token order, then all second choices, ... each expert takes C."""
+    if capacity is None:
+        return decisions
+    taken = [0] * num_experts
+    kept = [list(d) for d in decisions]
+    for slot in range(len(decisions[0])):
+        for t, choices in enumerate(decisions):
+            expert, weight = choices[slot]
+            if expert is None:
+                continue
+            if taken[expert] < capacity:
+                taken[expert] += 1
+            else:
+                kept[t][slot] = (None, weight)
+    return kept
+
+
+def oracle_forward(layer, x: torch.Tensor, draws: dict) -> torch.Tensor:
+    """y[t] = Σ_s w[t, s] · expert_{e[t, s]}(x[t]), every step a Python loop."""
+    decisions, _ = route_token_by_token(layer, x, draws)
+    capacity = None
+    if layer.gate.capacity_factor is not None and layer.router_name != "expert_choice":
+        capacity = math.ceil(layer.gate.capacity_factor * layer.top_k * x.shape[0] / layer.num_experts)
+    decisions = apply_capacity(decisions, layer.num_experts, capacity)
+    outputs = []
+    for t, choices in enumerate(decisions):
+        y = torch.zeros_like(x[t])
+        for expert, weight in choices:
+            if expert is not None:
+                y = y + weight * _expert(layer, expert, x[t])
+        outputs.append(y)
+    return torch.stack(outputs)

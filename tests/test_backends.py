@@ -1,0 +1,191 @@
+"""The numba backend against the reference: the whole layer and every step, on every target.
+
+Targets:
+    reference       the reference against itself (checks the harness: identical weights, input, noise)
+    numba-cpu       numba_cpu.py, in this process
+    numba-cudasim   numba_cuda.py in numba's CUDA simulator, in one subprocess (tests/cudasim_check.py)
+    numba-gpu       numba_cuda.py on a real NVIDIA GPU (skipped without one)
+
+The checks and their tolerances are in backend_cases.py (tolerances justified there).
+"""
+import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import backend_cases
+from backend_cases import (DTYPES, EDGE_CASES, LAYER_CASES, check_float_steps, check_grouped_gemm,
+                           check_integer_steps, check_layer, check_routers, edge_case_ids, random_expert_ids)
+from fastmoe_edu import ROUTERS, MoELayer
+from fastmoe_edu.backends import get_backend, numba_backend, numba_cpu, reference
+
+HAS_GPU = torch.cuda.is_available() and numba_backend.available("cuda")[0]
+TARGETS = ["reference", "numba-cpu", "numba-cudasim",
+           pytest.param("numba-gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU")])]
+SIMULATOR_CASES = list(backend_cases.simulator_cases())
+
+
+@pytest.fixture(scope="session")
+def cudasim_results():
+    """Run every simulator case once, in a subprocess with NUMBA_ENABLE_CUDASIM=1 (about a minute)."""
+    script = Path(__file__).resolve().parent / "cudasim_check.py"
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"cudasim_check.py failed:\n{done.stderr[-4000:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The whole layer: targets × routers × expert kinds × dtypes
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("router,expert,dtype_name", LAYER_CASES)
+@pytest.mark.parametrize("target", TARGETS)
+def test_layer_matches_reference(target, router, expert, dtype_name, request):
+    if target == "numba-cudasim":
+        error = request.getfixturevalue("cudasim_results")[f"layer-{router}-{expert}-{dtype_name}"]
+        assert error is None, error
+    elif target == "numba-gpu":
+        check_layer(router, expert, dtype_name, device="cuda")
+    else:
+        check_layer(router, expert, dtype_name, backend="reference" if target == "reference" else "numba")
+
+
+@pytest.mark.parametrize("router", [name for name, cls in ROUTERS.items() if cls.supports_capacity])
+def test_layer_with_capacity_drops(router):
+    check_layer(router, "swiglu", "float64", capacity_factor=0.5)
+
+
+@pytest.mark.parametrize("case", [c for c in SIMULATOR_CASES if not c.startswith("layer-")])
+def test_cuda_kernels_in_simulator(case, cudasim_results):
+    """Steps, edge cases and the tiled grouped GEMM through numba.cuda, in the simulator."""
+    assert cudasim_results[case] is None, cudasim_results[case]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Single steps on the CPU target
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("num_tokens,top_k,num_experts", [(3000, 2, 64), (700, 3, 5), (5000, 1, 16)])
+def test_integer_steps_random(num_tokens, top_k, num_experts):
+    """Random routings with drops; T·k > ASSIGNMENTS_PER_CHUNK so the ranking spans several chunks."""
+    expert_ids = random_expert_ids(num_tokens, top_k, num_experts, seed=num_tokens)
+    assert expert_ids.numel() > numba_cpu.ASSIGNMENTS_PER_CHUNK or num_tokens == 700
+    check_integer_steps(expert_ids, num_experts, capacities=(None, 1, 17, num_tokens // num_experts))
+
+
+@pytest.mark.parametrize("name", EDGE_CASES)
+def test_edge_cases(name):
+    expert_ids, num_experts = edge_case_ids(name)
+    check_integer_steps(expert_ids, num_experts)
+    for dtype_name in DTYPES:
+        check_float_steps(expert_ids, num_experts, 5, dtype_name)
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+def test_float_steps_random(dtype_name):
+    check_float_steps(random_expert_ids(3000, 2, 64, seed=5), 64, 33, dtype_name)
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("num_tokens,num_experts,top_k", [(200, 16, 2), (50, 8, 1), (9, 4, 4), (1, 6, 3)])
+def test_routers(num_tokens, num_experts, top_k, dtype_name):
+    check_routers(num_tokens, num_experts, top_k, dtype_name)
+
+
+def test_capacity_all_dropped_outputs_zero():
+    """Capacity 0 for everyone is impossible through a router, but the steps must still agree."""
+    expert_ids = random_expert_ids(40, 2, 4, seed=3)
+    pruned = numba_backend.prune_capacity(expert_ids, 4, 0)
+    assert (pruned == -1).all()
+    check_float_steps(pruned, 4, 3, "float64")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Grouped GEMM implementations
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("implementation", ["segments", "grouped_mm"])
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("counts,d_in,d_out", [
+    ([5, 0, 7, 3], 8, 12),          # widths of 16-byte rows in float32: torch._grouped_mm runs
+    ([5, 0, 7, 3], 7, 9),           # odd widths: grouped_mm falls back to the segment loop
+    ([0, 0, 0], 8, 4),              # no rows at all
+    ([0, 11], 4, 4),                # leading empty segment
+])
+def test_grouped_gemm(implementation, dtype_name, counts, d_in, d_out):
+    check_grouped_gemm(implementation, counts, d_in, d_out, dtype_name)
+
+
+def test_set_grouped_gemm_rejects_unknown():
+    with pytest.raises(ValueError, match="not known"):
+        numba_backend.set_grouped_gemm("cublas")
+    with pytest.raises(ValueError, match="tile"):
+        numba_backend.set_grouped_gemm("segments", tile=8)
+
+
+def test_tiled_gemm_needs_cuda_tensors():
+    previous = numba_backend.current_grouped_gemm()
+    numba_backend.set_grouped_gemm("tiled")
+    try:
+        with pytest.raises(RuntimeError, match="simulator"):
+            numba_backend.grouped_matmul(torch.randn(3, 4), torch.randn(2, 5, 4), torch.tensor([1, 2]))
+    finally:
+        numba_backend.set_grouped_gemm(*previous)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The backend as a module: same interface, registry, availability, determinism, other dtypes
+# ----------------------------------------------------------------------------------------------------
+def test_same_functions_and_signatures_as_reference():
+    names = ["prune_capacity", "count_tokens_per_expert", "exclusive_prefix_sum", "stable_positions",
+             "scatter_rows", "gather_combine", "grouped_matmul", "softmax_topk_route", "sigmoid_topk_route"]
+    for name in names:
+        want = inspect.signature(getattr(reference, name))
+        got = inspect.signature(getattr(numba_backend, name))
+        assert list(got.parameters) == list(want.parameters), name
+    assert numba_backend.NAME == "numba"
+
+
+def test_registry_and_availability():
+    assert get_backend("numba", "cpu") is numba_backend
+    assert get_backend("auto", "cpu") is numba_backend
+    assert numba_backend.available("cpu") == (True, "")
+    ok, reason = numba_backend.available("meta")
+    assert not ok and "meta" in reason
+    if not HAS_GPU:
+        ok, reason = numba_backend.available("cuda")
+        assert not ok and "numba.cuda" in reason
+        with pytest.raises(RuntimeError, match="cannot run"):
+            get_backend("numba", "cuda")
+
+
+@pytest.mark.parametrize("router", list(ROUTERS))
+def test_auto_backend_runs_every_router(router):
+    torch.manual_seed(0)
+    layer = MoELayer(16, 32, 8, router=router, backend="auto", **backend_cases.ROUTER_OPTIONS[router])
+    x = torch.randn(2, 10, 16, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad.shape == x.shape and torch.isfinite(x.grad).all()
+
+
+def test_bfloat16_runs_through_float32_kernels():
+    """numba has no bfloat16: routing and the row kernels run on a float32 copy, like the reference routes."""
+    expert_ids = random_expert_ids(30, 2, 4, seed=0)
+    counts = reference.count_tokens_per_expert(expert_ids, 4)
+    rows = reference.stable_positions(expert_ids, reference.exclusive_prefix_sum(counts))
+    x = torch.randn(30, 8, dtype=torch.bfloat16)
+    weights = torch.rand(30, 2, dtype=torch.bfloat16)
+    for backend in (numba_backend, reference):
+        buffer = backend.scatter_rows(x, rows, int(counts.sum()))
+        assert buffer.dtype == torch.bfloat16
+    assert torch.equal(numba_backend.scatter_rows(x, rows, int(counts.sum())),
+                       reference.scatter_rows(x, rows, int(counts.sum())))
+    torch.testing.assert_close(numba_backend.gather_combine(buffer, rows, weights),
+                               reference.gather_combine(buffer, rows, weights), rtol=2e-2, atol=2e-2)
+    logits = torch.randn(30, 4, dtype=torch.bfloat16)
+    ids, weights = numba_backend.softmax_topk_route(logits, 2, True)
+    want_ids, want_weights = reference.softmax_topk_route(logits, 2, True)
+    assert torch.equal(ids, want_ids) and weights.dtype == want_weights.dtype == torch.float32

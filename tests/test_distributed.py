@@ -1,0 +1,201 @@
+"""Expert parallelism over MPI: pieces in one process, and whole layers under ``mpirun`` (launched from here).
+
+The MPI checks run *one* ``mpirun`` per world size (2, 4, 8 ranks) executing every combination
+inside tests/mpi_scripts/check_expert_parallel.py, which writes the worst error of every quantity
+to a JSON file that the tests below read. The launch is cached, so the three world sizes cost
+three launches whatever the number of test cases.
+
+Tolerance: everything runs in float64. The distributed layer does the same arithmetic on the same
+rows in the same order as one process (after the regroup each expert's rows are in global token
+order) except for how sums are split: the gate gradient is Σ over ranks of partial sums, the
+balance-loss fractions are computed from all-reduced counts. Those reassociations change results
+by a few ulp (~1e-17 .. 1e-16 on values of order 0.01 .. 1). 1e-10 is far above that and far
+below any real mistake (a lost row, a wrong scale or a wrong expert is off by > 1e-3).
+"""
+import json
+import subprocess
+import sys
+import time
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmoe_edu import MoELayer
+from fastmoe_edu.distributed import (Communicator, ParallelLayout, allreduce_gradients, clip_grad_norm_,
+                                     keep_local_experts, make_expert_parallel, mpirun_command)
+from fastmoe_edu.distributed.checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
+from fastmoe_edu.distributed.exchange import Permute, regroup_by_expert, regroup_by_source
+from fastmoe_edu.distributed.gradients import _buckets
+
+SCRIPTS = Path(__file__).resolve().parent / "mpi_scripts"
+TOLERANCE = 1e-10
+LAUNCH_TIMEOUT_S = 300
+
+
+# ----------------------------------------------------------------------------------------------------
+# One process: the pieces
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sources,experts", [(1, 1), (3, 2), (4, 1), (2, 5)])
+def test_both_regroups_agree_and_invert(sources, experts):
+    counts = torch.randint(0, 4, (sources, experts))
+    counts[0, 0] = 0                                           # an empty block
+    rows = torch.randn(int(counts.sum()), 3, requires_grad=True)
+    by_blocks = regroup_by_expert(rows, counts, "pairwise")
+    by_index = regroup_by_expert(rows, counts, "alltoallv")
+    assert torch.equal(by_blocks, by_index)
+    # Expert-major means: all rows of local expert 0 (from every source, in source order) first.
+    blocks = torch.split(rows.detach(), counts.reshape(-1).tolist())
+    expected = torch.cat([blocks[s * experts + e] for e in range(experts) for s in range(sources)])
+    assert torch.equal(by_index.detach(), expected)
+    for method in ("pairwise", "alltoallv"):
+        assert torch.equal(regroup_by_source(regroup_by_expert(rows, counts, method), counts, method), rows)
+    # Backward of a permutation is the inverse permutation.
+    upstream = torch.randn_like(by_index)
+    (grad_blocks,) = torch.autograd.grad(by_blocks, rows, upstream)
+    (grad_index,) = torch.autograd.grad(by_index, rows, upstream)
+    assert torch.equal(grad_blocks, grad_index)
+
+
+def test_permute_gradcheck():
+    rows = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda r: Permute.apply(r, torch.tensor([3, 0, 4, 1, 2])), (rows,))
+
+
+@pytest.mark.parametrize("method", ["pairwise", "alltoallv"])
+def test_single_rank_exchange_is_a_copy(method):
+    comm = Communicator(ParallelLayout().world.comm, "solo")
+    rows = torch.randn(7, 3)
+    assert torch.equal(comm.alltoallv(rows, [7], [7], method), rows)
+    assert torch.equal(comm.alltoall(torch.arange(4)), torch.arange(4))
+    assert comm.stats.counters[f"solo/{method}"].bytes_sent == 0      # nothing left this rank
+
+
+def test_layout_checks_raise_clear_errors():
+    layout = ParallelLayout()                                   # world size 1 without mpirun
+    assert (layout.tp_size, layout.ep_size, layout.dp_size, layout.data_size) == (1, 1, 1, 1)
+    assert layout.check_num_experts(6) == 6
+    with pytest.raises(ValueError, match="world size 1 != tensor_parallel"):
+        ParallelLayout(expert_parallel=2)
+
+
+def test_keep_local_experts_takes_the_slice():
+    torch.manual_seed(0)
+    whole = MoELayer(4, 6, num_experts=8, bias=True)
+    torch.manual_seed(0)
+    part = MoELayer(4, 6, num_experts=8, bias=True)
+    keep_local_experts(part.experts, first=2, count=2)
+    assert part.experts.num_experts == 2
+    for name, param in part.experts.named_parameters():
+        assert torch.equal(param, getattr(whole.experts, name)[2:4])
+
+
+def test_buckets_respect_size_and_dtype():
+    params = [torch.nn.Parameter(torch.zeros(n, dtype=d)) for n, d in
+              [(10, torch.float32), (10, torch.float32), (100, torch.float32), (5, torch.float64), (1, torch.float64)]]
+    buckets = _buckets(params, bucket_bytes=80)
+    assert [[p.numel() for p in b] for b in buckets] == [[10, 10], [100], [5, 1]]
+
+
+def _small_expert_parallel_model(layout, seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), MoELayer(4, 6, num_experts=4, bias=True))
+    make_expert_parallel(model, layout)
+    return model
+
+
+def test_one_rank_gradient_sync_and_clip_match_torch():
+    layout = ParallelLayout()
+    model = _small_expert_parallel_model(layout)
+    twin = _small_expert_parallel_model(layout)
+    x = torch.randn(10, 4)
+    for m in (model, twin):
+        m(x).square().sum().backward()
+    allreduce_gradients(model, layout)                 # one rank: gradients unchanged
+    norm = clip_grad_norm_(model, 0.1, layout)
+    twin_norm = torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.1)
+    torch.testing.assert_close(norm, twin_norm)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_sharded_checkpoint_round_trip(tmp_path):
+    layout = ParallelLayout()
+    model = _small_expert_parallel_model(layout)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(10, 4)).sum().backward()
+    optimizer.step()
+    save_sharded_checkpoint(tmp_path, model, optimizer, layout, {"step": 7})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "experts-rank00000.pt"]
+    expert_file = torch.load(tmp_path / "experts-rank00000.pt", weights_only=True)
+    assert all(".experts." in f".{key}" for key in expert_file["model"])
+
+    restored = _small_expert_parallel_model(layout, seed=1)
+    restored_optimizer = torch.optim.AdamW(restored.parameters(), lr=0.1)
+    shared = load_sharded_checkpoint(tmp_path, restored, restored_optimizer, layout)
+    assert shared["step"] == 7
+    for p, q in zip(model.parameters(), restored.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(optimizer.state[p]["exp_avg"], restored_optimizer.state[q]["exp_avg"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Under mpirun
+# ----------------------------------------------------------------------------------------------------
+def run_mpi(num_ranks: int, args: list[str], timeout: float = LAUNCH_TIMEOUT_S) -> subprocess.CompletedProcess:
+    return subprocess.run(mpirun_command(num_ranks, args), capture_output=True, text=True, timeout=timeout)
+
+
+@cache
+def expert_parallel_results(num_ranks: int, output_dir: str) -> dict:
+    output = Path(output_dir) / f"expert_parallel_{num_ranks}.json"
+    done = run_mpi(num_ranks, [str(SCRIPTS / "check_expert_parallel.py"), str(output)])
+    assert done.returncode == 0, f"mpirun -n {num_ranks} failed:\n{done.stdout}\n{done.stderr}"
+    return json.loads(output.read_text())
+
+
+@pytest.fixture(scope="module")
+def mpi_output_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("mpi"))
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+@pytest.mark.parametrize("num_ranks", [2, 4, 8])
+def test_expert_parallel_layer_equals_one_process(num_ranks, backend, mpi_output_dir):
+    report = expert_parallel_results(num_ranks, mpi_output_dir)
+    if backend in report["skipped"]:
+        pytest.skip(f"backend {backend!r} cannot be imported: {report['skipped'][backend]}")
+    cases = {name: errors for name, errors in report["results"].items() if name.startswith(f"{backend}/")}
+    # 4 layer configurations × (2 exchanges + their comparison), and again with dp = 2 from 4 ranks on.
+    assert len(cases) == (12 if num_ranks == 2 else 24), sorted(cases)
+    for name, errors in cases.items():
+        if "/pairwise_vs_alltoallv" in name:
+            # Same rows moved by two algorithms: bitwise equal.
+            assert errors == {"output": 0.0, "input_grad": 0.0}, name
+            continue
+        checked = {key: value for key, value in errors.items() if not key.startswith(("scale:", "num_"))}
+        assert {"output", "input_grad", "aux_loss", "grad:gate.weight", "grad:experts.w1"} <= checked.keys()
+        for quantity, error in checked.items():
+            assert error < TOLERANCE, f"{name}: {quantity} differs by {error:.3e}"
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("mode,num_ranks,message", [
+    ("raise", 3, "[rank 1/3] RuntimeError: deliberate failure on rank 1"),
+    ("bad_experts", 2, "num_experts=3 is not divisible by the expert-parallel size 2"),
+])
+def test_a_failing_rank_aborts_the_job(mode, num_ranks, message):
+    start = time.monotonic()
+    done = run_mpi(num_ranks, [str(SCRIPTS / "check_abort.py"), mode], timeout=60)
+    assert done.returncode != 0
+    assert message in done.stdout + done.stderr
+    assert "not reached" not in done.stdout
+    assert time.monotonic() - start < 60
+
+
+def test_mpirun_is_found():
+    assert Path(mpirun_command(1, [])[0]).exists()
+    assert mpirun_command(2, ["x.py"])[-2:] == [sys.executable, "x.py"]

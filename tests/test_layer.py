@@ -1,0 +1,130 @@
+"""The reference MoELayer against the per-token oracle (tests/oracle.py), forward and backward,
+for every router × expert kind, with and without capacity; plus gradcheck in float64."""
+import itertools
+
+import pytest
+import torch
+
+from fastmoe_edu import ROUTERS, MoELayer
+from oracle import oracle_forward
+
+D_MODEL, D_HIDDEN, NUM_EXPERTS, NUM_TOKENS = 8, 12, 4, 10
+
+ROUTER_OPTIONS = {
+    "switch": dict(top_k=1, jitter_epsilon=0.1),
+    "gshard": dict(top_k=2),
+    "sigmoid": dict(top_k=2, num_groups=2, topk_groups=1, route_scale=2.5),
+    "noisy_topk": dict(top_k=2),
+    "expert_choice": dict(top_k=2),
+    "softmax_topk": dict(top_k=2),
+    "xmoe": dict(top_k=2, routing_dim=4),
+}
+
+
+def make_layer(router, expert="swiglu", capacity_factor=None, bias=False, dtype=torch.float64, seed=0, **extra):
+    torch.manual_seed(seed)
+    options = dict(ROUTER_OPTIONS[router], **extra)
+    layer = MoELayer(D_MODEL, D_HIDDEN, NUM_EXPERTS, router=router, expert=expert,
+                     capacity_factor=capacity_factor, bias=bias, **options).to(dtype)
+    if bias:  # non-zero biases so their gradients are exercised
+        with torch.no_grad():
+            for name, param in layer.named_parameters():
+                if ".b" in name:
+                    param.normal_()
+    if router == "sigmoid":  # a non-trivial selection bias
+        layer.gate.bias.copy_(torch.randn(NUM_EXPERTS, dtype=dtype) * 0.1)
+    return layer
+
+
+# Both implementations run in float64 and do the same arithmetic in a different order (vectorized
+# einsum/matmul vs per-token loops): agreement to ~1e-12 relative is expected; 1e-9 leaves room.
+TOLERANCE = dict(rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("router,expert,capacity_factor,training", [
+    (r, e, cf, tr) for r, e, cf, tr in itertools.product(ROUTERS, ("swiglu", "gelu"), (None, 0.75), (True, False))
+])
+def test_reference_matches_oracle(router, expert, capacity_factor, training):
+    layer = make_layer(router, expert, capacity_factor, bias=(expert == "gelu"))
+    layer.train(training)
+    x = torch.randn(NUM_TOKENS, D_MODEL, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(1)
+    y = layer(x)
+    draws = layer.last_routing.random_draws
+    if training and router in ("switch", "gshard", "noisy_topk"):
+        assert draws, "the router drew no random numbers while training"
+
+    x_oracle = x.detach().clone().requires_grad_(True)
+    y_oracle = oracle_forward(layer, x_oracle, draws)
+    torch.testing.assert_close(y, y_oracle, **TOLERANCE)
+
+    upstream = torch.randn_like(y)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    grads = torch.autograd.grad((y * upstream).sum(), [x, *params], allow_unused=True)
+    grads_oracle = torch.autograd.grad((y_oracle * upstream).sum(), [x_oracle, *params], allow_unused=True)
+    names = ["input"] + [n for n, p in layer.named_parameters() if p.requires_grad]
+    for name, got, want in zip(names, grads, grads_oracle):
+        if want is None:
+            assert got is None or torch.count_nonzero(got) == 0, name
+        else:
+            torch.testing.assert_close(got, want, **TOLERANCE, msg=lambda m: f"{name}: {m}")
+
+
+def test_dropped_tokens_output_zero():
+    layer = make_layer("switch", capacity_factor=0.5)
+    layer.eval()
+    x = torch.randn(NUM_TOKENS, D_MODEL, dtype=torch.float64)
+    y = layer(x)
+    dropped = (layer.last_routing.expert_ids < 0).all(dim=1)
+    assert dropped.any(), "capacity 0.5 should drop some tokens"
+    assert torch.count_nonzero(y[dropped]) == 0
+    assert torch.count_nonzero(y[~dropped].abs().sum(dim=1)) == int((~dropped).sum())
+
+
+@pytest.mark.parametrize("router", list(ROUTERS))
+def test_gradcheck_float64(router):
+    """Finite differences against autograd, for the input and every parameter, in float64."""
+    layer = make_layer(router, capacity_factor=1.0 if router in ("switch", "gshard") else None, bias=True)
+    x = torch.randn(6, D_MODEL, dtype=torch.float64)
+    names, params = zip(*[(n, p.detach()) for n, p in layer.named_parameters()])
+
+    def run(x, *param_values):
+        torch.manual_seed(3)  # routers that draw noise draw the same noise on every evaluation
+        out = torch.func.functional_call(layer, dict(zip(names, param_values)), (x,))
+        return out, layer.aux_loss
+
+    inputs = (x.requires_grad_(True), *[p.clone().requires_grad_(True) for p in params])
+    assert torch.autograd.gradcheck(run, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_any_leading_shape():
+    layer = make_layer("softmax_topk")
+    for shape in [(D_MODEL,), (3, D_MODEL), (2, 3, D_MODEL), (2, 1, 3, D_MODEL)]:
+        x = torch.randn(*shape, dtype=torch.float64)
+        assert layer(x).shape == x.shape
+
+
+def test_public_contract_shapes():
+    layer = MoELayer(16, 24, 6)
+    assert layer.gate.weight.shape == (6, 16)
+    assert layer.experts.w1.shape == (6, 24, 16)
+    assert layer.experts.w2.shape == (6, 16, 24)
+    assert layer.experts.w3.shape == (6, 24, 16)
+    assert MoELayer(16, 24, 6, expert="gelu").experts.w3 is None
+    y = layer(torch.randn(5, 16))
+    record = layer.last_routing
+    assert record.expert_ids.shape == (5, 2) and record.weights.shape == (5, 2)
+    assert int(record.tokens_per_expert.sum()) == 10 and record.num_dropped == 0
+    assert layer.aux_loss.ndim == 0 and y.shape == (5, 16)
+
+
+@pytest.mark.parametrize("expert", ["swiglu", "gelu"])
+def test_expert_formula(expert):
+    """With one expert and top_k=1 the layer is exactly the documented feed-forward network."""
+    torch.manual_seed(0)
+    layer = MoELayer(8, 16, 1, top_k=1, expert=expert).double()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    w1, w2, w3 = layer.experts.w1[0], layer.experts.w2[0], layer.experts.w3
+    hidden = torch.nn.functional.gelu(x @ w1.t()) if expert == "gelu" else \
+        torch.nn.functional.silu(x @ w1.t()) * (x @ w3[0].t())
+    torch.testing.assert_close(layer(x), hidden @ w2.t())  # single expert: weight 1 after renormalization

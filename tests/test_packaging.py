@@ -1,0 +1,53 @@
+"""Packaging: environment.yml and pyproject.toml name the same dependencies; backends install cleanly."""
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[ ;]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def pyproject_dependencies() -> set[str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return {_name(r) for r in project["dependencies"]}
+
+
+def environment_dependencies() -> set[str]:
+    names, in_pip = set(), False
+    for line in (ROOT / "environment.yml").read_text().splitlines():
+        stripped = line.split("#", 1)[0].rstrip()
+        if stripped.strip() == "- pip:":
+            in_pip = True
+            continue
+        if in_pip and stripped.strip().startswith("- "):
+            item = stripped.strip()[2:]
+            if not item.startswith("-e"):
+                names.add(_name(item))
+    return names
+
+
+def test_environment_yml_matches_pyproject():
+    assert environment_dependencies() == pyproject_dependencies()
+
+
+def test_named_dependencies_present():
+    assert {"torch", "numba", "mpi4py", "mpich", "jupyterlab", "ipywidgets", "pytest"} <= pyproject_dependencies()
+
+
+def test_backends_installed_as_subpackage_not_top_level(tmp_path):
+    import subprocess
+    import sys
+
+    import fastmoe_edu.backends as backends
+
+    assert backends.__name__ == "fastmoe_edu.backends"
+    assert Path(backends.__file__).resolve().parent == ROOT / "backends"
+    # From a folder outside the checkout, the install provides fastmoe_edu.backends but no
+    # generic top-level module called "backends".
+    probe = ("import importlib.util, fastmoe_edu.backends; "
+             "print(importlib.util.find_spec('backends') is None)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"

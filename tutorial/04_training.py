@@ -1,0 +1,209 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (fastmoe_edu)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 04 · Training a small MoE language model
+#
+# Everything from the first three notebooks, used for real: a GPT-style transformer whose
+# feed-forward layers are `MoELayer`s (`fastmoe_edu/model.py`), trained on the default `languages`
+# dataset (four synthetic token languages) with the project's `train(config)`.
+#
+# 1. train while the notebook watches: the loss and each expert's share of the tokens, redrawn
+#    during training;
+# 2. look at what the experts learned: which language uses which expert, and a generated sample;
+# 3. swap the backend in the config (`"reference"` → `"numba"`) and check that the loss curves agree.
+#
+# **`QUICK`** (`FASTMOE_EDU_QUICK=1`, set by the tests): 40 steps instead of 400.
+
+# %%
+import dataclasses
+import os
+import tempfile
+import time
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from IPython.display import display
+
+from fastmoe_edu.config import TrainConfig
+from fastmoe_edu.train import build_dataset, expert_usage_by_language, train
+
+QUICK = os.environ.get("FASTMOE_EDU_QUICK", "0") == "1"
+NOTEBOOK_START = time.perf_counter()
+STEPS = 40 if QUICK else 400
+CHUNK = 10 if QUICK else 50                  # redraw the plots every CHUNK steps
+
+config = TrainConfig(
+    dataset="languages", seq_len=32, batch_size=16,
+    n_layer=2, n_head=2, d_model=48, d_hidden=96, num_experts=4, top_k=2, router="softmax_topk",
+    backend="reference",
+    max_steps=STEPS, warmup_steps=max(5, STEPS // 20), lr=3e-3, min_lr=3e-4,
+    eval_interval=CHUNK, eval_iters=4, checkpoint_interval=0,
+    sample_tokens=0 if QUICK else 48, progress=False, num_threads=1,
+    out_dir=tempfile.mkdtemp(prefix="fastmoe_edu_04_"),
+)
+defaults = TrainConfig()
+print("settings that differ from the defaults (python -m fastmoe_edu.train --help lists all):")
+for field in dataclasses.fields(config):
+    if getattr(config, field.name) != getattr(defaults, field.name):
+        print(f"  {field.name} = {getattr(config, field.name)!r}")
+
+# %% [markdown]
+# ## 1. Train and watch
+#
+# `train(config, stop_at=s)` stops after step `s` as if interrupted and saves a checkpoint;
+# `train(replace(config, resume=True), stop_at=s2)` continues from it. The data is a pure function
+# of the step number, so training in chunks gives exactly the same run as training in one go,
+# and between chunks the notebook can redraw from the returned history:
+#
+# * the language-model loss per step (and the validation loss);
+# * for each MoE layer, every expert's share of the (token, slot) assignments, stacked and smoothed
+#   over 5 steps (dotted lines: a perfectly even split);
+# * the load imbalance `max/mean` tokens per expert (1 = perfectly even).
+
+# %%
+def moving_average(values, window):
+    values = np.asarray(values, dtype=float)
+    window = max(1, min(window, len(values)))
+    kernel = np.ones(window) / window
+    return np.array([np.convolve(column, kernel, mode="valid") for column in values.T]).T
+
+
+def draw_history(axes, history, title=""):
+    """Loss, each MoE layer's per-expert share (stacked, smoothed), and the load imbalance."""
+    for ax in axes:
+        ax.clear()
+    steps = np.array([r["step"] for r in history["train"]])
+    axes[0].plot(steps, [r["lm_loss"] for r in history["train"]], lw=1, label="train (LM loss)")
+    if history["val"]:
+        axes[0].plot([v["step"] for v in history["val"]], [v["val_loss"] for v in history["val"]], "o-", label="val")
+    axes[0].set(xlabel="step", ylabel="cross-entropy (nats)", title=f"loss {title}")
+    axes[0].legend(fontsize=8)
+    load = np.array([r["tokens_per_expert"] for r in history["train"]], dtype=float)   # [steps, layers, E]
+    share = load / load.sum(axis=2, keepdims=True)
+    window = 5
+    for layer in range(min(share.shape[1], 2)):
+        smooth = moving_average(share[:, layer, :], window)
+        ax = axes[1 + layer]
+        ax.stackplot(steps[window - 1:] if len(steps) >= window else steps[-1:], smooth.T,
+                     labels=[f"expert {e}" for e in range(share.shape[2])], colors=plt.cm.tab10.colors)
+        for level in np.arange(1, share.shape[2]) / share.shape[2]:
+            ax.axhline(level, color="white", ls=":", lw=0.8)
+        ax.set(xlabel="step", ylim=(0, 1), title=f"MoE layer {layer}: share of assignments per expert")
+        ax.legend(fontsize=7, loc="upper left", ncol=share.shape[2])
+    axes[3].plot(steps, [r["load_imbalance"] for r in history["train"]], color="tab:red", lw=1)
+    axes[3].axhline(1.0, color="grey", ls=":")
+    axes[3].set(xlabel="step", title="max / mean tokens per expert (mean over layers)")
+
+
+fig, axes = plt.subplots(2, 2, figsize=(13, 7))
+axes = axes.ravel()
+live = display(fig, display_id=True)         # one output that is replaced after every chunk
+started = time.perf_counter()
+for stop in range(CHUNK, STEPS + CHUNK, CHUNK):
+    stop = min(stop, STEPS)
+    run_config = dataclasses.replace(config, resume=stop > CHUNK)
+    reference_run = train(run_config, stop_at=stop)
+    history = reference_run["history"]
+    draw_history(axes, history, title=f"(step {stop}/{STEPS})")
+    fig.tight_layout()
+    live.update(fig)
+    last = history["train"][-1]
+    print(f"step {stop:>4}: LM loss {last['lm_loss']:.3f}, aux {last['aux_loss']:.4f}, "
+          f"imbalance {last['load_imbalance']:.2f}, {time.perf_counter() - started:.1f} s")
+plt.close(fig)
+reference_seconds = time.perf_counter() - started
+
+# %%
+first, final = history["train"][0]["lm_loss"], history["train"][-1]["lm_loss"]
+uniform = np.log(build_dataset(config).vocab_size)
+print(f"LM loss: {first:.3f} at step 1 (guessing uniformly over the vocabulary costs ln V = {uniform:.3f}) "
+      f"→ {final:.3f} at step {STEPS}; final val loss {reference_run['final_val_loss']:.3f}")
+assert final < first, "the loss did not go down"
+
+# %% [markdown]
+# ## 2. What the experts learned
+#
+# Each sequence of the `languages` dataset is in one language, and the dataset says which. Counting
+# where each language's tokens are routed gives the specialisation picture (the same measurement as
+# in `01_gating`, after a longer run): one expert can hold at most `1/top_k` of a language's
+# assignments (each token uses `top_k` different experts), uniform routing gives `1/E`.
+
+# %%
+model = reference_run["model"]
+dataset = build_dataset(config)
+usage = expert_usage_by_language(model, dataset, config, num_batches=2 if QUICK else 8)
+fig, axes = plt.subplots(1, usage.shape[0], figsize=(5 * usage.shape[0], 3.2), squeeze=False)
+for li in range(usage.shape[0]):
+    ax = axes[0, li]
+    im = ax.imshow(usage[li].numpy(), cmap="viridis", vmin=0, vmax=1 / config.top_k)
+    for (lang, e), value in np.ndenumerate(usage[li].numpy()):
+        ax.text(e, lang, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.3 else "black",
+                fontsize=8)
+    ax.set(title=f"MoE layer {li}", xlabel="expert", xticks=range(config.num_experts),
+           yticks=range(len(dataset.language_names)), yticklabels=dataset.language_names)
+fig.colorbar(im, ax=axes[0, -1])
+plt.tight_layout()
+plt.show()
+spread = (usage.max(dim=2).values - usage.min(dim=2).values).mean()
+print(f"mean gap between a language's most and least used expert: {spread:.2f} "
+      f"(0 = no specialisation, {1 / config.top_k:.2f} = the most possible)")
+if reference_run["sample"]:
+    print("generated continuations (prompt | model's tokens):")
+    print(reference_run["sample"])
+
+# %% [markdown]
+# ## 3. Same training, another backend
+#
+# The `backend` setting picks who runs the MoE layer's steps: `"reference"` (the plain PyTorch of
+# `fastmoe_edu/dispatch.py`) or `"numba"` (the kernels of `backends/numba_backend.py`). Nothing
+# else changes: same seed, same data, same model. The loss curves should lie on top of each other;
+# any difference comes from floating-point summation order inside the kernels, and we measure it.
+
+# %%
+numba_config = dataclasses.replace(config, backend="numba", out_dir=tempfile.mkdtemp(prefix="fastmoe_edu_04n_"),
+                                   sample_tokens=0)
+started = time.perf_counter()
+numba_run = train(numba_config)
+numba_seconds = time.perf_counter() - started
+
+ref_loss = np.array([r["lm_loss"] for r in reference_run["history"]["train"]])
+nb_loss = np.array([r["lm_loss"] for r in numba_run["history"]["train"]])
+difference = np.abs(ref_loss - nb_loss)
+fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
+axes[0].plot(np.arange(1, len(ref_loss) + 1), ref_loss, label="reference", lw=2)
+axes[0].plot(np.arange(1, len(nb_loss) + 1), nb_loss, label="numba", lw=1, ls="--")
+axes[0].set(xlabel="step", ylabel="LM loss", title="loss: reference vs numba backend")
+axes[0].legend()
+axes[1].semilogy(np.arange(1, len(difference) + 1), np.maximum(difference, 1e-12))
+axes[1].set(xlabel="step", ylabel="|difference|", title="absolute difference of the LM loss (log scale)")
+plt.tight_layout()
+plt.show()
+print(f"max |loss_reference − loss_numba| over {len(difference)} steps: {difference.max():.3g} "
+      f"(first step: {difference[0]:.3g}, last step: {difference[-1]:.3g})")
+ref_rate = np.mean([r["tokens_per_sec"] for r in reference_run["history"]["train"][1:]])
+nb_rate = np.mean([r["tokens_per_sec"] for r in numba_run["history"]["train"][1:]])
+print(f"throughput: reference {ref_rate:,.0f} tokens/s, numba {nb_rate:,.0f} tokens/s "
+      f"(the first numba step, which compiles the kernels, is left out)")
+
+# %% [markdown]
+# ## 4. Self-check
+
+# %%
+assert len(ref_loss) == len(nb_loss) == STEPS
+assert difference.max() < 1e-2, f"the backends' losses differ by {difference.max():.3g}"
+assert len(history["train"]) == STEPS and all(len(r["tokens_per_expert"]) == 2 for r in history["train"])
+print(f"training self-check passed ({time.perf_counter() - NOTEBOOK_START:.1f} s since the first cell)")
