@@ -119,7 +119,7 @@ class TrainConfig:
 
     # --- system -------------------------------------------------------------------------------
     device: str = _field("cpu", "system", "torch device: cpu, cuda or cuda:N")
-    X
+    num_threads: int = _field(1, "system", "torch CPU threads (0 = torch's default; 1 is fastest for the tiny default model and for MPI ranks)", minimum=0)
     progress: bool = _field(True, "system", "show the tqdm progress bar and log lines")
 
     # ------------------------------------------------------------------------------------------
