@@ -1,0 +1,182 @@
+"""Router semantics: capacity, drop order, expert choice, loss-free balancing, and loss values
+checked against numbers computed by hand."""
+import math
+
+import pytest
+import torch
+
+from fastmoe_edu import MoELayer
+from fastmoe_edu.dispatch import prune_capacity
+from fastmoe_edu.routers import (GShardRouter, NoisyTopKRouter, SwitchRouter, cv_squared, router_z_loss,
+                                 switch_balance_loss)
+
+CAPACITY_ROUTERS = [("softmax_topk", 2), ("noisy_topk", 2), ("switch", 1), ("gshard", 2), ("sigmoid", 2), ("xmoe", 2)]
+
+
+@pytest.mark.parametrize("router,top_k", CAPACITY_ROUTERS)
+@pytest.mark.parametrize("capacity_factor", [0.25, 0.5, 1.0, 1.5])
+def test_capacity_never_exceeded(router, top_k, capacity_factor):
+    torch.manual_seed(0)
+    layer = MoELayer(16, 8, 8, top_k=top_k, router=router, capacity_factor=capacity_factor)
+    layer(torch.randn(100, 16) * 3)
+    record = layer.last_routing
+    assert record.capacity == math.ceil(capacity_factor * top_k * 100 / 8)
+    assert int(record.tokens_per_expert.max()) <= record.capacity
+    kept = record.expert_ids[record.expert_ids >= 0]
+    assert torch.equal(torch.bincount(kept, minlength=8), record.tokens_per_expert)
+
+
+def test_drop_order_is_slot_major_then_token_order():
+    # Capacity 2. Slot 0 first, in token order: t0->0, t1->1, t2->1 (expert 1 now full).
+    # Then slot 1: t0->1 dropped (full), t1->0 kept (second row of expert 0), t2->0 dropped.
+    ids = torch.tensor([[0, 1], [1, 0], [1, 0]])
+    assert prune_capacity(ids, 2, 2).tolist() == [[0, -1], [1, 0], [1, -1]]
+    # Switch (k = 1): plain token order, the first C tokens of each expert are kept.
+    ids = torch.tensor([[2], [2], [0], [2], [2]])
+    assert prune_capacity(ids, 3, 2).tolist() == [[2], [2], [0], [-1], [-1]]
+    # Already switched-off assignments (-1) claim nothing.
+    ids = torch.tensor([[0, -1], [0, 1]])
+    assert prune_capacity(ids, 2, 1).tolist() == [[0, -1], [-1, 1]]
+
+
+def test_gshard_first_choices_claim_capacity_first():
+    torch.manual_seed(0)
+    layer = MoELayer(8, 8, 4, top_k=2, router="gshard", capacity_factor=0.5, random_routing=False)
+    layer(torch.randn(40, 8))
+    ids = layer.last_routing.expert_ids
+    raw_first = layer.last_routing.probs.argmax(dim=1)
+    # A second choice may only be kept for an expert whose first-choice demand fit in its capacity.
+    for e in range(4):
+        first_demand = int((raw_first == e).sum())
+        second_kept = int((ids[:, 1] == e).sum())
+        if first_demand >= layer.last_routing.capacity:
+            assert second_kept == 0
+
+
+def test_gshard_random_routing_keeps_second_iff_2g2_above_u():
+    torch.manual_seed(0)
+    router = GShardRouter(8, 4, 2, None)
+    router.train()
+    out = router.route(torch.randn(200, 8))
+    keep = 2 * out.weights[:, 1].detach() > out.random_draws["uniform"]
+    assert torch.equal(out.expert_ids[:, 1] >= 0, keep)
+    assert 0 < int(keep.sum()) < 200
+    torch.testing.assert_close(out.weights.sum(dim=1), torch.ones(200))  # g1 + g2 = 1
+    router.eval()
+    assert (router.route(torch.randn(20, 8)).expert_ids >= 0).all()     # no random drop at eval
+
+
+@pytest.mark.parametrize("capacity_factor,expected_c", [(None, 10), (1.0, 5), (0.5, 3)])
+def test_expert_choice_picks_exactly_c_tokens(capacity_factor, expected_c):
+    torch.manual_seed(0)
+    layer = MoELayer(8, 8, 4, top_k=2, router="expert_choice", capacity_factor=capacity_factor)
+    layer(torch.randn(20, 8))
+    record = layer.last_routing
+    assert record.tokens_per_expert.tolist() == [expected_c] * 4   # C = ceil(cf·T/E), cf defaults to k
+    # Each expert took its C most probable tokens.
+    for e in range(4):
+        chosen = (record.expert_ids[:, e] == e).nonzero().flatten()
+        top = record.probs[:, e].topk(expected_c).indices
+        assert set(chosen.tolist()) == set(top.tolist())
+
+
+def test_sigmoid_bias_moves_toward_balance():
+    torch.manual_seed(0)
+    layer = MoELayer(8, 8, 4, top_k=1, router="sigmoid", bias_update_rate=0.05)
+    with torch.no_grad():
+        layer.gate.weight[0] += 2.0  # expert 0 wins nearly every token
+    x = torch.randn(256, 8).abs()
+    layer(x)
+    first_max = int(layer.last_routing.tokens_per_expert.max())
+    for _ in range(60):
+        layer(x)
+        layer.update_router_bias()
+    assert layer.gate.bias[0] < 0, "the overloaded expert's bias must fall"
+    assert int(layer.last_routing.tokens_per_expert.max()) < first_max * 0.6
+    assert not layer.gate.bias.requires_grad  # b is not trained by gradients
+
+
+def test_sigmoid_bias_update_rule_by_hand():
+    layer = MoELayer(4, 4, 4, top_k=1, router="sigmoid", bias_update_rate=0.1)
+    layer.update_router_bias(torch.tensor([4.0, 0.0, 2.0, 2.0]))   # mean 2
+    assert layer.gate.bias.tolist() == pytest.approx([-0.1, 0.1, 0.0, 0.0])
+
+
+def test_switch_balance_loss_by_hand():
+    probs = torch.tensor([[0.7, 0.3], [0.6, 0.4]])
+    ids = torch.tensor([[0], [0]])
+    # f = [1, 0], P = [0.65, 0.35]  ->  E · Σ f·P = 2 · 0.65
+    assert float(switch_balance_loss(probs, ids)) == pytest.approx(1.3)
+    ids = torch.tensor([[0], [1]])   # f = [0.5, 0.5] -> 2 · (0.325 + 0.175) = 1 (balanced)
+    assert float(switch_balance_loss(probs, ids)) == pytest.approx(1.0)
+
+
+def test_switch_router_aux_loss_by_hand():
+    router = SwitchRouter(2, 2, 1, None, balance_loss_weight=1.0)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(2))
+    router.eval()
+    x = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0]])
+    out, aux = router(x)
+    p = torch.softmax(x, dim=1)                       # logits = x since W = I
+    f = torch.tensor([2 / 3, 1 / 3])                  # argmax: 0, 0, 1
+    assert float(aux.detach()) == pytest.approx(float(2 * (f * p.mean(0)).sum()), rel=1e-6)
+    assert out.expert_ids.flatten().tolist() == [0, 0, 1]
+    torch.testing.assert_close(out.weights.flatten(), p.max(dim=1).values)   # not renormalized
+
+
+def test_gshard_aux_loss_by_hand():
+    router = GShardRouter(2, 2, 2, None, balance_loss_weight=1.0, random_routing=False)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(2))
+    x = torch.tensor([[1.0, 0.0], [0.0, 3.0], [0.0, 2.0]])
+    _, aux = router(x)
+    p = torch.softmax(x, dim=1)
+    first = torch.tensor([1 / 3, 2 / 3])              # first choices: 0, 1, 1
+    assert float(aux) == pytest.approx(float(2 * (p.mean(0) * first).sum()), rel=1e-6)
+
+
+def test_z_loss_and_cv_by_hand():
+    assert float(router_z_loss(torch.zeros(3, 2))) == pytest.approx(math.log(2) ** 2)
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    assert float(router_z_loss(logits)) == pytest.approx(math.log(math.e + math.e ** 2 + math.e ** 3) ** 2)
+    assert float(cv_squared(torch.tensor([1.0, 3.0]))) == pytest.approx(0.25)    # var 1 / mean² 4
+    assert float(cv_squared(torch.tensor([2.0, 2.0, 2.0]))) == pytest.approx(0.0)
+
+
+def test_z_loss_weight_enters_aux_loss():
+    torch.manual_seed(0)
+    x = torch.randn(10, 8)
+    base = MoELayer(8, 8, 4, balance_loss_weight=0.0)
+    with_z = MoELayer(8, 8, 4, balance_loss_weight=0.0, z_loss_weight=0.5)
+    with_z.load_state_dict(base.state_dict())
+    base(x), with_z(x)
+    assert float(base.aux_loss) == 0.0
+    assert float(with_z.aux_loss) == pytest.approx(0.5 * float(router_z_loss(x @ base.gate.weight.t())), rel=1e-6)
+
+
+def test_noisy_topk_balance_loss_eval_uses_counts():
+    torch.manual_seed(0)
+    router = NoisyTopKRouter(8, 4, 2, None, balance_loss_weight=1.0)
+    router.eval()
+    x = torch.randn(30, 8)
+    out, aux = router(x)
+    gates = torch.zeros(30, 4).scatter(1, out.expert_ids, out.weights)
+    expected = cv_squared(gates.sum(0)) + cv_squared((gates > 0).float().sum(0))
+    assert float(aux) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_noisy_topk_smooth_load_is_expected_count():
+    """Training: load_e = Σ_t P(e in top-k) estimated by Φ; compare with Monte Carlo over the noise."""
+    torch.manual_seed(0)
+    router = NoisyTopKRouter(6, 4, 1, None, balance_loss_weight=1.0, noise_epsilon=0.5)
+    router.train()
+    x = torch.randn(5, 6)
+    clean = x @ router.weight.t()
+    std = torch.nn.functional.softplus(x @ router.noise_weight.t()) + 0.5
+    noisy = clean + torch.randn_like(clean) * std
+    smooth = router._smooth_load(clean, noisy, std)
+    # For k = 1 and a fixed noisy draw, P(e wins) = Φ((clean_e − max_{j≠e} h_j)/std_e): check one entry.
+    normal = torch.distributions.Normal(0.0, 1.0)
+    expected = sum(normal.cdf((clean[t, 0] - torch.cat([noisy[t, 1:]]).max()) / std[t, 0]) for t in range(5))
+    assert float(smooth[0]) == pytest.approx(float(expected), rel=1e-5)
