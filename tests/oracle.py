@@ -65,7 +65,7 @@ def route_token_by_token(layer, x: torch.Tensor, draws: dict):
             total = probs[first] + probs[second]
             keep_second = True
             if "uniform" in draws:
-                keep_second = 2 * float(probs[second] / total) > float(draws["uniform"][t])
+                keep_second = 2 * float((probs[second] / total).detach()) > float(draws["uniform"][t])
             decisions.append([(first, probs[first] / total), (second if keep_second else None, probs[second] / total)])
         elif name == "noisy_topk":
             scores = logits
