@@ -7,8 +7,8 @@ docstrings for the semantics). Each function picks its *target* from the tensor'
     CPU tensors   ->  numba_cpu.py    (numba.njit + prange)
     CUDA tensors  ->  numba_cuda.py   (numba.cuda kernels on torch's current stream)
 
-and both targets run the same algorithms, ``kernel_bodies.py``. This file does the torch side:
-allocate outputs, hand the kernels zero-copy views (numpy arrays on the CPU,
+and both targets run the same algorithms (the *tasks* of ``numba_cpu.py``). This file does the
+torch side: allocate outputs, hand the kernels zero-copy views (numpy arrays on the CPU,
 ``__cuda_array_interface__`` on the GPU; the torch tensors stay referenced here for as long as a
 kernel uses them), and wrap the differentiable steps in ``torch.autograd.Function``s whose backward
 passes are kernels too:
@@ -110,7 +110,7 @@ def _target(tensor: torch.Tensor):
 # Integer steps (no gradients)
 # ----------------------------------------------------------------------------------------------------
 def _chunk_offsets(target, expert_ids, starts, slot_major):
-    """Passes 1-2 of the chunked ranking (kernel_bodies.py): per chunk and expert, the first rank the
+    """Passes 1-2 of the chunked ranking (numba_cpu.py): per chunk and expert, the first rank the
     chunk's assignments to that expert get; and ends[e] = starts[e] + count[e]."""
     chunk_size = target.ASSIGNMENTS_PER_CHUNK
     num_chunks = math.ceil(expert_ids.numel() / chunk_size)
@@ -127,7 +127,7 @@ def _ranks(expert_ids, starts, slot_major):
     target = _target(expert_ids)
     expert_ids = expert_ids.contiguous()
     chunk_offsets, _ = _chunk_offsets(target, expert_ids, starts, slot_major)
-    ranks = torch.empty_like(expert_ids)
+    ranks = torch.empty(expert_ids.shape, dtype=torch.int64, device=expert_ids.device)
     target.rank_chunks(target.array(expert_ids), target.ASSIGNMENTS_PER_CHUNK, slot_major,
                        target.array(chunk_offsets), target.array(ranks))
     return ranks

@@ -1,47 +1,364 @@
-"""CPU kernels: the tasks of ``kernel_bodies.py`` compiled by ``numba.njit``, run in ``prange`` loops.
+"""The numba backend's algorithms, and the CPU kernels that run them.
 
-Every kernel takes numpy views of torch tensors (no copies; ``numba_backend.py`` makes them) and
-writes into outputs allocated by the caller. The same names, with the same arguments, exist in
-``numba_cuda.py``, so ``numba_backend.py`` calls ``target.scatter_rows(...)`` without caring which
-target it has.
+Part 1, the *tasks*: every function there does the work of one parallel task — one token, one buffer
+row, one chunk of assignments, one expert — written once as plain Python and compiled twice:
+below with ``numba.njit`` (CPU kernels run the tasks in a ``prange`` loop), and in ``numba_cuda.py``
+with ``numba.cuda.jit(device=True)`` (GPU kernels run one task per thread). So the CPU and GPU kernels
+cannot drift apart: they are the same code.
 
-``prange`` splits the loop over tasks (tokens, rows, chunks) among numba's threads; each task writes
-its own outputs, so there are no races and no atomics.
+Why plain functions and not ``@numba.njit`` functions that the CUDA kernels call directly? On a real
+GPU numba.cuda can call an ``@njit`` function, but numba's CUDA *simulator* (which runs the GPU tests
+on machines without a GPU) cannot: it hands the function simulated device arrays, which the CPU
+compiler refuses ("Cannot determine Numba type of FakeWithinKernelCUDAArray"). Compiling the plain
+source once per target works on the CPU, on the GPU and in the simulator. It is also why the tasks
+never call each other: a plain function cannot know which target's compiled copy of a helper to call.
+
+Why the tasks live in this file and not in one of their own: the CPU kernels are cached on disk
+(``cache=True``: 15 s of compiling once, not in every process), and numba checks a cached kernel only
+against the file that defines it. A kernel inlines its tasks, so a task edited in another file would
+leave the old compiled kernel in use; here, editing a task changes this file and recompiles.
+
+Conventions. ``expert_ids``/``rows``/``weights`` are ``[T, k]``; a dropped assignment has id -1 and
+row -1. Row tasks take ``(first_col, col_step)`` and handle columns ``first_col, first_col +
+col_step, ...``: the CPU passes ``(0, 1)`` (the whole row, one task per row), the GPU ``(col,
+width)`` (one element per thread). Every output element is written by exactly one task and its sum
+runs in a fixed order (slots in order 0..k-1, columns in order), so two runs are bitwise identical.
+Long reductions (a dot product over d, softmax's sum over E) accumulate in a Python float, which
+numba types as float64; the k-term sums accumulate in the output's own dtype, like the reference.
+
+Part 2, the *CPU kernels*: numpy views of torch tensors in (no copies; ``numba_backend.py`` makes
+them), outputs allocated by the caller. ``numba_cuda.py`` has the same kernel names with the same
+arguments, so ``numba_backend.py`` calls ``target.scatter_rows(...)`` whichever target it has. Each
+task writes its own outputs: no races, no atomics.
 """
+import math
+
 import numba
 import torch
 from numba import prange
 
-from . import kernel_bodies as bodies
+# ====================================================================================================
+# Part 1: the tasks (plain Python; compiled for the CPU below and for the GPU in numba_cuda.py)
+# ====================================================================================================
+# ----------------------------------------------------------------------------------------------------
+# Integer steps: counting and stable ranking, in chunks of the assignment list.
+#
+# The T·k assignments are walked in a fixed order, cut into chunks of ``chunk_size`` consecutive
+# assignments. Ranking is two-pass, which is what makes it both parallel and stable:
+#   1. count_chunk:         chunk_counts[c, e] = #{assignments to e in chunk c}        (parallel over c)
+#   2. offsets_over_chunks: chunk_counts[c, e] ← start_e + Σ_{c'<c} chunk_counts[c', e]  (parallel over e)
+#   3. rank_chunk:          walk chunk c again; each assignment to e takes offset[c, e]++ (parallel over c)
+# Inside a chunk the walk is sequential, and chunks are laid out in walk order, so an assignment's
+# rank counts exactly the earlier assignments (in walk order) to the same expert.
+#
+# Walk orders: token-major i = t·k + s (stable positions, counts) and slot-major i = s·T + t
+# (capacity priority: every token's first choice before any second choice).
+# ----------------------------------------------------------------------------------------------------
+def count_chunk(expert_ids, chunk, chunk_size, slot_major, chunk_counts):
+    """chunk_counts[chunk, e] = number of assignments to expert e among walk positions
+    [chunk·chunk_size, (chunk+1)·chunk_size)."""
+    num_tokens, top_k = expert_ids.shape
+    for expert in range(chunk_counts.shape[1]):
+        chunk_counts[chunk, expert] = 0
+    begin = chunk * chunk_size
+    end = min(begin + chunk_size, num_tokens * top_k)
+    for position in range(begin, end):
+        if slot_major:
+            token, slot = position % num_tokens, position // num_tokens
+        else:
+            token, slot = position // top_k, position % top_k
+        expert = expert_ids[token, slot]
+        if expert >= 0:
+            chunk_counts[chunk, expert] += 1
 
+
+def offsets_over_chunks(chunk_counts, expert, start):
+    """Exclusive scan down column ``expert``, in place:
+    chunk_counts[c, e] ← start + Σ_{c' < c} chunk_counts[c', e].  Returns start + the column's total."""
+    running = start
+    for chunk in range(chunk_counts.shape[0]):
+        count = chunk_counts[chunk, expert]
+        chunk_counts[chunk, expert] = running
+        running += count
+    return running
+
+
+def rank_chunk(expert_ids, chunk, chunk_size, slot_major, chunk_offsets, ranks):
+    """Second walk of one chunk: ranks[t, s] = chunk_offsets[chunk, e]++ for an assignment to e,
+    -1 for a dropped one. With offsets started at start[e] the rank is the row in the sorted buffer."""
+    num_tokens, top_k = expert_ids.shape
+    begin = chunk * chunk_size
+    end = min(begin + chunk_size, num_tokens * top_k)
+    for position in range(begin, end):
+        if slot_major:
+            token, slot = position % num_tokens, position // num_tokens
+        else:
+            token, slot = position // top_k, position % top_k
+        expert = expert_ids[token, slot]
+        if expert >= 0:
+            ranks[token, slot] = chunk_offsets[chunk, expert]
+            chunk_offsets[chunk, expert] += 1
+        else:
+            ranks[token, slot] = -1
+
+
+def exclusive_scan(counts, starts):
+    """starts[e] = Σ_{j<e} counts[j]. Sequential: E is a few hundred at most (one task)."""
+    running = 0
+    for expert in range(counts.shape[0]):
+        starts[expert] = running
+        running += counts[expert]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Float steps: scatter to the expert-sorted buffer, gather + combine, and their backward passes.
+# ----------------------------------------------------------------------------------------------------
+def row_sources(rows, token, sources):
+    """The inverse of ``rows`` for one token: sources[rows[t, s]] = t·k + s for each kept slot.
+    A buffer row then knows which (token, slot) it came from, so kernels can be parallel over rows."""
+    top_k = rows.shape[1]
+    for slot in range(top_k):
+        row = rows[token, slot]
+        if row >= 0:
+            sources[row] = token * top_k + slot
+
+
+def copy_source_row(x, sources, top_k, row, first_col, col_step, buffer):
+    """Scatter, seen from the buffer: buffer[row] = x[t] for the (t, s) that owns the row, else 0."""
+    source = sources[row]
+    if source < 0:
+        for col in range(first_col, buffer.shape[1], col_step):
+            buffer[row, col] = 0
+    else:
+        token = source // top_k
+        for col in range(first_col, buffer.shape[1], col_step):
+            buffer[row, col] = x[token, col]
+
+
+def sum_token_copies(grad_buffer, rows, token, first_col, col_step, grad_x):
+    """Scatter's backward: grad_x[t] = Σ_{s kept} grad_buffer[rows[t, s]], slots in order 0..k-1."""
+    for col in range(first_col, grad_x.shape[1], col_step):
+        grad_x[token, col] = 0
+    for slot in range(rows.shape[1]):
+        row = rows[token, slot]
+        if row >= 0:
+            for col in range(first_col, grad_x.shape[1], col_step):
+                grad_x[token, col] += grad_buffer[row, col]
+
+
+def combine_token(expert_out, rows, weights, token, first_col, col_step, y):
+    """Gather + combine: y[t] = Σ_{s kept} w[t, s] · expert_out[rows[t, s]], slots in order."""
+    for col in range(first_col, y.shape[1], col_step):
+        y[token, col] = 0
+    for slot in range(rows.shape[1]):
+        row = rows[token, slot]
+        if row >= 0:
+            weight = weights[token, slot]
+            for col in range(first_col, y.shape[1], col_step):
+                y[token, col] += weight * expert_out[row, col]
+
+
+def weighted_source_row(grad_y, weights, sources, top_k, row, first_col, col_step, grad_expert_out):
+    """Combine's backward for expert_out: grad_expert_out[row] = w[t, s] · grad_y[t] for the
+    (t, s) that owns the row (0 for a row no slot reads)."""
+    source = sources[row]
+    if source < 0:
+        for col in range(first_col, grad_expert_out.shape[1], col_step):
+            grad_expert_out[row, col] = 0
+    else:
+        token, slot = source // top_k, source % top_k
+        weight = weights[token, slot]
+        for col in range(first_col, grad_expert_out.shape[1], col_step):
+            grad_expert_out[row, col] = weight * grad_y[token, col]
+
+
+def slot_weight_grad(grad_y, expert_out, rows, token, slot, grad_weights):
+    """Combine's backward for the weights: grad_w[t, s] = <grad_y[t], expert_out[rows[t, s]]>
+    (0 for a dropped slot)."""
+    row = rows[token, slot]
+    total = 0.0
+    if row >= 0:
+        for col in range(grad_y.shape[1]):
+            total += grad_y[token, col] * expert_out[row, col]
+    grad_weights[token, slot] = total
+
+
+# ----------------------------------------------------------------------------------------------------
+# Routing: top-k selection and the weights of the two fused routers, one token per task.
+# ----------------------------------------------------------------------------------------------------
+def select_top_k(values, token, top_k, expert_ids):
+    """expert_ids[t, :] = the k largest of values[t, :], largest first (ties: lower expert first).
+
+    No scratch memory: pass s takes the largest value among the experts that rank *after* pass
+    s-1's pick in the order (value descending, expert ascending). O(k·E) per token.
+    """
+    for slot in range(top_k):
+        best = -1
+        for expert in range(values.shape[1]):
+            value = values[token, expert]
+            if slot > 0:
+                previous = expert_ids[token, slot - 1]
+                previous_value = values[token, previous]
+                if value > previous_value or (value == previous_value and expert <= previous):
+                    continue                                   # picked already, or ranks before it
+            if best < 0 or value > values[token, best]:
+                best = expert
+        expert_ids[token, slot] = best
+
+
+def softmax_top_k_weights(logits, expert_ids, token, renormalize, weights):
+    """w_s = p_{e_s} with p = softmax(logits[t]); renormalized: w_s = p_{e_s} / Σ_{s'} p_{e_s'}.
+
+    Selecting by logits equals selecting by p (softmax is increasing), so select_top_k ran on logits.
+    """
+    num_experts = logits.shape[1]
+    largest = logits[token, 0]
+    for expert in range(1, num_experts):
+        largest = max(largest, logits[token, expert])
+    partition = 0.0
+    for expert in range(num_experts):
+        partition += math.exp(logits[token, expert] - largest)          # Z = Σ_j e^{l_j − m}
+    kept = 0.0
+    for slot in range(expert_ids.shape[1]):
+        prob = math.exp(logits[token, expert_ids[token, slot]] - largest) / partition   # p = e^{l − m} / Z
+        weights[token, slot] = prob
+        kept += prob
+    if renormalize:
+        for slot in range(expert_ids.shape[1]):
+            weights[token, slot] = weights[token, slot] / kept
+
+
+def softmax_top_k_backward(logits, expert_ids, weights, grad_weights, token, renormalize, grad_logits):
+    """∂L/∂logits[t] from g = ∂L/∂w[t], with dot = Σ_s g_s · w_s:
+
+        renormalized (w = softmax over the k chosen logits):   ∂l_{e_s} = w_s · (g_s − dot), else 0
+        plain        (w_s = p_{e_s}, p = softmax over all E):  ∂l_j = p_j · ([j = e_s] g_s − dot)
+    """
+    num_experts = logits.shape[1]
+    top_k = expert_ids.shape[1]
+    dot = 0.0
+    for slot in range(top_k):
+        dot += grad_weights[token, slot] * weights[token, slot]
+    if renormalize:
+        for expert in range(num_experts):
+            grad_logits[token, expert] = 0
+    else:
+        largest = logits[token, 0]
+        for expert in range(1, num_experts):
+            largest = max(largest, logits[token, expert])
+        partition = 0.0
+        for expert in range(num_experts):
+            partition += math.exp(logits[token, expert] - largest)
+        for expert in range(num_experts):
+            grad_logits[token, expert] = -math.exp(logits[token, expert] - largest) / partition * dot
+    for slot in range(top_k):
+        # renormalized: w_s is the selected softmax; plain: w_s is p_{e_s} itself.
+        grad_logits[token, expert_ids[token, slot]] = weights[token, slot] * (grad_weights[token, slot] - dot)
+
+
+def sigmoid_selection_scores(logits, bias, token, selection):
+    """selection[t, e] = σ(logits[t, e]) + b_e: what DeepSeek-V3 ranks experts by."""
+    for expert in range(logits.shape[1]):
+        selection[token, expert] = 1.0 / (1.0 + math.exp(-logits[token, expert])) + bias[expert]
+
+
+def best_two_group_scores(selection, token, num_groups, group_scores):
+    """group_scores[t, g] = sum of the two largest selection scores in group g (the one, for
+    groups of a single expert). Experts are split into ``num_groups`` equal consecutive groups."""
+    group_size = selection.shape[1] // num_groups
+    for group in range(num_groups):
+        first = -math.inf
+        second = -math.inf
+        for expert in range(group * group_size, (group + 1) * group_size):
+            value = selection[token, expert]
+            if value > first:
+                second = first
+                first = value
+            elif value > second:
+                second = value
+        group_scores[token, group] = first + second if group_size > 1 else first
+
+
+def mask_outside_best_groups(group_scores, token, num_groups, topk_groups, selection):
+    """Group-limited routing: selection[t, e] = −∞ for experts outside the ``topk_groups`` best groups
+    (rank by group score, ties to the lower group)."""
+    group_size = selection.shape[1] // num_groups
+    for group in range(num_groups):
+        score = group_scores[token, group]
+        rank = 0
+        for other in range(num_groups):
+            other_score = group_scores[token, other]
+            if other_score > score or (other_score == score and other < group):
+                rank += 1
+        if rank >= topk_groups:
+            for expert in range(group * group_size, (group + 1) * group_size):
+                selection[token, expert] = -math.inf
+
+
+def sigmoid_top_k_weights(logits, expert_ids, token, route_scale, weights):
+    """w_s = σ(l_{e_s}) / Σ_{s'} σ(l_{e_s'}) · route_scale  (the bias only selected; it is not here)."""
+    total = 0.0
+    for slot in range(expert_ids.shape[1]):
+        score = 1.0 / (1.0 + math.exp(-logits[token, expert_ids[token, slot]]))   # s = σ(l)
+        weights[token, slot] = score
+        total += score
+    for slot in range(expert_ids.shape[1]):
+        weights[token, slot] = weights[token, slot] / total * route_scale
+
+
+def sigmoid_top_k_backward(logits, expert_ids, grad_weights, token, route_scale, grad_logits):
+    """∂L/∂logits[t] from g = ∂L/∂w[t]. With σ_s = σ(l_{e_s}), S = Σ_s σ_s, u_s = σ_s / S:
+
+        ∂σ_r = route_scale / S · (g_r − Σ_s g_s u_s),    ∂l_{e_r} = ∂σ_r · σ_r (1 − σ_r),
+    and 0 for the experts not chosen.
+    """
+    top_k = expert_ids.shape[1]
+    total = 0.0
+    for slot in range(top_k):
+        total += 1.0 / (1.0 + math.exp(-logits[token, expert_ids[token, slot]]))
+    dot = 0.0
+    for slot in range(top_k):
+        score = 1.0 / (1.0 + math.exp(-logits[token, expert_ids[token, slot]]))
+        dot += grad_weights[token, slot] * score / total
+    for expert in range(logits.shape[1]):
+        grad_logits[token, expert] = 0
+    for slot in range(top_k):
+        score = 1.0 / (1.0 + math.exp(-logits[token, expert_ids[token, slot]]))
+        grad_score = route_scale / total * (grad_weights[token, slot] - dot)
+        grad_logits[token, expert_ids[token, slot]] = grad_score * score * (1.0 - score)
+
+
+# ====================================================================================================
+# Part 2: the CPU kernels
+# ====================================================================================================
 #: Assignments per chunk in the two-pass ranking: large enough that the per-chunk counts table
 #: (chunks × E) stays small, small enough that T·k = 32k assignments still give every thread work.
 ASSIGNMENTS_PER_CHUNK = 2048
 
 
-def _compile(body):
-    """One task of kernel_bodies.py, compiled for the CPU (cached on disk after the first run)."""
-    return numba.njit(cache=True)(body)
+def _compile(task):
+    """A task compiled for the CPU (no cache of its own: the kernels inline it and are cached)."""
+    return numba.njit(task)
 
 
-count_chunk = _compile(bodies.count_chunk)
-offsets_over_chunks = _compile(bodies.offsets_over_chunks)
-rank_chunk = _compile(bodies.rank_chunk)
-exclusive_scan = _compile(bodies.exclusive_scan)
-row_sources = _compile(bodies.row_sources)
-copy_source_row = _compile(bodies.copy_source_row)
-sum_token_copies = _compile(bodies.sum_token_copies)
-combine_token = _compile(bodies.combine_token)
-weighted_source_row = _compile(bodies.weighted_source_row)
-slot_weight_grad = _compile(bodies.slot_weight_grad)
-select_top_k = _compile(bodies.select_top_k)
-softmax_top_k_weights = _compile(bodies.softmax_top_k_weights)
-softmax_top_k_backward = _compile(bodies.softmax_top_k_backward)
-sigmoid_selection_scores = _compile(bodies.sigmoid_selection_scores)
-best_two_group_scores = _compile(bodies.best_two_group_scores)
-mask_outside_best_groups = _compile(bodies.mask_outside_best_groups)
-sigmoid_top_k_weights = _compile(bodies.sigmoid_top_k_weights)
-sigmoid_top_k_backward = _compile(bodies.sigmoid_top_k_backward)
+count_chunk_cpu = _compile(count_chunk)
+offsets_over_chunks_cpu = _compile(offsets_over_chunks)
+rank_chunk_cpu = _compile(rank_chunk)
+exclusive_scan_cpu = _compile(exclusive_scan)
+row_sources_cpu = _compile(row_sources)
+copy_source_row_cpu = _compile(copy_source_row)
+sum_token_copies_cpu = _compile(sum_token_copies)
+combine_token_cpu = _compile(combine_token)
+weighted_source_row_cpu = _compile(weighted_source_row)
+slot_weight_grad_cpu = _compile(slot_weight_grad)
+select_top_k_cpu = _compile(select_top_k)
+softmax_top_k_weights_cpu = _compile(softmax_top_k_weights)
+softmax_top_k_backward_cpu = _compile(softmax_top_k_backward)
+sigmoid_selection_scores_cpu = _compile(sigmoid_selection_scores)
+best_two_group_scores_cpu = _compile(best_two_group_scores)
+mask_outside_best_groups_cpu = _compile(mask_outside_best_groups)
+sigmoid_top_k_weights_cpu = _compile(sigmoid_top_k_weights)
+sigmoid_top_k_backward_cpu = _compile(sigmoid_top_k_backward)
 
 
 def array(tensor: torch.Tensor):
@@ -56,26 +373,26 @@ def array(tensor: torch.Tensor):
 def count_chunks(expert_ids, chunk_size, slot_major, chunk_counts):
     """Pass 1: chunk_counts[c, e] for every chunk c (parallel over chunks)."""
     for chunk in prange(chunk_counts.shape[0]):
-        count_chunk(expert_ids, chunk, chunk_size, slot_major, chunk_counts)
+        count_chunk_cpu(expert_ids, chunk, chunk_size, slot_major, chunk_counts)
 
 
 @numba.njit(parallel=True, cache=True)
 def scan_chunk_counts(chunk_counts, starts, ends):
     """Pass 2: turn counts into each chunk's first rank per expert; ends[e] = starts[e] + count[e]."""
     for expert in prange(chunk_counts.shape[1]):
-        ends[expert] = offsets_over_chunks(chunk_counts, expert, starts[expert])
+        ends[expert] = offsets_over_chunks_cpu(chunk_counts, expert, starts[expert])
 
 
 @numba.njit(parallel=True, cache=True)
 def rank_chunks(expert_ids, chunk_size, slot_major, chunk_offsets, ranks):
     """Pass 3: ranks[t, s] for every assignment (parallel over chunks)."""
     for chunk in prange(chunk_offsets.shape[0]):
-        rank_chunk(expert_ids, chunk, chunk_size, slot_major, chunk_offsets, ranks)
+        rank_chunk_cpu(expert_ids, chunk, chunk_size, slot_major, chunk_offsets, ranks)
 
 
 @numba.njit(cache=True)
 def exclusive_prefix_sum(counts, starts):
-    exclusive_scan(counts, starts)
+    exclusive_scan_cpu(counts, starts)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -84,38 +401,38 @@ def exclusive_prefix_sum(counts, starts):
 @numba.njit(parallel=True, cache=True)
 def find_row_sources(rows, sources):
     for token in prange(rows.shape[0]):
-        row_sources(rows, token, sources)
+        row_sources_cpu(rows, token, sources)
 
 
 @numba.njit(parallel=True, cache=True)
 def scatter_rows(x, sources, top_k, buffer):
     for row in prange(buffer.shape[0]):
-        copy_source_row(x, sources, top_k, row, 0, 1, buffer)
+        copy_source_row_cpu(x, sources, top_k, row, 0, 1, buffer)
 
 
 @numba.njit(parallel=True, cache=True)
 def scatter_rows_backward(grad_buffer, rows, grad_x):
     for token in prange(grad_x.shape[0]):
-        sum_token_copies(grad_buffer, rows, token, 0, 1, grad_x)
+        sum_token_copies_cpu(grad_buffer, rows, token, 0, 1, grad_x)
 
 
 @numba.njit(parallel=True, cache=True)
 def gather_combine(expert_out, rows, weights, y):
     for token in prange(y.shape[0]):
-        combine_token(expert_out, rows, weights, token, 0, 1, y)
+        combine_token_cpu(expert_out, rows, weights, token, 0, 1, y)
 
 
 @numba.njit(parallel=True, cache=True)
 def gather_combine_backward_rows(grad_y, weights, sources, top_k, grad_expert_out):
     for row in prange(grad_expert_out.shape[0]):
-        weighted_source_row(grad_y, weights, sources, top_k, row, 0, 1, grad_expert_out)
+        weighted_source_row_cpu(grad_y, weights, sources, top_k, row, 0, 1, grad_expert_out)
 
 
 @numba.njit(parallel=True, cache=True)
 def gather_combine_backward_weights(grad_y, expert_out, rows, grad_weights):
     for token in prange(rows.shape[0]):
         for slot in range(rows.shape[1]):
-            slot_weight_grad(grad_y, expert_out, rows, token, slot, grad_weights)
+            slot_weight_grad_cpu(grad_y, expert_out, rows, token, slot, grad_weights)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -124,14 +441,14 @@ def gather_combine_backward_weights(grad_y, expert_out, rows, grad_weights):
 @numba.njit(parallel=True, cache=True)
 def softmax_topk_route(logits, renormalize, expert_ids, weights):
     for token in prange(logits.shape[0]):
-        select_top_k(logits, token, expert_ids.shape[1], expert_ids)
-        softmax_top_k_weights(logits, expert_ids, token, renormalize, weights)
+        select_top_k_cpu(logits, token, expert_ids.shape[1], expert_ids)
+        softmax_top_k_weights_cpu(logits, expert_ids, token, renormalize, weights)
 
 
 @numba.njit(parallel=True, cache=True)
 def softmax_topk_route_backward(logits, expert_ids, weights, grad_weights, renormalize, grad_logits):
     for token in prange(logits.shape[0]):
-        softmax_top_k_backward(logits, expert_ids, weights, grad_weights, token, renormalize, grad_logits)
+        softmax_top_k_backward_cpu(logits, expert_ids, weights, grad_weights, token, renormalize, grad_logits)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -139,15 +456,15 @@ def sigmoid_topk_route(logits, bias, route_scale, num_groups, topk_groups, selec
                        expert_ids, weights):
     """``num_groups = 0`` switches group-limited routing off; ``selection``, ``group_scores`` are scratch."""
     for token in prange(logits.shape[0]):
-        sigmoid_selection_scores(logits, bias, token, selection)
+        sigmoid_selection_scores_cpu(logits, bias, token, selection)
         if num_groups > 0:
-            best_two_group_scores(selection, token, num_groups, group_scores)
-            mask_outside_best_groups(group_scores, token, num_groups, topk_groups, selection)
-        select_top_k(selection, token, expert_ids.shape[1], expert_ids)
-        sigmoid_top_k_weights(logits, expert_ids, token, route_scale, weights)
+            best_two_group_scores_cpu(selection, token, num_groups, group_scores)
+            mask_outside_best_groups_cpu(group_scores, token, num_groups, topk_groups, selection)
+        select_top_k_cpu(selection, token, expert_ids.shape[1], expert_ids)
+        sigmoid_top_k_weights_cpu(logits, expert_ids, token, route_scale, weights)
 
 
 @numba.njit(parallel=True, cache=True)
 def sigmoid_topk_route_backward(logits, expert_ids, grad_weights, route_scale, grad_logits):
     for token in prange(logits.shape[0]):
-        sigmoid_top_k_backward(logits, expert_ids, grad_weights, token, route_scale, grad_logits)
+        sigmoid_top_k_backward_cpu(logits, expert_ids, grad_weights, token, route_scale, grad_logits)

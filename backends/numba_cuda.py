@@ -1,4 +1,4 @@
-"""GPU kernels: the tasks of ``kernel_bodies.py`` compiled by ``numba.cuda.jit``, one task per thread.
+"""GPU kernels: the tasks of ``numba_cpu.py`` compiled by ``numba.cuda.jit``, one task per thread.
 
 The public functions have the same names and arguments as in ``numba_cpu.py``; each launches a
 kernel whose thread runs one task: one chunk of assignments, one expert, one token, one (token,
@@ -19,7 +19,7 @@ import numba
 import torch
 from numba import cuda
 
-from . import kernel_bodies as bodies
+from . import numba_cpu
 
 #: Assignments per chunk in the two-pass ranking (one thread walks one chunk): small, so that
 #: T·k = 32k assignments give 1k threads; the counts table (chunks × E int64) stays a few MB at most.
@@ -28,29 +28,29 @@ ASSIGNMENTS_PER_CHUNK = 32
 MAX_THREADS_PER_BLOCK = 128
 
 
-def _compile(body):
-    """One task of kernel_bodies.py, compiled as a CUDA device function."""
-    return cuda.jit(device=True)(body)
+def _compile(task):
+    """One task of numba_cpu.py (plain Python), compiled as a CUDA device function."""
+    return cuda.jit(device=True)(task)
 
 
-count_chunk = _compile(bodies.count_chunk)
-offsets_over_chunks = _compile(bodies.offsets_over_chunks)
-rank_chunk = _compile(bodies.rank_chunk)
-exclusive_scan = _compile(bodies.exclusive_scan)
-row_sources = _compile(bodies.row_sources)
-copy_source_row = _compile(bodies.copy_source_row)
-sum_token_copies = _compile(bodies.sum_token_copies)
-combine_token = _compile(bodies.combine_token)
-weighted_source_row = _compile(bodies.weighted_source_row)
-slot_weight_grad = _compile(bodies.slot_weight_grad)
-select_top_k = _compile(bodies.select_top_k)
-softmax_top_k_weights = _compile(bodies.softmax_top_k_weights)
-softmax_top_k_backward = _compile(bodies.softmax_top_k_backward)
-sigmoid_selection_scores = _compile(bodies.sigmoid_selection_scores)
-best_two_group_scores = _compile(bodies.best_two_group_scores)
-mask_outside_best_groups = _compile(bodies.mask_outside_best_groups)
-sigmoid_top_k_weights = _compile(bodies.sigmoid_top_k_weights)
-sigmoid_top_k_backward = _compile(bodies.sigmoid_top_k_backward)
+count_chunk = _compile(numba_cpu.count_chunk)
+offsets_over_chunks = _compile(numba_cpu.offsets_over_chunks)
+rank_chunk = _compile(numba_cpu.rank_chunk)
+exclusive_scan = _compile(numba_cpu.exclusive_scan)
+row_sources = _compile(numba_cpu.row_sources)
+copy_source_row = _compile(numba_cpu.copy_source_row)
+sum_token_copies = _compile(numba_cpu.sum_token_copies)
+combine_token = _compile(numba_cpu.combine_token)
+weighted_source_row = _compile(numba_cpu.weighted_source_row)
+slot_weight_grad = _compile(numba_cpu.slot_weight_grad)
+select_top_k = _compile(numba_cpu.select_top_k)
+softmax_top_k_weights = _compile(numba_cpu.softmax_top_k_weights)
+softmax_top_k_backward = _compile(numba_cpu.softmax_top_k_backward)
+sigmoid_selection_scores = _compile(numba_cpu.sigmoid_selection_scores)
+best_two_group_scores = _compile(numba_cpu.best_two_group_scores)
+mask_outside_best_groups = _compile(numba_cpu.mask_outside_best_groups)
+sigmoid_top_k_weights = _compile(numba_cpu.sigmoid_top_k_weights)
+sigmoid_top_k_backward = _compile(numba_cpu.sigmoid_top_k_backward)
 
 
 def simulator_enabled() -> bool:

@@ -11,9 +11,16 @@ side by side in one process:
     torch-sort  the fastest torch-only way we know: a stable argsort of the expert ids gives the
                 rows, x[order // k] scatters, index_add_ combines
 
-and its *achieved bandwidth* = (bytes the step must read + write at least) / time, against
-``torch.Tensor.copy_`` moving the same number of bytes (half read, half written): the copy is what
-this machine's memory system gives a plain streaming kernel, the ceiling for these steps.
+and its *achieved bandwidth* = (bytes the step must read + write at least) / time, against a plain
+memory copy moving the same number of bytes (half read, half written), two ways:
+
+    copy_       ``target.copy_(source)`` into a tensor allocated once: the memory system's ceiling
+    clone       ``source.clone()``: the copy plus a freshly allocated output, as every step here has
+                (large fresh allocations are new pages from the kernel: their first touch page-faults,
+                which on a virtual machine can cost more than the copy itself)
+
+Times are the best of --repeats calls after 2 warm-up calls (the machine may be shared: the
+minimum is the least disturbed measurement).
 
 Bytes counted (s = element size, T tokens, k slots, d width; the index arrays are int64):
     ranking (count + positions)   read ids twice (count, rank), write rows:  3·T·k·8
@@ -25,7 +32,7 @@ Bytes counted (s = element size, T tokens, k slots, d width; the index arrays ar
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
 import time
 
 import numba
@@ -35,7 +42,7 @@ from fastmoe_edu.backends import numba_backend, reference
 
 
 def timeit(fn, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` calls, after 2 warm-up calls (numba compiles)."""
+    """Best seconds of ``fn()`` over ``repeats`` calls, after 2 warm-up calls (numba compiles)."""
     for _ in range(2):
         fn()
     times = []
@@ -43,14 +50,14 @@ def timeit(fn, repeats: int) -> float:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
-def copy_seconds(num_bytes: int, repeats: int) -> float:
-    """Time of copy_ moving ``num_bytes`` in all (num_bytes/2 read + num_bytes/2 written)."""
+def copy_seconds(num_bytes: int, repeats: int) -> tuple[float, float]:
+    """Times of copy_ and of clone moving ``num_bytes`` in all (num_bytes/2 read + num_bytes/2 written)."""
     source = torch.empty(max(num_bytes // 2, 1), dtype=torch.uint8).random_(0, 255)
     target = torch.empty_like(source)
-    return timeit(lambda: target.copy_(source), repeats)
+    return timeit(lambda: target.copy_(source), repeats), timeit(source.clone, repeats)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -93,7 +100,7 @@ def run(args) -> list[dict]:
         row = {"step": step, "bytes": bytes_moved}
         for name, fn in implementations.items():
             row[name] = timeit(fn, args.repeats)
-        row["copy"] = copy_seconds(bytes_moved, args.repeats)
+        row["copy_"], row["clone"] = copy_seconds(bytes_moved, args.repeats)
         results.append(row)
 
     # Ranking: counts, segment starts, stable row of every assignment.
@@ -148,17 +155,20 @@ def run(args) -> list[dict]:
     return results
 
 
+COLUMNS = ("reference", "numba", "torch-sort", "copy_", "clone")
+
+
 def print_table(results: list[dict]) -> None:
-    header = (f"{'step':30s} {'MB':>7s} | {'reference':>10s} {'numba':>10s} {'torch-sort':>10s} {'copy_':>10s} |"
-              f" {'ref/numba':>9s} {'sort/numba':>10s} | {'numba GB/s':>10s} {'copy GB/s':>9s} {'numba/copy':>10s}")
+    header = (f"{'step':28s} {'MB':>6s} | " + " ".join(f"{name:>10s}" for name in COLUMNS)
+              + f" | {'ref/numba':>9s} {'sort/numba':>10s} | GB/s: {'numba':>6s} {'copy_':>6s} {'clone':>6s}")
     print(header)
     print("-" * len(header))
     for row in results:
-        gbps = lambda seconds: row["bytes"] / seconds / 1e9                   # noqa: E731
-        print(f"{row['step']:30s} {row['bytes'] / 1e6:7.1f} | "
-              + " ".join(f"{row[name] * 1e3:8.2f}ms" for name in ("reference", "numba", "torch-sort", "copy"))
+        gbps = {name: row["bytes"] / row[name] / 1e9 for name in ("numba", "copy_", "clone")}
+        print(f"{row['step']:28s} {row['bytes'] / 1e6:6.1f} | "
+              + " ".join(f"{row[name] * 1e3:8.2f}ms" for name in COLUMNS)
               + f" | {row['reference'] / row['numba']:8.1f}x {row['torch-sort'] / row['numba']:9.1f}x"
-              + f" | {gbps(row['numba']):10.1f} {gbps(row['copy']):9.1f} {row['copy'] / row['numba']:9.0%}")
+              + f" |       {gbps['numba']:6.1f} {gbps['copy_']:6.1f} {gbps['clone']:6.1f}")
 
 
 def main(argv=None) -> None:
@@ -169,12 +179,13 @@ def main(argv=None) -> None:
     parser.add_argument("--experts", type=int, default=64, help="E (default 64)")
     parser.add_argument("--top-k", type=int, default=2, help="k (default 2)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    parser.add_argument("--repeats", type=int, default=10, help="timed calls per measurement; the median is kept")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per measurement; the best is kept")
     args = parser.parse_args(argv)
     print(f"T={args.tokens} d={args.d_model} E={args.experts} k={args.top_k} {args.dtype}; "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), numba {numba.__version__} "
-          f"({numba.get_num_threads()} threads); median of {args.repeats}")
+          f"({numba.get_num_threads()} threads); best of {args.repeats}; load average {os.getloadavg()[0]:.1f}")
     print_table(run(args))
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@ Implementations, all on the same weights and input, in one process:
     numba [grouped_mm] MoELayer(backend="numba"), grouped GEMM = torch._grouped_mm
     torch-sort         the fastest torch-only layer we know: stable argsort of the expert ids,
                        x[order // k], torch._grouped_mm experts, index_add_ combine
+    ref dispatch+GEMM  the reference's dispatch functions with numba's default grouped GEMM: tells
+                       how much of the reference's time is its grouped GEMM's backward (autograd
+                       through ``weight[e]`` builds a full-size weight gradient per expert)
     per-token loop     brute force: for every token, for every slot, y[t] += w · expert_e(x[t])
                        (run on --loop-tokens tokens and scaled to T per token: it is linear in T)
 
@@ -32,7 +35,7 @@ import numba
 import torch
 
 from fastmoe_edu import MoELayer
-from fastmoe_edu.backends import grouped_gemm_torch, numba_backend
+from fastmoe_edu.backends import grouped_gemm_torch, numba_backend, reference
 
 CONFIGS = {
     "dispatch": dict(tokens=16384, d_model=256, d_hidden=512, expert="swiglu"),
@@ -51,6 +54,18 @@ def torch_sort_forward(layer: MoELayer, tokens: torch.Tensor) -> torch.Tensor:
     expert_out = layer.experts(buffer, counts, grouped_gemm_torch.grouped_mm)
     weighted = expert_out * route.weights.reshape(-1)[order, None]
     return torch.zeros_like(tokens).index_add(0, token_of_row, weighted)
+
+
+def reference_dispatch_forward(layer: MoELayer, tokens: torch.Tensor) -> torch.Tensor:
+    """MoELayer.forward's steps with the reference's functions, except the grouped GEMM (numba's)."""
+    route, _ = layer.gate(tokens)
+    expert_ids = reference.prune_capacity(route.expert_ids, layer.num_experts, route.capacity)
+    weights = route.weights * (expert_ids >= 0)
+    counts = reference.count_tokens_per_expert(expert_ids, layer.num_experts)
+    rows = reference.stable_positions(expert_ids, reference.exclusive_prefix_sum(counts))
+    buffer = reference.scatter_rows(tokens, rows, int(counts.sum()))
+    expert_out = layer.experts(buffer, counts, numba_backend.grouped_matmul)
+    return reference.gather_combine(expert_out, rows, weights)
 
 
 def per_token_loop_forward(layer: MoELayer, tokens: torch.Tensor) -> torch.Tensor:
@@ -115,6 +130,8 @@ def bench_config(name: str, args) -> dict:
         numba_backend.set_grouped_gemm(*previous)
     results["torch-sort"] = best_step_seconds(lambda v: torch_sort_forward(layers["reference"], v), x, upstream,
                                               args.repeats)
+    results["ref dispatch+GEMM"] = best_step_seconds(lambda v: reference_dispatch_forward(layers["reference"], v),
+                                                     x, upstream, args.repeats)
     loop_tokens = min(args.loop_tokens, T)
     loop_seconds = best_step_seconds(lambda v: per_token_loop_forward(layers["reference"], v), x[:loop_tokens],
                                      upstream[:loop_tokens], 1)
@@ -123,7 +140,8 @@ def bench_config(name: str, args) -> dict:
     return results
 
 
-COLUMNS = ("reference", "numba [segments]", "numba [grouped_mm]", "torch-sort", "per-token loop")
+COLUMNS = ("reference", "numba [segments]", "numba [grouped_mm]", "torch-sort", "ref dispatch+GEMM",
+           "per-token loop")
 
 
 def print_table(rows: list[dict]) -> None:

@@ -41,6 +41,7 @@ CONFIG_DIR = Path(__file__).with_name("configs")   # the packaged TOML files
 ROUTERS = tuple(ROUTER_CLASSES)
 EXPERTS = tuple(EXPERT_KINDS)
 BACKENDS = tuple(BACKEND_NAMES)
+EXCHANGES = ("auto", "pairwise", "alltoallv")
 DATASET_NAMES = tuple(DATASETS)
 SECTIONS = ("data", "model", "backend", "optimization", "eval", "checkpoint", "sample", "system")
 
@@ -73,7 +74,8 @@ class TrainConfig:
     n_head: int = _field(4, "model", "attention heads per block (must divide d_model)", minimum=1)
     d_model: int = _field(64, "model", "width of the residual stream", minimum=1)
     d_hidden: int = _field(128, "model", "hidden width of each expert (and of dense MLPs)", minimum=1)
-    num_experts: int = _field(4, "model", "experts per MoE layer", minimum=1)
+    num_experts: int = _field(8, "model", "experts per MoE layer (a multiple of the number of MPI ranks; "
+                              "8 runs on 1, 2, 4 or 8 ranks)", minimum=1)
     top_k: int = _field(2, "model", "experts each token is sent to (switch needs 1, gshard 2)", minimum=1)
     router: str = _field("softmax_topk", "model", "routing algorithm of every MoE layer", choices=ROUTERS)
     expert: str = _field("swiglu", "model", "expert feed-forward kind", choices=EXPERTS)
@@ -90,6 +92,9 @@ class TrainConfig:
     # --- backend ------------------------------------------------------------------------------
     backend: str = _field("reference", "backend", "MoE dispatch/expert implementation: reference (plain "
                           "PyTorch), numba (CPU kernels) or auto", choices=BACKENDS)
+    exchange: str = _field("auto", "backend", "token exchange between MPI ranks (expert parallelism): pairwise "
+                           "(readable: P-1 Sendrecv rounds), alltoallv (one collective), auto (pairwise with the "
+                           "reference backend, else alltoallv); the numbers are identical", choices=EXCHANGES)
 
     # --- optimization -------------------------------------------------------------------------
     lr: float = _field(6e-3, "optimization", "peak learning rate of AdamW", above=0.0)

@@ -95,8 +95,8 @@ class MoELayer(nn.Module):
 
         # 1. Gate: k expert ids and k weights per token (REFERENCE §3).
         route, self.aux_loss = self.gate(tokens)
-        if self.expert_parallel is not None:
-            # Balance statistics over all ranks' tokens (distributed/balance.py).
+        if self.expert_parallel is not None and self.training:
+            # Balance statistics over all ranks' tokens (distributed/balance.py); only training needs them.
             self.aux_loss = self.expert_parallel.global_aux_loss(self.gate, route)
         # Capacity: the most rows one expert takes; assignments past it are dropped (id -1).
         expert_ids = backend.prune_capacity(route.expert_ids, self.num_experts, route.capacity)

@@ -25,8 +25,13 @@ history, and the data is a function of the step, so ``--resume`` reproduces the 
 losses exactly. ``out_dir/history.json`` has one record per step (loss, aux loss, tokens/s, tokens
 per expert) for the notebooks. Ctrl-C finishes the current step, saves a checkpoint and stops.
 
-Written for one process; the functions marked "distributed hook" are where an MPI version adds its
-rank, its slice of the global batch, the gradient all-reduce and rank-0-only output.
+Under MPI (``mpirun -n P python -m fastmoe_edu.train``) the same loop runs on every rank, with the
+expert and data parallelism of ``fastmoe_edu.distributed``: each rank holds num_experts / P experts
+per MoE layer and reads its batch_size / P sequences of every global batch (both must divide; the
+error says so on every rank before any communication); replicated gradients are averaged, the
+gradient norm and the logged losses are those of the whole model and the whole global batch; rank 0
+alone prints; each rank writes its own experts' checkpoint file (``experts-rankNNNNN.pt``) and
+rank 0 the replicated part (``ckpt.pt``). The functions marked "distributed hook" are where.
 """
 from __future__ import annotations
 
@@ -46,6 +51,10 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig, format_config, parse_args, to_toml
 from .data import batch_rng, get_dataset
+from .distributed import allreduce_gradients, clip_grad_norm_
+from .distributed.checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
+from .distributed.training import (any_rank, describe, distribute_model, launch_rank, launch_world_size,
+                                   mean_over_ranks, start_layout, sum_over_ranks)
 from .model import MoETransformer, build_model
 
 CHECKPOINT_NAME = "ckpt.pt"
@@ -58,33 +67,51 @@ HISTORY_NAME = "history.json"
 
 @dataclass
 class Runtime:
-    """Who this process is. With MPI: rank = comm.Get_rank(), world_size = comm.Get_size()."""
+    """Who this process is. Under mpirun: its rank, the world size and the parallel layout (communicators)."""
     rank: int = 0
     world_size: int = 1
+    layout: object = None            # a fastmoe_edu.distributed.ParallelLayout under mpirun, else None
 
     @property
     def is_main(self) -> bool:
-        """Only the main process prints, writes the history and saves checkpoints."""
+        """Only the main process prints, writes the history and the shared checkpoint file."""
         return self.rank == 0
+
+
+def start_runtime(cfg: TrainConfig) -> Runtime:
+    """A single process, or, under ``mpirun -n P``, one of P ranks with its layout (distributed hook)."""
+    if launch_world_size() == 1:
+        return Runtime()
+    layout = start_layout(cfg)       # checks num_experts and batch_size against P before any communication
+    return Runtime(rank=layout.rank, world_size=layout.world_size, layout=layout)
 
 
 def shard_batch(batch: tuple[torch.Tensor, ...], rt: Runtime) -> tuple[torch.Tensor, ...]:
     """This rank's contiguous slice of the global batch (data parallelism). Identity on one process."""
-    if rt.world_size == 1:
+    if rt.layout is None:
         return batch
-    rows = batch[0].shape[0] // rt.world_size
-    return tuple(t[rt.rank * rows:(rt.rank + 1) * rows] for t in batch)
+    rows = rt.layout.check_batch_size(batch[0].shape[0])
+    first = rt.layout.data_rank * rows
+    return tuple(t[first:first + rows] for t in batch)
 
 
 def all_reduce_gradients(model: MoETransformer, rt: Runtime) -> None:
-    """Average the replicated parameters' gradients over ranks. Nothing to do on one process.
+    """Turn this rank's gradients into those of the global batch (distributed hook; nothing on one process).
 
-    With expert parallelism only ``model.split_parameters()[0]`` (replicated) is all-reduced; an
-    expert's gradient already lives on the one rank that owns the expert.
+    Replicated parameters: averaged over the ranks. Expert parameters: not averaged across the
+    expert-parallel group (each expert lives on one rank, which already received every rank's
+    contribution through the all-to-all); see fastmoe_edu/distributed/gradients.py.
     """
-    if rt.world_size == 1:
-        return
-    raise NotImplementedError("multi-process training is provided by fastmoe_edu.distributed")
+    if rt.layout is not None:
+        allreduce_gradients(model, rt.layout)
+
+
+def clip_gradients(model: MoETransformer, cfg: TrainConfig, rt: Runtime) -> torch.Tensor:
+    """Clip the gradient norm of the whole model to ``grad_clip`` (0 = no clipping); returns the norm before."""
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+    if rt.layout is None:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return clip_grad_norm_(model, max_norm, rt.layout)             # distributed hook: norm over all ranks
 
 
 def log(rt: Runtime, cfg: TrainConfig, message: str) -> None:
@@ -124,16 +151,26 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - cfg.min_lr)
 
 
-def routing_stats(model: MoETransformer) -> dict:
-    """Load balance of the last forward: tokens per expert per MoE layer, imbalance, dropped fraction."""
+def routing_stats(model: MoETransformer, rt: Runtime | None = None) -> dict:
+    """Load balance of the last forward: tokens per expert per MoE layer, imbalance, dropped fraction.
+
+    Under MPI the counts of all ranks are added up: the figures describe the whole global batch.
+    """
+    layers = model.moe_layers()
+    if not layers:
+        return {"tokens_per_expert": [], "load_imbalance": 0.0, "dropped_frac": 0.0}
+    tokens = torch.stack([layer.last_routing.tokens_per_expert.cpu() for layer in layers])   # [layers, E]
+    dropped_per_layer = torch.tensor([layer.last_routing.num_dropped for layer in layers])
+    if rt is not None and rt.layout is not None:                                             # distributed hook
+        packed = sum_over_ranks(torch.cat([tokens.reshape(-1), dropped_per_layer]), rt.layout)
+        tokens, dropped_per_layer = packed[:tokens.numel()].reshape(tokens.shape), packed[tokens.numel():]
     per_layer, imbalance, dropped, assigned = [], [], 0, 0
-    for layer in model.moe_layers():
-        r = layer.last_routing
-        counts = r.tokens_per_expert.float()
-        per_layer.append(r.tokens_per_expert.tolist())
+    for counts_of_layer, dropped_of_layer in zip(tokens, dropped_per_layer.tolist()):
+        counts = counts_of_layer.float()
+        per_layer.append(counts_of_layer.tolist())
         imbalance.append((counts.max() / counts.mean().clamp(min=1e-9)).item())   # 1.0 = perfectly even
-        dropped += r.num_dropped
-        assigned += int(r.tokens_per_expert.sum()) + r.num_dropped
+        dropped += dropped_of_layer
+        assigned += int(counts_of_layer.sum()) + dropped_of_layer
     return {"tokens_per_expert": per_layer,
             "load_imbalance": sum(imbalance) / max(len(imbalance), 1),
             "dropped_frac": dropped / max(assigned, 1)}
@@ -149,25 +186,35 @@ def train_step(model: MoETransformer, optimizer, batch, cfg: TrainConfig, step: 
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     all_reduce_gradients(model, rt)                                  # distributed hook
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    grad_norm = clip_gradients(model, cfg, rt)
     optimizer.step()
     model.update_router_biases()                                     # after the step, as DeepSeek-V3 does
-    return {"step": step + 1, "lr": lr, "loss": loss.item(), "lm_loss": model.last_lm_loss.item(),
-            "aux_loss": model.last_aux_loss.item(), "grad_norm": grad_norm.item(), **routing_stats(model)}
+    losses = [loss.item(), model.last_lm_loss.item(), model.last_aux_loss.item()]
+    if rt.layout is not None:                                        # distributed hook: the global batch's
+        losses = mean_over_ranks(losses, rt.layout)                  # losses (all shards have the same size)
+    return {"step": step + 1, "lr": lr, "loss": losses[0], "lm_loss": losses[1], "aux_loss": losses[2],
+            "grad_norm": grad_norm.item(), **routing_stats(model, rt)}
 
 
 @torch.no_grad()
-def estimate_val_loss(model: MoETransformer, dataset, cfg: TrainConfig, device) -> tuple[float, dict]:
-    """LM loss (no aux loss) on the same ``eval_iters`` val batches every time: (mean, {language: mean})."""
+def estimate_val_loss(model: MoETransformer, dataset, cfg: TrainConfig, device,
+                      rt: Runtime | None = None) -> tuple[float, dict]:
+    """LM loss (no aux loss) on the same ``eval_iters`` val batches every time: (mean, {language: mean}).
+
+    Under MPI every rank evaluates its slice of each val batch and the sums are added up.
+    """
+    rt = rt or Runtime()
     model.eval()
     total = torch.zeros(len(dataset.language_names))
     count = torch.zeros(len(dataset.language_names))
     for i in range(cfg.eval_iters):
-        x, y, lang = get_batch(dataset, cfg, "val", i, device)
+        x, y, lang = shard_batch(get_batch(dataset, cfg, "val", i, device), rt)
         logits, _ = model(x)
         token_loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
         total.index_add_(0, lang.cpu(), token_loss.sum(dim=1).cpu())
         count.index_add_(0, lang.cpu(), torch.full((len(lang),), float(y.shape[1])))
+    if rt.layout is not None:                                        # distributed hook
+        total, count = sum_over_ranks(total, rt.layout), sum_over_ranks(count, rt.layout)
     model.train()
     per_language = {name: (total[i] / count[i]).item()
                     for i, name in enumerate(dataset.language_names) if count[i] > 0}
@@ -258,10 +305,29 @@ def load_checkpoint(cfg: TrainConfig, model, optimizer) -> tuple[int, dict, dict
 def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
     """Settings that differ between a checkpoint and the current run (other than resume/max_steps...)."""
     harmless = {"resume", "max_steps", "progress", "eval_interval", "checkpoint_interval", "sample_tokens",
-                "sample_temperature", "num_threads", "out_dir"}
+                "sample_temperature", "num_threads", "out_dir", "exchange"}
     current = cfg.to_dict()
     return [f"{k}: checkpoint {saved.get(k)!r} -> now {current[k]!r}"
             for k in current if k not in harmless and saved.get(k) != current[k]]
+
+
+def save_run(cfg: TrainConfig, model, optimizer, step: int, history: dict, rt: Runtime) -> None:
+    """Checkpoint and history. Under MPI every rank writes its experts, rank 0 the rest (distributed hook)."""
+    if rt.layout is not None:
+        save_sharded_checkpoint(cfg.out_dir, model, optimizer, rt.layout,
+                                {"step": step, "config": cfg.to_dict(), "history": history})
+    elif rt.is_main:
+        save_checkpoint(cfg, model, optimizer, step, history)
+    if rt.is_main:
+        write_history(cfg, history)
+
+
+def load_run(cfg: TrainConfig, model, optimizer, rt: Runtime) -> tuple[int, dict, dict]:
+    """The inverse of :func:`save_run`: (step, history, saved config)."""
+    if rt.layout is None:
+        return load_checkpoint(cfg, model, optimizer)
+    shared = load_sharded_checkpoint(cfg.out_dir, model, optimizer, rt.layout)
+    return shared["step"], shared["history"], shared["config"]
 
 
 def write_history(cfg: TrainConfig, history: dict) -> None:
@@ -312,7 +378,7 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, rt: Runtime | None = 
     the run stopped before ``max_steps``: stop_at or Ctrl-C).
     """
     cfg = cfg.validate()
-    rt = rt or Runtime()
+    rt = rt or start_runtime(cfg)
     t_start = time.time()
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
@@ -323,14 +389,17 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, rt: Runtime | None = 
     dataset = build_dataset(cfg)
     torch.manual_seed(cfg.seed)                                      # model init is reproducible
     model = build_model(cfg, dataset.vocab_size).to(device)
-    optimizer = configure_optimizer(model, cfg)
     counts = model.num_parameters()
     log(rt, cfg, f"model: {counts['total']:,} parameters ({counts['expert']:,} in experts, "
                  f"{counts['active_per_token']:,} active per token); vocab {dataset.vocab_size}")
+    if rt.layout is not None:                                        # distributed hook: keep the local experts
+        distribute_model(model, rt.layout, cfg.seed, cfg.exchange)
+        log(rt, cfg, describe(cfg, rt.layout, model))
+    optimizer = configure_optimizer(model, cfg)
 
     start_step, history = 0, {"train": [], "val": []}
     if cfg.resume:
-        start_step, history, saved = load_checkpoint(cfg, model, optimizer)
+        start_step, history, saved = load_run(cfg, model, optimizer, rt)
         log(rt, cfg, f"resumed from {Path(cfg.out_dir) / CHECKPOINT_NAME} at step {start_step}")
         for line in config_differences(saved, cfg):
             log(rt, cfg, f"warning: the resumed run changes {line}")
@@ -357,16 +426,16 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, rt: Runtime | None = 
                             drop=f"{record['dropped_frac']:.1%}", refresh=False)
             done = step + 1
             if (cfg.eval_interval and done % cfg.eval_interval == 0) or done == cfg.max_steps:
-                val, per_language = estimate_val_loss(model, dataset, cfg, device)
+                val, per_language = estimate_val_loss(model, dataset, cfg, device, rt)
                 history["val"].append({"step": done, "val_loss": val, "per_language": per_language})
                 by_lang = ", ".join(f"{k} {v:.2f}" for k, v in per_language.items()) if len(per_language) > 1 else ""
                 log(rt, cfg, f"step {done:>5}: train loss {record['lm_loss']:.4f}, val loss {val:.4f}"
                              + (f" ({by_lang})" if by_lang else ""))
-            stop_now = ctrl_c.requested or done == last_step
-            if rt.is_main and (stop_now or (cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0)):
-                save_checkpoint(cfg, model, optimizer, done, history)
-                write_history(cfg, history)
-            if ctrl_c.requested:
+            # Under MPI all ranks must stop at the same step, even if Ctrl-C reached only some of them.
+            interrupted = ctrl_c.requested if rt.layout is None else any_rank(ctrl_c.requested, rt.layout)
+            if interrupted or done == last_step or (cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0):
+                save_run(cfg, model, optimizer, done, history, rt)
+            if interrupted:
                 log(rt, cfg, f"interrupted: checkpoint of step {done} saved in {cfg.out_dir}; "
                              f"continue with --resume")
                 break
@@ -375,9 +444,9 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, rt: Runtime | None = 
 
     stopped_early = step < cfg.max_steps
     sample = ""
-    if not stopped_early and cfg.sample_tokens > 0 and rt.is_main:
-        sample = generate_samples(model, dataset, cfg, device)
-        log(rt, cfg, "sample (prompt | generated):\n" + sample)
+    if not stopped_early and cfg.sample_tokens > 0:
+        sample = generate_samples(model, dataset, cfg, device)       # under MPI on every rank: the MoE
+        log(rt, cfg, "sample (prompt | generated):\n" + sample)      # layers of each forward communicate
     final_val = history["val"][-1]["val_loss"] if history["val"] else None
     if rt.is_main:
         write_history(cfg, history)
@@ -394,10 +463,12 @@ def main(argv: list[str] | None = None) -> None:
     """Command-line entry point: parse and validate the configuration, then train."""
     try:
         cfg = parse_args(argv)
+        rt = start_runtime(cfg)                     # under mpirun: num_experts, batch_size vs the ranks
     except ValueError as error:                     # ConfigError: a bad key or value, say which and stop
-        print(f"config error: {error}", file=sys.stderr)
+        if launch_rank() == 0:                      # (every rank stops here, none is left waiting)
+            print(f"config error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    train(cfg)
+    train(cfg, rt=rt)
 
 
 if __name__ == "__main__":

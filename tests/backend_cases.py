@@ -148,8 +148,9 @@ def edge_case_ids(name, seed=0):
 EDGE_CASES = ("expert_without_tokens", "all_to_one_expert", "one_token", "k_equals_num_experts", "all_dropped")
 
 
-def check_integer_steps(expert_ids, num_experts, capacities=(None, 1, 3)):
+def check_integer_steps(expert_ids, num_experts, capacities=(None, 1, 3), device="cpu"):
     """prune_capacity, count, prefix sum and stable positions: numba equal to the reference."""
+    expert_ids = expert_ids.to(device)
     for capacity in capacities:
         assert_equal(numba_backend.prune_capacity(expert_ids, num_experts, capacity),
                      reference.prune_capacity(expert_ids, num_experts, capacity), f"prune_capacity C={capacity}")
@@ -161,19 +162,19 @@ def check_integer_steps(expert_ids, num_experts, capacities=(None, 1, 3)):
                  "stable_positions")
 
 
-def check_float_steps(expert_ids, num_experts, width, dtype_name, seed=0):
+def check_float_steps(expert_ids, num_experts, width, dtype_name, seed=0, device="cpu"):
     """scatter_rows and gather_combine, forward and backward: close to the reference, bitwise repeatable."""
     dtype = DTYPES[dtype_name]
     generator = torch.Generator().manual_seed(seed)
     num_tokens = expert_ids.shape[0]
     counts = reference.count_tokens_per_expert(expert_ids, num_experts)
-    rows = reference.stable_positions(expert_ids, reference.exclusive_prefix_sum(counts))
+    rows = reference.stable_positions(expert_ids, reference.exclusive_prefix_sum(counts)).to(device)
     num_rows = int(counts.sum())
-    x = torch.randn(num_tokens, width, generator=generator, dtype=dtype)
-    grad_buffer = torch.randn(num_rows, width, generator=generator, dtype=dtype)
-    expert_out = torch.randn(num_rows, width, generator=generator, dtype=dtype)
-    weights = torch.rand(expert_ids.shape, generator=generator, dtype=dtype) * (expert_ids >= 0)
-    grad_y = torch.randn(num_tokens, width, generator=generator, dtype=dtype)
+    x = torch.randn(num_tokens, width, generator=generator, dtype=dtype).to(device)
+    grad_buffer = torch.randn(num_rows, width, generator=generator, dtype=dtype).to(device)
+    expert_out = torch.randn(num_rows, width, generator=generator, dtype=dtype).to(device)
+    weights = (torch.rand(expert_ids.shape, generator=generator, dtype=dtype) * (expert_ids >= 0)).to(device)
+    grad_y = torch.randn(num_tokens, width, generator=generator, dtype=dtype).to(device)
 
     def scatter(backend):
         x_leaf = x.clone().requires_grad_(True)
@@ -191,13 +192,13 @@ def check_float_steps(expert_ids, num_experts, width, dtype_name, seed=0):
     _compare_runs(lambda backend: {**scatter(backend), **combine(backend)}, dtype)
 
 
-def check_routers(num_tokens, num_experts, top_k, dtype_name, seed=0):
+def check_routers(num_tokens, num_experts, top_k, dtype_name, seed=0, device="cpu"):
     """The fused routing functions, forward (ids equal) and backward, every variant."""
     dtype = DTYPES[dtype_name]
     generator = torch.Generator().manual_seed(seed)
-    logits = torch.randn(num_tokens, num_experts, generator=generator, dtype=dtype) * 2
-    bias = torch.randn(num_experts, generator=generator) * 0.1
-    grad_weights = torch.randn(num_tokens, top_k, generator=generator, dtype=dtype)
+    logits = (torch.randn(num_tokens, num_experts, generator=generator, dtype=dtype) * 2).to(device)
+    bias = (torch.randn(num_experts, generator=generator) * 0.1).to(device)
+    grad_weights = torch.randn(num_tokens, top_k, generator=generator, dtype=dtype).to(device)
     groups = 2 if num_experts % 2 == 0 and num_experts >= 2 * top_k else None
     variants = {
         "softmax renormalized": lambda backend, l: backend.softmax_topk_route(l, top_k, True),
@@ -220,14 +221,15 @@ def check_routers(num_tokens, num_experts, top_k, dtype_name, seed=0):
     _compare_runs(run, dtype)
 
 
-def check_grouped_gemm(implementation, counts, d_in, d_out, dtype_name, tile=None, seed=0):
+def check_grouped_gemm(implementation, counts, d_in, d_out, dtype_name, tile=None, seed=0, device="cpu"):
     """numba_backend.grouped_matmul with ``implementation`` against the reference, forward and backward."""
     dtype = DTYPES[dtype_name]
     generator = torch.Generator().manual_seed(seed)
     counts = torch.tensor(counts)
-    rows = torch.randn(int(counts.sum()), d_in, generator=generator, dtype=dtype)
-    weight = torch.randn(counts.numel(), d_out, d_in, generator=generator, dtype=dtype)
-    grad_out = torch.randn(rows.shape[0], d_out, generator=generator, dtype=dtype)
+    rows = torch.randn(int(counts.sum()), d_in, generator=generator, dtype=dtype).to(device)
+    weight = torch.randn(counts.numel(), d_out, d_in, generator=generator, dtype=dtype).to(device)
+    grad_out = torch.randn(rows.shape[0], d_out, generator=generator, dtype=dtype).to(device)
+    counts = counts.to(device)
 
     def run(backend):
         rows_leaf, weight_leaf = rows.clone().requires_grad_(True), weight.clone().requires_grad_(True)
@@ -255,13 +257,38 @@ def _compare_runs(run, dtype):
 
 
 # ----------------------------------------------------------------------------------------------------
-# What cudasim_check.py runs in numba's CUDA simulator: tiny sizes (one Python thread per GPU thread)
+# Step cases for the GPU targets: tiny sizes, because the simulator starts a Python thread per GPU thread
+# ----------------------------------------------------------------------------------------------------
+def kernel_cases(device: str) -> dict:
+    """case id -> a check (no arguments) of single steps, edge cases and the tiled grouped GEMM."""
+    cases = {
+        # 50 tokens × 2 slots = 4 chunks of the CUDA ranking (32 assignments each).
+        "integer-random": lambda: check_integer_steps(random_expert_ids(50, 2, 6, seed=0), 6, (None, 5, 13), device),
+        "float-random-float32": lambda: check_float_steps(random_expert_ids(10, 2, 4, seed=1), 4, 3, "float32",
+                                                          device=device),
+        "routers-k-equals-E": lambda: check_routers(3, 4, 4, "float64", device=device),
+        "tiled-gemm-float64": lambda: check_grouped_gemm("tiled", [3, 0, 5, 2], 5, 6, "float64", 4, device=device),
+        "tiled-gemm-float32": lambda: check_grouped_gemm("tiled", [6, 1, 0], 4, 3, "float32", 4, device=device),
+        "tiled-gemm-tile16": lambda: check_grouped_gemm("tiled", [17, 0, 2], 3, 5, "float64", 16, device=device),
+        "tiled-gemm-all-empty": lambda: check_grouped_gemm("tiled", [0, 0], 3, 2, "float64", 4, device=device),
+    }
+    for name in EDGE_CASES:
+        cases[f"integer-{name}"] = lambda n=name: check_integer_steps(*edge_case_ids(n), device=device)
+        cases[f"float-{name}"] = lambda n=name: check_float_steps(*edge_case_ids(n), 3, "float64", device=device)
+    for dtype_name in DTYPES:
+        cases[f"routers-{dtype_name}"] = lambda d=dtype_name: check_routers(6, 8, 2, d, device=device)
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------------
+# What cudasim_check.py runs in numba's CUDA simulator
 # ----------------------------------------------------------------------------------------------------
 SIMULATOR_LAYER_SIZES = (12, 8, 8, 4)          # tokens, d_model, d_hidden, experts
 
 
 def simulator_cases() -> dict:
-    """case id -> a check to run (no arguments). Layer cases are named ``layer-{router}-{expert}-{dtype}``."""
+    """case id -> a check to run (no arguments). Layer cases are named ``layer-{router}-{expert}-{dtype}``;
+    the tensors are CPU tensors, which cudasim_check.py sends through the CUDA kernels."""
     cases = {}
     for router, expert, dtype_name in LAYER_CASES:
         cases[f"layer-{router}-{expert}-{dtype_name}"] = (
@@ -269,17 +296,5 @@ def simulator_cases() -> dict:
     for router in ("switch", "gshard"):
         cases[f"capacity-{router}"] = (lambda r=router: check_layer(
             r, "swiglu", "float64", sizes=SIMULATOR_LAYER_SIZES, capacity_factor=0.5))
-    # 50 tokens × 2 slots = 4 chunks of the CUDA ranking (32 assignments each).
-    cases["integer-random"] = lambda: check_integer_steps(random_expert_ids(50, 2, 6, seed=0), 6, (None, 5, 13))
-    cases["float-random-float32"] = lambda: check_float_steps(random_expert_ids(10, 2, 4, seed=1), 4, 3, "float32")
-    for name in EDGE_CASES:
-        cases[f"integer-{name}"] = lambda n=name: check_integer_steps(*edge_case_ids(n))
-        cases[f"float-{name}"] = lambda n=name: check_float_steps(*edge_case_ids(n), 3, "float64")
-    for dtype_name in DTYPES:
-        cases[f"routers-{dtype_name}"] = lambda d=dtype_name: check_routers(6, 8, 2, d)
-    cases["routers-k-equals-E"] = lambda: check_routers(3, 4, 4, "float64")
-    cases["tiled-gemm-float64"] = lambda: check_grouped_gemm("tiled", [3, 0, 5, 2], 5, 6, "float64", tile=4)
-    cases["tiled-gemm-float32"] = lambda: check_grouped_gemm("tiled", [6, 1, 0], 4, 3, "float32", tile=4)
-    cases["tiled-gemm-tile16"] = lambda: check_grouped_gemm("tiled", [17, 0, 2], 3, 5, "float64", tile=16)
-    cases["tiled-gemm-all-empty"] = lambda: check_grouped_gemm("tiled", [0, 0], 3, 2, "float64", tile=4)
+    cases.update(kernel_cases("cpu"))
     return cases

@@ -66,6 +66,14 @@ def test_cuda_kernels_in_simulator(case, cudasim_results):
     assert cudasim_results[case] is None, cudasim_results[case]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU")
+@pytest.mark.parametrize("case", list(backend_cases.kernel_cases("cuda")))
+def test_cuda_kernels_on_gpu(case):
+    """The same step cases as in the simulator, on CUDA tensors on a real GPU."""
+    backend_cases.kernel_cases("cuda")[case]()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Single steps on the CPU target
 # ----------------------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def test_unknown_toml_key(tmp_path):
     (["--dataset=wikipedia"], r"dataset='wikipedia'.*languages, stdlib"),
     (["--router=magic"], r"router='magic'.*softmax_topk"),
     (["--expert=relu"], r"expert='relu'.*swiglu"),
-    (["--top_k=5"], r"top_k=5.*num_experts=4"),
+    (["--top_k=9"], r"top_k=9.*num_experts=8"),
     (["--router=switch"], r"top_k must be 1"),
     (["--router=gshard", "--top_k=1"], r"top_k must be 2"),
     (["--d_model=30"], r"d_model=30 .*n_head=4"),

@@ -33,7 +33,7 @@ def test_default_config_loss_falls(tmp_path):
     # The default run (500 steps) takes about a minute; its first 200 steps already more than halve the loss.
     cfg = parse_args(["--progress=false", f"--out_dir={tmp_path}", "--max_steps=200", "--eval_interval=100",
                       "--sample_tokens=16"])
-    assert (cfg.batch_size, cfg.seq_len, cfg.n_layer, cfg.num_experts) == (32, 64, 2, 4)   # the defaults
+    assert (cfg.batch_size, cfg.seq_len, cfg.n_layer, cfg.num_experts) == (32, 64, 2, 8)   # the defaults
     result = train(cfg)
     start = result["history"]["train"][0]["lm_loss"]
     assert abs(start - math.log(64)) < 0.3                           # an untrained model is uniform

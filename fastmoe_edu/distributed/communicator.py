@@ -17,6 +17,13 @@ Where the bytes live:
 
 Every call is timed and its bytes counted in a shared :class:`CommunicationStats`.
 
+Waiting: MPI's blocking calls *busy-poll* while they wait for the other ranks. With more ranks than
+cores (``mpirun -n 8`` on 2 cores) the waiting ranks then steal the cores from the ranks that still
+compute, and everything slows down. With ``sleep_while_waiting`` set, every call is started as its
+non-blocking variant (``Ialltoallv``, ``Iallreduce``, ...) and completed by checking ``Test()``
+with short sleeps in between, which hands the core back to the operating system. ParallelLayout
+switches this on by itself when the machine is oversubscribed.
+
 The row exchange comes in two versions that give identical results (the tests check it):
 
 * ``method="pairwise"`` — the readable one: P−1 rounds; in round s every rank sends to
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import time
 
 import torch
 from mpi4py import MPI
@@ -85,10 +93,13 @@ def transfer_path(device: torch.device | str) -> str:
 class Communicator:
     """An ``MPI.Comm`` plus tensor conversion and counters. ``name`` labels the counters ("expert", "data", ...)."""
 
-    def __init__(self, comm: MPI.Comm, name: str, stats: CommunicationStats | None = None):
+    def __init__(self, comm: MPI.Comm, name: str, stats: CommunicationStats | None = None,
+                 sleep_while_waiting: float | None = None):
         self.comm, self.name = comm, name
         self.stats = stats if stats is not None else CommunicationStats()
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        # Seconds to sleep between completion checks while waiting; None = MPI's blocking wait.
+        self.sleep_while_waiting = sleep_while_waiting
 
     def __repr__(self) -> str:
         return f"Communicator({self.name!r}, rank={self.rank}, size={self.size})"
@@ -104,7 +115,7 @@ class Communicator:
         received = torch.empty_like(send_host)
         per_peer = send.numel() // self.size
         with self.stats.measure(f"{self.name}/alltoall", per_peer * (self.size - 1) * send.element_size()):
-            self.comm.Alltoall(self._buffer(send_host), self._buffer(received))
+            self._wait(self.comm.Ialltoall(self._buffer(send_host), self._buffer(received)))
         return received.to(send.device)
 
     # ------------------------------------------------------------------------------------------
@@ -139,11 +150,11 @@ class Communicator:
         """One collective. Counts and displacements are in elements: rows × width."""
         send_counts = [count * width for count in send_rows]
         recv_counts = [count * width for count in recv_rows]
-        self.comm.Alltoallv(self._buffer(send, send_counts, _exclusive_prefix_sum(send_counts)),
-                            self._buffer(received, recv_counts, _exclusive_prefix_sum(recv_counts)))
+        self._wait(self.comm.Ialltoallv(self._buffer(send, send_counts, _exclusive_prefix_sum(send_counts)),
+                                        self._buffer(received, recv_counts, _exclusive_prefix_sum(recv_counts))))
 
     def _exchange_pairwise(self, send, received, send_rows, recv_rows):
-        """The same exchange written out: P−1 rounds of one Sendrecv each."""
+        """The same exchange written out: P−1 rounds of one Sendrecv (a matched receive and send) each."""
         send_start, recv_start = _exclusive_prefix_sum(send_rows), _exclusive_prefix_sum(recv_rows)
 
         def outgoing(peer):   # the rows this rank sends to `peer`: one contiguous block
@@ -156,8 +167,10 @@ class Communicator:
         for shift in range(1, self.size):
             destination = (self.rank + shift) % self.size
             source = (self.rank - shift) % self.size
-            self.comm.Sendrecv(self._buffer(outgoing(destination)), dest=destination, sendtag=_TAG_ROWS,
-                               recvbuf=self._buffer(incoming(source)), source=source, recvtag=_TAG_ROWS)
+            receiving = self.comm.Irecv(self._buffer(incoming(source)), source=source, tag=_TAG_ROWS)
+            sending = self.comm.Isend(self._buffer(outgoing(destination)), dest=destination, tag=_TAG_ROWS)
+            self._wait(receiving)
+            self._wait(sending)
 
     # ------------------------------------------------------------------------------------------
     # Reductions and broadcasts (data parallelism, statistics)
@@ -173,7 +186,7 @@ class Communicator:
         if self.size > 1:
             staged = self._stage(tensor)
             with self.stats.measure(f"{self.name}/{purpose}", staged.numel() * staged.element_size()):
-                self.comm.Allreduce(MPI.IN_PLACE, self._buffer(staged), op=MPI.SUM)
+                self._wait(self.comm.Iallreduce(MPI.IN_PLACE, self._buffer(staged), op=MPI.SUM))
             if staged.data_ptr() != tensor.data_ptr():            # a host copy or a contiguous copy
                 tensor.copy_(staged)
         if average:
@@ -186,14 +199,22 @@ class Communicator:
             staged = self._stage(tensor)
             sent = staged.numel() * staged.element_size() * (self.size - 1) if self.rank == root else 0
             with self.stats.measure(f"{self.name}/bcast", sent):
-                self.comm.Bcast(self._buffer(staged), root=root)
+                self._wait(self.comm.Ibcast(self._buffer(staged), root=root))
             if staged.data_ptr() != tensor.data_ptr():            # a host copy or a contiguous copy
                 tensor.copy_(staged)
         return tensor
 
     def barrier(self) -> None:
         with self.stats.measure(f"{self.name}/barrier", 0):
-            self.comm.Barrier()
+            self._wait(self.comm.Ibarrier())
+
+    def _wait(self, request: MPI.Request) -> None:
+        """Block until ``request`` completes: MPI's busy wait, or test-and-sleep (see the module docstring)."""
+        if self.sleep_while_waiting is None:
+            request.Wait()
+            return
+        while not request.Test():
+            time.sleep(self.sleep_while_waiting)
 
     # ------------------------------------------------------------------------------------------
     # Tensor <-> MPI buffer

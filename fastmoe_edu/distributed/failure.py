@@ -19,8 +19,13 @@ from mpi4py import MPI
 
 
 def abort_on_exception() -> None:
-    """Install a ``sys.excepthook`` that prints ``[rank r/P]``-tagged tracebacks and aborts all ranks."""
+    """Install a ``sys.excepthook`` that prints ``[rank r/P]``-tagged tracebacks and aborts all ranks.
+
+    Calling it again does nothing (the hook is installed once).
+    """
     previous_hook = sys.excepthook
+    if getattr(previous_hook, "aborts_mpi_job", False):
+        return
 
     def hook(exc_type, exc_value, exc_traceback):
         world = MPI.COMM_WORLD
@@ -35,4 +40,5 @@ def abort_on_exception() -> None:
         sys.stdout.flush()
         world.Abort(1)
 
+    hook.aborts_mpi_job = True
     sys.excepthook = hook

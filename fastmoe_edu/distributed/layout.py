@@ -25,10 +25,15 @@ in the same communicator, numbered by key. All communicators share one :class:`C
 """
 from __future__ import annotations
 
+import os
+
 from mpi4py import MPI
 
 from .communicator import Communicator, cuda_aware_mpi
 from .stats import CommunicationStats
+
+
+_SLEEP_SECONDS = 1e-4      # between completion checks while waiting, when oversubscribed
 
 
 class ParallelLayout:
@@ -39,6 +44,8 @@ class ParallelLayout:
         tensor_parallel: tp (only 1 is used by this project so far).
         expert_parallel: ep; default ``world_size / (tp · dp)``, i.e. all ranks share the experts.
         expert_replicas: dp, copies of each expert slice.
+        sleep_while_waiting: wait for collectives by test-and-sleep instead of MPI's busy polling;
+            None = only when this machine has more ranks than cores.
 
     Attributes (:class:`Communicator` s): ``world``, ``tensor`` (size tp), ``expert`` (size ep, the
     all-to-all group), ``expert_replica`` (size dp, expert gradients are averaged here) and ``data``
@@ -46,7 +53,8 @@ class ParallelLayout:
     """
 
     def __init__(self, world: MPI.Comm | None = None, tensor_parallel: int = 1,
-                 expert_parallel: int | None = None, expert_replicas: int = 1):
+                 expert_parallel: int | None = None, expert_replicas: int = 1,
+                 sleep_while_waiting: bool | None = None):
         world = MPI.COMM_WORLD if world is None else world
         world_size, rank = world.Get_size(), world.Get_rank()
         for name, value in (("tensor_parallel", tensor_parallel), ("expert_replicas", expert_replicas)):
@@ -67,8 +75,18 @@ class ParallelLayout:
         self.ep_rank = (rank // tensor_parallel) % expert_parallel
         self.dp_rank = rank // (tensor_parallel * expert_parallel)
 
+        # How many ranks share this machine; more ranks than cores = oversubscribed: then waiting ranks
+        # sleep instead of busy-polling, leaving the cores to the ranks that compute (communicator.py).
+        node = world.Split_type(MPI.COMM_TYPE_SHARED)
+        self.ranks_on_this_node = node.Get_size()
+        node.Free()
+        self.oversubscribed = self.ranks_on_this_node > len(os.sched_getaffinity(0))
+        if sleep_while_waiting is None:
+            sleep_while_waiting = self.oversubscribed
+        self.sleep_while_waiting = _SLEEP_SECONDS if sleep_while_waiting else None
+
         self.stats = CommunicationStats()
-        self.world = Communicator(world, "world", self.stats)
+        self.world = Communicator(world, "world", self.stats, self.sleep_while_waiting)
         # Split(color, key): same color -> same communicator; key orders the ranks inside it.
         self.tensor = self._split(world, "tensor", color=rank // tensor_parallel, key=self.tp_rank)
         self.expert = self._split(world, "expert", color=self.dp_rank * tensor_parallel + self.tp_rank,
@@ -77,13 +95,9 @@ class ParallelLayout:
                                           color=self.ep_rank * tensor_parallel + self.tp_rank, key=self.dp_rank)
         self.data = self._split(world, "data", color=self.tp_rank,
                                 key=self.dp_rank * expert_parallel + self.ep_rank)
-        # How many ranks share this machine (to divide its cores between them).
-        node = world.Split_type(MPI.COMM_TYPE_SHARED)
-        self.ranks_on_this_node = node.Get_size()
-        node.Free()
 
     def _split(self, world: MPI.Comm, name: str, color: int, key: int) -> Communicator:
-        return Communicator(world.Split(color, key), name, self.stats)
+        return Communicator(world.Split(color, key), name, self.stats, self.sleep_while_waiting)
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -123,7 +137,9 @@ class ParallelLayout:
 
     def describe(self) -> str:
         """One line for the start-up log."""
+        waiting = "sleep between checks (oversubscribed)" if self.sleep_while_waiting else "MPI's busy wait"
         return (f"world={self.world_size} = tp {self.tp_size} × ep {self.ep_size} × dp {self.dp_size}; "
+                f"{self.ranks_on_this_node} ranks on this node; waiting: {waiting}; "
                 f"CUDA-aware MPI: {'yes' if cuda_aware_mpi() else 'no'}")
 
     def __repr__(self) -> str:

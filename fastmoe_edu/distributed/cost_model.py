@@ -1,0 +1,200 @@
+"""A cost model of one training step under TED parallelism: predict before you run (REFERENCE §4).
+
+Inputs: the model's shape and routing load (:class:`MoEShape`), the parallel layout
+(:class:`Layout`: tp × ep × dp, token dropping, hierarchical all-to-all, pipeline degree) and the
+machine (:class:`Hardware`: latency α and inverse bandwidth β inside and between nodes, the compute
+rate, ranks per node). Output: seconds per step on the slowest rank, split into parts.
+
+Placement (layout.py): ``rank = (dp_index · ep + ep_index) · tp + tp_index``, G ranks per node, so a
+tp group is G-local when tp ≤ G, an expert group has ``g = max(1, G / tp)`` of its ranks on each node.
+
+Collective costs, one rank's view, ``B`` = bytes of its buffer (ring algorithms, Thakur et al.):
+
+    all-to-all, flat          α·(P−1) + β_intra·B·(g−1)/P + β_inter·B·(P−g)/P       (α = α_inter once P > g)
+    all-to-all, hierarchical  α_intra·(g−1) + β_intra·B·(g−1)/g  +  α_inter·(N−1) + β_inter·B·(N−1)/N,  N = P/g
+    all-reduce (ring)         2·(n−1)·α + 2·(n−1)/n · B·β
+    all-gather (ring)         (n−1)·α + (n−1)/n · B·β                   (B = the gathered size)
+
+Per MoE block and step (T = tokens of one batch shard, d = d_model, h = d_hidden, k = top_k,
+m = matrices per expert (3 SwiGLU, 2 GELU), S = seq_len, s = 1/tp with token dropping else 1):
+
+    compute, forward    attention 2·T·4d²/tp + 2·T·S·d/tp  +  gate 2·T·d·E  +  experts 2·m·d·h · k·T·s·imbalance
+    compute, backward   2 × forward
+    tensor parallel     1 all-reduce of T·d forward (row-parallel output) + 1 backward (before column-parallel)
+    all-to-all          scatter + gather forward, the same two backward, each of k·T·s·imbalance rows of d
+    token dropping      + 1 all-gather of the k·T rows in the tp group forward, 1 backward
+    pipelining (D)      forward:  s1 + s2 + s3 + (D−1)·max(s1 + s3, s2)  with s1, s3 = one chunk's scatter,
+                        gather (α paid per chunk, β·B/D) and s2 = one chunk's expert compute.
+                        (pipeline.py overlaps the forward only; the backward is costed unpipelined.)
+
+Per step: the gradient all-reduces (non-expert over the ep·dp data group, experts over dp — and
+over tp too when tokens are dropped) and an overhead per layer, fixed plus per token (Python,
+kernel launches, norms, softmaxes: what the matmul flop count leaves out), expressed in equivalent
+flops so it slows down with the compute rate when ranks share cores.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class MoEShape:
+    tokens_per_rank: int                 # T: tokens of one batch shard (what one (ep, dp) position reads per step)
+    d_model: int
+    d_hidden: int
+    num_experts: int
+    top_k: int
+    n_layer: int                         # blocks, each attention + MoE feed-forward
+    seq_len: int = 1024
+    vocab_size: int = 50_257
+    expert_matrices: int = 3             # 3 SwiGLU, 2 GELU
+    bytes_per_element: int = 2           # activations and gradients on the wire (bf16 = 2, float32 = 4)
+    load_imbalance: float = 1.0          # rows of the busiest expert-rank / mean rows (≥ 1, from routing stats)
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    ep: int
+    dp: int
+    drop_duplicate_tokens: bool = False
+    hierarchical: bool = False
+    pipeline_degree: int = 1
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.ep * self.dp
+
+
+@dataclass(frozen=True)
+class Hardware:
+    alpha_intra: float                   # seconds per message inside a node
+    beta_intra: float                    # seconds per byte inside a node
+    alpha_inter: float                   # seconds per message between nodes
+    beta_inter: float                    # seconds per byte between nodes
+    flops_per_second: float              # sustained compute rate of one rank
+    ranks_per_node: int
+    overhead_flops_per_layer: float = 0.0   # fixed cost per block and step, in equivalent flops
+    overhead_flops_per_token: float = 0.0   # per block and token: the small element-wise work the flop count omits
+
+
+# ----------------------------------------------------------------------------------------------------
+# Collectives
+# ----------------------------------------------------------------------------------------------------
+def _link(span: int, hw: Hardware) -> tuple[float, float]:
+    """(α, β) for a group whose ranks lie within ``span`` consecutive ranks: intra-node if that fits in a node."""
+    if span <= hw.ranks_per_node:
+        return hw.alpha_intra, hw.beta_intra
+    return hw.alpha_inter, hw.beta_inter
+
+
+def allreduce_time(nbytes: float, n: int, span: int, hw: Hardware) -> float:
+    """Ring all-reduce of ``nbytes`` over ``n`` ranks spread over ``span`` consecutive ranks."""
+    if n == 1:
+        return 0.0
+    alpha, beta = _link(span, hw)
+    return 2 * (n - 1) * alpha + 2 * (n - 1) / n * nbytes * beta
+
+
+def allgather_time(nbytes: float, n: int, span: int, hw: Hardware) -> float:
+    """Ring all-gather whose result has ``nbytes``."""
+    if n == 1:
+        return 0.0
+    alpha, beta = _link(span, hw)
+    return (n - 1) * alpha + (n - 1) / n * nbytes * beta
+
+
+def alltoall_time(nbytes: float, P: int, tp: int, hw: Hardware, hierarchical: bool, chunks: int = 1) -> float:
+    """One all-to-all of an expert group of P ranks (tp apart), ``nbytes`` per rank, in ``chunks`` pieces (one piece's time)."""
+    if P == 1:
+        return 0.0
+    g = min(P, max(1, hw.ranks_per_node // tp))          # expert-group ranks per node
+    piece = nbytes / chunks
+    if g == P:                                            # the whole group on one node
+        return hw.alpha_intra * (P - 1) + hw.beta_intra * piece * (P - 1) / P
+    if not hierarchical:
+        return (hw.alpha_inter * (P - 1) + hw.beta_intra * piece * (g - 1) / P
+                + hw.beta_inter * piece * (P - g) / P)
+    N = P // g
+    return (hw.alpha_intra * (g - 1) + hw.beta_intra * piece * (g - 1) / g
+            + hw.alpha_inter * (N - 1) + hw.beta_inter * piece * (N - 1) / N)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A step
+# ----------------------------------------------------------------------------------------------------
+def predict_step(shape: MoEShape, layout: Layout, hw: Hardware) -> dict[str, float]:
+    """Seconds per training step of one rank, by part: compute, tp_allreduce, alltoall, tp_allgather,
+    grad_allreduce, overhead, total."""
+    s, tp, ep, dp = shape, layout.tp, layout.ep, layout.dp
+    T, d, h, E, k, b = s.tokens_per_rank, s.d_model, s.d_hidden, s.num_experts, s.top_k, s.bytes_per_element
+    share = 1 / tp if layout.drop_duplicate_tokens else 1.0
+    rows = k * T * share * s.load_imbalance                                   # rows this rank sends / computes
+    rate = hw.flops_per_second
+
+    attention = 2 * T * 4 * d * d / tp + 2 * T * s.seq_len * d / tp
+    gate = 2 * T * d * E
+    experts = 2 * s.expert_matrices * d * h * rows
+    other_fwd = (attention + gate) / rate
+    expert_fwd = experts / rate
+
+    a2a = alltoall_time(rows * d * b, ep, tp, hw, layout.hierarchical)        # one exchange, unchunked
+    D = layout.pipeline_degree
+    if D > 1:
+        piece = alltoall_time(rows * d * b, ep, tp, hw, layout.hierarchical, chunks=D)
+        c = expert_fwd / D
+        moe_fwd = piece + c + piece + (D - 1) * max(2 * piece, c)             # scatter, compute, gather stages
+    else:
+        moe_fwd = 2 * a2a + expert_fwd
+    moe_bwd = 2 * a2a + 2 * expert_fwd
+    alltoall_part = (moe_fwd - expert_fwd) + 2 * a2a                          # exposed exchange time
+
+    tp_allreduce = 2 * allreduce_time(T * d * b, tp, tp, hw)
+    tp_allgather = 2 * allgather_time(k * T * d * b, tp, tp, hw) if layout.drop_duplicate_tokens and tp > 1 else 0.0
+
+    per_layer = {"compute": 3 * (other_fwd + expert_fwd), "tp_allreduce": tp_allreduce,
+                 "alltoall": alltoall_part, "tp_allgather": tp_allgather}
+    out = {key: value * s.n_layer for key, value in per_layer.items()}
+
+    non_expert_params = s.n_layer * (4 * d * d / tp + d * E + 4 * d) + (s.vocab_size + s.seq_len) * d
+    expert_params = s.n_layer * (E / ep) * s.expert_matrices * d * h
+    expert_group = dp * (tp if layout.drop_duplicate_tokens else 1)         # copies of my experts to sum over
+    expert_span = layout.world if dp > 1 else tp
+    out["grad_allreduce"] = (allreduce_time(non_expert_params * b, ep * dp, layout.world, hw)
+                             + allreduce_time(expert_params * b, expert_group, expert_span, hw))
+    out["overhead"] = s.n_layer * (hw.overhead_flops_per_layer + hw.overhead_flops_per_token * T) / rate
+    out["total"] = sum(out.values())
+    return out
+
+
+def choose_pipeline_degree(shape: MoEShape, layout: Layout, hw: Hardware, max_degree: int = 16) -> int:
+    """The pipeline degree D in 1..max_degree with the smallest predicted step time (FSMoE picks D this way)."""
+    times = {D: predict_step(shape, replace(layout, pipeline_degree=D), hw)["total"] for D in range(1, max_degree + 1)}
+    return min(times, key=times.get)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Calibration
+# ----------------------------------------------------------------------------------------------------
+def fit_alpha_beta(points: list[dict]) -> tuple[float, float]:
+    """α, β of ``t = α·(P−1) + β·bytes_per_rank`` by least squares on relative error.
+
+    ``points``: ``{"ranks": P, "bytes_per_rank": bytes, "seconds": t}``. Each equation is divided
+    by its t, so small and large messages weigh alike (times span orders of magnitude).
+    """
+    design = np.array([[p["ranks"] - 1, p["bytes_per_rank"]] for p in points], dtype=float)
+    times = np.array([p["seconds"] for p in points], dtype=float)
+    (alpha, beta), *_ = np.linalg.lstsq(design / times[:, None], np.ones_like(times), rcond=None)
+    return max(float(alpha), 0.0), max(float(beta), 0.0)
+
+
+def relative_error(predicted: float, measured: float) -> float:
+    return (predicted - measured) / measured
+
+
+def geometric_mean_abs_error(pairs: list[tuple[float, float]]) -> float:
+    """exp(mean |log(predicted / measured)|) − 1: the typical factor by which predictions miss."""
+    return math.exp(sum(abs(math.log(p / m)) for p, m in pairs) / len(pairs)) - 1

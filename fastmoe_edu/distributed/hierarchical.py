@@ -1,0 +1,114 @@
+"""Hierarchical (two-dimensional) all-to-all-v: inside each node first, then between nodes (Tutel's "2DH").
+
+The expert group's P ranks sit on N nodes of G ranks each (``ranks_per_node = G``, P = N·G); a rank
+is ``(node n, local index l)`` with ``p = n·G + l`` (consecutive ranks share a node, as mpirun places them).
+The flat exchange makes every rank send P − 1 messages, P − G of them across nodes; at large P
+those messages are tiny and the per-message latency α dominates. The hierarchical one:
+
+    phase 1 (intra-node Alltoallv, G ranks):  rank (n, l) sends to its node-mate l' every row whose
+             destination has local index l' (destinations (0, l'), (1, l'), ..., (N−1, l')).
+             Rank (n, l') now holds its whole node's rows for "local index l' on every node".
+    phase 2 (inter-node Alltoallv, N ranks with the same local index):  rank (n, l') sends to node n'
+             one message: all rows of its node for destination (n', l').
+
+Per exchange a rank sends (G − 1) + (N − 1) messages instead of P − 1, and only N − 1 of them cross
+nodes (instead of P − G), each G times larger on average. Every row crosses the inter-node network
+once, as in the flat exchange, but also moves once inside the node (cheap: shared memory / NVLink).
+
+Order of rows. The flat exchange delivers the rows from source rank 0 first, then rank 1, ... . Here:
+
+    before phase 1   my rows ordered by destination (n', l')       -> reorder to (l', n') blocks
+    after  phase 1   rows ordered (source local l_s, dest node n')  -> reorder to (n', l_s) blocks
+    after  phase 2   rows ordered (source node n_s, source local l_s) = source rank order  ✓
+
+so the result is bit-identical to the flat Alltoallv. The block sizes of the middle reorder are the
+send counts of my node-mates; one small Allgather of the G × P count matrix inside the node gives them.
+
+The exchange is linear, and its adjoint is the same exchange with send and receive counts swapped,
+so the differentiable version (:class:`HierarchicalAllToAll`) runs this function in both directions.
+"""
+from __future__ import annotations
+
+import torch
+
+from .communicator import Communicator
+from .exchange import _expert_major_source_rows
+
+
+class HierarchicalExchange:
+    """The two communicators of a two-level exchange over ``comm`` (an expert group), and message counters.
+
+    ``messages`` counts the non-empty messages this rank sent, ``{"intra_node": .., "inter_node": ..}``;
+    :func:`count_flat_messages` gives the same figures for the flat exchange.
+    """
+
+    def __init__(self, comm: Communicator, ranks_per_node: int):
+        check_ranks_per_node(ranks_per_node, comm.size)
+        self.comm, self.ranks_per_node = comm, ranks_per_node
+        self.num_nodes = comm.size // ranks_per_node
+        self.node, self.local = divmod(comm.rank, ranks_per_node)
+        # Split(color, key): the node-mates (same node), and the ranks with my local index on every node.
+        self.intra = Communicator(comm.comm.Split(self.node, self.local), f"{comm.name}_intra_node", comm.stats)
+        self.inter = Communicator(comm.comm.Split(self.local, self.node), f"{comm.name}_inter_node", comm.stats)
+        self.messages = {"intra_node": 0, "inter_node": 0}
+
+    def alltoallv(self, rows: torch.Tensor, send_rows: list[int], recv_rows: list[int]) -> torch.Tensor:
+        """Same contract as ``Communicator.alltoallv``: ``send_rows[p]`` rows to rank p, result in source order."""
+        G, N = self.ranks_per_node, self.num_nodes
+        send = torch.tensor(send_rows, dtype=torch.int64).reshape(N, G)                # [dest node n', dest local l']
+        # The send counts of all my node-mates: mates[l_s, n', l'] (one Allgather of G·P integers).
+        mates = self._allgather_counts(send.reshape(-1)).reshape(G, N, G)
+        # Phase 1: reorder my rows (n', l') -> (l', n') and send block l' to node-mate l'.
+        by_local = rows.index_select(0, _expert_major_source_rows(send))
+        phase1_send = send.sum(dim=0).tolist()                                          # Σ_n' per l'
+        mine = mates[:, :, self.local]                                                  # [l_s, n'] rows for (n', me)
+        phase1_recv = mine.sum(dim=1).tolist()                                          # Σ_n' per source l_s
+        self._count("intra_node", phase1_send, self.local)
+        arrived = self.intra.alltoallv(by_local, phase1_send, phase1_recv)
+        # Reorder (l_s, n') -> (n', l_s): rows for each destination node contiguous.
+        by_node = arrived.index_select(0, _expert_major_source_rows(mine))
+        # Phase 2: block n' to node n' (over the ranks with my local index).
+        phase2_send = mine.sum(dim=0).tolist()                                          # Σ_l_s per n'
+        phase2_recv = torch.tensor(recv_rows, dtype=torch.int64).reshape(N, G).sum(dim=1).tolist()
+        self._count("inter_node", phase2_send, self.node)
+        return self.inter.alltoallv(by_node, phase2_send, phase2_recv)
+
+    def _allgather_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        gathered = torch.empty(self.intra.size * counts.numel(), dtype=torch.int64)
+        with self.intra.stats.measure(f"{self.intra.name}/allgather_counts",
+                                      counts.numel() * 8 * (self.intra.size - 1)):
+            self.intra.comm.Allgather(self.intra._buffer(counts.contiguous()), self.intra._buffer(gathered))
+        return gathered
+
+    def _count(self, level: str, sends: list[int], me: int) -> None:
+        self.messages[level] += sum(1 for peer, rows in enumerate(sends) if rows and peer != me)
+
+
+def count_flat_messages(send_rows: list[int], my_rank: int, ranks_per_node: int) -> dict[str, int]:
+    """The non-empty messages a flat exchange sends from ``my_rank``, split into intra- and inter-node."""
+    node = my_rank // ranks_per_node
+    intra = sum(1 for p, rows in enumerate(send_rows) if rows and p != my_rank and p // ranks_per_node == node)
+    inter = sum(1 for p, rows in enumerate(send_rows) if rows and p // ranks_per_node != node)
+    return {"intra_node": intra, "inter_node": inter}
+
+
+def check_ranks_per_node(ranks_per_node: int, group_size: int) -> None:
+    """ValueError (no communication) unless ``ranks_per_node`` divides the expert group's size."""
+    if not (isinstance(ranks_per_node, int) and ranks_per_node >= 1 and group_size % ranks_per_node == 0):
+        divisors = [d for d in range(1, group_size + 1) if group_size % d == 0]
+        raise ValueError(f"ranks_per_node={ranks_per_node!r} must divide the expert-parallel size ep={group_size} "
+                         f"(the hierarchical all-to-all groups ep ranks into nodes); allowed: "
+                         f"{', '.join(map(str, divisors))}")
+
+
+class HierarchicalAllToAll(torch.autograd.Function):
+    """Differentiable hierarchical exchange: backward is the same exchange with the counts swapped."""
+
+    @staticmethod
+    def forward(ctx, rows, send_rows: list[int], recv_rows: list[int], exchange: HierarchicalExchange):
+        ctx.send_rows, ctx.recv_rows, ctx.exchange = send_rows, recv_rows, exchange
+        return exchange.alltoallv(rows.detach(), send_rows, recv_rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.exchange.alltoallv(grad.contiguous(), ctx.recv_rows, ctx.send_rows), None, None, None

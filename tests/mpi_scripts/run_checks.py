@@ -1,0 +1,36 @@
+"""Run under ``mpirun -n P``: every distributed equality check, in one launch; rank 0 writes the JSON.
+
+    mpirun -n 4 python tests/mpi_scripts/run_checks.py results.json
+
+Output: ``{"world_size": P, "results": {case: {quantity: worst error over the ranks}}, "skipped": ...}``.
+The checks themselves: check_expert_parallel.py (one MoE layer), check_training_steps.py (the model).
+"""
+import json
+import sys
+from pathlib import Path
+
+from mpi4py import MPI
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from check_expert_parallel import layer_checks          # noqa: E402
+from check_training_steps import training_checks        # noqa: E402
+
+from fastmoe_edu.distributed import ParallelLayout, abort_on_exception   # noqa: E402
+
+
+def main(output: str) -> None:
+    abort_on_exception()
+    world = ParallelLayout()
+    results, skipped = layer_checks(world)
+    results.update(training_checks(world))
+    for errors in results.values():                      # the worst rank decides
+        for key, value in errors.items():
+            errors[key] = world.world.comm.allreduce(value, op=MPI.MAX)
+    if world.is_main:
+        Path(output).write_text(json.dumps({"world_size": world.world_size, "results": results,
+                                            "skipped": skipped, "stats": world.stats.as_dict()}, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
