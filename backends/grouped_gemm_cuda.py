@@ -172,4 +172,4 @@ def grouped_matmul_tiled(rows: torch.Tensor, weight: torch.Tensor, counts: torch
     if not (rows.is_cuda or numba_cuda.simulator_enabled()):
         raise RuntimeError("the tiled grouped GEMM is a numba.cuda kernel: it needs CUDA tensors "
                            "(or, for tests, CPU tensors in numba's CUDA simulator)")
-    return TiledGroupedMatmul.apply(rows, weight, counts, tile)
+    return TiledGroupedMatmul.apply(rows, weight, counts.to(rows.device), tile)

@@ -43,7 +43,7 @@ class GroupedMM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, weight, counts):
-        offsets = torch.cumsum(counts, dim=0).to(torch.int32)                      # segment ends
+        offsets = torch.cumsum(counts, dim=0).to(device=rows.device, dtype=torch.int32)   # segment ends
         ctx.save_for_backward(rows, weight, offsets)
         return torch._grouped_mm(rows.contiguous(), weight.transpose(1, 2), offs=offsets)
 

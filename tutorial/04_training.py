@@ -171,7 +171,9 @@ if reference_run["sample"]:
 # The `backend` setting picks who runs the MoE layer's steps: `"reference"` (the plain PyTorch of
 # `fastmoe_edu/dispatch.py`) or `"numba"` (the kernels of `backends/numba_backend.py`). Nothing
 # else changes: same seed, same data, same model. The loss curves should lie on top of each other;
-# any difference comes from floating-point summation order inside the kernels, and we measure it.
+# any difference starts from floating-point summation order inside the kernels, and we measure it.
+# Routing is a discrete choice, so a rounding difference can, rarely, flip a near-tie in some token's
+# top-k; after that the runs follow different but equally good trajectories.
 
 # %%
 numba_config = dataclasses.replace(config, backend="numba", out_dir=tempfile.mkdtemp(prefix="fastmoe_edu_04n_"),
@@ -183,17 +185,34 @@ numba_seconds = time.perf_counter() - started
 ref_loss = np.array([r["lm_loss"] for r in reference_run["history"]["train"]])
 nb_loss = np.array([r["lm_loss"] for r in numba_run["history"]["train"]])
 difference = np.abs(ref_loss - nb_loss)
+# The first step at which the two runs routed differently (tokens per expert differ in some layer).
+flips = [r1["step"] for r1, r2 in zip(reference_run["history"]["train"], numba_run["history"]["train"])
+         if r1["tokens_per_expert"] != r2["tokens_per_expert"]]
+first_flip = flips[0] if flips else None
+before_flip = difference[: first_flip - 1] if first_flip else difference
 fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
 axes[0].plot(np.arange(1, len(ref_loss) + 1), ref_loss, label="reference", lw=2)
 axes[0].plot(np.arange(1, len(nb_loss) + 1), nb_loss, label="numba", lw=1, ls="--")
 axes[0].set(xlabel="step", ylabel="LM loss", title="loss: reference vs numba backend")
 axes[0].legend()
 axes[1].semilogy(np.arange(1, len(difference) + 1), np.maximum(difference, 1e-12))
-axes[1].set(xlabel="step", ylabel="|difference|", title="absolute difference of the LM loss (log scale)")
+if first_flip:
+    axes[1].axvline(first_flip, color="tab:red", ls=":", label=f"first routing difference (step {first_flip})")
+    axes[1].legend(fontsize=8)
+axes[1].set(xlabel="step", ylabel="|difference| (0 drawn at 1e-12)", title="absolute difference of the LM loss")
 plt.tight_layout()
 plt.show()
 print(f"max |loss_reference − loss_numba| over {len(difference)} steps: {difference.max():.3g} "
       f"(first step: {difference[0]:.3g}, last step: {difference[-1]:.3g})")
+if first_flip:
+    print(f"until step {first_flip - 1} both runs routed every token identically and the losses differ by at "
+          f"most {before_flip.max():.3g} (rounding: the kernels sum in a different order). At step {first_flip} "
+          f"a token whose top-k scores were nearly tied went to another expert in one run, and from then on "
+          f"the two runs are different (equally valid) trajectories: mean |difference| afterwards "
+          f"{difference[first_flip - 1:].mean():.3g}, against a loss that moved by {ref_loss.max() - ref_loss.min():.2f}.")
+else:
+    print(f"both runs routed every token identically at every step; the losses differ only by rounding "
+          f"(the kernels sum in a different order)")
 ref_rate = np.mean([r["tokens_per_sec"] for r in reference_run["history"]["train"][1:]])
 nb_rate = np.mean([r["tokens_per_sec"] for r in numba_run["history"]["train"][1:]])
 print(f"throughput: reference {ref_rate:,.0f} tokens/s, numba {nb_rate:,.0f} tokens/s "
@@ -204,6 +223,9 @@ print(f"throughput: reference {ref_rate:,.0f} tokens/s, numba {nb_rate:,.0f} tok
 
 # %%
 assert len(ref_loss) == len(nb_loss) == STEPS
-assert difference.max() < 1e-2, f"the backends' losses differ by {difference.max():.3g}"
+assert before_flip.max() < 1e-4, f"the backends' losses differ by {before_flip.max():.3g} with identical routing"
+assert difference.max() < 0.1, f"the backends' loss curves drifted apart by {difference.max():.3g}"
+tail = max(1, STEPS // 10)
+assert abs(ref_loss[-tail:].mean() - nb_loss[-tail:].mean()) < 0.05, "the backends end at different losses"
 assert len(history["train"]) == STEPS and all(len(r["tokens_per_expert"]) == 2 for r in history["train"])
 print(f"training self-check passed ({time.perf_counter() - NOTEBOOK_START:.1f} s since the first cell)")

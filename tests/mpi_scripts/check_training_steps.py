@@ -54,6 +54,7 @@ def training_checks(world: ParallelLayout) -> dict:
             alone, alone_records = train_three_steps(cfg, dataset, Runtime())
             alone_state = ({k: v.detach() for k, v in alone.named_parameters()},
                            {k: v for k, v in alone.named_buffers()}, alone_records)
+        world.world.barrier()            # (waits without busy-polling on an oversubscribed machine)
         reference, reference_buffers, alone_records = world.world.comm.bcast(alone_state, root=0)
         together, together_records = train_three_steps(
             cfg, dataset, Runtime(rank=world.rank, world_size=world.world_size, layout=world))
