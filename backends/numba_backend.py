@@ -46,7 +46,7 @@ KERNEL_DTYPES = (torch.float32, torch.float64)
 #: Grouped GEMM implementations (see set_grouped_gemm).
 GROUPED_GEMMS = ("grouped_mm", "segments", "tiled")
 
-_grouped_gemm = "segments"
+_grouped_gemm = "grouped_mm"
 _grouped_gemm_tile = None
 _cuda_kernels_for_cpu_tensors = False
 
@@ -68,10 +68,10 @@ def available(device) -> tuple[bool, str]:
 def set_grouped_gemm(name: str, tile: int | None = None) -> None:
     """Choose how ``grouped_matmul`` runs the experts' matrix products (process-wide):
 
-    ``"segments"``   one torch.mm per expert segment (the default: measured fastest on the CPU,
-                     see docs/benchmarks.md);
     ``"grouped_mm"`` one torch._grouped_mm call where torch supports the dtype/device/strides, else
-                     the segment loop;
+                     the segment loop (the default: never slower than the loop on the benchmark
+                     shapes, see docs/benchmarks.md);
+    ``"segments"``   one torch.mm per expert segment;
     ``"tiled"``      the numba.cuda tiled kernel of grouped_gemm_cuda.py (CUDA tensors, or CPU tensors
                      in numba's CUDA simulator); ``tile`` sets its tile size (default 16).
     """

@@ -19,10 +19,11 @@ against the file that defines it. A kernel inlines its tasks, so a task edited i
 leave the old compiled kernel in use; here, editing a task changes this file and recompiles.
 
 Conventions. ``expert_ids``/``rows``/``weights`` are ``[T, k]``; a dropped assignment has id -1 and
-row -1. Row tasks take ``(first_col, col_step)`` and handle columns ``first_col, first_col +
-col_step, ...``: the CPU passes ``(0, 1)`` (the whole row, one task per row), the GPU ``(col,
-width)`` (one element per thread). Every output element is written by exactly one task and its sum
-runs in a fixed order (slots in order 0..k-1, columns in order), so two runs are bitwise identical.
+row -1. Row tasks handle the columns ``first_col <= col < end_col`` of their row: the CPU passes
+``(0, width)`` (the whole row, one task per row), the GPU ``(col, col + 1)`` (one element per
+thread); a unit-step range is also what lets the CPU compiler vectorize the loop. Every output
+element is written by exactly one task and its sum runs in a fixed order (slots in order 0..k-1,
+columns in order), so two runs are bitwise identical.
 Long reductions (a dot product over d, softmax's sum over E) accumulate in a Python float, which
 numba types as float64; the k-term sums accumulate in the output's own dtype, like the reference.
 
@@ -123,52 +124,52 @@ def row_sources(rows, token, sources):
             sources[row] = token * top_k + slot
 
 
-def copy_source_row(x, sources, top_k, row, first_col, col_step, buffer):
+def copy_source_row(x, sources, top_k, row, first_col, end_col, buffer):
     """Scatter, seen from the buffer: buffer[row] = x[t] for the (t, s) that owns the row, else 0."""
     source = sources[row]
     if source < 0:
-        for col in range(first_col, buffer.shape[1], col_step):
+        for col in range(first_col, end_col):
             buffer[row, col] = 0
     else:
         token = source // top_k
-        for col in range(first_col, buffer.shape[1], col_step):
+        for col in range(first_col, end_col):
             buffer[row, col] = x[token, col]
 
 
-def sum_token_copies(grad_buffer, rows, token, first_col, col_step, grad_x):
+def sum_token_copies(grad_buffer, rows, token, first_col, end_col, grad_x):
     """Scatter's backward: grad_x[t] = Σ_{s kept} grad_buffer[rows[t, s]], slots in order 0..k-1."""
-    for col in range(first_col, grad_x.shape[1], col_step):
+    for col in range(first_col, end_col):
         grad_x[token, col] = 0
     for slot in range(rows.shape[1]):
         row = rows[token, slot]
         if row >= 0:
-            for col in range(first_col, grad_x.shape[1], col_step):
+            for col in range(first_col, end_col):
                 grad_x[token, col] += grad_buffer[row, col]
 
 
-def combine_token(expert_out, rows, weights, token, first_col, col_step, y):
+def combine_token(expert_out, rows, weights, token, first_col, end_col, y):
     """Gather + combine: y[t] = Σ_{s kept} w[t, s] · expert_out[rows[t, s]], slots in order."""
-    for col in range(first_col, y.shape[1], col_step):
+    for col in range(first_col, end_col):
         y[token, col] = 0
     for slot in range(rows.shape[1]):
         row = rows[token, slot]
         if row >= 0:
             weight = weights[token, slot]
-            for col in range(first_col, y.shape[1], col_step):
+            for col in range(first_col, end_col):
                 y[token, col] += weight * expert_out[row, col]
 
 
-def weighted_source_row(grad_y, weights, sources, top_k, row, first_col, col_step, grad_expert_out):
+def weighted_source_row(grad_y, weights, sources, top_k, row, first_col, end_col, grad_expert_out):
     """Combine's backward for expert_out: grad_expert_out[row] = w[t, s] · grad_y[t] for the
     (t, s) that owns the row (0 for a row no slot reads)."""
     source = sources[row]
     if source < 0:
-        for col in range(first_col, grad_expert_out.shape[1], col_step):
+        for col in range(first_col, end_col):
             grad_expert_out[row, col] = 0
     else:
         token, slot = source // top_k, source % top_k
         weight = weights[token, slot]
-        for col in range(first_col, grad_expert_out.shape[1], col_step):
+        for col in range(first_col, end_col):
             grad_expert_out[row, col] = weight * grad_y[token, col]
 
 
@@ -407,25 +408,26 @@ def find_row_sources(rows, sources):
 @numba.njit(parallel=True, cache=True)
 def scatter_rows(x, sources, top_k, buffer):
     for row in prange(buffer.shape[0]):
-        copy_source_row_cpu(x, sources, top_k, row, 0, 1, buffer)
+        copy_source_row_cpu(x, sources, top_k, row, 0, buffer.shape[1], buffer)
 
 
 @numba.njit(parallel=True, cache=True)
 def scatter_rows_backward(grad_buffer, rows, grad_x):
     for token in prange(grad_x.shape[0]):
-        sum_token_copies_cpu(grad_buffer, rows, token, 0, 1, grad_x)
+        sum_token_copies_cpu(grad_buffer, rows, token, 0, grad_x.shape[1], grad_x)
 
 
 @numba.njit(parallel=True, cache=True)
 def gather_combine(expert_out, rows, weights, y):
     for token in prange(y.shape[0]):
-        combine_token_cpu(expert_out, rows, weights, token, 0, 1, y)
+        combine_token_cpu(expert_out, rows, weights, token, 0, y.shape[1], y)
 
 
 @numba.njit(parallel=True, cache=True)
 def gather_combine_backward_rows(grad_y, weights, sources, top_k, grad_expert_out):
     for row in prange(grad_expert_out.shape[0]):
-        weighted_source_row_cpu(grad_y, weights, sources, top_k, row, 0, 1, grad_expert_out)
+        weighted_source_row_cpu(grad_y, weights, sources, top_k, row, 0, grad_expert_out.shape[1],
+                                grad_expert_out)
 
 
 @numba.njit(parallel=True, cache=True)

@@ -147,7 +147,8 @@ def _scatter_rows_kernel(x, sources, top_k, buffer):
     index = cuda.grid(1)
     width = buffer.shape[1]
     if index < buffer.shape[0] * width:
-        copy_source_row(x, sources, top_k, index // width, index % width, width, buffer)
+        col = index % width
+        copy_source_row(x, sources, top_k, index // width, col, col + 1, buffer)
 
 
 @cuda.jit
@@ -155,7 +156,8 @@ def _scatter_rows_backward_kernel(grad_buffer, rows, grad_x):
     index = cuda.grid(1)
     width = grad_x.shape[1]
     if index < grad_x.shape[0] * width:
-        sum_token_copies(grad_buffer, rows, index // width, index % width, width, grad_x)
+        col = index % width
+        sum_token_copies(grad_buffer, rows, index // width, col, col + 1, grad_x)
 
 
 @cuda.jit
@@ -163,7 +165,8 @@ def _gather_combine_kernel(expert_out, rows, weights, y):
     index = cuda.grid(1)
     width = y.shape[1]
     if index < y.shape[0] * width:
-        combine_token(expert_out, rows, weights, index // width, index % width, width, y)
+        col = index % width
+        combine_token(expert_out, rows, weights, index // width, col, col + 1, y)
 
 
 @cuda.jit
@@ -171,7 +174,8 @@ def _gather_combine_backward_rows_kernel(grad_y, weights, sources, top_k, grad_e
     index = cuda.grid(1)
     width = grad_expert_out.shape[1]
     if index < grad_expert_out.shape[0] * width:
-        weighted_source_row(grad_y, weights, sources, top_k, index // width, index % width, width, grad_expert_out)
+        col = index % width
+        weighted_source_row(grad_y, weights, sources, top_k, index // width, col, col + 1, grad_expert_out)
 
 
 @cuda.jit

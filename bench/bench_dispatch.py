@@ -11,13 +11,14 @@ side by side in one process:
     torch-sort  the fastest torch-only way we know: a stable argsort of the expert ids gives the
                 rows, x[order // k] scatters, index_add_ combines
 
-and its *achieved bandwidth* = (bytes the step must read + write at least) / time, against a plain
-memory copy moving the same number of bytes (half read, half written), two ways:
+and its *achieved bandwidth* = (bytes the step must read + write at least) / time, next to
 
-    copy_       ``target.copy_(source)`` into a tensor allocated once: the memory system's ceiling
-    clone       ``source.clone()``: the copy plus a freshly allocated output, as every step here has
-                (large fresh allocations are new pages from the kernel: their first touch page-faults,
-                which on a virtual machine can cost more than the copy itself)
+    copy_       ``target.copy_(source)`` moving the same number of bytes (half read, half written)
+                into a tensor allocated once: the memory system's ceiling for a streaming kernel
+    zeros(out)  ``torch.zeros`` of the step's output size: the floor for any step that returns a
+                fresh output. glibc serves large allocations (32 MiB and up) with fresh pages from
+                the kernel, whose first touch page-faults; on a virtual machine that can cost ten
+                times the copy itself, and it is the same for every implementation
 
 Times are the best of --repeats calls after 2 warm-up calls (the machine may be shared: the
 minimum is the least disturbed measurement).
@@ -53,11 +54,16 @@ def timeit(fn, repeats: int) -> float:
     return min(times)
 
 
-def copy_seconds(num_bytes: int, repeats: int) -> tuple[float, float]:
-    """Times of copy_ and of clone moving ``num_bytes`` in all (num_bytes/2 read + num_bytes/2 written)."""
+def copy_seconds(num_bytes: int, repeats: int) -> float:
+    """Time of copy_ moving ``num_bytes`` in all (num_bytes/2 read + num_bytes/2 written)."""
     source = torch.empty(max(num_bytes // 2, 1), dtype=torch.uint8).random_(0, 255)
     target = torch.empty_like(source)
-    return timeit(lambda: target.copy_(source), repeats), timeit(source.clone, repeats)
+    return timeit(lambda: target.copy_(source), repeats)
+
+
+def fresh_output_seconds(num_bytes: int, repeats: int) -> float:
+    """Time of allocating and zeroing a new tensor of ``num_bytes`` bytes."""
+    return timeit(lambda: torch.zeros(num_bytes, dtype=torch.uint8), repeats)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -96,11 +102,12 @@ def run(args) -> list[dict]:
     x = torch.randn(T, d, dtype=dtype)
     results = []
 
-    def measure(step, bytes_moved, implementations):
+    def measure(step, bytes_moved, output_bytes, implementations):
         row = {"step": step, "bytes": bytes_moved}
         for name, fn in implementations.items():
             row[name] = timeit(fn, args.repeats)
-        row["copy_"], row["clone"] = copy_seconds(bytes_moved, args.repeats)
+        row["copy_"] = copy_seconds(bytes_moved, args.repeats)
+        row["zeros(out)"] = fresh_output_seconds(output_bytes, args.repeats)
         results.append(row)
 
     # Ranking: counts, segment starts, stable row of every assignment.
@@ -109,7 +116,7 @@ def run(args) -> list[dict]:
             counts = backend.count_tokens_per_expert(expert_ids, E)
             return backend.stable_positions(expert_ids, backend.exclusive_prefix_sum(counts))
         return fn
-    measure("ranking (count + positions)", 3 * T * k * 8, {
+    measure("ranking (count + positions)", 3 * T * k * 8, T * k * 8, {
         "reference": ranking(reference), "numba": ranking(numba_backend),
         "torch-sort": lambda: torch_sort_ranking(expert_ids, E)})
 
@@ -119,7 +126,7 @@ def run(args) -> list[dict]:
     sort_steps = TorchSortSteps(order, k)
     index_bytes = T * k * 8
 
-    measure("scatter forward", T * d * s + T * k * d * s + index_bytes, {
+    measure("scatter forward", T * d * s + T * k * d * s + index_bytes, T * k * d * s, {
         "reference": lambda: reference.scatter_rows(x, rows, T * k),
         "numba": lambda: numba_backend.scatter_rows(x, rows, T * k),
         "torch-sort": lambda: sort_steps.scatter(x)})
@@ -130,13 +137,13 @@ def run(args) -> list[dict]:
         x_leaf = x.clone().requires_grad_(True)
         buffer = backend(x_leaf)
         return lambda: torch.autograd.grad(buffer, x_leaf, buffer_grad, retain_graph=True)
-    measure("scatter backward", T * k * d * s + T * d * s + index_bytes, {
+    measure("scatter backward", T * k * d * s + T * d * s + index_bytes, T * d * s, {
         "reference": scatter_backward(lambda v: reference.scatter_rows(v, rows, T * k)),
         "numba": scatter_backward(lambda v: numba_backend.scatter_rows(v, rows, T * k)),
         "torch-sort": scatter_backward(sort_steps.scatter)})
 
     expert_out = torch.randn(T * k, d, dtype=dtype)
-    measure("combine forward", T * k * d * s + T * d * s + index_bytes + T * k * s, {
+    measure("combine forward", T * k * d * s + T * d * s + index_bytes + T * k * s, T * d * s, {
         "reference": lambda: reference.gather_combine(expert_out, rows, weights),
         "numba": lambda: numba_backend.gather_combine(expert_out, rows, weights),
         "torch-sort": lambda: sort_steps.combine(expert_out, weights, T)})
@@ -148,27 +155,28 @@ def run(args) -> list[dict]:
         weights_leaf = weights.clone().requires_grad_(True)
         y = backend(out_leaf, weights_leaf)
         return lambda: torch.autograd.grad(y, (out_leaf, weights_leaf), grad_y, retain_graph=True)
-    measure("combine backward", 2 * T * d * s + 2 * T * k * d * s + index_bytes + 2 * T * k * s, {
+    measure("combine backward", 2 * T * d * s + 2 * T * k * d * s + index_bytes + 2 * T * k * s,
+            T * k * d * s + T * k * s, {
         "reference": combine_backward(lambda o, w: reference.gather_combine(o, rows, w)),
         "numba": combine_backward(lambda o, w: numba_backend.gather_combine(o, rows, w)),
         "torch-sort": combine_backward(lambda o, w: sort_steps.combine(o, w, T))})
     return results
 
 
-COLUMNS = ("reference", "numba", "torch-sort", "copy_", "clone")
+COLUMNS = ("reference", "numba", "torch-sort", "copy_", "zeros(out)")
 
 
 def print_table(results: list[dict]) -> None:
     header = (f"{'step':28s} {'MB':>6s} | " + " ".join(f"{name:>10s}" for name in COLUMNS)
-              + f" | {'ref/numba':>9s} {'sort/numba':>10s} | GB/s: {'numba':>6s} {'copy_':>6s} {'clone':>6s}")
+              + f" | {'ref/numba':>9s} {'sort/numba':>10s} | GB/s: {'numba':>6s} {'copy_':>6s}")
     print(header)
     print("-" * len(header))
     for row in results:
-        gbps = {name: row["bytes"] / row[name] / 1e9 for name in ("numba", "copy_", "clone")}
+        gbps = {name: row["bytes"] / row[name] / 1e9 for name in ("numba", "copy_")}
         print(f"{row['step']:28s} {row['bytes'] / 1e6:6.1f} | "
               + " ".join(f"{row[name] * 1e3:8.2f}ms" for name in COLUMNS)
               + f" | {row['reference'] / row['numba']:8.1f}x {row['torch-sort'] / row['numba']:9.1f}x"
-              + f" |       {gbps['numba']:6.1f} {gbps['copy_']:6.1f} {gbps['clone']:6.1f}")
+              + f" |       {gbps['numba']:6.1f} {gbps['copy_']:6.1f}")
 
 
 def main(argv=None) -> None:

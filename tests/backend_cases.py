@@ -20,9 +20,9 @@ from fastmoe_edu.experts import EXPERT_KINDS
 # The two backends do the same arithmetic except for summation order and a few elementwise
 # functions: the softmax/sigmoid routers (numba sums the partition function in float64, sequentially,
 # with its own exp; torch sums vectorized in the tensor's dtype) and the combine (the reference's
-# einsum may add the k terms in another order). The grouped GEMM is the same torch.mm per segment in
-# both (bitwise equal) unless torch._grouped_mm or the tiled kernel is chosen, whose inner sums over
-# d_in ≤ 32 terms may be ordered differently.
+# einsum may add the k terms in another order). The grouped GEMMs (torch._grouped_mm, the per-segment
+# torch.mm loop, the tiled kernel) may order their inner sums over d_in ≤ 32 terms differently from
+# the reference's loop of matmuls.
 #   float64: ε = 1.1e-16; a few ulps per op, amplified by ≤ 32-term sums and the layer's 3 GEMMs
 #            gives ~1e-14 relative. rtol 1e-10 / atol 1e-12 is that with a wide margin, and still
 #            catches any real bug (a wrong index or formula is off by O(1)).

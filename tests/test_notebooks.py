@@ -15,6 +15,7 @@ truth that reviewers read) and ``NN_name.ipynb`` (what JupyterLab opens). These 
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import sys
@@ -69,8 +70,11 @@ def test_pair_in_sync(name):
     assert len(py_cells) == len(ipynb_cells), (
         f"{name}: {len(py_cells)} cells in .py, {len(ipynb_cells)} in .ipynb; run jupytext --sync")
     for i, (a, b) in enumerate(zip(py_cells, ipynb_cells)):
-        assert a == b, f"{name}: cell {i} differs between .py and .ipynb ({a[1][:60]!r} vs {b[1][:60]!r}); " \
-                       "run jupytext --sync"
+        if a != b:
+            diff = "\n".join(list(difflib.unified_diff(b[1].splitlines(), a[1].splitlines(), f"{name}.ipynb",
+                                                       f"{name}.py", lineterm="", n=1))[:12])
+            pytest.fail(f"{name}: cell {i} ({a[0]} in .py, {b[0]} in .ipynb) differs; run "
+                        f"jupytext --sync tutorial/{name}.py\n{diff}", pytrace=False)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -95,7 +99,8 @@ def kernel_env(tmp_path_factory):
     """
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
-    env = {"FASTMOE_EDU_QUICK": "1", "MPLBACKEND": "agg", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    # Plots render through the kernel's inline backend, as in JupyterLab (no display needed).
+    env = {"FASTMOE_EDU_QUICK": "1", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")   # mpirun of this environment
     plain = {"python", f"python{sys.version_info[0]}", "python%d.%d" % sys.version_info[:2]}

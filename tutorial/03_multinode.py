@@ -417,7 +417,7 @@ def redraw_cost(gpus=256, bandwidth_GBps=50.0, experts_per_gpu=2, network="clust
     if crossover:
         ax.axvline(crossover, color="tab:green", ls="-.", alpha=0.6, label=f"hierarchical wins from P={crossover}")
     ax.set(xscale="log", yscale="log", xlabel="GPUs P", ylabel="ms per step",
-           title=f"{experts_per_gpu} experts/GPU, network {bandwidth_GBps:g} GB/s per GPU ({network})")
+           title=f"{experts_per_gpu} experts/GPU, network {bandwidth_GBps:.3g} GB/s per GPU ({network})")
     ax.set_xticks(GPU_COUNTS, [str(P) for P in GPU_COUNTS])
     ax.legend(fontsize=8)
     ax = axes[1]
