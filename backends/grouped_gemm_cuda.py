@@ -5,8 +5,9 @@
 The classic shared-memory tiling, extended to segments. The output is cut into TILE × TILE tiles;
 a tile's rows must belong to one expert, so each segment is cut into its own row tiles
 (ceil(count_e / TILE) of them) and a small *tile table* says, for every row tile, its expert and
-its first row. The grid is (output-column tiles) × (row tiles of all segments): one launch, however
-uneven the segments, and an empty segment simply has no tiles.
+its first row. The grid is (row tiles of all segments) × (output-column tiles): one launch, however
+uneven the segments, and an empty segment simply has no tiles. (Row tiles go on the grid's x axis,
+the only one allowed more than 65535 blocks.)
 
 Each block loads a TILE × TILE block of ``rows`` and one of ``weight[e]`` into shared memory, every
 thread adds TILE products for its output element, and the block moves on along the inner dimension:
@@ -46,16 +47,16 @@ def _kernels(tile: int, dtype):
 
     @cuda.jit
     def segment_matmul(rows, weight, tile_expert, tile_first_row, segment_end, out):
-        """out[n, o] = Σ_i rows[n, i] · weight[e, o, i]; block = (column tile, row tile)."""
+        """out[n, o] = Σ_i rows[n, i] · weight[e, o, i]; block = (row tile, column tile)."""
         a_tile = cuda.shared.array((tile, tile), dtype=dtype)
         w_tile = cuda.shared.array((tile, tile), dtype=dtype)
         tx = cuda.threadIdx.x                       # output column inside the tile
         ty = cuda.threadIdx.y                       # output row inside the tile
-        row_tile = cuda.blockIdx.y
+        row_tile = cuda.blockIdx.x
         expert = tile_expert[row_tile]
         end = segment_end[row_tile]
         row = tile_first_row[row_tile] + ty
-        first_col = cuda.blockIdx.x * tile
+        first_col = cuda.blockIdx.y * tile
         inner = rows.shape[1]
         acc = dtype(0)
         for i0 in range(0, inner, tile):
@@ -126,8 +127,8 @@ def _matmul(rows, weight, counts, tile):
     out = rows.new_empty(rows.shape[0], weight.shape[1])
     tile_expert, tile_first_row, segment_end = _tile_table(counts, tile)
     if tile_expert.numel() and out.numel():
-        grid = (math.ceil(weight.shape[1] / tile), tile_expert.numel())
-        segment_matmul[grid, (tile, tile), numba_cuda._stream()](
+        grid = (tile_expert.numel(), math.ceil(weight.shape[1] / tile))
+        segment_matmul[grid, (tile, tile), numba_cuda.torch_stream()](
             *(numba_cuda.array(t) for t in (rows, weight, tile_expert, tile_first_row, segment_end, out)))
     return out
 
@@ -141,7 +142,7 @@ def _weight_grad(grad_out, rows, counts, tile):
     segment_begin = torch.cat([counts.new_zeros(1), torch.cumsum(counts, dim=0)])
     if grad_weight.numel():
         grid = (math.ceil(d_in / tile), math.ceil(d_out / tile), num_experts)
-        segment_outer[grid, (tile, tile), numba_cuda._stream()](
+        segment_outer[grid, (tile, tile), numba_cuda.torch_stream()](
             *(numba_cuda.array(t) for t in (grad_out, rows, segment_begin, grad_weight)))
     return grad_weight
 

@@ -68,7 +68,7 @@ def array(tensor: torch.Tensor):
     return tensor.detach().numpy()
 
 
-def _stream():
+def torch_stream():
     """torch's current stream, so our kernels queue behind (and before) torch's own work."""
     if simulator_enabled():
         return 0
@@ -83,7 +83,7 @@ def _launch(kernel, num_tasks, *args):
         return
     threads = min(MAX_THREADS_PER_BLOCK, num_tasks)
     blocks = math.ceil(num_tasks / threads)
-    kernel[blocks, threads, _stream()](*args)
+    kernel[blocks, threads, torch_stream()](*args)
 
 
 # ----------------------------------------------------------------------------------------------------

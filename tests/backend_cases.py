@@ -28,6 +28,8 @@ from fastmoe_edu.experts import EXPERT_KINDS
 #            catches any real bug (a wrong index or formula is off by O(1)).
 #   float32: ε = 1.2e-7; ~ε × (32-term reduction) × (3 GEMM layers) ≈ 1e-5 relative in the worst
 #            element; rtol 1e-4 / atol 1e-5 leaves a small margin over that.
+# Measured over all CPU layer cases: the worst element used 14 % of the float32 tolerance (X-MoE's
+# projection gradient) and 0.2 % of the float64 one.
 TOLERANCES = {
     torch.float64: dict(rtol=1e-10, atol=1e-12),
     torch.float32: dict(rtol=1e-4, atol=1e-5),
