@@ -120,8 +120,10 @@ def grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, counts: torch.Tenso
     a segment may be empty. The reference simply loops over experts.
     """
     outputs = []
-    for expert, segment in enumerate(torch.split(rows, counts.tolist(), dim=0)):
-        outputs.append(segment @ weight[expert].t())
+    # unbind (not weight[e]) so the backward stacks the E weight gradients once, instead of adding
+    # E full-size [E, d_out, d_in] tensors that are zero outside one expert.
+    for segment, expert_weight in zip(torch.split(rows, counts.tolist(), dim=0), weight.unbind(0)):
+        outputs.append(segment @ expert_weight.t())
     if not outputs:
         return rows.new_zeros(0, weight.shape[1])
     return torch.cat(outputs, dim=0)
