@@ -43,7 +43,7 @@ EXPERTS = tuple(EXPERT_KINDS)
 BACKENDS = tuple(BACKEND_NAMES)
 EXCHANGES = ("auto", "pairwise", "alltoallv")
 DATASET_NAMES = tuple(DATASETS)
-SECTIONS = ("data", "model", "backend", "optimization", "eval", "checkpoint", "sample", "system")
+SECTIONS = ("data", "model", "backend", "parallel", "optimization", "eval", "checkpoint", "sample", "system")
 
 
 class ConfigError(ValueError):
@@ -95,6 +95,24 @@ class TrainConfig:
     exchange: str = _field("auto", "backend", "token exchange between MPI ranks (expert parallelism): pairwise "
                            "(readable: P-1 Sendrecv rounds), alltoallv (one collective), auto (pairwise with the "
                            "reference backend, else alltoallv); the numbers are identical", choices=EXCHANGES)
+
+    # --- parallel (only under mpirun; docs/parallelism.md) ---------------------------------------
+    tp: int = _field(1, "parallel", "tensor-parallel degree: attention heads and dense-MLP units split over tp ranks "
+                     "that read the same tokens (DeepSpeed-TED); n_head must be divisible by tp", minimum=1)
+    ep: typing.Optional[int] = _field(None, "parallel", "expert-parallel degree: each rank holds num_experts / ep "
+                                      "experts; none = world size / (tp * dp)", minimum=1)
+    dp: int = _field(1, "parallel", "expert data-parallel degree: copies of each expert slice "
+                     "(tp * ep * dp = world size)", minimum=1)
+    drop_duplicate_tokens: bool = _field(False, "parallel", "TED's duplicate token dropping: each of the tp ranks "
+                                         "sends only its 1/tp share of the rows through the all-to-all, the tp "
+                                         "group all-gathers the expert outputs (no effect when tp = 1)")
+    pipeline_degree: int = _field(1, "parallel", "FasterMoE/FSMoE overlap: split the all-to-all + expert compute "
+                                  "into this many chunks with non-blocking collectives (1 = not pipelined)",
+                                  minimum=1)
+    ranks_per_node: typing.Optional[int] = _field(None, "parallel", "Tutel-style hierarchical all-to-all with this "
+                                                  "many expert-parallel ranks per node (exchange inside the node, "
+                                                  "then one message per node pair); none = flat all-to-all",
+                                                  minimum=1)
 
     # --- optimization -------------------------------------------------------------------------
     lr: float = _field(6e-3, "optimization", "peak learning rate of AdamW", above=0.0)
@@ -151,6 +169,18 @@ class TrainConfig:
         if required_k is not None and self.top_k != required_k:
             raise ConfigError(f"router={self.router!r} routes each token to exactly {required_k} expert(s): "
                               f"top_k must be {required_k}, got {self.top_k}")
+        if self.n_head % self.tp:
+            raise ConfigError(f"tp={self.tp} must divide n_head={self.n_head} (each tensor-parallel rank computes "
+                              f"whole heads); choose tp among the divisors of {self.n_head}")
+        if self.moe_every > 1 and self.d_hidden % self.tp:
+            raise ConfigError(f"tp={self.tp} must divide d_hidden={self.d_hidden} (the dense MLPs' hidden units "
+                              f"are split over the tp ranks)")
+        if self.ep is not None and self.num_experts % self.ep:
+            raise ConfigError(f"ep={self.ep} must divide num_experts={self.num_experts} (every expert-parallel "
+                              f"rank holds the same number of experts)")
+        if self.ranks_per_node is not None and self.pipeline_degree > 1:
+            raise ConfigError(f"pipeline_degree={self.pipeline_degree} with ranks_per_node={self.ranks_per_node}: "
+                              f"the pipelined exchange is flat only; set one of them back to its default")
         if self.min_lr > self.lr:
             raise ConfigError(f"min_lr={self.min_lr} is out of range; it must be <= lr={self.lr}")
         if not (self.device == "cpu" or self.device == "cuda" or

@@ -51,10 +51,10 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig, format_config, parse_args, to_toml
 from .data import batch_rng, get_dataset
-from .distributed import allreduce_gradients, clip_grad_norm_
 from .distributed.checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
-from .distributed.training import (any_rank, describe, distribute_model, launch_rank, launch_world_size,
-                                   mean_over_ranks, start_layout, sum_over_ranks)
+from .distributed.training import (any_rank, clip_gradients as clip_distributed_gradients, describe,
+                                   distribute_model, launch_rank, launch_world_size, layout_sizes, mean_over_ranks,
+                                   reduce_gradients, start_layout, sum_over_ranks)
 from .model import MoETransformer, build_model
 
 CHECKPOINT_NAME = "ckpt.pt"
@@ -81,8 +81,9 @@ class Runtime:
 def start_runtime(cfg: TrainConfig) -> Runtime:
     """A single process, or, under ``mpirun -n P``, one of P ranks with its layout (distributed hook)."""
     if launch_world_size() == 1:
+        layout_sizes(cfg, 1)         # --tp=2 without mpirun: a clear error (the exchange options do nothing here)
         return Runtime()
-    layout = start_layout(cfg)       # checks num_experts and batch_size against P before any communication
+    layout = start_layout(cfg)       # checks tp·ep·dp, num_experts, batch_size against P before any communication
     return Runtime(rank=layout.rank, world_size=layout.world_size, layout=layout)
 
 
@@ -103,7 +104,7 @@ def all_reduce_gradients(model: MoETransformer, rt: Runtime) -> None:
     contribution through the all-to-all); see fastmoe_edu/distributed/gradients.py.
     """
     if rt.layout is not None:
-        allreduce_gradients(model, rt.layout)
+        reduce_gradients(model, rt.layout)
 
 
 def clip_gradients(model: MoETransformer, cfg: TrainConfig, rt: Runtime) -> torch.Tensor:
@@ -111,7 +112,7 @@ def clip_gradients(model: MoETransformer, cfg: TrainConfig, rt: Runtime) -> torc
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     if rt.layout is None:
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    return clip_grad_norm_(model, max_norm, rt.layout)             # distributed hook: norm over all ranks
+    return clip_distributed_gradients(model, max_norm, rt.layout)  # distributed hook: norm over all ranks
 
 
 def log(rt: Runtime, cfg: TrainConfig, message: str) -> None:
@@ -393,7 +394,7 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, rt: Runtime | None = 
     log(rt, cfg, f"model: {counts['total']:,} parameters ({counts['expert']:,} in experts, "
                  f"{counts['active_per_token']:,} active per token); vocab {dataset.vocab_size}")
     if rt.layout is not None:                                        # distributed hook: keep the local experts
-        distribute_model(model, rt.layout, cfg.seed, cfg.exchange)
+        distribute_model(model, rt.layout, cfg)
         log(rt, cfg, describe(cfg, rt.layout, model))
     optimizer = configure_optimizer(model, cfg)
 

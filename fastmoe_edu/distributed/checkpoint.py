@@ -3,11 +3,12 @@
     out_dir/ckpt.pt                     rank 0: replicated weights, their optimizer moments,
                                         the optimizer's hyper-parameters, and whatever the caller
                                         adds (step, config, history)
-    out_dir/experts-rank00003.pt        rank 3: its expert slices, their optimizer moments,
-                                        its random-number state, and the layout that wrote it
+    out_dir/experts-rank00003.pt        rank 3: its expert slices (and, with tp > 1, its slices of
+                                        the tensor-parallel attention / dense MLPs), their optimizer
+                                        moments, its random-number state, and the layout that wrote it
 
 Every rank reads ``ckpt.pt`` and its own expert file, so a resumed run continues exactly where
-the interrupted one stopped. Resuming needs the same layout (world size and ep); the error says so.
+the interrupted one stopped. Resuming needs the same layout (world size, tp, ep, dp); the error says so.
 Files are written to a temporary name and renamed, so a crash never leaves a half-written file
 under the real name.
 """
@@ -21,6 +22,7 @@ from torch import nn
 
 from .gradients import split_parameters
 from .layout import ParallelLayout
+from .tensor_parallel import tensor_parallel_parameters
 
 SHARED_NAME = "ckpt.pt"
 
@@ -72,10 +74,9 @@ def load_sharded_checkpoint(out_dir: str | Path, model: nn.Module, optimizer: to
     mine = torch.load(mine_path, map_location="cpu", weights_only=True)
     expected = _layout_record(layout)
     for record in (shared.get("layout"), mine.get("layout")):
-        if record is None or {k: record[k] for k in ("world_size", "ep_size", "dp_size")} != \
-                {k: expected[k] for k in ("world_size", "ep_size", "dp_size")}:
+        if record is None or {k: record.get(k, 1) for k in _LAYOUT_KEYS} != {k: expected[k] for k in _LAYOUT_KEYS}:
             raise ValueError(f"the checkpoint in {out_dir} was written by layout {record}, this run is "
-                             f"{expected}: resume with the same number of ranks")
+                             f"{expected}: resume with the same number of ranks and the same tp / ep / dp")
     model.load_state_dict({**shared["model"], **mine["model"]})
     optimizer.load_state_dict({"param_groups": shared["optimizer"]["param_groups"],
                                "state": {**shared["optimizer"]["state"], **mine["optimizer_state"]}})
@@ -85,23 +86,30 @@ def load_sharded_checkpoint(out_dir: str | Path, model: nn.Module, optimizer: to
     return shared
 
 
-def _expert_state_keys(model: nn.Module) -> set[str]:
+def _per_rank_ids(model: nn.Module) -> set[int]:
+    """Parameters that differ between ranks: expert slices and tensor-parallel slices."""
     _, experts = split_parameters(model)
-    expert_ids = {id(p) for p in experts}
-    return {name for name, p in model.named_parameters(remove_duplicate=False) if id(p) in expert_ids}
+    return {id(p) for p in experts + tensor_parallel_parameters(model)}
+
+
+def _expert_state_keys(model: nn.Module) -> set[str]:
+    mine = _per_rank_ids(model)
+    return {name for name, p in model.named_parameters(remove_duplicate=False) if id(p) in mine}
 
 
 def _expert_optimizer_indices(model: nn.Module, optimizer: torch.optim.Optimizer) -> set[int]:
     """The optimizer's state_dict numbers parameters 0, 1, 2, ... in param-group order."""
-    _, experts = split_parameters(model)
-    expert_ids = {id(p) for p in experts}
+    mine = _per_rank_ids(model)
     ordered = [p for group in optimizer.param_groups for p in group["params"]]
-    return {index for index, p in enumerate(ordered) if id(p) in expert_ids}
+    return {index for index, p in enumerate(ordered) if id(p) in mine}
+
+
+_LAYOUT_KEYS = ("world_size", "tp_size", "ep_size", "dp_size")
 
 
 def _layout_record(layout: ParallelLayout) -> dict:
-    return {"world_size": layout.world_size, "ep_size": layout.ep_size, "dp_size": layout.dp_size,
-            "rank": layout.rank}
+    return {"world_size": layout.world_size, "tp_size": layout.tp_size, "ep_size": layout.ep_size,
+            "dp_size": layout.dp_size, "rank": layout.rank}
 
 
 def _atomic_save(state: dict, path: Path) -> None:
