@@ -16,9 +16,9 @@ Implementations, all on the same weights and input, in one process:
     numba [grouped_mm] MoELayer(backend="numba"), grouped GEMM = torch._grouped_mm
     torch-sort         the fastest torch-only layer we know: stable argsort of the expert ids,
                        x[order // k], torch._grouped_mm experts, index_add_ combine
-    ref dispatch+GEMM  the reference's dispatch functions with numba's default grouped GEMM: tells
-                       how much of the reference's time is its grouped GEMM's backward (autograd
-                       through ``weight[e]`` builds a full-size weight gradient per expert)
+    ref dispatch+GEMM  the reference's dispatch functions with numba's default grouped GEMM: splits
+                       the reference's time into its dispatch (this column minus numba) and its
+                       grouped GEMM (a Python loop of torch.mm per expert, reference minus this column)
     per-token loop     brute force: for every token, for every slot, y[t] += w · expert_e(x[t])
                        (run on --loop-tokens tokens and scaled to T per token: it is linear in T)
 

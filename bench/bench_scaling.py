@@ -36,11 +36,12 @@ def worker(output: str, steps: int, warmup: int, backend: str, exchange: str | N
     from fastmoe_edu.data import batch_rng, get_dataset
     from fastmoe_edu.distributed import (ParallelLayout, abort_on_exception, allreduce_gradients,
                                          broadcast_parameters, clip_grad_norm_, make_expert_parallel)
+    from fastmoe_edu.backends import set_cpu_threads
     from fastmoe_edu.model import build_model
 
     abort_on_exception()
     layout = ParallelLayout()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // layout.ranks_on_this_node))
+    set_cpu_threads(max(1, (os.cpu_count() or 1) // layout.ranks_on_this_node), backend)
     cfg = TrainConfig(num_experts=8, backend=backend)
     per_rank = layout.check_batch_size(cfg.batch_size)
     layout.check_num_experts(cfg.num_experts)

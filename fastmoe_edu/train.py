@@ -49,6 +49,7 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from .backends import set_cpu_threads
 from .config import TrainConfig, format_config, parse_args, to_toml
 from .data import batch_rng, get_dataset
 from .distributed.checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
@@ -382,7 +383,7 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, rt: Runtime | None = 
     rt = rt or start_runtime(cfg)
     t_start = time.time()
     if cfg.num_threads > 0:
-        torch.set_num_threads(cfg.num_threads)
+        set_cpu_threads(cfg.num_threads, cfg.backend)               # torch and numba: one thread budget
     device = torch.device(cfg.device)
     if rt.is_main and cfg.progress:
         print(format_config(cfg), flush=True)

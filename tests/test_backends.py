@@ -197,3 +197,21 @@ def test_bfloat16_runs_through_float32_kernels():
     ids, weights = numba_backend.softmax_topk_route(logits, 2, True)
     want_ids, want_weights = reference.softmax_topk_route(logits, 2, True)
     assert torch.equal(ids, want_ids) and weights.dtype == want_weights.dtype == torch.float32
+
+
+def test_set_cpu_threads_survives_numba_kernels():
+    """One thread budget for torch and numba: a numba parallel loop must not reset torch's count
+    (it did, through the shared OpenMP runtime, before set_cpu_threads set numba's count too)."""
+    from fastmoe_edu.backends import set_cpu_threads
+    before = torch.get_num_threads()
+    try:
+        set_cpu_threads(1, "numba")
+        layer = MoELayer(d_model=16, d_hidden=32, num_experts=4, backend="numba")
+        layer(torch.randn(64, 16)).sum().backward()
+        assert torch.get_num_threads() == 1
+    finally:
+        set_cpu_threads(before, "numba")
+    with pytest.raises(ValueError, match="count=0"):
+        set_cpu_threads(0)
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        set_cpu_threads(1, "cuda")

@@ -79,9 +79,6 @@ def start_layout(cfg) -> ParallelLayout:
     sequences_per_rank(cfg.batch_size, ep * dp, world_size)            # every (ep, dp) position reads its own shard
     if cfg.ranks_per_node is not None:
         check_ranks_per_node(cfg.ranks_per_node, ep)
-    if cfg.num_threads > 0 and cfg.backend != "reference":
-        import numba                                                   # numba's parallel loops: same thread budget
-        numba.set_num_threads(min(cfg.num_threads, numba.config.NUMBA_NUM_THREADS))
     return ParallelLayout(tensor_parallel=tp, expert_parallel=ep, expert_replicas=dp)
 
 

@@ -34,7 +34,7 @@ def train_three_steps(cfg, dataset, rt: Runtime):
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, dataset.vocab_size).double()
     if rt.layout is not None:
-        distribute_model(model, rt.layout, cfg.seed)
+        distribute_model(model, rt.layout, cfg)
     optimizer = configure_optimizer(model, cfg)
     records = []
     for step in range(STEPS):
