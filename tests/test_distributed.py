@@ -82,7 +82,7 @@ def test_layout_checks_raise_clear_errors():
     layout = ParallelLayout()                                   # world size 1 without mpirun
     assert (layout.tp_size, layout.ep_size, layout.dp_size, layout.data_size) == (1, 1, 1, 1)
     assert layout.check_num_experts(6) == 6
-    with pytest.raises(ValueError, match="world size 1 != tensor_parallel"):
+    with pytest.raises(ValueError, match=r"tensor_parallel × expert_parallel × expert_replicas = 1 × 2 × 1 = 2, but the world size is 1"):
         ParallelLayout(expert_parallel=2)
 
 

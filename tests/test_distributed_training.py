@@ -136,3 +136,14 @@ def test_ted_command_line_and_bad_layouts(tmp_path):
                            timeout=60)
     assert bad.returncode == 2 and seconds < 60
     assert bad.stderr.count("tp × ep × dp = 2 × 2 × 1 = 4, but the world size is 2") == 1, bad.stderr
+
+
+def test_layout_sizes_fill_in_ep_and_name_the_fix():
+    """The launch arithmetic (no MPI): ep defaults to the ranks tp and dp leave; a mismatch says what to change."""
+    from fastmoe_edu.distributed.training import layout_sizes
+    assert layout_sizes(parse_args(["--tp=2", "--dp=2"]), 8) == (2, 2, 2)
+    assert layout_sizes(parse_args([]), 8) == (1, 8, 1)
+    with pytest.raises(ValueError, match=r"world size 6 is not divisible by tp × dp = 2 × 2; launch a multiple of 4"):
+        layout_sizes(parse_args(["--tp=2", "--dp=2"]), 6)
+    with pytest.raises(ValueError, match=r"tp × ep × dp = 2 × 2 × 1 = 4, but the world size is 8; launch mpirun -n 4"):
+        layout_sizes(parse_args(["--tp=2", "--ep=2"]), 8)

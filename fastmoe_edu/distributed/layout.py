@@ -60,14 +60,8 @@ class ParallelLayout:
         for name, value in (("tensor_parallel", tensor_parallel), ("expert_replicas", expert_replicas)):
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"{name}={value!r} must be an integer >= 1")
-        if expert_parallel is None:
-            if world_size % (tensor_parallel * expert_replicas):
-                raise ValueError(f"world size {world_size} is not divisible by tensor_parallel × expert_replicas "
-                                 f"= {tensor_parallel} × {expert_replicas}")
-            expert_parallel = world_size // (tensor_parallel * expert_replicas)
-        if tensor_parallel * expert_parallel * expert_replicas != world_size:
-            raise ValueError(f"world size {world_size} != tensor_parallel × expert_parallel × expert_replicas "
-                             f"= {tensor_parallel} × {expert_parallel} × {expert_replicas}")
+        tensor_parallel, expert_parallel, expert_replicas = split_world(
+            world_size, tensor_parallel, expert_parallel, expert_replicas)
         self.tp_size, self.ep_size, self.dp_size = tensor_parallel, expert_parallel, expert_replicas
 
         # Coordinates of this rank: rank = (dp_index · ep + ep_index) · tp + tp_index.
@@ -151,6 +145,26 @@ class ParallelLayout:
 # The same checks as plain arithmetic, usable before any layout (and any collective) exists:
 #     experts_per_rank(cfg.num_experts, MPI.COMM_WORLD.Get_size(), MPI.COMM_WORLD.Get_size())
 # ----------------------------------------------------------------------------------------------------
+def split_world(world_size: int, tp: int, ep: int | None, dp: int,
+                names: tuple[str, str, str] = ("tensor_parallel", "expert_parallel", "expert_replicas"),
+                hint: str = "") -> tuple[int, int, int]:
+    """(tp, ep, dp) with world size = tp × ep × dp; ``ep=None`` takes the ranks tp and dp leave.
+
+    ``names`` spell the three degrees in the error message (the config says tp / ep / dp), ``hint``
+    is appended to it (what to change).
+    """
+    tp_name, ep_name, dp_name = names
+    if ep is None:
+        if world_size % (tp * dp):
+            raise ValueError(f"world size {world_size} is not divisible by {tp_name} × {dp_name} = {tp} × {dp}"
+                             + hint)
+        ep = world_size // (tp * dp)
+    if tp * ep * dp != world_size:
+        raise ValueError(f"{tp_name} × {ep_name} × {dp_name} = {tp} × {ep} × {dp} = {tp * ep * dp}, "
+                         f"but the world size is {world_size}" + hint)
+    return tp, ep, dp
+
+
 def experts_per_rank(num_experts: int, ep_size: int, world_size: int) -> int:
     """``E / ep``, or a ValueError that says what to change."""
     if num_experts % ep_size:

@@ -30,7 +30,7 @@ from .expert_parallel import make_expert_parallel
 from .failure import abort_on_exception
 from .gradients import broadcast_parameters, clip_grad_norm_
 from .hierarchical import check_ranks_per_node
-from .layout import ParallelLayout, experts_per_rank, sequences_per_rank
+from .layout import ParallelLayout, experts_per_rank, sequences_per_rank, split_world
 from .ted import allreduce_ted_gradients, make_ted, ted_clip_grad_norm_
 
 # Added to the seed, times the rank, for each rank's own random stream (router noise, jitter).
@@ -52,17 +52,11 @@ def layout_sizes(cfg, world_size: int) -> tuple[int, int, int]:
 
     ``ep`` unset means "all ranks not used by tp and dp": ep = world size / (tp · dp).
     """
-    tp, dp = cfg.tp, cfg.dp
-    ep = cfg.ep
-    if ep is None:
-        if world_size % (tp * dp):
-            raise ValueError(f"world size {world_size} is not divisible by tp × dp = {tp} × {dp}; launch a "
-                             f"multiple of {tp * dp} ranks or change tp / dp")
-        ep = world_size // (tp * dp)
-    if tp * ep * dp != world_size:
-        raise ValueError(f"tp × ep × dp = {tp} × {ep} × {dp} = {tp * ep * dp}, but the world size is {world_size}: "
-                         f"launch mpirun -n {tp * ep * dp} or change tp / ep / dp")
-    return tp, ep, dp
+    if cfg.ep is None:
+        hint = f"; launch a multiple of {cfg.tp * cfg.dp} ranks or change tp / dp"
+    else:
+        hint = f"; launch mpirun -n {cfg.tp * cfg.ep * cfg.dp} or change tp / ep / dp"
+    return split_world(world_size, cfg.tp, cfg.ep, cfg.dp, names=("tp", "ep", "dp"), hint=hint)
 
 
 def uses_ted(cfg) -> bool:
