@@ -23,9 +23,9 @@ m = matrices per expert (3 SwiGLU, 2 GELU), S = seq_len, s = 1/tp with token dro
     tensor parallel     1 all-reduce of T·d forward (row-parallel output) + 1 backward (before column-parallel)
     all-to-all          scatter + gather forward, the same two backward, each of k·T·s·imbalance rows of d
     token dropping      + 1 all-gather of the k·T rows in the tp group forward, 1 backward
-    pipelining (D)      forward:  s1 + s2 + s3 + (D−1)·max(s1 + s3, s2)  with s1, s3 = one chunk's scatter,
-                        gather (α paid per chunk, β·B/D) and s2 = one chunk's expert compute.
-                        (pipeline.py overlaps the forward only; the backward is costed unpipelined.)
+    pipelining (D)      each pass:  s1 + s2 + s3 + (D−1)·max(s1 + s3, s2)  with s1, s3 = one chunk's
+                        two exchanges (α paid per chunk, β·B/D) and s2 = one chunk's expert compute
+                        (forward: C/D; backward: 2C/D — pipeline.py overlaps both passes).
 
 Per step: the gradient all-reduces (non-expert over the ep·dp data group, experts over dp — and
 over tp too when tokens are dropped) and an overhead per layer, fixed plus per token (Python,
@@ -145,12 +145,14 @@ def predict_step(shape: MoEShape, layout: Layout, hw: Hardware) -> dict[str, flo
     D = layout.pipeline_degree
     if D > 1:
         piece = alltoall_time(rows * d * b, ep, tp, hw, layout.hierarchical, chunks=D)
-        c = expert_fwd / D
-        moe_fwd = piece + c + piece + (D - 1) * max(2 * piece, c)             # scatter, compute, gather stages
+
+        def pipelined(compute):                                               # scatter, compute, gather stages
+            c = compute / D
+            return piece + c + piece + (D - 1) * max(2 * piece, c)
+        moe_fwd, moe_bwd = pipelined(expert_fwd), pipelined(2 * expert_fwd)
     else:
-        moe_fwd = 2 * a2a + expert_fwd
-    moe_bwd = 2 * a2a + 2 * expert_fwd
-    alltoall_part = (moe_fwd - expert_fwd) + 2 * a2a                          # exposed exchange time
+        moe_fwd, moe_bwd = 2 * a2a + expert_fwd, 2 * a2a + 2 * expert_fwd
+    alltoall_part = (moe_fwd - expert_fwd) + (moe_bwd - 2 * expert_fwd)       # exposed exchange time
 
     tp_allreduce = 2 * allreduce_time(T * d * b, tp, tp, hw)
     tp_allgather = 2 * allgather_time(k * T * d * b, tp, tp, hw) if layout.drop_duplicate_tokens and tp > 1 else 0.0

@@ -25,8 +25,21 @@ in the same order (scatter 0, scatter 1, gather 0, scatter 2, gather 1, ...), as
 How much actually overlaps depends on the MPI library: without an asynchronous progress thread
 (the ``mpich`` wheel's default), a large message may only move inside MPI calls — the ``Wait`` s.
 
-Backward: autograd runs each chunk's exchange backward as an ordinary (blocking) reverse exchange;
-only the forward pass overlaps here.
+Backward, the same schedule mirrored (FasterMoE overlaps both passes): the gradient of chunk c+1's
+results travels to the expert ranks while chunk c's expert backward runs, and chunk c's input
+gradient travels home while chunk c+1's expert backward runs:
+
+    post grad-gather(0)
+    for c in 0 .. D−1:
+        post grad-gather(c+1)
+        wait grad-gather(c); expert backward(chunk c)     ← input and weight gradients of chunk c
+        post grad-scatter(c)
+    wait grad-scatter(0 .. D−1)
+
+To control that order, the chunks' expert compute sits inside one ``autograd.Function``
+(:class:`PipelinedExperts`): its forward records each chunk's small autograd graph, its backward
+walks the chunks itself with ``torch.autograd.grad``. The weight gradient is the sum of the D chunks'
+partial gradients, added in chunk order.
 """
 from __future__ import annotations
 
@@ -68,18 +81,58 @@ class PendingExchange:
         return self.received.to(self.device)
 
 
-class FinishExchange(torch.autograd.Function):
-    """Forward: wait for a posted exchange of ``rows``; backward: the reverse exchange of the gradient (blocking)."""
+class PipelinedExperts(torch.autograd.Function):
+    """The D chunks' exchange → experts → exchange back, overlapped in both passes (see the module docstring).
+
+    Inputs: the expert-sorted ``buffer`` and the experts' parameters (so autograd hands their gradients
+    back through this function); output: the returned rows of all chunks, in chunk order.
+    """
 
     @staticmethod
-    def forward(ctx, rows, pending: PendingExchange, send_rows: list[int], recv_rows: list[int]):
-        ctx.comm, ctx.send_rows, ctx.recv_rows = pending.comm, send_rows, recv_rows
-        return pending.wait()
+    def forward(ctx, buffer, run_chunk, comm: Communicator, plans, indices, build_graph: bool, *params):
+        degree = len(plans)
+        chunks = [buffer.index_select(0, idx.to(buffer.device)) for idx in indices]
+        scatters = [PendingExchange(comm, chunks[0], plans[0].send_rows, plans[0].recv_rows)]
+        inputs, outputs, gathers = [], [], []
+        for c, plan in enumerate(plans):
+            if c + 1 < degree:                                                   # chunk c+1 starts travelling
+                nxt = plans[c + 1]
+                scatters.append(PendingExchange(comm, chunks[c + 1], nxt.send_rows, nxt.recv_rows))
+            received = scatters[c].wait().requires_grad_(build_graph)           # ... while chunk c is computed
+            with torch.set_grad_enabled(build_graph):                            # this chunk's own small graph
+                out = run_chunk(received, plan)
+            inputs.append(received)
+            outputs.append(out)
+            gathers.append(PendingExchange(comm, out.detach(), plan.recv_rows, plan.send_rows))   # results go home
+        ctx.comm, ctx.plans, ctx.indices, ctx.params = comm, plans, indices, params
+        ctx.inputs, ctx.outputs, ctx.num_buffer_rows = inputs, outputs, buffer.shape[0]
+        return torch.cat([pending.wait() for pending in gathers])
 
     @staticmethod
     def backward(ctx, grad):
-        back = ctx.comm.alltoallv(grad.contiguous(), ctx.recv_rows, ctx.send_rows, "alltoallv")
-        return back, None, None, None
+        comm, plans, params = ctx.comm, ctx.plans, ctx.params
+        degree = len(plans)
+        grads = grad.contiguous().split([sum(plan.send_rows) for plan in plans])
+        # The gradient of chunk c's results goes back to where chunk c was computed (the gather's reverse).
+        incoming = [PendingExchange(comm, grads[0], plans[0].send_rows, plans[0].recv_rows)]
+        outgoing, param_grads = [], [torch.zeros_like(p) for p in params]
+        for c, plan in enumerate(plans):
+            if c + 1 < degree:
+                nxt = plans[c + 1]
+                incoming.append(PendingExchange(comm, grads[c + 1], nxt.send_rows, nxt.recv_rows))
+            grad_out = incoming[c].wait()
+            with torch.enable_grad():
+                found = torch.autograd.grad(ctx.outputs[c], (ctx.inputs[c], *params), grad_out, allow_unused=True)
+            for total, partial in zip(param_grads, found[1:]):
+                if partial is not None:
+                    total += partial                                             # chunk order: deterministic
+            # Chunk c's input gradient travels home (the scatter's reverse) during chunk c+1's backward.
+            outgoing.append(PendingExchange(comm, found[0], plan.recv_rows, plan.send_rows))
+        grad_chunks = torch.cat([pending.wait() for pending in outgoing])
+        grad_buffer = grad_chunks.new_empty((ctx.num_buffer_rows,) + tuple(grad_chunks.shape[1:]))
+        grad_buffer.index_copy_(0, torch.cat(ctx.indices).to(grad_buffer.device), grad_chunks)
+        ctx.inputs = ctx.outputs = None                                          # free the chunks' graphs
+        return (grad_buffer, None, None, None, None, None, *param_grads)
 
 
 def chunk_rows(counts: torch.Tensor, degree: int) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -105,24 +158,17 @@ def pipelined_expert_exchange(experts, buffer: torch.Tensor, counts: torch.Tenso
     plans = [ExchangePlan(send_counts=send_counts[:, c], recv_counts=recv_counts[:, c],
                           send_rows=send_counts[:, c].sum(1).tolist(), recv_rows=recv_counts[:, c].sum(1).tolist(),
                           local_expert_counts=recv_counts[:, c].sum(0)) for c in range(degree)]
-    chunks = [buffer.index_select(0, idx.to(buffer.device)) for idx in indices]
 
-    scatters = [PendingExchange(comm, chunks[0].detach(), plans[0].send_rows, plans[0].recv_rows)]
-    computed, gathers = [], []
-    for c, plan in enumerate(plans):
-        if c + 1 < degree:                                                       # chunk c+1 starts travelling
-            nxt = plans[c + 1]
-            scatters.append(PendingExchange(comm, chunks[c + 1].detach(), nxt.send_rows, nxt.recv_rows))
-        received = FinishExchange.apply(chunks[c], scatters[c], plan.send_rows, plan.recv_rows)
+    def run_chunk(received: torch.Tensor, plan: ExchangePlan) -> torch.Tensor:
         expert_rows = regroup_by_expert(received, plan.recv_counts, "alltoallv")
         out = experts(expert_rows, plan.local_expert_counts.to(counts.device), backend.grouped_matmul)
-        out = regroup_by_source(out, plan.recv_counts, "alltoallv")
-        computed.append(out)
-        gathers.append(PendingExchange(comm, out.detach(), plan.recv_rows, plan.send_rows))   # results go home
-    returned = [FinishExchange.apply(out, pending, plan.recv_rows, plan.send_rows)
-                for out, pending, plan in zip(computed, gathers, plans)]
+        return regroup_by_source(out, plan.recv_counts, "alltoallv")
+
+    params = [p for p in experts.parameters() if p.requires_grad]
+    build_graph = torch.is_grad_enabled() and (buffer.requires_grad or bool(params))
+    returned = PipelinedExperts.apply(buffer, run_chunk, comm, plans, indices, build_graph, *params)
     # Chunk order -> buffer order: output row i of the buffer is row position[i] of the concatenated chunks.
     order = torch.cat(indices)
     position = torch.empty_like(order)
     position[order] = torch.arange(order.numel())
-    return Permute.apply(torch.cat(returned), position)
+    return Permute.apply(returned, position)
