@@ -97,7 +97,7 @@ def route_token_by_token(layer, x: torch.Tensor, draws: dict):
         per_expert = min(num_tokens, math.ceil(factor * num_tokens / num_experts))
         decisions = [[(None, torch.zeros((), dtype=x.dtype))] * num_experts for _ in range(num_tokens)]
         for e in range(num_experts):
-            for t in _top([float(all_probs[t][e]) for t in range(num_tokens)], per_expert):
+            for t in _top([float(all_probs[t][e].detach()) for t in range(num_tokens)], per_expert):
                 decisions[t][e] = (e, all_probs[t][e])
     return decisions, torch.stack(all_probs)
 
