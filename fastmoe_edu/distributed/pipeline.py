@@ -48,7 +48,7 @@ import math
 import torch
 
 from .communicator import Communicator, _exclusive_prefix_sum
-from .exchange import ExchangePlan, Permute, regroup_by_expert, regroup_by_source
+from .exchange import ExchangePlan, regroup_by_expert, regroup_by_source
 
 
 def check_pipeline_degree(pipeline_degree) -> int:
@@ -85,13 +85,14 @@ class PipelinedExperts(torch.autograd.Function):
     """The D chunks' exchange → experts → exchange back, overlapped in both passes (see the module docstring).
 
     Inputs: the expert-sorted ``buffer`` and the experts' parameters (so autograd hands their gradients
-    back through this function); output: the returned rows of all chunks, in chunk order.
+    back through this function); output: the returned rows, back in buffer order.
     """
 
     @staticmethod
     def forward(ctx, buffer, run_chunk, comm: Communicator, plans, indices, build_graph: bool, *params):
         degree = len(plans)
-        chunks = [buffer.index_select(0, idx.to(buffer.device)) for idx in indices]
+        order = torch.cat(indices).to(buffer.device)          # buffer row of each row of the concatenated chunks
+        chunks = buffer.index_select(0, order).split([len(idx) for idx in indices])
         scatters = [PendingExchange(comm, chunks[0], plans[0].send_rows, plans[0].recv_rows)]
         inputs, outputs, gathers = [], [], []
         for c, plan in enumerate(plans):
@@ -104,15 +105,16 @@ class PipelinedExperts(torch.autograd.Function):
             inputs.append(received)
             outputs.append(out)
             gathers.append(PendingExchange(comm, out.detach(), plan.recv_rows, plan.send_rows))   # results go home
-        ctx.comm, ctx.plans, ctx.indices, ctx.params = comm, plans, indices, params
-        ctx.inputs, ctx.outputs, ctx.num_buffer_rows = inputs, outputs, buffer.shape[0]
-        return torch.cat([pending.wait() for pending in gathers])
+        ctx.comm, ctx.plans, ctx.order, ctx.params = comm, plans, order, params
+        ctx.inputs, ctx.outputs = inputs, outputs
+        returned = torch.cat([pending.wait() for pending in gathers])
+        return torch.empty_like(returned).index_copy_(0, order, returned)        # chunk order -> buffer order
 
     @staticmethod
     def backward(ctx, grad):
         comm, plans, params = ctx.comm, ctx.plans, ctx.params
         degree = len(plans)
-        grads = grad.contiguous().split([sum(plan.send_rows) for plan in plans])
+        grads = grad.index_select(0, ctx.order).split([sum(plan.send_rows) for plan in plans])   # chunk order
         # The gradient of chunk c's results goes back to where chunk c was computed (the gather's reverse).
         incoming = [PendingExchange(comm, grads[0], plans[0].send_rows, plans[0].recv_rows)]
         outgoing, param_grads = [], [torch.zeros_like(p) for p in params]
@@ -129,8 +131,7 @@ class PipelinedExperts(torch.autograd.Function):
             # Chunk c's input gradient travels home (the scatter's reverse) during chunk c+1's backward.
             outgoing.append(PendingExchange(comm, found[0], plan.recv_rows, plan.send_rows))
         grad_chunks = torch.cat([pending.wait() for pending in outgoing])
-        grad_buffer = grad_chunks.new_empty((ctx.num_buffer_rows,) + tuple(grad_chunks.shape[1:]))
-        grad_buffer.index_copy_(0, torch.cat(ctx.indices).to(grad_buffer.device), grad_chunks)
+        grad_buffer = torch.empty_like(grad_chunks).index_copy_(0, ctx.order, grad_chunks)
         ctx.inputs = ctx.outputs = None                                          # free the chunks' graphs
         return (grad_buffer, None, None, None, None, None, *param_grads)
 
@@ -166,9 +167,4 @@ def pipelined_expert_exchange(experts, buffer: torch.Tensor, counts: torch.Tenso
 
     params = [p for p in experts.parameters() if p.requires_grad]
     build_graph = torch.is_grad_enabled() and (buffer.requires_grad or bool(params))
-    returned = PipelinedExperts.apply(buffer, run_chunk, comm, plans, indices, build_graph, *params)
-    # Chunk order -> buffer order: output row i of the buffer is row position[i] of the concatenated chunks.
-    order = torch.cat(indices)
-    position = torch.empty_like(order)
-    position[order] = torch.arange(order.numel())
-    return Permute.apply(returned, position)
+    return PipelinedExperts.apply(buffer, run_chunk, comm, plans, indices, build_graph, *params)
