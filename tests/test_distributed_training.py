@@ -79,9 +79,8 @@ def test_resume_continues_exactly(tmp_path):
 # a few float32 ulp (~1e-7 relative) per reduction. Adam rescales each gradient by 1/sqrt(v), so an
 # ulp-level difference in a weight's gradient moves that weight by at most ~lr·1e-6 relative per step;
 # over 6 steps the losses (≈ 4.1) stay within ~1e-5 (measured 2026-11-23: at most 1.2e-7 relative over
-# the four cases, validation loss identical). 1e-4 relative is far
-# below what a real mistake does (a missing all-reduce or a wrong 1/tp scale changes the loss from
-# step 2 on by > 1e-2).
+# the four cases, validation loss identical). 1e-4 relative is far below what a real mistake does (a
+# missing all-reduce or a wrong 1/tp scale changes the loss from step 2 on by > 1e-2).
 TED_LOSS_RTOL = 1e-4
 
 
@@ -89,8 +88,7 @@ TED_LOSS_RTOL = 1e-4
 def ted_training_results(tmp: str = "/tmp") -> dict:
     with tempfile.TemporaryDirectory(dir=tmp) as work:
         result = Path(work) / "result.json"
-        done = subprocess.run(mpirun_command(8, [str(SCRIPTS / "check_ted_training.py"), work, str(result)]),
-                              capture_output=True, text=True, timeout=600)
+        done, _ = run_mpi(8, [str(SCRIPTS / "check_ted_training.py"), work, str(result)], timeout=600)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         return json.loads(result.read_text())
 

@@ -34,6 +34,7 @@
 # **`QUICK`** (`FASTMOE_EDU_QUICK=1`, set by the tests): `mpirun -n 1` and `-n 2` only, small sizes.
 
 # %%
+import dataclasses
 import importlib.util
 import json
 import math
@@ -544,7 +545,7 @@ for P in GPU_COUNTS:
     dropping = TED_VARIANTS["tp4 drop"](P)
     best = cost_model.choose_pipeline_degree(ted_shape(dropping.ep), dropping, hardware, max_degree=16)
     best_degrees.append(best)
-    piped = cost_model.Layout(4, P // 4, 1, drop_duplicate_tokens=True, pipeline_degree=best)
+    piped = dataclasses.replace(dropping, pipeline_degree=best)
     ted_steps["tp4 drop best D"].append(cost_model.predict_step(ted_shape(piped.ep), piped, hardware)["total"])
 
 fig, (ax_steps, ax_degree) = plt.subplots(1, 2, figsize=(12, 4.2))
@@ -557,7 +558,7 @@ ax_steps.legend(fontsize=8)
 DEGREES = list(range(1, 13))
 for P in (64, 512):
     layout = TED_VARIANTS["tp4 drop"](P)
-    times = [cost_model.predict_step(ted_shape(layout.ep), cost_model.Layout(4, P // 4, 1, True, False, D),
+    times = [cost_model.predict_step(ted_shape(layout.ep), dataclasses.replace(layout, pipeline_degree=D),
                                      hardware)["total"] * 1e3 for D in DEGREES]
     ax_degree.plot(DEGREES, times, "o-", label=f"{P} GPUs (tp4, drop)")
 ax_degree.set(xlabel="pipeline degree D (chunks of the all-to-all)", ylabel="predicted ms per step",
