@@ -7,9 +7,10 @@ Both are ``torch.autograd.Function``s with an explicit backward, the same two pr
     grad_rows[segment e] = grad_out[segment e] · weight[e]
     grad_weight[e]       = grad_out[segment e]ᵀ · rows[segment e]          (0 for an empty segment)
 
-Why not let autograd differentiate the reference's loop? Its ``weight[e]`` indexing makes autograd
-build a full-size [E, d_out, d_in] gradient for *every* expert and add them up: E times the work
-and memory traffic of the weight gradient. Writing each expert's slice in place avoids that.
+Why an explicit backward rather than autograd through a loop? Autograd through ``weight[e]``
+indexing would build a full-size [E, d_out, d_in] gradient for *every* expert and add them up (E
+times the weight gradient's traffic; the reference avoids it with ``weight.unbind(0)``, which
+stacks the E slices once). Here each expert's gradient slice is written in place, no stacking.
 
 ``torch._grouped_mm`` (torch 2.13; private API) takes ``mat_a [N, K]``, ``mat_b [E, K, N_out]`` and
 ``offs`` = int32 cumulative *end* offsets of the segments; with a 2-D ``mat_b`` [N, N_out] and the
