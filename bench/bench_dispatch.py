@@ -2,12 +2,14 @@
 
     python bench/bench_dispatch.py                        # T=16384, d=256, E=64, k=2, float32
     python bench/bench_dispatch.py --tokens 4096 --d-model 1024
+    python bench/bench_dispatch.py --device cuda --tokens 262144 --d-model 1024   # on an NVIDIA GPU
 
 Each step of FastMoE's data flow that moves data (dispatch.py) is timed for three implementations,
 side by side in one process:
 
     reference   fastmoe_edu/dispatch.py (one-hot cumsum ranking, index_copy, einsum)
-    numba       backends/numba_backend.py on this machine's target (CPU here)
+    numba       backends/numba_backend.py on the tensors' target (numba_cpu for --device cpu,
+                numba_cuda for --device cuda)
     torch-sort  the fastest torch-only way we know: a stable argsort of the expert ids gives the
                 rows, x[order // k] scatters, index_add_ combines
 
@@ -21,7 +23,8 @@ and its *achieved bandwidth* = (bytes the step must read + write at least) / tim
                 times the copy itself, and it is the same for every implementation
 
 Times are the best of --repeats calls after 2 warm-up calls (the machine may be shared: the
-minimum is the least disturbed measurement).
+minimum is the least disturbed measurement); on a GPU each call ends with torch.cuda.synchronize().
+The last column, numba ÷ copy_, is the fraction of the copy bandwidth the numba kernel achieves.
 
 Bytes counted (s = element size, T tokens, k slots, d width; the index arrays are int64):
     ranking (count + positions)   read ids twice (count, rank), write rows:  3·T·k·8
@@ -39,31 +42,34 @@ import time
 import numba
 import torch
 
+from _device import default_device, describe, device_argument, synchronize
 from fastmoe_edu.backends import numba_backend, reference
 
 
-def timeit(fn, repeats: int) -> float:
+def timeit(fn, repeats: int, device: torch.device) -> float:
     """Best seconds of ``fn()`` over ``repeats`` calls, after 2 warm-up calls (numba compiles)."""
     for _ in range(2):
         fn()
     times = []
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         fn()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return min(times)
 
 
-def copy_seconds(num_bytes: int, repeats: int) -> float:
+def copy_seconds(num_bytes: int, repeats: int, device: torch.device) -> float:
     """Time of copy_ moving ``num_bytes`` in all (num_bytes/2 read + num_bytes/2 written)."""
-    source = torch.empty(max(num_bytes // 2, 1), dtype=torch.uint8).random_(0, 255)
+    source = torch.empty(max(num_bytes // 2, 1), dtype=torch.uint8, device=device).random_(0, 255)
     target = torch.empty_like(source)
-    return timeit(lambda: target.copy_(source), repeats)
+    return timeit(lambda: target.copy_(source), repeats, device)
 
 
-def fresh_output_seconds(num_bytes: int, repeats: int) -> float:
+def fresh_output_seconds(num_bytes: int, repeats: int, device: torch.device) -> float:
     """Time of allocating and zeroing a new tensor of ``num_bytes`` bytes."""
-    return timeit(lambda: torch.zeros(num_bytes, dtype=torch.uint8), repeats)
+    return timeit(lambda: torch.zeros(num_bytes, dtype=torch.uint8, device=device), repeats, device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -93,21 +99,21 @@ class TorchSortSteps:
 
 def run(args) -> list[dict]:
     torch.manual_seed(0)
-    dtype = getattr(torch, args.dtype)
+    dtype, device = getattr(torch, args.dtype), args.device
     T, d, E, k = args.tokens, args.d_model, args.experts, args.top_k
     s = torch.tensor([], dtype=dtype).element_size()
-    logits = torch.randn(T, E)
+    logits = torch.randn(T, E, device=device)
     expert_ids = torch.topk(logits, k, dim=-1).indices                      # dropless, distinct per token
-    weights = torch.rand(T, k, dtype=dtype)
-    x = torch.randn(T, d, dtype=dtype)
+    weights = torch.rand(T, k, dtype=dtype, device=device)
+    x = torch.randn(T, d, dtype=dtype, device=device)
     results = []
 
     def measure(step, bytes_moved, output_bytes, implementations):
         row = {"step": step, "bytes": bytes_moved}
         for name, fn in implementations.items():
-            row[name] = timeit(fn, args.repeats)
-        row["copy_"] = copy_seconds(bytes_moved, args.repeats)
-        row["zeros(out)"] = fresh_output_seconds(output_bytes, args.repeats)
+            row[name] = timeit(fn, args.repeats, device)
+        row["copy_"] = copy_seconds(bytes_moved, args.repeats, device)
+        row["zeros(out)"] = fresh_output_seconds(output_bytes, args.repeats, device)
         results.append(row)
 
     # Ranking: counts, segment starts, stable row of every assignment.
@@ -131,7 +137,7 @@ def run(args) -> list[dict]:
         "numba": lambda: numba_backend.scatter_rows(x, rows, T * k),
         "torch-sort": lambda: sort_steps.scatter(x)})
 
-    buffer_grad = torch.randn(T * k, d, dtype=dtype)
+    buffer_grad = torch.randn(T * k, d, dtype=dtype, device=device)
 
     def scatter_backward(backend):
         x_leaf = x.clone().requires_grad_(True)
@@ -142,13 +148,13 @@ def run(args) -> list[dict]:
         "numba": scatter_backward(lambda v: numba_backend.scatter_rows(v, rows, T * k)),
         "torch-sort": scatter_backward(sort_steps.scatter)})
 
-    expert_out = torch.randn(T * k, d, dtype=dtype)
+    expert_out = torch.randn(T * k, d, dtype=dtype, device=device)
     measure("combine forward", T * k * d * s + T * d * s + index_bytes + T * k * s, T * d * s, {
         "reference": lambda: reference.gather_combine(expert_out, rows, weights),
         "numba": lambda: numba_backend.gather_combine(expert_out, rows, weights),
         "torch-sort": lambda: sort_steps.combine(expert_out, weights, T)})
 
-    grad_y = torch.randn(T, d, dtype=dtype)
+    grad_y = torch.randn(T, d, dtype=dtype, device=device)
 
     def combine_backward(backend):
         out_leaf = expert_out.clone().requires_grad_(True)
@@ -168,7 +174,7 @@ COLUMNS = ("reference", "numba", "torch-sort", "copy_", "zeros(out)")
 
 def print_table(results: list[dict]) -> None:
     header = (f"{'step':28s} {'MB':>6s} | " + " ".join(f"{name:>10s}" for name in COLUMNS)
-              + f" | {'ref/numba':>9s} {'sort/numba':>10s} | GB/s: {'numba':>6s} {'copy_':>6s}")
+              + f" | {'ref/numba':>9s} {'sort/numba':>10s} | GB/s: {'numba':>6s} {'copy_':>6s} {'ratio':>6s}")
     print(header)
     print("-" * len(header))
     for row in results:
@@ -176,7 +182,7 @@ def print_table(results: list[dict]) -> None:
         print(f"{row['step']:28s} {row['bytes'] / 1e6:6.1f} | "
               + " ".join(f"{row[name] * 1e3:8.2f}ms" for name in COLUMNS)
               + f" | {row['reference'] / row['numba']:8.1f}x {row['torch-sort'] / row['numba']:9.1f}x"
-              + f" |       {gbps['numba']:6.1f} {gbps['copy_']:6.1f}")
+              + f" |       {gbps['numba']:6.1f} {gbps['copy_']:6.1f} {gbps['numba'] / gbps['copy_']:6.2f}")
 
 
 def main(argv=None) -> None:
@@ -188,8 +194,11 @@ def main(argv=None) -> None:
     parser.add_argument("--top-k", type=int, default=2, help="k (default 2)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per measurement; the best is kept")
+    parser.add_argument("--device", type=device_argument, default=default_device(),
+                        help="cpu or cuda[:N] (default: cuda when torch sees a GPU, else cpu)")
     args = parser.parse_args(argv)
-    print(f"T={args.tokens} d={args.d_model} E={args.experts} k={args.top_k} {args.dtype}; "
+    device = args.device
+    print(f"{describe(device)}; T={args.tokens} d={args.d_model} E={args.experts} k={args.top_k} {args.dtype}; "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), numba {numba.__version__} "
           f"({numba.get_num_threads()} threads); best of {args.repeats}; load average {os.getloadavg()[0]:.1f}")
     print_table(run(args))

@@ -3,8 +3,9 @@
     python bench/bench_layer.py                          # both configurations below
     python bench/bench_layer.py --config dispatch --tokens 8192
     python bench/bench_layer.py --config fastmoe --tokens 1024 --repeats 2
+    python bench/bench_layer.py --device cuda --dtype bfloat16       # on an NVIDIA GPU
 
-Configurations (k = 2, E = 64, router softmax top-k, float32, dropless):
+Configurations (k = 2, E = 64, router softmax top-k, float32 unless --dtype, dropless):
 
     dispatch   T=16384, d_model=256,  d_hidden=512,  SwiGLU experts   dispatch-heavy: little GEMM per row
     fastmoe    T=4096,  d_model=1024, d_hidden=4096, GELU experts     FastMoE's benchmark layer
@@ -21,9 +22,18 @@ Implementations, all on the same weights and input, in one process:
                        grouped GEMM (a Python loop of torch.mm per expert, reference minus this column)
     per-token loop     brute force: for every token, for every slot, y[t] += w · expert_e(x[t])
                        (run on --loop-tokens tokens and scaled to T per token: it is linear in T)
+    experts only       the expert FFNs alone (grouped GEMMs + activation, forward + backward) on an
+                       already dispatched buffer: what is left if routing and dispatch took no time.
+                       reference ÷ (experts only) is the *ceiling* of reference ÷ numba for any
+                       backend that runs the experts with these GEMMs (Amdahl's law).
 
-A step is ``y = layer(x); y.backward(upstream)``; the table shows the *best* of --repeats steps after
-one warm-up step (this machine may be shared: the minimum is the least disturbed measurement).
+A step is ``y = layer(x); y.backward(upstream)``; the table shows the *best* of --repeats rounds after
+one warm-up round, each round running every implementation once (this machine may be shared: the
+minimum is the least disturbed measurement). On a GPU the clock stops after torch.cuda.synchronize().
+
+Ratios printed: every time ÷ the fastest numba variant; reference ÷ numba and its ceiling; and the
+expert GEMMs' achieved FLOP rate ÷ the peak that one large torch.mm reaches on the same device and
+dtype, measured in the same run (GEMM FLOPs = 3 passes · 2·T·k·d_model·d_hidden · number of weights).
 """
 from __future__ import annotations
 
@@ -35,12 +45,22 @@ import numba
 import torch
 
 from fastmoe_edu import MoELayer
+from _device import default_device, describe, device_argument, synchronize
 from fastmoe_edu.backends import grouped_gemm_torch, numba_backend, reference
+
+DTYPES = ("float32", "float64", "bfloat16")
 
 CONFIGS = {
     "dispatch": dict(tokens=16384, d_model=256, d_hidden=512, expert="swiglu"),
     "fastmoe": dict(tokens=4096, d_model=1024, d_hidden=4096, expert="gelu"),
 }
+
+
+def torch_grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm where torch implements it for these operands, else one torch.mm per segment."""
+    if grouped_gemm_torch.grouped_mm_supports(rows, weight):
+        return grouped_gemm_torch.grouped_mm(rows, weight, counts)
+    return grouped_gemm_torch.segment_matmul(rows, weight, counts)
 
 
 def torch_sort_forward(layer: MoELayer, tokens: torch.Tensor) -> torch.Tensor:
@@ -51,8 +71,8 @@ def torch_sort_forward(layer: MoELayer, tokens: torch.Tensor) -> torch.Tensor:
     counts = torch.bincount(flat_ids, minlength=layer.num_experts)
     token_of_row = order // layer.top_k
     buffer = tokens.index_select(0, token_of_row)
-    expert_out = layer.experts(buffer, counts, grouped_gemm_torch.grouped_mm)
-    weighted = expert_out * route.weights.reshape(-1)[order, None]
+    expert_out = layer.experts(buffer, counts, torch_grouped_matmul)
+    weighted = expert_out * route.weights.reshape(-1)[order, None].to(expert_out.dtype)
     return torch.zeros_like(tokens).index_add(0, token_of_row, weighted)
 
 
@@ -90,17 +110,67 @@ def per_token_loop_forward(layer: MoELayer, tokens: torch.Tensor) -> torch.Tenso
     return torch.stack(outputs)
 
 
-def best_step_seconds(forward, x, upstream, repeats: int) -> float:
-    """Best time of forward + backward over ``repeats`` steps, after one warm-up step."""
-    times = []
-    for attempt in range(repeats + 1):
-        x_leaf = x.clone().requires_grad_(True)
+def step_seconds(forward, x, upstream, parameters) -> float:
+    """Time of one forward + backward.
+
+    The parameters' gradients are set to None first, as a training loop's
+    ``optimizer.zero_grad(set_to_none=True)`` does: otherwise each backward would also add into the
+    previous step's weight gradients (2 GiB of extra reads and writes at FastMoE's configuration).
+    """
+    for parameter in parameters:
+        parameter.grad = None
+    x_leaf = x.clone().requires_grad_(True)
+    synchronize(x.device)
+    start = time.perf_counter()
+    forward(x_leaf).backward(upstream)
+    synchronize(x.device)
+    return time.perf_counter() - start
+
+
+def peak_gemm_flops(device: torch.device, dtype: torch.dtype, size: int) -> float:
+    """FLOP/s of one size × size × size torch.mm (best of 3): this device's practical GEMM peak."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for attempt in range(4):
+        synchronize(device)
         start = time.perf_counter()
-        forward(x_leaf).backward(upstream)
-        elapsed = time.perf_counter() - start
+        torch.mm(a, b)
+        synchronize(device)
         if attempt > 0:
-            times.append(elapsed)
-    return min(times)
+            best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
+
+
+def expert_gemm_flops(config: dict, top_k: int) -> float:
+    """FLOPs of the expert GEMMs in one forward + backward (input and weight gradients)."""
+    weights = 3 if config["expert"] == "swiglu" else 2
+    return 3 * 2 * config["tokens"] * top_k * config["d_model"] * config["d_hidden"] * weights
+
+
+def best_of_round_robin(steps: dict, repeats: int) -> dict:
+    """Best time of each implementation over ``repeats`` rounds, after one warm-up round.
+
+    ``steps`` maps a name to (forward, x, upstream, parameters). Each round runs every implementation
+    once, so a slow drift of the machine's load hits all of them alike; the minimum is the least
+    disturbed measurement.
+    """
+    best = {name: float("inf") for name in steps}
+    for round_number in range(repeats + 1):
+        for name, (forward, x, upstream, parameters) in steps.items():
+            elapsed = step_seconds(forward, x, upstream, parameters)
+            if round_number > 0:
+                best[name] = min(best[name], elapsed)
+    return best
+
+
+def dispatched_buffer(layer: MoELayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The expert-sorted buffer and per-expert counts that this input is dispatched to."""
+    with torch.no_grad():
+        route, _ = layer.gate(x)
+        counts = numba_backend.count_tokens_per_expert(route.expert_ids, layer.num_experts)
+        rows = numba_backend.stable_positions(route.expert_ids, numba_backend.exclusive_prefix_sum(counts))
+        return numba_backend.scatter_rows(x, rows, int(counts.sum())), counts
 
 
 def bench_config(name: str, args) -> dict:
@@ -109,10 +179,15 @@ def bench_config(name: str, args) -> dict:
         config["tokens"] = args.tokens
     T, d = config["tokens"], config["d_model"]
     torch.manual_seed(0)
+    device, dtype = args.device, getattr(torch, args.dtype)
     layers = {backend: MoELayer(d, config["d_hidden"], args.experts, top_k=args.top_k, router="softmax_topk",
-                                expert=config["expert"], backend=backend) for backend in ("reference", "numba")}
+                                expert=config["expert"], backend=backend).to(device, dtype)
+              for backend in ("reference", "numba")}
     layers["numba"].load_state_dict(layers["reference"].state_dict())
-    x, upstream = torch.randn(T, d), torch.randn(T, d)
+    x = torch.randn(T, d, device=device, dtype=dtype)
+    upstream = torch.randn(T, d, device=device, dtype=dtype)
+    parameters = [p for layer in layers.values() for p in layer.parameters()]
+    buffer, counts = dispatched_buffer(layers["numba"], x)
 
     def numba_with(gemm):
         def forward(v):
@@ -120,31 +195,38 @@ def bench_config(name: str, args) -> dict:
             return layers["numba"](v)
         return forward
 
-    results = {"config": name, **config}
+    def experts_only(rows_in):
+        numba_backend.set_grouped_gemm("grouped_mm")
+        return layers["numba"].experts(rows_in, counts, numba_backend.grouped_matmul)
+
+    steps = {
+        "reference": (layers["reference"], x, upstream, parameters),
+        "numba [segments]": (numba_with("segments"), x, upstream, parameters),
+        "numba [grouped_mm]": (numba_with("grouped_mm"), x, upstream, parameters),
+        "torch-sort": (lambda v: torch_sort_forward(layers["reference"], v), x, upstream, parameters),
+        "ref dispatch+GEMM": (lambda v: reference_dispatch_forward(layers["reference"], v), x, upstream, parameters),
+        "experts only": (experts_only, buffer, torch.randn_like(buffer), parameters),
+    }
     previous = numba_backend.current_grouped_gemm()
     try:
-        results["reference"] = best_step_seconds(layers["reference"], x, upstream, args.repeats)
-        results["numba [segments]"] = best_step_seconds(numba_with("segments"), x, upstream, args.repeats)
-        results["numba [grouped_mm]"] = best_step_seconds(numba_with("grouped_mm"), x, upstream, args.repeats)
+        results = {"config": name, **config, **best_of_round_robin(steps, args.repeats)}
     finally:
         numba_backend.set_grouped_gemm(*previous)
-    results["torch-sort"] = best_step_seconds(lambda v: torch_sort_forward(layers["reference"], v), x, upstream,
-                                              args.repeats)
-    results["ref dispatch+GEMM"] = best_step_seconds(lambda v: reference_dispatch_forward(layers["reference"], v),
-                                                     x, upstream, args.repeats)
     loop_tokens = min(args.loop_tokens, T)
-    loop_seconds = best_step_seconds(lambda v: per_token_loop_forward(layers["reference"], v), x[:loop_tokens],
-                                     upstream[:loop_tokens], 1)
+    loop_seconds = best_of_round_robin(
+        {"loop": (lambda v: per_token_loop_forward(layers["reference"], v), x[:loop_tokens],
+                  upstream[:loop_tokens], parameters)}, 1)["loop"]
     results["per-token loop"] = loop_seconds * T / loop_tokens
     results["loop_tokens"] = loop_tokens
+    results["gemm_flops"] = expert_gemm_flops(config, args.top_k)
     return results
 
 
 COLUMNS = ("reference", "numba [segments]", "numba [grouped_mm]", "torch-sort", "ref dispatch+GEMM",
-           "per-token loop")
+           "per-token loop", "experts only")
 
 
-def print_table(rows: list[dict]) -> None:
+def print_table(rows: list[dict], peak_flops: float) -> None:
     print(f"{'config':9s} {'T':>6s} {'d':>5s} {'d_hid':>6s} | " + " ".join(f"{c:>19s}" for c in COLUMNS))
     for row in rows:
         fastest_numba = min(row["numba [segments]"], row["numba [grouped_mm]"])
@@ -153,6 +235,13 @@ def print_table(rows: list[dict]) -> None:
         print(f"{row['config']:9s} {row['tokens']:6d} {row['d_model']:5d} {row['d_hidden']:6d} | {times}")
         print(f"{'':9s} {'':6s} {'':5s} {'':6s} | {ratios}   (time / fastest numba)")
         print(f"{'':9s} per-token loop: measured on {row['loop_tokens']} tokens, scaled to T={row['tokens']}")
+        print(f"{'':9s} reference / fastest numba = {row['reference'] / fastest_numba:.2f}x; ceiling with "
+              f"zero-time dispatch = reference / experts only = {row['reference'] / row['experts only']:.2f}x; "
+              f"experts are {row['experts only'] / fastest_numba:.0%} of the numba step")
+        achieved = row["gemm_flops"] / fastest_numba
+        print(f"{'':9s} expert GEMMs: {row['gemm_flops'] / 1e9:.1f} GFLOP per step, {achieved / 1e9:.1f} GFLOP/s in "
+              f"the fastest numba step = {achieved / peak_flops:.2f} of peak "
+              f"({row['gemm_flops'] / row['experts only'] / peak_flops:.2f} in experts only)")
 
 
 def main(argv=None) -> None:
@@ -162,14 +251,23 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=None, help="override T of the chosen configuration(s)")
     parser.add_argument("--experts", type=int, default=64, help="E (default 64)")
     parser.add_argument("--top-k", type=int, default=2, help="k (default 2)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per implementation; the best is kept")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed rounds (one step of each implementation); the best is kept")
     parser.add_argument("--loop-tokens", type=int, default=256, help="tokens the per-token loop really runs")
+    parser.add_argument("--device", type=device_argument, default=default_device(),
+                        help="cpu or cuda[:N] (default: cuda when torch sees a GPU, else cpu)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES,
+                        help="parameters and activations (numba's kernels run bfloat16 on a float32 copy)")
+    parser.add_argument("--peak-size", type=int, default=4096, help="n of the n×n×n torch.mm that measures the peak")
     args = parser.parse_args(argv)
-    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), numba {numba.__version__} "
-          f"({numba.get_num_threads()} threads), load average {os.getloadavg()[0]:.1f}; best of {args.repeats}")
+    device = args.device
+    print(f"{describe(device)}; torch {torch.__version__}, numba {numba.__version__} "
+          f"({numba.get_num_threads()} threads), {args.dtype}, load average {os.getloadavg()[0]:.1f}; best of {args.repeats}")
+    peak = peak_gemm_flops(device, getattr(torch, args.dtype), args.peak_size)
+    print(f"peak: one {args.peak_size}^3 torch.mm reaches {peak / 1e9:.1f} GFLOP/s")
     names = list(CONFIGS) if args.config == "both" else [args.config]
     rows = [bench_config(name, args) for name in names]
-    print_table(rows)
+    print_table(rows, peak)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 

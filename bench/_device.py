@@ -1,0 +1,37 @@
+"""Device handling shared by the benchmark scripts: parse --device, synchronize before reading the clock."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+
+def default_device() -> str:
+    """cuda when torch sees a GPU, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_argument(text: str) -> torch.device:
+    """argparse type for --device: cpu or cuda[:N], and cuda only where torch sees a GPU."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: allowed are cpu and cuda[:N]")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: torch sees no CUDA GPU here")
+    return device
+
+
+def describe(device: torch.device) -> str:
+    """The GPU's name, or the CPU and torch's thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, torch {torch.get_num_threads()} threads"
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued kernels (a no-op on the CPU), so the clock measures finished work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
