@@ -2,8 +2,9 @@
 
 Without this, a rank that raises simply exits, while the other ranks wait forever inside the next
 collective for a partner that will never come. With :func:`abort_on_exception` installed, the
-failing rank prints its traceback prefixed with its rank, then calls ``MPI.COMM_WORLD.Abort(1)``:
-the launcher (mpirun) kills every other rank within seconds and exits with a non-zero status.
+failing rank prints its traceback prefixed with its rank, waits a moment for mpirun to relay it,
+then calls ``MPI.COMM_WORLD.Abort(1)``: the launcher (mpirun) kills every other rank within seconds
+and exits with a non-zero status.
 
     from fastmoe_edu.distributed import abort_on_exception
     abort_on_exception()          # first thing in main(), before any collective
@@ -13,9 +14,17 @@ the launcher (mpirun) kills every other rank within seconds and exits with a non
 from __future__ import annotations
 
 import sys
+import time
 import traceback
 
 from mpi4py import MPI
+
+#: Seconds the failing rank waits between printing its traceback and aborting. mpirun relays each
+#: rank's output through its own event loop; an Abort that reaches the launcher first can end the
+#: job before the message is relayed (seen once with MPICH's hydra on a loaded 2-core machine: the
+#: job failed with no output at all). The pause lets the message out; the other ranks are blocked
+#: anyway, so it costs nothing but this second.
+ABORT_GRACE_SECONDS = 1.0
 
 
 def abort_on_exception() -> None:
@@ -38,6 +47,7 @@ def abort_on_exception() -> None:
         sys.stderr.write(f"{tag} uncaught exception, aborting all ranks:\n{text}")
         sys.stderr.flush()
         sys.stdout.flush()
+        time.sleep(ABORT_GRACE_SECONDS)
         world.Abort(1)
 
     hook.aborts_mpi_job = True
