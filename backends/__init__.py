@@ -59,8 +59,9 @@ def set_cpu_threads(count: int, backend: str = "reference") -> None:
 
     Why both: numba's thread pool (OpenMP threading layer) applies numba's own thread count to the
     OpenMP runtime torch also uses, when it starts and when its loops run, so after the first numba
-    kernel ``torch.set_num_threads(1)`` would silently be back to one thread per core. With P MPI ranks on P cores that meant P × cores
-    spinning threads (measured: 8 ranks on 2 cores, 1.8 s per step instead of ~0.1 s).
+    kernel ``torch.set_num_threads(1)`` would silently be back to one thread per core. With P MPI
+    ranks on P cores that meant P × cores spinning threads (measured: 8 ranks on 2 cores, 1.8 s per
+    step instead of ~0.1 s).
     """
     check_backend_name(backend)
     if count < 1:

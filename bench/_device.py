@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
@@ -35,3 +36,18 @@ def synchronize(device: torch.device) -> None:
     """Wait for the GPU's queued kernels (a no-op on the CPU), so the clock measures finished work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def best_seconds(fn, repeats: int, device: torch.device, warmup: int = 2) -> float:
+    """Best seconds of ``fn()`` over ``repeats`` calls, after ``warmup`` untimed calls (numba compiles,
+    torch picks its kernels); the minimum is the least disturbed measurement on a shared machine."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best

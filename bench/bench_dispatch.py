@@ -37,39 +37,24 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import numba
 import torch
 
-from _device import default_device, describe, device_argument, synchronize
+from _device import best_seconds, default_device, describe, device_argument
 from fastmoe_edu.backends import numba_backend, reference
-
-
-def timeit(fn, repeats: int, device: torch.device) -> float:
-    """Best seconds of ``fn()`` over ``repeats`` calls, after 2 warm-up calls (numba compiles)."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def copy_seconds(num_bytes: int, repeats: int, device: torch.device) -> float:
     """Time of copy_ moving ``num_bytes`` in all (num_bytes/2 read + num_bytes/2 written)."""
     source = torch.empty(max(num_bytes // 2, 1), dtype=torch.uint8, device=device).random_(0, 255)
     target = torch.empty_like(source)
-    return timeit(lambda: target.copy_(source), repeats, device)
+    return best_seconds(lambda: target.copy_(source), repeats, device)
 
 
 def fresh_output_seconds(num_bytes: int, repeats: int, device: torch.device) -> float:
     """Time of allocating and zeroing a new tensor of ``num_bytes`` bytes."""
-    return timeit(lambda: torch.zeros(num_bytes, dtype=torch.uint8, device=device), repeats, device)
+    return best_seconds(lambda: torch.zeros(num_bytes, dtype=torch.uint8, device=device), repeats, device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -111,7 +96,7 @@ def run(args) -> list[dict]:
     def measure(step, bytes_moved, output_bytes, implementations):
         row = {"step": step, "bytes": bytes_moved}
         for name, fn in implementations.items():
-            row[name] = timeit(fn, args.repeats, device)
+            row[name] = best_seconds(fn, args.repeats, device)
         row["copy_"] = copy_seconds(bytes_moved, args.repeats, device)
         row["zeros(out)"] = fresh_output_seconds(output_bytes, args.repeats, device)
         results.append(row)

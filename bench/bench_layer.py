@@ -45,7 +45,7 @@ import numba
 import torch
 
 from fastmoe_edu import MoELayer
-from _device import default_device, describe, device_argument, synchronize
+from _device import best_seconds, default_device, describe, device_argument, synchronize
 from fastmoe_edu.backends import grouped_gemm_torch, numba_backend, reference
 
 DTYPES = ("float32", "float64", "bfloat16")
@@ -131,15 +131,7 @@ def peak_gemm_flops(device: torch.device, dtype: torch.dtype, size: int) -> floa
     """FLOP/s of one size × size × size torch.mm (best of 3): this device's practical GEMM peak."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    best = float("inf")
-    for attempt in range(4):
-        synchronize(device)
-        start = time.perf_counter()
-        torch.mm(a, b)
-        synchronize(device)
-        if attempt > 0:
-            best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best
+    return 2 * size ** 3 / best_seconds(lambda: torch.mm(a, b), 3, device, warmup=1)
 
 
 def expert_gemm_flops(config: dict, top_k: int) -> float:
