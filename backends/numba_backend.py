@@ -1,8 +1,9 @@
 """The numba backend: the reference's dispatch and routing functions, as numba kernels.
 
-Same names, signatures and results as ``backends/reference.py`` (which re-exports
-``fastmoe_edu/dispatch.py`` and the two routing functions of ``fastmoe_edu/routers.py``; read their
-docstrings for the semantics). Each function picks its *target* from the tensor's device:
+The functions of the Backend Protocol (``backends/interface.py``), with the same results as
+``backends/reference.py`` (which re-exports ``fastmoe_edu/dispatch.py`` and the two routing
+functions of ``fastmoe_edu/routers.py``; read their docstrings for the semantics). Each function
+picks its *target* from the tensor's device:
 
     CPU tensors   ->  numba_cpu.py    (numba.njit + prange)
     CUDA tensors  ->  numba_cuda.py   (numba.cuda kernels on torch's current stream)
@@ -64,6 +65,14 @@ def available(device) -> tuple[bool, str]:
         return False, ("numba.cuda.is_available() is False: numba finds no usable CUDA driver/GPU "
                        "(check the NVIDIA driver and that numba's CUDA toolkit bindings are installed)")
     return False, f"the numba backend has kernels for CPU and CUDA tensors, not for device type {device.type!r}"
+
+
+def set_num_threads(count: int) -> None:
+    """Run numba's parallel loops on at most ``count`` threads (numba's pool has NUMBA_NUM_THREADS).
+
+    Starting the pool also sets the OpenMP thread count torch shares, so call this before
+    torch.set_num_threads (``set_cpu_threads`` in backends/__init__.py does both, in that order)."""
+    numba.set_num_threads(min(count, numba.config.NUMBA_NUM_THREADS))
 
 
 def set_grouped_gemm(name: str, tile: int | None = None) -> None:

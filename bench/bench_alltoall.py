@@ -8,7 +8,7 @@ Every rank sends the same number of bytes to every other rank (``bytes_per_peer`
 sends ``bytes_per_rank = bytes_per_peer · (P − 1)`` in all. A call's time is the *slowest* rank's
 time (the exchange is done when everyone is done), and the median over repeats is kept.
 
-The fit: REFERENCE §4's cost model ``t = α·(P−1) + β·bytes_per_rank`` — α the per-message
+The fit: the cost model of docs/moe_systems.md §4.2, ``t = α·(P−1) + β·bytes_per_rank`` — α the per-message
 latency, β the inverse bandwidth — by least squares over every (P, size) point. The times span
 several orders of magnitude, so each equation is divided by its measured t (least squares on the
 *relative* error); otherwise the largest messages alone would decide α.

@@ -31,18 +31,15 @@ from pathlib import Path
 
 from .backends import BACKEND_NAMES
 from .data import DATASETS
+from .distributed.engines import ENGINES
+from .distributed.parallelize import EXCHANGES
 from .experts import EXPERT_KINDS
-from .routers import ROUTERS as ROUTER_CLASSES
-from .routers import router_options as accepted_router_options
+from .routers import ROUTERS, router_options as accepted_router_options
 
 CONFIG_DIR = Path(__file__).with_name("configs")   # the packaged TOML files
 
-# Allowed values of the choice-type settings, taken from the modules that implement them.
-ROUTERS = tuple(ROUTER_CLASSES)
-EXPERTS = tuple(EXPERT_KINDS)
-BACKENDS = tuple(BACKEND_NAMES)
-EXCHANGES = ("auto", "pairwise", "alltoallv")
-DATASET_NAMES = tuple(DATASETS)
+# Allowed values of the choice-type settings are those of the modules that implement them:
+# ROUTERS, EXPERT_KINDS, BACKEND_NAMES, EXCHANGES, ENGINES, DATASETS.
 SECTIONS = ("data", "model", "backend", "parallel", "optimization", "eval", "checkpoint", "sample", "system")
 
 
@@ -64,7 +61,7 @@ class TrainConfig:
 
     # --- data ---------------------------------------------------------------------------------
     dataset: str = _field("languages", "data", "dataset name: 'languages' (synthetic mixture) or 'stdlib' "
-                          "(characters of Python's standard library)", choices=DATASET_NAMES)
+                          "(characters of Python's standard library)", choices=tuple(DATASETS))
     seq_len: int = _field(64, "data", "tokens per training sequence (also the model's context length)", minimum=1)
     batch_size: int = _field(32, "data", "sequences per optimizer step (the global batch)", minimum=1)
     stdlib_max_bytes: int = _field(2_000_000, "data", "size cap of the 'stdlib' corpus in characters", minimum=10_000)
@@ -77,8 +74,8 @@ class TrainConfig:
     num_experts: int = _field(8, "model", "experts per MoE layer (a multiple of the number of MPI ranks; "
                               "8 runs on 1, 2, 4 or 8 ranks)", minimum=1)
     top_k: int = _field(2, "model", "experts each token is sent to (switch needs 1, gshard 2)", minimum=1)
-    router: str = _field("softmax_topk", "model", "routing algorithm of every MoE layer", choices=ROUTERS)
-    expert: str = _field("swiglu", "model", "expert feed-forward kind", choices=EXPERTS)
+    router: str = _field("softmax_topk", "model", "routing algorithm of every MoE layer", choices=tuple(ROUTERS))
+    expert: str = _field("swiglu", "model", "expert feed-forward kind", choices=tuple(EXPERT_KINDS))
     capacity_factor: typing.Optional[float] = _field(
         None, "model", "expert capacity = factor * tokens * top_k / num_experts; "
         "assignments past it are dropped. none = no limit (dropless)", above=0.0)
@@ -91,18 +88,22 @@ class TrainConfig:
 
     # --- backend ------------------------------------------------------------------------------
     backend: str = _field("reference", "backend", "MoE dispatch/expert implementation: reference (plain "
-                          "PyTorch), numba (CPU kernels) or auto", choices=BACKENDS)
-    exchange: str = _field("auto", "backend", "token exchange between MPI ranks (expert parallelism): pairwise "
-                           "(readable: P-1 Sendrecv rounds), alltoallv (one collective), auto (pairwise with the "
-                           "reference backend, else alltoallv); the numbers are identical", choices=EXCHANGES)
+                          "PyTorch), numba (numba kernels: CPU target, or numba.cuda for CUDA tensors) or auto "
+                          "(the first of the backends' preference list that runs here)", choices=BACKEND_NAMES)
 
-    # --- parallel (only under mpirun; docs/parallelism.md) ---------------------------------------
+    # --- parallel (only under mpirun or torchrun; docs/parallelism.md) ---------------------------
+    engine: str = _field("auto", "parallel", "communication engine: mpi (mpirun), torch (torchrun: gloo on CPU, "
+                         "NCCL on CUDA) or auto (the launcher's; no launcher = one process, no engine)",
+                         choices=ENGINES)
+    exchange: str = _field("auto", "parallel", "token exchange between ranks (expert parallelism): pairwise "
+                           "(readable: P-1 rounds of matched send/receive), alltoallv (one collective), auto "
+                           "(alltoallv); the numbers are identical", choices=EXCHANGES)
     tp: int = _field(1, "parallel", "tensor-parallel degree: attention heads and dense-MLP units split over tp ranks "
                      "that read the same tokens (DeepSpeed-TED); n_head must be divisible by tp", minimum=1)
     ep: typing.Optional[int] = _field(None, "parallel", "expert-parallel degree: each rank holds num_experts / ep "
                                       "experts; none = world size / (tp * dp)", minimum=1)
-    dp: int = _field(1, "parallel", "expert data-parallel degree: copies of each expert slice "
-                     "(tp * ep * dp = world size)", minimum=1)
+    dp: int = _field(1, "parallel", "expert data-parallel degree: copies of each expert slice, the expert "
+                     "replicas (tp * ep * dp = world size)", minimum=1)
     drop_duplicate_tokens: bool = _field(False, "parallel", "TED's duplicate token dropping: each of the tp ranks "
                                          "sends only its 1/tp share of the rows through the all-to-all, the tp "
                                          "group all-gathers the expert outputs (no effect when tp = 1)")
@@ -165,7 +166,7 @@ class TrainConfig:
             raise ConfigError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
         if self.top_k > self.num_experts:
             raise ConfigError(f"top_k={self.top_k} is out of range; it must be <= num_experts={self.num_experts}")
-        required_k = ROUTER_CLASSES[self.router].required_top_k      # switch: 1, gshard: 2
+        required_k = ROUTERS[self.router].required_top_k      # switch: 1, gshard: 2
         if required_k is not None and self.top_k != required_k:
             raise ConfigError(f"router={self.router!r} routes each token to exactly {required_k} expert(s): "
                               f"top_k must be {required_k}, got {self.top_k}")
@@ -419,10 +420,6 @@ def format_config(cfg: TrainConfig) -> str:
             if f.metadata["section"] == section:
                 lines.append(f"  {f.name:<20} = {_show(getattr(cfg, f.name))}")
     return "\n".join(lines)
-
-
-def print_config(cfg: TrainConfig) -> None:
-    print(format_config(cfg))
 
 
 def to_toml(cfg: TrainConfig) -> str:

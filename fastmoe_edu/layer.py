@@ -1,4 +1,4 @@
-"""MoELayer: a drop-in Mixture-of-Experts feed-forward layer (FastMoE's data flow, REFERENCE §2).
+"""MoELayer: a drop-in Mixture-of-Experts feed-forward layer (FastMoE's data flow, docs/moe_systems.md §2).
 
     y = Σ_{s=1..k} w[t, s] · expert_{e[t, s]}(x_t)        for every token t
 
@@ -12,6 +12,14 @@ Usage::
 
 The forward pass is the sequence of named steps below; each step is one function of the chosen
 backend (``backends/``), so the reference and the numba kernels can be read side by side.
+
+The layer knows nothing about distribution. Two seams let parallelism in from outside
+(``fastmoe_edu.distributed.parallelize`` replaces both):
+
+    layer.expert_runner   step 7, "run the experts on the expert-sorted buffer": LocalExperts here;
+                          ExpertParallel sends the rows to the ranks that hold their experts and back
+    layer.reduce          "sum over every rank's tokens", used by the router's balance loss and bias
+                          update: the identity here; a differentiable all-reduce over the data ranks
 """
 from __future__ import annotations
 
@@ -22,7 +30,7 @@ from torch import nn
 
 from .backends import check_backend_name, get_backend
 from .experts import EXPERT_KINDS, Experts
-from .routers import ROUTERS, build_router
+from .routers import ROUTERS, build_router, local_sum
 
 
 @dataclass
@@ -38,6 +46,16 @@ class RoutingRecord:
     random_draws: dict                # noise / jitter / uniforms the router drew while training
 
 
+class LocalExperts:
+    """The default expert runner: every expert of this process on its own segment of the buffer."""
+
+    def __call__(self, experts: Experts, buffer: torch.Tensor, counts: torch.Tensor, backend) -> torch.Tensor:
+        return experts(buffer, counts, backend.grouped_matmul)
+
+    def __repr__(self) -> str:
+        return "LocalExperts()"
+
+
 class MoELayer(nn.Module):
     """A Mixture-of-Experts layer: router + dispatch + experts + combine.
 
@@ -49,17 +67,14 @@ class MoELayer(nn.Module):
         router: one of ``fastmoe_edu.routers.ROUTERS``.
         expert: ``"swiglu"`` or ``"gelu"``.
         capacity_factor: cf; each expert takes at most C = ceil(cf·k·T/E) assignments. None = dropless.
-        backend: ``"reference"``, ``"numba"`` or ``"auto"``.
+        backend: a name of ``fastmoe_edu.backends.BACKEND_NAMES`` (``"reference"``, ``"numba"``, ``"auto"``).
         bias: give the expert linear maps biases.
-        layout: a ``fastmoe_edu.distributed.ParallelLayout`` to spread the experts over MPI ranks
-            (each keeps ``num_experts / ep`` of them; see ``distributed/expert_parallel.py``).
-            None = a single process holds all experts.
         **router_options: passed to the router (e.g. ``renormalize``, ``jitter_epsilon``, ``balance_loss_weight``).
     """
 
     def __init__(self, d_model: int, d_hidden: int, num_experts: int, top_k: int = 2,
                  router: str = "softmax_topk", expert: str = "swiglu", capacity_factor: float | None = None,
-                 backend: str = "reference", bias: bool = False, layout=None, **router_options):
+                 backend: str = "reference", bias: bool = False, **router_options):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_hidden", d_hidden), ("num_experts", num_experts)):
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
@@ -79,12 +94,8 @@ class MoELayer(nn.Module):
         self.experts = Experts(num_experts, d_model, d_hidden, expert, bias)
         self.aux_loss = torch.zeros(())
         self.last_routing: RoutingRecord | None = None
-        # Expert parallelism (an ExpertParallel from fastmoe_edu.distributed), None in one process.
-        self.expert_parallel = None
-        if layout is not None:
-            # Imported here so that single-process users never load MPI.
-            from .distributed.expert_parallel import make_expert_parallel
-            make_expert_parallel(self, layout)
+        self.expert_runner = LocalExperts()        # the two seams (module docstring)
+        self.reduce = local_sum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.d_model:
@@ -93,11 +104,8 @@ class MoELayer(nn.Module):
         backend = get_backend(self.backend_name, tokens.device)
         self.gate.backend = backend
 
-        # 1. Gate: k expert ids and k weights per token (REFERENCE §3).
-        route, self.aux_loss = self.gate(tokens)
-        if self.expert_parallel is not None and self.training:
-            # Balance statistics over all ranks' tokens (distributed/balance.py); only training needs them.
-            self.aux_loss = self.expert_parallel.global_aux_loss(self.gate, route)
+        # 1. Gate: k expert ids and k weights per token; the aux loss of the whole batch (routers.py).
+        route, self.aux_loss = self.gate(tokens, self.reduce)
         # Capacity: the most rows one expert takes; assignments past it are dropped (id -1).
         expert_ids = backend.prune_capacity(route.expert_ids, self.num_experts, route.capacity)
         weights = route.weights * (expert_ids >= 0)                                # dropped -> weight 0
@@ -108,32 +116,21 @@ class MoELayer(nn.Module):
         rows = backend.stable_positions(expert_ids, starts)
         # 5. Local scatter: copy token rows into expert-contiguous order.
         buffer = backend.scatter_rows(tokens, rows, int(counts.sum()))
-        # 6-8. Experts on their contiguous segments (a grouped GEMM); the expert-parallel subclass
-        #      wraps this step in the global scatter / gather all-to-alls.
-        expert_out = self.run_experts(buffer, counts, backend)
+        # 6-8. Experts on their contiguous segments (a grouped GEMM); under expert parallelism the
+        #      runner wraps this step in the global scatter / gather all-to-alls.
+        expert_out = self.expert_runner(self.experts, buffer, counts, backend)
         # 9. Local gather + combine: y[t] = Σ_s w[t, s] · expert_out[row(t, s)].
         y = backend.gather_combine(expert_out, rows, weights)
 
         self.last_routing = self._record(route, expert_ids, weights, counts)
         return y.reshape(x.shape)
 
-    def run_experts(self, buffer: torch.Tensor, counts: torch.Tensor, backend) -> torch.Tensor:
-        """Step 7: every expert on its own segment of the expert-sorted buffer.
-
-        Expert-parallel: steps 3 and 6-8 around it (counts and rows to the experts' ranks and back).
-        """
-        if self.expert_parallel is not None:
-            return self.expert_parallel.run_experts(self.experts, buffer, counts, backend)
-        return self.experts(buffer, counts, backend.grouped_matmul)
-
     def update_router_bias(self, load: torch.Tensor | None = None) -> None:
         """After an optimizer step: loss-free bias balancing (sigmoid router); a no-op otherwise.
 
-        Expert-parallel: the load is summed over all ranks, so every rank's bias stays the same.
+        ``load`` defaults to the last forward's tokens per expert, summed over all ranks by ``reduce``.
         """
-        if load is None and self.expert_parallel is not None:
-            load = self.expert_parallel.global_load(self.gate)
-        self.gate.update_bias(load)
+        self.gate.update_bias(load, self.reduce)
 
     @staticmethod
     def _record(route, expert_ids, weights, counts) -> RoutingRecord:
@@ -146,4 +143,4 @@ class MoELayer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, top_k={self.top_k}, router={self.router_name!r}, "
-                f"backend={self.backend_name!r}")
+                f"backend={self.backend_name!r}, expert_runner={self.expert_runner!r}")

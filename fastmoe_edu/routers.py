@@ -1,12 +1,18 @@
-"""Routers (gates): for each token, which experts and with what weight. REFERENCE §3.
+"""Routers (gates): for each token, which experts and with what weight (docs/moe_systems.md §3).
 
 Every router maps tokens ``x[T, d_model]`` to a :class:`RouterOutput`:
 
     expert_ids [T, k]   chosen experts, -1 where an assignment is switched off before capacity
     weights    [T, k]   the combine weights (differentiable: the gate learns through them)
     capacity            C, the most (token, slot) pairs one expert may take, or None (dropless)
-    balance_loss        the router's own load-balancing loss (0 where it has none)
     logits     [T, E]   raw scores ``x Wᵀ`` (the z-loss and the notebooks use them)
+
+and, separately, to its load-balancing loss ``Router.balance_loss(route, reduce)``. Balance losses
+are defined on the *whole* batch, so they are written in terms of sums over tokens, and every such
+sum passes through ``reduce``: the identity in one process, a differentiable all-reduce over the
+data-parallel ranks when the batch is sharded (``fastmoe_edu.distributed``). A router written this
+way is correct under expert parallelism without any change to the parallel code; a router with a
+``balance_loss_weight`` but no ``balance_loss`` method fails loudly.
 
 Capacity pruning itself is a dispatch step (``dispatch.prune_capacity``), so the optimized backend can
 run it; routers only say what C is: ``C = ceil(cf · k · T / E)`` (Switch: k = 1; GShard: k = 2).
@@ -79,25 +85,35 @@ def _router_precision(logits: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Losses shared by several routers
+# Losses shared by several routers. ``reduce`` sums over the ranks that hold other tokens (see above).
 # ----------------------------------------------------------------------------------------------------
-def switch_balance_loss(probs: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+def local_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The reducer of one process: the sum over one rank is the tensor itself."""
+    return tensor
+
+
+def switch_balance_loss(probs: torch.Tensor, expert_ids: torch.Tensor, reduce=local_sum) -> torch.Tensor:
     """Switch/Mixtral balance loss  E · Σ_e f_e · P_e  (= 1 when perfectly balanced).
 
     f_e = fraction of the (token, slot) assignments that chose e (not differentiable),
     P_e = mean router probability of e (differentiable: this is what the gradient pushes down).
+    Both are ratios of sums over tokens; one ``reduce`` of [counts, Σ_t p, T] makes them global.
     """
     num_experts = probs.shape[-1]
     ids = expert_ids.reshape(-1)
-    ids = ids[ids >= 0]
-    fraction = torch.bincount(ids, minlength=num_experts).to(probs.dtype) / max(ids.numel(), 1)   # f_e
-    mean_prob = probs.mean(dim=0)                                                                # P_e
+    counts = torch.bincount(ids[ids >= 0], minlength=num_experts).to(probs.dtype)
+    totals = reduce(torch.cat([counts, probs.sum(dim=0), probs.new_full((1,), probs.shape[0])]))
+    counts, prob_sums, num_tokens = totals[:num_experts], totals[num_experts:-1], totals[-1]
+    fraction = counts / counts.sum().clamp(min=1)                                               # f_e
+    mean_prob = prob_sums / num_tokens.clamp(min=1)                                             # P_e
     return num_experts * (fraction * mean_prob).sum()
 
 
-def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+def router_z_loss(logits: torch.Tensor, reduce=local_sum) -> torch.Tensor:
     """ST-MoE router z-loss: mean_t (logsumexp_e logits[t, e])², keeps the logits small."""
-    return torch.logsumexp(_router_precision(logits), dim=-1).square().mean()
+    squares = torch.logsumexp(_router_precision(logits), dim=-1).square()
+    totals = reduce(torch.stack([squares.sum(), squares.new_tensor(float(squares.numel()))]))
+    return totals[0] / totals[1].clamp(min=1)
 
 
 def cv_squared(values: torch.Tensor) -> torch.Tensor:
@@ -113,10 +129,10 @@ class RouterOutput:
     expert_ids: torch.Tensor
     weights: torch.Tensor
     capacity: int | None
-    balance_loss: torch.Tensor
     logits: torch.Tensor
     probs: torch.Tensor | None = None
     random_draws: dict = field(default_factory=dict)   # noise actually used (the tests' oracle replays it)
+    token_sums: dict = field(default_factory=dict)     # per-expert sums over this rank's tokens (balance loss)
 
 
 class Router(nn.Module):
@@ -124,8 +140,6 @@ class Router(nn.Module):
 
     #: k the router requires (Switch: 1, GShard: 2), or None if any 1 <= k <= E works.
     required_top_k: int | None = None
-    #: whether ``capacity_factor`` makes sense for this router.
-    supports_capacity: bool = True
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None,
                  balance_loss_weight: float = 0.01, z_loss_weight: float = 0.0):
@@ -140,13 +154,19 @@ class Router(nn.Module):
     def route(self, x: torch.Tensor) -> RouterOutput:
         raise NotImplementedError
 
+    def balance_loss(self, out: RouterOutput, reduce=local_sum) -> torch.Tensor:
+        """The router's load-balancing loss of the whole batch; every sum over tokens goes through ``reduce``."""
+        raise NotImplementedError(f"{type(self).__name__} defines no balance_loss(route, reduce): write one "
+                                  f"(its sums over tokens passed through reduce), or return zero for a router "
+                                  f"that needs no balancing loss")
+
     # -- shared ------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> tuple[RouterOutput, torch.Tensor]:
-        """Route x [T, d_model]; returns the routing and the weighted aux loss (balance + z)."""
+    def forward(self, x: torch.Tensor, reduce=local_sum) -> tuple[RouterOutput, torch.Tensor]:
+        """Route x [T, d_model]; returns the routing and the weighted aux loss (balance + z) of the whole batch."""
         out = self.route(x)
-        aux_loss = self.balance_loss_weight * out.balance_loss
+        aux_loss = self.balance_loss_weight * self.balance_loss(out, reduce)
         if self.z_loss_weight:
-            aux_loss = aux_loss + self.z_loss_weight * router_z_loss(out.logits)
+            aux_loss = aux_loss + self.z_loss_weight * router_z_loss(out.logits, reduce)
         return out, aux_loss
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,7 +178,7 @@ class Router(nn.Module):
             return None
         return math.ceil(self.capacity_factor * self.top_k * num_tokens / self.num_experts)
 
-    def update_bias(self, load: torch.Tensor | None = None) -> None:
+    def update_bias(self, load: torch.Tensor | None = None, reduce=local_sum) -> None:
         """Loss-free balancing hook (sigmoid router). Other routers have no bias: nothing to do."""
 
     def _softmax_topk(self, logits, top_k, renormalize):
@@ -167,7 +187,7 @@ class Router(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The routers of REFERENCE §3
+# The routers (docs/moe_systems.md §3)
 # ----------------------------------------------------------------------------------------------------
 class SoftmaxTopKRouter(Router):
     """Softmax top-k (Mixtral; FastMoE's naive gate): top-k of p, optionally renormalized over the k."""
@@ -180,8 +200,10 @@ class SoftmaxTopKRouter(Router):
         logits = self.logits(x)
         expert_ids, weights = self._softmax_topk(logits, self.top_k, self.renormalize)
         probs = torch.softmax(_router_precision(logits), dim=-1)
-        return RouterOutput(expert_ids, weights, self.capacity(x.shape[0]),
-                            switch_balance_loss(probs, expert_ids), logits, probs)
+        return RouterOutput(expert_ids, weights, self.capacity(x.shape[0]), logits, probs)
+
+    def balance_loss(self, out, reduce=local_sum):
+        return switch_balance_loss(out.probs, out.expert_ids, reduce)
 
 
 class NoisyTopKRouter(Router):
@@ -213,14 +235,17 @@ class NoisyTopKRouter(Router):
         top_scores, expert_ids = scores.topk(self.top_k, dim=-1)
         weights = torch.softmax(top_scores, dim=-1)                                # softmax over the kept k
         gates = torch.zeros_like(scores).scatter(1, expert_ids, weights)           # G[t, e]
-        importance = gates.sum(dim=0)
         if self.training and self.top_k < self.num_experts:
             load = self._smooth_load(clean, scores, noise_std)
         else:
             load = (gates > 0).to(gates.dtype).sum(dim=0)
-        balance = cv_squared(importance) + cv_squared(load)
-        return RouterOutput(expert_ids, weights, self.capacity(x.shape[0]), balance, clean,
-                            torch.softmax(clean, dim=-1), draws)
+        sums = {"importance": gates.sum(dim=0), "load": load}                     # importance_e = Σ_t G[t, e]
+        return RouterOutput(expert_ids, weights, self.capacity(x.shape[0]), clean,
+                            torch.softmax(clean, dim=-1), draws, sums)
+
+    def balance_loss(self, out, reduce=local_sum):
+        totals = reduce(torch.stack([out.token_sums["importance"], out.token_sums["load"]]))
+        return cv_squared(totals[0]) + cv_squared(totals[1])
 
     def _smooth_load(self, clean, noisy, noise_std):
         top_values = noisy.topk(self.top_k + 1, dim=-1).values                    # [T, k+1]
@@ -254,8 +279,10 @@ class SwitchRouter(Router):
         logits = self.logits(x)
         expert_ids, weights = self._softmax_topk(logits, 1, renormalize=False)
         probs = torch.softmax(_router_precision(logits), dim=-1)
-        return RouterOutput(expert_ids, weights, self.capacity(x.shape[0]),
-                            switch_balance_loss(probs, expert_ids), logits, probs, draws)
+        return RouterOutput(expert_ids, weights, self.capacity(x.shape[0]), logits, probs, draws)
+
+    def balance_loss(self, out, reduce=local_sum):
+        return switch_balance_loss(out.probs, out.expert_ids, reduce)
 
 
 class GShardRouter(Router):
@@ -282,9 +309,11 @@ class GShardRouter(Router):
             keep_second = 2 * weights[:, 1].detach() > uniform
             expert_ids = torch.stack([expert_ids[:, 0], torch.where(keep_second, expert_ids[:, 1], -1)], dim=1)
         probs = torch.softmax(_router_precision(logits), dim=-1)
-        first_choice_fraction = torch.bincount(expert_ids[:, 0], minlength=self.num_experts).to(probs.dtype) / x.shape[0]
-        balance = self.num_experts * (probs.mean(dim=0) * first_choice_fraction).sum()
-        return RouterOutput(expert_ids, weights, self.capacity(x.shape[0]), balance, logits, probs, draws)
+        return RouterOutput(expert_ids, weights, self.capacity(x.shape[0]), logits, probs, draws)
+
+    def balance_loss(self, out, reduce=local_sum):
+        """E · Σ_e m_e · c_e: Switch's loss with the fraction counted over first choices only."""
+        return switch_balance_loss(out.probs, out.expert_ids[:, :1], reduce)
 
 
 class ExpertChoiceRouter(Router):
@@ -306,8 +335,10 @@ class ExpertChoiceRouter(Router):
         all_experts = torch.arange(self.num_experts, device=x.device).expand(num_tokens, -1)
         expert_ids = torch.where(picked, all_experts, -1)
         weights = probs * picked
-        zero = probs.new_zeros(())
-        return RouterOutput(expert_ids, weights, None, zero, logits, probs)
+        return RouterOutput(expert_ids, weights, None, logits, probs)
+
+    def balance_loss(self, out, reduce=local_sum):
+        return out.logits.new_zeros(())                                            # balanced by construction
 
 
 class SigmoidRouter(Router):
@@ -331,15 +362,23 @@ class SigmoidRouter(Router):
         expert_ids, weights = route(logits, self.bias, self.top_k, self.route_scale,
                                     self.num_groups, self.topk_groups)
         self.last_load = torch.bincount(expert_ids.reshape(-1), minlength=self.num_experts).detach()
-        return RouterOutput(expert_ids, weights, self.capacity(x.shape[0]), logits.new_zeros(()),
-                            logits, torch.sigmoid(_router_precision(logits)))
+        return RouterOutput(expert_ids, weights, self.capacity(x.shape[0]), logits,
+                            torch.sigmoid(_router_precision(logits)))
+
+    def balance_loss(self, out, reduce=local_sum):
+        return out.logits.new_zeros(())                           # auxiliary-loss-free: the bias balances
 
     @torch.no_grad()
-    def update_bias(self, load: torch.Tensor | None = None) -> None:
-        """b_e ← b_e + γ · sign(mean_load − load_e): raise the bias of under-loaded experts."""
-        load = self.last_load if load is None else load
+    def update_bias(self, load: torch.Tensor | None = None, reduce=local_sum) -> None:
+        """b_e ← b_e + γ · sign(mean_load − load_e): raise the bias of under-loaded experts.
+
+        ``load`` defaults to the last forward's, summed over the ranks by ``reduce`` (every rank's bias
+        must move the same way, or the replicated biases drift apart).
+        """
         if load is None:
-            return
+            if self.last_load is None:
+                return
+            load = reduce(self.last_load.clone())
         load = load.to(self.bias.dtype)
         self.bias += self.bias_update_rate * torch.sign(load.mean() - load)
 
@@ -368,8 +407,10 @@ class XMoERouter(Router):
         logits = self.logits(x)
         expert_ids, weights = self._softmax_topk(logits, self.top_k, self.renormalize)
         probs = torch.softmax(_router_precision(logits), dim=-1)
-        return RouterOutput(expert_ids, weights, self.capacity(x.shape[0]),
-                            switch_balance_loss(probs, expert_ids), logits, probs)
+        return RouterOutput(expert_ids, weights, self.capacity(x.shape[0]), logits, probs)
+
+    def balance_loss(self, out, reduce=local_sum):
+        return switch_balance_loss(out.probs, out.expert_ids, reduce)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -5,13 +5,15 @@
     python -m fastmoe_edu.train --router=switch --top_k=1 --capacity_factor=1.0
     python -m fastmoe_edu.train --resume                               # continue from out_dir/ckpt.pt
     python -m fastmoe_edu.train --help                                 # every setting
+    mpirun -n 4 python -m fastmoe_edu.train                            # 4 ranks over MPI
+    torchrun --nproc-per-node=4 -m fastmoe_edu.train                   # 4 ranks over torch.distributed
 
 One optimizer step:
 
     batch  = sample(seed, "train", step)            a pure function of the step: nothing to save
-    loss   = cross_entropy + Σ aux_loss             (model.py)
+    loss   = cross_entropy + Σ aux_loss             (model.py), on this rank's slice of the batch
     loss.backward()
-    all_reduce_gradients(...)                       no-op on one process; the MPI hook
+    runtime.reduce_gradients(model)                 nothing in one process; all-reduces across ranks
     clip the gradient norm, AdamW step with a warmup + cosine learning rate
     model.update_router_biases()                    loss-free balancing of the sigmoid router
 
@@ -25,13 +27,13 @@ history, and the data is a function of the step, so ``--resume`` reproduces the 
 losses exactly. ``out_dir/history.json`` has one record per step (loss, aux loss, tokens/s, tokens
 per expert) for the notebooks. Ctrl-C finishes the current step, saves a checkpoint and stops.
 
-Under MPI (``mpirun -n P python -m fastmoe_edu.train``) the same loop runs on every rank, with the
-expert and data parallelism of ``fastmoe_edu.distributed``: each rank holds num_experts / P experts
-per MoE layer and reads its batch_size / P sequences of every global batch (both must divide; the
-error says so on every rank before any communication); replicated gradients are averaged, the
-gradient norm and the logged losses are those of the whole model and the whole global batch; rank 0
-alone prints; each rank writes its own experts' checkpoint file (``experts-rankNNNNN.pt``) and
-rank 0 the replicated part (``ckpt.pt``). The functions marked "distributed hook" are where.
+Under a launcher (``mpirun -n P`` or ``torchrun --nproc-per-node=P``) the same loop runs on every
+rank; the *runtime* (runtime.py: one process; distributed/runtime.py: P ranks) is the only part that
+differs. Each rank holds num_experts / ep experts per MoE layer and reads its share of every global
+batch (both must divide; the error says so on every rank before any communication); replicated
+gradients are averaged, the gradient norm and the logged losses are those of the whole model and the
+whole global batch; rank 0 alone prints; each rank writes its own checkpoint file
+(``experts-rankNNNNN.pt``) and rank 0 the replicated part (``ckpt.pt``).
 """
 from __future__ import annotations
 
@@ -50,70 +52,14 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .backends import set_cpu_threads
+from .checkpoint import SHARED_FILE
 from .config import TrainConfig, format_config, parse_args, to_toml
 from .data import batch_rng, get_dataset
-from .distributed.checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
-from .distributed.training import (any_rank, clip_gradients as clip_distributed_gradients, describe,
-                                   distribute_model, launch_rank, launch_world_size, layout_sizes, mean_over_ranks,
-                                   reduce_gradients, start_layout, sum_over_ranks)
+from .distributed.engines import launch_rank
 from .model import MoETransformer, build_model
+from .runtime import Runtime, SingleProcess, start_runtime
 
-CHECKPOINT_NAME = "ckpt.pt"
 HISTORY_NAME = "history.json"
-
-
-# --------------------------------------------------------------------------------------------------
-# distributed hooks (single process here)
-# --------------------------------------------------------------------------------------------------
-
-@dataclass
-class Runtime:
-    """Who this process is. Under mpirun: its rank, the world size and the parallel layout (communicators)."""
-    rank: int = 0
-    world_size: int = 1
-    layout: object = None            # a fastmoe_edu.distributed.ParallelLayout under mpirun, else None
-
-    @property
-    def is_main(self) -> bool:
-        """Only the main process prints, writes the history and the shared checkpoint file."""
-        return self.rank == 0
-
-
-def start_runtime(cfg: TrainConfig) -> Runtime:
-    """A single process, or, under ``mpirun -n P``, one of P ranks with its layout (distributed hook)."""
-    if launch_world_size() == 1:
-        layout_sizes(cfg, 1)         # --tp=2 without mpirun: a clear error (the exchange options do nothing here)
-        return Runtime()
-    layout = start_layout(cfg)       # checks tp·ep·dp, num_experts, batch_size against P before any communication
-    return Runtime(rank=layout.rank, world_size=layout.world_size, layout=layout)
-
-
-def shard_batch(batch: tuple[torch.Tensor, ...], rt: Runtime) -> tuple[torch.Tensor, ...]:
-    """This rank's contiguous slice of the global batch (data parallelism). Identity on one process."""
-    if rt.layout is None:
-        return batch
-    rows = rt.layout.check_batch_size(batch[0].shape[0])
-    first = rt.layout.data_rank * rows
-    return tuple(t[first:first + rows] for t in batch)
-
-
-def all_reduce_gradients(model: MoETransformer, rt: Runtime) -> None:
-    """Turn this rank's gradients into those of the global batch (distributed hook; nothing on one process).
-
-    Replicated parameters: averaged over the ranks. Expert parameters: not averaged across the
-    expert-parallel group (each expert lives on one rank, which already received every rank's
-    contribution through the all-to-all); see fastmoe_edu/distributed/gradients.py.
-    """
-    if rt.layout is not None:
-        reduce_gradients(model, rt.layout)
-
-
-def clip_gradients(model: MoETransformer, cfg: TrainConfig, rt: Runtime) -> torch.Tensor:
-    """Clip the gradient norm of the whole model to ``grad_clip`` (0 = no clipping); returns the norm before."""
-    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-    if rt.layout is None:
-        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    return clip_distributed_gradients(model, max_norm, rt.layout)  # distributed hook: norm over all ranks
 
 
 def log(rt: Runtime, cfg: TrainConfig, message: str) -> None:
@@ -156,15 +102,15 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def routing_stats(model: MoETransformer, rt: Runtime | None = None) -> dict:
     """Load balance of the last forward: tokens per expert per MoE layer, imbalance, dropped fraction.
 
-    Under MPI the counts of all ranks are added up: the figures describe the whole global batch.
+    With several ranks the counts of all ranks are added up: the figures describe the whole global batch.
     """
     layers = model.moe_layers()
     if not layers:
         return {"tokens_per_expert": [], "load_imbalance": 0.0, "dropped_frac": 0.0}
     tokens = torch.stack([layer.last_routing.tokens_per_expert.cpu() for layer in layers])   # [layers, E]
     dropped_per_layer = torch.tensor([layer.last_routing.num_dropped for layer in layers])
-    if rt is not None and rt.layout is not None:                                             # distributed hook
-        packed = sum_over_ranks(torch.cat([tokens.reshape(-1), dropped_per_layer]), rt.layout)
+    if rt is not None:
+        packed = rt.sum(torch.cat([tokens.reshape(-1), dropped_per_layer]))
         tokens, dropped_per_layer = packed[:tokens.numel()].reshape(tokens.shape), packed[tokens.numel():]
     per_layer, imbalance, dropped, assigned = [], [], 0, 0
     for counts_of_layer, dropped_of_layer in zip(tokens, dropped_per_layer.tolist()):
@@ -183,17 +129,16 @@ def train_step(model: MoETransformer, optimizer, batch, cfg: TrainConfig, step: 
     lr = lr_at(step, cfg)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    x, y, _ = shard_batch(batch, rt)
+    x, y, _ = rt.shard_batch(batch)
     _, loss = model(x, y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    all_reduce_gradients(model, rt)                                  # distributed hook
-    grad_norm = clip_gradients(model, cfg, rt)
+    rt.reduce_gradients(model)                                       # per-shard -> global-batch gradients
+    grad_norm = rt.clip_gradients(model, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
     optimizer.step()
     model.update_router_biases()                                     # after the step, as DeepSeek-V3 does
-    losses = [loss.item(), model.last_lm_loss.item(), model.last_aux_loss.item()]
-    if rt.layout is not None:                                        # distributed hook: the global batch's
-        losses = mean_over_ranks(losses, rt.layout)                  # losses (all shards have the same size)
+    # The global batch's losses (all shards have the same size, so the mean of the shards' means).
+    losses = rt.mean([loss.item(), model.last_lm_loss.item(), model.last_aux_loss.item()])
     return {"step": step + 1, "lr": lr, "loss": losses[0], "lm_loss": losses[1], "aux_loss": losses[2],
             "grad_norm": grad_norm.item(), **routing_stats(model, rt)}
 
@@ -203,20 +148,19 @@ def estimate_val_loss(model: MoETransformer, dataset, cfg: TrainConfig, device,
                       rt: Runtime | None = None) -> tuple[float, dict]:
     """LM loss (no aux loss) on the same ``eval_iters`` val batches every time: (mean, {language: mean}).
 
-    Under MPI every rank evaluates its slice of each val batch and the sums are added up.
+    With several ranks every rank evaluates its slice of each val batch and the sums are added up.
     """
-    rt = rt or Runtime()
+    rt = rt or SingleProcess()
     model.eval()
     total = torch.zeros(len(dataset.language_names))
     count = torch.zeros(len(dataset.language_names))
     for i in range(cfg.eval_iters):
-        x, y, lang = shard_batch(get_batch(dataset, cfg, "val", i, device), rt)
+        x, y, lang = rt.shard_batch(get_batch(dataset, cfg, "val", i, device))
         logits, _ = model(x)
         token_loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
         total.index_add_(0, lang.cpu(), token_loss.sum(dim=1).cpu())
         count.index_add_(0, lang.cpu(), torch.full((len(lang),), float(y.shape[1])))
-    if rt.layout is not None:                                        # distributed hook
-        total, count = sum_over_ranks(total, rt.layout), sum_over_ranks(count, rt.layout)
+    total, count = rt.sum(total), rt.sum(count)
     model.train()
     per_language = {name: (total[i] / count[i]).item()
                     for i, name in enumerate(dataset.language_names) if count[i] > 0}
@@ -266,70 +210,23 @@ def generate_samples(model: MoETransformer, dataset, cfg: TrainConfig, device) -
 
 
 # --------------------------------------------------------------------------------------------------
-# checkpoints and history (main process only)
+# checkpoints and history
 # --------------------------------------------------------------------------------------------------
-
-def save_checkpoint(cfg: TrainConfig, model, optimizer, step: int, history: dict) -> Path:
-    """Write out_dir/ckpt.pt atomically (a crash mid-write never leaves a broken checkpoint)."""
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "step": step,
-        "config": cfg.to_dict(),
-        "history": history,
-        # Router noise (noisy_topk, gshard random routing, switch jitter) draws from torch's RNG.
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-    }
-    path = out_dir / CHECKPOINT_NAME
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def load_checkpoint(cfg: TrainConfig, model, optimizer) -> tuple[int, dict, dict]:
-    """Restore model, optimizer and RNG from out_dir/ckpt.pt; returns (step, history, saved config)."""
-    path = Path(cfg.out_dir) / CHECKPOINT_NAME
-    if not path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}; train without --resume first")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state["step"], state["history"], state["config"]
-
 
 def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
     """Settings that differ between a checkpoint and the current run (other than resume/max_steps...)."""
     harmless = {"resume", "max_steps", "progress", "eval_interval", "checkpoint_interval", "sample_tokens",
-                "sample_temperature", "num_threads", "out_dir", "exchange"}
+                "sample_temperature", "num_threads", "out_dir", "exchange", "engine"}
     current = cfg.to_dict()
     return [f"{k}: checkpoint {saved.get(k)!r} -> now {current[k]!r}"
             for k in current if k not in harmless and saved.get(k) != current[k]]
 
 
 def save_run(cfg: TrainConfig, model, optimizer, step: int, history: dict, rt: Runtime) -> None:
-    """Checkpoint and history. Under MPI every rank writes its experts, rank 0 the rest (distributed hook)."""
-    if rt.layout is not None:
-        save_sharded_checkpoint(cfg.out_dir, model, optimizer, rt.layout,
-                                {"step": step, "config": cfg.to_dict(), "history": history})
-    elif rt.is_main:
-        save_checkpoint(cfg, model, optimizer, step, history)
+    """Checkpoint (every rank its own file, the main rank the shared one) and the history."""
+    rt.save(cfg.out_dir, model, optimizer, {"step": step, "config": cfg.to_dict(), "history": history})
     if rt.is_main:
         write_history(cfg, history)
-
-
-def load_run(cfg: TrainConfig, model, optimizer, rt: Runtime) -> tuple[int, dict, dict]:
-    """The inverse of :func:`save_run`: (step, history, saved config)."""
-    if rt.layout is None:
-        return load_checkpoint(cfg, model, optimizer)
-    shared = load_sharded_checkpoint(cfg.out_dir, model, optimizer, rt.layout)
-    return shared["step"], shared["history"], shared["config"]
 
 
 def write_history(cfg: TrainConfig, history: dict) -> None:
@@ -394,16 +291,16 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, rt: Runtime | None = 
     counts = model.num_parameters()
     log(rt, cfg, f"model: {counts['total']:,} parameters ({counts['expert']:,} in experts, "
                  f"{counts['active_per_token']:,} active per token); vocab {dataset.vocab_size}")
-    if rt.layout is not None:                                        # distributed hook: keep the local experts
-        distribute_model(model, rt.layout, cfg)
-        log(rt, cfg, describe(cfg, rt.layout, model))
+    rt.shard_model(model)                                            # this rank's part of the model
+    log(rt, cfg, rt.describe(model))
     optimizer = configure_optimizer(model, cfg)
 
     start_step, history = 0, {"train": [], "val": []}
     if cfg.resume:
-        start_step, history, saved = load_run(cfg, model, optimizer, rt)
-        log(rt, cfg, f"resumed from {Path(cfg.out_dir) / CHECKPOINT_NAME} at step {start_step}")
-        for line in config_differences(saved, cfg):
+        saved = rt.load(cfg.out_dir, model, optimizer)
+        start_step, history = saved["step"], saved["history"]
+        log(rt, cfg, f"resumed from {Path(cfg.out_dir) / SHARED_FILE} at step {start_step}")
+        for line in config_differences(saved["config"], cfg):
             log(rt, cfg, f"warning: the resumed run changes {line}")
     if rt.is_main:
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
@@ -433,8 +330,8 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, rt: Runtime | None = 
                 by_lang = ", ".join(f"{k} {v:.2f}" for k, v in per_language.items()) if len(per_language) > 1 else ""
                 log(rt, cfg, f"step {done:>5}: train loss {record['lm_loss']:.4f}, val loss {val:.4f}"
                              + (f" ({by_lang})" if by_lang else ""))
-            # Under MPI all ranks must stop at the same step, even if Ctrl-C reached only some of them.
-            interrupted = ctrl_c.requested if rt.layout is None else any_rank(ctrl_c.requested, rt.layout)
+            # All ranks must stop at the same step, even if Ctrl-C reached only some of them.
+            interrupted = rt.any(ctrl_c.requested)
             if interrupted or done == last_step or (cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0):
                 save_run(cfg, model, optimizer, done, history, rt)
             if interrupted:
@@ -447,8 +344,8 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, rt: Runtime | None = 
     stopped_early = step < cfg.max_steps
     sample = ""
     if not stopped_early and cfg.sample_tokens > 0:
-        sample = generate_samples(model, dataset, cfg, device)       # under MPI on every rank: the MoE
-        log(rt, cfg, "sample (prompt | generated):\n" + sample)      # layers of each forward communicate
+        sample = generate_samples(model, dataset, cfg, device)       # on every rank: the MoE layers
+        log(rt, cfg, "sample (prompt | generated):\n" + sample)      # of each forward communicate
     final_val = history["val"][-1]["val_loss"] if history["val"] else None
     if rt.is_main:
         write_history(cfg, history)
@@ -465,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     """Command-line entry point: parse and validate the configuration, then train."""
     try:
         cfg = parse_args(argv)
-        rt = start_runtime(cfg)                     # under mpirun: num_experts, batch_size vs the ranks
+        rt = start_runtime(cfg)                     # under a launcher: num_experts, batch_size vs the ranks
     except ValueError as error:                     # ConfigError: a bad key or value, say which and stop
         if launch_rank() == 0:                      # (every rank stops here, none is left waiting)
             print(f"config error: {error}", file=sys.stderr)

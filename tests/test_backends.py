@@ -8,11 +8,13 @@ Targets:
 
 The checks and their tolerances are in backend_cases.py (tolerances justified there).
 """
+import importlib
 import inspect
 import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -21,8 +23,9 @@ import torch
 import backend_cases
 from backend_cases import (DTYPES, EDGE_CASES, LAYER_CASES, check_float_steps, check_grouped_gemm,
                            check_integer_steps, check_layer, check_routers, edge_case_ids, random_expert_ids)
-from fastmoe_edu import ROUTERS, MoELayer
-from fastmoe_edu.backends import get_backend, numba_backend, numba_cpu, reference
+from fastmoe_edu import ROUTERS, MoELayer, backends
+from fastmoe_edu.backends import get_backend, numba_backend, numba_cpu, reference, set_cpu_threads
+from fastmoe_edu.backends.interface import FUNCTIONS, Backend, HasThreadPool, missing_members
 
 HAS_GPU = torch.cuda.is_available() and numba_backend.available("cuda")[0]
 TARGETS = ["reference", "numba-cpu", "numba-cudasim",
@@ -55,7 +58,7 @@ def test_layer_matches_reference(target, router, expert, dtype_name, request):
         check_layer(router, expert, dtype_name, backend="reference" if target == "reference" else "numba")
 
 
-@pytest.mark.parametrize("router", [name for name, cls in ROUTERS.items() if cls.supports_capacity])
+@pytest.mark.parametrize("router", list(ROUTERS))
 def test_layer_with_capacity_drops(router):
     check_layer(router, "swiglu", "float64", capacity_factor=0.5)
 
@@ -147,14 +150,86 @@ def test_tiled_gemm_needs_cuda_tensors():
 # ----------------------------------------------------------------------------------------------------
 # The backend as a module: same interface, registry, availability, determinism, other dtypes
 # ----------------------------------------------------------------------------------------------------
-def test_same_functions_and_signatures_as_reference():
-    names = ["prune_capacity", "count_tokens_per_expert", "exclusive_prefix_sum", "stable_positions",
-             "scatter_rows", "gather_combine", "grouped_matmul", "softmax_topk_route", "sigmoid_topk_route"]
-    for name in names:
-        want = inspect.signature(getattr(reference, name))
-        got = inspect.signature(getattr(numba_backend, name))
-        assert list(got.parameters) == list(want.parameters), name
-    assert numba_backend.NAME == "numba"
+@pytest.mark.parametrize("name", list(backends.REGISTRY))
+def test_registered_backends_follow_the_protocol(name):
+    """Every registered backend has every member of the Backend Protocol, with its parameter names
+    (and the optional thread hook's, where it has one)."""
+    module = importlib.import_module(f"fastmoe_edu.backends.{backends.REGISTRY[name]}")
+    assert isinstance(module, Backend) and missing_members(module) == []
+    assert module.NAME == name
+    functions = [(Backend, function) for function in FUNCTIONS]
+    if isinstance(module, HasThreadPool):
+        functions.append((HasThreadPool, "set_num_threads"))
+    for protocol, function in functions:
+        want = list(inspect.signature(getattr(protocol, function)).parameters)[1:]          # without self
+        got = list(inspect.signature(getattr(module, function)).parameters)
+        assert got == want, f"{module.__name__}.{function}"
+
+
+def _fake_backend(name, available=True, without=()):
+    """A backend module called ``name`` made of the reference's functions (the register fixture registers it)."""
+    module = types.ModuleType(f"fastmoe_edu.backends.{name}_module")
+    for function in FUNCTIONS:
+        if function not in without:
+            setattr(module, function, getattr(reference, function))
+    module.NAME = name
+    module.available = lambda device: (available, "" if available else f"{name} is switched off")
+    return module
+
+
+@pytest.fixture
+def register(monkeypatch):
+    """register(module): put a fake backend module in the registry (undone after the test)."""
+    def register_module(module):
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+        monkeypatch.setitem(backends.REGISTRY, module.NAME, module.__name__.rsplit(".", 1)[1])
+        return module
+    return register_module
+
+
+def test_registered_backend_is_used(register):
+    fake = register(_fake_backend("fake"))
+    assert get_backend("fake", "cpu") is fake
+    layer = MoELayer(8, 16, 4, backend="fake")
+    layer(torch.randn(5, 8)).sum().backward()
+    assert layer.gate.backend is fake
+    register(_fake_backend("off", available=False))
+    with pytest.raises(RuntimeError, match="backend='off' cannot run on device cpu: off is switched off"):
+        get_backend("off", "cpu")
+    register(_fake_backend("broken", without=("grouped_matmul", "scatter_rows")))
+    with pytest.raises(TypeError, match="lacks scatter_rows, grouped_matmul"):
+        get_backend("broken", "cpu")
+
+
+def test_auto_follows_the_preference_order(register, monkeypatch):
+    fake = register(_fake_backend("fake"))
+    register(_fake_backend("off", available=False))
+    monkeypatch.setitem(backends.REGISTRY, "missing", "no_such_module")             # cannot be imported
+    monkeypatch.setattr(backends, "AUTO_PREFERENCE", ("missing", "off", "fake", "numba", "reference"))
+    assert get_backend("auto", "cpu") is fake
+    monkeypatch.setattr(backends, "AUTO_PREFERENCE", ("off", "reference", "fake"))
+    assert get_backend("auto", "cpu") is reference
+    monkeypatch.setattr(backends, "AUTO_PREFERENCE", ("missing", "off"))
+    with pytest.raises(RuntimeError, match="none of missing, off can run"):
+        get_backend("auto", "cpu")
+
+
+def test_set_cpu_threads_calls_the_backends_hook(register, monkeypatch):
+    """set_cpu_threads sets the resolved backend's pool first, then torch's (see its docstring)."""
+    assert isinstance(numba_backend, HasThreadPool) and not isinstance(reference, HasThreadPool)
+    calls = []
+    fake = register(_fake_backend("fake"))
+    fake.set_num_threads = lambda count: calls.append((count, torch.get_num_threads()))
+    monkeypatch.setattr(backends, "AUTO_PREFERENCE", ("fake", "reference"))
+    before = torch.get_num_threads()
+    other = 2 if before == 1 else 1
+    try:
+        set_cpu_threads(other, "fake")
+        assert calls == [(other, before)] and torch.get_num_threads() == other
+        set_cpu_threads(before, "auto")
+        assert calls[-1] == (before, other) and torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_registry_and_availability():
@@ -202,7 +277,6 @@ def test_bfloat16_runs_through_float32_kernels():
 def test_set_cpu_threads_survives_numba_kernels():
     """One thread budget for torch and numba: a numba parallel loop must not reset torch's count
     (it did, through the shared OpenMP runtime, before set_cpu_threads set numba's count too)."""
-    from fastmoe_edu.backends import set_cpu_threads
     before = torch.get_num_threads()
     try:
         set_cpu_threads(1, "numba")

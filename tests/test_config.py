@@ -1,4 +1,5 @@
 """TrainConfig: TOML + CLI precedence, type conversion, clear errors for unknown keys and bad values."""
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +8,9 @@ import pytest
 
 from fastmoe_edu import config as C
 from fastmoe_edu.config import ConfigError, TrainConfig, parse_args
+from fastmoe_edu.backends import BACKEND_NAMES
 from fastmoe_edu.data import DATASETS
+from fastmoe_edu.routers import ROUTERS
 
 CONFIGS = Path(C.__file__).with_name("configs")
 
@@ -159,5 +162,7 @@ def test_format_config_and_choices_agree():
     text = C.format_config(TrainConfig())
     for name in C.field_names():
         assert name in text
-    assert set(C.DATASET_NAMES) == set(DATASETS)
+    choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(TrainConfig)}
+    assert set(choices["dataset"]) == set(DATASETS)
+    assert set(choices["router"]) == set(ROUTERS) and set(choices["backend"]) == set(BACKEND_NAMES)
     assert C.from_dict(TrainConfig().to_dict()) == TrainConfig()

@@ -233,7 +233,8 @@ assert np.array_equal(expected_bytes, measured_bytes), "traffic matrix and MPI b
 # %% [markdown]
 # ## 3. Measuring α and β, and testing the cost model on real runs
 #
-# REFERENCE §4's model of one all-to-all among `P` ranks, each sending `bytes` to the others:
+# The α–β model of one all-to-all among `P` ranks, each sending `bytes` to the others
+# (`docs/moe_systems.md` §4.2):
 #
 # $$t_{\text{all-to-all}} = \alpha\,(P-1) + \beta \cdot \text{bytes}$$
 #
@@ -461,7 +462,9 @@ for P in (8, 64, 512, 4096):
           f"{default['flat'][i] / total_flat:4.0%} comm | hierarchical: step {total_hier * 1e3:7.1f} ms, "
           f"{default['hier'][i] / total_hier:4.0%} comm")
 print(f"hierarchical all-to-all beats the flat one from P = {default['crossover']} GPUs on")
-TUTEL_CROSSOVER = 256        # Tutel (REFERENCE §4): 2DH beats the flat all-to-all only above a few hundred GPUs
+# Tutel (Hwang et al. 2023, arXiv 2206.03382; docs/moe_systems.md §4.3): 2DH beats the flat all-to-all
+# only above a few hundred GPUs.
+TUTEL_CROSSOVER = 256
 if default["crossover"] is not None and default["crossover"] < TUTEL_CROSSOVER / 2:
     print(f"DISAGREE with Tutel's measurements (crossover at a few hundred GPUs): this model is too kind to the "
           f"hierarchical algorithm. It charges nothing for 2DH's extra local re-layout copies, and it charges the "

@@ -1,45 +1,52 @@
-"""Expert and data parallelism over MPI (mpi4py): REFERENCE §4.
+"""Parallel training: expert, tensor and data parallelism over MPI or torch.distributed (docs/moe_systems.md §4).
 
-Run any script under ``mpirun -n P``; each of the P processes ("ranks") holds a slice of the experts
-and reads a slice of the batch. The pieces, one file each:
+Launch any script with ``mpirun -n P`` or ``torchrun --nproc-per-node=P``; each of the P processes
+("ranks") holds a slice of the experts (and of the attention, with tp > 1) and reads a slice of the
+batch. Importing this package loads no engine: only :func:`open_world` does. The files, one idea each:
 
-    layout.py           ParallelLayout: world = tp × ep × dp, one MPI communicator per role
-    communicator.py     Communicator: Alltoall / Alltoallv / Allreduce / Bcast on torch tensors
-                        (numpy views, no pickling), host buffers for GPU tensors unless CUDA-aware
+    communicator.py     Communicator: the only door to an engine (all-to-all(v), non-blocking all-to-all-v,
+                        all-reduce, broadcast, all-gather(v), barrier, split) on torch tensors
+    mpi_engine.py       the MPI engine (mpi4py): MPICommunicator, mpi_world
+    torch_engine.py     the torch.distributed engine (gloo / NCCL): TorchCommunicator, torch_world
+    engines.py          which engine launched this job (environment only), open_world
     stats.py            CommunicationStats: calls, seconds and bytes per collective
-    exchange.py         the differentiable global scatter / gather of token rows, and the regroup
-    expert_parallel.py  ExpertParallel + make_expert_parallel: an MoELayer with E/ep experts per rank
-    balance.py          global-batch balance loss and sigmoid-router load
-    gradients.py        broadcast of initial weights, bucketed gradient all-reduce, global grad norm
-    failure.py          abort_on_exception: one rank's error stops the whole job (no hang)
-    launch.py           mpirun_command: how tests and benchmarks start MPI jobs
+    layout.py           ParallelLayout: world = tp × ep × dp, one communicator per role
+    parallelize.py      parallelize(model, layout): the one call that makes a model parallel
+    expert_parallel.py  ExpertParallel (a layer's expert runner, TED's duplicate token dropping), SumOverRanks
+    exchange.py         the differentiable token exchange with pluggable algorithms, and the regroup
+    hierarchical.py     the two-level (intra-node, then inter-node) all-to-all
+    pipeline.py         the exchange cut into chunks that overlap the expert compute, both passes
+    tensor_parallel.py  Megatron-style attention / dense MLP slices, and the tp-group row split / gather
+    gradients.py        initial-weight broadcast, bucketed gradient all-reduce, global gradient norm
+    runtime.py          ParallelRuntime: what the training loop calls under a launcher
+    failure.py          abort_on_exception: one MPI rank's error stops the whole job (no hang)
+    launch.py           mpirun_command / torchrun_command: how tests and benchmarks start jobs
+    cost_model.py       predicted step time of a layout (α–β communication + GEMM rate)
 
 Typical use::
 
-    from fastmoe_edu.distributed import (ParallelLayout, abort_on_exception, allreduce_gradients,
-                                         broadcast_parameters, make_expert_parallel)
-    abort_on_exception()
-    layout = ParallelLayout()                       # ep = world size
+    from fastmoe_edu.distributed import ParallelLayout, allreduce_gradients, clip_grad_norm_, parallelize
+    layout = ParallelLayout()                       # the launcher's engine; ep = world size
     torch.manual_seed(0); model = build_model()     # the whole model, same seed on every rank
-    make_expert_parallel(model, layout)             # keep E/ep experts per rank
-    broadcast_parameters(model, layout)
+    parallelize(model, layout)                      # keep E/ep experts per rank, broadcast the rest
     ...
-    loss.backward(); allreduce_gradients(model, layout); optimizer.step()
+    loss.backward(); allreduce_gradients(model, layout); clip_grad_norm_(model, 1.0, layout); optimizer.step()
 """
-from .communicator import EXCHANGE_METHODS, Communicator, cuda_aware_mpi, transfer_path
-from .expert_parallel import ExpertParallel, expert_parameters, keep_local_experts, make_expert_parallel
-from .failure import abort_on_exception
+from .communicator import EXCHANGE_METHODS, Communicator
+from .engines import ENGINES, launch_rank, launch_world_size, open_world
+from .expert_parallel import ExpertParallel, SumOverRanks, expert_parameters, keep_local_experts
 from .gradients import (DEFAULT_BUCKET_BYTES, allreduce_gradients, broadcast_parameters, clip_grad_norm_,
                         split_parameters)
-from .launch import mpirun_command, mpirun_path
+from .launch import mpirun_command, mpirun_path, torchrun_command
 from .layout import ParallelLayout
+from .parallelize import EXCHANGES, parallelize
 from .stats import CommunicationStats
 
 __all__ = [
-    "EXCHANGE_METHODS", "Communicator", "cuda_aware_mpi", "transfer_path",
-    "ExpertParallel", "expert_parameters", "keep_local_experts", "make_expert_parallel",
-    "abort_on_exception",
+    "EXCHANGE_METHODS", "Communicator",
+    "ENGINES", "launch_rank", "launch_world_size", "open_world",
+    "ExpertParallel", "SumOverRanks", "expert_parameters", "keep_local_experts",
     "DEFAULT_BUCKET_BYTES", "allreduce_gradients", "broadcast_parameters", "clip_grad_norm_", "split_parameters",
-    "mpirun_command", "mpirun_path",
-    "ParallelLayout", "CommunicationStats",
+    "mpirun_command", "mpirun_path", "torchrun_command",
+    "ParallelLayout", "EXCHANGES", "parallelize", "CommunicationStats",
 ]

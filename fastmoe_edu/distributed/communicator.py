@@ -1,108 +1,57 @@
-"""One MPI communicator, spoken to with torch tensors: the collectives this project needs, nothing more.
+"""Communicator: the only door between this library and a communication engine (MPI or torch.distributed).
 
-mpi4py has two ways to send data: lower-case methods (``comm.alltoall(obj)``) pickle arbitrary Python
-objects; upper-case methods (``comm.Alltoallv([array, (counts, displacements), MPI.DOUBLE], ...)``)
-hand a raw memory buffer to the MPI library. The hot path here only uses the buffer form: a CPU
-torch tensor is viewed as a numpy array *without copying* (``tensor.numpy()`` shares memory), and
-counts and displacements are given in *elements*, never bytes.
+Everything the parallel code sends goes through one of these methods, on torch tensors:
 
-Where the bytes live:
+    alltoall(counts)                      every rank sends m integers to every rank (exchange plans)
+    alltoallv(rows, send_rows, recv_rows) a variable number of rows to every rank (the token exchange)
+    ialltoallv(...) -> PendingExchange    the same, non-blocking: ``.wait()`` returns the rows (pipelining)
+    allreduce_(tensor, op="sum"|"max")    in place, on every rank (gradients, statistics, votes)
+    broadcast_(tensor, root)              in place (initial weights)
+    allgatherv(rows, shares)              every rank's rows, concatenated in rank order (tensor parallelism)
+    barrier(), split(color, key, name)    a sub-communicator of the ranks with the same color, ordered by key
 
-* CPU tensors: MPI reads and writes the tensor's own memory.
-* CUDA tensors with a **CUDA-aware** MPI (detected once, see :func:`cuda_aware_mpi`): the tensor is
-  handed to MPI directly (mpi4py reads its ``__cuda_array_interface__``) after waiting for the
-  current CUDA stream, so the GPU has finished writing it.
-* CUDA tensors otherwise (the PyPI ``mpich`` wheel is not CUDA-aware): each message goes through a
-  host copy — ``tensor.cpu()`` before sending, ``.to(device)`` after receiving.
+An *engine* subclass supplies the few primitives at the bottom of this class (post a collective,
+wait for it, split); this base class does what is common: argument checks, counting elements
+instead of rows, host staging of GPU tensors for engines that cannot read GPU memory, and the
+counters (``CommunicationStats``: calls, seconds, bytes per ``"<communicator>/<operation>"``).
 
-Every call is timed and its bytes counted in a shared :class:`CommunicationStats`.
+    engine          file                 when
+    MPI (mpi4py)    mpi_engine.py        launched by ``mpirun``; CPU tensors zero-copy, GPU via host buffers
+                                         unless the MPI library is CUDA-aware
+    torch           torch_engine.py      launched by ``torchrun``; gloo for CPU tensors, NCCL for CUDA ones
 
-Waiting: MPI's blocking calls *busy-poll* while they wait for the other ranks. With more ranks than
-cores (``mpirun -n 8`` on 2 cores) the waiting ranks then steal the cores from the ranks that still
-compute, and everything slows down. With ``sleep_while_waiting`` set, every call is started as its
-non-blocking variant (``Ialltoallv``, ``Iallreduce``, ...) and completed by checking ``Test()``
-with short sleeps in between, which hands the core back to the operating system. ParallelLayout
-switches this on by itself when the machine is oversubscribed.
+The row exchange comes in two versions with identical results (the tests check it):
 
-The row exchange comes in two versions that give identical results (the tests check it):
-
-* ``method="pairwise"`` — the readable one: P−1 rounds; in round s every rank sends to
-  ``rank + s`` and receives from ``rank − s`` (mod P) with one ``Sendrecv``. Every pair of ranks
-  meets exactly once and no round can deadlock, because each send has its matching receive in
-  the same round.
-* ``method="alltoallv"`` — the fast one: a single ``Alltoallv`` call; the MPI library schedules the
-  messages itself (and can overlap them).
+* ``method="pairwise"`` — the readable one: P−1 rounds; in round s every rank sends to ``rank + s``
+  and receives from ``rank − s`` (mod P). Every pair of ranks meets exactly once, and no round can
+  deadlock, because each send has its matching receive in the same round (FasterMoE's schedule).
+* ``method="alltoallv"`` — the fast one: a single collective; the engine schedules the messages.
 """
 from __future__ import annotations
 
-import ctypes
-import functools
-import time
+import math
+from abc import ABC, abstractmethod
 
 import torch
-from mpi4py import MPI
 
 from .stats import CommunicationStats
 
 EXCHANGE_METHODS = ("pairwise", "alltoallv")
-
-# torch dtype -> the MPI datatype of one element. 16-bit floats travel as their int16 bit patterns
-# (numpy has no bfloat16, and MPI only has to move the bits, not understand them); they are never
-# summed by MPI: gradient all-reduces of 16-bit tensors are done in float32 by the caller.
-_MPI_TYPES = {
-    torch.float64: MPI.DOUBLE,
-    torch.float32: MPI.FLOAT,
-    torch.int64: MPI.INT64_T,
-    torch.int32: MPI.INT32_T,
-    torch.int16: MPI.INT16_T,
-    torch.uint8: MPI.UINT8_T,
-    torch.bool: MPI.C_BOOL,
-}
-_SENT_AS_INT16 = (torch.float16, torch.bfloat16)
-_TAG_ROWS = 17
+REDUCE_OPS = ("sum", "max")
 
 
-@functools.cache
-def cuda_aware_mpi() -> bool:
-    """Whether the MPI library in use accepts GPU memory directly.
+class Communicator(ABC):
+    """A group of ranks spoken to with torch tensors. ``name`` labels the counters ("expert", "data", ...)."""
 
-    Open MPI and MPICH ≥ 4 export ``MPIX_Query_cuda_support()``; mpi4py does not wrap it, so it is
-    looked up with ctypes in the libraries mpi4py's extension module was loaded with. No such
-    symbol (or no GPU build) means no: rows then go through host buffers.
-    """
-    query = getattr(MPI, "Query_cuda_support", None)           # in case a future mpi4py wraps it
-    if query is not None:
-        return bool(query())
-    try:
-        function = ctypes.CDLL(MPI.__file__).MPIX_Query_cuda_support
-    except (OSError, AttributeError):
-        return False
-    function.restype = ctypes.c_int
-    return bool(function())
+    #: the engine's name, printed at start-up ("mpi", "torch")
+    engine: str = ""
 
-
-def transfer_path(device: torch.device | str) -> str:
-    """How tensors on ``device`` reach MPI, in words (printed at start-up)."""
-    if torch.device(device).type != "cuda":
-        return "host memory (CPU tensors, zero-copy numpy views)"
-    if cuda_aware_mpi():
-        return "CUDA-aware MPI (GPU buffers handed to MPI directly)"
-    return "host buffers (MPI is not CUDA-aware: GPU rows are copied to the CPU and back)"
-
-
-class Communicator:
-    """An ``MPI.Comm`` plus tensor conversion and counters. ``name`` labels the counters ("expert", "data", ...)."""
-
-    def __init__(self, comm: MPI.Comm, name: str, stats: CommunicationStats | None = None,
-                 sleep_while_waiting: float | None = None):
-        self.comm, self.name = comm, name
+    def __init__(self, name: str, rank: int, size: int, stats: CommunicationStats | None = None):
+        self.name, self.rank, self.size = name, rank, size
         self.stats = stats if stats is not None else CommunicationStats()
-        self.rank, self.size = comm.Get_rank(), comm.Get_size()
-        # Seconds to sleep between completion checks while waiting; None = MPI's blocking wait.
-        self.sleep_while_waiting = sleep_while_waiting
 
     def __repr__(self) -> str:
-        return f"Communicator({self.name!r}, rank={self.rank}, size={self.size})"
+        return f"{type(self).__name__}({self.name!r}, rank={self.rank}, size={self.size})"
 
     # ------------------------------------------------------------------------------------------
     # Counts: every rank sends `m` integers to every rank.
@@ -111,50 +60,29 @@ class Communicator:
         """``send[P·m]`` -> ``received[P·m]``: block p of ``send`` goes to rank p; block s of the result came from rank s."""
         if send.numel() % self.size:
             raise ValueError(f"alltoall needs a multiple of {self.size} elements, got {send.numel()}")
-        send_host = self._stage(send)
-        received = torch.empty_like(send_host)
         per_peer = send.numel() // self.size
-        with self.stats.measure(f"{self.name}/alltoall", per_peer * (self.size - 1) * send.element_size()):
-            self._wait(self.comm.Ialltoall(self._buffer(send_host), self._buffer(received)))
-        return received.to(send.device)
+        received = self.alltoallv(send.reshape(-1), [per_peer] * self.size, [per_peer] * self.size,
+                                  purpose="alltoall")
+        return received.reshape(send.shape)
 
     # ------------------------------------------------------------------------------------------
     # Rows: a variable number of rows to every rank (the token exchange of expert parallelism).
     # ------------------------------------------------------------------------------------------
     def alltoallv(self, rows: torch.Tensor, send_rows: list[int], recv_rows: list[int],
-                  method: str = "alltoallv") -> torch.Tensor:
+                  method: str = "alltoallv", purpose: str | None = None) -> torch.Tensor:
         """Send ``send_rows[p]`` consecutive rows of ``rows`` to rank p (in rank order); receive ``recv_rows[s]`` from rank s.
 
-        ``rows`` is ``[Σ send_rows, width]``; the result is ``[Σ recv_rows, width]`` with the rows from
-        rank 0 first, then rank 1, ... Not differentiable by itself (see exchange.py for that).
+        ``rows`` is ``[Σ send_rows, ...]``; the result is ``[Σ recv_rows, ...]`` with the rows from
+        rank 0 first, then rank 1, ... Not differentiable by itself (exchange.py makes it so).
         """
         if method not in EXCHANGE_METHODS:
             raise ValueError(f"method={method!r} is not a known exchange; allowed: {', '.join(EXCHANGE_METHODS)}")
-        if len(send_rows) != self.size or len(recv_rows) != self.size:
-            raise ValueError(f"need one send and one receive count per rank ({self.size}), "
-                             f"got {len(send_rows)} and {len(recv_rows)}")
-        if rows.shape[0] != sum(send_rows):
-            raise ValueError(f"{rows.shape[0]} rows given but the send counts add up to {sum(send_rows)}")
-        width = rows.shape[1] if rows.dim() > 1 else 1
-        send_host = self._stage(rows)
-        received = send_host.new_empty((sum(recv_rows),) + tuple(rows.shape[1:]))
-        bytes_to_others = (sum(send_rows) - send_rows[self.rank]) * width * rows.element_size()
-        with self.stats.measure(f"{self.name}/{method}", bytes_to_others):
-            if method == "alltoallv":
-                self._exchange_alltoallv(send_host, received, send_rows, recv_rows, width)
-            else:
-                self._exchange_pairwise(send_host, received, send_rows, recv_rows)
-        return received.to(rows.device)
-
-    def _exchange_alltoallv(self, send, received, send_rows, recv_rows, width):
-        """One collective. Counts and displacements are in elements: rows × width."""
-        send_counts = [count * width for count in send_rows]
-        recv_counts = [count * width for count in recv_rows]
-        self._wait(self.comm.Ialltoallv(self._buffer(send, send_counts, _exclusive_prefix_sum(send_counts)),
-                                        self._buffer(received, recv_counts, _exclusive_prefix_sum(recv_counts))))
-
-    def _exchange_pairwise(self, send, received, send_rows, recv_rows):
-        """The same exchange written out: P−1 rounds of one Sendrecv (a matched receive and send) each."""
+        self._check_counts(rows, send_rows, recv_rows)
+        if method == "alltoallv":
+            with self.stats.measure(f"{self.name}/{purpose or 'alltoallv'}", self._bytes_to_others(rows, send_rows)):
+                return PendingExchange(self, rows, send_rows, recv_rows, timed_wait=False).wait()
+        send = self._stage(rows)
+        received = send.new_empty((sum(recv_rows),) + tuple(rows.shape[1:]))
         send_start, recv_start = _exclusive_prefix_sum(send_rows), _exclusive_prefix_sum(recv_rows)
 
         def outgoing(peer):   # the rows this rank sends to `peer`: one contiguous block
@@ -163,30 +91,43 @@ class Communicator:
         def incoming(peer):   # where the rows from `peer` land: one contiguous block
             return received[recv_start[peer]: recv_start[peer] + recv_rows[peer]]
 
-        incoming(self.rank).copy_(outgoing(self.rank))                  # rows that stay here: a copy
-        for shift in range(1, self.size):
-            destination = (self.rank + shift) % self.size
-            source = (self.rank - shift) % self.size
-            receiving = self.comm.Irecv(self._buffer(incoming(source)), source=source, tag=_TAG_ROWS)
-            sending = self.comm.Isend(self._buffer(outgoing(destination)), dest=destination, tag=_TAG_ROWS)
-            self._wait(receiving)
-            self._wait(sending)
+        with self.stats.measure(f"{self.name}/{purpose or 'pairwise'}", self._bytes_to_others(rows, send_rows)):
+            incoming(self.rank).copy_(outgoing(self.rank))                  # rows that stay here: a copy
+            for shift in range(1, self.size):
+                destination, source = (self.rank + shift) % self.size, (self.rank - shift) % self.size
+                for request in self._start_sendrecv(outgoing(destination), destination, incoming(source), source):
+                    self._wait(request)
+        return received.to(rows.device)
+
+    def ialltoallv(self, rows: torch.Tensor, send_rows: list[int], recv_rows: list[int],
+                   purpose: str = "ialltoallv") -> "PendingExchange":
+        """Post the exchange of :meth:`alltoallv` and return at once; ``.wait()`` gives the received rows.
+
+        The buffers stay referenced by the returned object until ``wait()``, as the engine requires.
+        Every rank must post its non-blocking collectives on one communicator in the same order.
+        """
+        self._check_counts(rows, send_rows, recv_rows)
+        with self.stats.measure(f"{self.name}/{purpose}", self._bytes_to_others(rows, send_rows)):
+            return PendingExchange(self, rows, send_rows, recv_rows, timed_wait=True)
 
     # ------------------------------------------------------------------------------------------
-    # Reductions and broadcasts (data parallelism, statistics)
+    # Reductions, broadcasts, gathers
     # ------------------------------------------------------------------------------------------
-    def allreduce_(self, tensor: torch.Tensor, average: bool = False, purpose: str = "allreduce") -> torch.Tensor:
-        """In place: ``tensor ← Σ_ranks tensor`` (divided by the size if ``average``). Returns ``tensor``.
+    def allreduce_(self, tensor: torch.Tensor, average: bool = False, purpose: str = "allreduce",
+                   op: str = "sum") -> torch.Tensor:
+        """In place: ``tensor ← Σ_ranks tensor`` (or the max; divided by the size if ``average``). Returns it.
 
         ``purpose`` names the counter (``"<communicator>/<purpose>"``), so gradient all-reduces and the
-        small statistics all-reduces can be told apart in the stats.
+        small statistics all-reduces can be told apart.
         """
-        if tensor.dtype in _SENT_AS_INT16:
-            raise TypeError(f"all-reduce {tensor.dtype} tensors in float32 (cast first): MPI cannot add them")
+        if op not in REDUCE_OPS:
+            raise ValueError(f"op={op!r} is not a known reduction; allowed: {', '.join(REDUCE_OPS)}")
+        if tensor.dtype in (torch.float16, torch.bfloat16):
+            raise TypeError(f"all-reduce {tensor.dtype} tensors in float32 (cast first): the sum must not round")
         if self.size > 1:
             staged = self._stage(tensor)
             with self.stats.measure(f"{self.name}/{purpose}", staged.numel() * staged.element_size()):
-                self._wait(self.comm.Iallreduce(MPI.IN_PLACE, self._buffer(staged), op=MPI.SUM))
+                self._wait(self._start_allreduce(staged, op))
             if staged.data_ptr() != tensor.data_ptr():            # a host copy or a contiguous copy
                 tensor.copy_(staged)
         if average:
@@ -199,48 +140,131 @@ class Communicator:
             staged = self._stage(tensor)
             sent = staged.numel() * staged.element_size() * (self.size - 1) if self.rank == root else 0
             with self.stats.measure(f"{self.name}/bcast", sent):
-                self._wait(self.comm.Ibcast(self._buffer(staged), root=root))
-            if staged.data_ptr() != tensor.data_ptr():            # a host copy or a contiguous copy
+                self._wait(self._start_broadcast(staged, root))
+            if staged.data_ptr() != tensor.data_ptr():
                 tensor.copy_(staged)
         return tensor
 
+    def allgatherv(self, rows: torch.Tensor, shares: list[int], purpose: str = "allgather") -> torch.Tensor:
+        """Every rank's ``rows`` (``shares[r]`` rows from rank r), concatenated in rank order, on every rank."""
+        if len(shares) != self.size or rows.shape[0] != shares[self.rank]:
+            raise ValueError(f"allgatherv: {rows.shape[0]} rows here, shares {shares} for {self.size} ranks")
+        send = self._stage(rows)
+        gathered = send.new_empty((sum(shares),) + tuple(rows.shape[1:]))
+        width = math.prod(rows.shape[1:])                                        # elements per row
+        with self.stats.measure(f"{self.name}/{purpose}", send.numel() * send.element_size() * (self.size - 1)):
+            self._allgatherv(send, gathered, [share * width for share in shares])
+        return gathered.to(rows.device)
+
+    def allgather(self, tensor: torch.Tensor, purpose: str = "allgather") -> torch.Tensor:
+        """Every rank's equally sized ``tensor``, flattened and concatenated in rank order."""
+        flat = tensor.reshape(-1)
+        return self.allgatherv(flat, [flat.numel()] * self.size, purpose)
+
     def barrier(self) -> None:
         with self.stats.measure(f"{self.name}/barrier", 0):
-            self._wait(self.comm.Ibarrier())
+            self._wait(self._start_barrier())
 
-    def _wait(self, request: MPI.Request) -> None:
-        """Block until ``request`` completes: MPI's busy wait, or test-and-sleep (see the module docstring)."""
-        if self.sleep_while_waiting is None:
-            request.Wait()
-            return
-        while not request.Test():
-            time.sleep(self.sleep_while_waiting)
+    def split(self, color: int, key: int, name: str) -> "Communicator":
+        """The ranks of this communicator that pass the same ``color``, numbered by ``key``; shares the counters.
+
+        Collective: every rank of this communicator calls it (with the torch engine, every rank of the
+        world calls ``split`` at the same point of the program, each on its own communicator).
+        """
+        return self._split(color, key, name)
 
     # ------------------------------------------------------------------------------------------
-    # Tensor <-> MPI buffer
+    # What an engine provides
     # ------------------------------------------------------------------------------------------
-    @staticmethod
-    def _stage(tensor: torch.Tensor) -> torch.Tensor:
-        """The contiguous tensor MPI will touch: the tensor itself (CPU, or GPU with a CUDA-aware MPI) or a host copy."""
+    @abstractmethod
+    def ranks_on_this_node(self) -> int:
+        """How many ranks of this communicator share this machine (no communication needed by the caller)."""
+
+    @abstractmethod
+    def transfer_path(self, device: torch.device | str) -> str:
+        """How tensors on ``device`` reach the engine, in words (printed at start-up)."""
+
+    @abstractmethod
+    def _start_alltoallv(self, send: torch.Tensor, received: torch.Tensor,
+                         send_counts: list[int], recv_counts: list[int]):
+        """Post an all-to-all-v of flat elements (counts in elements, blocks in rank order); returns a request."""
+
+    @abstractmethod
+    def _start_sendrecv(self, send: torch.Tensor, destination: int, received: torch.Tensor, source: int) -> list:
+        """Post one matched send and receive (a round of the pairwise exchange); returns the requests."""
+
+    @abstractmethod
+    def _start_allreduce(self, tensor: torch.Tensor, op: str):
+        """Post an in-place all-reduce of a contiguous tensor; returns a request."""
+
+    @abstractmethod
+    def _start_broadcast(self, tensor: torch.Tensor, root: int):
+        """Post an in-place broadcast of a contiguous tensor from ``root``; returns a request."""
+
+    @abstractmethod
+    def _allgatherv(self, send: torch.Tensor, gathered: torch.Tensor, counts: list[int]) -> None:
+        """Blocking all-gather of ``counts[r]`` elements from rank r into ``gathered`` (rank order)."""
+
+    @abstractmethod
+    def _start_barrier(self):
+        """Post a barrier; returns a request."""
+
+    @abstractmethod
+    def _wait(self, request) -> None:
+        """Block until a request of this engine has completed."""
+
+    @abstractmethod
+    def _split(self, color: int, key: int, name: str) -> "Communicator":
+        """See :meth:`split`."""
+
+    @abstractmethod
+    def _reads_device_memory(self, device: torch.device) -> bool:
+        """Whether the engine can send tensors on ``device`` directly (else they go through host copies)."""
+
+    # ------------------------------------------------------------------------------------------
+    # Helpers
+    # ------------------------------------------------------------------------------------------
+    def _stage(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The contiguous tensor the engine will touch: the tensor itself, or a host copy of a GPU tensor."""
         tensor = tensor.detach()
-        if tensor.is_cuda:
-            if cuda_aware_mpi():
-                torch.cuda.current_stream(tensor.device).synchronize()   # the GPU must be done writing it
-                return tensor.contiguous()
-            return tensor.cpu()                                           # host buffer (synchronous copy)
+        if tensor.device.type != "cpu":
+            if not self._reads_device_memory(tensor.device):
+                return tensor.cpu()                                           # host buffer (synchronous copy)
+            torch.cuda.current_stream(tensor.device).synchronize()            # the GPU must be done writing it
         return tensor.contiguous()
 
-    @staticmethod
-    def _buffer(tensor: torch.Tensor, counts: list[int] | None = None, displacements: list[int] | None = None):
-        """mpi4py's buffer specification ``[memory, (counts, displacements), datatype]`` for ``tensor``."""
-        if tensor.dtype in _SENT_AS_INT16:
-            tensor = tensor.view(torch.int16)
-        if tensor.dtype not in _MPI_TYPES:
-            raise TypeError(f"no MPI datatype for torch dtype {tensor.dtype}")
-        memory = tensor.numpy() if tensor.device.type == "cpu" else tensor
-        if counts is None:
-            return [memory, _MPI_TYPES[tensor.dtype]]
-        return [memory, (counts, displacements), _MPI_TYPES[tensor.dtype]]
+    def _check_counts(self, rows: torch.Tensor, send_rows: list[int], recv_rows: list[int]) -> None:
+        if len(send_rows) != self.size or len(recv_rows) != self.size:
+            raise ValueError(f"need one send and one receive count per rank ({self.size}), "
+                             f"got {len(send_rows)} and {len(recv_rows)}")
+        if rows.shape[0] != sum(send_rows):
+            raise ValueError(f"{rows.shape[0]} rows given but the send counts add up to {sum(send_rows)}")
+
+    def _bytes_to_others(self, rows: torch.Tensor, send_rows: list[int]) -> int:
+        width = math.prod(rows.shape[1:])
+        return (sum(send_rows) - send_rows[self.rank]) * width * rows.element_size()
+
+
+class PendingExchange:
+    """A posted all-to-all-v: the request and the buffers the engine reads and writes until ``wait()``."""
+
+    def __init__(self, comm: Communicator, rows: torch.Tensor, send_rows: list[int], recv_rows: list[int],
+                 timed_wait: bool):
+        self.comm, self.device, self.timed_wait = comm, rows.device, timed_wait
+        self.send = comm._stage(rows)                                            # kept alive until wait()
+        self.received = self.send.new_empty((sum(recv_rows),) + tuple(rows.shape[1:]))
+        width = math.prod(rows.shape[1:])                                        # elements per row
+        self.request = comm._start_alltoallv(self.send, self.received, [n * width for n in send_rows],
+                                             [n * width for n in recv_rows])
+
+    def wait(self) -> torch.Tensor:
+        """Block until the rows have arrived (timed as ``"<communicator>/wait"`` for a non-blocking post)."""
+        if self.timed_wait:
+            with self.comm.stats.measure(f"{self.comm.name}/wait", 0):
+                self.comm._wait(self.request)
+        else:
+            self.comm._wait(self.request)
+        return self.received.to(self.device)
 
 
 def _exclusive_prefix_sum(values: list[int]) -> list[int]:

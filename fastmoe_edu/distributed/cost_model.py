@@ -1,4 +1,7 @@
-"""A cost model of one training step under TED parallelism: predict before you run (REFERENCE §4).
+"""A cost model of one training step under TED parallelism: predict before you run.
+
+Background: docs/moe_systems.md §4 (the α–β model, 2DH all-to-all, pipelining); TED is Singh et al. 2023,
+arXiv 2303.06318; the choice of pipeline degree follows FSMoE (Pan et al. 2025, arXiv 2501.10714).
 
 Inputs: the model's shape and routing load (:class:`MoEShape`), the parallel layout
 (:class:`Layout`: tp × ep × dp, token dropping, hierarchical all-to-all, pipeline degree) and the

@@ -1,21 +1,29 @@
-"""The token exchange of expert parallelism: REFERENCE §2 steps 3, 6 and 8, differentiable.
+"""The token exchange of expert parallelism: steps 3, 6 and 8 of the layer (docs/moe_systems.md §2), differentiable.
 
 P ranks, E experts in all, ``L = E / P`` on each; global expert g lives on rank ``g // L``.
 After the local scatter every rank holds its tokens' rows sorted by *global* expert id, so the rows
 for rank p (experts ``p·L .. p·L+L−1``) form one contiguous block. Then:
 
-    3. exchange counts   send[p, e] = rows this rank has for expert e of rank p     (Alltoall)
+    3. exchange counts   send[p, e] = rows this rank has for expert e of rank p     (all-to-all)
                          recv[s, e] = rows rank s has for my local expert e
-    6. global scatter    the block for rank p goes to rank p                          (Alltoallv)
+    6. global scatter    the block for rank p goes to rank p                          (all-to-all-v)
                          what arrives is ordered (source rank s, local expert e)
        regroup           reorder to (local expert e, source rank s): each expert's rows contiguous
     7.                   ... local experts run on their segments ...
        ungroup           back to (source rank s, local expert e)
-    8. global gather     the reverse Alltoallv: every row returns to the rank that sent it
+    8. global gather     the reverse all-to-all-v: every row returns to the rank that sent it
 
-Backward: the gradient of "send my blocks out" is "send the gradient blocks back", so the backward
-of the global scatter is a global gather with the same plan, and the backward of the global gather
-is a global scatter. The regroup is a permutation of rows; its backward is the inverse permutation.
+How the rows of steps 6 and 8 travel is pluggable: an *exchange* is any object with
+``alltoallv(rows, send_rows, recv_rows)`` (the contract of ``Communicator.alltoallv``):
+
+    FlatExchange("pairwise")     P−1 rounds of matched send/receive (readable, FasterMoE's order)
+    FlatExchange("alltoallv")    one collective (fast)
+    HierarchicalExchange         inside each node first, then between nodes (hierarchical.py)
+
+All give bit-identical rows. The exchange is linear and its adjoint is the same exchange with send
+and receive counts swapped, so one autograd function (:func:`exchange_rows`) differentiates them all:
+the backward of the global scatter is a global gather with the same plan, and vice versa. The
+regroup is a permutation of rows; its backward is the inverse permutation.
 
 Because every rank's tokens are a contiguous slice of the global batch, the (expert, source) order
 after the regroup puts each expert's rows in *global token order*: exactly the segment a single
@@ -27,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .communicator import Communicator
+from .communicator import EXCHANGE_METHODS, Communicator
 
 
 @dataclass
@@ -54,72 +62,54 @@ def exchange_counts(counts: torch.Tensor, num_local_experts: int, comm: Communic
 
 
 # ----------------------------------------------------------------------------------------------------
-# Steps 6 and 8: differentiable all-to-alls
+# Steps 6 and 8: one differentiable exchange, any algorithm
 # ----------------------------------------------------------------------------------------------------
-class GlobalScatter(torch.autograd.Function):
-    """Rows sorted by global expert -> the rows of my local experts, from every rank (source-major)."""
+class FlatExchange:
+    """Every rank sends straight to every rank: ``method`` "pairwise" or "alltoallv" (communicator.py)."""
+
+    def __init__(self, comm: Communicator, method: str):
+        if method not in EXCHANGE_METHODS:
+            raise ValueError(f"exchange={method!r} is not known; allowed: {', '.join(EXCHANGE_METHODS)}")
+        self.comm, self.method = comm, method
+
+    def alltoallv(self, rows: torch.Tensor, send_rows: list[int], recv_rows: list[int]) -> torch.Tensor:
+        return self.comm.alltoallv(rows, send_rows, recv_rows, self.method)
+
+    def __repr__(self) -> str:
+        return self.method
+
+
+class ExchangeRows(torch.autograd.Function):
+    """Forward: ``exchange.alltoallv(rows, send_rows, recv_rows)``; backward: the same with the counts swapped."""
 
     @staticmethod
-    def forward(ctx, rows, plan: ExchangePlan, comm: Communicator, method: str):
-        ctx.plan, ctx.comm, ctx.method = plan, comm, method
-        return comm.alltoallv(rows, plan.send_rows, plan.recv_rows, method)
+    def forward(ctx, rows, send_rows: list[int], recv_rows: list[int], exchange):
+        ctx.send_rows, ctx.recv_rows, ctx.exchange = send_rows, recv_rows, exchange
+        return exchange.alltoallv(rows.detach(), send_rows, recv_rows)
 
     @staticmethod
-    def backward(ctx, grad_received):
-        # Each received row's gradient goes back to the rank that sent the row: a global gather.
-        grad_rows = ctx.comm.alltoallv(grad_received.contiguous(), ctx.plan.recv_rows, ctx.plan.send_rows, ctx.method)
-        return grad_rows, None, None, None
+    def backward(ctx, grad):
+        # Each row's gradient goes back to the rank the row came from.
+        return ctx.exchange.alltoallv(grad.contiguous(), ctx.recv_rows, ctx.send_rows), None, None, None
 
 
-class GlobalGather(torch.autograd.Function):
-    """The experts' output rows (source-major) -> back to the ranks that sent them, in their order."""
-
-    @staticmethod
-    def forward(ctx, expert_rows, plan: ExchangePlan, comm: Communicator, method: str):
-        ctx.plan, ctx.comm, ctx.method = plan, comm, method
-        return comm.alltoallv(expert_rows, plan.recv_rows, plan.send_rows, method)
-
-    @staticmethod
-    def backward(ctx, grad_returned):
-        # The gradient of a returned row belongs to the rank that computed it: a global scatter.
-        grad_rows = ctx.comm.alltoallv(grad_returned.contiguous(), ctx.plan.send_rows, ctx.plan.recv_rows, ctx.method)
-        return grad_rows, None, None, None
-
-
-def global_scatter(rows: torch.Tensor, plan: ExchangePlan, comm: Communicator, method: str) -> torch.Tensor:
-    return GlobalScatter.apply(rows, plan, comm, method)
-
-
-def global_gather(rows: torch.Tensor, plan: ExchangePlan, comm: Communicator, method: str) -> torch.Tensor:
-    return GlobalGather.apply(rows, plan, comm, method)
+def exchange_rows(rows: torch.Tensor, send_rows: list[int], recv_rows: list[int], exchange) -> torch.Tensor:
+    """Differentiable: ``send_rows[p]`` consecutive rows to rank p, ``recv_rows[s]`` rows from rank s (source order)."""
+    return ExchangeRows.apply(rows, send_rows, recv_rows, exchange)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Regroup: (source rank, local expert) order <-> (local expert, source rank) order
+# Regroup: (source rank, local expert) order <-> (local expert, source rank) order. Think of the rows
+# as blocks (s, e) laid out s-major; the regroup lays the same blocks out e-major. One index does it.
 # ----------------------------------------------------------------------------------------------------
-def regroup_by_expert(received: torch.Tensor, recv_counts: torch.Tensor, method: str) -> torch.Tensor:
+def regroup_by_expert(received: torch.Tensor, recv_counts: torch.Tensor) -> torch.Tensor:
     """Source-major rows -> expert-major rows (each local expert's rows contiguous, sources in rank order)."""
-    if method == "pairwise":
-        return _reorder_blocks(received, recv_counts)
     return Permute.apply(received, _expert_major_source_rows(recv_counts))
 
 
-def regroup_by_source(expert_rows: torch.Tensor, recv_counts: torch.Tensor, method: str) -> torch.Tensor:
+def regroup_by_source(expert_rows: torch.Tensor, recv_counts: torch.Tensor) -> torch.Tensor:
     """The inverse of :func:`regroup_by_expert`: expert-major rows -> source-major rows."""
-    if method == "pairwise":
-        return _reorder_blocks(expert_rows, recv_counts.t())
     return Permute.apply(expert_rows, _expert_major_source_rows(recv_counts.t()))
-
-
-def _reorder_blocks(rows: torch.Tensor, block_counts: torch.Tensor) -> torch.Tensor:
-    """The readable regroup: cut the rows into blocks (i, j) laid out i-major, paste them j-major.
-
-    ``block_counts[i, j]`` is the size of block (i, j). Autograd differentiates split and cat.
-    """
-    outer, inner = block_counts.shape
-    blocks = torch.split(rows, block_counts.reshape(-1).tolist(), dim=0)    # blocks[i · inner + j]
-    transposed = [blocks[i * inner + j] for j in range(inner) for i in range(outer)]
-    return torch.cat(transposed, dim=0) if transposed else rows[:0]
 
 
 def _expert_major_source_rows(block_counts: torch.Tensor) -> torch.Tensor:

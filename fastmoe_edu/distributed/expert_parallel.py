@@ -1,28 +1,35 @@
-"""Expert parallelism for :class:`~fastmoe_edu.layer.MoELayer`: each rank holds E / ep of the experts.
+"""Expert parallelism: the expert runner that spreads one MoE layer's experts over the expert group.
 
-Two ways to switch it on (both do the same thing)::
+``parallelize`` (parallelize.py) installs an :class:`ExpertParallel` as the layer's ``expert_runner``
+and a :class:`SumOverRanks` as its ``reduce``; the layer itself is unchanged. ``num_experts`` stays
+the *global* count E; each rank keeps the experts ``ep_rank·L .. ep_rank·L + L − 1`` with ``L = E / ep``
+(global expert g lives on expert-rank g // L). The layer is built whole (all E experts, from the
+same random stream on every rank) and then cut down to the local slice, so the distributed model
+holds exactly the weights a single process would.
 
-    layout = ParallelLayout()                                   # all ranks share the experts
-    layer = MoELayer(d_model, d_hidden, num_experts=8, layout=layout)      # a new layer
-    make_expert_parallel(model, layout)                          # every MoELayer of a built model
-
-``num_experts`` stays the *global* count E; each rank keeps the experts
-``ep_rank·L .. ep_rank·L + L − 1`` with ``L = E / ep`` (global expert g lives on expert-rank g // L).
-The layer is built whole (all E experts, from the same random stream on every rank) and then cut
-down to the local slice, so the distributed model holds exactly the weights a single process would.
-
-One forward pass, on every rank (the layer's own steps in capitals, this file's in lower case):
+One forward pass, on every rank (the layer's own steps in capitals, this runner's in lower case):
 
     GATE on local tokens -> PRUNE (capacity of *this rank's* tokens) -> COUNT -> POSITIONS ->
-    LOCAL SCATTER (rows sorted by global expert) -> exchange counts -> global scatter -> regroup ->
-    local EXPERTS (grouped GEMM) -> ungroup -> global gather -> LOCAL GATHER + COMBINE
+    LOCAL SCATTER (rows sorted by global expert) -> [drop duplicates] -> exchange counts -> global
+    scatter -> regroup -> local EXPERTS (grouped GEMM) -> ungroup -> global gather -> [all-gather
+    the tp shares] -> LOCAL GATHER + COMBINE
 
 Capacity is **per rank**: the router computes ``C = ceil(cf · k · T / E)`` from the rank's own T
-tokens and the pruning walks the rank's own tokens, as GShard (per group) and FastMoE (per
-worker) do. A capacity-limited layer on P ranks therefore equals a single process that runs each
-rank's shard separately. Dropless routers (cf = None) equal a single process on the whole batch.
+tokens, as GShard (per group) and FastMoE (per worker) do. A capacity-limited layer on P ranks
+therefore equals a single process that runs each rank's shard separately. Dropless routers equal a
+single process on the whole batch.
 
-Balance statistics (aux loss, sigmoid load) are over the global batch: see balance.py.
+**Duplicate token dropping** (DeepSpeed-TED, Singh et al. 2023). The tp ranks of a tensor group
+hold identical tokens, so without it each of them sends the same rows through its own all-to-all:
+tp copies of the traffic. With it, each tp rank keeps a 1/tp share of the expert-sorted buffer (a
+contiguous piece, so it stays sorted by expert) and exchanges only that; after the experts the tp
+group all-gathers the pieces and every tp rank continues with the full buffer:
+
+    buffer [N rows] ─► my share [≈N/tp] ─► all-to-all ─► experts ─► all-to-all ─► all-gather (tp) ─► [N rows]
+
+Each rank's experts then see only 1/tp of the rows, so expert gradients are partial per tp rank and
+are summed over the tensor group too (gradients.py). Deviation from the paper: TED all-gathers the
+*combined* outputs ``[T, d]``; here the expert output rows ``[k·T, d]`` are gathered before the combine.
 """
 from __future__ import annotations
 
@@ -30,77 +37,111 @@ import torch
 from torch import nn
 
 from ..experts import Experts
-from .balance import global_aux_loss, global_router_load
-from .communicator import EXCHANGE_METHODS
-from .exchange import (exchange_counts, global_gather, global_scatter, regroup_by_expert,
-                       regroup_by_source)
+from .communicator import Communicator
+from .exchange import FlatExchange, exchange_counts, exchange_rows, regroup_by_expert, regroup_by_source
+from .hierarchical import HierarchicalExchange
 from .layout import ParallelLayout
+from .pipeline import pipelined_expert_exchange
+from .tensor_parallel import GatherRowsFromTensorGroup, SplitRowsForTensorRank, row_shares
 
 
 class ExpertParallel:
-    """The expert-parallel part of one MoE layer: which experts live here and how rows travel.
+    """The expert runner of one MoE layer under expert parallelism (see the module docstring).
 
-    ``exchange``: ``"pairwise"`` (readable Sendrecv rounds, block-wise regroup) or ``"alltoallv"``
-    (one collective, one-index permutation regroup). Both give identical numbers.
+    Args:
+        exchange: ``"pairwise"`` or ``"alltoallv"`` (flat, identical numbers), or ``"hierarchical"``
+            (needs ``ranks_per_node``).
+        drop_duplicate_tokens: each tp rank exchanges only its 1/tp share of the rows.
+        pipeline_degree: D > 1 cuts the exchange into D overlapped chunks (pipeline.py; flat only).
+        ranks_per_node: G, the expert-parallel ranks per node of the hierarchical exchange.
     """
 
-    def __init__(self, layout: ParallelLayout, num_experts: int, exchange: str = "alltoallv"):
-        if exchange not in EXCHANGE_METHODS:
-            raise ValueError(f"exchange={exchange!r} is not known; allowed: {', '.join(EXCHANGE_METHODS)}")
-        self.layout, self.exchange = layout, exchange
-        self.num_experts = num_experts
+    def __init__(self, layout: ParallelLayout, num_experts: int, exchange: str = "alltoallv",
+                 drop_duplicate_tokens: bool = False, pipeline_degree: int = 1, ranks_per_node: int | None = None):
+        self.layout, self.num_experts = layout, num_experts
         self.num_local_experts = layout.check_num_experts(num_experts)
         self.first_local_expert = layout.ep_rank * self.num_local_experts
+        self.drop_duplicate_tokens = bool(drop_duplicate_tokens) and layout.tp_size > 1
+        self.pipeline_degree = pipeline_degree
+        if exchange == "hierarchical":
+            self.exchange = HierarchicalExchange(layout.expert, ranks_per_node)
+        else:
+            self.exchange = FlatExchange(layout.expert, exchange)
 
-    def run_experts(self, experts: Experts, buffer: torch.Tensor, counts: torch.Tensor, backend) -> torch.Tensor:
-        """Steps 3 and 6-8: ``buffer`` (this rank's rows sorted by global expert, ``counts[E]``) -> expert outputs, same order."""
-        comm = self.layout.expert
-        plan = exchange_counts(counts, self.num_local_experts, comm)                      # 3. counts
-        received = global_scatter(buffer, plan, comm, self.exchange)                      # 6. (source, expert)
-        expert_rows = regroup_by_expert(received, plan.recv_counts, self.exchange)        #    (expert, source)
-        expert_out = experts(expert_rows, plan.local_expert_counts.to(counts.device),     # 7. grouped GEMM
-                             backend.grouped_matmul)
-        returned = regroup_by_source(expert_out, plan.recv_counts, self.exchange)         #    (source, expert)
-        return global_gather(returned, plan, comm, self.exchange)                         # 8. back home
-
-    def global_aux_loss(self, gate, route) -> torch.Tensor:
-        return global_aux_loss(gate, route, self.layout.data)
-
-    def global_load(self, gate) -> torch.Tensor | None:
-        return global_router_load(gate, self.layout.data)
+    def __call__(self, experts: Experts, buffer: torch.Tensor, counts: torch.Tensor, backend) -> torch.Tensor:
+        """Steps 3 and 6-8: ``buffer`` (rows sorted by global expert, ``counts[E]``) -> expert outputs, same order."""
+        tensor = self.layout.tensor
+        if self.drop_duplicate_tokens:
+            shares = row_shares(buffer.shape[0], tensor.size)
+            counts = _counts_in_share(counts, shares, tensor.rank)
+            buffer = SplitRowsForTensorRank.apply(buffer, shares, tensor)        # my ≈1/tp of the rows
+        if self.pipeline_degree > 1:
+            out = pipelined_expert_exchange(experts, buffer, counts, backend, self.layout.expert,
+                                            self.num_local_experts, self.pipeline_degree)
+        else:
+            plan = exchange_counts(counts, self.num_local_experts, self.layout.expert)          # 3. counts
+            received = exchange_rows(buffer, plan.send_rows, plan.recv_rows, self.exchange)    # 6. (source, expert)
+            expert_rows = regroup_by_expert(received, plan.recv_counts)                        #    (expert, source)
+            expert_out = experts(expert_rows, plan.local_expert_counts.to(counts.device),      # 7. grouped GEMM
+                                 backend.grouped_matmul)
+            returned = regroup_by_source(expert_out, plan.recv_counts)                         #    (source, expert)
+            out = exchange_rows(returned, plan.recv_rows, plan.send_rows, self.exchange)       # 8. back home
+        if self.drop_duplicate_tokens:
+            out = GatherRowsFromTensorGroup.apply(out, shares, tensor)           # every tp rank: all N rows
+        return out
 
     def __deepcopy__(self, memo):
-        # A copied layer (e.g. an EMA copy of the model) talks to the same ranks: share, never copy, MPI state.
+        # A copied layer (e.g. an EMA copy of the model) talks to the same ranks: share, never copy, comm state.
         return self
 
     def __repr__(self) -> str:
         last = self.first_local_expert + self.num_local_experts - 1
+        options = (f", drop_duplicate_tokens=True" if self.drop_duplicate_tokens else "") + (
+            f", pipeline_degree={self.pipeline_degree}" if self.pipeline_degree > 1 else "")
         return (f"ExpertParallel(experts {self.first_local_expert}..{last} of {self.num_experts} on "
-                f"expert-rank {self.layout.ep_rank}/{self.layout.ep_size}, exchange={self.exchange!r})")
+                f"expert-rank {self.layout.ep_rank}/{self.layout.ep_size}, exchange={self.exchange!r}{options})")
 
 
-def make_expert_parallel(module: nn.Module, layout: ParallelLayout, exchange: str | None = None) -> nn.Module:
-    """Spread the experts of every :class:`MoELayer` in ``module`` over the layout's expert group, in place.
+class SumOverRanks:
+    """The layer's ``reduce`` under data parallelism: Σ over the data group, differentiable.
 
-    Call it on the freshly built model, before creating the optimizer (the expert parameters are
-    replaced by their local slices). ``exchange=None`` picks ``"pairwise"`` for layers on the
-    reference backend (the readable path) and ``"alltoallv"`` otherwise (the fast path).
-    Raises ValueError, before changing anything and without communicating, when a layer's
-    ``num_experts`` is not divisible by the expert-parallel size.
+    Every rank computes the same global statistic (e.g. the balance loss of the whole batch) from
+    the sum. The backward all-reduces the incoming gradient too: the sum feeds the loss on every rank,
+    so ``∂(Σ_r L_r)/∂x_mine = Σ_r ∂L_r/∂sum``. After the data-parallel gradient average (×1/R) the
+    replicated gate receives exactly the gradient of the single-process loss.
     """
-    from ..layer import MoELayer          # layer.py imports this module lazily; import it back the same way
 
-    layers = [m for m in module.modules() if isinstance(m, MoELayer)]
-    for layer in layers:                                                    # check all before changing any
-        layout.check_num_experts(layer.num_experts)
-        if layer.expert_parallel is not None:
-            raise ValueError(f"{layer} is already expert-parallel")
-    for layer in layers:
-        method = exchange or ("pairwise" if layer.backend_name == "reference" else "alltoallv")
-        plan = ExpertParallel(layout, layer.num_experts, method)
-        keep_local_experts(layer.experts, plan.first_local_expert, plan.num_local_experts)
-        layer.expert_parallel = plan
-    return module
+    def __init__(self, comm: Communicator):
+        self.comm = comm
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        return _AllReduceSum.apply(tensor, self.comm)
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __repr__(self) -> str:
+        return f"SumOverRanks({self.comm.name!r}, {self.comm.size} ranks)"
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor, comm: Communicator):
+        ctx.comm = comm
+        return comm.allreduce_(tensor.detach().clone(), purpose="allreduce_router_statistics")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.comm.allreduce_(grad.contiguous().clone(), purpose="allreduce_router_statistics"), None
+
+
+def _counts_in_share(counts: torch.Tensor, shares: list[int], tp_rank: int) -> torch.Tensor:
+    """Rows per expert inside my share ``[lo, hi)`` of the expert-sorted buffer: |segment_e ∩ [lo, hi)|."""
+    lo = sum(shares[:tp_rank])
+    hi = lo + shares[tp_rank]
+    ends = torch.cumsum(counts, 0)
+    starts = ends - counts
+    return ends.clamp(lo, hi) - starts.clamp(lo, hi)
 
 
 def keep_local_experts(experts: Experts, first: int, count: int) -> None:
@@ -115,10 +156,8 @@ def keep_local_experts(experts: Experts, first: int, count: int) -> None:
 
 def expert_parameters(module: nn.Module) -> list[nn.Parameter]:
     """The parameters of expert-parallel experts (each rank holds different ones: never averaged over ep)."""
-    from ..layer import MoELayer
-
     params = []
     for layer in module.modules():
-        if isinstance(layer, MoELayer) and layer.expert_parallel is not None:
+        if isinstance(getattr(layer, "expert_runner", None), ExpertParallel):
             params.extend(layer.experts.parameters())
     return params

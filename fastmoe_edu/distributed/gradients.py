@@ -12,10 +12,18 @@ training objective is the mean over the R = ep × dp shards::
   ``Σ_{r in its expert group} ∂L_r/∂θ``. Summing that over the dp copies of the expert
   (expert-replica group) gives the sum over all R shards; dividing by R gives ``∂L/∂θ``.
   Expert gradients are therefore *not* averaged across the expert group — they are divided by R.
+* **Tensor-parallel slices** (tp > 1) are all-reduced like replicated parameters, over the data
+  group of their own tp index; with duplicate token dropping each tp rank's experts saw only 1/tp of
+  the rows, so expert gradients are summed over the tensor group as well.
+
+    parameter                          where copies live                 all-reduce over
+    tp-sliced, and whole non-expert    ep·dp ranks with my tp index      data group, ×1/R
+    experts, no token dropping         dp ranks with my (ep, tp) index   expert_replica group, ×1/R
+    experts, duplicate tokens dropped  tp·dp ranks with my ep index      expert_replica ×1/R, then Σ tensor
 
 All-reduces are *bucketed*: the gradients are concatenated into a few large flat buffers (default
-25 MB, as PyTorch's DDP) and each bucket is one ``Allreduce``. One message of 25 MB costs one
-latency α; 200 messages of 125 kB would cost 200 α for the same bytes (REFERENCE §4 cost model).
+25 MB, as PyTorch's DDP) and each bucket is one all-reduce. One message of 25 MB costs one latency
+α; 200 messages of 125 kB would cost 200 α for the same bytes (docs/moe_systems.md §4).
 """
 from __future__ import annotations
 
@@ -23,8 +31,9 @@ import torch
 from torch import nn
 
 from .communicator import Communicator
-from .expert_parallel import expert_parameters
+from .expert_parallel import ExpertParallel, expert_parameters
 from .layout import ParallelLayout
+from .tensor_parallel import tensor_parallel_parameters
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20
 
@@ -60,6 +69,13 @@ def allreduce_gradients(model: nn.Module, layout: ParallelLayout, bucket_bytes: 
     shards = layout.data_size                                                     # R = ep · dp
     _allreduce_in_buckets(replicated, layout.data, 1.0 / shards, bucket_bytes)   # (1/R) Σ_r
     _allreduce_in_buckets(experts, layout.expert_replica, 1.0 / shards, bucket_bytes)   # (1/R) Σ_dp Σ_ep
+    if drops_duplicate_tokens(model):
+        _allreduce_in_buckets(experts, layout.tensor, 1.0, bucket_bytes)         # Σ of the tp ranks' shares
+
+
+def drops_duplicate_tokens(model: nn.Module) -> bool:
+    return any(isinstance(runner, ExpertParallel) and runner.drop_duplicate_tokens
+               for runner in (getattr(m, "expert_runner", None) for m in model.modules()))
 
 
 def _allreduce_in_buckets(params: list[nn.Parameter], comm: Communicator, scale: float, bucket_bytes: int) -> None:
@@ -105,21 +121,29 @@ def _buckets(params: list[nn.Parameter], bucket_bytes: int) -> list[list[nn.Para
 def clip_grad_norm_(model: nn.Module, max_norm: float, layout: ParallelLayout) -> torch.Tensor:
     """Distributed ``torch.nn.utils.clip_grad_norm_``: the norm of the *whole* model's gradient.
 
-    Call after :func:`allreduce_gradients`. Replicated gradients are then equal on every rank
-    (count them once); each expert slice is on one rank of the expert group (sum their squares over
-    it). Every rank gets the same norm and the same clip factor ``min(1, max_norm / (norm + 1e-6))``
-    (torch's formula), so replicated weights stay identical.
+    Call after :func:`allreduce_gradients`. Then
+
+        ‖g‖² = Σ whole replicated (equal on every rank: counted once) + Σ_tp tp-sliced + Σ_ep experts
+
+    (the tp ranks hold equal copies of the experts and of the whole replicated parameters). Every
+    rank gets the same norm and the same clip factor ``min(1, max_norm / (norm + 1e-6))`` (torch's
+    formula), so replicated weights stay identical.
     """
     replicated, experts = split_parameters(model)
     grads = [p.grad for p in replicated + experts if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    replicated_sq = sum((p.grad.double().square().sum() for p in replicated if p.grad is not None),
-                        torch.zeros((), dtype=torch.float64))
-    expert_sq = sum((p.grad.double().square().sum() for p in experts if p.grad is not None),
-                    torch.zeros((), dtype=torch.float64))
-    layout.expert.allreduce_(expert_sq.reshape(1), purpose="allreduce_grad_norm")
-    total_norm = (replicated_sq + expert_sq).sqrt()
+    sliced_ids = {id(p) for p in tensor_parallel_parameters(model)}
+
+    def squares(params):
+        return sum((p.grad.double().square().sum() for p in params if p.grad is not None),
+                   torch.zeros((), dtype=torch.float64))
+
+    whole_sq = squares([p for p in replicated if id(p) not in sliced_ids])
+    sliced_sq = layout.tensor.allreduce_(squares([p for p in replicated if id(p) in sliced_ids]).reshape(1),
+                                         purpose="allreduce_grad_norm")
+    expert_sq = layout.expert.allreduce_(squares(experts).reshape(1), purpose="allreduce_grad_norm")
+    total_norm = (whole_sq + sliced_sq[0] + expert_sq[0]).sqrt()
     clip = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
     for g in grads:
         g.mul_(clip.to(g.dtype))

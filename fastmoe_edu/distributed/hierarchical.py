@@ -24,8 +24,8 @@ Order of rows. The flat exchange delivers the rows from source rank 0 first, the
 so the result is bit-identical to the flat Alltoallv. The block sizes of the middle reorder are the
 send counts of my node-mates; one small Allgather of the G × P count matrix inside the node gives them.
 
-The exchange is linear, and its adjoint is the same exchange with send and receive counts swapped,
-so the differentiable version (:class:`HierarchicalAllToAll`) runs this function in both directions.
+It is an *exchange* in the sense of exchange.py (``alltoallv(rows, send_rows, recv_rows)``), so
+``exchange_rows`` differentiates it like the flat ones: the backward runs it with the counts swapped.
 """
 from __future__ import annotations
 
@@ -47,9 +47,9 @@ class HierarchicalExchange:
         self.comm, self.ranks_per_node = comm, ranks_per_node
         self.num_nodes = comm.size // ranks_per_node
         self.node, self.local = divmod(comm.rank, ranks_per_node)
-        # Split(color, key): the node-mates (same node), and the ranks with my local index on every node.
-        self.intra = Communicator(comm.comm.Split(self.node, self.local), f"{comm.name}_intra_node", comm.stats)
-        self.inter = Communicator(comm.comm.Split(self.local, self.node), f"{comm.name}_inter_node", comm.stats)
+        # split(color, key): the node-mates (same node), and the ranks with my local index on every node.
+        self.intra = comm.split(color=self.node, key=self.local, name=f"{comm.name}_intra_node")
+        self.inter = comm.split(color=self.local, key=self.node, name=f"{comm.name}_inter_node")
         self.messages = {"intra_node": 0, "inter_node": 0}
 
     def alltoallv(self, rows: torch.Tensor, send_rows: list[int], recv_rows: list[int]) -> torch.Tensor:
@@ -57,7 +57,7 @@ class HierarchicalExchange:
         G, N = self.ranks_per_node, self.num_nodes
         send = torch.tensor(send_rows, dtype=torch.int64).reshape(N, G)                # [dest node n', dest local l']
         # The send counts of all my node-mates: mates[l_s, n', l'] (one Allgather of G·P integers).
-        mates = self._allgather_counts(send.reshape(-1)).reshape(G, N, G)
+        mates = self.intra.allgather(send.reshape(-1), purpose="allgather_counts").reshape(G, N, G)
         # Phase 1: reorder my rows (n', l') -> (l', n') and send block l' to node-mate l'.
         by_local = rows.index_select(0, _expert_major_source_rows(send))
         phase1_send = send.sum(dim=0).tolist()                                          # Σ_n' per l'
@@ -73,15 +73,11 @@ class HierarchicalExchange:
         self._count("inter_node", phase2_send, self.node)
         return self.inter.alltoallv(by_node, phase2_send, phase2_recv)
 
-    def _allgather_counts(self, counts: torch.Tensor) -> torch.Tensor:
-        gathered = torch.empty(self.intra.size * counts.numel(), dtype=torch.int64)
-        with self.intra.stats.measure(f"{self.intra.name}/allgather_counts",
-                                      counts.numel() * 8 * (self.intra.size - 1)):
-            self.intra.comm.Allgather(self.intra._buffer(counts.contiguous()), self.intra._buffer(gathered))
-        return gathered
-
     def _count(self, level: str, sends: list[int], me: int) -> None:
         self.messages[level] += sum(1 for peer, rows in enumerate(sends) if rows and peer != me)
+
+    def __repr__(self) -> str:
+        return f"hierarchical ({self.num_nodes} nodes × {self.ranks_per_node} ranks)"
 
 
 def count_flat_messages(send_rows: list[int], my_rank: int, ranks_per_node: int) -> dict[str, int]:
@@ -99,16 +95,3 @@ def check_ranks_per_node(ranks_per_node: int, group_size: int) -> None:
         raise ValueError(f"ranks_per_node={ranks_per_node!r} must divide the expert-parallel size ep={group_size} "
                          f"(the hierarchical all-to-all groups ep ranks into nodes); allowed: "
                          f"{', '.join(map(str, divisors))}")
-
-
-class HierarchicalAllToAll(torch.autograd.Function):
-    """Differentiable hierarchical exchange: backward is the same exchange with the counts swapped."""
-
-    @staticmethod
-    def forward(ctx, rows, send_rows: list[int], recv_rows: list[int], exchange: HierarchicalExchange):
-        ctx.send_rows, ctx.recv_rows, ctx.exchange = send_rows, recv_rows, exchange
-        return exchange.alltoallv(rows.detach(), send_rows, recv_rows)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return ctx.exchange.alltoallv(grad.contiguous(), ctx.recv_rows, ctx.send_rows), None, None, None

@@ -19,11 +19,12 @@ pipelined one about (2A + C)/D + max(2A, C)·(D−1)/D, minus what the extra D�
 Every row is computed by the same expert with the same weights as without chunks, so the output
 is the same (up to the summation order of the expert weight gradients, which add D partial sums).
 
-Non-blocking collectives: ``MPI.Comm.Ialltoallv`` returns a request at once; the buffers must stay
-alive and untouched until ``request.Wait()``. All ranks post their collectives on one communicator
-in the same order (scatter 0, scatter 1, gather 0, scatter 2, gather 1, ...), as MPI requires.
-How much actually overlaps depends on the MPI library: without an asynchronous progress thread
-(the ``mpich`` wheel's default), a large message may only move inside MPI calls — the ``Wait`` s.
+Non-blocking collectives: ``Communicator.ialltoallv`` returns a :class:`PendingExchange` at once;
+its buffers stay alive until ``.wait()``. All ranks post their collectives on one communicator in
+the same order (scatter 0, scatter 1, gather 0, scatter 2, gather 1, ...), as MPI and
+torch.distributed both require. How much actually overlaps depends on the engine: an MPI library
+without an asynchronous progress thread (the ``mpich`` wheel's default) may only move a large
+message inside MPI calls — the waits; gloo and NCCL progress on their own threads / streams.
 
 Backward, the same schedule mirrored (FasterMoE overlaps both passes): the gradient of chunk c+1's
 results travels to the expert ranks while chunk c's expert backward runs, and chunk c's input
@@ -43,11 +44,9 @@ partial gradients, added in chunk order.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .communicator import Communicator, _exclusive_prefix_sum
+from .communicator import Communicator
 from .exchange import ExchangePlan, regroup_by_expert, regroup_by_source
 
 
@@ -56,29 +55,6 @@ def check_pipeline_degree(pipeline_degree) -> int:
         raise ValueError(f"pipeline_degree={pipeline_degree!r} must be an integer >= 1 "
                          f"(1 = no pipelining, D = the exchange cut into D overlapped chunks)")
     return pipeline_degree
-
-
-class PendingExchange:
-    """A posted ``Ialltoallv``: the request and the buffers MPI is reading and writing."""
-
-    def __init__(self, comm: Communicator, rows: torch.Tensor, send_rows: list[int], recv_rows: list[int]):
-        self.comm = comm
-        self.send = comm._stage(rows)                                            # kept alive until Wait
-        self.received = self.send.new_empty((sum(recv_rows),) + tuple(rows.shape[1:]))
-        self.device = rows.device
-        width = math.prod(rows.shape[1:])                                        # elements per row
-        send_counts = [n * width for n in send_rows]
-        recv_counts = [n * width for n in recv_rows]
-        sent_elsewhere = (sum(send_rows) - send_rows[comm.rank]) * width * rows.element_size()
-        with comm.stats.measure(f"{comm.name}/ialltoallv", sent_elsewhere):
-            self.request = comm.comm.Ialltoallv(
-                comm._buffer(self.send, send_counts, _exclusive_prefix_sum(send_counts)),
-                comm._buffer(self.received, recv_counts, _exclusive_prefix_sum(recv_counts)))
-
-    def wait(self) -> torch.Tensor:
-        with self.comm.stats.measure(f"{self.comm.name}/wait", 0):
-            self.request.Wait()
-        return self.received.to(self.device)
 
 
 class PipelinedExperts(torch.autograd.Function):
@@ -93,18 +69,18 @@ class PipelinedExperts(torch.autograd.Function):
         degree = len(plans)
         order = torch.cat(indices).to(buffer.device)          # buffer row of each row of the concatenated chunks
         chunks = buffer.index_select(0, order).split([len(idx) for idx in indices])
-        scatters = [PendingExchange(comm, chunks[0], plans[0].send_rows, plans[0].recv_rows)]
+        scatters = [comm.ialltoallv(chunks[0], plans[0].send_rows, plans[0].recv_rows)]
         inputs, outputs, gathers = [], [], []
         for c, plan in enumerate(plans):
             if c + 1 < degree:                                                   # chunk c+1 starts travelling
                 nxt = plans[c + 1]
-                scatters.append(PendingExchange(comm, chunks[c + 1], nxt.send_rows, nxt.recv_rows))
+                scatters.append(comm.ialltoallv(chunks[c + 1], nxt.send_rows, nxt.recv_rows))
             received = scatters[c].wait().requires_grad_(build_graph)           # ... while chunk c is computed
             with torch.set_grad_enabled(build_graph):                            # this chunk's own small graph
                 out = run_chunk(received, plan)
             inputs.append(received)
             outputs.append(out)
-            gathers.append(PendingExchange(comm, out.detach(), plan.recv_rows, plan.send_rows))   # results go home
+            gathers.append(comm.ialltoallv(out.detach(), plan.recv_rows, plan.send_rows))   # results go home
         ctx.comm, ctx.plans, ctx.order, ctx.params = comm, plans, order, params
         ctx.inputs, ctx.outputs = inputs, outputs
         returned = torch.cat([pending.wait() for pending in gathers])
@@ -116,12 +92,12 @@ class PipelinedExperts(torch.autograd.Function):
         degree = len(plans)
         grads = grad.index_select(0, ctx.order).split([sum(plan.send_rows) for plan in plans])   # chunk order
         # The gradient of chunk c's results goes back to where chunk c was computed (the gather's reverse).
-        incoming = [PendingExchange(comm, grads[0], plans[0].send_rows, plans[0].recv_rows)]
+        incoming = [comm.ialltoallv(grads[0], plans[0].send_rows, plans[0].recv_rows)]
         outgoing, param_grads = [], [torch.zeros_like(p) for p in params]
         for c, plan in enumerate(plans):
             if c + 1 < degree:
                 nxt = plans[c + 1]
-                incoming.append(PendingExchange(comm, grads[c + 1], nxt.send_rows, nxt.recv_rows))
+                incoming.append(comm.ialltoallv(grads[c + 1], nxt.send_rows, nxt.recv_rows))
             grad_out = incoming[c].wait()
             with torch.enable_grad():
                 found = torch.autograd.grad(ctx.outputs[c], (ctx.inputs[c], *params), grad_out, allow_unused=True)
@@ -129,7 +105,7 @@ class PipelinedExperts(torch.autograd.Function):
                 if partial is not None:
                     total += partial                                             # chunk order: deterministic
             # Chunk c's input gradient travels home (the scatter's reverse) during chunk c+1's backward.
-            outgoing.append(PendingExchange(comm, found[0], plan.recv_rows, plan.send_rows))
+            outgoing.append(comm.ialltoallv(found[0], plan.recv_rows, plan.send_rows))
         grad_chunks = torch.cat([pending.wait() for pending in outgoing])
         grad_buffer = torch.empty_like(grad_chunks).index_copy_(0, ctx.order, grad_chunks)
         ctx.inputs = ctx.outputs = None                                          # free the chunks' graphs
@@ -150,7 +126,7 @@ def chunk_rows(counts: torch.Tensor, degree: int) -> tuple[list[torch.Tensor], t
 
 def pipelined_expert_exchange(experts, buffer: torch.Tensor, counts: torch.Tensor, backend, comm: Communicator,
                               num_local_experts: int, degree: int) -> torch.Tensor:
-    """Steps 3 and 6-8 of the layer in ``degree`` overlapped chunks. Same contract as ``ExpertParallel.run_experts``."""
+    """Steps 3 and 6-8 of the layer in ``degree`` overlapped chunks. Same contract as an expert runner."""
     P, L = comm.size, num_local_experts
     indices, chunk_counts = chunk_rows(counts, degree)
     # Step 3 for all chunks at once: block p of the message = my counts for rank p's experts, chunk by chunk.
@@ -161,9 +137,9 @@ def pipelined_expert_exchange(experts, buffer: torch.Tensor, counts: torch.Tenso
                           local_expert_counts=recv_counts[:, c].sum(0)) for c in range(degree)]
 
     def run_chunk(received: torch.Tensor, plan: ExchangePlan) -> torch.Tensor:
-        expert_rows = regroup_by_expert(received, plan.recv_counts, "alltoallv")
+        expert_rows = regroup_by_expert(received, plan.recv_counts)
         out = experts(expert_rows, plan.local_expert_counts.to(counts.device), backend.grouped_matmul)
-        return regroup_by_source(out, plan.recv_counts, "alltoallv")
+        return regroup_by_source(out, plan.recv_counts)
 
     params = [p for p in experts.parameters() if p.requires_grad]
     build_graph = torch.is_grad_enabled() and (buffer.requires_grad or bool(params))

@@ -17,7 +17,7 @@ Conventions:
 * ``bytes_sent`` counts the bytes this rank sends to *other* ranks (the rows it keeps for itself
   are a local copy, not traffic). For an all-reduce it is the buffer size (what a naive algorithm
   sends once; the ring algorithm sends about twice that). These are the volumes the cost model
-  ``t = α·(P−1) + β·bytes`` of REFERENCE §4 is written in.
+  ``t = α·(P−1) + β·bytes`` of docs/moe_systems.md §4.2 is written in.
 """
 from __future__ import annotations
 

@@ -31,8 +31,6 @@ The second pair of functions here is what *duplicate token dropping* (TED) uses:
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -86,18 +84,6 @@ def row_shares(num_rows: int, parts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
-def allgather_rows(rows: torch.Tensor, shares: list[int], comm: Communicator, purpose: str) -> torch.Tensor:
-    """Concatenate every rank's ``rows`` (``shares[r]`` rows from rank r) in rank order, on every rank."""
-    width = math.prod(rows.shape[1:])                                            # elements per row
-    send = comm._stage(rows)
-    gathered = send.new_empty((sum(shares),) + tuple(rows.shape[1:]))
-    counts = [share * width for share in shares]
-    displacements = [sum(counts[:r]) for r in range(len(counts))]
-    with comm.stats.measure(f"{comm.name}/{purpose}", send.numel() * send.element_size() * (comm.size - 1)):
-        comm.comm.Allgatherv(comm._buffer(send), comm._buffer(gathered, counts, displacements))
-    return gathered.to(rows.device)
-
-
 class SplitRowsForTensorRank(torch.autograd.Function):
     """Forward: rows ``[start, start + shares[rank])`` of a tensor every tp rank holds; backward: all-gather."""
 
@@ -109,7 +95,7 @@ class SplitRowsForTensorRank(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_share):
-        return allgather_rows(grad_share.contiguous(), ctx.shares, ctx.comm, "allgather_backward"), None, None
+        return ctx.comm.allgatherv(grad_share.contiguous(), ctx.shares, "allgather_backward"), None, None
 
 
 class GatherRowsFromTensorGroup(torch.autograd.Function):
@@ -118,7 +104,7 @@ class GatherRowsFromTensorGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, share, shares: list[int], comm: Communicator):
         ctx.shares, ctx.comm = shares, comm
-        return allgather_rows(share.contiguous(), shares, comm, "allgather_forward")
+        return comm.allgatherv(share.contiguous(), shares, "allgather_forward")
 
     @staticmethod
     def backward(ctx, grad_all):

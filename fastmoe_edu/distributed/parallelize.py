@@ -1,0 +1,75 @@
+"""``parallelize(model, layout)``: the one call that makes a model (or a single MoELayer) parallel.
+
+    layout = ParallelLayout(tp=2, ep=2, dp=2)             # 8 ranks
+    torch.manual_seed(0); model = build_model(...)         # the whole model, same seed on every rank
+    parallelize(model, layout, drop_duplicate_tokens=True, pipeline_degree=2)
+    optimizer = torch.optim.AdamW(model.parameters())      # after: the parameters have been replaced
+    ...
+    loss.backward(); allreduce_gradients(model, layout); clip_grad_norm_(model, 1.0, layout); optimizer.step()
+
+In place, in this order, after checking every option with plain arithmetic (so a bad layout fails
+with the same error on every rank, before any rank enters a collective):
+
+1. **tensor parallelism** (tp > 1): attention and dense MLPs cut to this rank's slice (tensor_parallel.py);
+2. **expert parallelism**: every MoELayer keeps its ``E / ep`` experts; its two seams are replaced —
+   ``expert_runner`` by an :class:`ExpertParallel`, ``reduce`` by a sum over the data group;
+3. **data parallelism**: every replicated parameter and buffer broadcast from rank 0 of its group, so
+   all copies start equal by construction. The gradient side is ``allreduce_gradients`` (gradients.py).
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ..layer import MoELayer
+from .communicator import EXCHANGE_METHODS
+from .expert_parallel import ExpertParallel, SumOverRanks, keep_local_experts
+from .gradients import broadcast_parameters
+from .hierarchical import check_ranks_per_node
+from .layout import ParallelLayout
+from .pipeline import check_pipeline_degree
+from .tensor_parallel import make_tensor_parallel
+
+#: the config's spellings of the token exchange; "auto" = one all-to-all-v collective (the fast one)
+EXCHANGES = ("auto", *EXCHANGE_METHODS)
+
+
+def parallelize(model: nn.Module, layout: ParallelLayout, exchange: str = "auto",
+                drop_duplicate_tokens: bool = False, pipeline_degree: int = 1,
+                ranks_per_node: int | None = None) -> nn.Module:
+    """Tensor-, expert- and data-parallel ``model`` over ``layout``, in place; returns ``model``.
+
+    Args:
+        exchange: how token rows travel: ``"pairwise"``, ``"alltoallv"`` or ``"auto"`` (= alltoallv).
+        drop_duplicate_tokens: DeepSpeed-TED's duplicate token dropping (tp > 1).
+        pipeline_degree: FasterMoE/FSMoE overlap of the exchange with the experts, D chunks.
+        ranks_per_node: the hierarchical (two-level) all-to-all with this many expert ranks per node.
+    """
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    check_parallel_options(layout, exchange, pipeline_degree, ranks_per_node)
+    for layer in layers:                                                    # check all before changing any
+        layout.check_num_experts(layer.num_experts)
+        if isinstance(layer.expert_runner, ExpertParallel):
+            raise ValueError(f"{layer} is already expert-parallel")
+    make_tensor_parallel(model, layout)
+    method = "hierarchical" if ranks_per_node is not None else ("alltoallv" if exchange == "auto" else exchange)
+    for layer in layers:
+        runner = ExpertParallel(layout, layer.num_experts, method, drop_duplicate_tokens, pipeline_degree,
+                                ranks_per_node)
+        keep_local_experts(layer.experts, runner.first_local_expert, runner.num_local_experts)
+        layer.expert_runner = runner
+        layer.reduce = SumOverRanks(layout.data)
+    broadcast_parameters(model, layout)
+    return model
+
+
+def check_parallel_options(layout: ParallelLayout, exchange: str, pipeline_degree, ranks_per_node) -> None:
+    """Plain arithmetic (no communication): the same ValueError on every rank for a bad combination."""
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange={exchange!r} is not known; allowed: {', '.join(EXCHANGES)}")
+    check_pipeline_degree(pipeline_degree)
+    if ranks_per_node is not None:
+        check_ranks_per_node(ranks_per_node, layout.ep_size)
+        if pipeline_degree > 1:
+            raise ValueError(f"pipeline_degree={pipeline_degree} with ranks_per_node={ranks_per_node}: the pipelined "
+                             f"exchange is flat only; use pipeline_degree=1 with the hierarchical all-to-all, "
+                             f"or ranks_per_node unset with pipelining")

@@ -1,0 +1,112 @@
+"""ParallelRuntime: the training loop's runtime when the job is one of P ranks (MPI or torch.distributed).
+
+    mpirun -n 8 python -m fastmoe_edu.train                                       # ep = 8
+    torchrun --nproc-per-node=8 -m fastmoe_edu.train --tp=2 --ep=2 --dp=2 --drop_duplicate_tokens=true
+
+Same methods as ``fastmoe_edu.runtime.SingleProcess``; what they do here, in the order of a run:
+
+1. construction — install the abort-on-failure hook (MPI), check the configuration against the
+   world size with plain arithmetic (tp × ep × dp = world, num_experts and batch_size divisible),
+   and only then open the engine's world and the layout's communicators. A bad launch raises the
+   same clear error on every rank before any collective.
+2. :meth:`shard_model` — :func:`parallelize` (local experts, tp slices, replicated weights broadcast),
+   then each rank re-seeds its random stream with its rank, so router noise differs across shards.
+3. each step — :meth:`shard_batch`, :meth:`reduce_gradients`, :meth:`clip_gradients`, and
+   :meth:`mean` / :meth:`sum` / :meth:`any` for the logged figures and the stop decision.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..runtime import Runtime, layout_sizes
+from .engines import launch_world_size, open_world
+from .expert_parallel import expert_parameters
+from .gradients import allreduce_gradients, clip_grad_norm_
+from .hierarchical import check_ranks_per_node
+from .layout import ParallelLayout, experts_per_rank, sequences_per_rank
+from .parallelize import parallelize
+from .tensor_parallel import tensor_parallel_parameters
+
+# Added to the seed, times the rank, for each rank's own random stream (router noise, jitter).
+_RANK_SEED_STRIDE = 1_000_003
+
+
+class ParallelRuntime(Runtime):
+    """One of P ranks: the layout's communicators and the parallel versions of the runtime methods."""
+
+    def __init__(self, cfg, engine: str):
+        if engine == "mpi":
+            from .failure import abort_on_exception
+            abort_on_exception()                      # one rank's error ends the whole job
+        world_size = launch_world_size()                              # from the launcher: no communication
+        tp, ep, dp = layout_sizes(cfg, world_size)
+        experts_per_rank(cfg.num_experts, ep, world_size)
+        sequences_per_rank(cfg.batch_size, ep * dp, world_size)      # every (ep, dp) position reads its own shard
+        if cfg.ranks_per_node is not None:
+            check_ranks_per_node(cfg.ranks_per_node, ep)
+        self.cfg = cfg
+        world = open_world(engine, cfg.device)
+        self.layout = ParallelLayout(world, tp=tp, ep=ep, dp=dp)
+        self.rank, self.world_size = world.rank, world.size
+
+    # -- the model ------------------------------------------------------------------------------
+    def shard_model(self, model: nn.Module) -> nn.Module:
+        """Local experts (and tp slices) only, replicated weights from rank 0, a random stream per rank."""
+        parallelize(model, self.layout, exchange=self.cfg.exchange, drop_duplicate_tokens=self.cfg.drop_duplicate_tokens,
+                    pipeline_degree=self.cfg.pipeline_degree, ranks_per_node=self.cfg.ranks_per_node)
+        torch.manual_seed(self.cfg.seed + _RANK_SEED_STRIDE * self.rank)
+        return model
+
+    def describe(self, model: nn.Module) -> str:
+        """The start-up lines rank 0 prints under the configuration."""
+        runners = [m.expert_runner for m in model.modules() if hasattr(m, "expert_runner")]
+        exchange = repr(runners[0].exchange) if runners else "-"
+        cfg, layout = self.cfg, self.layout
+        return (f"parallel: {layout.describe()}\n"
+                f"     {layout.check_num_experts(cfg.num_experts)} of {cfg.num_experts} experts per rank per MoE "
+                f"layer, {layout.check_batch_size(cfg.batch_size)} of {cfg.batch_size} sequences per rank per step\n"
+                f"     backend {cfg.backend!r}, token exchange {exchange}, pipeline_degree {cfg.pipeline_degree}, "
+                f"drop_duplicate_tokens {cfg.drop_duplicate_tokens}, torch threads per rank "
+                f"{torch.get_num_threads()}; tensors travel via {layout.world.transfer_path(cfg.device)}")
+
+    # -- each step ------------------------------------------------------------------------------
+    def shard_batch(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """This rank's contiguous slice of the global batch (the tp ranks of a group read the same one)."""
+        rows = self.layout.check_batch_size(batch[0].shape[0])
+        first = self.layout.data_rank * rows
+        return tuple(t[first:first + rows] for t in batch)
+
+    def reduce_gradients(self, model: nn.Module) -> None:
+        allreduce_gradients(model, self.layout)
+
+    def clip_gradients(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        return clip_grad_norm_(model, max_norm, self.layout)
+
+    def mean(self, values: list[float]) -> list[float]:
+        """Average of each value over the data-parallel ranks (one all-reduce for the whole list)."""
+        figures = torch.tensor(values, dtype=torch.float64)
+        return self.layout.data.allreduce_(figures, average=True, purpose="allreduce_log").tolist()
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum of a (small) tensor over the data-parallel ranks, as a new tensor."""
+        return self.layout.data.allreduce_(tensor.detach().clone(), purpose="allreduce_log")
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is true on at least one (e.g. Ctrl-C reached only some ranks)."""
+        votes = torch.tensor([int(flag)])
+        return int(self.layout.world.allreduce_(votes, purpose="allreduce_stop")[0]) > 0
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def per_rank_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """Parameters that differ between ranks: expert slices and tensor-parallel slices."""
+        return expert_parameters(model) + tensor_parallel_parameters(model)
+
+    def layout_record(self) -> dict:
+        layout = self.layout
+        return {"world_size": layout.world_size, "tp_size": layout.tp_size, "ep_size": layout.ep_size,
+                "dp_size": layout.dp_size, "rank": layout.rank}
+
+    def barrier(self) -> None:
+        self.layout.world.barrier()
+

@@ -1,0 +1,158 @@
+"""The torch engine (``torch.distributed``): a :class:`Communicator` over a process group. Chosen under ``torchrun``.
+
+    torchrun --nproc-per-node=4 -m fastmoe_edu.train
+
+``torch.distributed`` is PyTorch's own communication library. ``torchrun`` starts the processes and
+tells each one who it is through environment variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``,
+``MASTER_ADDR``, ``MASTER_PORT``); :func:`torch_world` reads them (``init_process_group``'s default
+``env://``). A *process group* plays the part of an MPI communicator; the data travels through a
+*backend*:
+
+* **gloo** — CPU tensors, over TCP sockets. Works everywhere; the one used on a laptop.
+* **NCCL** — CUDA tensors, GPU to GPU (NVLink, InfiniBand) without touching host memory. With
+  ``device_type="cuda"`` the world is created as ``"cpu:gloo,cuda:nccl"``: every operation goes to
+  the backend of its tensors' device, so the small CPU tensors (counts, statistics) still work.
+
+gloo's collectives have no int16 type ("Invalid scalar type"): int16 tensors travel as float16,
+whose bits they only copy. gloo's all-gather wants equal pieces: :meth:`TorchCommunicator._allgatherv`
+pads every rank's piece to the largest.
+
+Why ``split`` is collective over the *world*: ``torch.distributed.new_group`` must be called by every
+process of the job, for every group, in the same order — even by processes that will not be in the
+group. MPI's ``Split`` only involves the ranks of the communicator being split. So here every rank
+calls ``split`` at the same point of the program, each on its own communicator (layouts and layers
+are built identically on all ranks); the ranks tell each other what they asked for with one
+all-gather over the world, and all of them create every requested group, in one sorted order.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import zlib
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .communicator import Communicator
+from .stats import CommunicationStats
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+
+class TorchCommunicator(Communicator):
+    """A :class:`Communicator` over a ``torch.distributed`` process group (this process is a member)."""
+
+    engine = "torch"
+
+    def __init__(self, group: dist.ProcessGroup, name: str, ranks_on_node: int, timeout: timedelta,
+                 stats: CommunicationStats | None = None):
+        super().__init__(name, dist.get_rank(group), dist.get_world_size(group), stats)
+        self.group = group
+        self.global_ranks = dist.get_process_group_ranks(group)          # global rank of each member
+        self.backend = str(dist.get_backend(group))                      # "gloo" or "cpu:gloo,cuda:nccl"
+        self.timeout = timeout                                           # for the groups split from this one
+        self._ranks_on_node = ranks_on_node
+
+    def ranks_on_this_node(self) -> int:
+        return self._ranks_on_node
+
+    def _start_alltoallv(self, send, received, send_counts, recv_counts):
+        return dist.all_to_all_single(_movable(received).view(-1), _movable(send).view(-1),
+                                      output_split_sizes=recv_counts, input_split_sizes=send_counts,
+                                      group=self.group, async_op=True)
+
+    def _start_sendrecv(self, send, destination, received, source):
+        # An empty block is neither sent nor received: the receiver expects as many elements as the
+        # sender sends, so both sides skip the message together.
+        requests = []
+        if received.numel():
+            requests.append(dist.irecv(_movable(received), group=self.group, group_src=source))
+        if send.numel():
+            requests.append(dist.isend(_movable(send), group=self.group, group_dst=destination))
+        return requests
+
+    def _start_allreduce(self, tensor, op):
+        return dist.all_reduce(tensor, op=_OPS[op], group=self.group, async_op=True)
+
+    def _start_broadcast(self, tensor, root):
+        return dist.broadcast(_movable(tensor), group=self.group, group_src=root, async_op=True)
+
+    def _allgatherv(self, send, gathered, counts):
+        width = max(counts)                              # gloo gathers equal pieces: pad to the largest
+        padded = send.new_zeros(width)
+        padded[:send.numel()] = send.reshape(-1)
+        pieces = send.new_empty(self.size * width)
+        dist.all_gather_single(_movable(pieces), _movable(padded), group=self.group)
+        valid = [piece[:count] for piece, count in zip(pieces.view(self.size, width), counts)]
+        gathered.view(-1).copy_(torch.cat(valid))
+
+    def _start_barrier(self):
+        return dist.barrier(group=self.group, async_op=True)
+
+    def _wait(self, request) -> None:
+        request.wait()
+
+    def _split(self, color, key, name):
+        """Collective over the world (see the module docstring); returns this rank's new communicator."""
+        me = [self.global_ranks[0], self.size, color, key, self.rank, dist.get_rank(), _host_id()]
+        everyone = _allgather_world(me).tolist()          # one row per world rank, in world-rank order
+        requests: dict[tuple[int, int], list] = {}        # (communicator split, color) -> its members' rows
+        for row in everyone:
+            requests.setdefault((row[0], row[2]), []).append(row)
+        for lowest, size in {(row[0], row[1]) for row in everyone}:    # every communicator split
+            callers = sum(row[0] == lowest for row in everyone)
+            if callers != size:
+                raise RuntimeError(f"split: {callers} ranks split the communicator of size {size} starting at "
+                                   f"global rank {lowest}: every world rank must call split at the same point")
+        mine = None
+        for request in sorted(requests):                 # the same order on every rank: (lowest rank, color)
+            rows = sorted(requests[request], key=lambda row: (row[3], row[4]))   # by key, then old rank
+            group = dist.new_group(ranks=[row[5] for row in rows], timeout=self.timeout, sort_ranks=False)
+            if request == (me[0], me[2]):
+                on_node = sum(row[6] == me[6] for row in rows)
+                mine = TorchCommunicator(group, name, on_node, self.timeout, self.stats)
+        return mine
+
+    def transfer_path(self, device) -> str:
+        if torch.device(device).type != "cuda":
+            return "gloo over TCP (CPU tensors, sent from their own memory)"
+        if "nccl" in self.backend:
+            return "NCCL (GPU buffers read and written directly, GPU to GPU)"
+        return "host buffers (gloo: GPU rows are copied to the CPU and back)"
+
+    def _reads_device_memory(self, device) -> bool:
+        return device.type == "cuda" and "nccl" in self.backend
+
+
+def torch_world(device_type: str = "cpu", timeout_s: float = 300) -> TorchCommunicator:
+    """The whole job as a Communicator named "world"; starts ``torch.distributed`` (env://) if needed.
+
+    ``device_type="cuda"``: CUDA tensors go through NCCL, CPU tensors through gloo; else gloo only.
+    """
+    timeout = timedelta(seconds=timeout_s)
+    if not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timeout)
+    on_node = int(os.environ.get("LOCAL_WORLD_SIZE", 0))             # set by torchrun
+    if not on_node:                                                  # started another way: compare hosts
+        on_node = int((_allgather_world([_host_id()]) == _host_id()).sum())
+    return TorchCommunicator(dist.group.WORLD, "world", on_node, timeout)
+
+
+def _allgather_world(row: list[int]) -> torch.Tensor:
+    """Every world rank's ``row`` of small integers, as an int64 tensor ``[world size, len(row)]``."""
+    mine = torch.tensor(row, dtype=torch.int64)
+    everyone = mine.new_empty(dist.get_world_size() * mine.numel())   # gloo wants it flat
+    dist.all_gather_single(everyone, mine)
+    return everyone.view(-1, mine.numel())
+
+
+def _host_id() -> int:
+    """This machine's name as a number (crc32: unlike ``hash()``, the same in every process)."""
+    return zlib.crc32(socket.gethostname().encode())
+
+
+def _movable(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor as gloo can move it: int16 as float16 bit patterns (gloo's collectives lack int16)."""
+    return tensor.view(torch.float16) if tensor.dtype == torch.int16 else tensor

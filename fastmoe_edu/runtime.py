@@ -1,0 +1,110 @@
+"""Runtimes: what the training loop asks of "the processes running this job", one process or many.
+
+The loop in train.py calls the same methods whatever the launch, so it has no "if parallel" branches:
+
+    runtime.shard_model(model)          keep this rank's part of the model (one process: all of it)
+    runtime.shard_batch(batch)          this rank's slice of the global batch
+    runtime.reduce_gradients(model)     per-shard gradients -> gradients of the global batch
+    runtime.clip_gradients(model, m)    the norm of the whole model's gradient, clipped to m
+    runtime.mean(values), .sum(tensor), .any(flag)     figures of the whole batch / every rank
+    runtime.save(...), runtime.load(...)               the checkpoint (checkpoint.py)
+    runtime.is_main                     the one rank that prints and writes shared files
+
+:class:`SingleProcess` is the plain implementation: all of these are the identity or torch's own.
+``fastmoe_edu.distributed.runtime.ParallelRuntime`` is the other; :func:`start_runtime` picks one from
+the launcher's environment (``engine`` key) and imports the parallel code — and an engine — only
+when the job has more than one process:
+
+    python -m fastmoe_edu.train                          SingleProcess (no mpi4py, no process group)
+    mpirun -n 4 python -m fastmoe_edu.train              ParallelRuntime over MPI
+    torchrun --nproc-per-node=4 -m fastmoe_edu.train     ParallelRuntime over torch.distributed
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .distributed.engines import launch_world_size, resolve_engine
+from .distributed.layout import split_world
+
+
+class Runtime:
+    """The methods every runtime shares (checkpoints); subclasses provide the rest (see the module docstring)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process prints, writes the history and the shared checkpoint file."""
+        return self.rank == 0
+
+    def save(self, out_dir, model: nn.Module, optimizer, shared: dict):
+        return save_checkpoint(out_dir, model, optimizer, shared, self)
+
+    def load(self, out_dir, model: nn.Module, optimizer) -> dict:
+        return load_checkpoint(out_dir, model, optimizer, self)
+
+
+class SingleProcess(Runtime):
+    """One process holds the whole model and reads the whole batch."""
+
+    def shard_model(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def describe(self, model: nn.Module) -> str:
+        return "one process (no parallelism)"
+
+    def shard_batch(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return batch
+
+    def reduce_gradients(self, model: nn.Module) -> None:
+        pass
+
+    def clip_gradients(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+    def mean(self, values: list[float]) -> list[float]:
+        return list(values)
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def any(self, flag: bool) -> bool:
+        return bool(flag)
+
+    def per_rank_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return []
+
+    def layout_record(self) -> dict:
+        return {"world_size": 1, "tp_size": 1, "ep_size": 1, "dp_size": 1, "rank": 0}
+
+    def barrier(self) -> None:
+        pass
+
+
+def layout_sizes(cfg, world_size: int) -> tuple[int, int, int]:
+    """(tp, ep, dp) of this launch from the config, checked with plain arithmetic (no communication).
+
+    ``ep`` unset means "all ranks not used by tp and dp": ep = world size / (tp · dp).
+    """
+    if cfg.ep is None:
+        hint = f"; launch a multiple of {cfg.tp * cfg.dp} ranks or change tp / dp"
+    else:
+        hint = f"; launch {cfg.tp * cfg.ep * cfg.dp} ranks or change tp / ep / dp"
+    return split_world(world_size, cfg.tp, cfg.ep, cfg.dp, hint=hint)
+
+
+def start_runtime(cfg) -> Runtime:
+    """The runtime of this launch: checks first (arithmetic only, the same error on every rank), then engines.
+
+    ``cfg`` is a TrainConfig: its ``engine`` and ``[parallel]`` keys.
+    """
+    engine = resolve_engine(cfg.engine)
+    if engine is None:
+        layout_sizes(cfg, 1)         # --tp=2 without a launcher: a clear error rather than a silent no-op
+        return SingleProcess()
+    layout_sizes(cfg, launch_world_size())
+    from .distributed.runtime import ParallelRuntime
+    return ParallelRuntime(cfg, engine)
