@@ -3,7 +3,7 @@
 A *backend* is a module with the functions of :class:`Backend` (plain module-level functions: the
 ``self`` of the Protocol's methods stands for the module). The MoE layer calls them in this order:
 
-    softmax_topk_route | sigmoid_topk_route        route: k experts and k weights per token
+    softmax_top_k_route | sigmoid_top_k_route        route: k experts and k weights per token
     prune_capacity                                 drop assignments past an expert's capacity
     count_tokens_per_expert, exclusive_prefix_sum  where each expert's segment of rows begins
     stable_positions                               the row of every (token, slot) in that layout
@@ -79,23 +79,23 @@ class Backend(Protocol):
     # ------------------------------------------------------------------------------------------------
     # Routing: differentiable in the weights, not in the ids
     # ------------------------------------------------------------------------------------------------
-    def softmax_topk_route(
+    def softmax_top_k_route(
         self, logits: torch.Tensor, top_k: int, renormalize: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, weights) ``[T, k]``: p = softmax(logits); ids = top-k of p; weights = p[ids], divided
         by their sum if ``renormalize``. Differentiable: weights in ``logits``."""
 
-    def sigmoid_topk_route(
+    def sigmoid_top_k_route(
         self,
         logits: torch.Tensor,
         bias: torch.Tensor,
         top_k: int,
         route_scale: float,
         num_groups: int | None,
-        topk_groups: int | None,
+        top_k_groups: int | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, weights) ``[T, k]``: s = sigmoid(logits); ids = top-k of s + bias (within the best
-        ``topk_groups`` of ``num_groups`` expert groups, if given); weights = s[ids] / Σ s[ids] ·
+        ``top_k_groups`` of ``num_groups`` expert groups, if given); weights = s[ids] / Σ s[ids] ·
         route_scale. Differentiable: weights in ``logits``; ``bias`` only selects (no gradient)."""
 
 

@@ -17,8 +17,8 @@ passes are kernels too:
     scatter_rows         backward: grad_x[t] = Σ_s grad_buffer[rows[t, s]]                (slots in order)
     gather_combine       backward: grad_expert_out[rows[t, s]] = w[t, s] · grad_y[t]
                                    grad_w[t, s] = <grad_y[t], expert_out[rows[t, s]]>
-    softmax_topk_route   backward: ∂L/∂logits through the (renormalized) softmax weights
-    sigmoid_topk_route   backward: ∂L/∂logits through the normalized sigmoid weights
+    softmax_top_k_route   backward: ∂L/∂logits through the (renormalized) softmax weights
+    sigmoid_top_k_route   backward: ∂L/∂logits through the normalized sigmoid weights
 
 What makes it faster than the reference on a CPU: the reference's ranking builds a [T·k, E] one-hot
 matrix and cumsums it (O(T·k·E) memory traffic); here ranking is a two-pass count over chunks,
@@ -271,7 +271,7 @@ class SoftmaxTopKRoute(torch.autograd.Function):
         logits = logits.contiguous()
         expert_ids = torch.empty(logits.shape[0], top_k, dtype=torch.int64, device=logits.device)
         weights = logits.new_empty(logits.shape[0], top_k)
-        target.softmax_topk_route(target.array(logits), renormalize, target.array(expert_ids), target.array(weights))
+        target.softmax_top_k_route(target.array(logits), renormalize, target.array(expert_ids), target.array(weights))
         ctx.renormalize = renormalize
         ctx.mark_non_differentiable(expert_ids)
         ctx.save_for_backward(logits, expert_ids, weights)
@@ -283,14 +283,14 @@ class SoftmaxTopKRoute(torch.autograd.Function):
         target = _target(logits)
         grad_weights = grad_weights.contiguous()
         grad_logits = torch.empty_like(logits)
-        target.softmax_topk_route_backward(target.array(logits), target.array(expert_ids), target.array(weights),
+        target.softmax_top_k_route_backward(target.array(logits), target.array(expert_ids), target.array(weights),
                                            target.array(grad_weights), ctx.renormalize, target.array(grad_logits))
         return grad_logits, None, None
 
 
 class SigmoidTopKRoute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, bias, top_k, route_scale, num_groups, topk_groups):
+    def forward(ctx, logits, bias, top_k, route_scale, num_groups, top_k_groups):
         target = _target(logits)
         logits = logits.contiguous()
         num_tokens = logits.shape[0]
@@ -298,7 +298,7 @@ class SigmoidTopKRoute(torch.autograd.Function):
         group_scores = logits.new_empty(num_tokens, max(num_groups, 1))           # scratch (unused if 0)
         expert_ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
         weights = logits.new_empty(num_tokens, top_k)
-        target.sigmoid_topk_route(target.array(logits), target.array(bias), route_scale, num_groups, topk_groups,
+        target.sigmoid_top_k_route(target.array(logits), target.array(bias), route_scale, num_groups, top_k_groups,
                                   target.array(selection), target.array(group_scores), target.array(expert_ids),
                                   target.array(weights))
         ctx.route_scale = route_scale
@@ -312,7 +312,7 @@ class SigmoidTopKRoute(torch.autograd.Function):
         target = _target(logits)
         grad_weights = grad_weights.contiguous()
         grad_logits = torch.empty_like(logits)
-        target.sigmoid_topk_route_backward(target.array(logits), target.array(expert_ids), target.array(grad_weights),
+        target.sigmoid_top_k_route_backward(target.array(logits), target.array(expert_ids), target.array(grad_weights),
                                            ctx.route_scale, target.array(grad_logits))
         return grad_logits, None, None, None, None, None
 
@@ -324,21 +324,21 @@ def _routing_logits(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     return logits if logits.dtype in KERNEL_DTYPES else logits.float()
 
 
-def softmax_topk_route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def softmax_top_k_route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """p = softmax(logits); ids = top-k of p; weights = p[ids] (divided by their sum if renormalize)."""
     return SoftmaxTopKRoute.apply(_routing_logits(logits, top_k), top_k, bool(renormalize))
 
 
-def sigmoid_topk_route(
+def sigmoid_top_k_route(
     logits: torch.Tensor,
     bias: torch.Tensor,
     top_k: int,
     route_scale: float,
     num_groups: int | None,
-    topk_groups: int | None,
+    top_k_groups: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V3: s = sigmoid(logits); select top-k of (s + b); weights = s_sel / Σ s_sel · scale."""
     logits = _routing_logits(logits, top_k)
     # The bias only selects (no gradient); it is added in the logits' dtype.
     bias = bias.detach().to(logits.dtype).contiguous()
-    return SigmoidTopKRoute.apply(logits, bias, top_k, float(route_scale), num_groups or 0, topk_groups or 0)
+    return SigmoidTopKRoute.apply(logits, bias, top_k, float(route_scale), num_groups or 0, top_k_groups or 0)

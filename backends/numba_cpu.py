@@ -103,7 +103,7 @@ def rank_chunk(expert_ids, chunk, chunk_size, slot_major, chunk_offsets, ranks):
             ranks[token, slot] = -1
 
 
-def exclusive_scan(counts, starts):
+def exclusive_prefix_sum_task(counts, starts):
     """starts[e] = Σ_{j<e} counts[j]. Sequential: E is a few hundred at most (one task)."""
     running = 0
     for expert in range(counts.shape[0]):
@@ -280,8 +280,8 @@ def best_two_group_scores(selection, token, num_groups, group_scores):
         group_scores[token, group] = first + second if group_size > 1 else first
 
 
-def mask_outside_best_groups(group_scores, token, num_groups, topk_groups, selection):
-    """Group-limited routing: selection[t, e] = −∞ for experts outside the ``topk_groups`` best groups
+def mask_outside_best_groups(group_scores, token, num_groups, top_k_groups, selection):
+    """Group-limited routing: selection[t, e] = −∞ for experts outside the ``top_k_groups`` best groups
     (rank by group score, ties to the lower group)."""
     group_size = selection.shape[1] // num_groups
     for group in range(num_groups):
@@ -291,7 +291,7 @@ def mask_outside_best_groups(group_scores, token, num_groups, topk_groups, selec
             other_score = group_scores[token, other]
             if other_score > score or (other_score == score and other < group):
                 rank += 1
-        if rank >= topk_groups:
+        if rank >= top_k_groups:
             for expert in range(group * group_size, (group + 1) * group_size):
                 selection[token, expert] = -math.inf
 
@@ -345,7 +345,7 @@ def _compile(task):
 count_chunk_cpu = _compile(count_chunk)
 offsets_over_chunks_cpu = _compile(offsets_over_chunks)
 rank_chunk_cpu = _compile(rank_chunk)
-exclusive_scan_cpu = _compile(exclusive_scan)
+exclusive_prefix_sum_task_cpu = _compile(exclusive_prefix_sum_task)
 row_sources_cpu = _compile(row_sources)
 copy_source_row_cpu = _compile(copy_source_row)
 sum_token_copies_cpu = _compile(sum_token_copies)
@@ -393,7 +393,7 @@ def rank_chunks(expert_ids, chunk_size, slot_major, chunk_offsets, ranks):
 
 @numba.njit(cache=True)
 def exclusive_prefix_sum(counts, starts):
-    exclusive_scan_cpu(counts, starts)
+    exclusive_prefix_sum_task_cpu(counts, starts)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -441,32 +441,32 @@ def gather_combine_backward_weights(grad_y, expert_out, rows, grad_weights):
 # Router kernels (one token per task)
 # ----------------------------------------------------------------------------------------------------
 @numba.njit(parallel=True, cache=True)
-def softmax_topk_route(logits, renormalize, expert_ids, weights):
+def softmax_top_k_route(logits, renormalize, expert_ids, weights):
     for token in prange(logits.shape[0]):
         select_top_k_cpu(logits, token, expert_ids.shape[1], expert_ids)
         softmax_top_k_weights_cpu(logits, expert_ids, token, renormalize, weights)
 
 
 @numba.njit(parallel=True, cache=True)
-def softmax_topk_route_backward(logits, expert_ids, weights, grad_weights, renormalize, grad_logits):
+def softmax_top_k_route_backward(logits, expert_ids, weights, grad_weights, renormalize, grad_logits):
     for token in prange(logits.shape[0]):
         softmax_top_k_backward_cpu(logits, expert_ids, weights, grad_weights, token, renormalize, grad_logits)
 
 
 @numba.njit(parallel=True, cache=True)
-def sigmoid_topk_route(logits, bias, route_scale, num_groups, topk_groups, selection, group_scores,
+def sigmoid_top_k_route(logits, bias, route_scale, num_groups, top_k_groups, selection, group_scores,
                        expert_ids, weights):
     """``num_groups = 0`` switches group-limited routing off; ``selection``, ``group_scores`` are scratch."""
     for token in prange(logits.shape[0]):
         sigmoid_selection_scores_cpu(logits, bias, token, selection)
         if num_groups > 0:
             best_two_group_scores_cpu(selection, token, num_groups, group_scores)
-            mask_outside_best_groups_cpu(group_scores, token, num_groups, topk_groups, selection)
+            mask_outside_best_groups_cpu(group_scores, token, num_groups, top_k_groups, selection)
         select_top_k_cpu(selection, token, expert_ids.shape[1], expert_ids)
         sigmoid_top_k_weights_cpu(logits, expert_ids, token, route_scale, weights)
 
 
 @numba.njit(parallel=True, cache=True)
-def sigmoid_topk_route_backward(logits, expert_ids, grad_weights, route_scale, grad_logits):
+def sigmoid_top_k_route_backward(logits, expert_ids, grad_weights, route_scale, grad_logits):
     for token in prange(logits.shape[0]):
         sigmoid_top_k_backward_cpu(logits, expert_ids, grad_weights, token, route_scale, grad_logits)

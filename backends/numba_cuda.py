@@ -36,7 +36,7 @@ def _compile(task):
 count_chunk = _compile(numba_cpu.count_chunk)
 offsets_over_chunks = _compile(numba_cpu.offsets_over_chunks)
 rank_chunk = _compile(numba_cpu.rank_chunk)
-exclusive_scan = _compile(numba_cpu.exclusive_scan)
+exclusive_prefix_sum_task = _compile(numba_cpu.exclusive_prefix_sum_task)
 row_sources = _compile(numba_cpu.row_sources)
 copy_source_row = _compile(numba_cpu.copy_source_row)
 sum_token_copies = _compile(numba_cpu.sum_token_copies)
@@ -113,7 +113,7 @@ def _rank_chunks_kernel(expert_ids, chunk_size, slot_major, chunk_offsets, ranks
 @cuda.jit
 def _exclusive_prefix_sum_kernel(counts, starts):
     if cuda.grid(1) == 0:
-        exclusive_scan(counts, starts)
+        exclusive_prefix_sum_task(counts, starts)
 
 
 def count_chunks(expert_ids, chunk_size, slot_major, chunk_counts):
@@ -215,7 +215,7 @@ def gather_combine_backward_weights(grad_y, expert_out, rows, grad_weights):
 # Router kernels: one thread per token
 # ----------------------------------------------------------------------------------------------------
 @cuda.jit
-def _softmax_topk_route_kernel(logits, renormalize, expert_ids, weights):
+def _softmax_top_k_route_kernel(logits, renormalize, expert_ids, weights):
     token = cuda.grid(1)
     if token < logits.shape[0]:
         select_top_k(logits, token, expert_ids.shape[1], expert_ids)
@@ -223,47 +223,47 @@ def _softmax_topk_route_kernel(logits, renormalize, expert_ids, weights):
 
 
 @cuda.jit
-def _softmax_topk_route_backward_kernel(logits, expert_ids, weights, grad_weights, renormalize, grad_logits):
+def _softmax_top_k_route_backward_kernel(logits, expert_ids, weights, grad_weights, renormalize, grad_logits):
     token = cuda.grid(1)
     if token < logits.shape[0]:
         softmax_top_k_backward(logits, expert_ids, weights, grad_weights, token, renormalize, grad_logits)
 
 
 @cuda.jit
-def _sigmoid_topk_route_kernel(logits, bias, route_scale, num_groups, topk_groups, selection, group_scores,
+def _sigmoid_top_k_route_kernel(logits, bias, route_scale, num_groups, top_k_groups, selection, group_scores,
                                expert_ids, weights):
     token = cuda.grid(1)
     if token < logits.shape[0]:
         sigmoid_selection_scores(logits, bias, token, selection)
         if num_groups > 0:
             best_two_group_scores(selection, token, num_groups, group_scores)
-            mask_outside_best_groups(group_scores, token, num_groups, topk_groups, selection)
+            mask_outside_best_groups(group_scores, token, num_groups, top_k_groups, selection)
         select_top_k(selection, token, expert_ids.shape[1], expert_ids)
         sigmoid_top_k_weights(logits, expert_ids, token, route_scale, weights)
 
 
 @cuda.jit
-def _sigmoid_topk_route_backward_kernel(logits, expert_ids, grad_weights, route_scale, grad_logits):
+def _sigmoid_top_k_route_backward_kernel(logits, expert_ids, grad_weights, route_scale, grad_logits):
     token = cuda.grid(1)
     if token < logits.shape[0]:
         sigmoid_top_k_backward(logits, expert_ids, grad_weights, token, route_scale, grad_logits)
 
 
-def softmax_topk_route(logits, renormalize, expert_ids, weights):
-    _launch(_softmax_topk_route_kernel, logits.shape[0], logits, renormalize, expert_ids, weights)
+def softmax_top_k_route(logits, renormalize, expert_ids, weights):
+    _launch(_softmax_top_k_route_kernel, logits.shape[0], logits, renormalize, expert_ids, weights)
 
 
-def softmax_topk_route_backward(logits, expert_ids, weights, grad_weights, renormalize, grad_logits):
-    _launch(_softmax_topk_route_backward_kernel, logits.shape[0], logits, expert_ids, weights, grad_weights,
+def softmax_top_k_route_backward(logits, expert_ids, weights, grad_weights, renormalize, grad_logits):
+    _launch(_softmax_top_k_route_backward_kernel, logits.shape[0], logits, expert_ids, weights, grad_weights,
             renormalize, grad_logits)
 
 
-def sigmoid_topk_route(logits, bias, route_scale, num_groups, topk_groups, selection, group_scores,
+def sigmoid_top_k_route(logits, bias, route_scale, num_groups, top_k_groups, selection, group_scores,
                        expert_ids, weights):
-    _launch(_sigmoid_topk_route_kernel, logits.shape[0], logits, bias, route_scale, num_groups, topk_groups,
+    _launch(_sigmoid_top_k_route_kernel, logits.shape[0], logits, bias, route_scale, num_groups, top_k_groups,
             selection, group_scores, expert_ids, weights)
 
 
-def sigmoid_topk_route_backward(logits, expert_ids, grad_weights, route_scale, grad_logits):
-    _launch(_sigmoid_topk_route_backward_kernel, logits.shape[0], logits, expert_ids, grad_weights, route_scale,
+def sigmoid_top_k_route_backward(logits, expert_ids, grad_weights, route_scale, grad_logits):
+    _launch(_sigmoid_top_k_route_backward_kernel, logits.shape[0], logits, expert_ids, grad_weights, route_scale,
             grad_logits)

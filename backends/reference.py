@@ -9,7 +9,7 @@ from fastmoe_edu.dispatch import (  # noqa: F401  (re-exported: this module *is*
     scatter_rows,
     stable_positions,
 )
-from fastmoe_edu.routers import sigmoid_topk_route, softmax_topk_route  # noqa: F401
+from fastmoe_edu.routers import sigmoid_top_k_route, softmax_top_k_route  # noqa: F401
 
 NAME = "reference"
 

@@ -172,7 +172,7 @@ def bench_config(name: str, args) -> dict:
     T, d = config["tokens"], config["d_model"]
     torch.manual_seed(0)
     device, dtype = args.device, getattr(torch, args.dtype)
-    layers = {backend: MoELayer(d, config["d_hidden"], args.experts, top_k=args.top_k, router="softmax_topk",
+    layers = {backend: MoELayer(d, config["d_hidden"], args.experts, top_k=args.top_k, router="softmax_top_k",
                                 expert=config["expert"], backend=backend).to(device, dtype)
               for backend in ("reference", "numba")}
     layers["numba"].load_state_dict(layers["reference"].state_dict())

@@ -74,7 +74,7 @@ class TrainConfig:
     num_experts: int = _field(8, "model", "experts per MoE layer (a multiple of the number of MPI ranks; "
                               "8 runs on 1, 2, 4 or 8 ranks)", minimum=1)
     top_k: int = _field(2, "model", "experts each token is sent to (switch needs 1, gshard 2)", minimum=1)
-    router: str = _field("softmax_topk", "model", "routing algorithm of every MoE layer", choices=tuple(ROUTERS))
+    router: str = _field("softmax_top_k", "model", "routing algorithm of every MoE layer", choices=tuple(ROUTERS))
     expert: str = _field("swiglu", "model", "expert feed-forward kind", choices=tuple(EXPERT_KINDS))
     capacity_factor: typing.Optional[float] = _field(
         None, "model", "expert capacity = factor * tokens * top_k / num_experts; "

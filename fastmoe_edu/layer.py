@@ -5,7 +5,7 @@
 Usage::
 
     from fastmoe_edu import MoELayer
-    layer = MoELayer(d_model=64, d_hidden=128, num_experts=8, top_k=2, router="softmax_topk")
+    layer = MoELayer(d_model=64, d_hidden=128, num_experts=8, top_k=2, router="softmax_top_k")
     y = layer(x)                 # x [..., 64] -> y [..., 64]
     loss = task_loss + layer.aux_loss
     layer.last_routing           # expert ids, weights, tokens per expert, dropped count
@@ -73,7 +73,7 @@ class MoELayer(nn.Module):
     """
 
     def __init__(self, d_model: int, d_hidden: int, num_experts: int, top_k: int = 2,
-                 router: str = "softmax_topk", expert: str = "swiglu", capacity_factor: float | None = None,
+                 router: str = "softmax_top_k", expert: str = "swiglu", capacity_factor: float | None = None,
                  backend: str = "reference", bias: bool = False, **router_options):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_hidden", d_hidden), ("num_experts", num_experts)):

@@ -43,7 +43,7 @@ class ModelConfig:
     d_hidden: int = 128                # hidden width of each expert and of the dense MLPs
     num_experts: int = 4
     top_k: int = 2
-    router: str = "softmax_topk"
+    router: str = "softmax_top_k"
     expert: str = "swiglu"
     capacity_factor: float | None = None
     backend: str = "reference"
@@ -111,7 +111,6 @@ class DenseMLP(nn.Module):
         nn.init.normal_(self.down.weight, std=0.02 / math.sqrt(2 * n_layer))
         nn.init.zeros_(self.up.bias)
         nn.init.zeros_(self.down.bias)
-        self.aux_loss = torch.zeros(())                                        # same interface as MoELayer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.gelu(self.up(x)))

@@ -20,7 +20,7 @@ run it; routers only say what C is: ``C = ceil(cf · k · T / E)`` (Switch: k = 
 Notation: ``logits = x Wᵀ`` [T, E], ``p = softmax(logits)`` over experts, ``f_e`` = fraction of
 assignments sent to expert e, ``P_e`` = mean of p[:, e] over tokens.
 
-The two hot routing functions, :func:`softmax_topk_route` and :func:`sigmoid_topk_route`, are plain
+The two hot routing functions, :func:`softmax_top_k_route` and :func:`sigmoid_top_k_route`, are plain
 functions so a backend can swap in a fused kernel with the same name and signature.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ from torch.nn import functional as F
 # ----------------------------------------------------------------------------------------------------
 # The two fused routing functions (scores -> top-k -> weights). backends/ mirrors these names.
 # ----------------------------------------------------------------------------------------------------
-def softmax_topk_route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def softmax_top_k_route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """p = softmax(logits); ids = top-k of p; weights = p[ids] (divided by their sum if renormalize).
 
     Renormalized, this equals FastMoE's naive gate (softmax over the k largest logits) and Mixtral.
@@ -49,19 +49,19 @@ def softmax_topk_route(logits: torch.Tensor, top_k: int, renormalize: bool) -> t
     return expert_ids, weights
 
 
-def sigmoid_topk_route(
+def sigmoid_top_k_route(
     logits: torch.Tensor,
     bias: torch.Tensor,
     top_k: int,
     route_scale: float,
     num_groups: int | None,
-    topk_groups: int | None,
+    top_k_groups: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V3: s = sigmoid(logits); select top-k of (s + b); weights = s_sel / Σ s_sel · scale.
 
     The bias b only *selects*; it never enters the weights, so it needs no gradient. With groups, the
     experts are split into ``num_groups`` equal groups, each group is scored by the sum of its two
-    largest (s + b), and only experts of the best ``topk_groups`` groups may be selected.
+    largest (s + b), and only experts of the best ``top_k_groups`` groups may be selected.
     """
     scores = torch.sigmoid(_router_precision(logits))                              # s = σ(logits)
     selection = scores + bias                                                      # s + b
@@ -69,7 +69,7 @@ def sigmoid_topk_route(
         num_tokens, num_experts = selection.shape
         grouped = selection.reshape(num_tokens, num_groups, num_experts // num_groups)
         group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)   # [T, G]
-        best_groups = group_score.topk(topk_groups, dim=-1).indices
+        best_groups = group_score.topk(top_k_groups, dim=-1).indices
         group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best_groups, True)
         expert_mask = group_mask.repeat_interleave(num_experts // num_groups, dim=1)
         selection = selection.masked_fill(~expert_mask, float("-inf"))
@@ -148,7 +148,7 @@ class Router(nn.Module):
         self.capacity_factor = capacity_factor
         self.balance_loss_weight, self.z_loss_weight = balance_loss_weight, z_loss_weight
         self.weight = nn.Parameter(torch.randn(num_experts, d_model) * d_model ** -0.5)   # W_g
-        self.backend = None   # set by MoELayer: supplies softmax_topk_route / sigmoid_topk_route
+        self.backend = None   # set by MoELayer: supplies softmax_top_k_route / sigmoid_top_k_route
 
     # -- what a subclass provides ------------------------------------------------------------------
     def route(self, x: torch.Tensor) -> RouterOutput:
@@ -181,8 +181,8 @@ class Router(nn.Module):
     def update_bias(self, load: torch.Tensor | None = None, reduce=local_sum) -> None:
         """Loss-free balancing hook (sigmoid router). Other routers have no bias: nothing to do."""
 
-    def _softmax_topk(self, logits, top_k, renormalize):
-        route = self.backend.softmax_topk_route if self.backend is not None else softmax_topk_route
+    def _softmax_top_k(self, logits, top_k, renormalize):
+        route = self.backend.softmax_top_k_route if self.backend is not None else softmax_top_k_route
         return route(logits, top_k, renormalize)
 
 
@@ -198,7 +198,7 @@ class SoftmaxTopKRouter(Router):
 
     def route(self, x):
         logits = self.logits(x)
-        expert_ids, weights = self._softmax_topk(logits, self.top_k, self.renormalize)
+        expert_ids, weights = self._softmax_top_k(logits, self.top_k, self.renormalize)
         probs = torch.softmax(_router_precision(logits), dim=-1)
         return RouterOutput(expert_ids, weights, self.capacity(x.shape[0]), logits, probs)
 
@@ -277,7 +277,7 @@ class SwitchRouter(Router):
             draws["jitter"] = jitter
             x = x * jitter
         logits = self.logits(x)
-        expert_ids, weights = self._softmax_topk(logits, 1, renormalize=False)
+        expert_ids, weights = self._softmax_top_k(logits, 1, renormalize=False)
         probs = torch.softmax(_router_precision(logits), dim=-1)
         return RouterOutput(expert_ids, weights, self.capacity(x.shape[0]), logits, probs, draws)
 
@@ -301,7 +301,7 @@ class GShardRouter(Router):
 
     def route(self, x):
         logits = self.logits(x)
-        expert_ids, weights = self._softmax_topk(logits, 2, renormalize=True)      # (e1, e2), (g1, g2)
+        expert_ids, weights = self._softmax_top_k(logits, 2, renormalize=True)      # (e1, e2), (g1, g2)
         draws = {}
         if self.training and self.random_routing:
             uniform = torch.rand(x.shape[0], device=x.device, dtype=weights.dtype)
@@ -349,18 +349,18 @@ class SigmoidRouter(Router):
     """
 
     def __init__(self, *args, bias_update_rate: float = 1e-3, route_scale: float = 1.0,
-                 num_groups: int | None = None, topk_groups: int | None = None, **kwargs):
+                 num_groups: int | None = None, top_k_groups: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.bias_update_rate, self.route_scale = bias_update_rate, route_scale
-        self.num_groups, self.topk_groups = num_groups, topk_groups
+        self.num_groups, self.top_k_groups = num_groups, top_k_groups
         self.register_buffer("bias", torch.zeros(self.num_experts))                # b: not a Parameter
         self.last_load: torch.Tensor | None = None
 
     def route(self, x):
         logits = self.logits(x)
-        route = self.backend.sigmoid_topk_route if self.backend is not None else sigmoid_topk_route
+        route = self.backend.sigmoid_top_k_route if self.backend is not None else sigmoid_top_k_route
         expert_ids, weights = route(logits, self.bias, self.top_k, self.route_scale,
-                                    self.num_groups, self.topk_groups)
+                                    self.num_groups, self.top_k_groups)
         self.last_load = torch.bincount(expert_ids.reshape(-1), minlength=self.num_experts).detach()
         return RouterOutput(expert_ids, weights, self.capacity(x.shape[0]), logits,
                             torch.sigmoid(_router_precision(logits)))
@@ -405,7 +405,7 @@ class XMoERouter(Router):
 
     def route(self, x):
         logits = self.logits(x)
-        expert_ids, weights = self._softmax_topk(logits, self.top_k, self.renormalize)
+        expert_ids, weights = self._softmax_top_k(logits, self.top_k, self.renormalize)
         probs = torch.softmax(_router_precision(logits), dim=-1)
         return RouterOutput(expert_ids, weights, self.capacity(x.shape[0]), logits, probs)
 
@@ -417,8 +417,8 @@ class XMoERouter(Router):
 # Registry
 # ----------------------------------------------------------------------------------------------------
 ROUTERS: dict[str, type[Router]] = {
-    "softmax_topk": SoftmaxTopKRouter,
-    "noisy_topk": NoisyTopKRouter,
+    "softmax_top_k": SoftmaxTopKRouter,
+    "noisy_top_k": NoisyTopKRouter,
     "switch": SwitchRouter,
     "gshard": GShardRouter,
     "expert_choice": ExpertChoiceRouter,
@@ -464,14 +464,14 @@ def _check_options(name: str, num_experts: int, top_k: int, options: dict) -> No
         raise ValueError(f"temperature={options['temperature']!r} must be > 0")
     if "routing_dim" in options and not (isinstance(options["routing_dim"], int) and options["routing_dim"] >= 1):
         raise ValueError(f"routing_dim={options['routing_dim']!r} must be an integer >= 1")
-    groups, topk_groups = options.get("num_groups"), options.get("topk_groups")
-    if (groups is None) != (topk_groups is None):
-        raise ValueError(f"num_groups={groups!r} and topk_groups={topk_groups!r}: set both or neither")
+    groups, top_k_groups = options.get("num_groups"), options.get("top_k_groups")
+    if (groups is None) != (top_k_groups is None):
+        raise ValueError(f"num_groups={groups!r} and top_k_groups={top_k_groups!r}: set both or neither")
     if groups is not None:
         if not (isinstance(groups, int) and groups >= 1 and num_experts % groups == 0):
             raise ValueError(f"num_groups={groups!r} must be a positive divisor of num_experts={num_experts}")
-        if not (isinstance(topk_groups, int) and 1 <= topk_groups <= groups):
-            raise ValueError(f"topk_groups={topk_groups!r} must be an integer in [1, num_groups={groups}]")
-        if topk_groups * (num_experts // groups) < top_k:
-            raise ValueError(f"topk_groups={topk_groups} groups of {num_experts // groups} experts hold fewer "
+        if not (isinstance(top_k_groups, int) and 1 <= top_k_groups <= groups):
+            raise ValueError(f"top_k_groups={top_k_groups!r} must be an integer in [1, num_groups={groups}]")
+        if top_k_groups * (num_experts // groups) < top_k:
+            raise ValueError(f"top_k_groups={top_k_groups} groups of {num_experts // groups} experts hold fewer "
                              f"than top_k={top_k} experts")

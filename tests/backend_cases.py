@@ -37,12 +37,12 @@ TOLERANCES = {
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 ROUTER_OPTIONS = {
-    "softmax_topk": dict(top_k=2),
-    "noisy_topk": dict(top_k=2),
+    "softmax_top_k": dict(top_k=2),
+    "noisy_top_k": dict(top_k=2),
     "switch": dict(top_k=1, jitter_epsilon=0.1),
     "gshard": dict(top_k=2),
     "expert_choice": dict(top_k=2),
-    "sigmoid": dict(top_k=2, num_groups=2, topk_groups=1, route_scale=2.5),
+    "sigmoid": dict(top_k=2, num_groups=2, top_k_groups=1, route_scale=2.5),
     "xmoe": dict(top_k=2, routing_dim=4),
 }
 assert set(ROUTER_OPTIONS) == set(ROUTERS), "a router was added: give it options here"
@@ -203,10 +203,10 @@ def check_routers(num_tokens, num_experts, top_k, dtype_name, seed=0, device="cp
     grad_weights = torch.randn(num_tokens, top_k, generator=generator, dtype=dtype).to(device)
     groups = 2 if num_experts % 2 == 0 and num_experts >= 2 * top_k else None
     variants = {
-        "softmax renormalized": lambda backend, l: backend.softmax_topk_route(l, top_k, True),
-        "softmax plain": lambda backend, l: backend.softmax_topk_route(l, top_k, False),
-        "sigmoid": lambda backend, l: backend.sigmoid_topk_route(l, bias, top_k, 2.5, None, None),
-        "sigmoid grouped": lambda backend, l: backend.sigmoid_topk_route(l, bias, top_k, 1.0, groups,
+        "softmax renormalized": lambda backend, l: backend.softmax_top_k_route(l, top_k, True),
+        "softmax plain": lambda backend, l: backend.softmax_top_k_route(l, top_k, False),
+        "sigmoid": lambda backend, l: backend.sigmoid_top_k_route(l, bias, top_k, 2.5, None, None),
+        "sigmoid grouped": lambda backend, l: backend.sigmoid_top_k_route(l, bias, top_k, 1.0, groups,
                                                                         1 if groups else None),
     }
 

@@ -53,7 +53,7 @@ def route_token_by_token(layer, x: torch.Tensor, draws: dict):
         probs = torch.softmax(logits, dim=0)
         all_probs.append(probs)
         values = probs.tolist()
-        if name in ("softmax_topk", "xmoe"):
+        if name in ("softmax_top_k", "xmoe"):
             chosen = _top(values, top_k)
             weights = probs[chosen] / (probs[chosen].sum() if gate.renormalize else 1.0)
             decisions.append(list(zip(chosen, weights)))
@@ -67,7 +67,7 @@ def route_token_by_token(layer, x: torch.Tensor, draws: dict):
             if "uniform" in draws:
                 keep_second = 2 * float((probs[second] / total).detach()) > float(draws["uniform"][t])
             decisions.append([(first, probs[first] / total), (second if keep_second else None, probs[second] / total)])
-        elif name == "noisy_topk":
+        elif name == "noisy_top_k":
             scores = logits
             if "noise" in draws:
                 noise_std = F.softplus(torch.stack([gate.noise_weight[e] @ row for e in range(num_experts)]))
@@ -83,7 +83,7 @@ def route_token_by_token(layer, x: torch.Tensor, draws: dict):
                 size = num_experts // gate.num_groups
                 group_scores = [sum(sorted(selection[g * size:(g + 1) * size], reverse=True)[:2])
                                 for g in range(gate.num_groups)]
-                best_groups = _top(group_scores, gate.topk_groups)
+                best_groups = _top(group_scores, gate.top_k_groups)
                 allowed = [e for e in allowed if e // size in best_groups]
             chosen = sorted(allowed, key=lambda e: -selection[e])[:top_k]
             weights = sig[chosen] / sig[chosen].sum() * gate.route_scale

@@ -269,8 +269,8 @@ def test_bfloat16_runs_through_float32_kernels():
     torch.testing.assert_close(numba_backend.gather_combine(buffer, rows, weights),
                                reference.gather_combine(buffer, rows, weights), rtol=2e-2, atol=2e-2)
     logits = torch.randn(30, 4, dtype=torch.bfloat16)
-    ids, weights = numba_backend.softmax_topk_route(logits, 2, True)
-    want_ids, want_weights = reference.softmax_topk_route(logits, 2, True)
+    ids, weights = numba_backend.softmax_top_k_route(logits, 2, True)
+    want_ids, want_weights = reference.softmax_top_k_route(logits, 2, True)
     assert torch.equal(ids, want_ids) and weights.dtype == want_weights.dtype == torch.float32
 
 

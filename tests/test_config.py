@@ -36,10 +36,10 @@ def test_packaged_config_found_by_bare_name():
 
 
 def test_precedence_defaults_toml_cli(tmp_path):
-    a = write(tmp_path, "a.toml", 'lr = 0.01\nmax_steps = 7\nrouter = "noisy_topk"\n')
+    a = write(tmp_path, "a.toml", 'lr = 0.01\nmax_steps = 7\nrouter = "noisy_top_k"\n')
     b = write(tmp_path, "b.toml", "max_steps = 9\n")
     cfg = parse_args(["--config", a])
-    assert (cfg.lr, cfg.max_steps, cfg.router) == (0.01, 7, "noisy_topk")
+    assert (cfg.lr, cfg.max_steps, cfg.router) == (0.01, 7, "noisy_top_k")
     assert cfg.seq_len == TrainConfig().seq_len                          # untouched key keeps its default
     cfg = parse_args(["--config", a, f"--config={b}"])                      # later file wins
     assert (cfg.lr, cfg.max_steps) == (0.01, 9)
@@ -94,7 +94,7 @@ def test_unknown_toml_key(tmp_path):
     (["--seq_len=0"], r"seq_len=0 .*>= 1"),
     (["--batch_size=-3"], r"batch_size=-3 .*>= 1"),
     (["--dataset=wikipedia"], r"dataset='wikipedia'.*languages, stdlib"),
-    (["--router=magic"], r"router='magic'.*softmax_topk"),
+    (["--router=magic"], r"router='magic'.*softmax_top_k"),
     (["--expert=relu"], r"expert='relu'.*swiglu"),
     (["--top_k=9"], r"top_k=9.*num_experts=8"),
     (["--router=switch"], r"top_k must be 1"),

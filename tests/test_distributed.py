@@ -1,10 +1,10 @@
-"""Expert parallelism over MPI: pieces in one process, and whole layers under ``mpirun`` (launched from here).
+"""Expert parallelism: pieces in one process, and whole layers under ``mpirun`` and ``torchrun`` (launched from here).
 
-The MPI checks run *one* ``mpirun`` per world size (2, 4, 8 ranks) executing every combination
-inside tests/mpi_scripts/run_checks.py (layer checks: check_expert_parallel.py; three training steps
+The parallel checks run *one* job per engine and world size (MPI: 2, 4, 8 ranks; torch: 2, 4) executing every
+combination inside tests/mpi_scripts/run_checks.py (layer checks: check_expert_parallel.py; three training steps
 of the whole model: check_training_steps.py), which writes the worst error of every quantity to a
-JSON file that the tests below read. The launch is cached, so the three world sizes cost three
-launches whatever the number of test cases.
+JSON file that the tests below read. The launch is cached, so each (engine, world size) costs one
+launch whatever the number of test cases.
 
 Tolerance: everything runs in float64. The distributed layer does the same arithmetic on the same
 rows in the same order as one process (after the regroup each expert's rows are in global token
@@ -18,7 +18,6 @@ gradient difference Δg can move a weight by up to lr·Δg/eps = 1e-2·Δg/1e-8 
 weights whose gradient is near zero); with Δg ~ 1e-17 that is ~1e-11 per step (measured: < 1e-12).
 """
 import json
-import subprocess
 import sys
 import time
 from functools import cache
@@ -28,11 +27,14 @@ import pytest
 import torch
 
 from fastmoe_edu import MoELayer
-from fastmoe_edu.distributed import (Communicator, ParallelLayout, allreduce_gradients, clip_grad_norm_,
-                                     keep_local_experts, make_expert_parallel, mpirun_command)
-from fastmoe_edu.distributed.checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
+from fastmoe_edu.checkpoint import load_checkpoint, save_checkpoint
+from fastmoe_edu.distributed import (ParallelLayout, allreduce_gradients, clip_grad_norm_, keep_local_experts,
+                                     mpirun_command, parallelize)
 from fastmoe_edu.distributed.exchange import Permute, regroup_by_expert, regroup_by_source
 from fastmoe_edu.distributed.gradients import _buckets
+from fastmoe_edu.distributed.mpi_engine import mpi_world
+from fastmoe_edu.distributed.runtime import ParallelRuntime
+from launcher import ENGINE_RANKS, launch
 
 SCRIPTS = Path(__file__).resolve().parent / "mpi_scripts"
 TOLERANCE = 1e-10
@@ -43,20 +45,26 @@ LAUNCH_TIMEOUT_S = 300
 # ----------------------------------------------------------------------------------------------------
 # One process: the pieces
 # ----------------------------------------------------------------------------------------------------
+def _reorder_blocks(rows: torch.Tensor, block_counts: torch.Tensor) -> torch.Tensor:
+    """The readable regroup, the oracle: cut the rows into blocks (i, j) laid out i-major, paste them j-major."""
+    outer, inner = block_counts.shape
+    blocks = torch.split(rows, block_counts.reshape(-1).tolist(), dim=0)
+    return torch.cat([blocks[i * inner + j] for j in range(inner) for i in range(outer)] or [rows[:0]])
+
+
 @pytest.mark.parametrize("sources,experts", [(1, 1), (3, 2), (4, 1), (2, 5)])
-def test_both_regroups_agree_and_invert(sources, experts):
+def test_regroup_matches_the_block_oracle_and_inverts(sources, experts):
     counts = torch.randint(0, 4, (sources, experts))
     counts[0, 0] = 0                                           # an empty block
     rows = torch.randn(int(counts.sum()), 3, requires_grad=True)
-    by_blocks = regroup_by_expert(rows, counts, "pairwise")
-    by_index = regroup_by_expert(rows, counts, "alltoallv")
+    by_blocks = _reorder_blocks(rows, counts)
+    by_index = regroup_by_expert(rows, counts)
     assert torch.equal(by_blocks, by_index)
     # Expert-major means: all rows of local expert 0 (from every source, in source order) first.
     blocks = torch.split(rows.detach(), counts.reshape(-1).tolist())
     expected = torch.cat([blocks[s * experts + e] for e in range(experts) for s in range(sources)])
     assert torch.equal(by_index.detach(), expected)
-    for method in ("pairwise", "alltoallv"):
-        assert torch.equal(regroup_by_source(regroup_by_expert(rows, counts, method), counts, method), rows)
+    assert torch.equal(regroup_by_source(regroup_by_expert(rows, counts), counts), rows)
     # Backward of a permutation is the inverse permutation.
     upstream = torch.randn_like(by_index)
     (grad_blocks,) = torch.autograd.grad(by_blocks, rows, upstream)
@@ -71,7 +79,7 @@ def test_permute_gradcheck():
 
 @pytest.mark.parametrize("method", ["pairwise", "alltoallv"])
 def test_single_rank_exchange_is_a_copy(method):
-    comm = Communicator(ParallelLayout().world.comm, "solo")
+    comm = mpi_world().split(color=0, key=0, name="solo")
     rows = torch.randn(7, 3)
     assert torch.equal(comm.alltoallv(rows, [7], [7], method), rows)
     assert torch.equal(comm.alltoall(torch.arange(4)), torch.arange(4))
@@ -82,8 +90,8 @@ def test_layout_checks_raise_clear_errors():
     layout = ParallelLayout()                                   # world size 1 without mpirun
     assert (layout.tp_size, layout.ep_size, layout.dp_size, layout.data_size) == (1, 1, 1, 1)
     assert layout.check_num_experts(6) == 6
-    with pytest.raises(ValueError, match=r"tensor_parallel × expert_parallel × expert_replicas = 1 × 2 × 1 = 2, but the world size is 1"):
-        ParallelLayout(expert_parallel=2)
+    with pytest.raises(ValueError, match=r"tp × ep × dp = 1 × 2 × 1 = 2, but the world size is 1"):
+        ParallelLayout(ep=2)
 
 
 def test_keep_local_experts_takes_the_slice():
@@ -107,7 +115,7 @@ def test_buckets_respect_size_and_dtype():
 def _small_expert_parallel_model(layout, seed=0):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), MoELayer(4, 6, num_experts=4, bias=True))
-    make_expert_parallel(model, layout)
+    parallelize(model, layout)
     return model
 
 
@@ -126,20 +134,27 @@ def test_one_rank_gradient_sync_and_clip_match_torch():
         torch.testing.assert_close(p.grad, q.grad)
 
 
+class _OneRank(ParallelRuntime):
+    """The parallel runtime of a one-rank layout (its checkpoint methods), without a launch."""
+
+    def __init__(self, layout):
+        self.layout, self.rank, self.world_size = layout, layout.rank, layout.world_size
+
+
 def test_sharded_checkpoint_round_trip(tmp_path):
     layout = ParallelLayout()
     model = _small_expert_parallel_model(layout)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     model(torch.randn(10, 4)).sum().backward()
     optimizer.step()
-    save_sharded_checkpoint(tmp_path, model, optimizer, layout, {"step": 7})
+    save_checkpoint(tmp_path, model, optimizer, {"step": 7}, _OneRank(layout))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "experts-rank00000.pt"]
     expert_file = torch.load(tmp_path / "experts-rank00000.pt", weights_only=True)
     assert all(".experts." in f".{key}" for key in expert_file["model"])
 
     restored = _small_expert_parallel_model(layout, seed=1)
     restored_optimizer = torch.optim.AdamW(restored.parameters(), lr=0.1)
-    shared = load_sharded_checkpoint(tmp_path, restored, restored_optimizer, layout)
+    shared = load_checkpoint(tmp_path, restored, restored_optimizer, _OneRank(layout))
     assert shared["step"] == 7
     for p, q in zip(model.parameters(), restored.parameters()):
         assert torch.equal(p, q)
@@ -147,18 +162,16 @@ def test_sharded_checkpoint_round_trip(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Under mpirun
+# Under mpirun and torchrun
 # ----------------------------------------------------------------------------------------------------
-def run_mpi(num_ranks: int, args: list[str], timeout: float = LAUNCH_TIMEOUT_S) -> subprocess.CompletedProcess:
-    return subprocess.run(mpirun_command(num_ranks, args), capture_output=True, text=True, timeout=timeout)
-
-
 @cache
-def mpi_check_results(num_ranks: int, output_dir: str) -> dict:
-    output = Path(output_dir) / f"checks_{num_ranks}.json"
-    done = run_mpi(num_ranks, [str(SCRIPTS / "run_checks.py"), str(output)])
-    assert done.returncode == 0, f"mpirun -n {num_ranks} failed:\n{done.stdout}\n{done.stderr}"
-    return json.loads(output.read_text())
+def parallel_check_results(engine: str, num_ranks: int, output_dir: str) -> dict:
+    output = Path(output_dir) / f"checks_{engine}_{num_ranks}.json"
+    done = launch(engine, num_ranks, [str(SCRIPTS / "run_checks.py"), str(output)], LAUNCH_TIMEOUT_S)
+    assert done.returncode == 0, f"{engine} with {num_ranks} ranks failed:\n{done.stdout}\n{done.stderr}"
+    report = json.loads(output.read_text())
+    assert report["engine"] == engine and report["world_size"] == num_ranks
+    return report
 
 
 @pytest.fixture(scope="module")
@@ -169,9 +182,9 @@ def mpi_output_dir(tmp_path_factory):
 @pytest.mark.mpi
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["reference", "numba"])
-@pytest.mark.parametrize("num_ranks", [2, 4, 8])
-def test_expert_parallel_layer_equals_one_process(num_ranks, backend, mpi_output_dir):
-    report = mpi_check_results(num_ranks, mpi_output_dir)
+@pytest.mark.parametrize("engine,num_ranks", ENGINE_RANKS)
+def test_expert_parallel_layer_equals_one_process(engine, num_ranks, backend, mpi_output_dir):
+    report = parallel_check_results(engine, num_ranks, mpi_output_dir)
     if backend in report["skipped"]:
         pytest.skip(f"backend {backend!r} cannot be imported: {report['skipped'][backend]}")
     cases = {name: errors for name, errors in report["results"].items() if name.startswith(f"{backend}/")}
@@ -191,12 +204,12 @@ def test_expert_parallel_layer_equals_one_process(num_ranks, backend, mpi_output
 
 @pytest.mark.mpi
 @pytest.mark.slow
-@pytest.mark.parametrize("num_ranks", [2, 4, 8])
-def test_three_training_steps_equal_one_process(num_ranks, mpi_output_dir):
+@pytest.mark.parametrize("engine,num_ranks", ENGINE_RANKS)
+def test_three_training_steps_equal_one_process(engine, num_ranks, mpi_output_dir):
     """The whole language model (fastmoe_edu.model) through train_step: P ranks == one process."""
-    report = mpi_check_results(num_ranks, mpi_output_dir)
+    report = parallel_check_results(engine, num_ranks, mpi_output_dir)
     cases = {name: errors for name, errors in report["results"].items() if name.startswith("train/")}
-    assert sorted(cases) == ["train/sigmoid", "train/softmax_topk"]
+    assert sorted(cases) == ["train/sigmoid", "train/softmax_top_k"]
     for name, errors in cases.items():
         assert any(key.startswith("param:") and ".experts." in key for key in errors), name
         assert errors["scale:grad_norm"] > 0.5            # the clip (0.5) was active: the global norm matters
@@ -207,13 +220,14 @@ def test_three_training_steps_equal_one_process(num_ranks, mpi_output_dir):
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("engine", ["mpi", "torch"])
 @pytest.mark.parametrize("mode,num_ranks,message", [
     ("raise", 3, "[rank 1/3] RuntimeError: deliberate failure on rank 1"),
     ("bad_experts", 2, "num_experts=3 is not divisible by the expert-parallel size 2"),
 ])
-def test_a_failing_rank_aborts_the_job(mode, num_ranks, message):
+def test_a_failing_rank_aborts_the_job(engine, mode, num_ranks, message):
     start = time.monotonic()
-    done = run_mpi(num_ranks, [str(SCRIPTS / "check_abort.py"), mode], timeout=60)
+    done = launch(engine, num_ranks, [str(SCRIPTS / "check_abort.py"), mode], timeout=60)
     assert done.returncode != 0
     assert message in done.stdout + done.stderr
     assert "not reached" not in done.stdout

@@ -13,10 +13,10 @@ D_MODEL, D_HIDDEN, NUM_EXPERTS, NUM_TOKENS = 8, 12, 4, 10
 ROUTER_OPTIONS = {
     "switch": dict(top_k=1, jitter_epsilon=0.1),
     "gshard": dict(top_k=2),
-    "sigmoid": dict(top_k=2, num_groups=2, topk_groups=1, route_scale=2.5),
-    "noisy_topk": dict(top_k=2),
+    "sigmoid": dict(top_k=2, num_groups=2, top_k_groups=1, route_scale=2.5),
+    "noisy_top_k": dict(top_k=2),
     "expert_choice": dict(top_k=2),
-    "softmax_topk": dict(top_k=2),
+    "softmax_top_k": dict(top_k=2),
     "xmoe": dict(top_k=2, routing_dim=4),
 }
 
@@ -51,7 +51,7 @@ def test_reference_matches_oracle(router, expert, capacity_factor, training):
     torch.manual_seed(1)
     y = layer(x)
     draws = layer.last_routing.random_draws
-    if training and router in ("switch", "gshard", "noisy_topk"):
+    if training and router in ("switch", "gshard", "noisy_top_k"):
         assert draws, "the router drew no random numbers while training"
 
     x_oracle = x.detach().clone().requires_grad_(True)
@@ -110,7 +110,7 @@ def test_gradcheck_float64(router):
 
 
 def test_any_leading_shape():
-    layer = make_layer("softmax_topk")
+    layer = make_layer("softmax_top_k")
     for shape in [(D_MODEL,), (3, D_MODEL), (2, 3, D_MODEL), (2, 1, 3, D_MODEL)]:
         x = torch.randn(*shape, dtype=torch.float64)
         assert layer(x).shape == x.shape

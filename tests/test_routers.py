@@ -10,7 +10,7 @@ from fastmoe_edu.dispatch import prune_capacity
 from fastmoe_edu.routers import (GShardRouter, NoisyTopKRouter, SwitchRouter, cv_squared, router_z_loss,
                                  switch_balance_loss)
 
-CAPACITY_ROUTERS = [("softmax_topk", 2), ("noisy_topk", 2), ("switch", 1), ("gshard", 2), ("sigmoid", 2), ("xmoe", 2)]
+CAPACITY_ROUTERS = [("softmax_top_k", 2), ("noisy_top_k", 2), ("switch", 1), ("gshard", 2), ("sigmoid", 2), ("xmoe", 2)]
 
 
 @pytest.mark.parametrize("router,top_k", CAPACITY_ROUTERS)
@@ -155,7 +155,7 @@ def test_z_loss_weight_enters_aux_loss():
     assert float(with_z.aux_loss.detach()) == pytest.approx(0.5 * float(router_z_loss(x @ base.gate.weight.t()).detach()), rel=1e-6)
 
 
-def test_noisy_topk_balance_loss_eval_uses_counts():
+def test_noisy_top_k_balance_loss_eval_uses_counts():
     torch.manual_seed(0)
     router = NoisyTopKRouter(8, 4, 2, None, balance_loss_weight=1.0)
     router.eval()
@@ -166,7 +166,7 @@ def test_noisy_topk_balance_loss_eval_uses_counts():
     assert float(aux.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
 
 
-def test_noisy_topk_smooth_load_is_expected_count():
+def test_noisy_top_k_smooth_load_is_expected_count():
     """Training: load_e = Σ_t P(e in top-k) estimated by Φ; compare with Monte Carlo over the noise."""
     torch.manual_seed(0)
     router = NoisyTopKRouter(6, 4, 1, None, balance_loss_weight=1.0, noise_epsilon=0.5)

@@ -1,9 +1,9 @@
 """TED 3D parallelism, duplicate token dropping, overlapped and hierarchical all-to-alls, cost model.
 
-The MPI checks run in *one* ``mpirun -n 8`` of tests/mpi_scripts/check_ted.py (about a minute on
-2 cores): every factorization of 8 ranks into (tp, ep, dp), each with and without duplicate token
-dropping when tp > 1, plus pipelined (degree 2, 3) and hierarchical (2 and 4 ranks per node)
-variants. Each case compares the logits, the global loss and every gradient with one process
+The parallel checks run in *one* job of tests/mpi_scripts/check_ted.py per engine and world size
+(MPI: 2, 4, 8 ranks; torch.distributed: 2, 4; 10-20 s each on 2 cores): every factorization of the
+world into (tp, ep, dp), each with and without duplicate token dropping when tp > 1, plus pipelined
+(degree 2, 3), hierarchical (2 and 4 ranks per node) and pairwise-exchange variants. Each case compares the logits, the global loss and every gradient with one process
 running the whole global batch.
 
 Tolerance 1e-12 (float64, values of order 1e-3 .. 1). The parallel model does the same arithmetic
@@ -14,25 +14,23 @@ expert-weight gradients. Each reassociation moves a float64 result by a few ulp 
 lost token, a doubled tp gradient all show up at ≥ 1e-4).
 """
 import json
-import subprocess
+import tempfile
 from functools import cache
 from pathlib import Path
 
 import pytest
 import torch
 
-from fastmoe_edu.distributed import mpirun_command
 from fastmoe_edu.distributed.cost_model import (Hardware, Layout, MoEShape, fit_alpha_beta,
                                                 predict_step, choose_pipeline_degree)
 from fastmoe_edu.distributed.hierarchical import check_ranks_per_node, count_flat_messages
 from fastmoe_edu.distributed.pipeline import check_pipeline_degree, chunk_rows
-from fastmoe_edu.distributed.ted import _counts_in_share
+from fastmoe_edu.distributed.expert_parallel import _counts_in_share
 from fastmoe_edu.distributed.tensor_parallel import row_shares
+from launcher import ENGINE_RANKS, launch
 
 SCRIPT = Path(__file__).resolve().parent / "mpi_scripts" / "check_ted.py"
 TOLERANCE = 1e-12
-FACTORIZATIONS = [(1, 8, 1), (2, 4, 1), (4, 2, 1), (8, 1, 1), (1, 4, 2), (2, 2, 2), (1, 2, 4), (1, 1, 8),
-                  (4, 1, 2), (2, 1, 4)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -100,55 +98,66 @@ def test_cost_model_predictions_move_the_right_way():
 
 
 # ----------------------------------------------------------------------------------------------------
-# mpirun -n 8: everything against one process
+# mpirun / torchrun: everything against one process
 # ----------------------------------------------------------------------------------------------------
 @cache
-def mpi_results(tmp: str = "/tmp") -> dict:
-    import tempfile
+def parallel_results(engine: str, num_ranks: int) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         output = Path(folder) / "ted.json"
-        subprocess.run(mpirun_command(8, [str(SCRIPT), str(output)]), check=True, timeout=480,
-                       capture_output=True, text=True)
-        return json.loads(output.read_text())["results"]
+        done = launch(engine, num_ranks, [str(SCRIPT), str(output)], timeout=480)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        report = json.loads(output.read_text())
+    assert (report["engine"], report["world_size"]) == (engine, num_ranks)
+    return report["results"]
 
 
-def _names():
-    names = []
-    for tp, ep, dp in FACTORIZATIONS:
-        names.append(f"tp{tp}_ep{ep}_dp{dp}")
-        if tp > 1:
-            names.append(f"tp{tp}_ep{ep}_dp{dp}_drop")
-    return names + ["tp1_ep8_dp1_pipe3", "tp2_ep2_dp2_drop_pipe2", "tp1_ep4_dp2_pipe2_alltoallv",
-                    "tp1_ep8_dp1_hier2", "tp1_ep8_dp1_hier4", "tp2_ep4_dp1_drop_hier2", "tp1_ep4_dp2_hier2",
-                    "tp1_ep8_dp1_alltoallv", "tp2_ep4_dp1_drop_alltoallv"]
+@pytest.mark.mpi
+@pytest.mark.parametrize("engine,num_ranks", ENGINE_RANKS)
+def test_ted_layouts_equal_one_process(engine, num_ranks):
+    results = parallel_results(engine, num_ranks)
+    # Every factorization of the world appears, with and without dropping when tp > 1.
+    factorizations = {(r["tp"], r["ep"], r["dp"]) for r in results.values()}
+    assert {(tp, ep, dp) for tp in (1, 2, 4, 8) for ep in (1, 2, 4, 8) for dp in (1, 2, 4, 8)
+            if tp * ep * dp == num_ranks} <= factorizations
+    assert any("pipe" in name for name in results) and any("hier" in name for name in results)
+    for case, result in results.items():
+        for quantity, error in result["errors"].items():
+            assert error < TOLERANCE, f"{engine}/{num_ranks} {case}: {quantity} differs by {error:.3e}"
 
 
-@pytest.mark.parametrize("case", _names())
-def test_ted_layout_equals_one_process(case):
-    errors = mpi_results()[case]["errors"]
-    assert errors["logits"] < TOLERANCE, errors
-    assert errors["loss"] < TOLERANCE, errors
-    assert errors["grad"] < TOLERANCE, errors
+@pytest.mark.mpi
+@pytest.mark.parametrize("engine,num_ranks", ENGINE_RANKS)
+def test_duplicate_token_dropping_cuts_alltoall_bytes_by_tp(engine, num_ranks):
+    results = parallel_results(engine, num_ranks)
+    pairs = [(name, name + "_drop") for name, r in results.items() if r["tp"] > 1 and r["ep"] > 1
+             and name + "_drop" in results]
+    assert pairs or num_ranks < 4
+    for without_name, with_name in pairs:
+        without = results[without_name]["totals"]["exchange_bytes"]
+        with_dropping = results[with_name]["totals"]["exchange_bytes"]
+        assert without > 0
+        # Exact: the tp shares partition the rows, and all tp ranks of a group share one expert-rank index.
+        assert with_dropping * results[without_name]["tp"] == without, without_name
 
 
-@pytest.mark.parametrize("tp,ep,dp", [f for f in FACTORIZATIONS if f[0] > 1 and f[1] > 1])
-def test_duplicate_token_dropping_cuts_alltoall_bytes_by_tp(tp, ep, dp):
-    results = mpi_results()
-    without = results[f"tp{tp}_ep{ep}_dp{dp}"]["totals"]["exchange_bytes"]
-    with_dropping = results[f"tp{tp}_ep{ep}_dp{dp}_drop"]["totals"]["exchange_bytes"]
-    assert without > 0
-    # Exact: the tp shares partition the rows, and all tp ranks of a group share one expert-rank index.
-    assert with_dropping * tp == without
+@pytest.mark.mpi
+@pytest.mark.parametrize("engine,num_ranks", ENGINE_RANKS)
+def test_pipelined_exchange_moves_the_same_bytes(engine, num_ranks):
+    results = parallel_results(engine, num_ranks)
+    P = num_ranks
+    assert results[f"tp1_ep{P}_dp1_pipe3"]["totals"]["exchange_bytes"] == results[f"tp1_ep{P}_dp1"]["totals"]["exchange_bytes"]
+    if P >= 8:
+        assert (results["tp2_ep2_dp2_drop_pipe2"]["totals"]["exchange_bytes"]
+                == results["tp2_ep2_dp2_drop"]["totals"]["exchange_bytes"])
 
 
-def test_pipelined_exchange_moves_the_same_bytes():
-    results = mpi_results()
-    assert results["tp1_ep8_dp1_pipe3"]["totals"]["exchange_bytes"] == results["tp1_ep8_dp1"]["totals"]["exchange_bytes"]
-    assert (results["tp2_ep2_dp2_drop_pipe2"]["totals"]["exchange_bytes"]
-            == results["tp2_ep2_dp2_drop"]["totals"]["exchange_bytes"])
-
-
-@pytest.mark.parametrize("case", ["tp1_ep8_dp1_hier2", "tp1_ep8_dp1_hier4", "tp1_ep4_dp2_hier2"])
-def test_hierarchical_exchange_sends_fewer_inter_node_messages(case):
-    totals = mpi_results()[case]["totals"]
-    assert 0 < totals["hier_inter_node_messages"] < totals["flat_inter_node_messages"]
+@pytest.mark.mpi
+@pytest.mark.parametrize("engine,num_ranks", [(e, n) for e, n in ENGINE_RANKS if n >= 4])
+def test_hierarchical_exchange_sends_fewer_inter_node_messages(engine, num_ranks):
+    results = parallel_results(engine, num_ranks)
+    # Two ranks per node and at least two nodes: the flat exchange sends inter-node messages to compare.
+    cases = [name for name, r in results.items() if name.endswith("_hier2") and "drop" not in name and r["ep"] > 2]
+    assert cases
+    for case in cases:
+        totals = results[case]["totals"]
+        assert 0 < totals["hier_inter_node_messages"] < totals["flat_inter_node_messages"], case

@@ -73,7 +73,7 @@ print("routers:", ", ".join(ROUTERS))
 # %%
 torch.manual_seed(0)
 d_model, num_experts, top_k = 8, 4, 2
-layer = MoELayer(d_model=d_model, d_hidden=16, num_experts=num_experts, top_k=top_k, router="softmax_topk")
+layer = MoELayer(d_model=d_model, d_hidden=16, num_experts=num_experts, top_k=top_k, router="softmax_top_k")
 x = torch.randn(6, d_model)
 
 with torch.no_grad():
@@ -157,7 +157,7 @@ def make_tokens(num_tokens, d_model, num_clusters=4, spread=0.8, seed=0):
 TOKENS, TOKEN_CLUSTER = make_tokens(NUM_TOKENS, TOKEN_DIM)
 
 
-def route(router="softmax_topk", top_k=2, capacity_factor=0.0, noise=0.0, jitter=0.0, num_experts=8,
+def route(router="softmax_top_k", top_k=2, capacity_factor=0.0, noise=0.0, jitter=0.0, num_experts=8,
           tokens=None, seed=0):
     """Route ``tokens`` through a fresh MoELayer; return the decision as plain numpy data."""
     tokens = TOKENS if tokens is None else tokens
@@ -165,7 +165,7 @@ def route(router="softmax_topk", top_k=2, capacity_factor=0.0, noise=0.0, jitter
     cls = ROUTERS[router]
     k = cls.required_top_k or int(min(top_k, num_experts))
     options = {}
-    if router == "noisy_topk":
+    if router == "noisy_top_k":
         options["noise_epsilon"] = float(noise)
     if router == "switch":
         options["jitter_epsilon"] = float(jitter)
@@ -189,7 +189,7 @@ def route(router="softmax_topk", top_k=2, capacity_factor=0.0, noise=0.0, jitter
     dropped = (wanted_ids >= 0) & ~kept
     dropped_mask = torch.zeros(num_tokens, E, dtype=torch.bool)
     dropped_mask[rows[dropped], wanted_ids[dropped]] = True
-    balance = seen["route"].balance_loss
+    balance = layer.gate.balance_loss(seen["route"])  # the router's own load-balancing loss (routers.py)
     has_balance_loss = router not in ("sigmoid", "expert_choice")   # these two have none by design
     return {
         "router": router, "top_k": k, "num_experts": E, "capacity": rec.capacity,
@@ -206,7 +206,7 @@ def route(router="softmax_topk", top_k=2, capacity_factor=0.0, noise=0.0, jitter
     }
 
 
-def redraw(router="softmax_topk", top_k=2, capacity_factor=0.0, noise=0.0, jitter=0.0, num_experts=8, show=True):
+def redraw(router="softmax_top_k", top_k=2, capacity_factor=0.0, noise=0.0, jitter=0.0, num_experts=8, show=True):
     """Route the tokens with these controls, draw the three panels, return the plotted data.
 
     ``show=False`` builds the figure and closes it without displaying it (for the self-checks).
@@ -248,7 +248,7 @@ def redraw(router="softmax_topk", top_k=2, capacity_factor=0.0, noise=0.0, jitte
 # (interactive does not display it: the plot is the output).
 explorer = widgets.interactive(
     redraw,
-    router=widgets.Dropdown(options=list(ROUTERS), value="softmax_topk", description="router"),
+    router=widgets.Dropdown(options=list(ROUTERS), value="softmax_top_k", description="router"),
     top_k=widgets.IntSlider(value=2, min=1, max=4, description="top_k", continuous_update=False),
     capacity_factor=widgets.FloatSlider(value=0.0, min=0.0, max=3.0, step=0.25, description="cap. factor",
                                         continuous_update=False),
@@ -429,11 +429,11 @@ for li in range(usage.shape[0]):
 
 # %%
 plt.close("all")
-base = redraw(router="softmax_topk", top_k=2, capacity_factor=0.0, num_experts=8, show=False)
+base = redraw(router="softmax_top_k", top_k=2, capacity_factor=0.0, num_experts=8, show=False)
 changes = {
-    "top_k": dict(router="softmax_topk", top_k=1, capacity_factor=0.0, num_experts=8),
-    "capacity_factor": dict(router="softmax_topk", top_k=2, capacity_factor=0.5, num_experts=8),
-    "num_experts": dict(router="softmax_topk", top_k=2, capacity_factor=0.0, num_experts=4),
+    "top_k": dict(router="softmax_top_k", top_k=1, capacity_factor=0.0, num_experts=8),
+    "capacity_factor": dict(router="softmax_top_k", top_k=2, capacity_factor=0.5, num_experts=8),
+    "num_experts": dict(router="softmax_top_k", top_k=2, capacity_factor=0.0, num_experts=4),
     "router": dict(router="expert_choice", top_k=2, capacity_factor=0.0, num_experts=8),
 }
 for what, controls in changes.items():
@@ -444,8 +444,8 @@ for what, controls in changes.items():
     assert not same, f"changing {what} did not change the plotted data"
 assert base["dropped"] == 0, "dropless routing dropped tokens"
 assert redraw(capacity_factor=0.5, show=False)["dropped"] > 0, "a small capacity must drop tokens"
-noisy_a = redraw(router="noisy_topk", noise=0.0, show=False)
-noisy_b = redraw(router="noisy_topk", noise=2.0, show=False)
+noisy_a = redraw(router="noisy_top_k", noise=0.0, show=False)
+noisy_b = redraw(router="noisy_top_k", noise=2.0, show=False)
 assert not np.array_equal(noisy_a["assignment"], noisy_b["assignment"]), "noise did not change routing"
 jitter_a = redraw(router="switch", top_k=1, jitter=0.0, show=False)
 jitter_b = redraw(router="switch", top_k=1, jitter=0.9, show=False)
@@ -460,7 +460,7 @@ controls["cap. factor"].value = 0.5
 assert explorer.result["dropped"] > 0 and explorer.result["capacity"] is not None
 controls["router"].value = "gshard"
 assert explorer.result["router"] == "gshard" and explorer.result["top_k"] == 2
-controls["experts"].value, controls["cap. factor"].value, controls["router"].value = 8, 0.0, "softmax_topk"
+controls["experts"].value, controls["cap. factor"].value, controls["router"].value = 8, 0.0, "softmax_top_k"
 assert np.mean(load_ratio[-last:]) < load_ratio[0], "the bias did not improve the balance"
 plt.close("all")
 print(f"widget self-check passed ({time.perf_counter() - NOTEBOOK_START:.1f} s since the first cell)")

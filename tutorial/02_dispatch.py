@@ -56,7 +56,7 @@ print(f"QUICK={QUICK}")
 #
 # Six tokens of width 4, four experts, `top_k = 2`. To make rows easy to follow, column 0 of token
 # `t` holds the number `t` (the other columns are random): wherever a row travels, its first entry
-# tells which token it is. The routing comes from a real router (`softmax_topk`) with a capacity of
+# tells which token it is. The routing comes from a real router (`softmax_top_k`) with a capacity of
 # 3 rows per expert, so an expert overflows and an assignment is dropped (id `-1`).
 
 # %%
@@ -64,7 +64,7 @@ T, D, E, K = 6, 4, 4, 2
 g = torch.Generator().manual_seed(10)
 x = torch.cat([torch.arange(T, dtype=torch.float32)[:, None], 2 * torch.randn(T, D - 1, generator=g)], dim=1)
 torch.manual_seed(10)
-gate_layer = MoELayer(D, 8, E, top_k=K, router="softmax_topk")
+gate_layer = MoELayer(D, 8, E, top_k=K, router="softmax_top_k")
 with torch.no_grad():
     routed, _ = gate_layer.gate(x)           # the router alone: ids [T, k] and weights [T, k]
 expert_ids, weights = routed.expert_ids, routed.weights
@@ -160,7 +160,7 @@ plt.show()
 
 # %%
 torch.manual_seed(0)
-layer = MoELayer(16, 32, 4, top_k=2, router="softmax_topk", capacity_factor=1.0)
+layer = MoELayer(16, 32, 4, top_k=2, router="softmax_top_k", capacity_factor=1.0)
 tokens = torch.randn(10, 16)
 with torch.no_grad():
     y_layer = layer(tokens)
@@ -408,7 +408,7 @@ for i in range(n):
     ax.text(i + 0.5, -1.05, str(atomic[i]), ha="center", va="center", fontsize=7,
             color="red" if atomic[i] != stable[i] else "black")
 ax.text(-0.5, 0.5, "expert id", ha="right", va="center", fontsize=8)
-ax.text(-0.5, 1.4, f"pass 1+3: chunks", ha="right", va="center", fontsize=8)
+ax.text(-0.5, 1.4, "pass 1+3: chunks", ha="right", va="center", fontsize=8)
 ax.text(-0.5, -0.45, "row (stable)", ha="right", va="center", fontsize=8)
 ax.text(-0.5, -1.05, "row (atomics)", ha="right", va="center", fontsize=8)
 ax.set_xlim(-6, n + 0.5)

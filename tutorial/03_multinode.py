@@ -143,7 +143,7 @@ tokens = topics[topic] + torch.randn(P, tokens_per_rank, d_model, generator=g)
 x = tokens[rank]
 
 torch.manual_seed(0)                          # identical full layer on every rank ...
-layer = MoELayer(d_model, 2 * d_model, E, top_k=2, router="softmax_topk")
+layer = MoELayer(d_model, 2 * d_model, E, top_k=2, router="softmax_top_k")
 make_expert_parallel(layer, layout, exchange="alltoallv")    # ... then keep only the local experts
 with torch.no_grad():
     layer(x)                                  # warm-up

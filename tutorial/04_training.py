@@ -35,7 +35,6 @@ import time
 
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
 from IPython.display import display
 
 from fastmoe_edu.config import TrainConfig
@@ -48,7 +47,7 @@ CHUNK = 10 if QUICK else 50                  # redraw the plots every CHUNK step
 
 config = TrainConfig(
     dataset="languages", seq_len=32, batch_size=16,
-    n_layer=2, n_head=2, d_model=48, d_hidden=96, num_experts=4, top_k=2, router="softmax_topk",
+    n_layer=2, n_head=2, d_model=48, d_hidden=96, num_experts=4, top_k=2, router="softmax_top_k",
     backend="reference",
     max_steps=STEPS, warmup_steps=max(5, STEPS // 20), lr=3e-3, min_lr=3e-4,
     eval_interval=CHUNK, eval_iters=4, checkpoint_interval=0,
@@ -211,8 +210,8 @@ if first_flip:
           f"the two runs are different (equally valid) trajectories: mean |difference| afterwards "
           f"{difference[first_flip - 1:].mean():.3g}, against a loss that moved by {ref_loss.max() - ref_loss.min():.2f}.")
 else:
-    print(f"both runs routed every token identically at every step; the losses differ only by rounding "
-          f"(the kernels sum in a different order)")
+    print("both runs routed every token identically at every step; the losses differ only by rounding "
+          "(the kernels sum in a different order)")
 ref_rate = np.mean([r["tokens_per_sec"] for r in reference_run["history"]["train"][1:]])
 nb_rate = np.mean([r["tokens_per_sec"] for r in numba_run["history"]["train"][1:]])
 print(f"throughput: reference {ref_rate:,.0f} tokens/s, numba {nb_rate:,.0f} tokens/s "

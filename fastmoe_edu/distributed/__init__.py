@@ -19,7 +19,7 @@ batch. Importing this package loads no engine: only :func:`open_world` does. The
     tensor_parallel.py  Megatron-style attention / dense MLP slices, and the tp-group row split / gather
     gradients.py        initial-weight broadcast, bucketed gradient all-reduce, global gradient norm
     runtime.py          ParallelRuntime: what the training loop calls under a launcher
-    failure.py          abort_on_exception: one MPI rank's error stops the whole job (no hang)
+    failure.py          abort_on_exception: one rank's error ends the whole job (no hang)
     launch.py           mpirun_command / torchrun_command: how tests and benchmarks start jobs
     cost_model.py       predicted step time of a layout (α–β communication + GEMM rate)
 
@@ -35,6 +35,7 @@ Typical use::
 from .communicator import EXCHANGE_METHODS, Communicator
 from .engines import ENGINES, launch_rank, launch_world_size, open_world
 from .expert_parallel import ExpertParallel, SumOverRanks, expert_parameters, keep_local_experts
+from .failure import abort_on_exception
 from .gradients import (DEFAULT_BUCKET_BYTES, allreduce_gradients, broadcast_parameters, clip_grad_norm_,
                         split_parameters)
 from .launch import mpirun_command, mpirun_path, torchrun_command
@@ -45,7 +46,7 @@ from .stats import CommunicationStats
 __all__ = [
     "EXCHANGE_METHODS", "Communicator",
     "ENGINES", "launch_rank", "launch_world_size", "open_world",
-    "ExpertParallel", "SumOverRanks", "expert_parameters", "keep_local_experts",
+    "ExpertParallel", "SumOverRanks", "expert_parameters", "keep_local_experts", "abort_on_exception",
     "DEFAULT_BUCKET_BYTES", "allreduce_gradients", "broadcast_parameters", "clip_grad_norm_", "split_parameters",
     "mpirun_command", "mpirun_path", "torchrun_command",
     "ParallelLayout", "EXCHANGES", "parallelize", "CommunicationStats",

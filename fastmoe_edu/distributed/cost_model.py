@@ -37,7 +37,6 @@ flops so it slows down with the compute rate when ranks share cores.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -194,12 +193,3 @@ def fit_alpha_beta(points: list[dict]) -> tuple[float, float]:
     times = np.array([p["seconds"] for p in points], dtype=float)
     (alpha, beta), *_ = np.linalg.lstsq(design / times[:, None], np.ones_like(times), rcond=None)
     return max(float(alpha), 0.0), max(float(beta), 0.0)
-
-
-def relative_error(predicted: float, measured: float) -> float:
-    return (predicted - measured) / measured
-
-
-def geometric_mean_abs_error(pairs: list[tuple[float, float]]) -> float:
-    """exp(mean |log(predicted / measured)|) − 1: the typical factor by which predictions miss."""
-    return math.exp(sum(abs(math.log(p / m)) for p, m in pairs) / len(pairs)) - 1

@@ -96,7 +96,7 @@ class ExpertParallel:
 
     def __repr__(self) -> str:
         last = self.first_local_expert + self.num_local_experts - 1
-        options = (f", drop_duplicate_tokens=True" if self.drop_duplicate_tokens else "") + (
+        options = (", drop_duplicate_tokens=True" if self.drop_duplicate_tokens else "") + (
             f", pipeline_degree={self.pipeline_degree}" if self.pipeline_degree > 1 else "")
         return (f"ExpertParallel(experts {self.first_local_expert}..{last} of {self.num_experts} on "
                 f"expert-rank {self.layout.ep_rank}/{self.layout.ep_size}, exchange={self.exchange!r}{options})")

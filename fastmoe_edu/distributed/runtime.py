@@ -5,7 +5,7 @@
 
 Same methods as ``fastmoe_edu.runtime.SingleProcess``; what they do here, in the order of a run:
 
-1. construction — install the abort-on-failure hook (MPI), check the configuration against the
+1. construction — install the abort-on-failure hook, check the configuration against the
    world size with plain arithmetic (tp × ep × dp = world, num_experts and batch_size divisible),
    and only then open the engine's world and the layout's communicators. A bad launch raises the
    same clear error on every rank before any collective.
@@ -22,6 +22,7 @@ from torch import nn
 from ..runtime import Runtime, layout_sizes
 from .engines import launch_world_size, open_world
 from .expert_parallel import expert_parameters
+from .failure import abort_on_exception
 from .gradients import allreduce_gradients, clip_grad_norm_
 from .hierarchical import check_ranks_per_node
 from .layout import ParallelLayout, experts_per_rank, sequences_per_rank
@@ -36,9 +37,7 @@ class ParallelRuntime(Runtime):
     """One of P ranks: the layout's communicators and the parallel versions of the runtime methods."""
 
     def __init__(self, cfg, engine: str):
-        if engine == "mpi":
-            from .failure import abort_on_exception
-            abort_on_exception()                      # one rank's error ends the whole job
+        abort_on_exception(engine)                    # one rank's error ends the whole job
         world_size = launch_world_size()                              # from the launcher: no communication
         tp, ep, dp = layout_sizes(cfg, world_size)
         experts_per_rank(cfg.num_experts, ep, world_size)

@@ -57,9 +57,6 @@ class CommunicationStats:
     def total_seconds(self) -> float:
         return sum(counter.seconds for counter in self.counters.values())
 
-    def total_bytes(self) -> int:
-        return sum(counter.bytes_sent for counter in self.counters.values())
-
     def as_dict(self) -> dict[str, dict[str, float]]:
         """Plain numbers, e.g. for JSON: ``{key: {"calls": .., "seconds": .., "bytes_sent": ..}}``."""
         return {key: {"calls": c.calls, "seconds": c.seconds, "bytes_sent": c.bytes_sent}

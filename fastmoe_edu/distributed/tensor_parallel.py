@@ -164,7 +164,6 @@ class TensorParallelMLP(nn.Module):
         self.up = _linear_from(mlp.up.weight.detach()[mine], mlp.up.bias.detach()[mine])
         self.down = _linear_from(mlp.down.weight.detach()[:, mine])
         self.down_bias = nn.Parameter(mlp.down.bias.detach().clone())
-        self.aux_loss = torch.zeros(())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = copy_to_tensor_region(x, self.comm)

@@ -26,10 +26,12 @@ all-gather over the world, and all of them create every requested group, in one 
 """
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import zlib
 from datetime import timedelta
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -95,22 +97,23 @@ class TorchCommunicator(Communicator):
 
     def _split(self, color, key, name):
         """Collective over the world (see the module docstring); returns this rank's new communicator."""
-        me = [self.global_ranks[0], self.size, color, key, self.rank, dist.get_rank(), _host_id()]
-        everyone = _allgather_world(me).tolist()          # one row per world rank, in world-rank order
-        requests: dict[tuple[int, int], list] = {}        # (communicator split, color) -> its members' rows
-        for row in everyone:
-            requests.setdefault((row[0], row[2]), []).append(row)
-        for lowest, size in {(row[0], row[1]) for row in everyone}:    # every communicator split
-            callers = sum(row[0] == lowest for row in everyone)
+        me = _SplitRequest(min(self.global_ranks), self.size, color, key, self.rank, dist.get_rank(), _host_id())
+        everyone = [_SplitRequest(*row) for row in _allgather_world(list(me)).tolist()]
+        for lowest, size in {(other.parent, other.parent_size) for other in everyone}:
+            callers = sum(other.parent == lowest for other in everyone)
             if callers != size:
                 raise RuntimeError(f"split: {callers} ranks split the communicator of size {size} starting at "
                                    f"global rank {lowest}: every world rank must call split at the same point")
+        groups: dict[tuple[int, int], list[_SplitRequest]] = {}      # (parent, color) -> the members
+        for other in everyone:
+            groups.setdefault((other.parent, other.color), []).append(other)
         mine = None
-        for request in sorted(requests):                 # the same order on every rank: (lowest rank, color)
-            rows = sorted(requests[request], key=lambda row: (row[3], row[4]))   # by key, then old rank
-            group = dist.new_group(ranks=[row[5] for row in rows], timeout=self.timeout, sort_ranks=False)
-            if request == (me[0], me[2]):
-                on_node = sum(row[6] == me[6] for row in rows)
+        for parent_and_color in sorted(groups):                       # the same order on every rank
+            members = sorted(groups[parent_and_color], key=lambda other: (other.key, other.old_rank))
+            group = dist.new_group(ranks=[other.global_rank for other in members], timeout=self.timeout,
+                                   sort_ranks=False)                  # keep our order, not torch's sorted one
+            if parent_and_color == (me.parent, me.color):
+                on_node = sum(other.host == me.host for other in members)
                 mine = TorchCommunicator(group, name, on_node, self.timeout, self.stats)
         return mine
 
@@ -134,10 +137,27 @@ def torch_world(device_type: str = "cpu", timeout_s: float = 300) -> TorchCommun
     if not dist.is_initialized():
         backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timeout)
+        atexit.register(_shut_down)              # tear gloo's threads down before the interpreter does
     on_node = int(os.environ.get("LOCAL_WORLD_SIZE", 0))             # set by torchrun
     if not on_node:                                                  # started another way: compare hosts
         on_node = int((_allgather_world([_host_id()]) == _host_id()).sum())
     return TorchCommunicator(dist.group.WORLD, "world", on_node, timeout)
+
+
+def _shut_down() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class _SplitRequest(NamedTuple):
+    """What one rank asks of ``split``, gathered from every rank of the world as a row of integers."""
+    parent: int          # the communicator it splits, named by its lowest global rank
+    parent_size: int
+    color: int
+    key: int
+    old_rank: int        # its rank in the communicator it splits (breaks ties between equal keys)
+    global_rank: int
+    host: int            # _host_id()
 
 
 def _allgather_world(row: list[int]) -> torch.Tensor:

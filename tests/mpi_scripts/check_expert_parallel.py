@@ -1,4 +1,4 @@
-"""Under ``mpirun -n P``: the expert-parallel MoELayer against one process on the same global batch.
+"""Under ``mpirun -n P`` / ``torchrun``: the expert-parallel MoELayer against one process on the same global batch.
 
 Every rank builds the single-process layer itself (same seed) and compares what it owns:
 
@@ -22,11 +22,11 @@ import torch
 
 from fastmoe_edu import MoELayer
 from fastmoe_edu.backends import get_backend
-from fastmoe_edu.distributed import ParallelLayout, allreduce_gradients, make_expert_parallel, split_parameters
+from fastmoe_edu.distributed import ParallelLayout, allreduce_gradients, parallelize, split_parameters
 
 D_MODEL, D_HIDDEN, NUM_EXPERTS, TOKENS_PER_RANK = 8, 12, 8, 6
 CASES = {   # name: layer options (all deterministic: no jitter, no random routing)
-    "softmax_topk": dict(router="softmax_topk", top_k=2, capacity_factor=None, z_loss_weight=0.01),
+    "softmax_top_k": dict(router="softmax_top_k", top_k=2, capacity_factor=None, z_loss_weight=0.01),
     "switch_capacity": dict(router="switch", top_k=1, capacity_factor=1.0),
     "gshard_capacity_gelu_bias": dict(router="gshard", top_k=2, capacity_factor=0.75, random_routing=False,
                                       expert="gelu", bias=True),
@@ -34,9 +34,9 @@ CASES = {   # name: layer options (all deterministic: no jitter, no random routi
 }
 
 
-def build(options, backend, layout=None, seed=0):
+def build(options, backend, seed=0):
     torch.manual_seed(seed)
-    layer = MoELayer(D_MODEL, D_HIDDEN, NUM_EXPERTS, backend=backend, layout=layout, **options).double()
+    layer = MoELayer(D_MODEL, D_HIDDEN, NUM_EXPERTS, backend=backend, **options).double()
     with torch.no_grad():   # non-zero expert biases, so their gradients are exercised
         for name, param in layer.named_parameters():
             if name.startswith("experts.b"):
@@ -62,7 +62,7 @@ def oracle(options, backend, x, upstream, shards):
 
 def distributed(options, backend, layout, x_local, upstream_local, exchange, bucket_bytes):
     layer = build(options, backend)
-    make_expert_parallel(layer, layout, exchange=exchange)
+    parallelize(layer, layout, exchange=exchange)
     x_local = x_local.clone().requires_grad_(True)
     y = layer(x_local)
     loss = (y * upstream_local).sum() / x_local.shape[0] + layer.aux_loss
@@ -82,7 +82,7 @@ def layer_checks(world: ParallelLayout) -> tuple[dict, dict]:
     # Experts over all ranks; with 4 or more ranks also two copies of every expert slice (dp = 2).
     layouts = {"": world}
     if world.world_size >= 4:
-        layouts["/dp2"] = ParallelLayout(expert_parallel=world.world_size // 2, expert_replicas=2)
+        layouts["/dp2"] = ParallelLayout(world.world, ep=world.world_size // 2, dp=2)
 
     backends = ["reference"]
     results, skipped = {}, {}
@@ -109,7 +109,7 @@ def layer_checks(world: ParallelLayout) -> tuple[dict, dict]:
                         continue
                     layer, y, dx, aux = distributed(options, backend, layout, x[mine], upstream[mine],
                                                     exchange, bucket_bytes)
-                    plan = layer.expert_parallel
+                    plan = layer.expert_runner
                     local = slice(plan.first_local_expert, plan.first_local_expert + plan.num_local_experts)
                     errors = {
                         "output": max_error(y, y_ref[mine]),

@@ -12,9 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from mpi4py import MPI
-
 from fastmoe_edu.config import parse_args
+from fastmoe_edu.distributed import launch_rank
 from fastmoe_edu.train import train
 
 CASES = {
@@ -41,7 +40,7 @@ def main(work_dir: str, result_path: str) -> None:
         results[case] = {"whole": whole["train_loss"], "resumed": resumed["train_loss"],
                          "whole_val": whole["final_val_loss"], "resumed_val": resumed["final_val_loss"],
                          "checkpoint_files": files}
-    if MPI.COMM_WORLD.Get_rank() == 0:
+    if launch_rank() == 0:
         Path(result_path).write_text(json.dumps(results, indent=1))
 
 

@@ -1,10 +1,12 @@
-"""Run under ``mpirun -n 8``: TED 3D parallelism (+ token dropping, pipelining, hierarchical all-to-all) == one process.
+"""Run under ``mpirun -n P`` or ``torchrun``: TED 3D parallelism (+ token dropping, pipelining, hierarchical
+all-to-all) == one process, for every factorization P = tp × ep × dp.
 
     mpirun -n 8 python tests/mpi_scripts/check_ted.py results.json
+    torchrun --nproc-per-node=4 tests/mpi_scripts/check_ted.py results.json
 
 For every case (tp, ep, dp, options) each rank builds the whole float64 model from the same seed,
 computes the loss of the *global* batch alone (the reference), then builds it again as one rank of
-the layout (make_ted), runs its batch shard, all-reduces the gradients and compares:
+the layout (``parallelize``), runs its batch shard, all-reduces the gradients and compares:
 
 * logits of its shard, the global loss (mean over the data group of the per-shard losses),
 * every parameter's gradient against the *same slice* of the reference gradient. The slice is made
@@ -20,41 +22,46 @@ import time
 from pathlib import Path
 
 import torch
-from mpi4py import MPI
-
-from fastmoe_edu.distributed import ParallelLayout, abort_on_exception
-from fastmoe_edu.distributed.expert_parallel import keep_local_experts
-from fastmoe_edu.distributed.hierarchical import count_flat_messages
-from fastmoe_edu.distributed.ted import allreduce_ted_gradients, make_ted
+from fastmoe_edu.distributed import (ParallelLayout, abort_on_exception, allreduce_gradients, keep_local_experts,
+                                     open_world, parallelize)
+from fastmoe_edu.distributed.hierarchical import HierarchicalExchange, count_flat_messages
 from fastmoe_edu.distributed.tensor_parallel import make_tensor_parallel
 from fastmoe_edu.layer import MoELayer
 from fastmoe_edu.model import ModelConfig, MoETransformer
 
-FACTORIZATIONS = [(1, 8, 1), (2, 4, 1), (4, 2, 1), (8, 1, 1), (1, 4, 2), (2, 2, 2), (1, 2, 4), (1, 1, 8),
-                  (4, 1, 2), (2, 1, 4)]
 MODEL = dict(vocab_size=32, seq_len=8, n_layer=4, n_head=8, d_model=32, d_hidden=16, num_experts=8, top_k=2,
-             moe_every=2, router="softmax_topk", router_options={"z_loss_weight": 1e-3})
+             moe_every=2, router="softmax_top_k", router_options={"z_loss_weight": 1e-3})
 BATCH = 8
 
 
-def cases():
+def factorizations(world_size: int) -> list[tuple[int, int, int]]:
+    """Every (tp, ep, dp) with tp · ep · dp = world size (tp must divide n_head = 8, ep num_experts = 8)."""
+    return [(tp, ep, world_size // (tp * ep)) for tp in (1, 2, 4, 8) for ep in (1, 2, 4, 8)
+            if world_size % (tp * ep) == 0]
+
+
+def cases(world_size: int):
     """(name, tp, ep, dp, options) for every case this launch checks."""
+    P = world_size
     out = []
-    for tp, ep, dp in FACTORIZATIONS:
+    for tp, ep, dp in factorizations(P):
         for drop in ([False, True] if tp > 1 else [False]):
             out.append((f"tp{tp}_ep{ep}_dp{dp}" + ("_drop" if drop else ""), tp, ep, dp,
                         dict(drop_duplicate_tokens=drop)))
-    # Pipelined (overlapped) exchanges and hierarchical all-to-alls, with and without dropping.
-    out += [("tp1_ep8_dp1_pipe3", 1, 8, 1, dict(pipeline_degree=3)),
-            ("tp2_ep2_dp2_drop_pipe2", 2, 2, 2, dict(drop_duplicate_tokens=True, pipeline_degree=2)),
-            ("tp1_ep4_dp2_pipe2_alltoallv", 1, 4, 2, dict(pipeline_degree=2, exchange="alltoallv")),
-            ("tp1_ep8_dp1_hier2", 1, 8, 1, dict(ranks_per_node=2)),
-            ("tp1_ep8_dp1_hier4", 1, 8, 1, dict(ranks_per_node=4)),
-            ("tp2_ep4_dp1_drop_hier2", 2, 4, 1, dict(drop_duplicate_tokens=True, ranks_per_node=2)),
-            ("tp1_ep4_dp2_hier2", 1, 4, 2, dict(ranks_per_node=2)),
-            ("tp1_ep8_dp1_alltoallv", 1, 8, 1, dict(exchange="alltoallv")),
-            ("tp2_ep4_dp1_drop_alltoallv", 2, 4, 1, dict(drop_duplicate_tokens=True, exchange="alltoallv"))]
-    return out
+    # Pipelined (overlapped) exchanges, hierarchical all-to-alls and the pairwise exchange, with and
+    # without dropping, on the layouts this world size has.
+    wanted = [(f"tp1_ep{P}_dp1_pipe3", 1, P, 1, dict(pipeline_degree=3)),
+              (f"tp2_ep{P // 4}_dp2_drop_pipe2", 2, P // 4, 2, dict(drop_duplicate_tokens=True, pipeline_degree=2)),
+              (f"tp1_ep{P // 2}_dp2_pipe2_pairwise", 1, P // 2, 2, dict(pipeline_degree=2, exchange="pairwise")),
+              (f"tp1_ep{P}_dp1_hier2", 1, P, 1, dict(ranks_per_node=2)),
+              (f"tp1_ep{P}_dp1_hier4", 1, P, 1, dict(ranks_per_node=4)),
+              (f"tp2_ep{P // 2}_dp1_drop_hier2", 2, P // 2, 1, dict(drop_duplicate_tokens=True, ranks_per_node=2)),
+              (f"tp1_ep{P // 2}_dp2_hier2", 1, P // 2, 2, dict(ranks_per_node=2)),
+              (f"tp1_ep{P}_dp1_pairwise", 1, P, 1, dict(exchange="pairwise")),
+              (f"tp2_ep{P // 2}_dp1_drop_pairwise", 2, P // 2, 1, dict(drop_duplicate_tokens=True, exchange="pairwise"))]
+    return out + [case for case in wanted
+                  if case[2] >= 1 and case[1] * case[2] * case[3] == P
+                  and case[4].get("ranks_per_node", 1) <= case[2] and case[2] % case[4].get("ranks_per_node", 1) == 0]
 
 
 def build():
@@ -101,10 +108,10 @@ def exchange_bytes(stats) -> int:
                if key.startswith("expert") and key.split("/")[1] in row_ops)
 
 
-def run_case(tp, ep, dp, options, ref_logits, ref_loss, ref_grads) -> dict:
-    layout = ParallelLayout(tensor_parallel=tp, expert_parallel=ep, expert_replicas=dp)
+def run_case(world, tp, ep, dp, options, ref_logits, ref_loss, ref_grads) -> dict:
+    layout = ParallelLayout(world, tp=tp, ep=ep, dp=dp)
     model = build()
-    make_ted(model, layout, **options)
+    parallelize(model, layout, **options)
     x, y = global_batch()
     rows = layout.check_batch_size(BATCH)
     mine = slice(layout.data_rank * rows, (layout.data_rank + 1) * rows)
@@ -112,8 +119,8 @@ def run_case(tp, ep, dp, options, ref_logits, ref_loss, ref_grads) -> dict:
     logits, loss = model(x[mine], y[mine])
     loss.backward()
     sent = exchange_bytes(layout.stats)
-    allreduce_ted_gradients(model, layout)
-    global_loss = layout.data.comm.allreduce(loss.item(), op=MPI.SUM) / layout.data_size
+    allreduce_gradients(model, layout)
+    global_loss = total(layout.data, loss.item()) / layout.data_size
 
     expected = sliced_like(ref_grads, layout)
     grad_error = 0.0
@@ -121,37 +128,42 @@ def run_case(tp, ep, dp, options, ref_logits, ref_loss, ref_grads) -> dict:
         grad_error = max(grad_error, (p.grad - expected[name]).abs().max().item())
     errors = {"logits": (logits.detach() - ref_logits[mine]).abs().max().item(),
               "loss": abs(global_loss - ref_loss), "grad": grad_error}
-    totals = {"exchange_bytes": layout.world.comm.allreduce(sent, op=MPI.SUM)}
+    totals = {"exchange_bytes": int(total(layout.world, sent))}
     for level in ("intra_node", "inter_node"):
-        messages = [m.expert_parallel.hierarchical.messages[level] for m in model.modules()
-                    if getattr(getattr(m, "expert_parallel", None), "hierarchical", None) is not None]
-        totals[f"hier_{level}_messages"] = layout.world.comm.allreduce(sum(messages), op=MPI.SUM)
+        messages = [m.expert_runner.exchange.messages[level] for m in model.modules()
+                    if isinstance(getattr(getattr(m, "expert_runner", None), "exchange", None), HierarchicalExchange)]
+        totals[f"hier_{level}_messages"] = int(total(layout.world, sum(messages)))
     rpn = options.get("ranks_per_node")
     if rpn:   # what a flat exchange of the same rows would send: every row exchange is (P−1)-way here
         flat = count_flat_messages([1] * ep, layout.ep_rank, rpn)
         n_exchanges = 4 * sum(isinstance(m, MoELayer) for m in model.modules())   # fwd + bwd, scatter + gather
         for level in ("intra_node", "inter_node"):
-            totals[f"flat_{level}_messages"] = layout.world.comm.allreduce(flat[level] * n_exchanges, op=MPI.SUM)
+            totals[f"flat_{level}_messages"] = int(total(layout.world, flat[level] * n_exchanges))
     return {"errors": errors, "totals": totals}
 
 
+def total(comm, value: float, op: str = "sum") -> float:
+    return comm.allreduce_(torch.tensor([float(value)], dtype=torch.float64), op=op).item()
+
+
 def main(output: str) -> None:
-    abort_on_exception()
+    world = open_world()
+    abort_on_exception(world.engine)
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)
-    world = MPI.COMM_WORLD
     ref_logits, ref_loss, ref_grads = reference()
     results = {}
-    for name, tp, ep, dp, options in cases():
+    for name, tp, ep, dp, options in cases(world.size):
         start = time.perf_counter()
-        result = run_case(tp, ep, dp, options, ref_logits, ref_loss, ref_grads)
+        result = run_case(world, tp, ep, dp, options, ref_logits, ref_loss, ref_grads)
         for key, value in result["errors"].items():
-            result["errors"][key] = world.allreduce(value, op=MPI.MAX)       # the worst rank decides
+            result["errors"][key] = total(world, value, op="max")         # the worst rank decides
         result["seconds"] = time.perf_counter() - start
-        result["tp"], result["options"] = tp, options
+        result["tp"], result["ep"], result["dp"], result["options"] = tp, ep, dp, options
         results[name] = result
-    if world.Get_rank() == 0:
-        Path(output).write_text(json.dumps({"world_size": world.Get_size(), "results": results}, indent=1))
+    if world.rank == 0:
+        Path(output).write_text(json.dumps({"world_size": world.size, "engine": world.engine, "results": results},
+                                           indent=1))
 
 
 if __name__ == "__main__":

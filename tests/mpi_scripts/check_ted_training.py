@@ -14,9 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from mpi4py import MPI
-
 from fastmoe_edu.config import parse_args
+from fastmoe_edu.distributed import launch_rank
 from fastmoe_edu.train import train
 
 # The single-process run of the same model uses TINY alone.
@@ -45,7 +44,7 @@ def main(work_dir: str, result_path: str) -> None:
             results[case]["checkpoint_files"] = sorted(os.listdir(work / case / "split"))
             resumed = train(parse_args(split + ["--resume"]))
             results[case].update(resumed=resumed["train_loss"], resumed_val=resumed["final_val_loss"])
-    if MPI.COMM_WORLD.Get_rank() == 0:
+    if launch_rank() == 0:
         Path(result_path).write_text(json.dumps(results, indent=1))
 
 

@@ -1,8 +1,7 @@
-"""Under ``mpirun -n P``: three optimizer steps of the whole language model equal one process.
+"""Under ``mpirun -n P`` / ``torchrun``: three optimizer steps of the whole language model equal one process.
 
 The model of ``fastmoe_edu.model`` is trained in float64 through the training loop's own
-``train_step``: once by rank 0 alone (one process, the whole global batch; the result is sent to
-every rank) and once by all P ranks (each with its experts and its batch shard, gradients
+``train_step``: once by every rank alone (one process, the whole global batch) and once by all P ranks (each with its experts and its batch shard, gradients
 all-reduced, the global gradient norm clipped). After three AdamW steps each rank compares its
 parameters (its expert slices) and the logged losses.
 Dropless routers only: for them the P-rank model is the one-process model, exactly.
@@ -13,13 +12,14 @@ import torch
 
 from fastmoe_edu.config import parse_args
 from fastmoe_edu.distributed import ParallelLayout
-from fastmoe_edu.distributed.training import distribute_model
+from fastmoe_edu.distributed.runtime import ParallelRuntime
 from fastmoe_edu.model import build_model
-from fastmoe_edu.train import Runtime, build_dataset, configure_optimizer, get_batch, train_step
+from fastmoe_edu.runtime import SingleProcess
+from fastmoe_edu.train import build_dataset, configure_optimizer, get_batch, train_step
 
 STEPS = 3
 CASES = {
-    "softmax_topk": ["--router=softmax_topk", "--top_k=2", "--router_options.z_loss_weight=0.001"],
+    "softmax_top_k": ["--router=softmax_top_k", "--top_k=2", "--router_options.z_loss_weight=0.001"],
     "sigmoid": ["--router=sigmoid", "--top_k=2", "--router_options.bias_update_rate=0.01"],
 }
 
@@ -30,11 +30,10 @@ def small_config(world_size: int, extra: list[str]):
                        "--lr=0.01", "--grad_clip=0.5", *extra])
 
 
-def train_three_steps(cfg, dataset, rt: Runtime):
+def train_three_steps(cfg, dataset, rt):
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, dataset.vocab_size).double()
-    if rt.layout is not None:
-        distribute_model(model, rt.layout, cfg)
+    rt.shard_model(model)
     optimizer = configure_optimizer(model, cfg)
     records = []
     for step in range(STEPS):
@@ -48,22 +47,16 @@ def training_checks(world: ParallelLayout) -> dict:
     for case, extra in CASES.items():
         cfg = small_config(world.world_size, extra)
         dataset = build_dataset(cfg)
-        # The one-process run happens on rank 0 only; its results are sent to the others (pickled: a test).
-        alone_state = None
-        if world.is_main:
-            alone, alone_records = train_three_steps(cfg, dataset, Runtime())
-            alone_state = ({k: v.detach() for k, v in alone.named_parameters()},
-                           {k: v for k, v in alone.named_buffers()}, alone_records)
-        world.world.barrier()            # (waits without busy-polling on an oversubscribed machine)
-        reference, reference_buffers, alone_records = world.world.comm.bcast(alone_state, root=0)
-        together, together_records = train_three_steps(
-            cfg, dataset, Runtime(rank=world.rank, world_size=world.world_size, layout=world))
+        # The one-process run, on every rank (deterministic: the same result everywhere).
+        alone, alone_records = train_three_steps(cfg, dataset, SingleProcess())
+        reference = {k: v.detach() for k, v in alone.named_parameters()}
+        reference_buffers = dict(alone.named_buffers())
+        together, together_records = train_three_steps(cfg, dataset, ParallelRuntime(cfg, world.world.engine))
         errors = {}
         for name, param in together.named_parameters():
             expected = reference[name]
             if ".experts." in f".{name}":                          # this rank's slice of the experts
-                plan = next(m.expert_parallel for m in together.modules()
-                            if getattr(m, "expert_parallel", None) is not None)
+                plan = next(m.expert_runner for m in together.modules() if hasattr(m, "expert_runner"))
                 expected = expected[plan.first_local_expert: plan.first_local_expert + plan.num_local_experts]
             errors[f"param:{name}"] = float((param - expected).detach().abs().max())
         for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):

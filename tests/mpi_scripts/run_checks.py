@@ -1,6 +1,8 @@
-"""Run under ``mpirun -n P``: every distributed equality check, in one launch; rank 0 writes the JSON.
+"""Run under ``mpirun -n P`` or ``torchrun --nproc-per-node=P``: every distributed equality check, in one
+launch; rank 0 writes the JSON.
 
     mpirun -n 4 python tests/mpi_scripts/run_checks.py results.json
+    torchrun --nproc-per-node=4 tests/mpi_scripts/run_checks.py results.json
 
 Output: ``{"world_size": P, "results": {case: {quantity: worst error over the ranks}}, "skipped": ...}``.
 The checks themselves: check_expert_parallel.py (one MoE layer), check_training_steps.py (the model).
@@ -9,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from mpi4py import MPI
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -20,16 +22,17 @@ from fastmoe_edu.distributed import ParallelLayout, abort_on_exception   # noqa:
 
 
 def main(output: str) -> None:
-    abort_on_exception()
     world = ParallelLayout()
+    abort_on_exception(world.world.engine)
     results, skipped = layer_checks(world)
     results.update(training_checks(world))
     for errors in results.values():                      # the worst rank decides
         for key, value in errors.items():
-            errors[key] = world.world.comm.allreduce(value, op=MPI.MAX)
+            errors[key] = world.world.allreduce_(torch.tensor([float(value)], dtype=torch.float64), op="max").item()
     if world.is_main:
         Path(output).write_text(json.dumps({"world_size": world.world_size, "results": results,
-                                            "skipped": skipped, "stats": world.stats.as_dict()}, indent=1))
+                                            "skipped": skipped, "engine": world.world.engine,
+                                            "stats": world.stats.as_dict()}, indent=1))
 
 
 if __name__ == "__main__":
