@@ -2,6 +2,7 @@
 
     python bench/bench_alltoall.py                       # launches mpirun -n 2, 4, 8 itself
     python bench/bench_alltoall.py --ranks 2 4 --method pairwise
+    python bench/bench_alltoall.py --engine torch        # torchrun instead (torch.distributed, gloo on CPU)
     mpirun -n 4 python bench/bench_alltoall.py --worker out.json    # one world size by hand
 
 Every rank sends the same number of bytes to every other rank (``bytes_per_peer``), so one rank
@@ -20,7 +21,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,14 +31,12 @@ import torch
 BYTES_PER_PEER = [8, 64, 512, 4096, 32_768, 262_144, 1_048_576]
 
 
-def worker(output: str, method: str, repeats: int) -> None:
-    """Runs on every rank of one mpirun: time the exchange at every size, rank 0 writes the results."""
-    from mpi4py import MPI
+def worker(output: str, method: str, repeats: int, engine: str) -> None:
+    """Runs on every rank of one launch: time the exchange at every size, rank 0 writes the results."""
+    from fastmoe_edu.distributed import ParallelLayout, abort_on_exception, open_world
 
-    from fastmoe_edu.distributed import ParallelLayout, abort_on_exception
-
-    abort_on_exception()
-    layout = ParallelLayout()
+    layout = ParallelLayout(open_world(engine))
+    abort_on_exception(layout.world.engine)
     comm, ranks = layout.expert, layout.expert.size
     results = []
     for bytes_per_peer in BYTES_PER_PEER:
@@ -48,10 +46,11 @@ def worker(output: str, method: str, repeats: int) -> None:
         sent = rows.shape[1] * 4
         times = []
         for attempt in range(repeats + 2):                        # 2 warm-up calls
-            comm.comm.Barrier()
+            comm.barrier()
             start = time.perf_counter()
             comm.alltoallv(rows, counts, counts, method)
-            elapsed = comm.comm.allreduce(time.perf_counter() - start, op=MPI.MAX)
+            elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+            elapsed = comm.allreduce_(elapsed, op="max").item()  # the exchange ends with the slowest rank
             if attempt >= 2:
                 times.append(elapsed)
         results.append({"ranks": ranks, "bytes_per_peer": sent, "bytes_per_rank": sent * (ranks - 1),
@@ -68,15 +67,16 @@ def fit_alpha_beta(points: list[dict]) -> tuple[float, float]:
     return float(alpha), float(beta)
 
 
-def launch(ranks: list[int], method: str, repeats: int) -> list[dict]:
-    from fastmoe_edu.distributed import mpirun_command
+def launch(ranks: list[int], method: str, repeats: int, engine: str) -> list[dict]:
+    from fastmoe_edu.distributed import mpirun_command, torchrun_command
 
+    launcher = mpirun_command if engine == "mpi" else torchrun_command
     points = []
     with tempfile.TemporaryDirectory() as folder:
         for count in ranks:
             output = Path(folder) / f"alltoall_{count}.json"
-            command = mpirun_command(count, [__file__, "--worker", str(output), "--method", method,
-                                             "--repeats", str(repeats)])
+            command = launcher(count, [__file__, "--worker", str(output), "--method", method,
+                                       "--repeats", str(repeats), "--engine", engine])
             subprocess.run(command, check=True, timeout=600)
             points.extend(json.loads(output.read_text()))
     return points
@@ -106,14 +106,16 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--method", choices=["alltoallv", "pairwise"], default="alltoallv")
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--worker", metavar="OUTPUT_JSON", help="(internal) run as one rank of an mpirun job")
+    parser.add_argument("--engine", choices=["mpi", "torch"], default="mpi",
+                        help="launch with mpirun (MPI) or torchrun (torch.distributed)")
+    parser.add_argument("--worker", metavar="OUTPUT_JSON", help="(internal) run as one rank of a launched job")
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.method, args.repeats)
+        worker(args.worker, args.method, args.repeats, args.engine)
         return
-    points = launch(args.ranks, args.method, args.repeats)
+    points = launch(args.ranks, args.method, args.repeats, args.engine)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"python {platform.python_version()}, torch {torch.__version__}")
+          f"python {platform.python_version()}, torch {torch.__version__}, engine {args.engine}")
     print(report(points, args.method))
 
 

@@ -2,6 +2,7 @@
 
     python bench/bench_scaling.py                        # launches mpirun -n 1, 2, 4, 8 itself
     python bench/bench_scaling.py --ranks 1 2 --steps 30 --exchange pairwise
+    python bench/bench_scaling.py --engine torch         # torchrun instead (torch.distributed, gloo on CPU)
     mpirun -n 4 python bench/bench_scaling.py --worker out.json     # one world size by hand
 
 *Strong scaling*: the default model of ``fastmoe_edu.train`` with a fixed global batch
@@ -10,9 +11,10 @@ divides it; P ranks each take batch_size / P sequences and 8 / P experts. One st
 the training loop does: forward, backward, gradient all-reduce, global-norm clipping, AdamW step.
 
 Reported per world size: tokens/s (global tokens per step / median step time), and the time inside
-MPI calls, from the communication layer's own counters (``layout.stats``): per collective, mean
-over ranks, as a share of the step. The time inside a collective includes waiting for the slowest
-rank, so on an oversubscribed machine (more ranks than cores) it mostly measures waiting.
+MPI calls (torch.distributed ones with ``--engine torch``), from the communication layer's own
+counters (``layout.stats``): per collective, mean over ranks, as a share of the step. The time
+inside a collective includes waiting for the slowest rank, so on an oversubscribed machine (more
+ranks than cores) it mostly measures waiting.
 """
 from __future__ import annotations
 
@@ -29,18 +31,16 @@ import numpy as np
 import torch
 
 
-def worker(output: str, steps: int, warmup: int, backend: str, exchange: str | None) -> None:
-    from mpi4py import MPI
-
+def worker(output: str, steps: int, warmup: int, backend: str, exchange: str, engine: str) -> None:
     from fastmoe_edu.config import TrainConfig
     from fastmoe_edu.data import batch_rng, get_dataset
-    from fastmoe_edu.distributed import (ParallelLayout, abort_on_exception, allreduce_gradients,
-                                         broadcast_parameters, clip_grad_norm_, make_expert_parallel)
+    from fastmoe_edu.distributed import (ParallelLayout, abort_on_exception, allreduce_gradients, clip_grad_norm_,
+                                         open_world, parallelize)
     from fastmoe_edu.backends import set_cpu_threads
     from fastmoe_edu.model import build_model
 
-    abort_on_exception()
-    layout = ParallelLayout()
+    layout = ParallelLayout(open_world(engine))
+    abort_on_exception(layout.world.engine)
     set_cpu_threads(max(1, (os.cpu_count() or 1) // layout.ranks_on_this_node), backend)
     cfg = TrainConfig(num_experts=8, backend=backend)
     per_rank = layout.check_batch_size(cfg.batch_size)
@@ -50,15 +50,14 @@ def worker(output: str, steps: int, warmup: int, backend: str, exchange: str | N
     model = build_model(cfg, dataset.vocab_size)
     distributed = layout.world_size > 1
     if distributed:
-        make_expert_parallel(model, layout, exchange=exchange)
-        broadcast_parameters(model, layout)
+        parallelize(model, layout, exchange=exchange)     # local experts; replicated weights from rank 0
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     mine = slice(layout.data_rank * per_rank, (layout.data_rank + 1) * per_rank)
 
     step_seconds, comm_seconds, per_collective = [], [], {}
     for step in range(warmup + steps):
         x, y, _ = dataset.sample_batch("train", cfg.batch_size, cfg.seq_len, batch_rng(cfg.seed, "train", step))
-        layout.world.comm.Barrier()                       # every rank starts the step together
+        layout.world.barrier()                            # every rank starts the step together
         layout.stats.reset()
         start = time.perf_counter()
         _, loss = model(x[mine], y[mine])
@@ -73,12 +72,17 @@ def worker(output: str, steps: int, warmup: int, backend: str, exchange: str | N
         model.update_router_biases()
         elapsed = time.perf_counter() - start
         if step >= warmup:
-            step_seconds.append(layout.world.comm.allreduce(elapsed, op=MPI.MAX))     # the step ends with the slowest
-            comm_seconds.append(layout.world.comm.allreduce(layout.stats.total_seconds(), op=MPI.SUM)
-                                / layout.world_size)
-            for key, counter in layout.stats.counters.items():
-                mean = layout.world.comm.allreduce(counter.seconds, op=MPI.SUM) / layout.world_size
-                per_collective.setdefault(key, []).append((mean, counter.bytes_sent, counter.calls))
+            # This step's counters, read before the all-reduces below add their own.
+            counters = layout.stats.as_dict()
+            keys = sorted(counters)                       # the same collectives, in the same order, on every rank
+            seconds = torch.tensor([layout.stats.total_seconds()] + [counters[k]["seconds"] for k in keys],
+                                   dtype=torch.float64)
+            layout.world.allreduce_(seconds, average=True)                   # mean over ranks
+            slowest = layout.world.allreduce_(torch.tensor([elapsed], dtype=torch.float64), op="max").item()
+            step_seconds.append(slowest)                  # the step ends with the slowest rank
+            comm_seconds.append(seconds[0].item())
+            for key, mean in zip(keys, seconds[1:].tolist()):
+                per_collective.setdefault(key, []).append((mean, counters[key]["bytes_sent"], counters[key]["calls"]))
     if layout.is_main:
         step_time = float(np.median(step_seconds))
         result = {
@@ -90,22 +94,23 @@ def worker(output: str, steps: int, warmup: int, backend: str, exchange: str | N
                             for key, values in sorted(per_collective.items())},
             "config": {"batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "num_experts": cfg.num_experts,
                        "d_model": cfg.d_model, "n_layer": cfg.n_layer, "top_k": cfg.top_k, "backend": backend,
-                       "exchange": None if not distributed else model.moe_layers()[0].expert_parallel.exchange,
-                       "threads_per_rank": torch.get_num_threads()},
+                       "exchange": repr(model.moe_layers()[0].expert_runner.exchange) if distributed else None,
+                       "engine": layout.world.engine, "threads_per_rank": torch.get_num_threads()},
         }
         Path(output).write_text(json.dumps(result))
 
 
-def launch(ranks: list[int], steps: int, warmup: int, backend: str, exchange: str | None) -> list[dict]:
-    from fastmoe_edu.distributed import mpirun_command
+def launch(ranks: list[int], steps: int, warmup: int, backend: str, exchange: str, engine: str) -> list[dict]:
+    from fastmoe_edu.distributed import mpirun_command, torchrun_command
 
+    launcher = mpirun_command if engine == "mpi" else torchrun_command
     results = []
     with tempfile.TemporaryDirectory() as folder:
         for count in ranks:
             output = Path(folder) / f"scaling_{count}.json"
             args = [__file__, "--worker", str(output), "--steps", str(steps), "--warmup", str(warmup),
-                    "--backend", backend] + (["--exchange", exchange] if exchange else [])
-            subprocess.run(mpirun_command(count, args), check=True, timeout=900)
+                    "--backend", backend, "--exchange", exchange, "--engine", engine]
+            subprocess.run(launcher(count, args), check=True, timeout=900)
             results.append(json.loads(output.read_text()))
     return results
 
@@ -114,10 +119,11 @@ def report(results: list[dict]) -> str:
     base = results[0]["tokens_per_second"]
     cfg = results[0]["config"]
     exchange = next((r["config"]["exchange"] for r in results if r["config"]["exchange"]), "-")
+    engine = "MPI" if cfg["engine"] == "mpi" else "torch.distributed"
     lines = [f"#### Training throughput (strong scaling, global batch {cfg['batch_size']}×{cfg['seq_len']} tokens, "
              f"{cfg['num_experts']} experts, {cfg['n_layer']} MoE layers, d_model {cfg['d_model']}, "
              f"backend `{cfg['backend']}`, exchange `{exchange}`)", "",
-             "| ranks | threads/rank | step (ms) | tokens/s | speedup | in MPI (share of step) | "
+             f"| ranks | threads/rank | step (ms) | tokens/s | speedup | in {engine} (share of step) | "
              "token all-to-all (ms) | gradient all-reduce (ms) | other collectives (ms) |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
@@ -138,15 +144,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per world size")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--backend", default="reference")
-    parser.add_argument("--exchange", choices=["alltoallv", "pairwise"], default=None,
-                        help="default: the layer's choice (pairwise for the reference backend)")
-    parser.add_argument("--worker", metavar="OUTPUT_JSON", help="(internal) run as one rank of an mpirun job")
+    parser.add_argument("--exchange", choices=["auto", "alltoallv", "pairwise"], default="auto",
+                        help="the token exchange of parallelize(); auto = alltoallv")
+    parser.add_argument("--engine", choices=["mpi", "torch"], default="mpi",
+                        help="launch with mpirun (MPI) or torchrun (torch.distributed)")
+    parser.add_argument("--worker", metavar="OUTPUT_JSON", help="(internal) run as one rank of a launched job")
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.steps, args.warmup, args.backend, args.exchange)
+        worker(args.worker, args.steps, args.warmup, args.backend, args.exchange, args.engine)
         return
-    results = launch(args.ranks, args.steps, args.warmup, args.backend, args.exchange)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
+    results = launch(args.ranks, args.steps, args.warmup, args.backend, args.exchange, args.engine)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, engine {args.engine}")
     print(report(results))
 
 

@@ -16,7 +16,7 @@ Values are converted with the field's type (``--lr=1e-3`` is a float, ``--resume
 command line, is an error that lists the allowed keys; ``validate()`` checks every value's range
 before any work starts, so a typo fails in a second instead of after a long run.
 
-To add a setting (e.g. for MPI runs), add a field with ``_field(default, section, help, ...)``:
+To add a setting, add a field with ``_field(default, section, help, ...)``:
 parsing, ``--help``, TOML loading and range checks all follow from the declaration.
 """
 from __future__ import annotations
@@ -71,7 +71,7 @@ class TrainConfig:
     n_head: int = _field(4, "model", "attention heads per block (must divide d_model)", minimum=1)
     d_model: int = _field(64, "model", "width of the residual stream", minimum=1)
     d_hidden: int = _field(128, "model", "hidden width of each expert (and of dense MLPs)", minimum=1)
-    num_experts: int = _field(8, "model", "experts per MoE layer (a multiple of the number of MPI ranks; "
+    num_experts: int = _field(8, "model", "experts per MoE layer (a multiple of the expert-parallel degree ep; "
                               "8 runs on 1, 2, 4 or 8 ranks)", minimum=1)
     top_k: int = _field(2, "model", "experts each token is sent to (switch needs 1, gshard 2)", minimum=1)
     router: str = _field("softmax_top_k", "model", "routing algorithm of every MoE layer", choices=tuple(ROUTERS))

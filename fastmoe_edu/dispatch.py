@@ -2,7 +2,7 @@
 
 A router has decided, for every token t and each of its k slots s, an expert id ``expert_ids[t, s]``
 (-1 = the assignment was dropped) and a weight ``weights[t, s]``. This file moves the token rows to
-their experts and back, in the steps of REFERENCE §2:
+their experts and back, in the steps of FastMoE (He et al. 2021; docs/moe_systems.md §2):
 
     prune_capacity          drop assignments past an expert's capacity C          (routers with cf)
     count_tokens_per_expert count[e]  = #{(t, s) : expert_ids[t, s] = e}           (a histogram)
