@@ -9,7 +9,7 @@ the contention of P ranks sharing this machine's cores:
 
 1. α, β: the all-to-all-v of equal rows to every peer at 6 sizes (slowest rank, best of 5);
 2. the compute rate of one rank: a float32 matmul timed while all P ranks run it (best of 3);
-3. training steps of a small TED model (forward, backward, TED gradient all-reduce) for every
+3. training steps of a small TED model (forward, backward, gradient all-reduce) for every
    layout tp × ep × dp = P, with and without duplicate token dropping: step time (slowest rank,
    best of 5 after 2 warm-ups) and the routing load imbalance (rows of the busiest expert-rank / mean).
 
@@ -68,32 +68,29 @@ def layouts_for(world: int) -> list[tuple[int, int, int, bool, int]]:
 # One launch
 # ----------------------------------------------------------------------------------------------------
 def worker(output: str) -> None:
-    from mpi4py import MPI
-
-    from fastmoe_edu.distributed import ParallelLayout, abort_on_exception
-    from fastmoe_edu.distributed.ted import allreduce_ted_gradients, make_ted
+    from fastmoe_edu.distributed import (ParallelLayout, abort_on_exception, allreduce_gradients, open_world,
+                                         parallelize)
     from fastmoe_edu.layer import MoELayer
     from fastmoe_edu.model import ModelConfig, MoETransformer
 
-    abort_on_exception()
+    world = open_world()                      # once: every layout below is a split of this communicator
+    abort_on_exception(world.engine)
     torch.set_num_threads(1)
-    world = MPI.COMM_WORLD
-    P, rank = world.Get_size(), world.Get_rank()
+    P, rank = world.size, world.rank
 
     def slowest(seconds: float) -> float:
-        return world.allreduce(seconds, op=MPI.MAX)
+        return world.allreduce_(torch.tensor([seconds], dtype=torch.float64), op="max").item()
 
     # 1. α, β
     alltoall = []
     if P > 1:
-        layout = ParallelLayout()
         for per_peer in BYTES_PER_PEER:
             rows = torch.randn(P, per_peer // 4)
             times = []
             for attempt in range(7):
-                world.Barrier()
+                world.barrier()
                 start = time.perf_counter()
-                layout.world.alltoallv(rows, [1] * P, [1] * P, "alltoallv")
+                world.alltoallv(rows, [1] * P, [1] * P, "alltoallv")
                 if attempt >= 2:
                     times.append(slowest(time.perf_counter() - start))
             alltoall.append({"ranks": P, "bytes_per_rank": per_peer * (P - 1), "seconds": min(times)})
@@ -102,7 +99,7 @@ def worker(output: str) -> None:
     a, w = torch.randn(256, 256), torch.randn(256, 256)
     best = float("inf")
     for _ in range(3):
-        world.Barrier()
+        world.barrier()
         start = time.perf_counter()
         for _ in range(40):
             a @ w
@@ -112,20 +109,20 @@ def worker(output: str) -> None:
     # 3. TED training steps
     steps = []
     for tp, ep, dp, drop, batch in layouts_for(P):
-        layout = ParallelLayout(tensor_parallel=tp, expert_parallel=ep, expert_replicas=dp)
+        layout = ParallelLayout(world, tp=tp, ep=ep, dp=dp)
         torch.manual_seed(0)
         model = MoETransformer(ModelConfig(**MODEL))
-        make_ted(model, layout, drop_duplicate_tokens=drop, exchange="alltoallv")
+        parallelize(model, layout, exchange="alltoallv", drop_duplicate_tokens=drop)
         shard = batch // (ep * dp)
         x = torch.randint(0, MODEL["vocab_size"], (shard, MODEL["seq_len"]))
         times, imbalance = [], []
         for step in range(WARMUP + STEPS):
-            world.Barrier()
+            world.barrier()
             start = time.perf_counter()
             model.zero_grad(set_to_none=True)
             _, loss = model(x, x)
             loss.backward()
-            allreduce_ted_gradients(model, layout)
+            allreduce_gradients(model, layout)
             elapsed = slowest(time.perf_counter() - start)
             if step >= WARMUP:
                 times.append(elapsed)

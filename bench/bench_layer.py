@@ -65,7 +65,7 @@ def torch_grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, counts: torch
 
 def torch_sort_forward(layer: MoELayer, tokens: torch.Tensor) -> torch.Tensor:
     """The torch-only layer: routing by the layer's own gate, dispatch by a stable argsort."""
-    route, _ = layer.gate(tokens)
+    route, _ = layer.router(tokens)
     flat_ids = route.expert_ids.reshape(-1)                                        # [T·k], dropless
     order = torch.argsort(flat_ids, stable=True)                                   # buffer row -> assignment
     counts = torch.bincount(flat_ids, minlength=layer.num_experts)
@@ -78,7 +78,7 @@ def torch_sort_forward(layer: MoELayer, tokens: torch.Tensor) -> torch.Tensor:
 
 def reference_dispatch_forward(layer: MoELayer, tokens: torch.Tensor) -> torch.Tensor:
     """MoELayer.forward's steps with the reference's functions, except the grouped GEMM (numba's)."""
-    route, _ = layer.gate(tokens)
+    route, _ = layer.router(tokens)
     expert_ids = reference.prune_capacity(route.expert_ids, layer.num_experts, route.capacity)
     weights = route.weights * (expert_ids >= 0)
     counts = reference.count_tokens_per_expert(expert_ids, layer.num_experts)
@@ -90,7 +90,7 @@ def reference_dispatch_forward(layer: MoELayer, tokens: torch.Tensor) -> torch.T
 
 def per_token_loop_forward(layer: MoELayer, tokens: torch.Tensor) -> torch.Tensor:
     """Brute force: every token through its experts one by one, in Python."""
-    route, _ = layer.gate(tokens)
+    route, _ = layer.router(tokens)
     experts = layer.experts
     # unbind once, so each expert's weight is its own autograd leaf-view (no full-size gradient per use)
     w1, w2 = experts.w1.unbind(0), experts.w2.unbind(0)
@@ -159,7 +159,7 @@ def best_of_round_robin(steps: dict, repeats: int) -> dict:
 def dispatched_buffer(layer: MoELayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The expert-sorted buffer and per-expert counts that this input is dispatched to."""
     with torch.no_grad():
-        route, _ = layer.gate(x)
+        route, _ = layer.router(x)
         counts = numba_backend.count_tokens_per_expert(route.expert_ids, layer.num_experts)
         rows = numba_backend.stable_positions(route.expert_ids, numba_backend.exclusive_prefix_sum(counts))
         return numba_backend.scatter_rows(x, rows, int(counts.sum())), counts

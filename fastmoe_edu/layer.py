@@ -90,7 +90,7 @@ class MoELayer(nn.Module):
         check_backend_name(backend)
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.router_name, self.backend_name = router, backend
-        self.gate = build_router(router, d_model, num_experts, top_k, capacity_factor, **router_options)
+        self.router = build_router(router, d_model, num_experts, top_k, capacity_factor, **router_options)
         self.experts = Experts(num_experts, d_model, d_hidden, expert, bias)
         self.aux_loss = torch.zeros(())
         self.last_routing: RoutingRecord | None = None
@@ -102,10 +102,10 @@ class MoELayer(nn.Module):
             raise ValueError(f"input's last dimension is {x.shape[-1]}, expected d_model={self.d_model}")
         tokens = x.reshape(-1, self.d_model)                                       # [T, d]
         backend = get_backend(self.backend_name, tokens.device)
-        self.gate.backend = backend
+        self.router.backend = backend
 
-        # 1. Gate: k expert ids and k weights per token; the aux loss of the whole batch (routers.py).
-        route, self.aux_loss = self.gate(tokens, self.reduce)
+        # 1. Route: k expert ids and k weights per token; the aux loss of the whole batch (routers.py).
+        route, self.aux_loss = self.router(tokens, self.reduce)
         # Capacity: the most rows one expert takes; assignments past it are dropped (id -1).
         expert_ids = backend.prune_capacity(route.expert_ids, self.num_experts, route.capacity)
         weights = route.weights * (expert_ids >= 0)                                # dropped -> weight 0
@@ -130,7 +130,7 @@ class MoELayer(nn.Module):
 
         ``load`` defaults to the last forward's tokens per expert, summed over all ranks by ``reduce``.
         """
-        self.gate.update_bias(load, self.reduce)
+        self.router.update_bias(load, self.reduce)
 
     @staticmethod
     def _record(route, expert_ids, weights, counts) -> RoutingRecord:

@@ -225,7 +225,7 @@ class MoETransformer(nn.Module):
 def is_expert_parameter(name: str) -> bool:
     """True for parameter names under a MoE layer's experts, e.g. ``blocks.0.ffn.experts.w1``.
 
-    Everything else (the router ``...ffn.gate.weight`` included) is replicated on every rank.
+    Everything else (the router ``...ffn.router.weight`` included) is replicated on every rank.
     """
     return ".experts." in f".{name}"
 

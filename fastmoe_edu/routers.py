@@ -136,7 +136,7 @@ class RouterOutput:
 
 
 class Router(nn.Module):
-    """Common part: the gate weight W [E, d_model], capacity, loss weights, the bias-update hook."""
+    """Common part: the router weight W [E, d_model], capacity, loss weights, the bias-update hook."""
 
     #: k the router requires (Switch: 1, GShard: 2), or None if any 1 <= k <= E works.
     required_top_k: int | None = None
@@ -388,7 +388,7 @@ class XMoERouter(Router):
 
         score[t, e] = cos(P x_t, P w_e) / τ,  p = softmax(score),  top-k
     P [routing_dim, d_model] projects to a low dimension, τ is a learnable temperature. The expert
-    embeddings are stored in model space (``weight`` [E, d_model], the common gate contract) and share
+    embeddings are stored in model space (``weight`` [E, d_model], the common router contract) and share
     the projection P; any low-dimensional embedding the paper learns is reachable this way.
     """
 

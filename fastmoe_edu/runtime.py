@@ -10,12 +10,12 @@ The loop in train.py calls the same methods whatever the launch, so it has no "i
     runtime.save(...), runtime.load(...)               the checkpoint (checkpoint.py)
     runtime.is_main                     the one rank that prints and writes shared files
 
-:class:`SingleProcess` is the plain implementation: all of these are the identity or torch's own.
-``fastmoe_edu.distributed.runtime.ParallelRuntime`` is the other; :func:`start_runtime` picks one from
+:class:`Runtime` is the one-process implementation: all of these are the identity or torch's own.
+``fastmoe_edu.distributed.runtime.ParallelRuntime`` overrides them; :func:`start_runtime` picks one from
 the launcher's environment (``engine`` key) and imports the parallel code — and an engine — only
 when the job has more than one process:
 
-    python -m fastmoe_edu.train                          SingleProcess (no mpi4py, no process group)
+    python -m fastmoe_edu.train                          Runtime (no mpi4py, no process group)
     mpirun -n 4 python -m fastmoe_edu.train              ParallelRuntime over MPI
     torchrun --nproc-per-node=4 -m fastmoe_edu.train     ParallelRuntime over torch.distributed
 """
@@ -30,25 +30,18 @@ from .distributed.layout import split_world
 
 
 class Runtime:
-    """The methods every runtime shares (checkpoints); subclasses provide the rest (see the module docstring)."""
+    """The runtime of one process: it holds the whole model and reads the whole batch, so every method
+    is the identity or torch's own.
 
-    rank: int = 0
-    world_size: int = 1
+    ``ParallelRuntime`` subclasses it and overrides all but :meth:`save` and :meth:`load`.
+    """
+
+    rank, world_size = 0, 1
 
     @property
     def is_main(self) -> bool:
         """Only the main process prints, writes the history and the shared checkpoint file."""
         return self.rank == 0
-
-    def save(self, out_dir, model: nn.Module, optimizer, shared: dict):
-        return save_checkpoint(out_dir, model, optimizer, shared, self)
-
-    def load(self, out_dir, model: nn.Module, optimizer) -> dict:
-        return load_checkpoint(out_dir, model, optimizer, self)
-
-
-class SingleProcess(Runtime):
-    """One process holds the whole model and reads the whole batch."""
 
     def shard_model(self, model: nn.Module) -> nn.Module:
         return model
@@ -73,6 +66,13 @@ class SingleProcess(Runtime):
 
     def any(self, flag: bool) -> bool:
         return bool(flag)
+
+    # -- checkpoints: one writer (checkpoint.py) asks the runtime who holds what -----------------
+    def save(self, out_dir, model: nn.Module, optimizer, shared: dict):
+        return save_checkpoint(out_dir, model, optimizer, shared, self)
+
+    def load(self, out_dir, model: nn.Module, optimizer) -> dict:
+        return load_checkpoint(out_dir, model, optimizer, self)
 
     def per_rank_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return []
@@ -104,7 +104,7 @@ def start_runtime(cfg) -> Runtime:
     engine = resolve_engine(cfg.engine)
     if engine is None:
         layout_sizes(cfg, 1)         # --tp=2 without a launcher: a clear error rather than a silent no-op
-        return SingleProcess()
+        return Runtime()
     layout_sizes(cfg, launch_world_size())
     from .distributed.runtime import ParallelRuntime
     return ParallelRuntime(cfg, engine)

@@ -56,7 +56,7 @@ from .config import TrainConfig, format_config, parse_args, to_toml
 from .data import batch_rng, get_dataset
 from .distributed.engines import launch_rank
 from .model import MoETransformer, build_model
-from .runtime import Runtime, SingleProcess, start_runtime
+from .runtime import Runtime, start_runtime
 
 HISTORY_NAME = "history.json"
 
@@ -149,7 +149,7 @@ def estimate_val_loss(model: MoETransformer, dataset, cfg: TrainConfig, device,
 
     With several ranks every rank evaluates its slice of each val batch and the sums are added up.
     """
-    rt = rt or SingleProcess()
+    rt = rt or Runtime()
     model.eval()
     total = torch.zeros(len(dataset.language_names))
     count = torch.zeros(len(dataset.language_names))

@@ -75,7 +75,7 @@ def make_layer(router, expert, dtype, backend, device, sizes, capacity_factor=No
             if ".b" in name:                                  # non-zero expert biases
                 param.normal_()
         if router == "sigmoid":                               # a non-trivial selection bias
-            layer.gate.bias.copy_(torch.randn(num_experts, dtype=dtype, device=device) * 0.1)
+            layer.router.bias.copy_(torch.randn(num_experts, dtype=dtype, device=device) * 0.1)
     return layer
 
 

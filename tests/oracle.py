@@ -37,7 +37,7 @@ def _expert(layer, expert: int, row: torch.Tensor) -> torch.Tensor:
 def route_token_by_token(layer, x: torch.Tensor, draws: dict):
     """Per-token routing decisions: a list over tokens of [(expert, weight), ...] in slot order,
     with ``None`` for an assignment switched off before capacity; plus the oracle's balance loss."""
-    gate, name = layer.gate, layer.router_name
+    router, name = layer.router, layer.router_name
     num_tokens, num_experts, top_k = x.shape[0], layer.num_experts, layer.top_k
     decisions, all_probs = [], []
     for t in range(num_tokens):
@@ -45,17 +45,17 @@ def route_token_by_token(layer, x: torch.Tensor, draws: dict):
         if name == "switch" and "jitter" in draws:
             row = row * draws["jitter"][t]
         if name == "xmoe":
-            token = F.normalize(gate.projection.weight @ row, dim=0)
-            logits = torch.stack([token @ F.normalize(gate.projection.weight @ gate.weight[e], dim=0)
-                                  for e in range(num_experts)]) / gate.temperature.clamp(min=1e-2)
+            token = F.normalize(router.projection.weight @ row, dim=0)
+            logits = torch.stack([token @ F.normalize(router.projection.weight @ router.weight[e], dim=0)
+                                  for e in range(num_experts)]) / router.temperature.clamp(min=1e-2)
         else:
-            logits = torch.stack([gate.weight[e] @ row for e in range(num_experts)])
+            logits = torch.stack([router.weight[e] @ row for e in range(num_experts)])
         probs = torch.softmax(logits, dim=0)
         all_probs.append(probs)
         values = probs.tolist()
         if name in ("softmax_top_k", "xmoe"):
             chosen = _top(values, top_k)
-            weights = probs[chosen] / (probs[chosen].sum() if gate.renormalize else 1.0)
+            weights = probs[chosen] / (probs[chosen].sum() if router.renormalize else 1.0)
             decisions.append(list(zip(chosen, weights)))
         elif name == "switch":
             best = _top(values, 1)[0]
@@ -70,30 +70,30 @@ def route_token_by_token(layer, x: torch.Tensor, draws: dict):
         elif name == "noisy_top_k":
             scores = logits
             if "noise" in draws:
-                noise_std = F.softplus(torch.stack([gate.noise_weight[e] @ row for e in range(num_experts)]))
-                scores = logits + draws["noise"][t] * (noise_std + gate.noise_epsilon)
+                noise_std = F.softplus(torch.stack([router.noise_weight[e] @ row for e in range(num_experts)]))
+                scores = logits + draws["noise"][t] * (noise_std + router.noise_epsilon)
             chosen = _top(scores.tolist(), top_k)
             weights = torch.softmax(scores[chosen], dim=0)
             decisions.append(list(zip(chosen, weights)))
         elif name == "sigmoid":
             sig = torch.sigmoid(logits)
-            selection = (sig + gate.bias).tolist()
+            selection = (sig + router.bias).tolist()
             allowed = list(range(num_experts))
-            if gate.num_groups is not None:
-                size = num_experts // gate.num_groups
+            if router.num_groups is not None:
+                size = num_experts // router.num_groups
                 group_scores = [sum(sorted(selection[g * size:(g + 1) * size], reverse=True)[:2])
-                                for g in range(gate.num_groups)]
-                best_groups = _top(group_scores, gate.top_k_groups)
+                                for g in range(router.num_groups)]
+                best_groups = _top(group_scores, router.top_k_groups)
                 allowed = [e for e in allowed if e // size in best_groups]
             chosen = sorted(allowed, key=lambda e: -selection[e])[:top_k]
-            weights = sig[chosen] / sig[chosen].sum() * gate.route_scale
+            weights = sig[chosen] / sig[chosen].sum() * router.route_scale
             decisions.append(list(zip(chosen, weights)))
         elif name == "expert_choice":
             decisions.append(None)  # filled below: experts choose tokens
         else:
             raise KeyError(name)
     if name == "expert_choice":
-        factor = layer.gate.capacity_factor or top_k
+        factor = layer.router.capacity_factor or top_k
         per_expert = min(num_tokens, math.ceil(factor * num_tokens / num_experts))
         decisions = [[(None, torch.zeros((), dtype=x.dtype))] * num_experts for _ in range(num_tokens)]
         for e in range(num_experts):
@@ -124,8 +124,8 @@ def oracle_forward(layer, x: torch.Tensor, draws: dict) -> torch.Tensor:
     """y[t] = Σ_s w[t, s] · expert_{e[t, s]}(x[t]), every step a Python loop."""
     decisions, _ = route_token_by_token(layer, x, draws)
     capacity = None
-    if layer.gate.capacity_factor is not None and layer.router_name != "expert_choice":
-        capacity = math.ceil(layer.gate.capacity_factor * layer.top_k * x.shape[0] / layer.num_experts)
+    if layer.router.capacity_factor is not None and layer.router_name != "expert_choice":
+        capacity = math.ceil(layer.router.capacity_factor * layer.top_k * x.shape[0] / layer.num_experts)
     decisions = apply_capacity(decisions, layer.num_experts, capacity)
     outputs = []
     for t, choices in enumerate(decisions):

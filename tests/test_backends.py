@@ -192,7 +192,7 @@ def test_registered_backend_is_used(register):
     assert get_backend("fake", "cpu") is fake
     layer = MoELayer(8, 16, 4, backend="fake")
     layer(torch.randn(5, 8)).sum().backward()
-    assert layer.gate.backend is fake
+    assert layer.router.backend is fake
     register(_fake_backend("off", available=False))
     with pytest.raises(RuntimeError, match="backend='off' cannot run on device cpu: off is switched off"):
         get_backend("off", "cpu")

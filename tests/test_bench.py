@@ -36,3 +36,29 @@ def test_bench_rejects_a_bad_device():
     result = subprocess.run([sys.executable, str(BENCH / "bench_layer.py"), "--device", "tpu"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "'tpu': allowed are cpu and cuda[:N]" in result.stderr
+
+
+# The parallel benchmarks launch mpirun / torchrun themselves (2 ranks at most here).
+@pytest.mark.mpi
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["mpi", "torch"])
+def test_bench_alltoall_fits_alpha_beta(engine):
+    out = run_script("bench_alltoall.py", "--ranks", "2", "--repeats", "1", "--method", "pairwise", "--engine", engine)
+    assert f"engine {engine}" in out and "All-to-all (`pairwise`)" in out
+    assert "| all points |" in out and "| P = 2 only |" in out
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_bench_scaling_prints_throughput():
+    out = run_script("bench_scaling.py", "--ranks", "1", "2", "--steps", "1", "--warmup", "0")
+    assert "exchange `alltoallv`" in out and "in MPI (share of step)" in out
+    assert "\n| 1 | " in out and "\n| 2 | " in out
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_bench_cost_model_calibrates_and_extrapolates():
+    out = run_script("bench_cost_model.py", "--ranks", "1", "2")
+    assert "## Calibration on this machine" in out and "## Extrapolation" in out
+    assert "| 2 | 2 | 1 | 1 | off | 16 |" in out                 # the tp=2 layout of 2 ranks ran

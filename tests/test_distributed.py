@@ -197,7 +197,7 @@ def test_expert_parallel_layer_equals_one_process(engine, num_ranks, backend, mp
             assert errors == {"output": 0.0, "input_grad": 0.0}, name
             continue
         checked = {key: value for key, value in errors.items() if not key.startswith(("scale:", "num_"))}
-        assert {"output", "input_grad", "aux_loss", "grad:gate.weight", "grad:experts.w1"} <= checked.keys()
+        assert {"output", "input_grad", "aux_loss", "grad:router.weight", "grad:experts.w1"} <= checked.keys()
         for quantity, error in checked.items():
             assert error < TOLERANCE, f"{name}: {quantity} differs by {error:.3e}"
 

@@ -32,7 +32,7 @@ def make_layer(router, expert="swiglu", capacity_factor=None, bias=False, dtype=
                 if ".b" in name:
                     param.normal_()
     if router == "sigmoid":  # a non-trivial selection bias
-        layer.gate.bias.copy_(torch.randn(NUM_EXPERTS, dtype=dtype) * 0.1)
+        layer.router.bias.copy_(torch.randn(NUM_EXPERTS, dtype=dtype) * 0.1)
     return layer
 
 
@@ -98,7 +98,7 @@ def test_gradcheck_float64(router):
     # in float64 have truncation error ~eps² and rounding ~1e-16/eps, far below atol).
     assert torch.autograd.gradcheck(run, inputs, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
     # The full Jacobian with respect to the input and the gate weight (few entries, so affordable).
-    gate_index = 1 + list(names).index("gate.weight")
+    gate_index = 1 + list(names).index("router.weight")
 
     def run_input_and_gate(x, gate_weight):
         values = list(inputs[1:])
@@ -118,7 +118,7 @@ def test_any_leading_shape():
 
 def test_public_contract_shapes():
     layer = MoELayer(16, 24, 6)
-    assert layer.gate.weight.shape == (6, 16)
+    assert layer.router.weight.shape == (6, 16)
     assert layer.experts.w1.shape == (6, 24, 16)
     assert layer.experts.w2.shape == (6, 16, 24)
     assert layer.experts.w3.shape == (6, 24, 16)

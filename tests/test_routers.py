@@ -84,22 +84,22 @@ def test_sigmoid_bias_moves_toward_balance():
     torch.manual_seed(0)
     layer = MoELayer(8, 8, 4, top_k=1, router="sigmoid", bias_update_rate=0.05)
     with torch.no_grad():
-        layer.gate.weight[0] += 2.0  # expert 0 wins nearly every token
+        layer.router.weight[0] += 2.0  # expert 0 wins nearly every token
     x = torch.randn(256, 8).abs()
     layer(x)
     first_max = int(layer.last_routing.tokens_per_expert.max())
     for _ in range(60):
         layer(x)
         layer.update_router_bias()
-    assert layer.gate.bias[0] < 0, "the overloaded expert's bias must fall"
+    assert layer.router.bias[0] < 0, "the overloaded expert's bias must fall"
     assert int(layer.last_routing.tokens_per_expert.max()) < first_max * 0.6
-    assert not layer.gate.bias.requires_grad  # b is not trained by gradients
+    assert not layer.router.bias.requires_grad  # b is not trained by gradients
 
 
 def test_sigmoid_bias_update_rule_by_hand():
     layer = MoELayer(4, 4, 4, top_k=1, router="sigmoid", bias_update_rate=0.1)
     layer.update_router_bias(torch.tensor([4.0, 0.0, 2.0, 2.0]))   # mean 2
-    assert layer.gate.bias.tolist() == pytest.approx([-0.1, 0.1, 0.0, 0.0])
+    assert layer.router.bias.tolist() == pytest.approx([-0.1, 0.1, 0.0, 0.0])
 
 
 def test_switch_balance_loss_by_hand():
@@ -152,7 +152,7 @@ def test_z_loss_weight_enters_aux_loss():
     with_z.load_state_dict(base.state_dict())
     base(x), with_z(x)
     assert float(base.aux_loss.detach()) == 0.0
-    assert float(with_z.aux_loss.detach()) == pytest.approx(0.5 * float(router_z_loss(x @ base.gate.weight.t()).detach()), rel=1e-6)
+    assert float(with_z.aux_loss.detach()) == pytest.approx(0.5 * float(router_z_loss(x @ base.router.weight.t()).detach()), rel=1e-6)
 
 
 def test_noisy_top_k_balance_loss_eval_uses_counts():
@@ -180,3 +180,41 @@ def test_noisy_top_k_smooth_load_is_expected_count():
     normal = torch.distributions.Normal(0.0, 1.0)
     expected = sum(normal.cdf((clean[t, 0] - torch.cat([noisy[t, 1:]]).max()) / std[t, 0]) for t in range(5))
     assert float(smooth[0].detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The reducer seam: balance losses are global-batch quantities built from sums passed through `reduce`
+# ----------------------------------------------------------------------------------------------------
+ROUTER_K = {"softmax_top_k": 2, "noisy_top_k": 2, "switch": 1, "gshard": 2, "expert_choice": 2, "sigmoid": 2,
+            "xmoe": 2}
+
+
+@pytest.mark.parametrize("router", sorted(ROUTER_K))
+def test_balance_and_z_loss_go_through_reduce(router):
+    """Two ranks holding the same tokens (reduce = ×2) must report the loss of the doubled batch.
+
+    Every sum over tokens a router uses must pass through ``reduce``: a local sum left out would make
+    the two sides differ. Evaluation mode: no random draws, so both sides route identically.
+    """
+    torch.manual_seed(0)
+    layer = MoELayer(8, 12, 4, top_k=ROUTER_K[router], router=router, z_loss_weight=0.1,
+                     balance_loss_weight=1.0).double().eval()
+    x = torch.randn(10, 8, dtype=torch.float64)
+    layer(torch.cat([x, x]))
+    doubled_batch = layer.aux_loss.detach()
+    layer.reduce = lambda tensor: 2 * tensor        # the sum over two ranks that hold the same tokens
+    layer(x)
+    torch.testing.assert_close(layer.aux_loss.detach(), doubled_batch, rtol=1e-12, atol=1e-14)
+
+
+def test_a_router_without_balance_loss_fails_loudly():
+    from fastmoe_edu.routers import Router, RouterOutput
+
+    class Uniform(Router):                          # a new router that forgot its balance_loss method
+        def route(self, x):
+            logits = self.logits(x)
+            return RouterOutput(logits.topk(self.top_k, -1).indices, x.new_full((x.shape[0], self.top_k), 0.5),
+                                None, logits)
+
+    with pytest.raises(NotImplementedError, match="Uniform defines no balance_loss"):
+        Uniform(8, 4, 2, None)(torch.randn(5, 8))

@@ -80,7 +80,7 @@ def test_switch_router_with_capacity(tmp_path):
 
 def test_sigmoid_router_updates_its_bias(tmp_path):
     result = train(small(tmp_path, "--router=sigmoid", "--max_steps=4"))
-    biases = [b for name, b in result["model"].named_buffers() if name.endswith("gate.bias")]
+    biases = [b for name, b in result["model"].named_buffers() if name.endswith("router.bias")]
     assert biases and all(b.abs().sum() > 0 for b in biases)        # update_router_biases() was called
     assert all(math.isfinite(x) for x in result["train_loss"])
 

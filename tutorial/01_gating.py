@@ -77,7 +77,7 @@ layer = MoELayer(d_model=d_model, d_hidden=16, num_experts=num_experts, top_k=to
 x = torch.randn(6, d_model)
 
 with torch.no_grad():
-    logits = x @ layer.gate.weight.t()                       # [T, E]
+    logits = x @ layer.router.weight.t()                       # [T, E]
     probs = torch.softmax(logits, dim=-1)                     # [T, E], each row sums to 1
     top_p, top_ids = probs.topk(top_k, dim=-1)                # [T, k]
     weights = top_p / top_p.sum(dim=-1, keepdim=True)         # renormalize over the k chosen experts
@@ -124,7 +124,7 @@ plt.show()
 #
 # The tokens below come from 4 clusters (think: 4 kinds of text), so a router has real structure to
 # find and load is *not* naturally even. `redraw(...)` builds a fresh `MoELayer` with the chosen
-# controls (same seed, so the same gate weights for every router), routes the tokens in training
+# controls (same seed, so the same router weights for every router), routes the tokens in training
 # mode (where noise, jitter and random routing are active), and plots:
 #
 # * **assignment heatmap**: token × expert, colour = combine weight; a red × marks an assignment
@@ -170,11 +170,11 @@ def route(router="softmax_top_k", top_k=2, capacity_factor=0.0, noise=0.0, jitte
     if router == "switch":
         options["jitter_epsilon"] = float(jitter)
     cf = float(capacity_factor) if capacity_factor and capacity_factor > 0 else None
-    torch.manual_seed(seed)                      # same gate weights W for every router
+    torch.manual_seed(seed)                      # same router weights W for every router
     layer = MoELayer(tokens.shape[1], 32, int(num_experts), top_k=k, router=router, capacity_factor=cf, **options)
     layer.train()                                # noise / jitter / random routing only act in training
     seen = {}
-    hook = layer.gate.register_forward_hook(lambda module, inputs, output: seen.update(route=output[0]))
+    hook = layer.router.register_forward_hook(lambda module, inputs, output: seen.update(route=output[0]))
     torch.manual_seed(seed + 1)                  # the router's random draws
     with torch.no_grad():
         layer(tokens)
@@ -189,7 +189,7 @@ def route(router="softmax_top_k", top_k=2, capacity_factor=0.0, noise=0.0, jitte
     dropped = (wanted_ids >= 0) & ~kept
     dropped_mask = torch.zeros(num_tokens, E, dtype=torch.bool)
     dropped_mask[rows[dropped], wanted_ids[dropped]] = True
-    balance = layer.gate.balance_loss(seen["route"])  # the router's own load-balancing loss (routers.py)
+    balance = layer.router.balance_loss(seen["route"])  # the router's own load-balancing loss (routers.py)
     has_balance_loss = router not in ("sigmoid", "expert_choice")   # these two have none by design
     return {
         "router": router, "top_k": k, "num_experts": E, "capacity": rec.capacity,
@@ -275,7 +275,7 @@ print(f"capacity C = {example['capacity']}, dropped assignments = {example['drop
 # %% [markdown]
 # ## 3. All routers on the same tokens
 #
-# Same tokens, same gate weights `W` (same seed), 8 experts, `top_k = 2` where the router allows
+# Same tokens, same router weights `W` (same seed), 8 experts, `top_k = 2` where the router allows
 # it, capacity factor 1.25. Each router turns the same logits into a different decision.
 
 # %%
@@ -320,13 +320,13 @@ for name, data in comparison.items():
 # the bias changes *who* is chosen, never *how much* a chosen expert counts.
 #
 # Below the token stream is skewed on purpose (every token leans towards experts 0 and 1), the
-# gate weights stay fixed, and only the bias moves.
+# router weights stay fixed, and only the bias moves.
 
 # %%
 BIAS_STEPS = 80 if QUICK else 300
 torch.manual_seed(0)
 sig_layer = MoELayer(TOKEN_DIM, 32, 8, top_k=2, router="sigmoid", bias_update_rate=0.01)
-lean = sig_layer.gate.weight[:2].detach().sum(0)
+lean = sig_layer.router.weight[:2].detach().sum(0)
 lean = 1.5 * lean / lean.norm()                                    # push tokens towards experts 0 and 1
 
 load_ratio, biases, loads = [], [], []
@@ -339,7 +339,7 @@ for step in range(BIAS_STEPS):
     loads.append(load.numpy())
     load_ratio.append(float(load.max() / load.mean()))
     sig_layer.update_router_bias()                                 # b_e += γ · sign(mean − load_e)
-    biases.append(sig_layer.gate.bias.clone().numpy())
+    biases.append(sig_layer.router.bias.clone().numpy())
 biases, loads = np.array(biases), np.array(loads)
 
 fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))

@@ -66,7 +66,7 @@ x = torch.cat([torch.arange(T, dtype=torch.float32)[:, None], 2 * torch.randn(T,
 torch.manual_seed(10)
 gate_layer = MoELayer(D, 8, E, top_k=K, router="softmax_top_k")
 with torch.no_grad():
-    routed, _ = gate_layer.gate(x)           # the router alone: ids [T, k] and weights [T, k]
+    routed, _ = gate_layer.router(x)           # the router alone: ids [T, k] and weights [T, k]
 expert_ids, weights = routed.expert_ids, routed.weights
 CAPACITY = 3
 
@@ -164,7 +164,7 @@ layer = MoELayer(16, 32, 4, top_k=2, router="softmax_top_k", capacity_factor=1.0
 tokens = torch.randn(10, 16)
 with torch.no_grad():
     y_layer = layer(tokens)
-    r, _ = layer.gate(tokens)
+    r, _ = layer.router(tokens)
     ids_l = dispatch.prune_capacity(r.expert_ids, 4, r.capacity)
     counts_l = dispatch.count_tokens_per_expert(ids_l, 4)
     rows_l = dispatch.stable_positions(ids_l, dispatch.exclusive_prefix_sum(counts_l))

@@ -5,10 +5,10 @@
     torchrun --nproc-per-node=4 -m fastmoe_edu.train           # torch.distributed (gloo on CPU, NCCL on GPU)
 
 ``engine = "auto"`` (the config key) looks at the environment variables the launchers set: torchrun
-sets ``TORCHELASTIC_RUN_ID`` (and RANK / WORLD_SIZE / MASTER_ADDR); mpirun sets ``PMI_RANK`` /
-``PMI_SIZE`` (MPICH's hydra) or ``OMPI_COMM_WORLD_SIZE`` (Open MPI). Nothing here imports an engine:
-detection is plain environment reading, so a single process never loads mpi4py or initializes a
-process group. Only :func:`open_world` imports the engine it opens.
+sets ``WORLD_SIZE`` / ``RANK`` (with MASTER_ADDR / MASTER_PORT); mpirun sets ``PMI_SIZE`` /
+``PMI_RANK`` (MPICH's hydra) or ``OMPI_COMM_WORLD_SIZE`` / ``OMPI_COMM_WORLD_RANK`` (Open MPI).
+Nothing here imports an engine: detection is plain environment reading, so a single process never
+loads mpi4py or initializes a process group. Only :func:`open_world` imports the engine it opens.
 """
 from __future__ import annotations
 
@@ -17,36 +17,33 @@ import os
 from .communicator import Communicator
 
 ENGINES = ("auto", "mpi", "torch")
+# What each launcher puts into every process's environment: (engine, size variable, rank variable).
+_LAUNCHERS = (("torch", "WORLD_SIZE", "RANK"),                      # torchrun (also any env:// launch)
+              ("mpi", "PMI_SIZE", "PMI_RANK"),                      # MPICH's hydra mpirun (the mpich wheel)
+              ("mpi", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"))   # Open MPI's mpirun
 
-_TORCH_VARIABLES = ("TORCHELASTIC_RUN_ID",)
-_TORCH_ENV_INIT = ("RANK", "WORLD_SIZE", "MASTER_ADDR")
-_MPI_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
-_MPI_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+
+def _launch() -> tuple[str | None, int, int]:
+    """(engine of the launcher or None, world size, rank), from the environment alone."""
+    for engine, size, rank in _LAUNCHERS:
+        if size in os.environ:
+            return engine, int(os.environ[size]), int(os.environ.get(rank, "0"))
+    return None, 1, 0
 
 
 def launcher() -> str | None:
-    """"torch" under torchrun (or env:// variables), "mpi" under mpirun, None without a launcher."""
-    if any(v in os.environ for v in _TORCH_VARIABLES) or all(v in os.environ for v in _TORCH_ENV_INIT):
-        return "torch"
-    if any(v in os.environ for v in _MPI_SIZE_VARIABLES):
-        return "mpi"
-    return None
+    """"torch" under torchrun, "mpi" under mpirun, None without a launcher."""
+    return _launch()[0]
 
 
 def launch_world_size() -> int:
     """How many processes the launcher started (1 without one). No communication."""
-    found = launcher()
-    if found == "torch":
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    if found == "mpi":
-        return int(next(os.environ[v] for v in _MPI_SIZE_VARIABLES if v in os.environ))
-    return 1
+    return _launch()[1]
 
 
 def launch_rank() -> int:
     """This process's rank in the launch (0 without a launcher). No communication."""
-    names = ("RANK",) if launcher() == "torch" else _MPI_RANK_VARIABLES
-    return int(next((os.environ[v] for v in names if v in os.environ), "0"))
+    return _launch()[2]
 
 
 def resolve_engine(requested: str = "auto") -> str | None:

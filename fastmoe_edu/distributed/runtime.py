@@ -3,7 +3,7 @@
     mpirun -n 8 python -m fastmoe_edu.train                                       # ep = 8
     torchrun --nproc-per-node=8 -m fastmoe_edu.train --tp=2 --ep=2 --dp=2 --drop_duplicate_tokens=true
 
-Same methods as ``fastmoe_edu.runtime.SingleProcess``; what they do here, in the order of a run:
+Same methods as ``fastmoe_edu.runtime.Runtime``; what they do here, in the order of a run:
 
 1. construction — install the abort-on-failure hook, check the configuration against the
    world size with plain arithmetic (tp × ep × dp = world, num_experts and batch_size divisible),

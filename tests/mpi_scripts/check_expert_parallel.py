@@ -123,10 +123,10 @@ def layer_checks(world: ParallelLayout) -> tuple[dict, dict]:
                         if name.startswith("experts."):
                             expected = expected[local]
                         errors[f"grad:{name}"] = max_error(param.grad, expected)
-                    if hasattr(layer.gate, "bias"):
-                        errors["router_bias_after_update"] = max_error(layer.gate.bias, ref.gate.bias)
+                    if hasattr(layer.router, "bias"):
+                        errors["router_bias_after_update"] = max_error(layer.router.bias, ref.router.bias)
                     errors["scale:output"] = float(y_ref.abs().max())
-                    errors["scale:grad:gate.weight"] = float(ref.gate.weight.grad.abs().max())
+                    errors["scale:grad:router.weight"] = float(ref.router.weight.grad.abs().max())
                     errors["num_expert_params"] = len(experts)
                     outputs[exchange] = (y, dx)
                     results[f"{backend}/{case}/{exchange}{suffix}"] = errors

@@ -14,7 +14,7 @@ from fastmoe_edu.config import parse_args
 from fastmoe_edu.distributed import ParallelLayout
 from fastmoe_edu.distributed.runtime import ParallelRuntime
 from fastmoe_edu.model import build_model
-from fastmoe_edu.runtime import SingleProcess
+from fastmoe_edu.runtime import Runtime
 from fastmoe_edu.train import build_dataset, configure_optimizer, get_batch, train_step
 
 STEPS = 3
@@ -48,7 +48,7 @@ def training_checks(world: ParallelLayout) -> dict:
         cfg = small_config(world.world_size, extra)
         dataset = build_dataset(cfg)
         # The one-process run, on every rank (deterministic: the same result everywhere).
-        alone, alone_records = train_three_steps(cfg, dataset, SingleProcess())
+        alone, alone_records = train_three_steps(cfg, dataset, Runtime())
         reference = {k: v.detach() for k, v in alone.named_parameters()}
         reference_buffers = dict(alone.named_buffers())
         together, together_records = train_three_steps(cfg, dataset, ParallelRuntime(cfg, world.world.engine))
