@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 import tomllib
 import typing
@@ -95,6 +96,10 @@ class TrainConfig:
     engine: str = _field("auto", "parallel", "communication engine: mpi (mpirun), torch (torchrun: gloo on CPU, "
                          "NCCL on CUDA) or auto (the launcher's; no launcher = one process, no engine)",
                          choices=ENGINES)
+    collective_timeout_s: float = _field(300.0, "parallel", "the longest any rank waits inside one collective; "
+                                         "past it the rank says which collective and communicator, and the "
+                                         "whole job ends (a stalled or dead rank never hangs the others)",
+                                         above=0.0)
     exchange: str = _field("auto", "parallel", "token exchange between ranks (expert parallelism): pairwise "
                            "(readable: P-1 rounds of matched send/receive), alltoallv (one collective), auto "
                            "(alltoallv); the numbers are identical", choices=EXCHANGES)
@@ -125,6 +130,9 @@ class TrainConfig:
     grad_clip: float = _field(1.0, "optimization", "clip the global gradient norm to this (0 = no clipping)",
                               minimum=0.0)
     seed: int = _field(1337, "optimization", "seed of model init, data stream and router noise", minimum=0)
+    nonfinite: str = _field("stop", "optimization", "what a non-finite loss or gradient norm does: stop (the run "
+                            "ends with an error naming the step; the last good checkpoint is kept) or skip_step "
+                            "(that step's update is dropped and training goes on)", choices=("stop", "skip_step"))
 
     # --- eval ---------------------------------------------------------------------------------
     eval_interval: int = _field(100, "eval", "estimate the val loss every this many steps (0 = only at the end)",
@@ -136,6 +144,8 @@ class TrainConfig:
     checkpoint_interval: int = _field(250, "checkpoint", "save a checkpoint every this many steps "
                                       "(0 = only at the end)", minimum=0)
     resume: bool = _field(False, "checkpoint", "continue from the checkpoint in out_dir")
+    allow_schedule_change: bool = _field(False, "checkpoint", "on --resume, accept a learning-rate schedule "
+                                         "(lr, min_lr, warmup_steps, max_steps) that differs from the checkpoint's")
 
     # --- sample -------------------------------------------------------------------------------
     sample_tokens: int = _field(128, "sample", "tokens to generate after training (0 = none)", minimum=0)
@@ -155,6 +165,8 @@ class TrainConfig:
             _check_type(f.name, value, hints[f.name])
             if value is None:
                 continue
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name}={value!r} is not a finite number")
             if meta["choices"] is not None and value not in meta["choices"]:
                 raise ConfigError(f"{f.name}={value!r} is not allowed; allowed values: {', '.join(meta['choices'])}")
             if meta["minimum"] is not None and value < meta["minimum"]:
@@ -194,6 +206,8 @@ class TrainConfig:
                                   f"allowed: {', '.join(sorted(allowed_options))}")
             if not isinstance(value, (bool, int, float, str)):
                 raise ConfigError(f"router_options.{key}={value!r} must be a number, bool or string")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"router_options.{key}={value!r} is not a finite number")
         return self
 
     def to_dict(self) -> dict:

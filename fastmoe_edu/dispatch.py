@@ -108,7 +108,7 @@ def gather_combine(expert_out: torch.Tensor, rows: torch.Tensor, weights: torch.
     zero_row = expert_out.new_zeros(1, expert_out.shape[1])
     padded = torch.cat([expert_out, zero_row], dim=0)
     safe_rows = torch.where(rows >= 0, rows, torch.full_like(rows, expert_out.shape[0]))
-    gathered = padded.index_select(0, safe_rows.reshape(-1)).reshape(num_tokens, top_k, -1)
+    gathered = padded.index_select(0, safe_rows.reshape(-1)).reshape(num_tokens, top_k, expert_out.shape[1])
     return torch.einsum("tk,tkd->td", weights.to(expert_out.dtype), gathered)
 
 

@@ -7,6 +7,7 @@ The loop in train.py calls the same methods whatever the launch, so it has no "i
     runtime.reduce_gradients(model)     per-shard gradients -> gradients of the global batch
     runtime.clip_gradients(model, m)    the norm of the whole model's gradient, clipped to m
     runtime.mean(values), .sum(tensor), .any(flag)     figures of the whole batch / every rank
+    runtime.allgather(tensor), .broadcast_(tensor)     small agreements (checkpoint hashes, the run's id)
     runtime.save(...), runtime.load(...)               the checkpoint (checkpoint.py)
     runtime.is_main                     the one rank that prints and writes shared files
 
@@ -37,6 +38,7 @@ class Runtime:
     """
 
     rank, world_size = 0, 1
+    data_rank = 0                  # which shard of the batch this rank reads
 
     @property
     def is_main(self) -> bool:
@@ -66,6 +68,14 @@ class Runtime:
 
     def any(self, flag: bool) -> bool:
         return bool(flag)
+
+    def allgather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's equally sized ``tensor``, flattened and concatenated in rank order."""
+        return tensor.reshape(-1)
+
+    def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In place: every rank gets the main rank's ``tensor`` (e.g. the run's identity)."""
+        return tensor
 
     # -- checkpoints: one writer (checkpoint.py) asks the runtime who holds what -----------------
     def save(self, out_dir, model: nn.Module, optimizer, shared: dict):

@@ -51,8 +51,8 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .backends import set_cpu_threads
-from .checkpoint import SHARED_FILE
-from .config import TrainConfig, format_config, parse_args, to_toml
+from .checkpoint import MANIFEST, CheckpointError, read_manifest_config
+from .config import ConfigError, TrainConfig, format_config, parse_args, to_toml
 from .data import batch_rng, get_dataset
 from .distributed.engines import launch_rank
 from .model import MoETransformer, build_model
@@ -123,8 +123,29 @@ def routing_stats(model: MoETransformer, rt: Runtime | None = None) -> dict:
             "dropped_frac": dropped / max(assigned, 1)}
 
 
+# Added to the seed, times the shard's index, for each batch shard's own random stream.
+_SHARD_SEED_STRIDE = 1_000_003
+
+
+def seed_random_draws(cfg: TrainConfig, rt: Runtime) -> None:
+    """After the model is built: one random stream per batch shard, for the routers' noise and jitter.
+
+    Seeded by the shard (``rt.data_rank``), not the rank: the ranks of a tensor-parallel group read the
+    same shard, so they draw the same noise and route their identical tokens identically.
+    """
+    torch.manual_seed(cfg.seed + _SHARD_SEED_STRIDE * rt.data_rank)
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient norm became NaN or infinite (nonfinite = "stop")."""
+
+
 def train_step(model: MoETransformer, optimizer, batch, cfg: TrainConfig, step: int, rt: Runtime) -> dict:
-    """One optimizer step on batch number ``step``; returns the step's record for the history."""
+    """One optimizer step on batch number ``step``; returns the step's record for the history.
+
+    A non-finite loss or gradient norm never reaches the weights: the step raises
+    :class:`NonFiniteError` (``nonfinite = "stop"``) or is skipped (``"skip_step"``, ``record["skipped"]``).
+    """
     lr = lr_at(step, cfg)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -133,13 +154,20 @@ def train_step(model: MoETransformer, optimizer, batch, cfg: TrainConfig, step: 
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     rt.reduce_gradients(model)                                       # per-shard -> global-batch gradients
-    grad_norm = rt.clip_gradients(model, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-    optimizer.step()
-    model.update_router_biases()                                     # after the step, as DeepSeek-V3 does
+    grad_norm = rt.clip_gradients(model, cfg.grad_clip if cfg.grad_clip > 0 else math.inf).item()
     # The global batch's losses (all shards have the same size, so the mean of the shards' means).
     losses = rt.mean([loss.item(), model.last_lm_loss.item(), model.last_aux_loss.item()])
+    # Both figures are global, so every rank takes the same decision here.
+    finite = math.isfinite(losses[0]) and math.isfinite(grad_norm)
+    if not finite and cfg.nonfinite == "stop":
+        raise NonFiniteError(f"step {step + 1}: the loss is {losses[0]} and the gradient norm {grad_norm}; "
+                             f"training stopped before the update (nonfinite=\"stop\"). Lower lr (now {lr:.3g}) "
+                             f"or grad_clip, or set nonfinite=\"skip_step\"")
+    if finite:
+        optimizer.step()
+        model.update_router_biases()                                 # after the step, as DeepSeek-V3 does
     return {"step": step + 1, "lr": lr, "loss": losses[0], "lm_loss": losses[1], "aux_loss": losses[2],
-            "grad_norm": grad_norm.item(), **routing_stats(model, rt)}
+            "grad_norm": grad_norm, "skipped": not finite, **routing_stats(model, rt)}
 
 
 @torch.no_grad()
@@ -212,20 +240,45 @@ def generate_samples(model: MoETransformer, dataset, cfg: TrainConfig, device) -
 # checkpoints and history
 # --------------------------------------------------------------------------------------------------
 
+SCHEDULE_KEYS = ("lr", "min_lr", "warmup_steps", "max_steps")   # what lr_at(step) depends on
+
+
 def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
-    """Settings that differ between a checkpoint and the current run (other than resume/max_steps...)."""
-    harmless = {"resume", "max_steps", "progress", "eval_interval", "checkpoint_interval", "sample_tokens",
-                "sample_temperature", "num_threads", "out_dir", "exchange", "engine"}
+    """Settings that differ between a checkpoint and the current run (other than how it runs and logs)."""
+    harmless = {"resume", "progress", "eval_interval", "checkpoint_interval", "sample_tokens", "allow_schedule_change",
+                "sample_temperature", "num_threads", "out_dir", "exchange", "engine", "collective_timeout_s"}
     current = cfg.to_dict()
     return [f"{k}: checkpoint {saved.get(k)!r} -> now {current[k]!r}"
             for k in current if k not in harmless and saved.get(k) != current[k]]
 
 
-def save_run(cfg: TrainConfig, model, optimizer, step: int, history: dict, rt: Runtime) -> None:
-    """Checkpoint (every rank its own file, the main rank the shared one) and the history."""
-    rt.save(cfg.out_dir, model, optimizer, {"step": step, "config": cfg.to_dict(), "history": history})
+def check_schedule_unchanged(saved: dict, cfg: TrainConfig) -> None:
+    """A resumed run follows the checkpoint's learning-rate schedule unless told otherwise."""
+    changed = [f"{k}={getattr(cfg, k)!r} (checkpoint: {saved.get(k)!r})" for k in SCHEDULE_KEYS
+               if saved.get(k) != getattr(cfg, k)]
+    if changed and not cfg.allow_schedule_change:
+        raise ConfigError(f"--resume with {', '.join(changed)} would change the learning-rate schedule "
+                          f"mid-run; keep the checkpoint's values, or pass --allow_schedule_change=true")
+
+
+def save_run(cfg: TrainConfig, model, optimizer, step: int, history: dict, run_id: str, rt: Runtime) -> None:
+    """Checkpoint (every rank its own file, the main rank the shared one), then the history."""
+    rt.save(cfg.out_dir, model, optimizer,
+            {"step": step, "run_id": run_id, "config": cfg.to_dict(), "history": history})
     if rt.is_main:
         write_history(cfg, history)
+
+
+def check_out_dir(out_dir: str) -> None:
+    """Fail at start, not at the first checkpoint: out_dir must be (or become) a writable directory."""
+    path = Path(out_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as failure:
+        raise ConfigError(f"out_dir={out_dir!r} is not a writable directory: {failure.strerror or failure}") from None
 
 
 def write_history(cfg: TrainConfig, history: dict) -> None:
@@ -237,16 +290,19 @@ def write_history(cfg: TrainConfig, history: dict) -> None:
 
 
 class StopOnCtrlC:
-    """First Ctrl-C: finish the current step, save a checkpoint, stop. A second Ctrl-C stops at once.
+    """First Ctrl-C (SIGINT) or SIGTERM (a scheduler's "please stop"): finish the current step, save a
+    checkpoint, stop. A second one stops at once.
 
     Stopping *between* steps matters for exact resumption: an interrupt inside ``optimizer.step()``
     could leave half-updated parameters behind.
     """
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def __enter__(self):
-        self.requested, self._previous = False, None
+        self.requested, self._previous = False, {}
         if threading.current_thread() is threading.main_thread():   # signals only reach the main thread
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
@@ -255,9 +311,28 @@ class StopOnCtrlC:
         self.requested = True
 
     def __exit__(self, *exc_info):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
         return False
+
+
+class LossWatch:
+    """Warn when a finite loss climbs far above its running minimum (a learning rate too high, usually)."""
+
+    FACTOR, PATIENCE, QUIET_STEPS = 3.0, 10, 100
+
+    def __init__(self):
+        self.lowest, self.seen, self.last_warning = math.inf, 0, -math.inf
+
+    def check(self, step: int, loss: float) -> str | None:
+        self.seen += 1
+        self.lowest = min(self.lowest, loss)
+        if (self.seen > self.PATIENCE and loss > self.FACTOR * self.lowest
+                and step - self.last_warning >= self.QUIET_STEPS):
+            self.last_warning = step
+            return (f"warning: step {step}: loss {loss:.4g} is {loss / self.lowest:.1f}x its running minimum "
+                    f"{self.lowest:.4g}; the learning rate may be too high")
+        return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -277,6 +352,7 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, rt: Runtime | None = 
     """
     cfg = cfg.validate()
     rt = rt or start_runtime(cfg)
+    check_out_dir(cfg.out_dir)
     t_start = time.time()
     if cfg.num_threads > 0:
         set_cpu_threads(cfg.num_threads, cfg.backend)               # torch and numba: one thread budget
@@ -291,14 +367,17 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, rt: Runtime | None = 
     log(rt, cfg, f"model: {counts['total']:,} parameters ({counts['expert']:,} in experts, "
                  f"{counts['active_per_token']:,} active per token); vocab {dataset.vocab_size}")
     rt.shard_model(model)                                            # this rank's part of the model
+    seed_random_draws(cfg, rt)
     log(rt, cfg, rt.describe(model))
     optimizer = configure_optimizer(model, cfg)
 
     start_step, history = 0, {"train": [], "val": []}
+    run_id = rt.broadcast_(torch.randint(0, 256, (8,), dtype=torch.uint8)).numpy().tobytes().hex()
     if cfg.resume:
+        check_schedule_unchanged(read_manifest_config(cfg.out_dir), cfg)   # before any weight is touched
         saved = rt.load(cfg.out_dir, model, optimizer)
-        start_step, history = saved["step"], saved["history"]
-        log(rt, cfg, f"resumed from {Path(cfg.out_dir) / SHARED_FILE} at step {start_step}")
+        start_step, history, run_id = saved["step"], saved["history"], saved["run_id"]
+        log(rt, cfg, f"resumed from {Path(cfg.out_dir) / MANIFEST} at step {start_step} (run {run_id})")
         for line in config_differences(saved["config"], cfg):
             log(rt, cfg, f"warning: the resumed run changes {line}")
     if rt.is_main:
@@ -310,7 +389,7 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, rt: Runtime | None = 
     bar = tqdm(range(start_step, last_step), initial=start_step, total=last_step, desc="train",
                disable=not (rt.is_main and cfg.progress), dynamic_ncols=True, file=sys.stdout)
     model.train()
-    step, tok_rate = start_step, None
+    step, tok_rate, watch = start_step, None, LossWatch()
     with StopOnCtrlC() as ctrl_c:
         for step in bar:
             t0 = time.perf_counter()
@@ -318,6 +397,10 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, rt: Runtime | None = 
             record = train_step(model, optimizer, batch, cfg, step, rt)
             record["tokens_per_sec"] = tokens_per_step / (time.perf_counter() - t0)
             history["train"].append(record)
+            warning = watch.check(step + 1, record["loss"]) if not record["skipped"] else (
+                f"warning: step {step + 1}: non-finite loss or gradient norm, update skipped (nonfinite=\"skip_step\")")
+            if warning:
+                log(rt, cfg, warning)
             tok_rate = record["tokens_per_sec"] if tok_rate is None else 0.9 * tok_rate + 0.1 * record["tokens_per_sec"]
             bar.set_postfix(loss=f"{record['lm_loss']:.3f}", aux=f"{record['aux_loss']:.3f}",
                             tok_s=f"{tok_rate:,.0f}", imb=f"{record['load_imbalance']:.2f}",
@@ -332,7 +415,7 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, rt: Runtime | None = 
             # All ranks must stop at the same step, even if Ctrl-C reached only some of them.
             interrupted = rt.any(ctrl_c.requested)
             if interrupted or done == last_step or (cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0):
-                save_run(cfg, model, optimizer, done, history, rt)
+                save_run(cfg, model, optimizer, done, history, run_id, rt)
             if interrupted:
                 log(rt, cfg, f"interrupted: checkpoint of step {done} saved in {cfg.out_dir}; "
                              f"continue with --resume")
@@ -358,15 +441,29 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, rt: Runtime | None = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command-line entry point: parse and validate the configuration, then train."""
+    """Command-line entry point: parse and validate the configuration, then train.
+
+    Expected failures end with one clear line and a non-zero status, on every rank alike:
+    2 = the configuration (or out_dir, or a resume that changes the schedule), 1 = a checkpoint that
+    cannot be written or trusted, or a loss / gradient norm that became non-finite.
+    """
     try:
         cfg = parse_args(argv)
         rt = start_runtime(cfg)                     # under a launcher: num_experts, batch_size vs the ranks
-    except ValueError as error:                     # ConfigError: a bad key or value, say which and stop
-        if launch_rank() == 0:                      # (every rank stops here, none is left waiting)
-            print(f"config error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    train(cfg, rt=rt)
+    except ValueError as error:                     # ConfigError or a layout check: say which and stop
+        _fail(f"config error: {error}", status=2)
+    try:
+        train(cfg, rt=rt)
+    except ConfigError as error:
+        _fail(f"config error: {error}", status=2)
+    except (CheckpointError, NonFiniteError) as error:
+        _fail(f"error: {error}", status=1)
+
+
+def _fail(message: str, status: int) -> None:
+    if launch_rank() == 0:                          # (every rank stops here, none is left waiting)
+        print(message, file=sys.stderr)
+    raise SystemExit(status)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,9 @@ def test_train_command_under_mpirun(tmp_path):
     assert "token exchange alltoallv" in out and "host memory" in out
     assert out.count("done: step 3") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "ckpt.pt", "config.toml", "experts-rank00000.pt", "experts-rank00001.pt", "history.json"]
+        "checkpoint.json", "config.toml", "history.json", "step-00000003"]
+    assert sorted(p.name for p in (tmp_path / "step-00000003").iterdir()) == [
+        "ckpt.pt", "experts-rank00000.pt", "experts-rank00001.pt"]
     history = json.loads((tmp_path / "history.json").read_text())
     assert [record["step"] for record in history["train"]] == [1, 2, 3]
     assert sum(history["train"][0]["tokens_per_expert"][0]) == 4 * 16 * 2   # whole global batch, k = 2
@@ -94,7 +96,8 @@ def test_resume_continues_exactly(tmp_path):
         assert len(runs["whole"]) == 6
         assert runs["resumed"] == runs["whole"], case                   # bitwise: same losses, every step
         assert runs["resumed_val"] == runs["whole_val"], case
-        assert {"ckpt.pt", "experts-rank00000.pt", "experts-rank00001.pt"} <= set(runs["checkpoint_files"])
+        assert {"checkpoint.json", "step-00000003/ckpt.pt", "step-00000003/experts-rank00000.pt",
+                "step-00000003/experts-rank00001.pt"} <= set(runs["checkpoint_files"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,7 +148,8 @@ def test_ted_resume_continues_exactly():
     runs = ted_training_results()["tp2_ep2_dp2_drop"]
     assert runs["resumed"] == runs["whole"]                              # bitwise
     assert runs["resumed_val"] == runs["whole_val"]
-    assert {f"experts-rank{r:05d}.pt" for r in range(8)} | {"ckpt.pt"} <= set(runs["checkpoint_files"])
+    assert ({f"step-00000003/experts-rank{r:05d}.pt" for r in range(8)} | {"step-00000003/ckpt.pt", "checkpoint.json"}
+            <= set(runs["checkpoint_files"]))
 
 
 def test_ted_command_line_and_bad_layouts(tmp_path):

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from fastmoe_edu.checkpoint import CheckpointError
 from fastmoe_edu.config import TrainConfig, parse_args
 from fastmoe_edu.model import is_expert_parameter
 from fastmoe_edu.train import build_dataset, expert_usage_by_language, lr_at, main, train
@@ -48,7 +49,7 @@ def test_default_config_loss_falls(tmp_path):
                 "dropped_frac", "lr"):
         assert key in record
     assert len(record["tokens_per_expert"]) == 2 and sum(record["tokens_per_expert"][0]) == 32 * 64 * 2
-    assert (tmp_path / "ckpt.pt").exists() and (tmp_path / "config.toml").exists()
+    assert (tmp_path / "checkpoint.json").exists() and (tmp_path / "config.toml").exists()
 
 
 @pytest.mark.parametrize("router", ["noisy_top_k", "sigmoid"])
@@ -66,7 +67,7 @@ def test_resume_is_exact(tmp_path, router):
 
 
 def test_resume_without_checkpoint_fails(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
         train(small(tmp_path, "--resume"))
 
 
@@ -129,8 +130,11 @@ def test_command_line_run_and_resume(tmp_path):
     args = [sys.executable, "-m", "fastmoe_edu.train", "--max_steps=3", "--batch_size=4", "--seq_len=16",
             "--eval_iters=1", "--sample_tokens=0", "--num_threads=1", f"--out_dir={tmp_path}"]
     subprocess.run(args, check=True, capture_output=True, timeout=300)
-    proc = subprocess.run(args[:3] + ["--max_steps=5"] + args[4:] + ["--resume"], capture_output=True, text=True,
-                          timeout=300)
+    longer = args[:3] + ["--max_steps=5"] + args[4:] + ["--resume"]
+    refused = subprocess.run(longer, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2                       # a longer run changes the cosine schedule mid-way
+    assert "--resume with max_steps=5 (checkpoint: 3) would change the learning-rate schedule" in refused.stderr
+    proc = subprocess.run(longer + ["--allow_schedule_change=true"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "resumed from" in proc.stdout
     assert len(json.loads((tmp_path / "history.json").read_text())["train"]) == 5
@@ -211,4 +215,4 @@ print("trained without an engine")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "trained without an engine" in done.stdout
-    assert (tmp_path / "ckpt.pt").exists()
+    assert (tmp_path / "checkpoint.json").exists()

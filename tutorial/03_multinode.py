@@ -22,9 +22,9 @@
 # the backward pass. This notebook
 #
 # 1. shows which rank holds which expert;
-# 2. launches real `mpirun -n P` jobs from the notebook (the project's MPI code, on this machine's
-#    CPU cores) and draws the **traffic matrix** of one routing decision: rows sent from rank `i`
-#    to rank `j`;
+# 2. launches real `mpirun -n P` jobs from the notebook (the project's parallel code, on this
+#    machine's CPU cores; the same script also runs under `torchrun`) and draws the **traffic
+#    matrix** of one routing decision: rows sent from rank `i` to rank `j`;
 # 3. measures the all-to-all's latency `α` and inverse bandwidth `β` with the project's benchmark
 #    `bench/bench_alltoall.py` and checks the cost model `t = α·(P−1) + β·bytes` against real
 #    expert-parallel MoE layers at `P = 1, 2, 4, 8`, saying where it is wrong;
@@ -51,7 +51,7 @@ import numpy as np
 import ipywidgets as widgets
 from IPython.display import display
 
-from fastmoe_edu.distributed import mpirun_command
+from fastmoe_edu.distributed import mpirun_command, torchrun_command
 
 QUICK = os.environ.get("FASTMOE_EDU_QUICK", "0") == "1"
 NOTEBOOK_START = time.perf_counter()
@@ -70,7 +70,7 @@ def find_repo_root(start: Path) -> Path:
 
 ROOT = find_repo_root(Path.cwd())
 print(f"QUICK={QUICK}; mpirun sizes {RANK_COUNTS}; this machine has {CORES} CPU cores; repo {ROOT}")
-print("launcher:", " ".join(mpirun_command(2, ["script.py"])))
+print("launchers:", " ".join(mpirun_command(2, ["script.py"])), "|", " ".join(torchrun_command(2, ["script.py"])))
 
 # %% [markdown]
 # ## 1. Who holds which expert
@@ -105,12 +105,18 @@ def draw_placement(placement, num_experts, gpus_per_node=4, ax=None):
 # %% [markdown]
 # ## 2. Real expert-parallel runs and the traffic matrix
 #
-# The script below is what every rank runs under `mpirun`. It builds an `MoELayer`, makes it
-# expert-parallel with the project's `make_expert_parallel` (so each rank keeps only its experts),
-# and runs forward passes on its own tokens. It uses **weak scaling** the way FastMoE grows:
-# `EXPERTS_PER_RANK` experts per rank (so `E = 2·P`) and a fixed number of tokens per rank. Each
-# rank's tokens lean towards one "topic" (cluster), like data shards with some locality, so the
-# traffic is not uniform. Rank 0 collects:
+# The script below is what every rank runs. It builds an `MoELayer`, makes it expert-parallel
+# with the project's `parallelize` (the one call that makes a model, or a single layer, parallel:
+# each rank keeps only its experts), and runs forward passes on its own tokens. It names no
+# communication library: `ParallelLayout()` opens the engine of whichever launcher started the
+# job — MPI under `mpirun -n P`, torch.distributed (gloo on CPU, NCCL on GPUs) under
+# `torchrun --nproc-per-node=P` — so the same script runs under both. Below it runs under
+# `mpirun` for every `P`, and once under `torchrun` to check that the traffic is the same.
+#
+# It uses **weak scaling** the way FastMoE grows: `EXPERTS_PER_RANK` experts per rank (so
+# `E = 2·P`) and a fixed number of tokens per rank. Each rank's tokens lean towards one "topic"
+# (cluster), like data shards with some locality, so the traffic is not uniform. Every rank
+# writes its own report (`rank{r}.json`), which the notebook reads after the job:
 #
 # * the placement (which global experts each rank holds),
 # * `send[i][j]`: how many rows rank `i` sent to rank `j` in one routing decision,
@@ -120,16 +126,16 @@ def draw_placement(placement, num_experts, gpus_per_node=4, ax=None):
 # %%
 PROBE = r'''
 import json, sys, time
+from pathlib import Path
 import torch
-from mpi4py import MPI
 from fastmoe_edu import MoELayer
-from fastmoe_edu.distributed import ParallelLayout, abort_on_exception, make_expert_parallel
+from fastmoe_edu.distributed import ParallelLayout, abort_on_exception, parallelize
 
-abort_on_exception()                          # one rank's error stops the whole job: no hang
-out_path, experts_per_rank, tokens_per_rank, d_model, steps = (
-    sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+out_dir, experts_per_rank, tokens_per_rank, d_model, steps = (
+    Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
 torch.set_num_threads(1)
-layout = ParallelLayout()                     # every rank is in one expert-parallel group
+layout = ParallelLayout()                     # the launcher's engine; every rank is in one expert-parallel group
+abort_on_exception(layout.world.engine)       # one rank's error stops the whole job: no hang
 P, rank = layout.world_size, layout.rank
 E = experts_per_rank * P
 
@@ -144,29 +150,26 @@ x = tokens[rank]
 
 torch.manual_seed(0)                          # identical full layer on every rank ...
 layer = MoELayer(d_model, 2 * d_model, E, top_k=2, router="softmax_top_k")
-make_expert_parallel(layer, layout, exchange="alltoallv")    # ... then keep only the local experts
+parallelize(layer, layout, exchange="alltoallv")   # ... then keep only the local experts
 with torch.no_grad():
     layer(x)                                  # warm-up
     layout.stats.reset()
     times = []
     for _ in range(steps):
-        layout.world.comm.Barrier()
+        layout.world.barrier()
         start = time.perf_counter()
         layer(x)
-        times.append(layout.world.comm.allreduce(time.perf_counter() - start, op=MPI.MAX))
+        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+        times.append(layout.world.allreduce_(elapsed, op="max").item())    # the slowest rank's time
 
 counts = layer.last_routing.tokens_per_expert            # rows this rank has for each global expert
 send = counts.reshape(P, experts_per_rank).sum(dim=1)    # rows to each rank (its L experts)
-plan = layer.expert_parallel
+runner = layer.expert_runner                             # the layer's expert-parallel runner
+times.sort()
 report = {"rank": rank, "send_rows": send.tolist(),
-          "experts": list(range(plan.first_local_expert, plan.first_local_expert + plan.num_local_experts)),
-          "stats": layout.stats.as_dict()}
-gathered = layout.world.comm.gather(report, root=0)
-if rank == 0:
-    times.sort()
-    json.dump({"ranks": P, "num_experts": E, "tokens_per_rank": tokens_per_rank, "d_model": d_model,
-               "steps": steps, "forward_seconds": times[len(times) // 2], "per_rank": gathered},
-              open(out_path, "w"))
+          "experts": list(range(runner.first_local_expert, runner.first_local_expert + runner.num_local_experts)),
+          "stats": layout.stats.as_dict(), "forward_seconds": times[len(times) // 2]}
+(out_dir / f"rank{rank}.json").write_text(json.dumps(report))   # one file per rank, read after the job
 '''
 probe_path = WORK / "moe_probe.py"
 probe_path.write_text(PROBE)
@@ -175,17 +178,19 @@ EXPERTS_PER_RANK, TOKENS_PER_RANK, D_MODEL = 2, (256 if QUICK else 1024), 64
 PROBE_STEPS = 5 if QUICK else 20
 
 
-def run_probe(ranks):
-    out = WORK / f"probe_{ranks}.json"
-    cmd = mpirun_command(ranks, [str(probe_path), str(out), str(EXPERTS_PER_RANK), str(TOKENS_PER_RANK),
-                                 str(D_MODEL), str(PROBE_STEPS)])
+def run_probe(ranks, launcher=mpirun_command):
+    """Run the probe on ``ranks`` ranks (``launcher``: mpirun_command or torchrun_command); read every rank's report."""
+    out = Path(tempfile.mkdtemp(dir=WORK, prefix=f"probe_{ranks}_"))
+    cmd = launcher(ranks, [str(probe_path), str(out), str(EXPERTS_PER_RANK), str(TOKENS_PER_RANK),
+                           str(D_MODEL), str(PROBE_STEPS)])
     started = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=WORK)
     if done.returncode != 0:
-        raise RuntimeError(f"mpirun -n {ranks} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    result = json.loads(out.read_text())
-    result["launch_seconds"] = time.perf_counter() - started
-    return result
+        raise RuntimeError(f"{launcher.__name__}({ranks}) failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    per_rank = [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
+    return {"ranks": ranks, "num_experts": sum(len(r["experts"]) for r in per_rank),
+            "forward_seconds": per_rank[0]["forward_seconds"],      # the same on every rank (slowest rank's)
+            "per_rank": per_rank, "launch_seconds": time.perf_counter() - started}
 
 
 probes = {}
@@ -194,6 +199,18 @@ for P in RANK_COUNTS:
     print(f"mpirun -n {P}: E = {probes[P]['num_experts']} experts, one forward "
           f"{probes[P]['forward_seconds'] * 1e3:.1f} ms (slowest rank, median of {PROBE_STEPS}); "
           f"whole launch {probes[P]['launch_seconds']:.1f} s")
+
+# The same script under torchrun: ParallelLayout() now opens torch.distributed (gloo) instead of MPI.
+# Routing happens before any communication, so the rows each rank sends, and the bytes the
+# communicator counts, must be the same as under mpirun.
+P_TORCH = 2
+on_torch = run_probe(P_TORCH, torchrun_command)
+same_rows = [r["send_rows"] for r in on_torch["per_rank"]] == [r["send_rows"] for r in probes[P_TORCH]["per_rank"]]
+same_bytes = ([r["stats"]["expert/alltoallv"]["bytes_sent"] for r in on_torch["per_rank"]]
+              == [r["stats"]["expert/alltoallv"]["bytes_sent"] for r in probes[P_TORCH]["per_rank"]])
+print(f"torchrun --nproc-per-node={P_TORCH}: one forward {on_torch['forward_seconds'] * 1e3:.1f} ms; whole launch "
+      f"{on_torch['launch_seconds']:.1f} s; rows sent and bytes counted identical to mpirun's: {same_rows and same_bytes}")
+assert same_rows and same_bytes, "the same script under torchrun routed or sent differently"
 
 # %%
 P_SHOW = max(RANK_COUNTS)
@@ -582,8 +599,8 @@ for i, P in enumerate(GPU_COUNTS):
 # where the all-to-all and the expert rows dominate; pipelining hides the exchange behind expert
 # compute only while each chunk's extra `(P − 1)·α` is small, so the best `D` falls back to 1 as the
 # cluster grows; the hierarchical exchange replaces the `P − 1` network messages by `N − 1`. That
-# these switches keep the results unchanged is tested on 8 MPI ranks
-# (`tests/test_ted.py`, `tests/test_distributed_training.py`); that dropping sends exactly 1/tp
+# these switches keep the results unchanged is tested on up to 8 ranks under both engines, MPI and
+# torch.distributed (`tests/test_ted.py`, `tests/test_distributed_training.py`); that dropping sends exactly 1/tp
 # of the bytes is counted by the communicators (`docs/parallelism.md` §4).
 
 # %% [markdown]

@@ -9,8 +9,8 @@ Same methods as ``fastmoe_edu.runtime.Runtime``; what they do here, in the order
    world size with plain arithmetic (tp × ep × dp = world, num_experts and batch_size divisible),
    and only then open the engine's world and the layout's communicators. A bad launch raises the
    same clear error on every rank before any collective.
-2. :meth:`shard_model` — :func:`parallelize` (local experts, tp slices, replicated weights broadcast),
-   then each rank re-seeds its random stream with its rank, so router noise differs across shards.
+2. :meth:`shard_model` — :func:`parallelize` (local experts, tp slices, replicated weights broadcast);
+   ``data_rank`` tells the loop which batch shard (and random stream) is this rank's.
 3. each step — :meth:`shard_batch`, :meth:`reduce_gradients`, :meth:`clip_gradients`, and
    :meth:`mean` / :meth:`sum` / :meth:`any` for the logged figures and the stop decision.
 """
@@ -29,10 +29,6 @@ from .layout import ParallelLayout, experts_per_rank, sequences_per_rank
 from .parallelize import parallelize
 from .tensor_parallel import tensor_parallel_parameters
 
-# Added to the seed, times the rank, for each rank's own random stream (router noise, jitter).
-_RANK_SEED_STRIDE = 1_000_003
-
-
 class ParallelRuntime(Runtime):
     """One of P ranks: the layout's communicators and the parallel versions of the runtime methods."""
 
@@ -47,14 +43,13 @@ class ParallelRuntime(Runtime):
         self.cfg = cfg
         world = open_world(engine, cfg.device)
         self.layout = ParallelLayout(world, tp=tp, ep=ep, dp=dp)
-        self.rank, self.world_size = world.rank, world.size
+        self.rank, self.world_size, self.data_rank = world.rank, world.size, self.layout.data_rank
 
     # -- the model ------------------------------------------------------------------------------
     def shard_model(self, model: nn.Module) -> nn.Module:
-        """Local experts (and tp slices) only, replicated weights from rank 0, a random stream per rank."""
+        """Local experts (and tp slices) only, replicated weights from rank 0."""
         parallelize(model, self.layout, exchange=self.cfg.exchange, drop_duplicate_tokens=self.cfg.drop_duplicate_tokens,
                     pipeline_degree=self.cfg.pipeline_degree, ranks_per_node=self.cfg.ranks_per_node)
-        torch.manual_seed(self.cfg.seed + _RANK_SEED_STRIDE * self.rank)
         return model
 
     def describe(self, model: nn.Module) -> str:
@@ -95,6 +90,12 @@ class ParallelRuntime(Runtime):
         """True on every rank if it is true on at least one (e.g. Ctrl-C reached only some ranks)."""
         votes = torch.tensor([int(flag)])
         return int(self.layout.world.allreduce_(votes, purpose="allreduce_stop")[0]) > 0
+
+    def allgather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.layout.world.allgather(tensor, purpose="allgather_checkpoint")
+
+    def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.layout.world.broadcast_(tensor, root=0)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def per_rank_parameters(self, model: nn.Module) -> list[nn.Parameter]:

@@ -8,7 +8,6 @@ jitter) or keep a non-gradient state (sigmoid bias), so the per-rank RNG state a
 come back from the checkpoint too. Rank 0 writes both loss lists and the checkpoint's file names.
 """
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -35,7 +34,7 @@ def main(work_dir: str, result_path: str) -> None:
     for case, extra in CASES.items():
         whole = train(parse_args(tiny(work / case / "whole", extra)))
         train(parse_args(tiny(work / case / "split", extra)), stop_at=3)
-        files = sorted(os.listdir(work / case / "split"))
+        files = sorted(str(p.relative_to(work / case / "split")) for p in (work / case / "split").rglob("*"))
         resumed = train(parse_args(tiny(work / case / "split", extra) + ["--resume"]))
         results[case] = {"whole": whole["train_loss"], "resumed": resumed["train_loss"],
                          "whole_val": whole["final_val_loss"], "resumed_val": resumed["final_val_loss"],

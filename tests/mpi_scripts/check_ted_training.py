@@ -10,7 +10,6 @@ after 3 steps and resumed, which must reproduce the uninterrupted losses bit for
 reloads its own expert and tensor-parallel slices). Rank 0 writes everything as JSON.
 """
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -41,7 +40,8 @@ def main(work_dir: str, result_path: str) -> None:
         if case == RESUMED_CASE:
             split = [*TINY, *extra, f"--out_dir={work / case / 'split'}"]
             train(parse_args(split), stop_at=3)
-            results[case]["checkpoint_files"] = sorted(os.listdir(work / case / "split"))
+            split = work / case / "split"
+            results[case]["checkpoint_files"] = sorted(str(p.relative_to(split)) for p in split.rglob("*"))
             resumed = train(parse_args(split + ["--resume"]))
             results[case].update(resumed=resumed["train_loss"], resumed_val=resumed["final_val_loss"])
     if launch_rank() == 0:

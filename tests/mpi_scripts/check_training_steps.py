@@ -4,7 +4,11 @@ The model of ``fastmoe_edu.model`` is trained in float64 through the training lo
 ``train_step``: once by every rank alone (one process, the whole global batch) and once by all P ranks (each with its experts and its batch shard, gradients
 all-reduced, the global gradient norm clipped). After three AdamW steps each rank compares its
 parameters (its expert slices) and the logged losses.
-Dropless routers only: for them the P-rank model is the one-process model, exactly.
+Dropless routers only: for them the P-rank model is the one-process model, exactly. The routers that
+draw random numbers (noise, random routing, jitter) run with tp = P: every rank reads the one batch
+shard, and the tensor-parallel ranks must draw the same numbers as one process does and route alike.
+With 4 or more ranks, tp = 2 with duplicate token dropping and a capacity factor must run (before the
+tp ranks routed identically, it died with "Message truncated") and give every tp rank the same loss.
 
 Run by run_checks.py, which keeps the worst error of each quantity over the ranks.
 """
@@ -15,13 +19,20 @@ from fastmoe_edu.distributed import ParallelLayout
 from fastmoe_edu.distributed.runtime import ParallelRuntime
 from fastmoe_edu.model import build_model
 from fastmoe_edu.runtime import Runtime
-from fastmoe_edu.train import build_dataset, configure_optimizer, get_batch, train_step
+from fastmoe_edu.train import build_dataset, configure_optimizer, get_batch, seed_random_draws, train_step
 
 STEPS = 3
 CASES = {
     "softmax_top_k": ["--router=softmax_top_k", "--top_k=2", "--router_options.z_loss_weight=0.001"],
     "sigmoid": ["--router=sigmoid", "--top_k=2", "--router_options.bias_update_rate=0.01"],
 }
+NOISE_CASES = {   # run with --tp=P (one batch shard): equal to one process, noise included
+    "tp/noisy_top_k": ["--router=noisy_top_k", "--top_k=2"],
+    "tp/gshard": ["--router=gshard", "--top_k=2", "--router_options.random_routing=true"],
+    "tp/switch_jitter": ["--router=switch", "--top_k=1", "--router_options.jitter_epsilon=0.1"],
+}
+TP_DROP_CAPACITY = ["--tp=2", "--drop_duplicate_tokens=true", "--capacity_factor=1.0", "--router=gshard",
+                    "--top_k=2", "--n_head=2"]
 
 
 def small_config(world_size: int, extra: list[str]):
@@ -34,6 +45,7 @@ def train_three_steps(cfg, dataset, rt):
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, dataset.vocab_size).double()
     rt.shard_model(model)
+    seed_random_draws(cfg, rt)
     optimizer = configure_optimizer(model, cfg)
     records = []
     for step in range(STEPS):
@@ -44,7 +56,9 @@ def train_three_steps(cfg, dataset, rt):
 
 def training_checks(world: ParallelLayout) -> dict:
     results = {}
-    for case, extra in CASES.items():
+    P = world.world_size
+    cases = {**CASES, **{name: [*extra, f"--tp={P}", f"--n_head={P}"] for name, extra in NOISE_CASES.items()}}
+    for case, extra in cases.items():
         cfg = small_config(world.world_size, extra)
         dataset = build_dataset(cfg)
         # The one-process run, on every rank (deterministic: the same result everywhere).
@@ -58,6 +72,9 @@ def training_checks(world: ParallelLayout) -> dict:
             if ".experts." in f".{name}":                          # this rank's slice of the experts
                 plan = next(m.expert_runner for m in together.modules() if hasattr(m, "expert_runner"))
                 expected = expected[plan.first_local_expert: plan.first_local_expert + plan.num_local_experts]
+            if param.shape != expected.shape:                     # a tensor-parallel slice: mine of tp pieces
+                dim = next(d for d, (n, m) in enumerate(zip(param.shape, expected.shape)) if n != m)
+                expected = expected.chunk(expected.shape[dim] // param.shape[dim], dim)[rt_rank_in_tp(together)]
             errors[f"param:{name}"] = float((param - expected).detach().abs().max())
         for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
             errors[f"log:{key}"] = max(abs(a[key] - b[key]) for a, b in zip(alone_records, together_records))
@@ -70,4 +87,23 @@ def training_checks(world: ParallelLayout) -> dict:
         errors["scale:bias_moved"] = max((float(b.abs().max()) for n, b in reference_buffers.items() if "bias" in n),
                                          default=0.0)
         results[f"train/{case}"] = errors
+    if P >= 4:
+        results["train/tp2_drop_capacity_noise"] = tp_ranks_agree(world, small_config(P, TP_DROP_CAPACITY))
     return results
+
+
+def rt_rank_in_tp(model) -> int:
+    """This rank's index in its tensor-parallel group (the slice of the attention it holds)."""
+    return next(m.comm.rank for m in model.modules() if hasattr(m, "comm") and m.comm.name == "tensor")
+
+
+def tp_ranks_agree(world: ParallelLayout, cfg) -> dict:
+    """Three noisy steps with duplicate token dropping and capacity: runs, and each tp group's losses agree."""
+    dataset = build_dataset(cfg)
+    rt = ParallelRuntime(cfg, world.world.engine)
+    _, records = train_three_steps(cfg, dataset, rt)
+    mine = torch.tensor([r["loss"] for r in records], dtype=torch.float64)
+    everyone = world.world.allgather(mine).reshape(world.world_size, -1)
+    partner = rt.layout.rank ^ 1                                  # the other rank of my tp group (tp = 2)
+    return {"tp_ranks_loss_difference": float((everyone[partner] - mine).abs().max()),
+            "scale:finite_losses": float(torch.isfinite(everyone).all())}
