@@ -37,6 +37,8 @@ import math
 import numba
 import torch
 
+from fastmoe_edu.routers import min_score_sum
+
 from . import grouped_gemm_torch, numba_cpu
 
 NAME = "numba"
@@ -298,10 +300,12 @@ class SigmoidTopKRoute(torch.autograd.Function):
         group_scores = logits.new_empty(num_tokens, max(num_groups, 1))           # scratch (unused if 0)
         expert_ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
         weights = logits.new_empty(num_tokens, top_k)
+        # Below this sum of the chosen σ the kernels normalize e^{l − max l} instead (σ underflows there).
+        min_total = min_score_sum(logits.dtype)
         target.sigmoid_top_k_route(target.array(logits), target.array(bias), route_scale, num_groups, top_k_groups,
-                                  target.array(selection), target.array(group_scores), target.array(expert_ids),
-                                  target.array(weights))
-        ctx.route_scale = route_scale
+                                  min_total, target.array(selection), target.array(group_scores),
+                                  target.array(expert_ids), target.array(weights))
+        ctx.route_scale, ctx.min_total = route_scale, min_total
         ctx.mark_non_differentiable(expert_ids)
         ctx.save_for_backward(logits, expert_ids)
         return expert_ids, weights
@@ -313,7 +317,7 @@ class SigmoidTopKRoute(torch.autograd.Function):
         grad_weights = grad_weights.contiguous()
         grad_logits = torch.empty_like(logits)
         target.sigmoid_top_k_route_backward(target.array(logits), target.array(expert_ids), target.array(grad_weights),
-                                           ctx.route_scale, target.array(grad_logits))
+                                           ctx.route_scale, ctx.min_total, target.array(grad_logits))
         return grad_logits, None, None, None, None, None
 
 

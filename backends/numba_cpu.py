@@ -258,9 +258,15 @@ def softmax_top_k_backward(logits, expert_ids, weights, grad_weights, token, ren
 
 
 def sigmoid_selection_scores(logits, bias, token, selection):
-    """selection[t, e] = σ(logits[t, e]) + b_e: what DeepSeek-V3 ranks experts by."""
+    """selection[t, e] = σ(logits[t, e]) + b_e: what DeepSeek-V3 ranks experts by.
+
+    The sigmoid tasks write σ(l) = e^{min(l, 0)} / (1 + e^{−|l|}), which is 1 / (1 + e^{−l}) for l ≥ 0 and
+    e^l / (1 + e^l) below: no exp of a large positive number, which in numba's CUDA simulator (Python's
+    math.exp) raises OverflowError where a CPU or GPU would return inf.
+    """
     for expert in range(logits.shape[1]):
-        selection[token, expert] = 1.0 / (1.0 + math.exp(-logits[token, expert])) + bias[expert]
+        logit = logits[token, expert]
+        selection[token, expert] = math.exp(min(logit, 0.0)) / (1.0 + math.exp(-abs(logit))) + bias[expert]
 
 
 def best_two_group_scores(selection, token, num_groups, group_scores):
@@ -296,37 +302,71 @@ def mask_outside_best_groups(group_scores, token, num_groups, top_k_groups, sele
                 selection[token, expert] = -math.inf
 
 
-def sigmoid_top_k_weights(logits, expert_ids, token, route_scale, weights):
-    """w_s = σ(l_{e_s}) / Σ_{s'} σ(l_{e_s'}) · route_scale  (the bias only selected; it is not here)."""
-    total = 0.0
-    for slot in range(expert_ids.shape[1]):
-        score = 1.0 / (1.0 + math.exp(-logits[token, expert_ids[token, slot]]))   # s = σ(l)
-        weights[token, slot] = score
-        total += score
-    for slot in range(expert_ids.shape[1]):
-        weights[token, slot] = weights[token, slot] / total * route_scale
+def sigmoid_top_k_weights(logits, expert_ids, token, route_scale, min_total, weights):
+    """w_s = σ(l_{e_s}) / Σ_{s'} σ(l_{e_s'}) · route_scale  (the bias only selected; it is not here).
 
-
-def sigmoid_top_k_backward(logits, expert_ids, grad_weights, token, route_scale, grad_logits):
-    """∂L/∂logits[t] from g = ∂L/∂w[t]. With σ_s = σ(l_{e_s}), S = Σ_s σ_s, u_s = σ_s / S:
-
-        ∂σ_r = route_scale / S · (g_r − Σ_s g_s u_s),    ∂l_{e_r} = ∂σ_r · σ_r (1 − σ_r),
-    and 0 for the experts not chosen.
+    If the chosen σ sum below ``min_total`` (routers.min_score_sum: logits so far below 0 that σ
+    underflows and the ratio would be 0/0), σ(l) = e^l to float precision there, and the ratio is taken
+    of e^{l − max l} instead: the common factor e^{−max l} cancels, and the largest term is 1.
     """
     top_k = expert_ids.shape[1]
     total = 0.0
+    largest = logits[token, expert_ids[token, 0]]
     for slot in range(top_k):
-        total += 1.0 / (1.0 + math.exp(-logits[token, expert_ids[token, slot]]))
+        logit = logits[token, expert_ids[token, slot]]
+        score = math.exp(min(logit, 0.0)) / (1.0 + math.exp(-abs(logit)))                  # s = σ(l)
+        weights[token, slot] = score
+        total += score
+        largest = max(largest, logit)
+    if total < min_total:
+        total = 0.0
+        for slot in range(top_k):
+            score = math.exp(logits[token, expert_ids[token, slot]] - largest)               # s ∝ e^l
+            weights[token, slot] = score
+            total += score
+    for slot in range(top_k):
+        weights[token, slot] = weights[token, slot] / total * route_scale
+
+
+def sigmoid_top_k_backward(logits, expert_ids, grad_weights, token, route_scale, min_total, grad_logits):
+    """∂L/∂logits[t] from g = ∂L/∂w[t]. With σ_s = σ(l_{e_s}), S = Σ_s σ_s, u_s = σ_s / S:
+
+        ∂σ_r = route_scale / S · (g_r − Σ_s g_s u_s),    ∂l_{e_r} = ∂σ_r · σ_r (1 − σ_r),
+    and 0 for the experts not chosen. Where the forward rescaled (S < min_total), σ_s is e^{l_s − max l}
+    in these formulas and 1 − σ_r is 1 (σ_r < min_total is far below float precision).
+    """
+    top_k = expert_ids.shape[1]
+    total = 0.0
+    largest = logits[token, expert_ids[token, 0]]
+    for slot in range(top_k):
+        logit = logits[token, expert_ids[token, slot]]
+        total += math.exp(min(logit, 0.0)) / (1.0 + math.exp(-abs(logit)))
+        largest = max(largest, logit)
+    rescaled = total < min_total
+    if rescaled:
+        total = 0.0
+        for slot in range(top_k):
+            total += math.exp(logits[token, expert_ids[token, slot]] - largest)
     dot = 0.0
     for slot in range(top_k):
-        score = 1.0 / (1.0 + math.exp(-logits[token, expert_ids[token, slot]]))
+        logit = logits[token, expert_ids[token, slot]]
+        if rescaled:
+            score = math.exp(logit - largest)
+        else:
+            score = math.exp(min(logit, 0.0)) / (1.0 + math.exp(-abs(logit)))
         dot += grad_weights[token, slot] * score / total
     for expert in range(logits.shape[1]):
         grad_logits[token, expert] = 0
     for slot in range(top_k):
-        score = 1.0 / (1.0 + math.exp(-logits[token, expert_ids[token, slot]]))
+        logit = logits[token, expert_ids[token, slot]]
+        if rescaled:
+            score = math.exp(logit - largest)
+            slope = 1.0                                                        # 1 − σ(l), σ(l) < min_total
+        else:
+            score = math.exp(min(logit, 0.0)) / (1.0 + math.exp(-abs(logit)))
+            slope = 1.0 - score                                                # σ'(l) = σ(l) (1 − σ(l))
         grad_score = route_scale / total * (grad_weights[token, slot] - dot)
-        grad_logits[token, expert_ids[token, slot]] = grad_score * score * (1.0 - score)
+        grad_logits[token, expert_ids[token, slot]] = grad_score * score * slope
 
 
 # ====================================================================================================
@@ -454,7 +494,7 @@ def softmax_top_k_route_backward(logits, expert_ids, weights, grad_weights, reno
 
 
 @numba.njit(parallel=True, cache=True)
-def sigmoid_top_k_route(logits, bias, route_scale, num_groups, top_k_groups, selection, group_scores,
+def sigmoid_top_k_route(logits, bias, route_scale, num_groups, top_k_groups, min_total, selection, group_scores,
                        expert_ids, weights):
     """``num_groups = 0`` switches group-limited routing off; ``selection``, ``group_scores`` are scratch."""
     for token in prange(logits.shape[0]):
@@ -463,10 +503,10 @@ def sigmoid_top_k_route(logits, bias, route_scale, num_groups, top_k_groups, sel
             best_two_group_scores_cpu(selection, token, num_groups, group_scores)
             mask_outside_best_groups_cpu(group_scores, token, num_groups, top_k_groups, selection)
         select_top_k_cpu(selection, token, expert_ids.shape[1], expert_ids)
-        sigmoid_top_k_weights_cpu(logits, expert_ids, token, route_scale, weights)
+        sigmoid_top_k_weights_cpu(logits, expert_ids, token, route_scale, min_total, weights)
 
 
 @numba.njit(parallel=True, cache=True)
-def sigmoid_top_k_route_backward(logits, expert_ids, grad_weights, route_scale, grad_logits):
+def sigmoid_top_k_route_backward(logits, expert_ids, grad_weights, route_scale, min_total, grad_logits):
     for token in prange(logits.shape[0]):
-        sigmoid_top_k_backward_cpu(logits, expert_ids, grad_weights, token, route_scale, grad_logits)
+        sigmoid_top_k_backward_cpu(logits, expert_ids, grad_weights, token, route_scale, min_total, grad_logits)

@@ -230,8 +230,8 @@ def _softmax_top_k_route_backward_kernel(logits, expert_ids, weights, grad_weigh
 
 
 @cuda.jit
-def _sigmoid_top_k_route_kernel(logits, bias, route_scale, num_groups, top_k_groups, selection, group_scores,
-                               expert_ids, weights):
+def _sigmoid_top_k_route_kernel(logits, bias, route_scale, num_groups, top_k_groups, min_total, selection,
+                               group_scores, expert_ids, weights):
     token = cuda.grid(1)
     if token < logits.shape[0]:
         sigmoid_selection_scores(logits, bias, token, selection)
@@ -239,14 +239,14 @@ def _sigmoid_top_k_route_kernel(logits, bias, route_scale, num_groups, top_k_gro
             best_two_group_scores(selection, token, num_groups, group_scores)
             mask_outside_best_groups(group_scores, token, num_groups, top_k_groups, selection)
         select_top_k(selection, token, expert_ids.shape[1], expert_ids)
-        sigmoid_top_k_weights(logits, expert_ids, token, route_scale, weights)
+        sigmoid_top_k_weights(logits, expert_ids, token, route_scale, min_total, weights)
 
 
 @cuda.jit
-def _sigmoid_top_k_route_backward_kernel(logits, expert_ids, grad_weights, route_scale, grad_logits):
+def _sigmoid_top_k_route_backward_kernel(logits, expert_ids, grad_weights, route_scale, min_total, grad_logits):
     token = cuda.grid(1)
     if token < logits.shape[0]:
-        sigmoid_top_k_backward(logits, expert_ids, grad_weights, token, route_scale, grad_logits)
+        sigmoid_top_k_backward(logits, expert_ids, grad_weights, token, route_scale, min_total, grad_logits)
 
 
 def softmax_top_k_route(logits, renormalize, expert_ids, weights):
@@ -258,12 +258,12 @@ def softmax_top_k_route_backward(logits, expert_ids, weights, grad_weights, reno
             renormalize, grad_logits)
 
 
-def sigmoid_top_k_route(logits, bias, route_scale, num_groups, top_k_groups, selection, group_scores,
+def sigmoid_top_k_route(logits, bias, route_scale, num_groups, top_k_groups, min_total, selection, group_scores,
                        expert_ids, weights):
     _launch(_sigmoid_top_k_route_kernel, logits.shape[0], logits, bias, route_scale, num_groups, top_k_groups,
-            selection, group_scores, expert_ids, weights)
+            min_total, selection, group_scores, expert_ids, weights)
 
 
-def sigmoid_top_k_route_backward(logits, expert_ids, grad_weights, route_scale, grad_logits):
+def sigmoid_top_k_route_backward(logits, expert_ids, grad_weights, route_scale, min_total, grad_logits):
     _launch(_sigmoid_top_k_route_backward_kernel, logits.shape[0], logits, expert_ids, grad_weights, route_scale,
-            grad_logits)
+            min_total, grad_logits)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from .backends import BACKEND_NAMES
 from .data import DATASETS
-from .distributed.engines import ENGINES
+from .distributed.engines import DEFAULT_TIMEOUT_S, ENGINES
 from .distributed.parallelize import EXCHANGES
 from .experts import EXPERT_KINDS
 from .routers import ROUTERS, router_options as accepted_router_options
@@ -96,7 +96,7 @@ class TrainConfig:
     engine: str = _field("auto", "parallel", "communication engine: mpi (mpirun), torch (torchrun: gloo on CPU, "
                          "NCCL on CUDA) or auto (the launcher's; no launcher = one process, no engine)",
                          choices=ENGINES)
-    collective_timeout_s: float = _field(300.0, "parallel", "the longest any rank waits inside one collective; "
+    collective_timeout_s: float = _field(DEFAULT_TIMEOUT_S, "parallel", "the longest any rank waits inside one collective; "
                                          "past it the rank says which collective and communicator, and the "
                                          "whole job ends (a stalled or dead rank never hangs the others)",
                                          above=0.0)

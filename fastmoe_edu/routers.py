@@ -63,7 +63,8 @@ def sigmoid_top_k_route(
     experts are split into ``num_groups`` equal groups, each group is scored by the sum of its two
     largest (s + b), and only experts of the best ``top_k_groups`` groups may be selected.
     """
-    scores = torch.sigmoid(_router_precision(logits))                              # s = σ(logits)
+    logits = _router_precision(logits)
+    scores = torch.sigmoid(logits)                                                 # s = σ(logits)
     selection = scores + bias                                                      # s + b
     if num_groups is not None:
         num_tokens, num_experts = selection.shape
@@ -75,8 +76,24 @@ def sigmoid_top_k_route(
         selection = selection.masked_fill(~expert_mask, float("-inf"))
     expert_ids = selection.topk(top_k, dim=-1).indices
     chosen = scores.gather(1, expert_ids)
-    weights = chosen / chosen.sum(dim=-1, keepdim=True) * route_scale              # w = s / Σ s · scale
+    total = chosen.sum(dim=-1, keepdim=True)
+    # Far below 0, σ underflows (float32: to 0 below l ≈ −104), so s / Σ s is 0/0, and even before that its
+    # gradient's 1 / Σ s overflows. Where Σ s < min_score_sum, every chosen s is so small that σ(l) = e^l
+    # to far below float precision, so s / Σ s = softmax of the chosen logits: the same number, never 0/0.
+    # Everywhere else the plain ratio is kept, so ordinary logits give the same bits as without the guard.
+    far_below_zero = total < min_score_sum(total.dtype)
+    plain = chosen / torch.where(far_below_zero, 1.0, total)      # 1 where unused: keeps its gradient finite
+    underflow_free = torch.softmax(logits.gather(1, expert_ids), dim=-1)
+    weights = torch.where(far_below_zero, underflow_free, plain) * route_scale     # w = s / Σ s · scale
     return expert_ids, weights
+
+
+def min_score_sum(dtype: torch.dtype) -> float:
+    """The smallest Σ s that sigmoid_top_k_route divides by: √(smallest normal float), 1e-19 in float32.
+
+    Below it each chosen σ(l) = e^l / (1 + e^l) is e^l up to a factor 1 − O(1e-19), far below float
+    precision; above it 1 / Σ s (in the gradient) is at most ~1e19, far from overflowing."""
+    return torch.finfo(dtype).tiny ** 0.5
 
 
 def _router_precision(logits: torch.Tensor) -> torch.Tensor:

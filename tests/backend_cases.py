@@ -223,6 +223,46 @@ def check_routers(num_tokens, num_experts, top_k, dtype_name, seed=0, device="cp
     _compare_runs(run, dtype)
 
 
+#: The sigmoid router far from zero, where σ underflows to 0 (float32: l < −104; float64: l < −745) or
+#: saturates at 1. Logits [T, E = 4]; the selection bias makes the choice unambiguous even where every σ is
+#: 0: experts 0 and 1, except row 2 (1 then 0). The chosen σ underflow (rows 0, 3, 4 in float32), saturate
+#: (row 1), or one of them is 0 (row 2); row 4 is where float32 σ is subnormal and 1 / Σ σ overflows.
+EXTREME_SIGMOID_LOGITS = [
+    [-1e4, -1e4 + 1, -1e4 + 2, -1e4 + 3],
+    [1e4, 1e4, -1e4, -1e4],
+    [-1e4, 2.0, -1e4, -1e4],
+    [-200.0, -150.0, -120.0, -100.0],
+    [-95.0, -96.0, -1e4, -1e4],
+]
+EXTREME_SIGMOID_BIAS = [0.3, 0.2, 0.1, 0.0]
+EXTREME_SIGMOID_IDS = [[0, 1], [0, 1], [1, 0], [0, 1], [0, 1]]
+
+
+def check_sigmoid_extreme_logits(dtype_name, device="cpu"):
+    """sigmoid_top_k_route on EXTREME_SIGMOID_LOGITS, plain and grouped: finite weights and gradients."""
+    dtype = DTYPES[dtype_name]
+    logits = torch.tensor(EXTREME_SIGMOID_LOGITS, dtype=dtype, device=device)
+    bias = torch.tensor(EXTREME_SIGMOID_BIAS, device=device)
+    grad_weights = torch.randn(logits.shape[0], 2, generator=torch.Generator().manual_seed(0), dtype=dtype).to(device)
+
+    def run(backend):
+        results = {}
+        for groups in (None, 2):
+            logits_leaf = logits.clone().requires_grad_(True)
+            expert_ids, weights = backend.sigmoid_top_k_route(logits_leaf, bias, 2, 2.5, groups,
+                                                                 1 if groups else None)
+            grad_logits = torch.autograd.grad(weights, logits_leaf, grad_weights)[0]
+            if not (torch.isfinite(weights).all() and torch.isfinite(grad_logits).all()):
+                raise AssertionError(f"{backend.NAME}, num_groups={groups}: weights {weights.tolist()}, "
+                                     f"gradient {grad_logits.tolist()}")
+            results[f"groups={groups} ids"] = expert_ids
+            results[f"groups={groups} weights"] = weights.detach()
+            results[f"groups={groups} backward"] = grad_logits
+        return results
+
+    _compare_runs(run, dtype)
+
+
 def check_grouped_gemm(implementation, counts, d_in, d_out, dtype_name, tile=None, seed=0, device="cpu"):
     """numba_backend.grouped_matmul with ``implementation`` against the reference, forward and backward."""
     dtype = DTYPES[dtype_name]
@@ -279,6 +319,8 @@ def kernel_cases(device: str) -> dict:
         cases[f"float-{name}"] = lambda n=name: check_float_steps(*edge_case_ids(n), 3, "float64", device=device)
     for dtype_name in DTYPES:
         cases[f"routers-{dtype_name}"] = lambda d=dtype_name: check_routers(6, 8, 2, d, device=device)
+        cases[f"sigmoid-extreme-logits-{dtype_name}"] = (
+            lambda d=dtype_name: check_sigmoid_extreme_logits(d, device=device))
     return cases
 
 

@@ -22,7 +22,8 @@ import torch
 
 import backend_cases
 from backend_cases import (DTYPES, EDGE_CASES, LAYER_CASES, check_float_steps, check_grouped_gemm,
-                           check_integer_steps, check_layer, check_routers, edge_case_ids, random_expert_ids)
+                           check_integer_steps, check_layer, check_routers, check_sigmoid_extreme_logits,
+                           edge_case_ids, random_expert_ids)
 from fastmoe_edu import ROUTERS, MoELayer, backends
 from fastmoe_edu.backends import get_backend, numba_backend, numba_cpu, reference, set_cpu_threads
 from fastmoe_edu.backends.interface import FUNCTIONS, Backend, HasThreadPool, missing_members
@@ -105,6 +106,12 @@ def test_float_steps_random(dtype_name):
 @pytest.mark.parametrize("num_tokens,num_experts,top_k", [(200, 16, 2), (50, 8, 1), (9, 4, 4), (1, 6, 3)])
 def test_routers(num_tokens, num_experts, top_k, dtype_name):
     check_routers(num_tokens, num_experts, top_k, dtype_name)
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+def test_sigmoid_router_extreme_logits(dtype_name):
+    """Where σ underflows or saturates: finite, and numba equal to the reference (ids) and close (floats)."""
+    check_sigmoid_extreme_logits(dtype_name)
 
 
 def test_capacity_all_dropped_outputs_zero():

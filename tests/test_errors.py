@@ -7,8 +7,10 @@ from fastmoe_edu import MoELayer
 BAD_LAYERS = [
     (dict(top_k=5), r"top_k=5 must be an integer in \[1, num_experts=4\]"),
     (dict(top_k=0), r"top_k=0 must be an integer"),
-    (dict(capacity_factor=0), r"capacity_factor=0 must be a number > 0"),
-    (dict(capacity_factor=-1.5), r"capacity_factor=-1.5 must be a number > 0"),
+    (dict(capacity_factor=0), r"capacity_factor=0 must be a finite number > 0, or None for dropless"),
+    (dict(capacity_factor=-1.5), r"capacity_factor=-1.5 must be a finite number > 0"),
+    (dict(capacity_factor=float("inf")), r"capacity_factor=inf must be a finite number > 0, or None for dropless"),
+    (dict(capacity_factor=float("nan")), r"capacity_factor=nan must be a finite number > 0"),
     (dict(router="top3000"), r"router='top3000' is not a known router; allowed: softmax_top_k"),
     (dict(expert="relu"), r"expert='relu' is not a known expert kind; allowed: swiglu, gelu"),
     (dict(backend="cuda-magic"), r"backend='cuda-magic' is not a known backend; allowed: reference, numba, auto"),
@@ -20,8 +22,19 @@ BAD_LAYERS = [
     (dict(router="sigmoid", num_groups=2, top_k_groups=3), r"top_k_groups=3 must be an integer in \[1, num_groups=2\]"),
     (dict(router="sigmoid", top_k=3, num_groups=2, top_k_groups=1), r"fewer than top_k=3"),
     (dict(router="switch", top_k=1, jitter_epsilon=1.5), r"jitter_epsilon=1.5 must be in \[0, 1\)"),
-    (dict(balance_loss_weight=-1), r"balance_loss_weight=-1 must be a number >= 0"),
-    (dict(router="xmoe", temperature=0), r"temperature=0 must be > 0"),
+    (dict(balance_loss_weight=-1), r"balance_loss_weight=-1 must be a finite number >= 0"),
+    (dict(router="xmoe", temperature=0), r"temperature=0 must be a finite number > 0"),
+    # nan and inf in the float options: nan slips past every comparison, inf makes the losses inf or nan.
+    (dict(balance_loss_weight=float("inf")), r"balance_loss_weight=inf must be a finite number >= 0"),
+    (dict(balance_loss_weight=float("nan")), r"balance_loss_weight=nan must be a finite number >= 0"),
+    (dict(z_loss_weight=float("inf")), r"z_loss_weight=inf must be a finite number >= 0"),
+    (dict(router="noisy_top_k", noise_epsilon=float("inf")), r"noise_epsilon=inf must be a finite number >= 0"),
+    (dict(router="switch", top_k=1, jitter_epsilon=float("nan")), r"jitter_epsilon=nan must be a finite number >= 0"),
+    (dict(router="sigmoid", bias_update_rate=float("inf")), r"bias_update_rate=inf must be a finite number >= 0"),
+    (dict(router="xmoe", temperature=float("inf")), r"temperature=inf must be a finite number > 0"),
+    (dict(router="xmoe", temperature=float("nan")), r"temperature=nan must be a finite number > 0"),
+    (dict(router="sigmoid", route_scale=float("nan")), r"route_scale=nan must be a finite number > 0"),
+    (dict(router="sigmoid", route_scale=float("-inf")), r"route_scale=-inf must be a finite number > 0"),
 ]
 
 
@@ -43,6 +56,24 @@ def test_wrong_input_width():
     layer = MoELayer(8, 16, 4)
     with pytest.raises(ValueError, match="input's last dimension is 7, expected d_model=8"):
         layer(torch.randn(3, 7))
+
+
+BAD_INPUTS = [
+    (torch.randn(3, 8, dtype=torch.float64), TypeError,
+     r"input dtype torch.float64 differs from the layer's parameter dtype torch.float32; "
+     r"convert the input with x.to\(torch.float32\) or the layer with layer.to\(torch.float64\)"),
+    (torch.ones(3, 8, dtype=torch.int64), TypeError,
+     r"input dtype torch.int64 is not a floating-point dtype; convert it with x.to\(torch.float32\)"),
+    (torch.tensor(1.0), ValueError, r"input is 0-dimensional \(a scalar\); expected shape \[..., d_model=8\]"),
+]
+
+
+@pytest.mark.parametrize("x,error,message", BAD_INPUTS, ids=["float64-into-float32", "int64", "0-D"])
+def test_bad_input(x, error, message):
+    layer = MoELayer(8, 16, 4)
+    with pytest.raises(error, match=message):
+        layer(x)
+    assert layer.last_routing is None                  # refused before any work
 
 
 def test_forced_backend_that_cannot_run_is_loud():

@@ -140,3 +140,20 @@ def test_expert_formula(expert):
     hidden = torch.nn.functional.gelu(x @ w1.t()) if expert == "gelu" else \
         torch.nn.functional.silu(x @ w1.t()) * (x @ w3[0].t())
     torch.testing.assert_close(layer(x), hidden @ w2.t())  # single expert: weight 1 after renormalization
+
+
+@pytest.mark.parametrize("shape", [(0, D_MODEL), (2, 0, D_MODEL)], ids=["0xd", "2x0xd"])
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+@pytest.mark.parametrize("router", list(ROUTERS))
+def test_zero_tokens(router, backend, shape):
+    """An empty batch (a rank with no tokens, a ragged last batch) is a no-op, not an error or a NaN:
+    an empty output, aux loss exactly 0, and zero gradients for every parameter."""
+    layer = make_layer(router, dtype=torch.float32, backend=backend, capacity_factor=1.0,
+                       balance_loss_weight=1.0, z_loss_weight=0.1).train()
+    x = torch.randn(*shape, requires_grad=True)
+    y = layer(x)
+    assert y.shape == x.shape
+    assert layer.aux_loss.item() == 0.0
+    (y.sum() + layer.aux_loss).backward()
+    for name, param in layer.named_parameters():
+        assert param.grad is not None and torch.count_nonzero(param.grad) == 0, name

@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
+from backend_cases import EXTREME_SIGMOID_BIAS, EXTREME_SIGMOID_IDS, EXTREME_SIGMOID_LOGITS
 from fastmoe_edu import MoELayer
+from fastmoe_edu.backends import get_backend
 from fastmoe_edu.dispatch import prune_capacity
 from fastmoe_edu.routers import (GShardRouter, NoisyTopKRouter, SwitchRouter, cv_squared, router_z_loss,
                                  switch_balance_loss)
@@ -100,6 +102,46 @@ def test_sigmoid_bias_update_rule_by_hand():
     layer = MoELayer(4, 4, 4, top_k=1, router="sigmoid", bias_update_rate=0.1)
     layer.update_router_bias(torch.tensor([4.0, 0.0, 2.0, 2.0]))   # mean 2
     assert layer.router.bias.tolist() == pytest.approx([-0.1, 0.1, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("num_groups", [None, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_sigmoid_weights_where_sigmoid_underflows(backend, dtype, num_groups):
+    """Far below zero σ(l) underflows to 0 and s / Σ s would be 0/0. The weights and their gradient must
+    still be s_i / Σ_j s_j · route_scale, here computed exactly as softmax_i(log σ(l)) in float64."""
+    route = get_backend(backend).sigmoid_top_k_route
+    logits = torch.tensor(EXTREME_SIGMOID_LOGITS, dtype=dtype, requires_grad=True)
+    expert_ids, weights = route(logits, torch.tensor(EXTREME_SIGMOID_BIAS), 2, 2.5, num_groups,
+                                1 if num_groups else None)
+    assert expert_ids.tolist() == EXTREME_SIGMOID_IDS
+    exact_logits = logits.detach().double().requires_grad_(True)
+    exact = torch.softmax(torch.nn.functional.logsigmoid(exact_logits.gather(1, expert_ids)), dim=-1) * 2.5
+    torch.testing.assert_close(weights, exact.to(dtype))
+    upstream = torch.randn(weights.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grad = torch.autograd.grad(weights, logits, upstream.to(dtype))[0]
+    exact_grad = torch.autograd.grad(exact, exact_logits, upstream)[0]
+    torch.testing.assert_close(grad, exact_grad.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_sigmoid_layer_with_huge_logits(backend, dtype):
+    """Logits of ±1e4 (σ exactly 0 or 1) through the whole layer, forward and backward: everything finite
+    and every token's weights sum to route_scale. float16/bfloat16 layers route in float32."""
+    torch.manual_seed(0)
+    layer = MoELayer(8, 16, 4, top_k=2, router="sigmoid", backend=backend, route_scale=2.5).to(dtype)
+    with torch.no_grad():                       # logits[t, e] = sign_t · 1e4 · c_e, c = (1, 0.9, 0.8, 0.7)
+        layer.router.weight.copy_(torch.tensor([1.0, 0.9, 0.8, 0.7])[:, None].expand(4, 8) * 1250)
+    signs = torch.tensor([1.0, -1.0, -1.0, 1.0, -1.0, 1.0])
+    x = (signs[:, None] * torch.ones(6, 8)).to(dtype).requires_grad_(True)
+    y = layer(x)
+    assert torch.isfinite(y).all()
+    assert layer.last_routing.logits.abs().min() >= 7000
+    (y * torch.randn(y.shape).to(dtype)).sum().backward()
+    for name, tensor in [("input", x), *layer.named_parameters()]:
+        assert torch.isfinite(tensor.grad).all(), name
+    torch.testing.assert_close(layer.last_routing.weights.sum(dim=1), torch.full((6,), 2.5))
 
 
 def test_switch_balance_loss_by_hand():

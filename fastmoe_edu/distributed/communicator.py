@@ -40,14 +40,21 @@ EXCHANGE_METHODS = ("pairwise", "alltoallv")
 REDUCE_OPS = ("sum", "max")
 
 
+class CollectiveTimeout(RuntimeError):
+    """A collective did not complete within ``timeout_s``: a rank of the communicator stalled or died."""
+
+
 class Communicator(ABC):
     """A group of ranks spoken to with torch tensors. ``name`` labels the counters ("expert", "data", ...)."""
 
     #: the engine's name, printed at start-up ("mpi", "torch")
     engine: str = ""
 
-    def __init__(self, name: str, rank: int, size: int, stats: CommunicationStats | None = None):
+    def __init__(self, name: str, rank: int, size: int, members: list[int], timeout_s: float | None,
+                 stats: CommunicationStats | None = None):
         self.name, self.rank, self.size = name, rank, size
+        self.members = members                   # the world rank of each rank of this communicator
+        self.timeout_s = timeout_s               # the longest one collective may take; None = unbounded
         self.stats = stats if stats is not None else CommunicationStats()
 
     def __repr__(self) -> str:
@@ -96,7 +103,7 @@ class Communicator(ABC):
             for shift in range(1, self.size):
                 destination, source = (self.rank + shift) % self.size, (self.rank - shift) % self.size
                 for request in self._start_sendrecv(outgoing(destination), destination, incoming(source), source):
-                    self._wait(request)
+                    self._complete(request, f"pairwise exchange with ranks {destination} and {source}")
         return received.to(rows.device)
 
     def ialltoallv(self, rows: torch.Tensor, send_rows: list[int], recv_rows: list[int],
@@ -127,7 +134,7 @@ class Communicator(ABC):
         if self.size > 1:
             staged = self._stage(tensor)
             with self.stats.measure(f"{self.name}/{purpose}", staged.numel() * staged.element_size()):
-                self._wait(self._start_allreduce(staged, op))
+                self._complete(self._start_allreduce(staged, op), f"{purpose} ({op})")
             if staged.data_ptr() != tensor.data_ptr():            # a host copy or a contiguous copy
                 tensor.copy_(staged)
         if average:
@@ -140,7 +147,7 @@ class Communicator(ABC):
             staged = self._stage(tensor)
             sent = staged.numel() * staged.element_size() * (self.size - 1) if self.rank == root else 0
             with self.stats.measure(f"{self.name}/bcast", sent):
-                self._wait(self._start_broadcast(staged, root))
+                self._complete(self._start_broadcast(staged, root), f"broadcast from rank {root}")
             if staged.data_ptr() != tensor.data_ptr():
                 tensor.copy_(staged)
         return tensor
@@ -163,7 +170,7 @@ class Communicator(ABC):
 
     def barrier(self) -> None:
         with self.stats.measure(f"{self.name}/barrier", 0):
-            self._wait(self._start_barrier())
+            self._complete(self._start_barrier(), "barrier")
 
     def split(self, color: int, key: int, name: str) -> "Communicator":
         """The ranks of this communicator that pass the same ``color``, numbered by ``key``; shares the counters.
@@ -210,8 +217,19 @@ class Communicator(ABC):
         """Post a barrier; returns a request."""
 
     @abstractmethod
-    def _wait(self, request) -> None:
-        """Block until a request of this engine has completed."""
+    def _wait(self, request, timeout_s: float | None) -> bool:
+        """Block until a request of this engine has completed (True), or ``timeout_s`` has passed (False)."""
+
+    def _complete(self, request, what: str) -> None:
+        """Wait for ``request`` at most ``timeout_s``; past it, say which collective and which ranks, and raise.
+
+        The engines cannot tell which member failed to arrive, so the message names them all. The
+        exception ends the job (``failure.abort_on_exception``): one stalled rank never hangs the rest.
+        """
+        if not self._wait(request, self.timeout_s):
+            raise CollectiveTimeout(f"{what} on communicator {self.name!r} did not complete within "
+                                    f"{self.timeout_s:g} s (collective_timeout_s): one of its ranks (world ranks "
+                                    f"{self.members}) stalled or died; ending the job")
 
     @abstractmethod
     def _split(self, color: int, key: int, name: str) -> "Communicator":
@@ -261,9 +279,9 @@ class PendingExchange:
         """Block until the rows have arrived (timed as ``"<communicator>/wait"`` for a non-blocking post)."""
         if self.timed_wait:
             with self.comm.stats.measure(f"{self.comm.name}/wait", 0):
-                self.comm._wait(self.request)
+                self.comm._complete(self.request, "all-to-all-v")
         else:
-            self.comm._wait(self.request)
+            self.comm._complete(self.request, "all-to-all-v")
         return self.received.to(self.device)
 
 

@@ -17,6 +17,7 @@ import os
 from .communicator import Communicator
 
 ENGINES = ("auto", "mpi", "torch")
+DEFAULT_TIMEOUT_S = 300.0          # the config's collective_timeout_s default: generous for slow machines
 # What each launcher puts into every process's environment: (engine, size variable, rank variable).
 _LAUNCHERS = (("torch", "WORLD_SIZE", "RANK"),                      # torchrun (also any env:// launch)
               ("mpi", "PMI_SIZE", "PMI_RANK"),                      # MPICH's hydra mpirun (the mpich wheel)
@@ -63,14 +64,17 @@ def resolve_engine(requested: str = "auto") -> str | None:
     return found
 
 
-def open_world(engine: str = "auto", device: str = "cpu") -> Communicator:
-    """The world communicator of ``engine`` ("auto": the launcher's; MPI when there is none)."""
+def open_world(engine: str = "auto", device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> Communicator:
+    """The world communicator of ``engine`` ("auto": the launcher's; MPI when there is none).
+
+    ``timeout_s``: the longest any collective may wait (the config's ``collective_timeout_s``).
+    """
     engine = resolve_engine(engine) or (engine if engine != "auto" else "mpi")
     if engine == "torch":
         from .torch_engine import torch_world
-        return torch_world(device_type=torch_device_type(device))
+        return torch_world(device_type=torch_device_type(device), timeout_s=timeout_s)
     from .mpi_engine import mpi_world
-    return mpi_world()
+    return mpi_world(timeout_s=timeout_s)
 
 
 def torch_device_type(device) -> str:

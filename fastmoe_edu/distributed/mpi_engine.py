@@ -73,9 +73,10 @@ class MPICommunicator(Communicator):
 
     engine = "mpi"
 
-    def __init__(self, comm: MPI.Comm, name: str, stats: CommunicationStats | None = None,
-                 sleep_while_waiting: float | None = None):
-        super().__init__(name, comm.Get_rank(), comm.Get_size(), stats)
+    def __init__(self, comm: MPI.Comm, name: str, timeout_s: float | None = None,
+                 stats: CommunicationStats | None = None, sleep_while_waiting: float | None = None):
+        members = MPI.Group.Translate_ranks(comm.Get_group(), list(range(comm.Get_size())), MPI.COMM_WORLD.Get_group())
+        super().__init__(name, comm.Get_rank(), comm.Get_size(), list(members), timeout_s, stats)
         self.comm = comm
         # Seconds to sleep between completion checks while waiting; None = MPI's blocking wait.
         self.sleep_while_waiting = sleep_while_waiting
@@ -101,21 +102,27 @@ class MPICommunicator(Communicator):
         return self.comm.Ibcast(_buffer(tensor), root=root)
 
     def _allgatherv(self, send, gathered, counts):
-        self._wait(self.comm.Iallgatherv(_buffer(send), _buffer(gathered, counts, _exclusive_prefix_sum(counts))))
+        self._complete(self.comm.Iallgatherv(_buffer(send), _buffer(gathered, counts, _exclusive_prefix_sum(counts))),
+                       "all-gather")
 
     def _start_barrier(self):
         return self.comm.Ibarrier()
 
-    def _wait(self, request) -> None:
-        """MPI's busy wait, or test-and-sleep (see the module docstring)."""
-        if self.sleep_while_waiting is None:
+    def _wait(self, request, timeout_s) -> bool:
+        """MPI's busy wait, or test-and-sleep (see the module docstring), until the deadline."""
+        if self.sleep_while_waiting is None and timeout_s is None:
             request.Wait()
-            return
+            return True
+        deadline = time.monotonic() + (timeout_s if timeout_s is not None else float("inf"))
         while not request.Test():
-            time.sleep(self.sleep_while_waiting)
+            if time.monotonic() > deadline:
+                return False
+            if self.sleep_while_waiting is not None:
+                time.sleep(self.sleep_while_waiting)
+        return True
 
     def _split(self, color, key, name):
-        return MPICommunicator(self.comm.Split(color, key), name, self.stats, self.sleep_while_waiting)
+        return MPICommunicator(self.comm.Split(color, key), name, self.timeout_s, self.stats, self.sleep_while_waiting)
 
     def transfer_path(self, device) -> str:
         if torch.device(device).type != "cuda":
@@ -128,9 +135,9 @@ class MPICommunicator(Communicator):
         return device.type == "cuda" and cuda_aware_mpi()
 
 
-def mpi_world(sleep_while_waiting: bool | None = None) -> MPICommunicator:
+def mpi_world(timeout_s: float | None = None, sleep_while_waiting: bool | None = None) -> MPICommunicator:
     """``MPI.COMM_WORLD`` as a Communicator; ``sleep_while_waiting=None``: only when oversubscribed."""
-    world = MPICommunicator(MPI.COMM_WORLD, "world")
+    world = MPICommunicator(MPI.COMM_WORLD, "world", timeout_s)
     if sleep_while_waiting is None:
         sleep_while_waiting = world.ranks_on_this_node() > len(os.sched_getaffinity(0))
     world.sleep_while_waiting = _SLEEP_SECONDS if sleep_while_waiting else None

@@ -41,7 +41,7 @@ class ParallelRuntime(Runtime):
         if cfg.ranks_per_node is not None:
             check_ranks_per_node(cfg.ranks_per_node, ep)
         self.cfg = cfg
-        world = open_world(engine, cfg.device)
+        world = open_world(engine, cfg.device, cfg.collective_timeout_s)
         self.layout = ParallelLayout(world, tp=tp, ep=ep, dp=dp)
         self.rank, self.world_size, self.data_rank = world.rank, world.size, self.layout.data_rank
 

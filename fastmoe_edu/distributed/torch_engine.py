@@ -49,9 +49,10 @@ class TorchCommunicator(Communicator):
 
     def __init__(self, group: dist.ProcessGroup, name: str, ranks_on_node: int, timeout: timedelta,
                  stats: CommunicationStats | None = None):
-        super().__init__(name, dist.get_rank(group), dist.get_world_size(group), stats)
+        super().__init__(name, dist.get_rank(group), dist.get_world_size(group),
+                         dist.get_process_group_ranks(group), timeout.total_seconds(), stats)
         self.group = group
-        self.global_ranks = dist.get_process_group_ranks(group)          # global rank of each member
+        self.global_ranks = self.members                                 # global rank of each member
         self.backend = str(dist.get_backend(group))                      # "gloo" or "cpu:gloo,cuda:nccl"
         self.timeout = timeout                                           # for the groups split from this one
         self._ranks_on_node = ranks_on_node
@@ -85,15 +86,26 @@ class TorchCommunicator(Communicator):
         padded = send.new_zeros(width)
         padded[:send.numel()] = send.reshape(-1)
         pieces = send.new_empty(self.size * width)
-        dist.all_gather_single(_movable(pieces), _movable(padded), group=self.group)
+        self._complete(dist.all_gather_single(_movable(pieces), _movable(padded), group=self.group, async_op=True),
+                       "all-gather")
         valid = [piece[:count] for piece, count in zip(pieces.view(self.size, width), counts)]
         gathered.view(-1).copy_(torch.cat(valid))
 
     def _start_barrier(self):
         return dist.barrier(group=self.group, async_op=True)
 
-    def _wait(self, request) -> None:
-        request.wait()
+    def _wait(self, request, timeout_s) -> bool:
+        """``Work.wait``; gloo / NCCL raise past the group's timeout (set from ``collective_timeout_s``)."""
+        try:
+            if timeout_s is None:
+                request.wait()
+            else:
+                request.wait(timedelta(seconds=timeout_s))
+        except RuntimeError as failure:
+            if "timed out" in str(failure).lower() or "timeout" in str(failure).lower():
+                return False
+            raise
+        return True
 
     def _split(self, color, key, name):
         """Collective over the world (see the module docstring); returns this rank's new communicator."""
