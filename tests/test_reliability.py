@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fastmoe_edu.checkpoint as checkpoint
-from fastmoe_edu.checkpoint import MANIFEST, CheckpointError, read_manifest
+from fastmoe_edu.checkpoint import MANIFEST, read_manifest
 from fastmoe_edu.config import ConfigError, parse_args
 from fastmoe_edu.train import LossWatch, main, train
 from launcher import command, launch
