@@ -96,7 +96,9 @@ class Backend(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, weights) ``[T, k]``: s = sigmoid(logits); ids = top-k of s + bias (within the best
         ``top_k_groups`` of ``num_groups`` expert groups, if given); weights = s[ids] / Σ s[ids] ·
-        route_scale. Differentiable: weights in ``logits``; ``bias`` only selects (no gradient)."""
+        route_scale, finite for any finite logits (where the chosen s underflow, the same ratio is taken as
+        a softmax of their logits: see fastmoe_edu.routers.sigmoid_top_k_route). Differentiable: weights
+        in ``logits``; ``bias`` only selects (no gradient)."""
 
 
 @runtime_checkable

@@ -257,16 +257,18 @@ def softmax_top_k_backward(logits, expert_ids, weights, grad_weights, token, ren
         grad_logits[token, expert_ids[token, slot]] = weights[token, slot] * (grad_weights[token, slot] - dot)
 
 
-def sigmoid_selection_scores(logits, bias, token, selection):
-    """selection[t, e] = σ(logits[t, e]) + b_e: what DeepSeek-V3 ranks experts by.
+#: The sigmoid tasks take σ(l) = e^l below this logit: there σ(l) = e^l / (1 + e^l) equals e^l to float64
+#: precision (e^l < 5e-18), while 1 / (1 + e^{−l}) needs e^{−l}, which overflows below l ≈ −709 (numba's
+#: CUDA simulator runs Python's math.exp, which then raises OverflowError where a CPU or GPU returns inf).
+SIGMOID_EXP_BELOW = -40.0
 
-    The sigmoid tasks write σ(l) = e^{min(l, 0)} / (1 + e^{−|l|}), which is 1 / (1 + e^{−l}) for l ≥ 0 and
-    e^l / (1 + e^l) below: no exp of a large positive number, which in numba's CUDA simulator (Python's
-    math.exp) raises OverflowError where a CPU or GPU would return inf.
-    """
+
+def sigmoid_selection_scores(logits, bias, token, selection):
+    """selection[t, e] = σ(logits[t, e]) + b_e: what DeepSeek-V3 ranks experts by."""
     for expert in range(logits.shape[1]):
         logit = logits[token, expert]
-        selection[token, expert] = math.exp(min(logit, 0.0)) / (1.0 + math.exp(-abs(logit))) + bias[expert]
+        score = 1.0 / (1.0 + math.exp(-logit)) if logit > SIGMOID_EXP_BELOW else math.exp(logit)    # s = σ(l)
+        selection[token, expert] = score + bias[expert]
 
 
 def best_two_group_scores(selection, token, num_groups, group_scores):
@@ -314,14 +316,14 @@ def sigmoid_top_k_weights(logits, expert_ids, token, route_scale, min_total, wei
     largest = logits[token, expert_ids[token, 0]]
     for slot in range(top_k):
         logit = logits[token, expert_ids[token, slot]]
-        score = math.exp(min(logit, 0.0)) / (1.0 + math.exp(-abs(logit)))                  # s = σ(l)
+        score = 1.0 / (1.0 + math.exp(-logit)) if logit > SIGMOID_EXP_BELOW else math.exp(logit)    # s = σ(l)
         weights[token, slot] = score
         total += score
         largest = max(largest, logit)
     if total < min_total:
         total = 0.0
         for slot in range(top_k):
-            score = math.exp(logits[token, expert_ids[token, slot]] - largest)               # s ∝ e^l
+            score = math.exp(logits[token, expert_ids[token, slot]] - largest)                # s ∝ e^l
             weights[token, slot] = score
             total += score
     for slot in range(top_k):
@@ -340,7 +342,7 @@ def sigmoid_top_k_backward(logits, expert_ids, grad_weights, token, route_scale,
     largest = logits[token, expert_ids[token, 0]]
     for slot in range(top_k):
         logit = logits[token, expert_ids[token, slot]]
-        total += math.exp(min(logit, 0.0)) / (1.0 + math.exp(-abs(logit)))
+        total += 1.0 / (1.0 + math.exp(-logit)) if logit > SIGMOID_EXP_BELOW else math.exp(logit)
         largest = max(largest, logit)
     rescaled = total < min_total
     if rescaled:
@@ -353,7 +355,7 @@ def sigmoid_top_k_backward(logits, expert_ids, grad_weights, token, route_scale,
         if rescaled:
             score = math.exp(logit - largest)
         else:
-            score = math.exp(min(logit, 0.0)) / (1.0 + math.exp(-abs(logit)))
+            score = 1.0 / (1.0 + math.exp(-logit)) if logit > SIGMOID_EXP_BELOW else math.exp(logit)
         dot += grad_weights[token, slot] * score / total
     for expert in range(logits.shape[1]):
         grad_logits[token, expert] = 0
@@ -363,7 +365,7 @@ def sigmoid_top_k_backward(logits, expert_ids, grad_weights, token, route_scale,
             score = math.exp(logit - largest)
             slope = 1.0                                                        # 1 − σ(l), σ(l) < min_total
         else:
-            score = math.exp(min(logit, 0.0)) / (1.0 + math.exp(-abs(logit)))
+            score = 1.0 / (1.0 + math.exp(-logit)) if logit > SIGMOID_EXP_BELOW else math.exp(logit)
             slope = 1.0 - score                                                # σ'(l) = σ(l) (1 − σ(l))
         grad_score = route_scale / total * (grad_weights[token, slot] - dot)
         grad_logits[token, expert_ids[token, slot]] = grad_score * score * slope

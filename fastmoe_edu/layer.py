@@ -23,6 +23,7 @@ The layer knows nothing about distribution. Two seams let parallelism in from ou
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -81,8 +82,9 @@ class MoELayer(nn.Module):
                 raise ValueError(f"{name}={value!r} must be an integer >= 1")
         if not (isinstance(top_k, int) and not isinstance(top_k, bool) and 1 <= top_k <= num_experts):
             raise ValueError(f"top_k={top_k!r} must be an integer in [1, num_experts={num_experts}]")
-        if capacity_factor is not None and not (isinstance(capacity_factor, (int, float)) and capacity_factor > 0):
-            raise ValueError(f"capacity_factor={capacity_factor!r} must be a number > 0, or None for dropless")
+        if capacity_factor is not None and not (isinstance(capacity_factor, (int, float))
+                                                and math.isfinite(capacity_factor) and capacity_factor > 0):
+            raise ValueError(f"capacity_factor={capacity_factor!r} must be a finite number > 0, or None for dropless")
         if router not in ROUTERS:
             raise ValueError(f"router={router!r} is not a known router; allowed: {', '.join(ROUTERS)}")
         if expert not in EXPERT_KINDS:
@@ -98,8 +100,7 @@ class MoELayer(nn.Module):
         self.reduce = local_sum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.d_model:
-            raise ValueError(f"input's last dimension is {x.shape[-1]}, expected d_model={self.d_model}")
+        self._check_input(x)
         tokens = x.reshape(-1, self.d_model)                                       # [T, d]
         backend = get_backend(self.backend_name, tokens.device)
         self.router.backend = backend
@@ -124,6 +125,19 @@ class MoELayer(nn.Module):
 
         self.last_routing = self._record(route, expert_ids, weights, counts)
         return y.reshape(x.shape)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        """Refuse, before any work, an input the layer cannot take, and say what it takes instead."""
+        dtype = self.router.weight.dtype
+        if x.dim() == 0:
+            raise ValueError(f"input is 0-dimensional (a scalar); expected shape [..., d_model={self.d_model}]")
+        if not x.is_floating_point():
+            raise TypeError(f"input dtype {x.dtype} is not a floating-point dtype; convert it with x.to({dtype})")
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"input's last dimension is {x.shape[-1]}, expected d_model={self.d_model}")
+        if x.dtype != dtype:
+            raise TypeError(f"input dtype {x.dtype} differs from the layer's parameter dtype {dtype}; convert the "
+                            f"input with x.to({dtype}) or the layer with layer.to({x.dtype})")
 
     def update_router_bias(self, load: torch.Tensor | None = None) -> None:
         """After an optimizer step: loss-free bias balancing (sigmoid router); a no-op otherwise.

@@ -471,14 +471,20 @@ def build_router(name: str, d_model: int, num_experts: int, top_k: int,
     return cls(d_model, num_experts, top_k, capacity_factor, **options)
 
 
+def _finite_number(value) -> bool:
+    """A real number that is neither nan (which every comparison lets through) nor ±inf."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def _check_options(name: str, num_experts: int, top_k: int, options: dict) -> None:
     for key in ("balance_loss_weight", "z_loss_weight", "bias_update_rate", "noise_epsilon", "jitter_epsilon"):
-        if key in options and not (isinstance(options[key], (int, float)) and options[key] >= 0):
-            raise ValueError(f"{key}={options[key]!r} must be a number >= 0")
+        if key in options and not (_finite_number(options[key]) and options[key] >= 0):
+            raise ValueError(f"{key}={options[key]!r} must be a finite number >= 0")
     if "jitter_epsilon" in options and options["jitter_epsilon"] >= 1:
         raise ValueError(f"jitter_epsilon={options['jitter_epsilon']!r} must be in [0, 1)")
-    if "temperature" in options and not options["temperature"] > 0:
-        raise ValueError(f"temperature={options['temperature']!r} must be > 0")
+    for key in ("temperature", "route_scale"):
+        if key in options and not (_finite_number(options[key]) and options[key] > 0):
+            raise ValueError(f"{key}={options[key]!r} must be a finite number > 0")
     if "routing_dim" in options and not (isinstance(options["routing_dim"], int) and options["routing_dim"] >= 1):
         raise ValueError(f"routing_dim={options['routing_dim']!r} must be an integer >= 1")
     groups, top_k_groups = options.get("num_groups"), options.get("top_k_groups")

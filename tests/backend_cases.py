@@ -340,5 +340,8 @@ def simulator_cases() -> dict:
     for router in ("switch", "gshard"):
         cases[f"capacity-{router}"] = (lambda r=router: check_layer(
             r, "swiglu", "float64", sizes=SIMULATOR_LAYER_SIZES, capacity_factor=0.5))
+    for router in ROUTERS:                       # an empty batch: no kernel may choke on 0 tokens
+        cases[f"zero-tokens-{router}"] = (lambda r=router: check_layer(
+            r, "swiglu", "float32", sizes=(0, *SIMULATOR_LAYER_SIZES[1:]), capacity_factor=1.0))
     cases.update(kernel_cases("cpu"))
     return cases
