@@ -1,14 +1,17 @@
 """MoE layer forward + backward: reference vs numba vs torch-only vs a per-token Python loop.
 
-    python bench/bench_layer.py                          # both configurations below
+    python bench/bench_layer.py                          # dispatch + fastmoe (the CPU tables)
     python bench/bench_layer.py --config dispatch --tokens 8192
     python bench/bench_layer.py --config fastmoe --tokens 1024 --repeats 2
-    python bench/bench_layer.py --device cuda --dtype bfloat16       # on an NVIDIA GPU
+    python bench/bench_layer.py --device cuda --dtype bfloat16 --config all --json out.json   # on an NVIDIA GPU
 
-Configurations (k = 2, E = 64, router softmax top-k, float32 unless --dtype, dropless):
+Configurations (router softmax top-k, float32 unless --dtype, dropless; --experts / --top-k override E / k):
 
-    dispatch   T=16384, d_model=256,  d_hidden=512,  SwiGLU experts   dispatch-heavy: little GEMM per row
-    fastmoe    T=4096,  d_model=1024, d_hidden=4096, GELU experts     FastMoE's benchmark layer
+    dispatch   T=16384, d_model=256,  d_hidden=512,  E=64,  k=2, SwiGLU   dispatch-heavy: little GEMM per row
+    fastmoe    T=4096,  d_model=1024, d_hidden=4096, E=64,  k=2, GELU     FastMoE's benchmark layer
+    qwen3      T=32768, d_model=2048, d_hidden=768,  E=128, k=8, SwiGLU   Qwen3-30B-A3B's expert shape (GPU-sized)
+
+--config both (the default) = dispatch + fastmoe; --config all adds qwen3.
 
 Implementations, all on the same weights and input, in one process:
 
@@ -26,18 +29,30 @@ Implementations, all on the same weights and input, in one process:
                        already dispatched buffer: what is left if routing and dispatch took no time.
                        reference ÷ (experts only) is the *ceiling* of reference ÷ numba for any
                        backend that runs the experts with these GEMMs (Amdahl's law).
+    HF Mixtral [impl]  a peer from outside this project: Hugging Face transformers'
+                       MixtralSparseMoeBlock (softmax top-k, renormalized: the same routing) with the
+                       same router and expert weights copied in, for each experts implementation the
+                       installed transformers offers ("eager": a Python loop over the hit experts;
+                       transformers 5.x also "grouped_mm"). SwiGLU configurations only (Mixtral's
+                       experts are gated); skipped, with the reason printed, where transformers does
+                       not import. Its output is checked against the reference before timing.
 
 A step is ``y = layer(x); y.backward(upstream)``; the table shows the *best* of --repeats rounds after
 one warm-up round, each round running every implementation once (this machine may be shared: the
 minimum is the least disturbed measurement). On a GPU the clock stops after torch.cuda.synchronize().
 
-Ratios printed: every time ÷ the fastest numba variant; reference ÷ numba and its ceiling; and the
-expert GEMMs' achieved FLOP rate ÷ the peak that one large torch.mm reaches on the same device and
-dtype, measured in the same run (GEMM FLOPs = 3 passes · 2·T·k·d_model·d_hidden · number of weights).
+Printed per configuration, one line per implementation: its time, time ÷ the fastest numba variant,
+and the expert GEMMs' FLOP rate in TFLOP/s (GEMM FLOPs = 3 passes · 2·T·k·d_model·d_hidden · number
+of weights, divided by the implementation's step time); then reference ÷ numba and its ceiling, the
+HF Mixtral peer ÷ numba, and the FLOP rate ÷ the peak that one large torch.mm reaches on the same
+device and dtype, measured in the same run. --json FILE also writes every number (after each
+configuration, so a run cut short keeps what it finished).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import os
 import time
 
@@ -51,9 +66,11 @@ from fastmoe_edu.backends import grouped_gemm_torch, numba_backend, reference
 DTYPES = ("float32", "float64", "bfloat16")
 
 CONFIGS = {
-    "dispatch": dict(tokens=16384, d_model=256, d_hidden=512, expert="swiglu"),
-    "fastmoe": dict(tokens=4096, d_model=1024, d_hidden=4096, expert="gelu"),
+    "dispatch": dict(tokens=16384, d_model=256, d_hidden=512, expert="swiglu", experts=64, top_k=2),
+    "fastmoe": dict(tokens=4096, d_model=1024, d_hidden=4096, expert="gelu", experts=64, top_k=2),
+    "qwen3": dict(tokens=32768, d_model=2048, d_hidden=768, expert="swiglu", experts=128, top_k=8),
 }
+CONFIG_GROUPS = {"both": ("dispatch", "fastmoe"), "all": tuple(CONFIGS)}
 
 
 def torch_grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -110,6 +127,108 @@ def per_token_loop_forward(layer: MoELayer, tokens: torch.Tensor) -> torch.Tenso
     return torch.stack(outputs)
 
 
+# ----------------------------------------------------------------------------------------------------
+# The peer from outside: Hugging Face transformers' Mixtral sparse MoE block, with our weights
+# ----------------------------------------------------------------------------------------------------
+def hf_experts_implementations() -> tuple[list[str], str | None]:
+    """The experts implementations of the installed transformers worth timing, or ([], why not)."""
+    try:
+        importlib.import_module("transformers.models.mixtral.modeling_mixtral")
+    except Exception as error:                     # not installed, or an incompatible torch
+        return [], f"transformers does not import here ({type(error).__name__}: {error})"
+    try:                                           # transformers >= 5: experts_implementation
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    except ImportError:
+        return ["eager"], None                     # 4.x: one loop over nn.Linear experts
+    return ["eager"] + [name for name in ("grouped_mm",) if name in ALL_EXPERTS_FUNCTIONS], None
+
+
+def copy_into(parameter: torch.Tensor, value: torch.Tensor, name: str) -> None:
+    if tuple(parameter.shape) != tuple(value.shape):
+        raise ValueError(f"{name}: transformers stores {tuple(parameter.shape)}, ours gives {tuple(value.shape)}")
+    with torch.no_grad():
+        parameter.copy_(value)
+
+
+def hf_mixtral_block(layer: MoELayer, implementation: str) -> torch.nn.Module:
+    """transformers' MixtralSparseMoeBlock holding ``layer``'s router and expert weights.
+
+    Ours: router W [E, d]; SwiGLU experts y = W2 (silu(W1 x) * (W3 x)) with w1, w3 [E, h, d], w2 [E, d, h].
+    transformers 5.x fuses the experts: ``experts.gate_up_proj`` = [gate; up] = [W1; W3] stacked per expert
+    ([E, 2h, d], or [E, d, 2h] where ``is_transposed``; gate and up rows interleaved where not
+    ``is_concatenated``) and ``experts.down_proj`` = W2 ([E, d, h], or transposed); the config's
+    ``experts_implementation`` picks the forward. transformers 4.x holds one nn.Linear per expert
+    (w1 = gate, w3 = up, w2 = down). Either way ``gate.weight`` = W.
+    """
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    ours = layer.experts
+    E, h, d = ours.w1.shape
+    config = MixtralConfig(hidden_size=d, intermediate_size=h, num_local_experts=E, num_experts_per_tok=layer.top_k,
+                           hidden_act="silu", router_jitter_noise=0.0, experts_implementation=implementation)
+    if implementation != "eager" and getattr(config, "_experts_implementation", None) != implementation:
+        raise ValueError(f"this transformers ignores experts_implementation={implementation!r}")
+    block = MixtralSparseMoeBlock(config).to(ours.w1.device, ours.w1.dtype)
+    copy_into(block.gate.weight, layer.router.weight, "gate.weight")
+    theirs = block.experts
+    if isinstance(theirs, torch.nn.ModuleList):                                  # transformers 4.x
+        for e, mlp in enumerate(theirs):
+            for name in ("w1", "w2", "w3"):
+                copy_into(getattr(mlp, name).weight, getattr(ours, name)[e], f"experts.{e}.{name}")
+        return block
+    if getattr(theirs, "is_concatenated", True):
+        gate_up = torch.cat([ours.w1, ours.w3], dim=1)                          # [E, 2h, d]: gate rows, then up
+    else:
+        gate_up = torch.stack([ours.w1, ours.w3], dim=2).reshape(E, 2 * h, d)   # gate0, up0, gate1, up1, ...
+    down = ours.w2                                                               # [E, d, h]
+    if getattr(theirs, "is_transposed", False):
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+    copy_into(theirs.gate_up_proj, gate_up, "experts.gate_up_proj")
+    copy_into(theirs.down_proj, down, "experts.down_proj")
+    return block
+
+
+def hf_forward(block: torch.nn.Module):
+    """[T, d] -> [T, d] through the block (it takes [batch, seq, d]; 4.x also returns the router logits)."""
+    def forward(v):
+        out = block(v.unsqueeze(0))
+        return (out[0] if isinstance(out, tuple) else out).squeeze(0)
+    return forward
+
+
+def hf_peers(layer: MoELayer, x: torch.Tensor, upstream: torch.Tensor, expert: str) -> tuple[dict, list[str]]:
+    """{column: block} of the HF Mixtral peers that built and ran here, and a note on each (or why not).
+
+    Each candidate runs one forward + backward first; its output is compared with ``layer``'s (same
+    weights, same routing rule): a large difference means the weights were copied wrongly.
+    """
+    implementations, why_not = hf_experts_implementations()
+    if why_not:
+        return {}, [f"HF Mixtral: skipped: {why_not}"]
+    if expert != "swiglu":
+        return {}, [f"HF Mixtral: skipped: Mixtral's experts are gated (SwiGLU); this configuration uses {expert}"]
+    peers, notes = {}, []
+    with torch.no_grad():
+        expected = layer(x)
+    scale = float(expected.abs().max()) or 1.0
+    for implementation in implementations:
+        column = f"HF Mixtral [{implementation}]"
+        try:
+            block = hf_mixtral_block(layer, implementation)
+            forward = hf_forward(block)
+            x_leaf = x.clone().requires_grad_(True)
+            y = forward(x_leaf)
+            y.backward(upstream)
+        except Exception as error:                 # an unsupported dtype/device, an API change, out of memory
+            notes.append(f"{column}: skipped: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+            continue
+        difference = float((y.detach() - expected).abs().max()) / scale
+        notes.append(f"{column}: output vs reference: max |difference| / max |y| = {difference:.1e}")
+        peers[column] = block
+    return peers, notes
+
+
 def step_seconds(forward, x, upstream, parameters) -> float:
     """Time of one forward + backward.
 
@@ -134,10 +253,10 @@ def peak_gemm_flops(device: torch.device, dtype: torch.dtype, size: int) -> floa
     return 2 * size ** 3 / best_seconds(lambda: torch.mm(a, b), 3, device, warmup=1)
 
 
-def expert_gemm_flops(config: dict, top_k: int) -> float:
+def expert_gemm_flops(config: dict) -> float:
     """FLOPs of the expert GEMMs in one forward + backward (input and weight gradients)."""
     weights = 3 if config["expert"] == "swiglu" else 2
-    return 3 * 2 * config["tokens"] * top_k * config["d_model"] * config["d_hidden"] * weights
+    return 3 * 2 * config["tokens"] * config["top_k"] * config["d_model"] * config["d_hidden"] * weights
 
 
 def best_of_round_robin(steps: dict, repeats: int) -> dict:
@@ -167,13 +286,14 @@ def dispatched_buffer(layer: MoELayer, x: torch.Tensor) -> tuple[torch.Tensor, t
 
 def bench_config(name: str, args) -> dict:
     config = dict(CONFIGS[name])
-    if args.tokens:
-        config["tokens"] = args.tokens
+    for key in ("tokens", "experts", "top_k"):
+        if getattr(args, key):
+            config[key] = getattr(args, key)
     T, d = config["tokens"], config["d_model"]
     torch.manual_seed(0)
     device, dtype = args.device, getattr(torch, args.dtype)
-    layers = {backend: MoELayer(d, config["d_hidden"], args.experts, top_k=args.top_k, router="softmax_top_k",
-                                expert=config["expert"], backend=backend).to(device, dtype)
+    layers = {backend: MoELayer(d, config["d_hidden"], config["experts"], top_k=config["top_k"],
+                                router="softmax_top_k", expert=config["expert"], backend=backend).to(device, dtype)
               for backend in ("reference", "numba")}
     layers["numba"].load_state_dict(layers["reference"].state_dict())
     x = torch.randn(T, d, device=device, dtype=dtype)
@@ -199,9 +319,13 @@ def bench_config(name: str, args) -> dict:
         "ref dispatch+GEMM": (lambda v: reference_dispatch_forward(layers["reference"], v), x, upstream, parameters),
         "experts only": (experts_only, buffer, torch.randn_like(buffer), parameters),
     }
+    peers, notes = hf_peers(layers["reference"], x, upstream, config["expert"]) if args.hf else ({}, [])
+    for column, block in peers.items():
+        parameters.extend(block.parameters())          # the list every step resets: the blocks' own too
+        steps[column] = (hf_forward(block), x, upstream, parameters)
     previous = numba_backend.current_grouped_gemm()
     try:
-        results = {"config": name, **config, **best_of_round_robin(steps, args.repeats)}
+        results = {"config": name, **config, **best_of_round_robin(steps, args.repeats), "notes": notes}
     finally:
         numba_backend.set_grouped_gemm(*previous)
     loop_tokens = min(args.loop_tokens, T)
@@ -210,7 +334,7 @@ def bench_config(name: str, args) -> dict:
                   upstream[:loop_tokens], parameters)}, 1)["loop"]
     results["per-token loop"] = loop_seconds * T / loop_tokens
     results["loop_tokens"] = loop_tokens
-    results["gemm_flops"] = expert_gemm_flops(config, args.top_k)
+    results["gemm_flops"] = expert_gemm_flops(config)
     return results
 
 
@@ -218,31 +342,41 @@ COLUMNS = ("reference", "numba [segments]", "numba [grouped_mm]", "torch-sort", 
            "per-token loop", "experts only")
 
 
-def print_table(rows: list[dict], peak_flops: float) -> None:
-    print(f"{'config':9s} {'T':>6s} {'d':>5s} {'d_hid':>6s} | " + " ".join(f"{c:>19s}" for c in COLUMNS))
-    for row in rows:
-        fastest_numba = min(row["numba [segments]"], row["numba [grouped_mm]"])
-        times = " ".join(f"{row[c]:18.3f}s" for c in COLUMNS)
-        ratios = " ".join(f"{row[c] / fastest_numba:18.2f}x" for c in COLUMNS)
-        print(f"{row['config']:9s} {row['tokens']:6d} {row['d_model']:5d} {row['d_hidden']:6d} | {times}")
-        print(f"{'':9s} {'':6s} {'':5s} {'':6s} | {ratios}   (time / fastest numba)")
-        print(f"{'':9s} per-token loop: measured on {row['loop_tokens']} tokens, scaled to T={row['tokens']}")
-        print(f"{'':9s} reference / fastest numba = {row['reference'] / fastest_numba:.2f}x; ceiling with "
-              f"zero-time dispatch = reference / experts only = {row['reference'] / row['experts only']:.2f}x; "
-              f"experts are {row['experts only'] / fastest_numba:.0%} of the numba step")
-        achieved = row["gemm_flops"] / fastest_numba
-        print(f"{'':9s} expert GEMMs: {row['gemm_flops'] / 1e9:.1f} GFLOP per step, {achieved / 1e9:.1f} GFLOP/s in "
-              f"the fastest numba step = {achieved / peak_flops:.2f} of peak "
-              f"({row['gemm_flops'] / row['experts only'] / peak_flops:.2f} in experts only)")
+def peer_columns(row: dict) -> list[str]:
+    """The HF Mixtral columns this row has (none where transformers is missing or the experts are GELU)."""
+    return [column for column in row if column.startswith("HF Mixtral [")]
+
+
+def print_table(row: dict, peak_flops: float) -> None:
+    """One configuration: a line per implementation (time, ÷ fastest numba, expert-GEMM TFLOP/s), then ratios."""
+    fastest_numba = min(row["numba [segments]"], row["numba [grouped_mm]"])
+    flops = row["gemm_flops"]
+    print(f"\n{row['config']}: T={row['tokens']} d_model={row['d_model']} d_hidden={row['d_hidden']} "
+          f"E={row['experts']} k={row['top_k']} {row['expert']}; expert GEMMs {flops / 1e9:.1f} GFLOP per step")
+    print(f"  {'implementation':24s} {'time':>10s} {'(time / fastest numba)':>23s} {'expert-GEMM TFLOP/s':>20s}")
+    for column in (*COLUMNS, *peer_columns(row)):
+        print(f"  {column:24s} {row[column]:9.4f}s {row[column] / fastest_numba:22.2f}x {flops / row[column] / 1e12:20.3f}")
+    print(f"  per-token loop: measured on {row['loop_tokens']} tokens, scaled to T={row['tokens']}")
+    print(f"  reference / fastest numba = {row['reference'] / fastest_numba:.2f}x; ceiling with "
+          f"zero-time dispatch = reference / experts only = {row['reference'] / row['experts only']:.2f}x; "
+          f"experts are {row['experts only'] / fastest_numba:.0%} of the numba step")
+    for column in peer_columns(row):
+        print(f"  {column} / fastest numba = {row[column] / fastest_numba:.2f}x")
+    for note in row["notes"]:
+        print(f"  {note}")
+    achieved = flops / fastest_numba
+    print(f"  expert GEMMs: {achieved / 1e12:.3f} TFLOP/s in the fastest numba step = {achieved / peak_flops:.2f} of peak "
+          f"({flops / row['experts only'] / peak_flops:.2f} in experts only)")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--config", choices=(*CONFIGS, "both"), default="both")
+    parser.add_argument("--config", choices=(*CONFIGS, *CONFIG_GROUPS), default="both",
+                        help="one configuration, both (dispatch + fastmoe, the default) or all")
     parser.add_argument("--tokens", type=int, default=None, help="override T of the chosen configuration(s)")
-    parser.add_argument("--experts", type=int, default=64, help="E (default 64)")
-    parser.add_argument("--top-k", type=int, default=2, help="k (default 2)")
+    parser.add_argument("--experts", type=int, default=None, help="override E (default: the configuration's)")
+    parser.add_argument("--top-k", type=int, default=None, help="override k (default: the configuration's)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed rounds (one step of each implementation); the best is kept")
     parser.add_argument("--loop-tokens", type=int, default=256, help="tokens the per-token loop really runs")
@@ -251,15 +385,23 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="float32", choices=DTYPES,
                         help="parameters and activations (numba's kernels run bfloat16 on a float32 copy)")
     parser.add_argument("--peak-size", type=int, default=4096, help="n of the n×n×n torch.mm that measures the peak")
+    parser.add_argument("--no-hf", dest="hf", action="store_false", help="leave out the HF Mixtral peer")
+    parser.add_argument("--json", metavar="FILE", help="also write every number here (after each configuration)")
     args = parser.parse_args(argv)
     device = args.device
     print(f"{describe(device)}; torch {torch.__version__}, numba {numba.__version__} "
           f"({numba.get_num_threads()} threads), {args.dtype}, load average {os.getloadavg()[0]:.1f}; best of {args.repeats}")
     peak = peak_gemm_flops(device, getattr(torch, args.dtype), args.peak_size)
-    print(f"peak: one {args.peak_size}^3 torch.mm reaches {peak / 1e9:.1f} GFLOP/s")
-    names = list(CONFIGS) if args.config == "both" else [args.config]
-    rows = [bench_config(name, args) for name in names]
-    print_table(rows, peak)
+    print(f"peak: one {args.peak_size}^3 torch.mm reaches {peak / 1e12:.3f} TFLOP/s")
+    report = {"device": describe(device), "dtype": args.dtype, "torch": torch.__version__, "numba": numba.__version__,
+              "repeats": args.repeats, "peak_flops": peak, "peak_size": args.peak_size, "rows": []}
+    for name in CONFIG_GROUPS.get(args.config, (args.config,)):
+        row = bench_config(name, args)
+        print_table(row, peak)
+        report["rows"].append(row)
+        if args.json:
+            with open(args.json, "w") as out:
+                json.dump(report, out, indent=1)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
