@@ -36,6 +36,7 @@ from .distributed.engines import DEFAULT_TIMEOUT_S, ENGINES
 from .distributed.parallelize import EXCHANGES
 from .experts import EXPERT_KINDS
 from .routers import ROUTERS, router_options as accepted_router_options
+from .soft_moe import NOT_CAUSAL as SOFT_MOE_NOT_CAUSAL, SOFT_MOE
 
 CONFIG_DIR = Path(__file__).with_name("configs")   # the packaged TOML files
 
@@ -75,7 +76,8 @@ class TrainConfig:
     num_experts: int = _field(8, "model", "experts per MoE layer (a multiple of the expert-parallel degree ep; "
                               "8 runs on 1, 2, 4 or 8 ranks)", minimum=1)
     top_k: int = _field(2, "model", "experts each token is sent to (switch needs 1, gshard 2)", minimum=1)
-    router: str = _field("softmax_top_k", "model", "routing algorithm of every MoE layer", choices=tuple(ROUTERS))
+    router: str = _field("softmax_top_k", "model", "routing algorithm of every MoE layer (MoELayer's soft_moe is "
+                         "refused: it is not causal)", choices=tuple(ROUTERS))
     expert: str = _field("swiglu", "model", "expert feed-forward kind", choices=tuple(EXPERT_KINDS))
     capacity_factor: typing.Optional[float] = _field(
         None, "model", "expert capacity = factor * tokens * top_k / num_experts; "
@@ -159,6 +161,8 @@ class TrainConfig:
     # ------------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
         """Check every value; raise ConfigError naming the key, the value and what is allowed."""
+        if self.router == SOFT_MOE:        # not one of the choices; say why rather than just "not allowed"
+            raise ConfigError(SOFT_MOE_NOT_CAUSAL)
         hints = typing.get_type_hints(TrainConfig)
         for f in dataclasses.fields(self):
             value, meta = getattr(self, f.name), f.metadata

@@ -20,6 +20,10 @@ The layer knows nothing about distribution. Two seams let parallelism in from ou
                           ExpertParallel sends the rows to the ranks that hold their experts and back
     layer.reduce          "sum over every rank's tokens", used by the router's balance loss and bias
                           update: the identity here; a differentiable all-reduce over the data ranks
+
+``router="soft_moe"`` (Soft MoE, soft_moe.py) replaces steps 1-5 and 9 by a dense dispatch of each
+sequence's tokens into the experts' slots; step 7 goes through the same ``expert_runner`` (so expert
+parallelism works unchanged). It needs no ``reduce``: it has no balance loss and no cross-sequence sum.
 """
 from __future__ import annotations
 
@@ -32,6 +36,12 @@ from torch import nn
 from .backends import check_backend_name, get_backend
 from .experts import EXPERT_KINDS, Experts
 from .routers import ROUTERS, build_router, local_sum
+from .soft_moe import SOFT_MOE, build_soft_moe_router, soft_moe_forward
+
+#: every ``router=`` MoELayer accepts: the top-k family of routers.py, and Soft MoE (soft_moe.py), which is
+#: kept out of ROUTERS because it has no top-k, no capacity and no place in the causal language model.
+LAYER_ROUTERS = (*ROUTERS, SOFT_MOE)
+DEFAULT_TOP_K = 2
 
 
 @dataclass
@@ -45,6 +55,10 @@ class RoutingRecord:
     logits: torch.Tensor              # [T, E] router scores
     probs: torch.Tensor | None        # [T, E] router probabilities (sigmoid scores for "sigmoid")
     random_draws: dict                # noise / jitter / uniforms the router drew while training
+    # Soft MoE fills the fields above per *slot*: expert_ids [T, E·p] (the expert of each slot),
+    # weights [T, E·p] the combine weights C, logits [T, E·p], probs [T, E] = C summed over an expert's
+    # slots, tokens_per_expert = slots per expert, nothing dropped; and its dispatch weights here:
+    dispatch_weights: torch.Tensor | None = None      # [T, E·p] D (softmax over a group's tokens); else None
 
 
 class LocalExperts:
@@ -65,7 +79,9 @@ class MoELayer(nn.Module):
         d_hidden: hidden width of each expert's feed-forward network.
         num_experts: E, the number of experts.
         top_k: experts per token (Switch needs 1, GShard 2; for expert choice, the default capacity factor).
-        router: one of ``fastmoe_edu.routers.ROUTERS``.
+            Not used by ``"soft_moe"`` (every token reaches every slot): leave it at its default.
+        router: one of ``fastmoe_edu.routers.ROUTERS``, or ``"soft_moe"`` (options ``slots_per_expert``,
+            ``normalize``; ``capacity_factor`` must be None; see soft_moe.py).
         expert: ``"swiglu"`` or ``"gelu"``.
         capacity_factor: cf; each expert takes at most C = ceil(cf·k·T/E) assignments. None = dropless.
         backend: a name of ``fastmoe_edu.backends.BACKEND_NAMES`` (``"reference"``, ``"numba"``, ``"auto"``).
@@ -73,26 +89,34 @@ class MoELayer(nn.Module):
         **router_options: passed to the router (e.g. ``renormalize``, ``jitter_epsilon``, ``balance_loss_weight``).
     """
 
-    def __init__(self, d_model: int, d_hidden: int, num_experts: int, top_k: int = 2,
+    def __init__(self, d_model: int, d_hidden: int, num_experts: int, top_k: int = DEFAULT_TOP_K,
                  router: str = "softmax_top_k", expert: str = "swiglu", capacity_factor: float | None = None,
                  backend: str = "reference", bias: bool = False, **router_options):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_hidden", d_hidden), ("num_experts", num_experts)):
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise ValueError(f"{name}={value!r} must be an integer >= 1")
-        if not (isinstance(top_k, int) and not isinstance(top_k, bool) and 1 <= top_k <= num_experts):
+        soft = router == SOFT_MOE
+        if soft and top_k != DEFAULT_TOP_K:
+            raise ValueError(f"router='soft_moe' does not use top_k (every token reaches every slot); got "
+                             f"top_k={top_k!r}, leave it at its default ({DEFAULT_TOP_K})")
+        if not soft and not (isinstance(top_k, int) and not isinstance(top_k, bool) and 1 <= top_k <= num_experts):
             raise ValueError(f"top_k={top_k!r} must be an integer in [1, num_experts={num_experts}]")
-        if capacity_factor is not None and not (isinstance(capacity_factor, (int, float))
-                                                and math.isfinite(capacity_factor) and capacity_factor > 0):
+        if not soft and capacity_factor is not None and not (isinstance(capacity_factor, (int, float))
+                                                             and math.isfinite(capacity_factor)
+                                                             and capacity_factor > 0):
             raise ValueError(f"capacity_factor={capacity_factor!r} must be a finite number > 0, or None for dropless")
-        if router not in ROUTERS:
-            raise ValueError(f"router={router!r} is not a known router; allowed: {', '.join(ROUTERS)}")
+        if router not in LAYER_ROUTERS:
+            raise ValueError(f"router={router!r} is not a known router; allowed: {', '.join(LAYER_ROUTERS)}")
         if expert not in EXPERT_KINDS:
             raise ValueError(f"expert={expert!r} is not a known expert kind; allowed: {', '.join(EXPERT_KINDS)}")
         check_backend_name(backend)
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.router_name, self.backend_name = router, backend
-        self.router = build_router(router, d_model, num_experts, top_k, capacity_factor, **router_options)
+        if soft:
+            self.router = build_soft_moe_router(d_model, num_experts, capacity_factor, **router_options)
+        else:
+            self.router = build_router(router, d_model, num_experts, top_k, capacity_factor, **router_options)
         self.experts = Experts(num_experts, d_model, d_hidden, expert, bias)
         self.aux_loss = torch.zeros(())
         self.last_routing: RoutingRecord | None = None
@@ -101,6 +125,12 @@ class MoELayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if self.router_name == SOFT_MOE:          # dense slots instead of steps 1-5 and 9 (soft_moe.py)
+            backend = get_backend(self.backend_name, x.device)
+            y, record = soft_moe_forward(self.router, self.experts, self.expert_runner, x, backend)
+            self.aux_loss = y.new_zeros(())       # no balance loss (and no z-loss): balanced by construction
+            self.last_routing = RoutingRecord(**record)
+            return y
         tokens = x.reshape(-1, self.d_model)                                       # [T, d]
         backend = get_backend(self.backend_name, tokens.device)
         self.router.backend = backend
@@ -156,5 +186,8 @@ class MoELayer(nn.Module):
             random_draws={key: value.detach() for key, value in route.random_draws.items()})
 
     def extra_repr(self) -> str:
+        if self.router_name == SOFT_MOE:
+            return (f"num_experts={self.num_experts}, slots_per_expert={self.router.slots_per_expert}, "
+                    f"router={self.router_name!r}, backend={self.backend_name!r}, expert_runner={self.expert_runner!r}")
         return (f"num_experts={self.num_experts}, top_k={self.top_k}, router={self.router_name!r}, "
                 f"backend={self.backend_name!r}, expert_runner={self.expert_runner!r}")

@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fastmoe_edu import MoELayer
+from fastmoe_edu.soft_moe import NOT_CAUSAL as SOFT_MOE_NOT_CAUSAL, SOFT_MOE
 
 
 @dataclass
@@ -143,6 +144,8 @@ class MoETransformer(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        if cfg.router == SOFT_MOE:             # its slots mix the positions of a sequence: not causal
+            raise ValueError(SOFT_MOE_NOT_CAUSAL)
         self.cfg = cfg
         self.embed = TokenAndPositionEmbedding(cfg.vocab_size, cfg.seq_len, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, moe=(i + 1) % cfg.moe_every == 0) for i in range(cfg.n_layer))

@@ -35,7 +35,13 @@ NOTEBOOKS = sorted(TUTORIAL.glob("[0-9][0-9]_*.ipynb"))
 NAMES = [p.stem for p in PY_SOURCES]
 
 KERNEL_NAME = "python3"
-CELL_TIMEOUT_S = 600          # one cell (a training run, the mpirun sweep) under QUICK
+# One cell under QUICK takes at most ~40 s here (03's α/β sweep). A known nbclient / ipywidgets race
+# (the kernel's "idle" status overtaking its execute_reply after a widget cell, jupyter/nbclient#312)
+# leaves nbclient waiting for a reply that already came: seen in ~1 of 10 runs of 01 and 03, each time
+# waiting out the whole cell timeout. So: a cell timeout well above any real cell and well below
+# CI's budget, one retry of the notebook when it trips, and a hard wall-clock bound per notebook.
+CELL_TIMEOUT_S = 180
+NOTEBOOK_WALL_CLOCK_S = 2 * (CELL_TIMEOUT_S + 300)
 # Text each notebook's last cell prints when its self-checks pass.
 PASS_MARKER = "self-check passed"
 
@@ -149,14 +155,21 @@ def test_kernel_runs_this_environment(kernel_env, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(NOTEBOOK_WALL_CLOCK_S)
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs(name, kernel_env, monkeypatch):
-    nb = jupytext.read(TUTORIAL / f"{name}.py")       # the source of truth (in sync with the .ipynb)
     started = time.perf_counter()
-    try:
-        _execute(nb, kernel_env, TUTORIAL, monkeypatch)
-    except nbclient.exceptions.CellExecutionError as error:
-        pytest.fail(f"{name} failed:\n{error}", pytrace=False)
+    for attempt in (1, 2):
+        nb = jupytext.read(TUTORIAL / f"{name}.py")   # the source of truth (in sync with the .ipynb)
+        try:
+            _execute(nb, kernel_env, TUTORIAL, monkeypatch)
+            break
+        except nbclient.exceptions.CellTimeoutError:
+            if attempt == 2:                          # the race twice in a row: not the race any more
+                raise
+            print(f"{name}: a cell timed out after {CELL_TIMEOUT_S} s (nbclient/ipywidgets race); retrying once")
+        except nbclient.exceptions.CellExecutionError as error:
+            pytest.fail(f"{name} failed:\n{error}", pytrace=False)
     seconds = time.perf_counter() - started
     text = _text_outputs(nb)
     assert PASS_MARKER in text, f"{name}: the self-check cell did not report {PASS_MARKER!r}"

@@ -40,8 +40,8 @@ def main(work_dir: str, result_path: str) -> None:
         if case == RESUMED_CASE:
             split = [*TINY, *extra, f"--out_dir={work / case / 'split'}"]
             train(parse_args(split), stop_at=3)
-            split = work / case / "split"
-            results[case]["checkpoint_files"] = sorted(str(p.relative_to(split)) for p in split.rglob("*"))
+            folder = work / case / "split"
+            results[case]["checkpoint_files"] = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
             resumed = train(parse_args(split + ["--resume"]))
             results[case].update(resumed=resumed["train_loss"], resumed_val=resumed["final_val_loss"])
     if launch_rank() == 0:
