@@ -24,12 +24,7 @@ from launcher import command, launch
 SCRIPTS = Path(__file__).resolve().parent / "mpi_scripts"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(out_dir, *argv) -> list[str]:

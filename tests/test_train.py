@@ -13,13 +13,7 @@ from fastmoe_edu.model import is_expert_parameter
 from fastmoe_edu.train import build_dataset, expert_usage_by_language, lr_at, main, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models run fastest on one thread, and a busy 2-core machine makes two threads much slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(tmp_path, *argv):
