@@ -12,9 +12,9 @@ The loop in train.py calls the same methods whatever the launch, so it has no "i
     runtime.is_main                     the one rank that prints and writes shared files
 
 :class:`Runtime` is the one-process implementation: all of these are the identity or torch's own.
-``fastmoe_edu.distributed.runtime.ParallelRuntime`` overrides them; :func:`start_runtime` picks one from
-the launcher's environment (``engine`` key) and imports the parallel code — and an engine — only
-when the job has more than one process:
+``fastmoe_edu.distributed.runtime.ParallelRuntime`` overrides them; ``train.start_runtime`` picks one
+from the launcher's environment (``engine`` key) and imports the parallel code — and an engine — only
+when the job has more than one process. This file imports nothing parallel:
 
     python -m fastmoe_edu.train                          Runtime (no mpi4py, no process group)
     mpirun -n 4 python -m fastmoe_edu.train              ParallelRuntime over MPI
@@ -26,8 +26,6 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .distributed.engines import launch_world_size, resolve_engine
-from .distributed.layout import split_world
 
 
 class Runtime:
@@ -92,29 +90,3 @@ class Runtime:
 
     def barrier(self) -> None:
         pass
-
-
-def layout_sizes(cfg, world_size: int) -> tuple[int, int, int]:
-    """(tp, ep, dp) of this launch from the config, checked with plain arithmetic (no communication).
-
-    ``ep`` unset means "all ranks not used by tp and dp": ep = world size / (tp · dp).
-    """
-    if cfg.ep is None:
-        hint = f"; launch a multiple of {cfg.tp * cfg.dp} ranks or change tp / dp"
-    else:
-        hint = f"; launch {cfg.tp * cfg.ep * cfg.dp} ranks or change tp / ep / dp"
-    return split_world(world_size, cfg.tp, cfg.ep, cfg.dp, hint=hint)
-
-
-def start_runtime(cfg) -> Runtime:
-    """The runtime of this launch: checks first (arithmetic only, the same error on every rank), then engines.
-
-    ``cfg`` is a TrainConfig: its ``engine`` and ``[parallel]`` keys.
-    """
-    engine = resolve_engine(cfg.engine)
-    if engine is None:
-        layout_sizes(cfg, 1)         # --tp=2 without a launcher: a clear error rather than a silent no-op
-        return Runtime()
-    layout_sizes(cfg, launch_world_size())
-    from .distributed.runtime import ParallelRuntime
-    return ParallelRuntime(cfg, engine)

@@ -54,11 +54,26 @@ from .backends import set_cpu_threads
 from .checkpoint import MANIFEST, CheckpointError, read_manifest_config
 from .config import ConfigError, TrainConfig, format_config, parse_args, to_toml
 from .data import batch_rng, get_dataset
-from .distributed.engines import launch_rank
+from .distributed.engines import launch_rank, launch_world_size, resolve_engine
+from .distributed.layout import layout_sizes
 from .model import MoETransformer, build_model
-from .runtime import Runtime, start_runtime
+from .runtime import Runtime
 
 HISTORY_NAME = "history.json"
+
+
+def start_runtime(cfg: TrainConfig) -> Runtime:
+    """The runtime of this launch: checks first (arithmetic only, the same error on every rank), then engines.
+
+    No launcher: the one-process :class:`Runtime` (no engine is imported). Under mpirun / torchrun: a
+    ``ParallelRuntime`` over the launcher's engine (``engine`` key), imported only then.
+    """
+    engine = resolve_engine(cfg.engine)
+    layout_sizes(cfg, launch_world_size())      # --tp=2 without a launcher: a clear error, not a silent no-op
+    if engine is None:
+        return Runtime()
+    from .distributed.runtime import ParallelRuntime
+    return ParallelRuntime(cfg, engine)
 
 
 def log(rt: Runtime, cfg: TrainConfig, message: str) -> None:

@@ -171,7 +171,7 @@ def test_ted_command_line_and_bad_layouts(tmp_path):
 
 def test_layout_sizes_fill_in_ep_and_name_the_fix():
     """The launch arithmetic (no MPI): ep defaults to the ranks tp and dp leave; a mismatch says what to change."""
-    from fastmoe_edu.runtime import layout_sizes
+    from fastmoe_edu.distributed.layout import layout_sizes
     assert layout_sizes(parse_args(["--tp=2", "--dp=2"]), 8) == (2, 2, 2)
     assert layout_sizes(parse_args([]), 8) == (1, 8, 1)
     with pytest.raises(ValueError, match=r"world size 6 is not divisible by tp × dp = 2 × 2; launch a multiple of 4"):

@@ -157,3 +157,15 @@ def sequences_per_rank(batch_size: int, data_size: int, world_size: int) -> int:
         raise ValueError(f"batch_size={batch_size} (the global batch) is not divisible by the data-parallel "
                          f"size {data_size} (world size {world_size}); choose a multiple of {data_size}")
     return batch_size // data_size
+
+
+def layout_sizes(cfg, world_size: int) -> tuple[int, int, int]:
+    """(tp, ep, dp) of a launch from a TrainConfig, checked with plain arithmetic (no communication).
+
+    ``ep`` unset means "all ranks not used by tp and dp": ep = world size / (tp · dp).
+    """
+    if cfg.ep is None:
+        hint = f"; launch a multiple of {cfg.tp * cfg.dp} ranks or change tp / dp"
+    else:
+        hint = f"; launch {cfg.tp * cfg.ep * cfg.dp} ranks or change tp / ep / dp"
+    return split_world(world_size, cfg.tp, cfg.ep, cfg.dp, hint=hint)

@@ -19,13 +19,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..runtime import Runtime, layout_sizes
+from ..runtime import Runtime
 from .engines import launch_world_size, open_world
 from .expert_parallel import expert_parameters
 from .failure import abort_on_exception
 from .gradients import allreduce_gradients, clip_grad_norm_
 from .hierarchical import check_ranks_per_node
-from .layout import ParallelLayout, experts_per_rank, sequences_per_rank
+from .layout import ParallelLayout, experts_per_rank, layout_sizes, sequences_per_rank
 from .parallelize import parallelize
 from .tensor_parallel import tensor_parallel_parameters
 
