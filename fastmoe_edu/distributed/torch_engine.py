@@ -52,9 +52,7 @@ class TorchCommunicator(Communicator):
         super().__init__(name, dist.get_rank(group), dist.get_world_size(group),
                          dist.get_process_group_ranks(group), timeout.total_seconds(), stats)
         self.group = group
-        self.global_ranks = self.members                                 # global rank of each member
         self.backend = str(dist.get_backend(group))                      # "gloo" or "cpu:gloo,cuda:nccl"
-        self.timeout = timeout                                           # for the groups split from this one
         self._ranks_on_node = ranks_on_node
 
     def ranks_on_this_node(self) -> int:
@@ -109,7 +107,7 @@ class TorchCommunicator(Communicator):
 
     def _split(self, color, key, name):
         """Collective over the world (see the module docstring); returns this rank's new communicator."""
-        me = _SplitRequest(min(self.global_ranks), self.size, color, key, self.rank, dist.get_rank(), _host_id())
+        me = _SplitRequest(min(self.members), self.size, color, key, self.rank, dist.get_rank(), _host_id())
         everyone = [_SplitRequest(*row) for row in _allgather_world(list(me)).tolist()]
         for lowest, size in {(other.parent, other.parent_size) for other in everyone}:
             callers = sum(other.parent == lowest for other in everyone)
@@ -122,11 +120,11 @@ class TorchCommunicator(Communicator):
         mine = None
         for parent_and_color in sorted(groups):                       # the same order on every rank
             members = sorted(groups[parent_and_color], key=lambda other: (other.key, other.old_rank))
-            group = dist.new_group(ranks=[other.global_rank for other in members], timeout=self.timeout,
+            group = dist.new_group(ranks=[other.global_rank for other in members], timeout=timedelta(seconds=self.timeout_s),
                                    sort_ranks=False)                  # keep our order, not torch's sorted one
             if parent_and_color == (me.parent, me.color):
                 on_node = sum(other.host == me.host for other in members)
-                mine = TorchCommunicator(group, name, on_node, self.timeout, self.stats)
+                mine = TorchCommunicator(group, name, on_node, timedelta(seconds=self.timeout_s), self.stats)
         return mine
 
     def transfer_path(self, device) -> str:
