@@ -127,11 +127,13 @@ def _chunk_offsets(target, expert_ids, starts, slot_major):
     chunk_size = target.ASSIGNMENTS_PER_CHUNK
     num_chunks = math.ceil(expert_ids.numel() / chunk_size)
     chunk_counts = torch.empty(num_chunks, starts.numel(), dtype=torch.int64, device=expert_ids.device)
-    ends = torch.empty_like(starts)
-    ids = target.array(expert_ids)
-    target.count_chunks(ids, chunk_size, slot_major, target.array(chunk_counts))
-    target.scan_chunk_counts(target.array(chunk_counts), target.array(starts), target.array(ends))
-    return chunk_counts, ends
+    target.count_chunks(target.array(expert_ids), chunk_size, slot_major, target.array(chunk_counts))
+    # Pass 2, an exclusive scan down each expert's column, is torch's cumsum (exact on integers, parallel
+    # on both targets): as a kernel with one GPU thread per expert walking every chunk in turn it was a
+    # long serial chain (the whole ranking took 4.4 ms for T·k = 524k on an H200, torch's sort 0.2 ms).
+    inclusive = chunk_counts.cumsum(0)                       # Σ_{c' <= c} chunk_counts[c', e]
+    ends = starts + inclusive[-1] if num_chunks else starts.clone()
+    return starts + inclusive - chunk_counts, ends           # start_e + Σ_{c' < c} chunk_counts[c', e]
 
 
 def _ranks(expert_ids, starts, slot_major):

@@ -47,7 +47,7 @@ from numba import prange
 # The T·k assignments are walked in a fixed order, cut into chunks of ``chunk_size`` consecutive
 # assignments. Ranking is two-pass, which is what makes it both parallel and stable:
 #   1. count_chunk:         chunk_counts[c, e] = #{assignments to e in chunk c}        (parallel over c)
-#   2. offsets_over_chunks: chunk_counts[c, e] ← start_e + Σ_{c'<c} chunk_counts[c', e]  (parallel over e)
+#   2. (torch.cumsum in numba_backend.py) offset[c, e] = start_e + Σ_{c'<c} chunk_counts[c', e]
 #   3. rank_chunk:          walk chunk c again; each assignment to e takes offset[c, e]++ (parallel over c)
 # Inside a chunk the walk is sequential, and chunks are laid out in walk order, so an assignment's
 # rank counts exactly the earlier assignments (in walk order) to the same expert.
@@ -71,17 +71,6 @@ def count_chunk(expert_ids, chunk, chunk_size, slot_major, chunk_counts):
         expert = expert_ids[token, slot]
         if expert >= 0:
             chunk_counts[chunk, expert] += 1
-
-
-def offsets_over_chunks(chunk_counts, expert, start):
-    """Exclusive scan down column ``expert``, in place:
-    chunk_counts[c, e] ← start + Σ_{c' < c} chunk_counts[c', e].  Returns start + the column's total."""
-    running = start
-    for chunk in range(chunk_counts.shape[0]):
-        count = chunk_counts[chunk, expert]
-        chunk_counts[chunk, expert] = running
-        running += count
-    return running
 
 
 def rank_chunk(expert_ids, chunk, chunk_size, slot_major, chunk_offsets, ranks):
@@ -385,7 +374,6 @@ def _compile(task):
 
 
 count_chunk_cpu = _compile(count_chunk)
-offsets_over_chunks_cpu = _compile(offsets_over_chunks)
 rank_chunk_cpu = _compile(rank_chunk)
 exclusive_prefix_sum_task_cpu = _compile(exclusive_prefix_sum_task)
 row_sources_cpu = _compile(row_sources)
@@ -417,13 +405,6 @@ def count_chunks(expert_ids, chunk_size, slot_major, chunk_counts):
     """Pass 1: chunk_counts[c, e] for every chunk c (parallel over chunks)."""
     for chunk in prange(chunk_counts.shape[0]):
         count_chunk_cpu(expert_ids, chunk, chunk_size, slot_major, chunk_counts)
-
-
-@numba.njit(parallel=True, cache=True)
-def scan_chunk_counts(chunk_counts, starts, ends):
-    """Pass 2: turn counts into each chunk's first rank per expert; ends[e] = starts[e] + count[e]."""
-    for expert in prange(chunk_counts.shape[1]):
-        ends[expert] = offsets_over_chunks_cpu(chunk_counts, expert, starts[expert])
 
 
 @numba.njit(parallel=True, cache=True)

@@ -14,10 +14,24 @@ kernels run on the CPU, one Python thread per GPU thread: that is how the tests 
 machines without a GPU. There, "device arrays" are numpy views of CPU tensors.
 """
 import math
+import warnings
 
 import numba
+import numpy
 import torch
-from numba import cuda
+
+if not hasattr(numpy, "row_stack") and not numba.config.ENABLE_CUDASIM:
+    # numba-cuda 0.30 registers a kernel overload for numpy.row_stack, an alias of numpy.vstack that
+    # NumPy 2.5 removed, the first time it compiles a kernel, and every compilation fails without it
+    # (seen on an H200 with numpy 2.5.2, numba-cuda 0.30.4). Put the alias back before numba.cuda loads.
+    numpy.row_stack = numpy.vstack
+
+from numba import cuda  # after the alias above
+
+# Some launches are small on purpose (one thread per expert, or one for a prefix sum over E counts):
+# numba's "Grid size N will likely result in GPU under-utilization" warning (its text starts with a
+# terminal colour code, hence the leading .*) says nothing useful there.
+warnings.filterwarnings("ignore", message=r".*Grid size \d+ will likely result in GPU under-utilization")
 
 from . import numba_cpu
 
@@ -34,7 +48,6 @@ def _compile(task):
 
 
 count_chunk = _compile(numba_cpu.count_chunk)
-offsets_over_chunks = _compile(numba_cpu.offsets_over_chunks)
 rank_chunk = _compile(numba_cpu.rank_chunk)
 exclusive_prefix_sum_task = _compile(numba_cpu.exclusive_prefix_sum_task)
 row_sources = _compile(numba_cpu.row_sources)
@@ -97,13 +110,6 @@ def _count_chunks_kernel(expert_ids, chunk_size, slot_major, chunk_counts):
 
 
 @cuda.jit
-def _scan_chunk_counts_kernel(chunk_counts, starts, ends):
-    expert = cuda.grid(1)
-    if expert < chunk_counts.shape[1]:
-        ends[expert] = offsets_over_chunks(chunk_counts, expert, starts[expert])
-
-
-@cuda.jit
 def _rank_chunks_kernel(expert_ids, chunk_size, slot_major, chunk_offsets, ranks):
     chunk = cuda.grid(1)
     if chunk < chunk_offsets.shape[0]:
@@ -118,10 +124,6 @@ def _exclusive_prefix_sum_kernel(counts, starts):
 
 def count_chunks(expert_ids, chunk_size, slot_major, chunk_counts):
     _launch(_count_chunks_kernel, chunk_counts.shape[0], expert_ids, chunk_size, slot_major, chunk_counts)
-
-
-def scan_chunk_counts(chunk_counts, starts, ends):
-    _launch(_scan_chunk_counts_kernel, chunk_counts.shape[1], chunk_counts, starts, ends)
 
 
 def rank_chunks(expert_ids, chunk_size, slot_major, chunk_offsets, ranks):

@@ -77,8 +77,10 @@ def launch(ranks: list[int], method: str, repeats: int, engine: str) -> list[dic
             output = Path(folder) / f"alltoall_{count}.json"
             command = launcher(count, [__file__, "--worker", str(output), "--method", method,
                                        "--repeats", str(repeats), "--engine", engine])
+            started = time.perf_counter()
             subprocess.run(command, check=True, timeout=600)
             points.extend(json.loads(output.read_text()))
+            print(f"{count} ranks: done in {time.perf_counter() - started:.1f} s", flush=True)
     return points
 
 

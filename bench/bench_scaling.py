@@ -110,8 +110,11 @@ def launch(ranks: list[int], steps: int, warmup: int, backend: str, exchange: st
             output = Path(folder) / f"scaling_{count}.json"
             args = [__file__, "--worker", str(output), "--steps", str(steps), "--warmup", str(warmup),
                     "--backend", backend, "--exchange", exchange, "--engine", engine]
+            started = time.perf_counter()
             subprocess.run(launcher(count, args), check=True, timeout=900)
             results.append(json.loads(output.read_text()))
+            print(f"{count} ranks: {results[-1]['tokens_per_second']:,.0f} tokens/s "
+                  f"(launch and run {time.perf_counter() - started:.1f} s)", flush=True)
     return results
 
 

@@ -40,21 +40,26 @@ class Experts(nn.Module):
 
         ``grouped_matmul(rows, weight[E, out, in], counts)`` is the backend's grouped GEMM.
         """
-        hidden = self._linear(rows, self.w1, self.b1, counts, grouped_matmul)            # W1·x
+        # expert_of_row[n]: the expert whose segment row n sits in; each row gets that expert's bias.
+        # A gather (bias[expert_of_row]), not bias.repeat_interleave(counts): the gradient of a gather
+        # is a sort-based scatter-add on GPUs, the same bits in every run, where repeat_interleave's
+        # backward (index_add_) adds with atomics in whatever order the threads arrive.
+        expert_of_row = None
+        if self.b1 is not None:
+            experts = torch.arange(counts.numel(), device=counts.device)
+            expert_of_row = experts.repeat_interleave(counts, output_size=rows.shape[0])
+        hidden = self._linear(rows, self.w1, self.b1, counts, expert_of_row, grouped_matmul)    # W1·x
         if self.kind == "swiglu":
-            gate = self._linear(rows, self.w3, self.b3, counts, grouped_matmul)          # W3·x
-            hidden = nn.functional.silu(hidden) * gate                                   # silu(W1x) ⊙ W3x
+            gate = self._linear(rows, self.w3, self.b3, counts, expert_of_row, grouped_matmul)  # W3·x
+            hidden = nn.functional.silu(hidden) * gate                                         # silu(W1x) ⊙ W3x
         else:
-            hidden = nn.functional.gelu(hidden)                                          # gelu(W1x)
-        return self._linear(hidden, self.w2, self.b2, counts, grouped_matmul)            # W2·h
+            hidden = nn.functional.gelu(hidden)                                                # gelu(W1x)
+        return self._linear(hidden, self.w2, self.b2, counts, expert_of_row, grouped_matmul)   # W2·h
 
     @staticmethod
-    def _linear(rows, weight, bias, counts, grouped_matmul):
+    def _linear(rows, weight, bias, counts, expert_of_row, grouped_matmul):
         out = grouped_matmul(rows, weight, counts)
-        if bias is not None:
-            # Each row gets the bias of the expert whose segment it sits in.
-            out = out + bias.repeat_interleave(counts, dim=0, output_size=rows.shape[0])
-        return out
+        return out if bias is None else out + bias[expert_of_row]
 
 
 def _uniform(num_experts: int, fan_out: int, fan_in: int) -> torch.Tensor:
