@@ -35,6 +35,7 @@ from .data import DATASETS
 from .distributed.engines import DEFAULT_TIMEOUT_S, ENGINES
 from .distributed.parallelize import EXCHANGES
 from .experts import EXPERT_KINDS
+from .precision import DTYPES
 from .routers import ROUTERS, router_options as accepted_router_options
 from .soft_moe import NOT_CAUSAL as SOFT_MOE_NOT_CAUSAL, SOFT_MOE
 
@@ -132,6 +133,10 @@ class TrainConfig:
     grad_clip: float = _field(1.0, "optimization", "clip the global gradient norm to this (0 = no clipping)",
                               minimum=0.0)
     seed: int = _field(1337, "optimization", "seed of model init, data stream and router noise", minimum=0)
+    optimizer_group_size: int = _field(0, "optimization", "DeepSpeed-TED's optimizer step: AdamW updates the "
+                                       "parameters in groups of at most this many elements, one group after "
+                                       "another, so its temporaries exist for one group at a time (0 = one "
+                                       "group per weight-decay class)", minimum=0)
     nonfinite: str = _field("stop", "optimization", "what a non-finite loss or gradient norm does: stop (the run "
                             "ends with an error naming the step; the last good checkpoint is kept) or skip_step "
                             "(that step's update is dropped and training goes on)", choices=("stop", "skip_step"))
@@ -155,6 +160,9 @@ class TrainConfig:
 
     # --- system -------------------------------------------------------------------------------
     device: str = _field("cpu", "system", "torch device: cpu, cuda or cuda:N")
+    dtype: str = _field("float32", "system", "precision of the forward pass's matrix products: float32, or "
+                        "bfloat16 / float16 under autocast with float32 master weights (float16 with dynamic "
+                        "loss scaling; routers stay float32)", choices=tuple(DTYPES))
     num_threads: int = _field(1, "system", "torch CPU threads (0 = torch's default; 1 is fastest for the tiny default model and for MPI ranks)", minimum=0)
     progress: bool = _field(True, "system", "show the tqdm progress bar and log lines")
 

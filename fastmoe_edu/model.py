@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fastmoe_edu import MoELayer
+from fastmoe_edu.precision import at_least_float32
 from fastmoe_edu.soft_moe import NOT_CAUSAL as SOFT_MOE_NOT_CAUSAL, SOFT_MOE
 
 
@@ -172,7 +173,8 @@ class MoETransformer(nn.Module):
         logits = self.lm_head(self.ln_final(h))
         if targets is None:
             return logits, None
-        lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        # The loss in float32 even when the logits come from a bfloat16/float16 matmul (precision.py).
+        lm_loss = F.cross_entropy(at_least_float32(logits).reshape(-1, logits.shape[-1]), targets.reshape(-1))
         aux_loss = sum((torch.as_tensor(layer.aux_loss, dtype=lm_loss.dtype, device=lm_loss.device)
                         for layer in self.moe_layers()), lm_loss.new_zeros(()))
         self.last_lm_loss, self.last_aux_loss = lm_loss.detach(), aux_loss.detach()

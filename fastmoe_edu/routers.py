@@ -180,10 +180,15 @@ class Router(nn.Module):
     # -- shared ------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, reduce=local_sum) -> tuple[RouterOutput, torch.Tensor]:
         """Route x [T, d_model]; returns the routing and the weighted aux loss (balance + z) of the whole batch."""
-        out = self.route(x)
-        aux_loss = self.balance_loss_weight * self.balance_loss(out, reduce)
-        if self.z_loss_weight:
-            aux_loss = aux_loss + self.z_loss_weight * router_z_loss(out.logits, reduce)
+        # Under mixed precision (autocast, precision.py) routing still runs in float32 with autocast
+        # off, like the float32 master weights: ranking experts compares nearly equal scores, which
+        # bfloat16 would reorder.
+        autocasting = torch.is_autocast_enabled(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            out = self.route(x.float() if autocasting else x)
+            aux_loss = self.balance_loss_weight * self.balance_loss(out, reduce)
+            if self.z_loss_weight:
+                aux_loss = aux_loss + self.z_loss_weight * router_z_loss(out.logits, reduce)
         return out, aux_loss
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ One optimizer step:
 
     batch  = sample(seed, "train", step)            a pure function of the step: nothing to save
     loss   = cross_entropy + Σ aux_loss             (model.py), on this rank's slice of the batch
-    loss.backward()
+    loss.backward()                                 (float16: the loss times the loss scale, precision.py)
     runtime.reduce_gradients(model)                 nothing in one process; all-reduces across ranks
     clip the gradient norm, AdamW step with a warmup + cosine learning rate
     model.update_router_biases()                    loss-free balancing of the sigmoid router
@@ -57,6 +57,7 @@ from .data import batch_rng, get_dataset
 from .distributed.engines import launch_rank, launch_world_size, resolve_engine
 from .distributed.layout import layout_sizes
 from .model import MoETransformer, build_model
+from .precision import LossScaler, at_least_float32, autocast
 from .runtime import Runtime
 
 HISTORY_NAME = "history.json"
@@ -98,11 +99,34 @@ def get_batch(dataset, cfg: TrainConfig, split: str, step: int, device: str | to
 
 
 def configure_optimizer(model: MoETransformer, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay only on matrices (embeddings, linear maps, expert weights), not on norms/biases."""
+    """AdamW; weight decay only on matrices (embeddings, linear maps, expert weights), not on norms/biases.
+
+    With ``optimizer_group_size`` > 0 each class is cut into parameter groups of at most that many
+    elements (a larger tensor is a group alone). AdamW updates one group after another and its
+    multi-tensor ("foreach") arithmetic allocates temporaries for a whole group at once, so the
+    step's extra memory is that of the largest group, not of the whole model (DeepSpeed-TED's
+    tiled optimizer step).
+    """
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": chunk, "weight_decay": weight_decay}
+              for params, weight_decay in ((decay, cfg.weight_decay), (no_decay, 0.0))
+              for chunk in parameter_chunks(params, cfg.optimizer_group_size)]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99))
+
+
+def parameter_chunks(params: list, max_elements: int) -> list[list]:
+    """Consecutive runs of ``params`` holding at most ``max_elements`` elements each (0 = one run)."""
+    if max_elements == 0:
+        return [params]
+    chunks, size = [[]], 0
+    for param in params:
+        if chunks[-1] and size + param.numel() > max_elements:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(param)
+        size += param.numel()
+    return [chunk for chunk in chunks if chunk]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -155,26 +179,34 @@ class NonFiniteError(RuntimeError):
     """The loss or the gradient norm became NaN or infinite (nonfinite = "stop")."""
 
 
-def train_step(model: MoETransformer, optimizer, batch, cfg: TrainConfig, step: int, rt: Runtime) -> dict:
+def train_step(model: MoETransformer, optimizer, batch, cfg: TrainConfig, step: int, rt: Runtime,
+               scaler: LossScaler | None = None) -> dict:
     """One optimizer step on batch number ``step``; returns the step's record for the history.
 
     A non-finite loss or gradient norm never reaches the weights: the step raises
     :class:`NonFiniteError` (``nonfinite = "stop"``) or is skipped (``"skip_step"``, ``record["skipped"]``).
+    Under float16 an overflow of the scaled gradients skips the step and halves the loss scale
+    (``scaler`` carries the scale from step to step; None = a fresh one, which is all that float32 and
+    bfloat16 need: their scale is always 1).
     """
+    scaler = scaler or LossScaler(cfg.dtype)
     lr = lr_at(step, cfg)
     for group in optimizer.param_groups:
         group["lr"] = lr
     x, y, _ = rt.shard_batch(batch)
-    _, loss = model(x, y)
+    with autocast(cfg.dtype, x.device):                              # float32: no-op (precision.py)
+        _, loss = model(x, y)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * scaler.scale).backward()                                 # scale = 1 unless float16
     rt.reduce_gradients(model)                                       # per-shard -> global-batch gradients
+    scaler.unscale_(model)
     grad_norm = rt.clip_gradients(model, cfg.grad_clip if cfg.grad_clip > 0 else math.inf).item()
     # The global batch's losses (all shards have the same size, so the mean of the shards' means).
     losses = rt.mean([loss.item(), model.last_lm_loss.item(), model.last_aux_loss.item()])
     # Both figures are global, so every rank takes the same decision here.
     finite = math.isfinite(losses[0]) and math.isfinite(grad_norm)
-    if not finite and cfg.nonfinite == "stop":
+    overflow = math.isfinite(losses[0]) and scaler.update(math.isfinite(grad_norm))
+    if not finite and not overflow and cfg.nonfinite == "stop":
         raise NonFiniteError(f"step {step + 1}: the loss is {losses[0]} and the gradient norm {grad_norm}; "
                              f"training stopped before the update (nonfinite=\"stop\"). Lower lr (now {lr:.3g}) "
                              f"or grad_clip, or set nonfinite=\"skip_step\"")
@@ -182,7 +214,8 @@ def train_step(model: MoETransformer, optimizer, batch, cfg: TrainConfig, step: 
         optimizer.step()
         model.update_router_biases()                                 # after the step, as DeepSeek-V3 does
     return {"step": step + 1, "lr": lr, "loss": losses[0], "lm_loss": losses[1], "aux_loss": losses[2],
-            "grad_norm": grad_norm, "skipped": not finite, **routing_stats(model, rt)}
+            "grad_norm": grad_norm, "skipped": not finite, "overflow": overflow, "loss_scale": scaler.scale,
+            **routing_stats(model, rt)}
 
 
 @torch.no_grad()
@@ -198,8 +231,9 @@ def estimate_val_loss(model: MoETransformer, dataset, cfg: TrainConfig, device,
     count = torch.zeros(len(dataset.language_names))
     for i in range(cfg.eval_iters):
         x, y, lang = rt.shard_batch(get_batch(dataset, cfg, "val", i, device))
-        logits, _ = model(x)
-        token_loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+        with autocast(cfg.dtype, x.device):
+            logits, _ = model(x)
+        token_loss = F.cross_entropy(at_least_float32(logits).flatten(0, 1), y.flatten(), reduction="none").view_as(y)
         total.index_add_(0, lang.cpu(), token_loss.sum(dim=1).cpu())
         count.index_add_(0, lang.cpu(), torch.full((len(lang),), float(y.shape[1])))
     total, count = rt.sum(total), rt.sum(count)
@@ -274,12 +308,18 @@ def check_schedule_unchanged(saved: dict, cfg: TrainConfig) -> None:
     if changed and not cfg.allow_schedule_change:
         raise ConfigError(f"--resume with {', '.join(changed)} would change the learning-rate schedule "
                           f"mid-run; keep the checkpoint's values, or pass --allow_schedule_change=true")
+    saved_groups = saved.get("optimizer_group_size", 0)
+    if saved_groups != cfg.optimizer_group_size:
+        raise ConfigError(f"--resume with optimizer_group_size={cfg.optimizer_group_size} (checkpoint: "
+                          f"{saved_groups}): the optimizer state is stored per parameter group, so the "
+                          f"groups must stay as they were; keep optimizer_group_size={saved_groups}")
 
 
-def save_run(cfg: TrainConfig, model, optimizer, step: int, history: dict, run_id: str, rt: Runtime) -> None:
+def save_run(cfg: TrainConfig, model, optimizer, scaler: LossScaler, step: int, history: dict, run_id: str,
+             rt: Runtime) -> None:
     """Checkpoint (every rank its own file, the main rank the shared one), then the history."""
-    rt.save(cfg.out_dir, model, optimizer,
-            {"step": step, "run_id": run_id, "config": cfg.to_dict(), "history": history})
+    rt.save(cfg.out_dir, model, optimizer, {"step": step, "run_id": run_id, "config": cfg.to_dict(),
+                                            "history": history, "loss_scale": scaler.state_dict()})
     if rt.is_main:
         write_history(cfg, history)
 
@@ -385,6 +425,7 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, rt: Runtime | None = 
     seed_random_draws(cfg, rt)
     log(rt, cfg, rt.describe(model))
     optimizer = configure_optimizer(model, cfg)
+    scaler = LossScaler(cfg.dtype)
 
     start_step, history = 0, {"train": [], "val": []}
     run_id = rt.broadcast_(torch.randint(0, 256, (8,), dtype=torch.uint8)).numpy().tobytes().hex()
@@ -392,6 +433,8 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, rt: Runtime | None = 
         check_schedule_unchanged(read_manifest_config(cfg.out_dir), cfg)   # before any weight is touched
         saved = rt.load(cfg.out_dir, model, optimizer)
         start_step, history, run_id = saved["step"], saved["history"], saved["run_id"]
+        if saved.get("loss_scale") and saved["config"].get("dtype") == cfg.dtype:
+            scaler.load_state_dict(saved["loss_scale"])
         log(rt, cfg, f"resumed from {Path(cfg.out_dir) / MANIFEST} at step {start_step} (run {run_id})")
         for line in config_differences(saved["config"], cfg):
             log(rt, cfg, f"warning: the resumed run changes {line}")
@@ -409,17 +452,23 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, rt: Runtime | None = 
         for step in bar:
             t0 = time.perf_counter()
             batch = get_batch(dataset, cfg, "train", step, device)
-            record = train_step(model, optimizer, batch, cfg, step, rt)
+            record = train_step(model, optimizer, batch, cfg, step, rt, scaler)
             record["tokens_per_sec"] = tokens_per_step / (time.perf_counter() - t0)
             history["train"].append(record)
-            warning = watch.check(step + 1, record["loss"]) if not record["skipped"] else (
-                f"warning: step {step + 1}: non-finite loss or gradient norm, update skipped (nonfinite=\"skip_step\")")
+            if record["overflow"]:          # float16: routine while the loss scale settles; the bar shows it
+                warning = None
+            elif record["skipped"]:
+                warning = (f"warning: step {step + 1}: non-finite loss or gradient norm, update skipped "
+                           f"(nonfinite=\"skip_step\")")
+            else:
+                warning = watch.check(step + 1, record["loss"])
             if warning:
                 log(rt, cfg, warning)
             tok_rate = record["tokens_per_sec"] if tok_rate is None else 0.9 * tok_rate + 0.1 * record["tokens_per_sec"]
             bar.set_postfix(loss=f"{record['lm_loss']:.3f}", aux=f"{record['aux_loss']:.3f}",
                             tok_s=f"{tok_rate:,.0f}", imb=f"{record['load_imbalance']:.2f}",
-                            drop=f"{record['dropped_frac']:.1%}", refresh=False)
+                            drop=f"{record['dropped_frac']:.1%}", refresh=False,
+                            **({"scale": f"{scaler.scale:g}"} if scaler.enabled else {}))
             done = step + 1
             if (cfg.eval_interval and done % cfg.eval_interval == 0) or done == cfg.max_steps:
                 val, per_language = estimate_val_loss(model, dataset, cfg, device, rt)
@@ -430,7 +479,7 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, rt: Runtime | None = 
             # All ranks must stop at the same step, even if Ctrl-C reached only some of them.
             interrupted = rt.any(ctrl_c.requested)
             if interrupted or done == last_step or (cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0):
-                save_run(cfg, model, optimizer, done, history, run_id, rt)
+                save_run(cfg, model, optimizer, scaler, done, history, run_id, rt)
             if interrupted:
                 log(rt, cfg, f"interrupted: checkpoint of step {done} saved in {cfg.out_dir}; "
                              f"continue with --resume")

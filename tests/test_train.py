@@ -143,8 +143,8 @@ def test_ctrl_c_saves_checkpoint_and_resume_is_exact(tmp_path, monkeypatch):
     full = train(small(tmp_path / "full"))
     real_step = T.train_step
 
-    def step_then_ctrl_c(model, optimizer, batch, cfg, step, rt):
-        record = real_step(model, optimizer, batch, cfg, step, rt)
+    def step_then_ctrl_c(model, optimizer, batch, cfg, step, rt, scaler):
+        record = real_step(model, optimizer, batch, cfg, step, rt, scaler)
         if step == 4:
             os.kill(os.getpid(), signal.SIGINT)                          # as if the user pressed Ctrl-C
         return record

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..precision import at_least_float32
 from .communicator import Communicator
 from .layout import ParallelLayout
 
@@ -52,7 +53,7 @@ class CopyToTensorRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.comm.allreduce_(grad.contiguous().clone(), purpose="tp_allreduce_backward"), None
+        return _sum_over(ctx.comm, grad, "tp_allreduce_backward"), None
 
 
 class ReduceFromTensorRegion(torch.autograd.Function):
@@ -60,11 +61,18 @@ class ReduceFromTensorRegion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, partial, comm: Communicator):
-        return comm.allreduce_(partial.contiguous().clone(), purpose="tp_allreduce_forward")
+        return _sum_over(comm, partial, "tp_allreduce_forward")
 
     @staticmethod
     def backward(ctx, grad):
         return grad, None
+
+
+def _sum_over(comm: Communicator, tensor: torch.Tensor, purpose: str) -> torch.Tensor:
+    """Σ over the tensor group, added in at least float32 (under bfloat16/float16 autocast the partial
+    sums come in low precision: they are upcast for the sum and the result cast back)."""
+    total = comm.allreduce_(at_least_float32(tensor).contiguous().clone(), purpose=purpose)
+    return total.to(tensor.dtype)
 
 
 def copy_to_tensor_region(x: torch.Tensor, comm: Communicator) -> torch.Tensor:
