@@ -86,6 +86,10 @@ class TrainConfig:
     moe_every: int = _field(1, "model", "every n-th block has an MoE feed-forward, the others a dense MLP "
                             "(1 = all blocks are MoE)", minimum=1)
     tie_weights: bool = _field(True, "model", "share the token embedding matrix with the output head")
+    activation_checkpointing: bool = _field(False, "model", "keep only each block's input in the forward pass "
+                                            "and recompute the block in the backward (less memory, about one "
+                                            "more forward of compute); under parallelism the recomputation "
+                                            "replays the block's messages instead of sending them again")
     router_options: dict = _field({}, "model", "extra keyword arguments of the router, e.g. "
                                   "balance_loss_weight, z_loss_weight (TOML table [router_options], "
                                   "CLI --router_options.NAME=VALUE)")

@@ -23,12 +23,14 @@ routers, dense MLPs; every rank holds a copy and their gradients are all-reduced
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from fastmoe_edu import MoELayer
 from fastmoe_edu.precision import at_least_float32
@@ -52,6 +54,13 @@ class ModelConfig:
     moe_every: int = 1                 # block i is MoE when (i + 1) % moe_every == 0
     tie_weights: bool = True           # the LM head reuses the token embedding matrix
     router_options: dict = field(default_factory=dict)
+    activation_checkpointing: bool = False   # keep only each block's input; recompute the block in backward
+
+
+def no_recompute_contexts():
+    """What a block does around its forward pass and its recomputation: nothing, in one process
+    (``parallelize`` installs distributed/recompute.py's, which replay the block's messages)."""
+    return contextlib.nullcontext(), contextlib.nullcontext()
 
 
 class TokenAndPositionEmbedding(nn.Module):
@@ -158,6 +167,9 @@ class MoETransformer(nn.Module):
             nn.init.normal_(self.lm_head.weight, std=0.02)
         self.last_lm_loss: torch.Tensor | None = None
         self.last_aux_loss: torch.Tensor | None = None
+        # The seam for activation checkpointing: (context of a block's forward, context of its
+        # recomputation), as torch.utils.checkpoint's context_fn.
+        self.recompute_contexts = no_recompute_contexts
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
@@ -169,7 +181,12 @@ class MoETransformer(nn.Module):
             raise ValueError(f"sequence of length {idx.shape[1]} is longer than seq_len={self.cfg.seq_len}")
         h = self.embed(idx)
         for block in self.blocks:
-            h = block(h)
+            if self.cfg.activation_checkpointing and torch.is_grad_enabled():
+                # Activation checkpointing: keep h, drop the block's inner activations, run the block
+                # again in the backward pass when they are needed (compute traded for memory).
+                h = checkpoint(block, h, use_reentrant=False, context_fn=self.recompute_contexts)
+            else:
+                h = block(h)
         logits = self.lm_head(self.ln_final(h))
         if targets is None:
             return logits, None

@@ -29,15 +29,42 @@ The row exchange comes in two versions with identical results (the tests check i
 """
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 
 import torch
 
+from .recompute import active_stash
 from .stats import CommunicationStats
 
 EXCHANGE_METHODS = ("pairwise", "alltoallv")
 REDUCE_OPS = ("sum", "max")
+
+
+def replayable(collective):
+    """Inside a checkpointed block (recompute.py): record the collective's result during the forward
+    pass, and return the recorded result during the block's recomputation instead of communicating.
+    A method whose name ends in ``_`` works in place: its first argument receives the result."""
+    in_place = collective.__name__.endswith("_")
+
+    @functools.wraps(collective)
+    def run(self, tensor, *args, **kwargs):
+        stash = active_stash()
+        if stash is None or stash.depth:                     # not in a checkpointed block, or nested
+            return collective(self, tensor, *args, **kwargs)
+        what = f"{self.name}/{collective.__name__}"
+        if stash.replaying:
+            result = stash.replay(what)
+            return tensor.copy_(result) if in_place else result
+        stash.depth += 1
+        try:
+            result = collective(self, tensor, *args, **kwargs)
+        finally:
+            stash.depth -= 1
+        stash.record(what, result.clone() if in_place else result)
+        return result
+    return run
 
 
 class CollectiveTimeout(RuntimeError):
@@ -63,6 +90,7 @@ class Communicator(ABC):
     # ------------------------------------------------------------------------------------------
     # Counts: every rank sends `m` integers to every rank.
     # ------------------------------------------------------------------------------------------
+    @replayable
     def alltoall(self, send: torch.Tensor) -> torch.Tensor:
         """``send[P·m]`` -> ``received[P·m]``: block p of ``send`` goes to rank p; block s of the result came from rank s."""
         if send.numel() % self.size:
@@ -75,6 +103,7 @@ class Communicator(ABC):
     # ------------------------------------------------------------------------------------------
     # Rows: a variable number of rows to every rank (the token exchange of expert parallelism).
     # ------------------------------------------------------------------------------------------
+    @replayable
     def alltoallv(self, rows: torch.Tensor, send_rows: list[int], recv_rows: list[int],
                   method: str = "alltoallv", purpose: str | None = None) -> torch.Tensor:
         """Send ``send_rows[p]`` consecutive rows of ``rows`` to rank p (in rank order); receive ``recv_rows[s]`` from rank s.
@@ -106,6 +135,7 @@ class Communicator(ABC):
                     self._complete(request, f"pairwise exchange with ranks {destination} and {source}")
         return received.to(rows.device)
 
+    @replayable
     def ialltoallv(self, rows: torch.Tensor, send_rows: list[int], recv_rows: list[int],
                    purpose: str = "ialltoallv") -> "PendingExchange":
         """Post the exchange of :meth:`alltoallv` and return at once; ``.wait()`` gives the received rows.
@@ -120,6 +150,7 @@ class Communicator(ABC):
     # ------------------------------------------------------------------------------------------
     # Reductions, broadcasts, gathers
     # ------------------------------------------------------------------------------------------
+    @replayable
     def allreduce_(self, tensor: torch.Tensor, average: bool = False, purpose: str = "allreduce",
                    op: str = "sum") -> torch.Tensor:
         """In place: ``tensor ← Σ_ranks tensor`` (or the max; divided by the size if ``average``). Returns it.
@@ -152,6 +183,7 @@ class Communicator(ABC):
                 tensor.copy_(staged)
         return tensor
 
+    @replayable
     def allgatherv(self, rows: torch.Tensor, shares: list[int], purpose: str = "allgather") -> torch.Tensor:
         """Every rank's ``rows`` (``shares[r]`` rows from rank r), concatenated in rank order, on every rank."""
         if len(shares) != self.size or rows.shape[0] != shares[self.rank]:
@@ -163,6 +195,7 @@ class Communicator(ABC):
             self._allgatherv(send, gathered, [share * width for share in shares])
         return gathered.to(rows.device)
 
+    @replayable
     def allgather(self, tensor: torch.Tensor, purpose: str = "allgather") -> torch.Tensor:
         """Every rank's equally sized ``tensor``, flattened and concatenated in rank order."""
         flat = tensor.reshape(-1)
@@ -269,6 +302,7 @@ class PendingExchange:
     def __init__(self, comm: Communicator, rows: torch.Tensor, send_rows: list[int], recv_rows: list[int],
                  timed_wait: bool):
         self.comm, self.device, self.timed_wait = comm, rows.device, timed_wait
+        self.result: torch.Tensor | None = None
         self.send = comm._stage(rows)                                            # kept alive until wait()
         self.received = self.send.new_empty((sum(recv_rows),) + tuple(rows.shape[1:]))
         width = math.prod(rows.shape[1:])                                        # elements per row
@@ -276,13 +310,18 @@ class PendingExchange:
                                              [n * width for n in recv_rows])
 
     def wait(self) -> torch.Tensor:
-        """Block until the rows have arrived (timed as ``"<communicator>/wait"`` for a non-blocking post)."""
+        """Block until the rows have arrived (timed as ``"<communicator>/wait"`` for a non-blocking post).
+        Waiting again returns the same rows (a recomputed block replays its exchanges, recompute.py)."""
+        if self.result is not None:
+            return self.result
         if self.timed_wait:
             with self.comm.stats.measure(f"{self.comm.name}/wait", 0):
                 self.comm._complete(self.request, "all-to-all-v")
         else:
             self.comm._complete(self.request, "all-to-all-v")
-        return self.received.to(self.device)
+        self.result = self.received.to(self.device)
+        self.send = self.received = self.request = None                          # the engine is done with them
+        return self.result
 
 
 def _exclusive_prefix_sum(values: list[int]) -> list[int]:

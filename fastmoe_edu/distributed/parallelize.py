@@ -14,7 +14,9 @@ with the same error on every rank, before any rank enters a collective):
 2. **expert parallelism**: every MoELayer keeps its ``E / ep`` experts; its two seams are replaced —
    ``expert_runner`` by an :class:`ExpertParallel`, ``reduce`` by a sum over the data group;
 3. **data parallelism**: every replicated parameter and buffer broadcast from rank 0 of its group, so
-   all copies start equal by construction. The gradient side is ``allreduce_gradients`` (gradients.py).
+   all copies start equal by construction. The gradient side is ``allreduce_gradients`` (gradients.py);
+4. **activation checkpointing** (a language model's ``activation_checkpointing``): recomputed blocks
+   replay their collectives' recorded results instead of communicating again (recompute.py).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from .gradients import broadcast_parameters
 from .hierarchical import check_ranks_per_node
 from .layout import ParallelLayout
 from .pipeline import check_pipeline_degree
+from .recompute import stash_contexts
 from .tensor_parallel import make_tensor_parallel
 
 #: the config's spellings of the token exchange; "auto" = one all-to-all-v collective (the fast one)
@@ -58,6 +61,8 @@ def parallelize(model: nn.Module, layout: ParallelLayout, exchange: str = "auto"
         keep_local_experts(layer.experts, runner.first_local_expert, runner.num_local_experts)
         layer.expert_runner = runner
         layer.reduce = SumOverRanks(layout.data)
+    if hasattr(model, "recompute_contexts"):               # a language model: recomputed blocks replay
+        model.recompute_contexts = stash_contexts           # their collectives (activation checkpointing)
     broadcast_parameters(model, layout)
     return model
 
