@@ -7,7 +7,8 @@
 
 Every rank sends the same number of bytes to every other rank (``bytes_per_peer``), so one rank
 sends ``bytes_per_rank = bytes_per_peer · (P − 1)`` in all. A call's time is the *slowest* rank's
-time (the exchange is done when everyone is done), and the median over repeats is kept.
+time (the exchange is done when everyone is done); the median over repeats is kept as ``seconds``,
+with the spread of the repeats (``seconds_min``/``seconds_q25``/``seconds_q75``/``seconds_max``).
 
 The fit: the cost model of docs/moe_systems.md §4.2, ``t = α·(P−1) + β·bytes_per_rank`` — α the per-message
 latency, β the inverse bandwidth — by least squares over every (P, size) point. The times span
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 BYTES_PER_PEER = [8, 64, 512, 4096, 32_768, 262_144, 1_048_576]
+WARMUP_EXCHANGES = 10
 
 
 def worker(output: str, method: str, repeats: int, engine: str) -> None:
@@ -39,6 +41,10 @@ def worker(output: str, method: str, repeats: int, engine: str) -> None:
     abort_on_exception(layout.world.engine)
     comm, ranks = layout.expert, layout.expert.size
     results = []
+    # The first exchanges of a fresh job also set up the connections between ranks (much slower than
+    # any later call): a few untimed exchanges first, so that this does not land on the first size.
+    for _ in range(WARMUP_EXCHANGES):
+        comm.alltoallv(torch.zeros(ranks, 1), [1] * ranks, [1] * ranks, method)
     for bytes_per_peer in BYTES_PER_PEER:
         # One float32 row per peer, as wide as the message: counts [1, 1, ..., 1].
         rows = torch.randn(ranks, bytes_per_peer // 4)
@@ -54,7 +60,10 @@ def worker(output: str, method: str, repeats: int, engine: str) -> None:
             if attempt >= 2:
                 times.append(elapsed)
         results.append({"ranks": ranks, "bytes_per_peer": sent, "bytes_per_rank": sent * (ranks - 1),
-                        "seconds": float(np.median(times))})
+                        "seconds": float(np.median(times)), "repeats": len(times),
+                        "seconds_min": float(np.min(times)), "seconds_max": float(np.max(times)),
+                        "seconds_q25": float(np.percentile(times, 25)),
+                        "seconds_q75": float(np.percentile(times, 75))})
     if layout.is_main:
         Path(output).write_text(json.dumps(results))
 

@@ -27,20 +27,53 @@
 # 1. the six steps on a tiny example, printed tensor by tensor, with the reference functions of
 #    `fastmoe_edu.dispatch` (plain PyTorch, written to be read);
 # 2. the same steps with the numba kernels of `backends/numba_backend.py`: the CPU kernels, and the
-#    CUDA kernels run in numba's CUDA *simulator* (no GPU needed) — the tensors must be identical;
-# 3. how such a GPU kernel is laid out: grid, blocks, threads, atomics and a stable order;
-# 4. a live timing of reference vs numba over token counts.
+#    CUDA kernels run in numba's CUDA *simulator* (no GPU needed) — the tensors must be identical —
+#    and the CUDA kernels' source, to read;
+# 3. how such a GPU kernel is laid out: grid, blocks, threads; why atomics give a run-dependent
+#    order (shown with real threads racing on this machine) and how a two-pass ranking avoids them;
+# 4. a live timing of reference vs numba over token counts, and what that means for a whole layer.
 #
-# **`QUICK`** (`FASTMOE_EDU_QUICK=1`, set by the tests): smaller timing sizes.
+# **`QUICK`** (`FASTMOE_EDU_QUICK=1`, set by the tests): smaller timing sizes, fewer repeats.
+#
+# **Glossary** (each term is explained again where it is first used):
+#
+# * **token**: one row of the input, a vector of width `d_model`; **expert**: a small feed-forward network;
+#   **router**: the layer that picks `k` experts (**top-k**) and a weight for each token.
+# * **slot** `(t, s)`: token `t`'s `s`-th choice; an **assignment** is one kept slot.
+# * **capacity**: the most rows one expert accepts; assignments past it are **dropped** (id `-1`).
+# * **exclusive prefix sum**: `start[e] = counts[0] + … + counts[e−1]`, where expert `e`'s rows begin.
+# * **stable** order: rows of one expert keep the tokens' order, so every run gives the same layout.
+# * **scatter** / **gather**: copy rows into / read rows back from the expert-sorted buffer;
+#   **combine**: the weighted sum of a token's `k` expert outputs.
+# * **GEMM**: a general matrix–matrix product; **grouped GEMM**: one GEMM per expert segment.
+# * **SwiGLU**: the experts' activation (a gated variant of the usual two-layer network).
+# * **numba**: a compiler for a subset of Python; `@njit` compiles for the CPU, **`prange`** is a loop whose
+#   iterations run on several CPU threads, `@cuda.jit` compiles a **kernel** for an NVIDIA GPU (**CUDA**).
+# * **thread / block / grid**: a kernel runs as many threads, grouped in blocks; all blocks form the grid.
+# * **warp**: 32 GPU threads that execute together; warps of a kernel run in an order the hardware picks.
+# * **atomic** (fetch-and-add): read a counter and add to it in one step no other thread can split.
+# * **race**: a result that depends on which thread got somewhere first.
+# * **coalescing**: neighbouring GPU threads reading neighbouring addresses, merged into few memory transactions.
+# * **CUDA simulator**: numba's mode that runs CUDA kernels on the CPU, one Python thread per GPU thread.
+# * **median** / **spread**: the middle of repeated timings, and the range (fastest–slowest) they cover.
+# * **Amdahl's law**: speeding up part of a program cannot speed up the whole beyond what the rest costs.
 
 # %%
 import math
 import os
 import time
 
+# numba's CPU kernels run on OpenMP threads. By default an OpenMP thread that has finished its work
+# keeps spinning on the CPU for a while, waiting for the next parallel loop; on a machine with few
+# cores those spinning threads steal the core from whatever runs next (here: the reference's torch
+# operations, which then measured tens of times slower). "PASSIVE" makes idle threads sleep instead.
+# It must be set before numba or torch load their OpenMP library, so before the imports below.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from fastmoe_edu import MoELayer, dispatch
 from fastmoe_edu.backends import get_backend
@@ -218,9 +251,10 @@ assert all(torch.equal(ref_steps[n], cpu_steps[n]) for n in ref_steps)
 # must be switched on (`NUMBA_ENABLE_CUDASIM=1`) *before numba is first imported*, and this kernel
 # already imported numba for the CPU kernels, so the simulated part runs in a fresh Python process.
 # That process (the script below) loads the same inputs, sends the CPU tensors to the CUDA kernels
-# (`numba_backend.run_cuda_kernels_on_cpu_tensors(True)`, the project's hook for this), runs the six
-# steps, and saves every tensor plus the launch configuration (blocks × threads) of each kernel.
-# It also runs the experts with the backend's tiled `numba.cuda` grouped-GEMM kernel.
+# (`numba_backend.run_cuda_kernels_on_cpu_tensors(True)`, the project's public switch for this), runs
+# the six steps, and saves every tensor. It also runs the experts with the backend's tiled
+# `numba.cuda` grouped-GEMM kernel, and a small kernel that records which block and thread handle
+# which element of the scatter (used in section 3).
 
 # %%
 import subprocess
@@ -228,25 +262,24 @@ import sys
 import tempfile
 from pathlib import Path
 
-SIMULATED = r'''
+from fastmoe_edu.backends import numba_cuda
+
+
+def launch_config(tasks, max_threads=numba_cuda.MAX_THREADS_PER_BLOCK):
+    """(blocks, threads per block) for ``tasks`` tasks: the rule of numba_cuda's launcher (its source is shown below)."""
+    threads = min(max_threads, tasks)
+    return math.ceil(tasks / threads), threads
+
+
+SIMULATED = r"""
 import os, sys, time
 os.environ["NUMBA_ENABLE_CUDASIM"] = "1"          # before numba is imported
 import torch
 from numba import cuda
-from fastmoe_edu.backends import numba_backend, numba_cuda
+from fastmoe_edu.backends import numba_backend
 
 inputs = torch.load(sys.argv[1])
 numba_backend.run_cuda_kernels_on_cpu_tensors(True)   # CPU tensors -> numba.cuda kernels (simulated)
-
-launches = []                                         # (kernel, tasks, blocks, threads per block)
-launch = numba_cuda._launch
-class Recorder:
-    def __init__(self, kernel, tasks):
-        self.kernel, self.tasks = kernel, tasks
-    def __getitem__(self, config):                    # kernel[blocks, threads, stream](...)
-        launches.append((getattr(self.kernel, "__name__", "kernel"), self.tasks, config[0], config[1]))
-        return self.kernel[config]
-numba_cuda._launch = lambda kernel, tasks, *args: launch(Recorder(kernel, tasks), tasks, *args)
 
 def steps(x, ids, w, capacity, num_experts, weight):
     out = {"ids": numba_backend.prune_capacity(ids, num_experts, capacity)}
@@ -263,17 +296,14 @@ numba_backend.set_grouped_gemm("tiled")               # the experts as a numba.c
 tiny = inputs["tiny"]
 with torch.no_grad():
     result = steps(tiny["x"], tiny["expert_ids"], tiny["weights"], tiny["capacity"], tiny["E"], tiny["weight"])
-result = {"steps": result, "launches": list(launches), "seconds": time.perf_counter() - start}
+result = {"steps": result, "seconds": time.perf_counter() - start}
 
-# Which GPU thread handles which element of the scatter? Launch the scatter on a bigger example,
-# record its configuration, then run a kernel with the same configuration and the same index
-# arithmetic (one thread per buffer element: row = i // width, col = i % width) that writes down
-# its block and thread numbers.
+# Which GPU thread handles which element of the scatter? The scatter kernel uses one thread per
+# buffer element (row = i // width, col = i % width), launched with the configuration the notebook
+# passes in. This kernel has the same launch and index arithmetic and writes down its block and
+# thread numbers instead of copying data.
 big = inputs["big"]
-launches.clear()
-with torch.no_grad():
-    big_buffer = numba_backend.scatter_rows(big["x"], big["rows"], big["num_rows"])
-name, tasks, blocks, threads = [l for l in launches if "scatter" in l[0]][-1]
+blocks, threads = big["launch"]
 
 @cuda.jit
 def who_handles(width, block_of, thread_of):
@@ -282,55 +312,35 @@ def who_handles(width, block_of, thread_of):
         block_of[index // width, index % width] = cuda.blockIdx.x
         thread_of[index // width, index % width] = cuda.threadIdx.x
 
-block_of = torch.full(tuple(big_buffer.shape), -1, dtype=torch.int64)
-thread_of = torch.full(tuple(big_buffer.shape), -1, dtype=torch.int64)
-who_handles[blocks, threads](big_buffer.shape[1], block_of.numpy(), thread_of.numpy())
-result["thread_map"] = {"kernel": name, "tasks": tasks, "blocks": blocks, "threads": threads,
-                        "block_of": block_of, "thread_of": thread_of}
-
-# Positions with atomics: one thread per assignment takes the next free row of its expert with
-# cuda.atomic.add. Every row is used exactly once, but *which* thread gets there first decides the
-# order inside an expert's segment.
-@cuda.jit
-def atomic_positions(ids, starts, cursor, rows):
-    i = cuda.grid(1)
-    if i < ids.shape[0]:
-        e = ids[i]
-        if e >= 0:
-            rows[i] = starts[e] + cuda.atomic.add(cursor, e, 1)   # returns the value *before* the add
-        else:
-            rows[i] = -1
-
-flat = big["expert_ids"].reshape(-1).contiguous()
-atomic_runs = []
-for attempt in range(3):
-    cursor = torch.zeros(big["E"], dtype=torch.int64)
-    rows = torch.empty_like(flat)
-    atomic_positions[(flat.numel() + 31) // 32, 32](flat.numpy(), big["starts"].numpy(), cursor.numpy(), rows.numpy())
-    atomic_runs.append(rows.reshape(big["expert_ids"].shape).clone())
-result["atomic_rows"] = atomic_runs
+block_of = torch.full((big["num_rows"], big["width"]), -1, dtype=torch.int64)
+thread_of = torch.full((big["num_rows"], big["width"]), -1, dtype=torch.int64)
+who_handles[blocks, threads](big["width"], block_of.numpy(), thread_of.numpy())
+result["thread_map"] = {"block_of": block_of, "thread_of": thread_of}
 torch.save(result, sys.argv[2])
-'''
+"""
 
 work = Path(tempfile.mkdtemp(prefix="fastmoe_edu_02_"))
 (work / "simulated.py").write_text(SIMULATED)
 
-# A bigger example for the thread map: 24 tokens, width 8, 4 experts, top-2.
+# A bigger example for the thread map (and section 3's positions): 24 tokens, width 8, 4 experts, top-2.
 g_big = torch.Generator().manual_seed(5)
 big_x = torch.randn(24, 8, generator=g_big)
 big_ids = torch.stack([torch.randperm(4, generator=g_big)[:2] for _ in range(24)])
 big_counts = dispatch.count_tokens_per_expert(big_ids, 4)
 big_starts = dispatch.exclusive_prefix_sum(big_counts)
 big_rows = dispatch.stable_positions(big_ids, big_starts)
+big_num_rows = int(big_counts.sum())
+big_launch = launch_config(big_num_rows * big_x.shape[1])          # the scatter: one task per buffer element
 torch.save({"tiny": {"x": x, "expert_ids": expert_ids, "weights": weights, "capacity": CAPACITY, "E": E,
                      "weight": toy_weight},
-            "big": {"x": big_x, "expert_ids": big_ids, "rows": big_rows, "starts": big_starts, "E": 4,
-                    "num_rows": int(big_counts.sum())}},
+            "big": {"num_rows": big_num_rows, "width": big_x.shape[1], "launch": big_launch}},
            work / "inputs.pt")
 
 started = time.perf_counter()
-done = subprocess.run([sys.executable, str(work / "simulated.py"), str(work / "inputs.pt"), str(work / "out.pt")],
-                      capture_output=True, text=True, timeout=600)
+with tqdm(total=1, desc="CUDA simulator process") as bar:
+    done = subprocess.run([sys.executable, str(work / "simulated.py"), str(work / "inputs.pt"), str(work / "out.pt")],
+                          capture_output=True, text=True, timeout=600)
+    bar.update(1)
 if done.returncode != 0:
     raise RuntimeError("the CUDA-simulator process failed:\n" + done.stderr[-3000:])
 sim = torch.load(work / "out.pt")
@@ -341,14 +351,49 @@ for name in ref_steps:
     print(f"{name:<12}{str(torch.equal(ref_steps[name], sim['steps'][name])):>30}")
 print("rows from the CUDA kernels\n", sim["steps"]["rows"])
 print("y from the CUDA kernels\n", sim["steps"]["y"])
-print("\nkernel launches (tasks → blocks × threads per block):")
-for name, tasks, blocks, threads in sim["launches"]:
-    print(f"  {name:<34}{tasks:>5} tasks → {blocks} × {threads}")
-if not any("gemm" in name.lower() or "matmul" in name.lower() for name, *_ in sim["launches"]):
-    print("  (the tiled grouped-GEMM kernel sets up its own 2-D grid of tiles, so it is not in this list)")
 integer_steps = ["ids", "counts", "starts", "rows"]
 assert all(torch.equal(ref_steps[n], sim["steps"][n]) for n in integer_steps)
 assert all(torch.allclose(ref_steps[n], sim["steps"][n]) for n in ref_steps)
+
+# %% [markdown]
+# ### Reading the kernels
+#
+# The kernels are ordinary Python in `backends/numba_cuda.py`; below is their source, taken from
+# the module with `inspect.getsource` (so it is always the code that just ran). Each kernel asks
+# `cuda.grid(1)` for its thread's global index, checks it against the amount of work, and calls a
+# *task* from `backends/numba_cpu.py` — the same plain-Python function that the CPU kernels run in a
+# `prange` loop, compiled a second time for the GPU. First the launcher, then the scatter and
+# combine kernels with their tasks, then the two-pass ranking kernels.
+
+# %%
+import inspect
+
+from IPython.display import Code, display
+
+from fastmoe_edu.backends import numba_cpu
+
+
+def show_source(*functions):
+    """Display the source of numba kernels / plain functions with syntax highlighting."""
+    text = "\n\n".join(inspect.getsource(getattr(f, "py_func", f)) for f in functions)
+    display(Code(text, language="python"))
+
+
+show_source(numba_cuda._launch)
+show_source(numba_cuda._scatter_rows_kernel, numba_cpu.copy_source_row)
+show_source(numba_cuda._gather_combine_kernel, numba_cpu.combine_token)
+show_source(numba_cuda._count_chunks_kernel, numba_cpu.count_chunk,
+            numba_cuda._rank_chunks_kernel, numba_cpu.rank_chunk)
+
+# What the launcher does with the tiny example above: tasks → blocks × threads per block.
+tiny_rows, tiny_width = ref_steps["buffer"].shape
+tiny_chunks = math.ceil(T * K / numba_cuda.ASSIGNMENTS_PER_CHUNK)
+print("launch configurations for the tiny example (by the launcher's rule above):")
+for name, tasks in [("count / rank chunks (one thread per chunk)", tiny_chunks),
+                    ("scatter (one thread per buffer element)", tiny_rows * tiny_width),
+                    ("gather + combine (one thread per output element)", T * D)]:
+    blocks, threads = launch_config(tasks)
+    print(f"  {name:<50}{tasks:>5} tasks → {blocks} block(s) × {threads} threads")
 
 # %% [markdown]
 # ## 3. How a GPU kernel is laid out
@@ -363,20 +408,73 @@ assert all(torch.allclose(ref_steps[n], sim["steps"][n]) for n in ref_steps)
 #   output: `row = i // width`, `col = i % width`. Neighbouring threads touch neighbouring addresses,
 #   which the GPU merges into few wide memory transactions (*coalescing*). Each output element has
 #   exactly one writer, so no synchronisation is needed.
-# * **Positions** are the tricky part. The obvious GPU way is one thread per assignment and an
-#   **atomic** counter per expert: `row = start[e] + atomic_add(cursor[e], 1)`. Atomics make the
-#   rows *unique*, but the order inside an expert's segment is whichever thread got there first:
-#   not token order, and not the same from run to run. The project instead ranks in **two passes
-#   over chunks** of consecutive assignments: (1) one thread per chunk counts its assignments per
-#   expert; (2) one thread per expert turns those counts into each chunk's first row (a prefix sum
-#   down the chunks); (3) one thread per chunk walks its chunk again handing out rows in order.
-#   No atomics, and the result is the *stable* order: identical to the reference, every run.
+# * **Positions** are the tricky part. The obvious parallel way is one thread per assignment and an
+#   **atomic** counter per expert: `row = start[e] + atomic_add(cursor[e], 1)` (an atomic add
+#   returns the value *before* the add, and no two threads can get the same value). Atomics make
+#   the rows *unique*, but the order inside an expert's segment is whichever thread got there
+#   first: not token order, and not the same from run to run. The project instead ranks in **two
+#   passes over chunks** of consecutive assignments: (1) one thread per chunk counts its
+#   assignments per expert; (2) a prefix sum down the chunks gives each chunk its first row per
+#   expert; (3) one thread per chunk walks its chunk again handing out rows in order. No atomics,
+#   and the result is the *stable* order: identical to the reference, every run.
 #
-# The left plot is measured in the simulator: the scatter kernel's real launch configuration on a
-# 24-token example, replayed by a kernel that records `blockIdx.x` and `threadIdx.x` per element.
+# The left plot is measured in the simulator: the scatter's launch configuration on a 24-token
+# example, replayed by a kernel that records `blockIdx.x` and `threadIdx.x` per element.
+#
+# **Seeing the race.** numba's CUDA simulator is no help here: it starts the simulated threads one
+# by one, and a short kernel thread usually finishes before the next one starts, so an atomic
+# version comes out in thread order run after run (an earlier version of this notebook tried it:
+# no difference in 3 of 3 runs). So the race is shown with real operating-system threads on this
+# machine's CPU: 4 Python threads each take a contiguous quarter of the assignments (like the
+# chunks above) and claim rows with a fetch-and-add guarded by a lock (what an atomic add does in
+# hardware). Python runs one thread at a time, but *which* thread runs, and when it is switched
+# out, is decided at run time by the interpreter and the operating system — that is all a race
+# needs. The cell repeats the run until two runs hand out different rows and reports how many runs
+# that took (or that no difference appeared).
 
 # %%
-from fastmoe_edu.backends import numba_cuda
+import threading
+
+
+def atomic_positions(expert_ids, starts, num_threads=4):
+    """Rows by fetch-and-add on one counter per expert, from ``num_threads`` racing threads."""
+    flat_ids = expert_ids.reshape(-1).tolist()
+    starts_list = starts.tolist()
+    cursor = [0] * len(starts_list)
+    rows = [-1] * len(flat_ids)
+    lock = threading.Lock()
+    ready = threading.Barrier(num_threads)                 # all threads start together
+
+    def claim(expert):                                     # fetch-and-add: returns the value before the add
+        with lock:
+            before = cursor[expert]
+            cursor[expert] = before + 1
+        return before
+
+    def worker(part):
+        ready.wait()
+        first, end = part * len(flat_ids) // num_threads, (part + 1) * len(flat_ids) // num_threads
+        for i in range(first, end):
+            if flat_ids[i] >= 0:
+                rows[i] = starts_list[flat_ids[i]] + claim(flat_ids[i])
+            time.sleep(0)                                  # let the scheduler switch threads here
+
+    threads = [threading.Thread(target=worker, args=(part,)) for part in range(num_threads)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return torch.tensor(rows).reshape(expert_ids.shape)
+
+
+MAX_RACE_RUNS = 50
+atomic_runs = [atomic_positions(big_ids, big_starts)]
+for _ in tqdm(range(MAX_RACE_RUNS - 1), desc="racing runs", leave=False):
+    atomic_runs.append(atomic_positions(big_ids, big_starts))
+    if not torch.equal(atomic_runs[-1], atomic_runs[0]):
+        break
+race_differs = not torch.equal(atomic_runs[-1], atomic_runs[0])
+runs_to_differ = len(atomic_runs) if race_differs else None
 
 tm = sim["thread_map"]
 block_of, thread_of = tm["block_of"].numpy(), tm["thread_of"].numpy()
@@ -385,7 +483,7 @@ ax = axes[0]
 ax.imshow(block_of, cmap="Pastel1", aspect="auto", interpolation="nearest")
 for (r, c), t in np.ndenumerate(thread_of):
     ax.text(c, r, str(t), ha="center", va="center", fontsize=6)
-ax.set(title=f"{tm['kernel']}: {tm['blocks']} blocks × {tm['threads']} threads\n"
+ax.set(title=f"scatter: {big_launch[0]} blocks × {big_launch[1]} threads\n"
              "colour = block, number = threadIdx.x", xlabel="column of the buffer", ylabel="buffer row")
 
 ax = axes[1]
@@ -402,46 +500,88 @@ for c in range(math.ceil(n / chunk_demo)):
     ax.text(c * chunk_demo + min(chunk_demo, n - c * chunk_demo) / 2, 1.4, f"thread {c}", ha="center",
             va="center", fontsize=8)
 stable = big_rows.reshape(-1).numpy()[:n]
-atomic = sim["atomic_rows"][0].reshape(-1).numpy()[:n]
-for i in range(n):
-    ax.text(i + 0.5, -0.45, str(stable[i]), ha="center", va="center", fontsize=7)
-    ax.text(i + 0.5, -1.05, str(atomic[i]), ha="center", va="center", fontsize=7,
-            color="red" if atomic[i] != stable[i] else "black")
+labels = [("row (stable)", stable, None)] + [
+    (f"row (atomic, run {i + 1})", run.reshape(-1).numpy()[:n], stable)
+    for i, run in ((0, atomic_runs[0]), (len(atomic_runs) - 1, atomic_runs[-1]))]
+for level, (label, values, compare) in enumerate(labels):
+    y_text = -0.45 - 0.6 * level
+    ax.text(-0.5, y_text, label, ha="right", va="center", fontsize=8)
+    for i in range(n):
+        ax.text(i + 0.5, y_text, str(values[i]), ha="center", va="center", fontsize=7,
+                color="red" if compare is not None and values[i] != compare[i] else "black")
 ax.text(-0.5, 0.5, "expert id", ha="right", va="center", fontsize=8)
 ax.text(-0.5, 1.4, "pass 1+3: chunks", ha="right", va="center", fontsize=8)
-ax.text(-0.5, -0.45, "row (stable)", ha="right", va="center", fontsize=8)
-ax.text(-0.5, -1.05, "row (atomics)", ha="right", va="center", fontsize=8)
-ax.set_xlim(-6, n + 0.5)
-ax.set_ylim(-1.5, 2.0)
+ax.set_xlim(-7, n + 0.5)
+ax.set_ylim(-0.45 - 0.6 * len(labels), 2.0)
 ax.axis("off")
 ax.set_title(f"positions of the first {n} assignments (chunks of {chunk_demo} here; the kernel uses {chunk})\n"
-             "red: where the atomic version put a row elsewhere than the stable order")
+             "red: a row the racing threads handed out differently from the stable order")
 plt.tight_layout()
 plt.show()
 
 same_set = all(torch.equal(torch.sort(run.reshape(-1)).values, torch.sort(big_rows.reshape(-1)).values)
-               for run in sim["atomic_rows"])
-in_order = [torch.equal(run, big_rows) for run in sim["atomic_rows"]]
-print(f"atomic positions use exactly the same rows as the stable ones: {same_set}")
-print(f"atomic positions equal the stable (token-ordered) ones in {sum(in_order)} of {len(in_order)} runs "
-      + ("— the simulator happened to run the threads in order; on a GPU, warps race and the order varies"
-         if all(in_order) else "— the order inside a segment depends on which thread won the race"))
+               for run in atomic_runs)
+in_order = sum(torch.equal(run, big_rows) for run in atomic_runs)
+print(f"every racing run uses exactly the same set of rows as the stable ranking: {same_set}")
+print(f"racing runs equal to the stable (token-ordered) rows: {in_order} of {len(atomic_runs)}")
+if race_differs:
+    print(f"two racing runs handed out different rows after {runs_to_differ} runs "
+          f"(run 1 vs run {runs_to_differ}: {int((atomic_runs[0] != atomic_runs[-1]).sum())} of "
+          f"{atomic_runs[0].numel()} rows differ)")
+else:
+    print(f"in {MAX_RACE_RUNS} runs the racing threads happened to produce the same rows every time: this run "
+          "shows no difference (the scheduler kept the same order); rerun the cell to try again")
 assert same_set
+
+# %% [markdown]
+# Why an order that changes matters: the rows end up in the same *set* of places, but the experts'
+# outputs are later summed (in the combine, and in the backward pass's gradient sums), and
+# floating-point addition is not associative: `(a + b) + c` can differ from `a + (b + c)` in the last
+# bits. The same numbers added one at a time in two orders, in float32:
+
+# %%
+g_sum = torch.Generator().manual_seed(3)
+values = torch.randn(4096, generator=g_sum) * torch.logspace(-3, 3, 4096)     # float32, magnitudes 0.001–1000
+
+
+def running_sum(v):
+    """Add one number at a time, left to right, in float32: the order is the only thing that varies."""
+    total = torch.zeros((), dtype=torch.float32)
+    for value in v:
+        total = total + value
+    return total
+
+
+in_order_sum = running_sum(values)
+order_runs, bits_differ = 0, False
+for _ in range(20):
+    order_runs += 1
+    other = running_sum(values[torch.randperm(values.numel(), generator=g_sum)])
+    if other.item() != in_order_sum.item():
+        bits_differ = True
+        break
+print(f"sum in index order: {in_order_sum.item()!r}; in a shuffled order: {other.item()!r} → "
+      + (f"different bits after {order_runs} shuffle(s)" if bits_differ
+         else f"the same bits in all {order_runs} shuffles tried"))
 
 # %% [markdown]
 # ## 4. Reference vs numba: timing
 #
-# The dispatch steps (count, positions, scatter, gather + combine; the experts are left out since
-# both backends use the same matrix products) for growing token counts, `d_model = 64`, 16 experts,
-# top-2, float32, one thread. Best of several calls after a warm-up (the machine may be shared, the
-# minimum is the least disturbed measurement). The reference ranks with a `[T·k, E]` one-hot matrix
-# and its running sum; such large fresh allocations page-fault on first touch, which on a busy
-# virtual machine can make its times jump. The numba kernels rank in two passes over the ids and
-# write each output once.
+# What is compared: the dispatch steps alone (count, positions, scatter, gather + combine; the
+# experts are left out, see below) of the reference (`fastmoe_edu.dispatch`, PyTorch operations)
+# and of the numba CPU kernels, for growing token counts `T`, `d_model = 64`, 16 experts, top-2,
+# float32, one CPU thread each. Each point is the **median** of several timed calls after a warm-up
+# call (numba compiles a kernel on its first call; that time is excluded), with the **spread**
+# (fastest and slowest call) printed next to it. The machine may be shared with other work, so the
+# spread says how much to trust a point. (The first cell set `OMP_WAIT_POLICY=PASSIVE`: without it,
+# numba's idle OpenMP threads spin on the few cores of a small machine and the reference, timed
+# right after numba, measured tens of times slower than it is.) The reference ranks with a `[T·k, E]` one-hot matrix and
+# its running sum; the numba kernels rank in two passes over the ids and write each output once.
+# Which is faster, and by how much, is what this machine measures below.
 
 # %%
 TOKEN_COUNTS = [256, 1024, 4096] if QUICK else [256, 1024, 4096, 16384, 65536]
-REPEATS = 5 if QUICK else 9
+REPEATS = 7 if QUICK else 15
 
 
 def dispatch_only(backend, x, ids, weights, num_experts):
@@ -451,14 +591,15 @@ def dispatch_only(backend, x, ids, weights, num_experts):
     return backend.gather_combine(buffer, rows, weights)
 
 
-def best_time(fn, repeats):
-    fn()                                                   # warm-up (and numba's compile, once)
+def timed(fn, repeats):
+    """Median, fastest and slowest of ``repeats`` calls after one warm-up call (compiling happens there)."""
+    fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return {"median": float(np.median(times)), "min": min(times), "max": max(times)}
 
 
 import numba
@@ -467,7 +608,7 @@ numba_threads = numba.get_num_threads()
 numba.set_num_threads(1)                                   # one thread each: a like-for-like comparison
 timings = {"reference": [], "numba": []}
 g_time = torch.Generator().manual_seed(0)
-for T_ in TOKEN_COUNTS:
+for T_ in tqdm(TOKEN_COUNTS, desc="timing token counts"):
     xt = torch.randn(T_, 64, generator=g_time)
     logits = torch.randn(T_, 16, generator=g_time)
     w_t, ids_t = torch.softmax(logits, -1).topk(2, dim=-1)
@@ -475,48 +616,114 @@ for T_ in TOKEN_COUNTS:
         out_ref = dispatch_only(dispatch, xt, ids_t, w_t, 16)
         out_nb = dispatch_only(nb, xt, ids_t, w_t, 16)
         assert torch.allclose(out_ref, out_nb, atol=1e-6)
-        timings["reference"].append(best_time(lambda: dispatch_only(dispatch, xt, ids_t, w_t, 16), REPEATS))
-        timings["numba"].append(best_time(lambda: dispatch_only(nb, xt, ids_t, w_t, 16), REPEATS))
+        timings["reference"].append(timed(lambda: dispatch_only(dispatch, xt, ids_t, w_t, 16), REPEATS))
+        timings["numba"].append(timed(lambda: dispatch_only(nb, xt, ids_t, w_t, 16), REPEATS))
 
-numba.set_num_threads(numba_threads)
 fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
 for name, values in timings.items():
-    axes[0].loglog(TOKEN_COUNTS, np.array(values) * 1e3, "o-", label=name)
-axes[0].set(xlabel="tokens T", ylabel="ms (best of runs)", title="dispatch + combine time")
+    med = np.array([v["median"] for v in values]) * 1e3
+    low = med - np.array([v["min"] for v in values]) * 1e3
+    high = np.array([v["max"] for v in values]) * 1e3 - med
+    axes[0].errorbar(TOKEN_COUNTS, med, yerr=[low, high], fmt="o-", capsize=3, label=name)
+axes[0].set(xscale="log", yscale="log", xlabel="tokens T", ylabel="ms (median; bars: fastest–slowest)",
+            title=f"dispatch + combine time ({REPEATS} calls per point)")
 axes[0].legend()
-speedup = np.array(timings["reference"]) / np.array(timings["numba"])
+speedup = np.array([r["median"] / n_["median"] for r, n_ in zip(timings["reference"], timings["numba"])])
 axes[1].semilogx(TOKEN_COUNTS, speedup, "o-", color="tab:green")
 axes[1].axhline(1, color="grey", ls=":")
-axes[1].set(xlabel="tokens T", ylabel="reference time / numba time", title="numba speed-up")
+axes[1].set(xlabel="tokens T", ylabel="reference median / numba median", title="numba speed-up (dispatch only)")
+for ax in axes:
+    ax.set_xticks(TOKEN_COUNTS, [str(t) for t in TOKEN_COUNTS], minor=False)
+    ax.set_xticks([], minor=True)                          # no crowded minor labels between the sizes
 plt.tight_layout()
 plt.show()
 for T_, r, n_, s in zip(TOKEN_COUNTS, timings["reference"], timings["numba"], speedup):
-    print(f"T = {T_:>6}: reference {r * 1e3:8.2f} ms, numba {n_ * 1e3:8.2f} ms, speed-up {s:5.1f}×")
+    print(f"T = {T_:>6}: reference {r['median'] * 1e3:7.2f} ms [{r['min'] * 1e3:.2f}–{r['max'] * 1e3:.2f}], "
+          f"numba {n_['median'] * 1e3:7.2f} ms [{n_['min'] * 1e3:.2f}–{n_['max'] * 1e3:.2f}], speed-up {s:5.1f}×")
+print(f"speed-up range over these sizes: {speedup.min():.1f}× to {speedup.max():.1f}× (medians; the spreads "
+      "above show how much one call can vary on this machine)")
 
 # %% [markdown]
-# ### Why the whole layer is only ~1.2× faster: Amdahl's law
+# ### The whole layer: Amdahl's law
 #
-# The dispatch kernels above win by large factors, yet `bench/bench_layer.py` measures the whole MoE
-# layer (forward + backward, T = 16384, d_model = 256, d_hidden = 512, E = 64, k = 2) only about
-# 1.2× faster with numba than with the reference on a 2-core CPU. The reason is where the time goes:
-# the experts' matrix products (and their activation) are ~93 % of numba's step, and both backends
-# run them with the same torch GEMMs. If a fraction $f$ of the reference's step can be sped up by a
-# factor $s$, the step gets faster by
+# A training step of an MoE layer is more than dispatch: the router, the experts' matrix products
+# (the grouped GEMM and the SwiGLU activation) and the backward pass of all of it. The numba backend
+# speeds up the dispatch and routing kernels. The experts' matrix products are torch GEMMs in both
+# backends, but called through different grouped-GEMM code (the reference loops over the experts;
+# the numba backend uses `backends/grouped_gemm_torch.py`), so the cell times the experts of each
+# backend separately. If a fraction $f$ of the reference's step can be sped up by a factor $s$, the
+# step gets faster by
 #
 # $$\text{speed-up} = \frac{1}{(1 - f) + f / s} \;<\; \frac{1}{1 - f}.$$
 #
-# The benchmark measures the bound directly: it times the experts alone on an already dispatched
-# buffer, and reference ÷ experts-only (about 1.23–1.30× there) is the most *any* dispatch could
-# give. On a GPU we expect the balance to shift — the GEMMs run on tensor cores, so dispatch and
-# kernel launches become a larger share of the step, which is where FastMoE's kernels earn their
-# keep — but this project has not measured a GPU yet. `docs/benchmarks.md` has the measured tables.
-
-# %% [markdown]
-# ## 5. Self-check
+# The cell measures it on this machine, same conventions as above (median of several calls after a
+# warm-up, one thread, the four measurements taking turns): one forward + backward of a whole
+# `MoELayer` with each backend, and the experts alone (forward + backward on an already dispatched
+# buffer). The time outside the experts is what dispatch and routing can win back;
+# `reference step / its experts alone` is the most a faster dispatch alone could give here. The size is small (the notebook must run in seconds);
+# `bench/bench_layer.py` measures larger layers, and on a GPU the balance differs again (the GEMMs
+# run on tensor cores, so dispatch is a larger share). The numbers are printed, not assumed.
 
 # %%
-assert all(torch.equal(ref_steps[n], cpu_steps[n]) for n in ref_steps)
-assert all(torch.equal(ref_steps[n], sim["steps"][n]) for n in integer_steps)
-assert len(timings["numba"]) == len(TOKEN_COUNTS) and min(timings["numba"]) > 0
-plt.close("all")
-print(f"dispatch self-check passed ({time.perf_counter() - NOTEBOOK_START:.1f} s since the first cell)")
+LAYER_T, LAYER_D, LAYER_H, LAYER_E = (4096, 64, 128, 16) if QUICK else (16384, 128, 256, 32)
+g_layer = torch.Generator().manual_seed(1)
+layer_x = torch.randn(LAYER_T, LAYER_D, generator=g_layer)
+layer_calls = {}
+for name in ("reference", "numba"):
+    torch.manual_seed(0)
+    moe = MoELayer(LAYER_D, LAYER_H, LAYER_E, top_k=2, backend=name)
+    with torch.no_grad():
+        route, _ = moe.router(layer_x)
+    counts_x = dispatch.count_tokens_per_expert(route.expert_ids, LAYER_E)
+    dispatched = torch.randn(int(counts_x.sum()), LAYER_D, generator=g_layer, requires_grad=True)
+    gemm = (dispatch if name == "reference" else nb).grouped_matmul
+
+    def train_step(moe=moe):
+        moe.zero_grad(set_to_none=True)
+        moe(layer_x).sum().backward()
+
+    def experts_step(moe=moe, dispatched=dispatched, counts_x=counts_x, gemm=gemm):
+        moe.zero_grad(set_to_none=True)
+        moe.experts(dispatched, counts_x, gemm).sum().backward()
+
+    layer_calls[name], layer_calls[name + " experts"] = train_step, experts_step
+
+# The four measurements take turns (round robin), so a slow phase of a shared machine hits all of
+# them alike instead of one of them.
+layer_samples = {name: [] for name in layer_calls}
+for fn in layer_calls.values():
+    fn()                                                   # warm-up (numba compiles here)
+for _ in tqdm(range(REPEATS), desc="whole-layer timing (rounds)"):
+    for name, fn in layer_calls.items():
+        start = time.perf_counter()
+        fn()
+        layer_samples[name].append(time.perf_counter() - start)
+layer_times = {name: {"median": float(np.median(v)), "min": min(v), "max": max(v)} for name, v in layer_samples.items()}
+numba.set_num_threads(numba_threads)
+
+parts = {}
+for name in ("reference", "numba"):
+    step, experts = layer_times[name]["median"], layer_times[name + " experts"]["median"]
+    parts[name] = {"step": step, "experts": experts, "rest": step - experts}
+    print(f"{name:<10} step {step * 1e3:8.2f} ms [{layer_times[name]['min'] * 1e3:.2f}–{layer_times[name]['max'] * 1e3:.2f}]"
+          f" | experts alone {experts * 1e3:8.2f} ms | the rest (routing, dispatch, their backward) "
+          f"{(step - experts) * 1e3:8.2f} ms")
+ref_step, nb_step = parts["reference"]["step"], parts["numba"]["step"]
+layer_speedup = ref_step / nb_step
+experts_speedup = parts["reference"]["experts"] / parts["numba"]["experts"]
+amdahl_bound = ref_step / parts["reference"]["experts"]
+print(f"T = {LAYER_T}, d_model = {LAYER_D}, d_hidden = {LAYER_H}, E = {LAYER_E}, top-2, forward + backward:")
+print(f"  the experts are {parts['reference']['experts'] / ref_step:.0%} of the reference step")
+print(f"  whole-layer speed-up, numba vs reference: {layer_speedup:.2f}× (medians)")
+print(f"  Amdahl bound if only the rest gets faster (experts unchanged): reference step / its experts = "
+      f"{amdahl_bound:.2f}×")
+if abs(math.log(experts_speedup)) > math.log(1.1):
+    print(f"  but the experts are not unchanged here: the numba backend's experts ran {experts_speedup:.2f}× "
+          "as fast as the reference's (its grouped GEMM, backends/grouped_gemm_torch.py, is a different "
+          "implementation from the reference's loop over experts), so the layer's speed-up is not dispatch alone")
+else:
+    print(f"  the experts cost about the same in both backends ({experts_speedup:.2f}×), so the layer's "
+          "speed-up comes from the rest, as Amdahl's law describes")
+if min(p_["rest"] for p_ in parts.values()) <= 0:
+    print("  (a 'rest' of zero or less means the timings were too noisy to separate the parts; rerun the cell)")
+print(f"notebook so far: {time.perf_counter() - NOTEBOOK_START:.1f} s")
