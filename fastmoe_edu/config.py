@@ -33,6 +33,7 @@ from pathlib import Path
 from .backends import BACKEND_NAMES
 from .data import DATASETS
 from .distributed.engines import DEFAULT_TIMEOUT_S, ENGINES
+from .distributed.expert_parallel import DROP_POINTS
 from .distributed.parallelize import EXCHANGES
 from .experts import EXPERT_KINDS
 from .precision import DTYPES
@@ -119,6 +120,14 @@ class TrainConfig:
     drop_duplicate_tokens: bool = _field(False, "parallel", "TED's duplicate token dropping: each of the tp ranks "
                                          "sends only its 1/tp share of the rows through the all-to-all, the tp "
                                          "group all-gathers the expert outputs (no effect when tp = 1)")
+    expert_tensor_parallel: bool = _field(False, "parallel", "TED's tensor-parallel experts: each expert's hidden "
+                                          "units split over the tp ranks (expert memory per rank / tp); "
+                                          "d_hidden must be divisible by tp")
+    drop_duplicate_at: str = _field("combined", "parallel", "where duplicate token dropping joins the tp ranks' "
+                                    "shares: combined (TED: each tp rank dispatches 1/tp of the tokens, the "
+                                    "combined outputs [T, d] are all-gathered) or expert_rows (the expert output "
+                                    "rows [k*T, d] are all-gathered before combining: k times the bytes)",
+                                    choices=DROP_POINTS)
     pipeline_degree: int = _field(1, "parallel", "FasterMoE/FSMoE overlap: split the all-to-all + expert compute "
                                   "into this many chunks with non-blocking collectives (1 = not pipelined)",
                                   minimum=1)
@@ -207,6 +216,12 @@ class TrainConfig:
         if self.ep is not None and self.num_experts % self.ep:
             raise ConfigError(f"ep={self.ep} must divide num_experts={self.num_experts} (every expert-parallel "
                               f"rank holds the same number of experts)")
+        if self.expert_tensor_parallel and self.d_hidden % self.tp:
+            raise ConfigError(f"expert_tensor_parallel with tp={self.tp}: d_hidden={self.d_hidden} must be divisible "
+                              f"by tp (each tp rank holds d_hidden / tp hidden units of every expert)")
+        if self.expert_tensor_parallel and self.pipeline_degree > 1:
+            raise ConfigError(f"expert_tensor_parallel with pipeline_degree={self.pipeline_degree}: the pipelined "
+                              f"exchange runs whole experts only; set one of them back to its default")
         if self.ranks_per_node is not None and self.pipeline_degree > 1:
             raise ConfigError(f"pipeline_degree={self.pipeline_degree} with ranks_per_node={self.ranks_per_node}: "
                               f"the pipelined exchange is flat only; set one of them back to its default")

@@ -62,10 +62,20 @@ class RoutingRecord:
 
 
 class LocalExperts:
-    """The default expert runner: every expert of this process on its own segment of the buffer."""
+    """The default expert runner: every expert of this process on its own segment of the buffer.
+
+    A runner also decides which tokens this process dispatches (``share_tokens``, before step 2) and
+    completes the layer's output from them (``collect_tokens``, after step 9): all of them here.
+    """
+
+    def share_tokens(self, tokens, expert_ids, weights, counts, backend):
+        return tokens, expert_ids, weights, counts
 
     def __call__(self, experts: Experts, buffer: torch.Tensor, counts: torch.Tensor, backend) -> torch.Tensor:
         return experts(buffer, counts, backend.grouped_matmul)
+
+    def collect_tokens(self, y: torch.Tensor) -> torch.Tensor:
+        return y
 
     def __repr__(self) -> str:
         return "LocalExperts()"
@@ -142,6 +152,11 @@ class MoELayer(nn.Module):
         weights = route.weights * (expert_ids >= 0)                                # dropped -> weight 0
         # 2. Count: tokens per expert (a histogram).
         counts = backend.count_tokens_per_expert(expert_ids, self.num_experts)
+        self.last_routing = self._record(route, expert_ids, weights, counts)
+        # The tokens this process dispatches: all of them, except under DeepSpeed-TED's duplicate
+        # token dropping, where the tensor-parallel ranks (which hold the same tokens) take 1/tp each.
+        tokens, expert_ids, weights, counts = self.expert_runner.share_tokens(tokens, expert_ids, weights,
+                                                                              counts, backend)
         # 4. Positions: segment starts (exclusive prefix sum), then each (token, slot)'s row.
         starts = backend.exclusive_prefix_sum(counts)
         rows = backend.stable_positions(expert_ids, starts)
@@ -152,8 +167,7 @@ class MoELayer(nn.Module):
         expert_out = self.expert_runner(self.experts, buffer, counts, backend)
         # 9. Local gather + combine: y[t] = Σ_s w[t, s] · expert_out[row(t, s)].
         y = backend.gather_combine(expert_out, rows, weights)
-
-        self.last_routing = self._record(route, expert_ids, weights, counts)
+        y = self.expert_runner.collect_tokens(y)                                   # TED: the tp shares joined
         return y.reshape(x.shape)
 
     def _check_input(self, x: torch.Tensor) -> None:

@@ -141,6 +141,37 @@ def test_duplicate_token_dropping_cuts_alltoall_bytes_by_tp(engine, num_ranks):
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("engine,num_ranks", [(e, n) for e, n in ENGINE_RANKS if n >= 2])
+def test_dropping_on_the_combined_output_gathers_k_times_fewer_bytes(engine, num_ranks):
+    results = parallel_results(engine, num_ranks)
+    pairs = [(name, name + "rows") for name in results if name.endswith("_drop") and name + "rows" in results]
+    assert pairs
+    for combined, rows in pairs:
+        # The same all-to-all bytes (each tp rank exchanges the rows of its 1/tp share either way) ...
+        assert results[combined]["totals"]["exchange_bytes"] == results[rows]["totals"]["exchange_bytes"], combined
+        # ... and the tp all-gather moves the combined [T, d] instead of the expert rows [k·T, d]:
+        # exactly k = 2 times fewer bytes (dropless router, so every token has k rows).
+        gathered = results[combined]["totals"]["tp_allgather_forward_bytes"]
+        assert gathered > 0 and 2 * gathered == results[rows]["totals"]["tp_allgather_forward_bytes"], combined
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("engine,num_ranks", [(e, n) for e, n in ENGINE_RANKS if n >= 2])
+def test_tensor_parallel_experts_hold_one_tp_th_of_the_expert_weights(engine, num_ranks):
+    results = parallel_results(engine, num_ranks)
+    cases = [name for name in results if name.endswith("_etp")]
+    assert cases                                    # (their numbers are checked by test_ted_layouts_equal_one_process)
+    for name in cases:
+        whole = name[:-len("_etp")]
+        tp = results[name]["tp"]
+        assert (results[name]["totals"]["max_expert_elements_per_rank"] * tp
+                == results[whole]["totals"]["max_expert_elements_per_rank"]), name
+        # with dropping: the same all-to-all bytes as dropping alone (the shards join inside the tensor group)
+        assert (results[name + "_drop"]["totals"]["exchange_bytes"]
+                == results[whole + "_drop"]["totals"]["exchange_bytes"]), name
+
+
+@pytest.mark.mpi
 @pytest.mark.parametrize("engine,num_ranks", ENGINE_RANKS)
 def test_pipelined_exchange_moves_the_same_bytes(engine, num_ranks):
     results = parallel_results(engine, num_ranks)

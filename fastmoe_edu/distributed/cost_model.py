@@ -63,6 +63,7 @@ class Layout:
     ep: int
     dp: int
     drop_duplicate_tokens: bool = False
+    drop_duplicate_at: str = "combined"  # the tp all-gather moves [T, d] ("combined") or [k·T, d] ("expert_rows")
     hierarchical: bool = False
     pipeline_degree: int = 1
 
@@ -157,7 +158,9 @@ def predict_step(shape: MoEShape, layout: Layout, hw: Hardware) -> dict[str, flo
     alltoall_part = (moe_fwd - expert_fwd) + (moe_bwd - 2 * expert_fwd)       # exposed exchange time
 
     tp_allreduce = 2 * allreduce_time(T * d * b, tp, tp, hw)
-    tp_allgather = 2 * allgather_time(k * T * d * b, tp, tp, hw) if layout.drop_duplicate_tokens and tp > 1 else 0.0
+    gathered_rows = T if layout.drop_duplicate_at == "combined" else k * T                # TED: the combined output
+    tp_allgather = (2 * allgather_time(gathered_rows * d * b, tp, tp, hw)
+                    if layout.drop_duplicate_tokens and tp > 1 else 0.0)
 
     per_layer = {"compute": 3 * (other_fwd + expert_fwd), "tp_allreduce": tp_allreduce,
                  "alltoall": alltoall_part, "tp_allgather": tp_allgather}

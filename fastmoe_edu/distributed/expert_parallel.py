@@ -21,15 +21,20 @@ single process on the whole batch.
 
 **Duplicate token dropping** (DeepSpeed-TED, Singh et al. 2023). The tp ranks of a tensor group
 hold identical tokens, so without it each of them sends the same rows through its own all-to-all:
-tp copies of the traffic. With it, each tp rank keeps a 1/tp share of the expert-sorted buffer (a
-contiguous piece, so it stays sorted by expert) and exchanges only that; after the experts the tp
-group all-gathers the pieces and every tp rank continues with the full buffer:
+tp copies of the traffic. With it, every tp rank routes all T tokens (identically), then dispatches
+only its 1/tp share of them, and the tp group all-gathers the *combined* outputs (TED's way,
+``drop_duplicate_at="combined"``, the default):
 
-    buffer [N rows] ─► my share [≈N/tp] ─► all-to-all ─► experts ─► all-to-all ─► all-gather (tp) ─► [N rows]
+    T tokens ─► route ─► my T/tp tokens ─► dispatch ─► all-to-all ─► experts ─► all-to-all ─► combine
+             ─► [T/tp, d] ─► all-gather (tp) ─► [T, d]
 
-Each rank's experts then see only 1/tp of the rows, so expert gradients are partial per tp rank and
-are summed over the tensor group too (gradients.py). Deviation from the paper: TED all-gathers the
-*combined* outputs ``[T, d]``; here the expert output rows ``[k·T, d]`` are gathered before the combine.
+``drop_duplicate_at="expert_rows"`` is the variant this project had first: every tp rank dispatches
+all tokens, keeps a 1/tp share of the expert-sorted buffer (a contiguous piece, still sorted by
+expert), exchanges only that, and all-gathers the expert output rows ``[k·T, d]`` before combining
+them: the same all-to-all bytes, k times the all-gather bytes. Either way each rank's experts see
+only 1/tp of the rows, so expert gradients are partial per tp rank and are summed over the tensor
+group too (gradients.py). Soft MoE layers (whose slots are not token rows) drop nothing under
+"combined".
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ from torch import nn
 from ..experts import Experts
 from .communicator import Communicator
 from .exchange import FlatExchange, exchange_counts, exchange_rows, regroup_by_expert, regroup_by_source
+from .expert_tensor_parallel import run_sharded_experts
 from .hierarchical import HierarchicalExchange
 from .layout import ParallelLayout
 from .pipeline import pipelined_expert_exchange
@@ -57,21 +63,47 @@ class ExpertParallel:
     """
 
     def __init__(self, layout: ParallelLayout, num_experts: int, exchange: str = "alltoallv",
-                 drop_duplicate_tokens: bool = False, pipeline_degree: int = 1, ranks_per_node: int | None = None):
+                 drop_duplicate_tokens: bool = False, pipeline_degree: int = 1, ranks_per_node: int | None = None,
+                 drop_duplicate_at: str = "combined", expert_tensor_parallel: bool = False):
+        if drop_duplicate_at not in DROP_POINTS:
+            raise ValueError(f"drop_duplicate_at={drop_duplicate_at!r} is not known; allowed: {', '.join(DROP_POINTS)}")
         self.layout, self.num_experts = layout, num_experts
         self.num_local_experts = layout.check_num_experts(num_experts)
         self.first_local_expert = layout.ep_rank * self.num_local_experts
         self.drop_duplicate_tokens = bool(drop_duplicate_tokens) and layout.tp_size > 1
+        self.drop_tokens = self.drop_duplicate_tokens and drop_duplicate_at == "combined"
+        self.drop_rows = self.drop_duplicate_tokens and drop_duplicate_at == "expert_rows"
+        self.drop_duplicate_at = drop_duplicate_at
+        self.expert_tensor_parallel = bool(expert_tensor_parallel) and layout.tp_size > 1
+        self._token_shares: list[int] = []
         self.pipeline_degree = pipeline_degree
         if exchange == "hierarchical":
             self.exchange = HierarchicalExchange(layout.expert, ranks_per_node)
         else:
             self.exchange = FlatExchange(layout.expert, exchange)
 
+    def share_tokens(self, tokens, expert_ids, weights, counts, backend):
+        """Before dispatch: my 1/tp of the (identically routed) tokens under TED's dropping, else all."""
+        if not self.drop_tokens:
+            return tokens, expert_ids, weights, counts
+        tensor = self.layout.tensor
+        self._token_shares = shares = row_shares(tokens.shape[0], tensor.size)
+        start = sum(shares[:tensor.rank])
+        tokens = SplitRowsForTensorRank.apply(tokens, shares, tensor)          # backward: all-gather the grads
+        weights = SplitRowsForTensorRank.apply(weights, shares, tensor)
+        expert_ids = expert_ids[start:start + shares[tensor.rank]]
+        return tokens, expert_ids, weights, backend.count_tokens_per_expert(expert_ids, self.num_experts)
+
+    def collect_tokens(self, y: torch.Tensor) -> torch.Tensor:
+        """After combine: the tp group's shares of the output joined, ``[T, d]`` on every tp rank."""
+        if not self.drop_tokens:
+            return y
+        return GatherRowsFromTensorGroup.apply(y, self._token_shares, self.layout.tensor)
+
     def __call__(self, experts: Experts, buffer: torch.Tensor, counts: torch.Tensor, backend) -> torch.Tensor:
         """Steps 3 and 6-8: ``buffer`` (rows sorted by global expert, ``counts[E]``) -> expert outputs, same order."""
         tensor = self.layout.tensor
-        if self.drop_duplicate_tokens:
+        if self.drop_rows:
             shares = row_shares(buffer.shape[0], tensor.size)
             counts = _counts_in_share(counts, shares, tensor.rank)
             buffer = SplitRowsForTensorRank.apply(buffer, shares, tensor)        # my ≈1/tp of the rows
@@ -82,11 +114,15 @@ class ExpertParallel:
             plan = exchange_counts(counts, self.num_local_experts, self.layout.expert)          # 3. counts
             received = exchange_rows(buffer, plan.send_rows, plan.recv_rows, self.exchange)    # 6. (source, expert)
             expert_rows = regroup_by_expert(received, plan.recv_counts)                        #    (expert, source)
-            expert_out = experts(expert_rows, plan.local_expert_counts.to(counts.device),      # 7. grouped GEMM
-                                 backend.grouped_matmul)
+            local_counts = plan.local_expert_counts.to(counts.device)
+            if self.expert_tensor_parallel:                                                     # 7. my shard of
+                expert_out = run_sharded_experts(experts, expert_rows, local_counts, backend,  #    every expert
+                                                 tensor, rows_differ=self.drop_duplicate_tokens)
+            else:
+                expert_out = experts(expert_rows, local_counts, backend.grouped_matmul)        # 7. grouped GEMM
             returned = regroup_by_source(expert_out, plan.recv_counts)                         #    (source, expert)
             out = exchange_rows(returned, plan.recv_rows, plan.send_rows, self.exchange)       # 8. back home
-        if self.drop_duplicate_tokens:
+        if self.drop_rows:
             out = GatherRowsFromTensorGroup.apply(out, shares, tensor)           # every tp rank: all N rows
         return out
 
@@ -96,10 +132,15 @@ class ExpertParallel:
 
     def __repr__(self) -> str:
         last = self.first_local_expert + self.num_local_experts - 1
-        options = (", drop_duplicate_tokens=True" if self.drop_duplicate_tokens else "") + (
+        options = (f", drop_duplicate_tokens at {self.drop_duplicate_at}" if self.drop_duplicate_tokens else "") + (
+            ", expert_tensor_parallel" if self.expert_tensor_parallel else "") + (
             f", pipeline_degree={self.pipeline_degree}" if self.pipeline_degree > 1 else "")
         return (f"ExpertParallel(experts {self.first_local_expert}..{last} of {self.num_experts} on "
                 f"expert-rank {self.layout.ep_rank}/{self.layout.ep_size}, exchange={self.exchange!r}{options})")
+
+
+#: where duplicate token dropping joins the tp ranks' shares again (see the module docstring)
+DROP_POINTS = ("combined", "expert_rows")
 
 
 class SumOverRanks:

@@ -20,6 +20,8 @@ training objective is the mean over the R = ep × dp shards::
     tp-sliced, and whole non-expert    ep·dp ranks with my tp index      data group, ×1/R
     experts, no token dropping         dp ranks with my (ep, tp) index   expert_replica group, ×1/R
     experts, duplicate tokens dropped  tp·dp ranks with my ep index      expert_replica ×1/R, then Σ tensor
+    tensor-parallel experts            dp ranks with my (ep, tp) index   expert_replica group, ×1/R
+                                       (each tp rank's shard saw every row: nothing to sum over tp)
 
 All-reduces are *bucketed*: the gradients are concatenated into a few large flat buffers (default
 25 MB, as PyTorch's DDP) and each bucket is one all-reduce. One message of 25 MB costs one latency
@@ -69,12 +71,13 @@ def allreduce_gradients(model: nn.Module, layout: ParallelLayout, bucket_bytes: 
     shards = layout.data_size                                                     # R = ep · dp
     _allreduce_in_buckets(replicated, layout.data, 1.0 / shards, bucket_bytes)   # (1/R) Σ_r
     _allreduce_in_buckets(experts, layout.expert_replica, 1.0 / shards, bucket_bytes)   # (1/R) Σ_dp Σ_ep
-    if drops_duplicate_tokens(model):
+    if _expert_runners(model, "drop_duplicate_tokens") and not _expert_runners(model, "expert_tensor_parallel"):
         _allreduce_in_buckets(experts, layout.tensor, 1.0, bucket_bytes)         # Σ of the tp ranks' shares
 
 
-def drops_duplicate_tokens(model: nn.Module) -> bool:
-    return any(isinstance(runner, ExpertParallel) and runner.drop_duplicate_tokens
+def _expert_runners(model: nn.Module, option: str) -> bool:
+    """Whether the model's expert-parallel layers run with ``option`` (all of them do, or none)."""
+    return any(isinstance(runner, ExpertParallel) and getattr(runner, option)
                for runner in (getattr(m, "expert_runner", None) for m in model.modules()))
 
 
@@ -143,6 +146,8 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, layout: ParallelLayout) -
     sliced_sq = layout.tensor.allreduce_(squares([p for p in replicated if id(p) in sliced_ids]).reshape(1),
                                          purpose="allreduce_grad_norm")
     expert_sq = layout.expert.allreduce_(squares(experts).reshape(1), purpose="allreduce_grad_norm")
+    if _expert_runners(model, "expert_tensor_parallel"):                      # the tp ranks hold different
+        expert_sq = layout.tensor.allreduce_(expert_sq, purpose="allreduce_grad_norm")   # expert shards
     total_norm = (whole_sq + sliced_sq[0] + expert_sq[0]).sqrt()
     clip = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
     for g in grads:

@@ -11,7 +11,8 @@ In place, in this order, after checking every option with plain arithmetic (so a
 with the same error on every rank, before any rank enters a collective):
 
 1. **tensor parallelism** (tp > 1): attention and dense MLPs cut to this rank's slice (tensor_parallel.py);
-2. **expert parallelism**: every MoELayer keeps its ``E / ep`` experts; its two seams are replaced —
+2. **expert parallelism**: every MoELayer keeps its ``E / ep`` experts (and, with ``expert_tensor_parallel``,
+   its tp rank's share of their hidden units); its two seams are replaced —
    ``expert_runner`` by an :class:`ExpertParallel`, ``reduce`` by a sum over the data group;
 3. **data parallelism**: every replicated parameter and buffer broadcast from rank 0 of its group, so
    all copies start equal by construction. The gradient side is ``allreduce_gradients`` (gradients.py);
@@ -24,7 +25,8 @@ from torch import nn
 
 from ..layer import MoELayer
 from .communicator import EXCHANGE_METHODS
-from .expert_parallel import ExpertParallel, SumOverRanks, keep_local_experts
+from .expert_parallel import DROP_POINTS, ExpertParallel, SumOverRanks, keep_local_experts
+from .expert_tensor_parallel import shard_experts
 from .gradients import broadcast_parameters
 from .hierarchical import check_ranks_per_node
 from .layout import ParallelLayout
@@ -38,17 +40,27 @@ EXCHANGES = ("auto", *EXCHANGE_METHODS)
 
 def parallelize(model: nn.Module, layout: ParallelLayout, exchange: str = "auto",
                 drop_duplicate_tokens: bool = False, pipeline_degree: int = 1,
-                ranks_per_node: int | None = None) -> nn.Module:
+                ranks_per_node: int | None = None, drop_duplicate_at: str = "combined",
+                expert_tensor_parallel: bool = False) -> nn.Module:
     """Tensor-, expert- and data-parallel ``model`` over ``layout``, in place; returns ``model``.
 
     Args:
         exchange: how token rows travel: ``"pairwise"``, ``"alltoallv"`` or ``"auto"`` (= alltoallv).
         drop_duplicate_tokens: DeepSpeed-TED's duplicate token dropping (tp > 1).
+        drop_duplicate_at: where the tp shares are joined: ``"combined"`` (TED: the combined outputs
+            ``[T, d]``) or ``"expert_rows"`` (the expert output rows ``[k·T, d]``, before combining).
+        expert_tensor_parallel: split every expert's hidden units over the tensor group (TED;
+            expert_tensor_parallel.py).
         pipeline_degree: FasterMoE/FSMoE overlap of the exchange with the experts, D chunks.
         ranks_per_node: the hierarchical (two-level) all-to-all with this many expert ranks per node.
     """
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     check_parallel_options(layout, exchange, pipeline_degree, ranks_per_node)
+    if drop_duplicate_at not in DROP_POINTS:
+        raise ValueError(f"drop_duplicate_at={drop_duplicate_at!r} is not known; allowed: {', '.join(DROP_POINTS)}")
+    if expert_tensor_parallel and pipeline_degree > 1:
+        raise ValueError(f"expert_tensor_parallel with pipeline_degree={pipeline_degree}: the pipelined exchange "
+                         f"runs whole experts only; use pipeline_degree=1 with tensor-parallel experts")
     for layer in layers:                                                    # check all before changing any
         layout.check_num_experts(layer.num_experts)
         if isinstance(layer.expert_runner, ExpertParallel):
@@ -57,8 +69,10 @@ def parallelize(model: nn.Module, layout: ParallelLayout, exchange: str = "auto"
     method = "hierarchical" if ranks_per_node is not None else ("alltoallv" if exchange == "auto" else exchange)
     for layer in layers:
         runner = ExpertParallel(layout, layer.num_experts, method, drop_duplicate_tokens, pipeline_degree,
-                                ranks_per_node)
+                                ranks_per_node, drop_duplicate_at, expert_tensor_parallel)
         keep_local_experts(layer.experts, runner.first_local_expert, runner.num_local_experts)
+        if runner.expert_tensor_parallel:                                       # my hidden units of each
+            shard_experts(layer.experts, layout.tensor.rank, layout.tp_size)
         layer.expert_runner = runner
         layer.reduce = SumOverRanks(layout.data)
     if hasattr(model, "recompute_contexts"):               # a language model: recomputed blocks replay

@@ -49,7 +49,9 @@ class ParallelRuntime(Runtime):
     def shard_model(self, model: nn.Module) -> nn.Module:
         """Local experts (and tp slices) only, replicated weights from rank 0."""
         parallelize(model, self.layout, exchange=self.cfg.exchange, drop_duplicate_tokens=self.cfg.drop_duplicate_tokens,
-                    pipeline_degree=self.cfg.pipeline_degree, ranks_per_node=self.cfg.ranks_per_node)
+                    pipeline_degree=self.cfg.pipeline_degree, ranks_per_node=self.cfg.ranks_per_node,
+                    drop_duplicate_at=self.cfg.drop_duplicate_at,
+                    expert_tensor_parallel=self.cfg.expert_tensor_parallel)
         return model
 
     def describe(self, model: nn.Module) -> str:
@@ -61,7 +63,9 @@ class ParallelRuntime(Runtime):
                 f"     {layout.check_num_experts(cfg.num_experts)} of {cfg.num_experts} experts per rank per MoE "
                 f"layer, {layout.check_batch_size(cfg.batch_size)} of {cfg.batch_size} sequences per rank per step\n"
                 f"     backend {cfg.backend!r}, token exchange {exchange}, pipeline_degree {cfg.pipeline_degree}, "
-                f"drop_duplicate_tokens {cfg.drop_duplicate_tokens}, torch threads per rank "
+                f"drop_duplicate_tokens {cfg.drop_duplicate_tokens}"
+                f"{f' (at {cfg.drop_duplicate_at})' if cfg.drop_duplicate_tokens else ''}, "
+                f"expert_tensor_parallel {cfg.expert_tensor_parallel}, torch threads per rank "
                 f"{torch.get_num_threads()}; tensors travel via {layout.world.transfer_path(cfg.device)}")
 
     # -- each step ------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from fastmoe_edu.distributed import (ParallelLayout, abort_on_exception, allreduce_gradients, keep_local_experts,
                                      open_world, parallelize)
+from fastmoe_edu.distributed.expert_parallel import expert_parameters
+from fastmoe_edu.distributed.expert_tensor_parallel import shard_experts
 from fastmoe_edu.distributed.hierarchical import HierarchicalExchange, count_flat_messages
 from fastmoe_edu.distributed.tensor_parallel import make_tensor_parallel
 from fastmoe_edu.layer import MoELayer
@@ -48,6 +50,12 @@ def cases(world_size: int):
         for drop in ([False, True] if tp > 1 else [False]):
             out.append((f"tp{tp}_ep{ep}_dp{dp}" + ("_drop" if drop else ""), tp, ep, dp,
                         dict(drop_duplicate_tokens=drop)))
+        if tp > 1:    # the other place to join the tp shares: the expert output rows, before combining
+            out.append((f"tp{tp}_ep{ep}_dp{dp}_droprows", tp, ep, dp,
+                        dict(drop_duplicate_tokens=True, drop_duplicate_at="expert_rows")))
+            for drop in (False, True):   # tensor-parallel experts, with and without dropping
+                out.append((f"tp{tp}_ep{ep}_dp{dp}_etp" + ("_drop" if drop else ""), tp, ep, dp,
+                            dict(expert_tensor_parallel=True, drop_duplicate_tokens=drop)))
     # Pipelined (overlapped) exchanges, hierarchical all-to-alls and the pairwise exchange, with and
     # without dropping, on the layouts this world size has.
     wanted = [(f"tp1_ep{P}_dp1_pipe3", 1, P, 1, dict(pipeline_degree=3)),
@@ -84,7 +92,7 @@ def reference():
     return logits.detach(), loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-def sliced_like(ref_grads: dict, layout: ParallelLayout) -> dict:
+def sliced_like(ref_grads: dict, layout: ParallelLayout, expert_tensor_parallel: bool = False) -> dict:
     """The reference gradients cut exactly as make_ted cuts the weights on this rank.
 
     A fresh model whose every weight is replaced by its reference gradient, then sliced.
@@ -98,6 +106,8 @@ def sliced_like(ref_grads: dict, layout: ParallelLayout) -> dict:
     for layer in grads.modules():
         if isinstance(layer, MoELayer):
             keep_local_experts(layer.experts, layout.ep_rank * L, L)
+            if expert_tensor_parallel and layout.tp_size > 1:
+                shard_experts(layer.experts, layout.tensor.rank, layout.tp_size)
     return dict(grads.named_parameters())
 
 
@@ -122,13 +132,17 @@ def run_case(world, tp, ep, dp, options, ref_logits, ref_loss, ref_grads) -> dic
     allreduce_gradients(model, layout)
     global_loss = total(layout.data, loss.item()) / layout.data_size
 
-    expected = sliced_like(ref_grads, layout)
+    expected = sliced_like(ref_grads, layout, options.get("expert_tensor_parallel", False))
     grad_error = 0.0
     for name, p in model.named_parameters():
         grad_error = max(grad_error, (p.grad - expected[name]).abs().max().item())
     errors = {"logits": (logits.detach() - ref_logits[mine]).abs().max().item(),
               "loss": abs(global_loss - ref_loss), "grad": grad_error}
-    totals = {"exchange_bytes": int(total(layout.world, sent))}
+    gathered = layout.stats.counters.get("tensor/allgather_forward")
+    expert_elements = sum(p.numel() for p in expert_parameters(model))
+    totals = {"exchange_bytes": int(total(layout.world, sent)),
+              "max_expert_elements_per_rank": int(total(layout.world, expert_elements, op="max")),
+              "tp_allgather_forward_bytes": int(total(layout.world, gathered.bytes_sent if gathered else 0))}
     for level in ("intra_node", "inter_node"):
         messages = [m.expert_runner.exchange.messages[level] for m in model.modules()
                     if isinstance(getattr(getattr(m, "expert_runner", None), "exchange", None), HierarchicalExchange)]
