@@ -6,8 +6,8 @@
     python3 run.py notebooks                 # set up .venv if needed and write the tutorial notebooks
 
 Set-up creates (or reuses) the virtual environment ``.venv`` next to this file and installs the
-project into it with pip, MPI included (the ``mpich`` wheel gives ``.venv/bin/mpirun``). It is redone
-only when pyproject.toml changes. On a machine without an NVIDIA GPU it installs a CPU build of
+project into it with pip, its optional extras (``[hf]``: transformers) and MPI included (the ``mpich``
+wheel gives ``.venv/bin/mpirun``). It is redone only when pyproject.toml changes. On a machine without an NVIDIA GPU it installs a CPU build of
 torch, never the multi-gigabyte CUDA one. Every command also writes the tutorial notebooks
 ``tutorial/NN_name.ipynb`` from their sources ``tutorial/NN_name.py`` where they are missing or out of
 date (see ``prepare_notebooks``); a notebook the student has edited is never overwritten.
@@ -30,6 +30,7 @@ VENV = ROOT / ".venv"
 STAMP = VENV / ".fastmoe_edu-installed"
 TORCH = "torch==2.13.0"
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+EXTRAS = ("hf",)           # pyproject.toml's optional extras the set-up installs (hf: transformers, fastmoe_edu/hf.py)
 USAGE = __doc__
 
 
@@ -80,7 +81,7 @@ def setup() -> None:
         venv.EnvBuilder(with_pip=True).create(VENV)
     pip("install", "--quiet", "--upgrade", "pip")
     install_torch()
-    pip("install", "--quiet", "-e", ROOT)
+    pip("install", "--quiet", "-e", f"{ROOT}[{','.join(EXTRAS)}]")   # the extras too: their tests run
     # A Jupyter kernel that runs this environment's python (the notebooks and their tests use it).
     run(venv_python(), "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3",
         "--display-name", "Python 3 (fastmoe_edu)")

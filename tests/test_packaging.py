@@ -11,8 +11,10 @@ def _name(requirement: str) -> str:
 
 
 def pyproject_dependencies() -> set[str]:
+    """The required dependencies and those of every optional extra (environment.yml installs them all)."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return {_name(r) for r in project["dependencies"]}
+    extras = [r for group in project.get("optional-dependencies", {}).values() for r in group]
+    return {_name(r) for r in project["dependencies"] + extras}
 
 
 def environment_dependencies() -> set[str]:
@@ -31,6 +33,18 @@ def environment_dependencies() -> set[str]:
 
 def test_environment_yml_matches_pyproject():
     assert environment_dependencies() == pyproject_dependencies()
+
+
+def test_run_py_installs_every_extra():
+    """``python3 run.py test`` must install the extras, or their tests (tests/test_hf.py) would only skip."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_py", ROOT / "run.py")
+    run_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_py)
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert set(run_py.EXTRAS) == set(extras)
+    assert "transformers" in {_name(r) for r in extras["hf"]}
 
 
 def test_named_dependencies_present():

@@ -1,0 +1,268 @@
+"""fastmoe_edu.hf: Hugging Face MoE blocks <-> MoELayer, moefy on whole models, upcycling dense models.
+
+Tiny random configs only (no hub downloads), float64.
+
+Tolerance. The supported HF routers compute the softmax and the top-k weights in float32 even for a
+float64 model (``softmax(logits.float())`` / ``softmax(..., dtype=torch.float)``), so HF's combine weights
+carry float32 rounding (a few units of 2^-24 ≈ 6e-8, relative) where MoELayer's are float64. Every
+output and gradient is a sum of terms weighted by them, so the two agree to ~1e-7 of their scale and no
+better: ``close`` asks max|a − b| <= REL · max|b| with REL = 2e-6 (≈ 30 float32 ulps of headroom for
+the sums and the layers of a model). Checks that involve no HF router (upcycling, round trips, the
+2-rank run) are float64-exact up to summation order: 1e-12.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[hf]')")
+
+from fastmoe_edu import MoELayer  # noqa: E402
+from fastmoe_edu.hf import (SUPPORTED, UNSUPPORTED, HFMoEBlock, UnsupportedFamilyError, from_hf,  # noqa: E402
+                            moe_aux_loss, moefy, to_hf, upcycle)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+REL = 2e-6
+EXACT = 1e-12
+SCRIPT = Path(__file__).resolve().parent / "mpi_scripts" / "check_hf_moefy.py"
+
+# HF block class -> its transformers model folder (the config class is found in the folder's configuration file)
+FAMILY_MODULES = {"MixtralSparseMoeBlock": "mixtral", "MiniMaxSparseMoeBlock": "minimax",
+                  "Qwen3MoeSparseMoeBlock": "qwen3_moe", "Qwen3VLMoeTextSparseMoeBlock": "qwen3_vl_moe",
+                  "OlmoeSparseMoeBlock": "olmoe", "FlexOlmoSparseMoeBlock": "flex_olmo",
+                  "JambaSparseMoeBlock": "jamba", "GraniteMoeMoE": "granitemoe",
+                  "GraniteMoeSharedMoE": "granitemoeshared", "GraniteMoeHybridMoE": "granitemoehybrid",
+                  "Qwen3OmniMoeThinkerTextSparseMoeBlock": "qwen3_omni_moe"}
+CONFIG_NAMES = {"qwen3_vl_moe": "Qwen3VLMoeTextConfig", "qwen3_omni_moe": "Qwen3OmniMoeTextConfig"}
+CONFIG_EXTRAS = {"granitemoehybrid": {"mamba_n_heads": 4}}     # its config validates the (unused) mamba sizes
+D, HIDDEN, E, K = 16, 12, 6, 2
+
+
+def close(a: torch.Tensor, b: torch.Tensor, rel: float = REL) -> bool:
+    scale = float(b.detach().abs().max())
+    return float((a - b).detach().abs().max()) <= rel * max(scale, 1e-300)
+
+
+def tiny_block(cls_name: str, **extra):
+    folder = FAMILY_MODULES[cls_name]
+    modeling = importlib.import_module(f"transformers.models.{folder}.modeling_{folder}")
+    configuration = importlib.import_module(f"transformers.models.{folder}.configuration_{folder}")
+    config_name = CONFIG_NAMES.get(folder) or next(
+        n for n in dir(configuration)
+        if n.endswith("Config") and getattr(configuration, n).__module__ == configuration.__name__)
+    options = dict(hidden_size=D, intermediate_size=HIDDEN, moe_intermediate_size=HIDDEN, num_experts=E,
+                   num_local_experts=E, num_experts_per_tok=K, hidden_act="silu")
+    config = getattr(configuration, config_name)(**{**options, **CONFIG_EXTRAS.get(folder, {}), **extra})
+    block = getattr(modeling, cls_name)(config).double()
+    torch.manual_seed(0)
+    with torch.no_grad():                      # HF builds the blocks with torch.empty: give them values
+        for param in block.parameters():
+            param.normal_(0.0, 0.5)
+    return block
+
+
+def test_registry_lists_the_required_families():
+    assert {"MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock"} <= set(SUPPORTED)
+    assert {"Qwen2MoeSparseMoeBlock", "DeepseekV2Moe", "DeepseekV3MoE", "SwitchTransformersSparseMLP",
+            "GptOssMLP", "DbrxFFN"} <= set(UNSUPPORTED)
+    assert set(FAMILY_MODULES) == set(SUPPORTED)       # every supported family is tested below
+
+
+@pytest.mark.parametrize("cls_name", list(FAMILY_MODULES))
+def test_swapped_block_equals_hf_block(cls_name):
+    """Outputs, input gradient, router and expert weight gradients; then to_hf round-trips the weights."""
+    block = tiny_block(cls_name)
+    layer = from_hf(block)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, D, dtype=torch.float64, generator=generator)
+    upstream = torch.randn(x.shape, dtype=torch.float64, generator=generator)
+    x_hf, x_ours = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y_hf, y_ours = block(x_hf), layer(x_ours)
+    assert y_ours.shape == y_hf.shape and close(y_ours, y_hf)
+    (y_hf * upstream).sum().backward()
+    (y_ours * upstream).sum().backward()
+    assert close(x_ours.grad, x_hf.grad)
+    family = SUPPORTED[cls_name]
+    router, experts = getattr(block, family.router_attr), block.experts
+    assert close(layer.router.weight.grad, router.weight.grad)
+    w1_w3 = torch.cat([layer.experts.w1.grad, layer.experts.w3.grad], dim=1)        # [E, 2I, d] = [gate; up]
+    assert close(w1_w3, experts.gate_up_proj.grad)
+    assert close(layer.experts.w2.grad, experts.down_proj.grad)
+
+    # to_hf: perturb the layer, copy it into a fresh block of the family, and read it back: the same weights.
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.add_(0.1)
+    other = tiny_block(cls_name)
+    to_hf(layer, other)
+    again = from_hf(other)
+    for (name, a), (_, b) in zip(layer.named_parameters(), again.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_options_carried_both_ways():
+    qwen = tiny_block("Qwen3MoeSparseMoeBlock", norm_topk_prob=True)
+    assert from_hf(qwen).router.renormalize is True
+    qwen_plain = tiny_block("Qwen3MoeSparseMoeBlock", norm_topk_prob=False)
+    assert from_hf(qwen_plain).router.renormalize is False
+    assert from_hf(tiny_block("JambaSparseMoeBlock")).router.renormalize is False
+    layer = from_hf(qwen)
+    with pytest.raises(ValueError, match="renormalize=True"):
+        to_hf(layer, qwen_plain)                      # the options must agree, not only the shapes
+    with pytest.raises(ValueError, match="top_k=3"):
+        to_hf(MoELayer(D, HIDDEN, E, top_k=3).double(), tiny_block("MixtralSparseMoeBlock"))
+    with pytest.raises(ValueError, match="expert='gelu'"):
+        to_hf(MoELayer(D, HIDDEN, E, top_k=K, expert="gelu").double(), tiny_block("MixtralSparseMoeBlock"))
+
+
+def test_unsupported_options_and_families_raise_clearly():
+    with pytest.raises(UnsupportedFamilyError, match="router_jitter_noise"):
+        from_hf(tiny_block("MixtralSparseMoeBlock", router_jitter_noise=0.1))
+    with pytest.raises(UnsupportedFamilyError, match="activation GELUActivation"):
+        from_hf(tiny_block("MixtralSparseMoeBlock", hidden_act="gelu"))
+    qwen2 = qwen2_moe_block()
+    with pytest.raises(UnsupportedFamilyError, match="Qwen2-MoE .*shared expert"):
+        from_hf(qwen2)
+    with pytest.raises(UnsupportedFamilyError, match="not a known Hugging Face MoE block"):
+        from_hf(torch.nn.Linear(2, 2))
+    # moefy checks every block before replacing any: the supported Mixtral block is left in place.
+    mixed = torch.nn.ModuleDict({"a": tiny_block("MixtralSparseMoeBlock"), "b": qwen2})
+    with pytest.raises(UnsupportedFamilyError, match="Qwen2-MoE"):
+        moefy(mixed)
+    assert type(mixed["a"]).__name__ == "MixtralSparseMoeBlock"
+
+
+def qwen2_moe_block():
+    from transformers import Qwen2MoeConfig
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+    return Qwen2MoeSparseMoeBlock(Qwen2MoeConfig(hidden_size=D, moe_intermediate_size=HIDDEN, num_experts=E,
+                                                 shared_expert_intermediate_size=HIDDEN, num_experts_per_tok=K))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Whole models
+# ----------------------------------------------------------------------------------------------------
+def tiny_causal_lm(family: str, seed: int = 0):
+    import transformers
+    common = dict(vocab_size=48, hidden_size=D, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                  num_experts_per_tok=K, output_router_logits=True, router_aux_loss_coef=0.05,
+                  attn_implementation="eager", experts_implementation="eager")
+    if family == "mixtral":
+        config = transformers.MixtralConfig(intermediate_size=HIDDEN, num_local_experts=E, **common)
+        cls = transformers.MixtralForCausalLM
+    elif family == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(moe_intermediate_size=HIDDEN, intermediate_size=20, num_experts=E,
+                                             norm_topk_prob=False, head_dim=8, **common)
+        cls = transformers.Qwen3MoeForCausalLM
+    else:
+        config = transformers.OlmoeConfig(intermediate_size=HIDDEN, num_experts=E, **common)
+        cls = transformers.OlmoeForCausalLM
+    torch.manual_seed(seed)
+    return cls(config).double()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe"])
+def test_moefy_keeps_logits_loss_aux_loss_and_gradients(family):
+    original = tiny_causal_lm(family)
+    swapped = tiny_causal_lm(family)
+    swapped(torch.zeros(1, 3, dtype=torch.long), output_router_logits=True)   # HF's recording hooks now installed
+    moefy(swapped, backend="reference")
+    assert sum(isinstance(m, HFMoEBlock) for m in swapped.modules()) == 2
+    ids = torch.randint(0, 48, (2, 7), generator=torch.Generator().manual_seed(3))
+    out_hf = original(ids, labels=ids, output_router_logits=True)
+    out_ours = swapped(ids, labels=ids, output_router_logits=True)
+    assert close(out_ours.logits, out_hf.logits)
+    assert out_hf.aux_loss is not None and close(out_ours.aux_loss, out_hf.aux_loss)   # HF's balance loss
+    assert close(out_ours.loss, out_hf.loss)                                       # CE + coef · aux
+    assert len(out_ours.router_logits) == 2
+    out_hf.loss.backward()
+    out_ours.loss.backward()
+    hf_params = dict(original.named_parameters())
+    checked = 0
+    for name, param in swapped.named_parameters():
+        if ".moe." not in name:                                     # attention, norms, embeddings: same names
+            assert close(param.grad, hf_params[name].grad), name
+            checked += 1
+    assert checked > 0
+    for index, layer in enumerate(swapped.model.layers):
+        hf_block, moe = original.model.layers[index].mlp, layer.mlp.moe
+        assert close(moe.router.weight.grad, hf_block.gate.weight.grad)
+        assert close(torch.cat([moe.experts.w1.grad, moe.experts.w3.grad], 1), hf_block.experts.gate_up_proj.grad)
+        assert close(moe.experts.w2.grad, hf_block.experts.down_proj.grad)
+
+
+def test_moefy_refuses_models_it_cannot_swap():
+    with pytest.raises(ValueError, match="no Hugging Face MoE block"):
+        moefy(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Upcycling
+# ----------------------------------------------------------------------------------------------------
+def tiny_dense(family: str, **extra):
+    import transformers
+    common = dict(vocab_size=48, hidden_size=D, intermediate_size=20, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, attn_implementation="eager")
+    configs = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+               "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+               "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}
+    torch.manual_seed(0)
+    if family == "gpt2":
+        config = transformers.GPT2Config(vocab_size=48, n_embd=D, n_layer=2, n_head=2, n_positions=32,
+                                         attn_implementation="eager", **extra)
+        return transformers.GPT2LMHeadModel(config).double()
+    config_cls, model_cls = configs[family]
+    return model_cls(config_cls(**common, **extra)).double()
+
+
+@pytest.mark.parametrize("family,extra", [("llama", {}), ("llama", {"mlp_bias": True}), ("qwen2", {}),
+                                          ("mistral", {}), ("gpt2", {"activation_function": "gelu"})])
+def test_upcycled_model_starts_equal_to_the_dense_one(family, extra):
+    dense = tiny_dense(family, **extra).eval()
+    ids = torch.randint(0, 48, (2, 9), generator=torch.Generator().manual_seed(4))
+    expected = dense(ids).logits
+    upcycle(dense, num_experts=4, top_k=2, backend="reference")
+    assert sum(isinstance(m, MoELayer) for m in dense.modules()) == 2
+    assert close(dense(ids).logits, expected, EXACT)
+
+
+def test_upcycled_model_trains():
+    model = upcycle(tiny_dense("llama"), num_experts=4, top_k=2, backend="reference").train()
+    ids = torch.randint(0, 48, (4, 12), generator=torch.Generator().manual_seed(5))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(6):
+        optimizer.zero_grad()
+        loss = model(ids, labels=ids).loss + moe_aux_loss(model)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    w1 = next(m for m in model.modules() if isinstance(m, MoELayer)).experts.w1
+    assert not torch.equal(w1[0], w1[1])                          # the expert copies diverged
+
+
+def test_upcycle_refuses_gpt2_tanh_gelu():
+    with pytest.raises(UnsupportedFamilyError, match="gelu_new|NewGELU|tanh"):
+        upcycle(tiny_dense("gpt2"), num_experts=2, top_k=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Two ranks
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.mpi
+def test_moefy_expert_parallel_two_ranks_equal_one_process(tmp_path):
+    from launcher import launch
+    output = tmp_path / "hf.json"
+    done = launch("mpi", 2, [str(SCRIPT), str(output)], timeout=240)
+    assert done.returncode == 0, f"mpirun failed:\n{done.stdout}\n{done.stderr}"
+    report = json.loads(output.read_text())
+    assert report["world_size"] == 2
+    for quantity, error in report["errors"].items():
+        assert error <= EXACT * max(report["scale"], 1.0), (quantity, error)
+    assert report["losses"][-1] < report["losses"][0]
