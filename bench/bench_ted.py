@@ -49,9 +49,11 @@ def kind_of(key: str) -> str:
     group, operation = key.split("/", 1)
     if group == "expert" and operation in ("alltoallv", "pairwise", "ialltoallv"):
         return "token all-to-all"
+    if group == "tensor" and operation == "allreduce_gradients":
+        return "expert gradients summed over tp"
     if group == "tensor":
-        return "tensor group (all-reduce / all-gather / reduce-scatter)"
-    return "gradients and statistics"
+        return "tp activations (all-reduce, all-gather, reduce-scatter)"
+    return "other gradients and statistics"
 
 
 def peak_step_bytes(run_step) -> int:

@@ -56,6 +56,8 @@ def cases(world_size: int):
             for drop in (False, True):   # tensor-parallel experts, with and without dropping
                 out.append((f"tp{tp}_ep{ep}_dp{dp}_etp" + ("_drop" if drop else ""), tp, ep, dp,
                             dict(expert_tensor_parallel=True, drop_duplicate_tokens=drop)))
+            out.append((f"tp{tp}_ep{ep}_dp{dp}_etp_drop_numba", tp, ep, dp,
+                        dict(expert_tensor_parallel=True, drop_duplicate_tokens=True, backend="numba")))
     # Pipelined (overlapped) exchanges, hierarchical all-to-alls and the pairwise exchange, with and
     # without dropping, on the layouts this world size has.
     wanted = [(f"tp1_ep{P}_dp1_pipe3", 1, P, 1, dict(pipeline_degree=3)),
@@ -72,9 +74,9 @@ def cases(world_size: int):
                   and case[4].get("ranks_per_node", 1) <= case[2] and case[2] % case[4].get("ranks_per_node", 1) == 0]
 
 
-def build():
+def build(backend: str = "reference"):
     torch.manual_seed(0)
-    return MoETransformer(ModelConfig(**MODEL))
+    return MoETransformer(ModelConfig(**MODEL, backend=backend))
 
 
 def global_batch():
@@ -120,7 +122,8 @@ def exchange_bytes(stats) -> int:
 
 def run_case(world, tp, ep, dp, options, ref_logits, ref_loss, ref_grads) -> dict:
     layout = ParallelLayout(world, tp=tp, ep=ep, dp=dp)
-    model = build()
+    options = dict(options)
+    model = build(options.pop("backend", "reference"))      # the numba backend against the reference's one process
     parallelize(model, layout, **options)
     x, y = global_batch()
     rows = layout.check_batch_size(BATCH)
