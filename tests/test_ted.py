@@ -95,6 +95,17 @@ def test_cost_model_predictions_move_the_right_way():
     hier = predict_step(shape, Layout(tp=2, ep=512, dp=1, hierarchical=True), hw)
     assert hier["alltoall"] < flat["alltoall"] / 2
     assert choose_pipeline_degree(shape, Layout(tp=2, ep=16, dp=1), hw) > 1
+    # TED's options: the combined output gathers k times fewer bytes than the expert rows; tensor-parallel
+    # experts trade expert-gradient traffic (no sum over tp) for activation traffic inside the tp group;
+    # checkpointing costs one more forward and no communication.
+    at_rows = predict_step(shape, Layout(tp=2, ep=16, dp=2, drop_duplicate_tokens=True, drop_duplicate_at="expert_rows"), hw)
+    at_combined = predict_step(shape, Layout(tp=2, ep=16, dp=2, drop_duplicate_tokens=True), hw)
+    assert at_rows["tp_allgather"] / 2 < at_combined["tp_allgather"] < 0.6 * at_rows["tp_allgather"]   # (+ latency)
+    etp = predict_step(shape, Layout(tp=2, ep=16, dp=2, drop_duplicate_tokens=True, expert_tensor_parallel=True), hw)
+    assert etp["grad_allreduce"] < at_combined["grad_allreduce"] and etp["tp_allreduce"] > at_combined["tp_allreduce"]
+    recomputed = predict_step(shape, Layout(tp=2, ep=16, dp=2, drop_duplicate_tokens=True, activation_checkpointing=True), hw)
+    assert recomputed["compute"] == pytest.approx(at_combined["compute"] * 4 / 3)
+    assert recomputed["alltoall"] == at_combined["alltoall"] and recomputed["tp_allgather"] == at_combined["tp_allgather"]
 
 
 # ----------------------------------------------------------------------------------------------------

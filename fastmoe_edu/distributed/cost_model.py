@@ -64,6 +64,8 @@ class Layout:
     dp: int
     drop_duplicate_tokens: bool = False
     drop_duplicate_at: str = "combined"  # the tp all-gather moves [T, d] ("combined") or [k·T, d] ("expert_rows")
+    expert_tensor_parallel: bool = False  # experts' hidden units split over tp (expert_tensor_parallel.py)
+    activation_checkpointing: bool = False  # one more forward per step (recompute.py: no extra messages)
     hierarchical: bool = False
     pipeline_degree: int = 1
 
@@ -158,17 +160,23 @@ def predict_step(shape: MoEShape, layout: Layout, hw: Hardware) -> dict[str, flo
     alltoall_part = (moe_fwd - expert_fwd) + (moe_bwd - 2 * expert_fwd)       # exposed exchange time
 
     tp_allreduce = 2 * allreduce_time(T * d * b, tp, tp, hw)
+    etp = layout.expert_tensor_parallel and tp > 1
+    if etp and layout.drop_duplicate_tokens:     # all-gather the received rows, reduce-scatter the outputs
+        tp_allreduce += 2 * 2 * allgather_time(k * T * d * b * s.load_imbalance, tp, tp, hw)   # fwd + bwd
+    elif etp:                                    # the same rows on every tp rank: all-reduce the partial outputs
+        tp_allreduce += 2 * allreduce_time(k * T * d * b * s.load_imbalance, tp, tp, hw)
     gathered_rows = T if layout.drop_duplicate_at == "combined" else k * T                # TED: the combined output
     tp_allgather = (2 * allgather_time(gathered_rows * d * b, tp, tp, hw)
                     if layout.drop_duplicate_tokens and tp > 1 else 0.0)
 
-    per_layer = {"compute": 3 * (other_fwd + expert_fwd), "tp_allreduce": tp_allreduce,
+    forwards = 4 if layout.activation_checkpointing else 3      # forward + backward (2×), + the recomputation
+    per_layer = {"compute": forwards * (other_fwd + expert_fwd), "tp_allreduce": tp_allreduce,
                  "alltoall": alltoall_part, "tp_allgather": tp_allgather}
     out = {key: value * s.n_layer for key, value in per_layer.items()}
 
     non_expert_params = s.n_layer * (4 * d * d / tp + d * E + 4 * d) + (s.vocab_size + s.seq_len) * d
-    expert_params = s.n_layer * (E / ep) * s.expert_matrices * d * h
-    expert_group = dp * (tp if layout.drop_duplicate_tokens else 1)         # copies of my experts to sum over
+    expert_params = s.n_layer * (E / ep) * s.expert_matrices * d * h / (tp if etp else 1)
+    expert_group = dp * (tp if layout.drop_duplicate_tokens and not etp else 1)   # copies of my experts to sum over
     expert_span = layout.world if dp > 1 else tp
     out["grad_allreduce"] = (allreduce_time(non_expert_params * b, ep * dp, layout.world, hw)
                              + allreduce_time(expert_params * b, expert_group, expert_span, hw))
