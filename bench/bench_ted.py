@@ -5,8 +5,9 @@
     python bench/bench_ted.py --engine torch           # torchrun instead
     mpirun -n 4 python bench/bench_ted.py --worker out.json --tp 2 --ep 2   # by hand
 
-One process per rank trains the language model of ``fastmoe_edu.train`` (widened: d_model 128,
-4 blocks, 8 experts of 512 hidden units, batch 16 × 64 tokens) a few steps under each variant:
+One process per rank trains the language model of ``fastmoe_edu.train`` (``--size medium``: d_model
+128, 4 blocks, 8 experts of 512 hidden units, batch 16 × 64 tokens; ``small`` for notebooks) a few
+steps under each variant:
 
     baseline                 tp × ep × dp, every tp rank dispatches every token
     drop (expert rows)       duplicate token dropping, the expert output rows [k·T, d] all-gathered
@@ -41,7 +42,8 @@ VARIANTS = {
     "drop + TP experts + checkpointing": dict(drop_duplicate_tokens=True, expert_tensor_parallel=True,
                                               activation_checkpointing=True),
 }
-MODEL = dict(d_model=128, n_head=4, n_layer=4, d_hidden=512, num_experts=8, batch_size=16, seq_len=64)
+SIZES = {"medium": dict(d_model=128, n_head=4, n_layer=4, d_hidden=512, num_experts=8, batch_size=16, seq_len=64),
+         "small": dict(d_model=64, n_head=4, n_layer=2, d_hidden=256, num_experts=8, batch_size=8, seq_len=32)}
 
 
 def kind_of(key: str) -> str:
@@ -68,7 +70,7 @@ def peak_step_bytes(run_step) -> int:
     return peak
 
 
-def worker(output: str, tp: int, ep: int, steps: int) -> None:
+def worker(output: str, tp: int, ep: int, steps: int, size: str) -> None:
     from fastmoe_edu.config import TrainConfig
     from fastmoe_edu.distributed import (ParallelLayout, abort_on_exception, allreduce_gradients, clip_grad_norm_,
                                          expert_parameters, open_world, parallelize)
@@ -81,7 +83,7 @@ def worker(output: str, tp: int, ep: int, steps: int) -> None:
     dp = world.size // (tp * ep)
     results = {}
     for name, options in VARIANTS.items():
-        cfg = TrainConfig(**MODEL, activation_checkpointing=options.get("activation_checkpointing", False))
+        cfg = TrainConfig(**SIZES[size], activation_checkpointing=options.get("activation_checkpointing", False))
         layout = ParallelLayout(world, tp=tp, ep=ep, dp=dp)
         dataset = build_dataset(cfg)
         torch.manual_seed(cfg.seed)
@@ -115,26 +117,27 @@ def worker(output: str, tp: int, ep: int, steps: int) -> None:
         results[name] = {"bytes_per_step": sent, "expert_elements": sum(p.numel() for p in expert_parameters(model)),
                          "peak_step_bytes": peak, "step_ms": 1000 * statistics.median(seconds)}
     if world.rank == 0:
-        Path(output).write_text(json.dumps({"ranks": world.size, "tp": tp, "ep": ep, "dp": dp, "results": results}))
+        Path(output).write_text(json.dumps({"ranks": world.size, "tp": tp, "ep": ep, "dp": dp, "size": size,
+                                            "results": results}))
 
 
-def launch(ranks: int, tp: int, ep: int, steps: int, engine: str) -> dict:
+def launch(ranks: int, tp: int, ep: int, steps: int, engine: str = "mpi", size: str = "medium") -> dict:
     from fastmoe_edu.distributed import mpirun_command, torchrun_command
     launcher = mpirun_command if engine == "mpi" else torchrun_command
     with tempfile.TemporaryDirectory() as folder:
         output = Path(folder) / "ted.json"
         subprocess.run(launcher(ranks, [__file__, "--worker", str(output), "--tp", str(tp), "--ep", str(ep),
-                                        "--steps", str(steps)]), check=True, timeout=900)
+                                        "--steps", str(steps), "--size", size]), check=True, timeout=900)
         return json.loads(output.read_text())
 
 
 def report(data: dict) -> str:
-    results = data["results"]
+    results, model = data["results"], SIZES[data["size"]]
     base = results["baseline"]
     kinds = sorted({kind for r in results.values() for kind in r["bytes_per_step"]})
     lines = [f"#### TED techniques, {data['ranks']} ranks = tp {data['tp']} × ep {data['ep']} × dp {data['dp']} "
-             f"(rank 0; d_model {MODEL['d_model']}, {MODEL['n_layer']} blocks, {MODEL['num_experts']} experts of "
-             f"{MODEL['d_hidden']}, batch {MODEL['batch_size']} × {MODEL['seq_len']}, float32)", "",
+             f"(rank 0; d_model {model['d_model']}, {model['n_layer']} blocks, {model['num_experts']} experts of "
+             f"{model['d_hidden']}, batch {model['batch_size']} × {model['seq_len']}, float32)", "",
              "| variant | " + " | ".join(f"{k} (kB/step)" for k in kinds)
              + " | expert weights (k elements) | step's peak memory (MiB) | step (ms) |",
              "|---" * (len(kinds) + 4) + "|"]
@@ -156,14 +159,15 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--ep", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--size", choices=sorted(SIZES), default="medium")
     parser.add_argument("--engine", choices=["mpi", "torch"], default="mpi",
                         help="launch with mpirun (MPI) or torchrun (torch.distributed)")
     parser.add_argument("--worker", metavar="OUTPUT_JSON", help="(internal) run as one rank of a launched job")
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.tp, args.ep, args.steps)
+        worker(args.worker, args.tp, args.ep, args.steps, args.size)
         return
-    data = launch(args.ranks, args.tp, args.ep, args.steps, args.engine)
+    data = launch(args.ranks, args.tp, args.ep, args.steps, args.engine, args.size)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, engine {args.engine}, "
           f"{time.strftime('%Y-%m-%d')}")
     print(report(data))

@@ -844,3 +844,65 @@ print("best D reached the search bound at P = " + ", ".join(map(str, at_bound)) 
 # table says whether it holds, and oversubscribed runs are labelled as such — all computed from
 # the runs, not written by hand. The widget self-checks of this notebook live in
 # `tests/notebook_checks/03_multinode.py`, which the tests run after the notebook.
+
+# %% [markdown]
+# ## 5. What each TED technique saves, measured here
+#
+# The model above *prices* duplicate token dropping; here the project's own TED code runs
+# (`bench/bench_ted.py`: 4 MPI ranks = tp 2 × ep 2, a small language model, a few training steps per
+# variant) and the communicators *count* what each technique sends, holds and allocates:
+#
+# * **drop (expert rows)**: each tp rank exchanges 1/tp of the expert-sorted rows, and the group
+#   all-gathers the expert output rows `[k·T, d]` before combining them;
+# * **drop (combined)**, DeepSpeed-TED's way: each tp rank dispatches 1/tp of the *tokens*, and the
+#   group all-gathers the combined outputs `[T, d]`: k times fewer all-gather bytes;
+# * **tensor-parallel experts**: every expert's hidden units split over the tp ranks (half the expert
+#   weights per rank at tp = 2), with an all-gather and a reduce-scatter of rows around them;
+# * **activation checkpointing**: each block recomputed in the backward pass to save memory; the
+#   recomputation *replays* the messages it recorded, so it sends nothing more.
+#
+# Peak memory is what one training step allocates on rank 0 above what existed before it (PyTorch's
+# profiler); times are medians of a few steps on ranks that share this machine's cores, so compare
+# the bytes and memory columns more than the times.
+
+# %%
+spec = importlib.util.spec_from_file_location("bench_ted", ROOT / "bench" / "bench_ted.py")
+bench_ted = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench_ted)
+
+print("launching mpirun -n 4 (tp 2 × ep 2): five variants, a few steps each ...", flush=True)
+ted = bench_ted.launch(ranks=4, tp=2, ep=2, steps=1 if QUICK else 3, size="small")
+ted_results = ted["results"]
+names = list(ted_results)
+base = ted_results["baseline"]
+
+fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+kinds = sorted({kind for r in ted_results.values() for kind in r["bytes_per_step"]})
+bottom = np.zeros(len(names))
+for kind in kinds:
+    values = np.array([ted_results[n]["bytes_per_step"].get(kind, 0) / 1e3 for n in names])
+    axes[0].barh(names, values, left=bottom, label=kind)
+    bottom += values
+axes[0].set(xlabel="kB sent per step by rank 0", title="traffic by kind")
+axes[0].legend(fontsize=7)
+axes[0].invert_yaxis()
+axes[1].barh(names, [ted_results[n]["expert_elements"] / 1e3 for n in names], color="tab:green")
+axes[1].set(xlabel="expert weights on rank 0 (thousand elements)", title="expert memory")
+axes[1].invert_yaxis()
+axes[1].set_yticklabels([])
+axes[2].barh(names, [ted_results[n]["peak_step_bytes"] / 2**20 for n in names], color="tab:purple")
+axes[2].set(xlabel="peak memory of one step (MiB)", title="activations and temporaries")
+axes[2].invert_yaxis()
+axes[2].set_yticklabels([])
+plt.tight_layout()
+plt.show()
+
+alltoall = {n: ted_results[n]["bytes_per_step"].get("token all-to-all", 0) for n in names}
+print(f"token all-to-all with dropping: {alltoall['drop (combined)'] / alltoall['baseline']:.2f}× the baseline's "
+      f"(1/tp = 0.50 up to the few rows of uneven shares)")
+experts_ratio = ted_results["drop + tensor-parallel experts"]["expert_elements"] / base["expert_elements"]
+print(f"expert weights with tensor-parallel experts: {experts_ratio:.2f}× (1/tp = 0.50)")
+replayed = (ted_results["drop + TP experts + checkpointing"]["bytes_per_step"]
+            == ted_results["drop + tensor-parallel experts"]["bytes_per_step"])
+print("activation checkpointing sent " + ("exactly the same bytes as without it (its messages were replayed)"
+                                         if replayed else "different bytes than without it — unexpected"))
