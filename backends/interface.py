@@ -80,10 +80,12 @@ class Backend(Protocol):
     # Routing: differentiable in the weights, not in the ids
     # ------------------------------------------------------------------------------------------------
     def softmax_top_k_route(
-        self, logits: torch.Tensor, top_k: int, renormalize: bool
+        self, logits: torch.Tensor, top_k: int, renormalize: bool, num_groups: int | None = None,
+        top_k_groups: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids, weights) ``[T, k]``: p = softmax(logits); ids = top-k of p; weights = p[ids], divided
-        by their sum if ``renormalize``. Differentiable: weights in ``logits``."""
+        """(ids, weights) ``[T, k]``: p = softmax(logits); ids = top-k of p (within the best ``top_k_groups``
+        of ``num_groups`` equal consecutive expert groups, each scored by its largest p, if given: DeepSeek-V2);
+        weights = p[ids], divided by their sum if ``renormalize``. Differentiable: weights in ``logits``."""
 
     def sigmoid_top_k_route(
         self,
@@ -93,10 +95,12 @@ class Backend(Protocol):
         route_scale: float,
         num_groups: int | None,
         top_k_groups: int | None,
+        renormalize: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, weights) ``[T, k]``: s = sigmoid(logits); ids = top-k of s + bias (within the best
-        ``top_k_groups`` of ``num_groups`` expert groups, if given); weights = s[ids] / Σ s[ids] ·
-        route_scale, finite for any finite logits (where the chosen s underflow, the same ratio is taken as
+        ``top_k_groups`` of ``num_groups`` expert groups, each scored by the sum of its two largest s + bias,
+        if given); weights = s[ids] / Σ s[ids] · route_scale (s[ids] · route_scale if not ``renormalize``),
+        finite for any finite logits (where the chosen s underflow, the same ratio is taken as
         a softmax of their logits: see fastmoe_edu.routers.sigmoid_top_k_route). Differentiable: weights
         in ``logits``; ``bias`` only selects (no gradient)."""
 

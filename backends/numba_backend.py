@@ -17,8 +17,8 @@ passes are kernels too:
     scatter_rows         backward: grad_x[t] = Σ_s grad_buffer[rows[t, s]]                (slots in order)
     gather_combine       backward: grad_expert_out[rows[t, s]] = w[t, s] · grad_y[t]
                                    grad_w[t, s] = <grad_y[t], expert_out[rows[t, s]]>
-    softmax_top_k_route   backward: ∂L/∂logits through the (renormalized) softmax weights
-    sigmoid_top_k_route   backward: ∂L/∂logits through the normalized sigmoid weights
+    softmax_top_k_route   backward: ∂L/∂logits through the (renormalized) softmax weights (groups only select)
+    sigmoid_top_k_route   backward: ∂L/∂logits through the (normalized) sigmoid weights
 
 What makes it faster than the reference on a CPU: the reference's ranking builds a [T·k, E] one-hot
 matrix and cumsums it (O(T·k·E) memory traffic); here ranking is a two-pass count over chunks,
@@ -270,12 +270,17 @@ def grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, counts: torch.Tenso
 # ----------------------------------------------------------------------------------------------------
 class SoftmaxTopKRoute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, top_k, renormalize):
+    def forward(ctx, logits, top_k, renormalize, num_groups, top_k_groups):
         target = _target(logits)
         logits = logits.contiguous()
-        expert_ids = torch.empty(logits.shape[0], top_k, dtype=torch.int64, device=logits.device)
-        weights = logits.new_empty(logits.shape[0], top_k)
-        target.softmax_top_k_route(target.array(logits), renormalize, target.array(expert_ids), target.array(weights))
+        num_tokens = logits.shape[0]
+        # Scratch for group-limited selection: the logits outside the best groups masked, the group scores.
+        selection = torch.empty_like(logits) if num_groups else logits.new_empty(num_tokens, 1)
+        group_scores = logits.new_empty(num_tokens, max(num_groups, 1))
+        expert_ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
+        weights = logits.new_empty(num_tokens, top_k)
+        target.softmax_top_k_route(target.array(logits), renormalize, num_groups, top_k_groups, target.array(selection),
+                                   target.array(group_scores), target.array(expert_ids), target.array(weights))
         ctx.renormalize = renormalize
         ctx.mark_non_differentiable(expert_ids)
         ctx.save_for_backward(logits, expert_ids, weights)
@@ -289,12 +294,12 @@ class SoftmaxTopKRoute(torch.autograd.Function):
         grad_logits = torch.empty_like(logits)
         target.softmax_top_k_route_backward(target.array(logits), target.array(expert_ids), target.array(weights),
                                            target.array(grad_weights), ctx.renormalize, target.array(grad_logits))
-        return grad_logits, None, None
+        return grad_logits, None, None, None, None
 
 
 class SigmoidTopKRoute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, bias, top_k, route_scale, num_groups, top_k_groups):
+    def forward(ctx, logits, bias, top_k, route_scale, num_groups, top_k_groups, renormalize):
         target = _target(logits)
         logits = logits.contiguous()
         num_tokens = logits.shape[0]
@@ -304,10 +309,10 @@ class SigmoidTopKRoute(torch.autograd.Function):
         weights = logits.new_empty(num_tokens, top_k)
         # Below this sum of the chosen σ the kernels normalize e^{l − max l} instead (σ underflows there).
         min_total = min_score_sum(logits.dtype)
-        target.sigmoid_top_k_route(target.array(logits), target.array(bias), route_scale, num_groups, top_k_groups,
-                                  min_total, target.array(selection), target.array(group_scores),
-                                  target.array(expert_ids), target.array(weights))
-        ctx.route_scale, ctx.min_total = route_scale, min_total
+        target.sigmoid_top_k_route(target.array(logits), target.array(bias), route_scale, renormalize, num_groups,
+                                   top_k_groups, min_total, target.array(selection), target.array(group_scores),
+                                   target.array(expert_ids), target.array(weights))
+        ctx.route_scale, ctx.renormalize, ctx.min_total = route_scale, renormalize, min_total
         ctx.mark_non_differentiable(expert_ids)
         ctx.save_for_backward(logits, expert_ids)
         return expert_ids, weights
@@ -319,8 +324,9 @@ class SigmoidTopKRoute(torch.autograd.Function):
         grad_weights = grad_weights.contiguous()
         grad_logits = torch.empty_like(logits)
         target.sigmoid_top_k_route_backward(target.array(logits), target.array(expert_ids), target.array(grad_weights),
-                                           ctx.route_scale, ctx.min_total, target.array(grad_logits))
-        return grad_logits, None, None, None, None, None
+                                           ctx.route_scale, ctx.renormalize, ctx.min_total,
+                                           target.array(grad_logits))
+        return grad_logits, None, None, None, None, None, None
 
 
 def _routing_logits(logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -330,9 +336,12 @@ def _routing_logits(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     return logits if logits.dtype in KERNEL_DTYPES else logits.float()
 
 
-def softmax_top_k_route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """p = softmax(logits); ids = top-k of p; weights = p[ids] (divided by their sum if renormalize)."""
-    return SoftmaxTopKRoute.apply(_routing_logits(logits, top_k), top_k, bool(renormalize))
+def softmax_top_k_route(logits: torch.Tensor, top_k: int, renormalize: bool, num_groups: int | None = None,
+                        top_k_groups: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """p = softmax(logits); ids = top-k of p (within the best ``top_k_groups`` of ``num_groups`` groups, each
+    scored by its largest p, if given); weights = p[ids] (divided by their sum if renormalize)."""
+    return SoftmaxTopKRoute.apply(_routing_logits(logits, top_k), top_k, bool(renormalize), num_groups or 0,
+                                  top_k_groups or 0)
 
 
 def sigmoid_top_k_route(
@@ -342,9 +351,12 @@ def sigmoid_top_k_route(
     route_scale: float,
     num_groups: int | None,
     top_k_groups: int | None,
+    renormalize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek-V3: s = sigmoid(logits); select top-k of (s + b); weights = s_sel / Σ s_sel · scale."""
+    """DeepSeek-V3: s = sigmoid(logits); select top-k of (s + b); weights = s_sel / Σ s_sel · scale
+    (s_sel · scale if not renormalize)."""
     logits = _routing_logits(logits, top_k)
     # The bias only selects (no gradient); it is added in the logits' dtype.
     bias = bias.detach().to(logits.dtype).contiguous()
-    return SigmoidTopKRoute.apply(logits, bias, top_k, float(route_scale), num_groups or 0, top_k_groups or 0)
+    return SigmoidTopKRoute.apply(logits, bias, top_k, float(route_scale), num_groups or 0, top_k_groups or 0,
+                                  bool(renormalize))

@@ -260,6 +260,21 @@ def sigmoid_selection_scores(logits, bias, token, selection):
         selection[token, expert] = score + bias[expert]
 
 
+def copy_with_group_max_scores(logits, token, num_groups, selection, group_scores):
+    """selection[t, :] = logits[t, :]; group_scores[t, g] = the largest logit of group g.
+
+    DeepSeek-V2's group-limited softmax scores a group by its largest probability; softmax is increasing,
+    so ranking the groups by their largest *logit* ranks them the same way (no exp needed)."""
+    group_size = selection.shape[1] // num_groups
+    for group in range(num_groups):
+        best = -math.inf
+        for expert in range(group * group_size, (group + 1) * group_size):
+            value = logits[token, expert]
+            selection[token, expert] = value
+            best = max(best, value)
+        group_scores[token, group] = best
+
+
 def best_two_group_scores(selection, token, num_groups, group_scores):
     """group_scores[t, g] = sum of the two largest selection scores in group g (the one, for
     groups of a single expert). Experts are split into ``num_groups`` equal consecutive groups."""
@@ -293,8 +308,9 @@ def mask_outside_best_groups(group_scores, token, num_groups, top_k_groups, sele
                 selection[token, expert] = -math.inf
 
 
-def sigmoid_top_k_weights(logits, expert_ids, token, route_scale, min_total, weights):
-    """w_s = σ(l_{e_s}) / Σ_{s'} σ(l_{e_s'}) · route_scale  (the bias only selected; it is not here).
+def sigmoid_top_k_weights(logits, expert_ids, token, route_scale, renormalize, min_total, weights):
+    """w_s = σ(l_{e_s}) / Σ_{s'} σ(l_{e_s'}) · route_scale  (the bias only selected; it is not here);
+    not renormalized: w_s = σ(l_{e_s}) · route_scale.
 
     If the chosen σ sum below ``min_total`` (routers.min_score_sum: logits so far below 0 that σ
     underflows and the ratio would be 0/0), σ(l) = e^l to float precision there, and the ratio is taken
@@ -309,6 +325,10 @@ def sigmoid_top_k_weights(logits, expert_ids, token, route_scale, min_total, wei
         weights[token, slot] = score
         total += score
         largest = max(largest, logit)
+    if not renormalize:
+        for slot in range(top_k):
+            weights[token, slot] = weights[token, slot] * route_scale                          # w = σ · scale
+        return
     if total < min_total:
         total = 0.0
         for slot in range(top_k):
@@ -319,14 +339,24 @@ def sigmoid_top_k_weights(logits, expert_ids, token, route_scale, min_total, wei
         weights[token, slot] = weights[token, slot] / total * route_scale
 
 
-def sigmoid_top_k_backward(logits, expert_ids, grad_weights, token, route_scale, min_total, grad_logits):
+def sigmoid_top_k_backward(logits, expert_ids, grad_weights, token, route_scale, renormalize, min_total,
+                           grad_logits):
     """∂L/∂logits[t] from g = ∂L/∂w[t]. With σ_s = σ(l_{e_s}), S = Σ_s σ_s, u_s = σ_s / S:
 
         ∂σ_r = route_scale / S · (g_r − Σ_s g_s u_s),    ∂l_{e_r} = ∂σ_r · σ_r (1 − σ_r),
-    and 0 for the experts not chosen. Where the forward rescaled (S < min_total), σ_s is e^{l_s − max l}
+    (not renormalized: ∂σ_r = route_scale · g_r) and 0 for the experts not chosen. Where the forward
+    rescaled (S < min_total), σ_s is e^{l_s − max l}
     in these formulas and 1 − σ_r is 1 (σ_r < min_total is far below float precision).
     """
     top_k = expert_ids.shape[1]
+    for expert in range(logits.shape[1]):
+        grad_logits[token, expert] = 0
+    if not renormalize:
+        for slot in range(top_k):
+            logit = logits[token, expert_ids[token, slot]]
+            score = 1.0 / (1.0 + math.exp(-logit)) if logit > SIGMOID_EXP_BELOW else math.exp(logit)
+            grad_logits[token, expert_ids[token, slot]] = route_scale * grad_weights[token, slot] * score * (1.0 - score)
+        return
     total = 0.0
     largest = logits[token, expert_ids[token, 0]]
     for slot in range(top_k):
@@ -346,8 +376,6 @@ def sigmoid_top_k_backward(logits, expert_ids, grad_weights, token, route_scale,
         else:
             score = 1.0 / (1.0 + math.exp(-logit)) if logit > SIGMOID_EXP_BELOW else math.exp(logit)
         dot += grad_weights[token, slot] * score / total
-    for expert in range(logits.shape[1]):
-        grad_logits[token, expert] = 0
     for slot in range(top_k):
         logit = logits[token, expert_ids[token, slot]]
         if rescaled:
@@ -386,6 +414,7 @@ select_top_k_cpu = _compile(select_top_k)
 softmax_top_k_weights_cpu = _compile(softmax_top_k_weights)
 softmax_top_k_backward_cpu = _compile(softmax_top_k_backward)
 sigmoid_selection_scores_cpu = _compile(sigmoid_selection_scores)
+copy_with_group_max_scores_cpu = _compile(copy_with_group_max_scores)
 best_two_group_scores_cpu = _compile(best_two_group_scores)
 mask_outside_best_groups_cpu = _compile(mask_outside_best_groups)
 sigmoid_top_k_weights_cpu = _compile(sigmoid_top_k_weights)
@@ -464,9 +493,15 @@ def gather_combine_backward_weights(grad_y, expert_out, rows, grad_weights):
 # Router kernels (one token per task)
 # ----------------------------------------------------------------------------------------------------
 @numba.njit(parallel=True, cache=True)
-def softmax_top_k_route(logits, renormalize, expert_ids, weights):
+def softmax_top_k_route(logits, renormalize, num_groups, top_k_groups, selection, group_scores, expert_ids, weights):
+    """``num_groups = 0`` switches group-limited routing off; ``selection``, ``group_scores`` are scratch."""
     for token in prange(logits.shape[0]):
-        select_top_k_cpu(logits, token, expert_ids.shape[1], expert_ids)
+        if num_groups > 0:                         # DeepSeek-V2: top-k among the best groups' experts
+            copy_with_group_max_scores_cpu(logits, token, num_groups, selection, group_scores)
+            mask_outside_best_groups_cpu(group_scores, token, num_groups, top_k_groups, selection)
+            select_top_k_cpu(selection, token, expert_ids.shape[1], expert_ids)
+        else:
+            select_top_k_cpu(logits, token, expert_ids.shape[1], expert_ids)
         softmax_top_k_weights_cpu(logits, expert_ids, token, renormalize, weights)
 
 
@@ -477,8 +512,8 @@ def softmax_top_k_route_backward(logits, expert_ids, weights, grad_weights, reno
 
 
 @numba.njit(parallel=True, cache=True)
-def sigmoid_top_k_route(logits, bias, route_scale, num_groups, top_k_groups, min_total, selection, group_scores,
-                       expert_ids, weights):
+def sigmoid_top_k_route(logits, bias, route_scale, renormalize, num_groups, top_k_groups, min_total, selection,
+                       group_scores, expert_ids, weights):
     """``num_groups = 0`` switches group-limited routing off; ``selection``, ``group_scores`` are scratch."""
     for token in prange(logits.shape[0]):
         sigmoid_selection_scores_cpu(logits, bias, token, selection)
@@ -486,10 +521,11 @@ def sigmoid_top_k_route(logits, bias, route_scale, num_groups, top_k_groups, min
             best_two_group_scores_cpu(selection, token, num_groups, group_scores)
             mask_outside_best_groups_cpu(group_scores, token, num_groups, top_k_groups, selection)
         select_top_k_cpu(selection, token, expert_ids.shape[1], expert_ids)
-        sigmoid_top_k_weights_cpu(logits, expert_ids, token, route_scale, min_total, weights)
+        sigmoid_top_k_weights_cpu(logits, expert_ids, token, route_scale, renormalize, min_total, weights)
 
 
 @numba.njit(parallel=True, cache=True)
-def sigmoid_top_k_route_backward(logits, expert_ids, grad_weights, route_scale, min_total, grad_logits):
+def sigmoid_top_k_route_backward(logits, expert_ids, grad_weights, route_scale, renormalize, min_total, grad_logits):
     for token in prange(logits.shape[0]):
-        sigmoid_top_k_backward_cpu(logits, expert_ids, grad_weights, token, route_scale, min_total, grad_logits)
+        sigmoid_top_k_backward_cpu(logits, expert_ids, grad_weights, token, route_scale, renormalize, min_total,
+                                   grad_logits)

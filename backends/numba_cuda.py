@@ -60,6 +60,7 @@ select_top_k = _compile(numba_cpu.select_top_k)
 softmax_top_k_weights = _compile(numba_cpu.softmax_top_k_weights)
 softmax_top_k_backward = _compile(numba_cpu.softmax_top_k_backward)
 sigmoid_selection_scores = _compile(numba_cpu.sigmoid_selection_scores)
+copy_with_group_max_scores = _compile(numba_cpu.copy_with_group_max_scores)
 best_two_group_scores = _compile(numba_cpu.best_two_group_scores)
 mask_outside_best_groups = _compile(numba_cpu.mask_outside_best_groups)
 sigmoid_top_k_weights = _compile(numba_cpu.sigmoid_top_k_weights)
@@ -217,10 +218,16 @@ def gather_combine_backward_weights(grad_y, expert_out, rows, grad_weights):
 # Router kernels: one thread per token
 # ----------------------------------------------------------------------------------------------------
 @cuda.jit
-def _softmax_top_k_route_kernel(logits, renormalize, expert_ids, weights):
+def _softmax_top_k_route_kernel(logits, renormalize, num_groups, top_k_groups, selection, group_scores, expert_ids,
+                                weights):
     token = cuda.grid(1)
     if token < logits.shape[0]:
-        select_top_k(logits, token, expert_ids.shape[1], expert_ids)
+        if num_groups > 0:
+            copy_with_group_max_scores(logits, token, num_groups, selection, group_scores)
+            mask_outside_best_groups(group_scores, token, num_groups, top_k_groups, selection)
+            select_top_k(selection, token, expert_ids.shape[1], expert_ids)
+        else:
+            select_top_k(logits, token, expert_ids.shape[1], expert_ids)
         softmax_top_k_weights(logits, expert_ids, token, renormalize, weights)
 
 
@@ -232,8 +239,8 @@ def _softmax_top_k_route_backward_kernel(logits, expert_ids, weights, grad_weigh
 
 
 @cuda.jit
-def _sigmoid_top_k_route_kernel(logits, bias, route_scale, num_groups, top_k_groups, min_total, selection,
-                               group_scores, expert_ids, weights):
+def _sigmoid_top_k_route_kernel(logits, bias, route_scale, renormalize, num_groups, top_k_groups, min_total,
+                               selection, group_scores, expert_ids, weights):
     token = cuda.grid(1)
     if token < logits.shape[0]:
         sigmoid_selection_scores(logits, bias, token, selection)
@@ -241,18 +248,21 @@ def _sigmoid_top_k_route_kernel(logits, bias, route_scale, num_groups, top_k_gro
             best_two_group_scores(selection, token, num_groups, group_scores)
             mask_outside_best_groups(group_scores, token, num_groups, top_k_groups, selection)
         select_top_k(selection, token, expert_ids.shape[1], expert_ids)
-        sigmoid_top_k_weights(logits, expert_ids, token, route_scale, min_total, weights)
+        sigmoid_top_k_weights(logits, expert_ids, token, route_scale, renormalize, min_total, weights)
 
 
 @cuda.jit
-def _sigmoid_top_k_route_backward_kernel(logits, expert_ids, grad_weights, route_scale, min_total, grad_logits):
+def _sigmoid_top_k_route_backward_kernel(logits, expert_ids, grad_weights, route_scale, renormalize, min_total,
+                                         grad_logits):
     token = cuda.grid(1)
     if token < logits.shape[0]:
-        sigmoid_top_k_backward(logits, expert_ids, grad_weights, token, route_scale, min_total, grad_logits)
+        sigmoid_top_k_backward(logits, expert_ids, grad_weights, token, route_scale, renormalize, min_total,
+                               grad_logits)
 
 
-def softmax_top_k_route(logits, renormalize, expert_ids, weights):
-    _launch(_softmax_top_k_route_kernel, logits.shape[0], logits, renormalize, expert_ids, weights)
+def softmax_top_k_route(logits, renormalize, num_groups, top_k_groups, selection, group_scores, expert_ids, weights):
+    _launch(_softmax_top_k_route_kernel, logits.shape[0], logits, renormalize, num_groups, top_k_groups, selection,
+            group_scores, expert_ids, weights)
 
 
 def softmax_top_k_route_backward(logits, expert_ids, weights, grad_weights, renormalize, grad_logits):
@@ -260,12 +270,12 @@ def softmax_top_k_route_backward(logits, expert_ids, weights, grad_weights, reno
             renormalize, grad_logits)
 
 
-def sigmoid_top_k_route(logits, bias, route_scale, num_groups, top_k_groups, min_total, selection, group_scores,
-                       expert_ids, weights):
-    _launch(_sigmoid_top_k_route_kernel, logits.shape[0], logits, bias, route_scale, num_groups, top_k_groups,
-            min_total, selection, group_scores, expert_ids, weights)
+def sigmoid_top_k_route(logits, bias, route_scale, renormalize, num_groups, top_k_groups, min_total, selection,
+                       group_scores, expert_ids, weights):
+    _launch(_sigmoid_top_k_route_kernel, logits.shape[0], logits, bias, route_scale, renormalize, num_groups,
+            top_k_groups, min_total, selection, group_scores, expert_ids, weights)
 
 
-def sigmoid_top_k_route_backward(logits, expert_ids, grad_weights, route_scale, min_total, grad_logits):
+def sigmoid_top_k_route_backward(logits, expert_ids, grad_weights, route_scale, renormalize, min_total, grad_logits):
     _launch(_sigmoid_top_k_route_backward_kernel, logits.shape[0], logits, expert_ids, grad_weights, route_scale,
-            min_total, grad_logits)
+            renormalize, min_total, grad_logits)

@@ -123,6 +123,12 @@ class TrainConfig:
     expert_tensor_parallel: bool = _field(False, "parallel", "TED's tensor-parallel experts: each expert's hidden "
                                           "units split over the tp ranks (expert memory per rank / tp); "
                                           "d_hidden must be divisible by tp")
+    expert_shadowing: bool = _field(False, "parallel", "FasterMoE's dynamic shadowing: an expert whose travelling "
+                                    "rows would cost more than shadow_cost_ratio x its weights has its weights "
+                                    "broadcast to the expert group for the step, and each rank computes its own "
+                                    "rows for it (flat or hierarchical exchange, whole experts)")
+    shadow_cost_ratio: float = _field(1.0, "parallel", "shadow an expert when 4 x travelling rows x d_model > "
+                                      "ratio x 2 x its weights (larger = shadow less)", above=0.0)
     drop_duplicate_at: str = _field("combined", "parallel", "where duplicate token dropping joins the tp ranks' "
                                     "shares: combined (TED: each tp rank dispatches 1/tp of the tokens, the "
                                     "combined outputs [T, d] are all-gathered) or expert_rows (the expert output "
@@ -219,6 +225,9 @@ class TrainConfig:
         if self.expert_tensor_parallel and self.d_hidden % self.tp:
             raise ConfigError(f"expert_tensor_parallel with tp={self.tp}: d_hidden={self.d_hidden} must be divisible "
                               f"by tp (each tp rank holds d_hidden / tp hidden units of every expert)")
+        if self.expert_shadowing and (self.pipeline_degree > 1 or self.expert_tensor_parallel):
+            raise ConfigError("expert_shadowing runs whole experts on the flat or hierarchical exchange: it does not "
+                              "combine with pipeline_degree > 1 or expert_tensor_parallel; turn one of them off")
         if self.expert_tensor_parallel and self.pipeline_degree > 1:
             raise ConfigError(f"expert_tensor_parallel with pipeline_degree={self.pipeline_degree}: the pipelined "
                               f"exchange runs whole experts only; set one of them back to its default")

@@ -3,8 +3,18 @@
 Stacking (``w1[E, d_hidden, d_model]`` rather than E separate ``nn.Linear``) is what lets a backend
 run all experts as one *grouped GEMM* over the expert-contiguous buffer built by ``dispatch.py``.
 
-    SwiGLU  (Shazeer 2020, used by Mixtral):  expert_e(x) = W2_e · ( silu(W1_e·x) ⊙ (W3_e·x) )
-    GELU    (GPT-2 style MLP):                expert_e(x) = W2_e · gelu(W1_e·x)
+Gated kinds (Shazeer 2020, "GLU Variants Improve Transformer"), three matrices per expert:
+
+    swiglu  (Mixtral, DeepSeek, Qwen):        expert_e(x) = W2_e · ( silu(W1_e·x) ⊙ (W3_e·x) )
+    geglu   (T5 v1.1 / Gemma style):          expert_e(x) = W2_e · ( gelu(W1_e·x) ⊙ (W3_e·x) )
+
+Plain kinds, two matrices per expert:
+
+    gelu    (GPT-2 style MLP):                expert_e(x) = W2_e · gelu(W1_e·x)
+    relu    (Switch Transformer, NLLB-MoE):   expert_e(x) = W2_e · relu(W1_e·x)
+
+GELU is the exact (erf) one everywhere. ``SharedExperts`` (below) is the dense counterpart: the
+always-on experts of DeepSeek-V2/V3 and Qwen2-MoE, one MLP of the same kind that every token runs.
 """
 from __future__ import annotations
 
@@ -13,7 +23,12 @@ import math
 import torch
 from torch import nn
 
-EXPERT_KINDS = ("swiglu", "gelu")
+#: expert kind -> the activation of its first linear map (gated kinds multiply it by W3·x).
+ACTIVATIONS = {"swiglu": nn.functional.silu, "geglu": nn.functional.gelu,
+               "gelu": nn.functional.gelu, "relu": nn.functional.relu}
+#: The kinds with a gate matrix W3 (a GLU: act(W1·x) ⊙ W3·x).
+GATED_KINDS = ("swiglu", "geglu")
+EXPERT_KINDS = tuple(ACTIVATIONS)
 
 
 class Experts(nn.Module):
@@ -27,11 +42,12 @@ class Experts(nn.Module):
         # Same scale as nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
         self.w1 = nn.Parameter(_uniform(num_experts, d_hidden, d_model))
         self.w2 = nn.Parameter(_uniform(num_experts, d_model, d_hidden))
-        self.w3 = nn.Parameter(_uniform(num_experts, d_hidden, d_model)) if kind == "swiglu" else None
+        gated = kind in GATED_KINDS
+        self.w3 = nn.Parameter(_uniform(num_experts, d_hidden, d_model)) if gated else None
         if bias:
             self.b1 = nn.Parameter(torch.zeros(num_experts, d_hidden))
             self.b2 = nn.Parameter(torch.zeros(num_experts, d_model))
-            self.b3 = nn.Parameter(torch.zeros(num_experts, d_hidden)) if kind == "swiglu" else None
+            self.b3 = nn.Parameter(torch.zeros(num_experts, d_hidden)) if gated else None
         else:
             self.b1 = self.b2 = self.b3 = None
 
@@ -49,11 +65,10 @@ class Experts(nn.Module):
             experts = torch.arange(counts.numel(), device=counts.device)
             expert_of_row = experts.repeat_interleave(counts, output_size=rows.shape[0])
         hidden = self._linear(rows, self.w1, self.b1, counts, expert_of_row, grouped_matmul)    # W1·x
-        if self.kind == "swiglu":
+        hidden = ACTIVATIONS[self.kind](hidden)                                   # silu / gelu / relu (W1x)
+        if self.w3 is not None:
             gate = self._linear(rows, self.w3, self.b3, counts, expert_of_row, grouped_matmul)  # W3·x
-            hidden = nn.functional.silu(hidden) * gate                                         # silu(W1x) ⊙ W3x
-        else:
-            hidden = nn.functional.gelu(hidden)                                                # gelu(W1x)
+            hidden = hidden * gate                                                 # act(W1x) ⊙ W3x
         return self._linear(hidden, self.w2, self.b2, counts, expert_of_row, grouped_matmul)   # W2·h
 
     @staticmethod
@@ -65,3 +80,47 @@ class Experts(nn.Module):
 def _uniform(num_experts: int, fan_out: int, fan_in: int) -> torch.Tensor:
     bound = 1.0 / math.sqrt(fan_in)
     return torch.empty(num_experts, fan_out, fan_in).uniform_(-bound, bound)
+
+
+class SharedExperts(nn.Module):
+    """Always-on experts: one dense MLP that every token runs, added to the routed output.
+
+    DeepSeekMoE (Dai et al. 2024) and DeepSeek-V2/V3 isolate ``num_shared`` shared experts; they see
+    every token, so they are one MLP of width ``num_shared · d_hidden`` (the sum of num_shared MLPs of
+    width d_hidden *is* that one MLP, its hidden units side by side). Qwen2-MoE scales the MLP by a
+    learned per-token gate (``gated=True``):
+
+        DeepSeek:   y = routed(x) + shared(x)
+        Qwen2-MoE:  y = routed(x) + σ(x · g) · shared(x)          g [d_model], one scalar per token
+
+    ``shared(x)`` is the kind's formula of ``Experts`` with plain matrices: w1, w3 [width, d_model],
+    w2 [d_model, width]. These are replicated parameters, not experts: expert parallelism leaves them
+    on every rank (they are not under ``layer.experts``), like attention weights.
+    """
+
+    def __init__(self, d_model: int, width: int, kind: str = "swiglu", bias: bool = False, gated: bool = False):
+        super().__init__()
+        if kind not in EXPERT_KINDS:
+            raise ValueError(f"expert={kind!r} is not a known expert kind; allowed: {', '.join(EXPERT_KINDS)}")
+        self.d_model, self.width, self.kind = d_model, width, kind
+        self.w1 = nn.Parameter(_uniform(1, width, d_model)[0])
+        self.w2 = nn.Parameter(_uniform(1, d_model, width)[0])
+        self.w3 = nn.Parameter(_uniform(1, width, d_model)[0]) if kind in GATED_KINDS else None
+        self.b1 = nn.Parameter(torch.zeros(width)) if bias else None
+        self.b2 = nn.Parameter(torch.zeros(d_model)) if bias else None
+        self.b3 = nn.Parameter(torch.zeros(width)) if bias and self.w3 is not None else None
+        self.gate = nn.Parameter(torch.zeros(d_model)) if gated else None          # g: σ(0) = 1/2 at start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, d_model] -> [T, d_model]."""
+        linear = nn.functional.linear
+        hidden = ACTIVATIONS[self.kind](linear(x, self.w1, self.b1))              # act(W1·x)
+        if self.w3 is not None:
+            hidden = hidden * linear(x, self.w3, self.b3)                         # ⊙ W3·x
+        out = linear(hidden, self.w2, self.b2)                                     # W2·h
+        if self.gate is not None:
+            out = torch.sigmoid(x @ self.gate)[:, None] * out                      # σ(x·g) · shared(x)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, width={self.width}, kind={self.kind!r}, gated={self.gate is not None}"

@@ -28,7 +28,18 @@ What a supported block computes (transformers 5 layout; the names are theirs)::
                                          experts.down_proj    [E, d, I]               -> w2
     y = Σ_s w_s · expert_{ids_s}(x)
 
-which is exactly ``MoELayer(router="softmax_top_k", expert="swiglu", renormalize=...)``. Families whose
+which is exactly ``MoELayer(router="softmax_top_k", expert="swiglu", renormalize=...)``. Families with more:
+
+    Qwen2-MoE, Qwen3-Next, Qwen3.5-MoE, Qwen3-Omni talker:
+        y += σ(x · shared_expert_gate) · shared_expert(x)     -> num_shared_experts=1, shared_expert_gate=True
+    DeepSeek-V2:  softmax top-k within the topk_group groups of largest max p, w = p · routed_scaling_factor
+                                                              -> num_groups, top_k_groups, route_scale, renormalize=False
+    DeepSeek-V3, GLM-4-MoE, dots.llm1:  sigmoid scores, correction bias, top-2-sum groups, norm_topk_prob,
+                  routed_scaling_factor                       -> router="sigmoid" (bias = e_score_correction_bias)
+    DeepSeek-V2/V3, GLM-4-MoE, dots.llm1:  y += shared_experts(x), width n_shared_experts · moe_intermediate_size
+                                                              -> num_shared_experts=n_shared_experts
+
+Families whose
 blocks compute something the project's options cannot express are listed too (``UNSUPPORTED``), so the
 error says what is missing instead of "unknown class". See docs/hf.md.
 
@@ -53,14 +64,21 @@ from .layer import MoELayer
 
 @dataclass(frozen=True)
 class Family:
-    """One HF MoE block class that maps exactly onto MoELayer(router="softmax_top_k", expert="swiglu").
+    """One HF MoE block class that maps exactly onto an MoELayer with expert="swiglu".
 
     router_attr: the block's attribute holding the router (its ``weight`` is W [E, d]).
     renormalize: "always" / "never" / "norm_topk_prob" (read from the router's ``norm_topk_prob``).
+    routing: "softmax" (softmax top-k), "deepseek_v2" (softmax top-k, ``topk_method`` greedy or
+        group_limited_greedy, times ``routed_scaling_factor``) or "deepseek_v3" (the "sigmoid" router:
+        ``e_score_correction_bias``, ``n_group`` / ``topk_group``, ``routed_scaling_factor``).
+    shared: None, "deepseek" (``shared_experts``, an MLP added to every token) or "qwen2" (``shared_expert``
+        scaled by σ(``shared_expert_gate``(x))).
     """
     name: str
     router_attr: str
     renormalize: str
+    routing: str = "softmax"
+    shared: str | None = None
 
 
 SUPPORTED: dict[str, Family] = {
@@ -77,39 +95,39 @@ SUPPORTED: dict[str, Family] = {
     "GraniteMoeSharedMoE": Family("Granite-MoE-Shared", "router", "always"),
     "GraniteMoeHybridMoE": Family("Granite-MoE-Hybrid", "router", "always"),
     "Qwen3OmniMoeThinkerTextSparseMoeBlock": Family("Qwen3-Omni-MoE (thinker text)", "gate", "norm_topk_prob"),
+    # A shared expert scaled by a sigmoid gate of the token: shared_expert_gate=True.
+    "Qwen2MoeSparseMoeBlock": Family("Qwen2-MoE", "gate", "norm_topk_prob", shared="qwen2"),
+    "Qwen3NextSparseMoeBlock": Family("Qwen3-Next", "gate", "norm_topk_prob", shared="qwen2"),
+    "Qwen3_5MoeSparseMoeBlock": Family("Qwen3.5-MoE", "gate", "always", shared="qwen2"),
+    "Qwen3OmniMoeTalkerTextSparseMoeBlock": Family("Qwen3-Omni-MoE (talker)", "gate", "norm_topk_prob",
+                                                   shared="qwen2"),
+    # DeepSeek-V2's router ignores norm_topk_prob (transformers 5): never renormalized.
+    "DeepseekV2Moe": Family("DeepSeek-V2", "gate", "never", routing="deepseek_v2", shared="deepseek"),
+    "DeepseekV3MoE": Family("DeepSeek-V3", "gate", "norm_topk_prob", routing="deepseek_v3", shared="deepseek"),
+    "Glm4MoeMoE": Family("GLM-4-MoE", "gate", "norm_topk_prob", routing="deepseek_v3", shared="deepseek"),
+    "Dots1MoE": Family("dots.llm1", "gate", "norm_topk_prob", routing="deepseek_v3", shared="deepseek"),
 }
 
 #: HF MoE block class name -> (family, what MoELayer would need to express it exactly).
 UNSUPPORTED: dict[str, tuple[str, str]] = {
-    "Qwen2MoeSparseMoeBlock": ("Qwen2-MoE", "a shared expert added to every token, scaled by its own "
-                               "sigmoid gate (MoELayer has no shared experts)"),
-    "Qwen3NextSparseMoeBlock": ("Qwen3-Next", "a sigmoid-gated shared expert (MoELayer has no shared experts)"),
-    "Qwen3_5MoeSparseMoeBlock": ("Qwen3.5-MoE", "a sigmoid-gated shared expert (MoELayer has no shared experts)"),
-    "Qwen3OmniMoeTalkerTextSparseMoeBlock": ("Qwen3-Omni-MoE (talker)", "a sigmoid-gated shared expert "
-                                             "(MoELayer has no shared experts)"),
-    "DeepseekV2Moe": ("DeepSeek-V2", "shared experts, group-limited softmax routing (experts of the top "
-                      "topk_group device groups only) and routed_scaling_factor on the weights"),
-    "DeepseekV3MoE": ("DeepSeek-V3", "shared experts added to the routed output (the 'sigmoid' router has the "
-                      "grouped sigmoid routing and correction bias, but MoELayer has no shared experts)"),
-    "Glm4MoeMoE": ("GLM-4-MoE", "DeepSeek-V3 routing with shared experts (MoELayer has no shared experts)"),
-    "Dots1MoE": ("dots.llm1", "DeepSeek-V3 routing with shared experts (MoELayer has no shared experts)"),
-    "Ernie4_5_MoeSparseMoeBlock": ("ERNIE-4.5-MoE", "shared experts and a score-correction bias added to the "
-                                   "softmax probabilities before top-k, with a clamped normalizer (moe_norm_min)"),
-    "Llama4TextMoe": ("Llama-4", "the top-1 sigmoid score multiplies the expert's *input*, not its output, "
-                      "and a shared expert is added"),
+    "Ernie4_5_MoeSparseMoeBlock": ("ERNIE-4.5-MoE", "a score-correction bias added to the softmax probabilities "
+                                   "before top-k, with a clamped normalizer (moe_norm_min)"),
+    "Llama4TextMoe": ("Llama-4", "the top-1 sigmoid score multiplies the expert's *input*, not its output"),
     "SwitchTransformersSparseMLP": ("Switch Transformers", "expert capacity as a fixed number of tokens "
                                     "counted per sequence (config.expert_capacity), not C = ceil(cf·T/E) over the "
-                                    "batch, and a ReLU dense expert (no 'relu' expert kind)"),
-    "NllbMoeSparseMLP": ("NLLB-MoE", "top-2 routing with per-sequence capacity, the second expert kept by a "
-                         "sampling policy, and a ReLU expert (no 'relu' expert kind)"),
+                                    "batch"),
+    "NllbMoeSparseMLP": ("NLLB-MoE", "top-2 routing with per-sequence capacity and the second expert kept by a "
+                         "sampling policy"),
     "GptOssMLP": ("GPT-OSS", "a clamped SwiGLU (gate clamped above, up clamped both ways, "
-                  "gate·σ(α·gate)·(up + 1)), "
-                  "biases on the experts, and a router with a bias (MoELayer's router is x Wᵀ)"),
+                  "gate·σ(α·gate)·(up + 1)); its expert biases and router bias exist (bias=True, router_bias=True) "
+                  "but are not mapped"),
     "DbrxFFN": ("DBRX", "top-k weights normalized by their p-norm (moe_normalize_expert_weights), not their sum"),
     "PhimoeSparseMoeBlock": ("Phi-MoE", "SparseMixer routing (a masked, jittered softmax per selected expert)"),
     "JetMoeMoE": ("JetMoE", "a bias added to the MoE output and mixture-of-attention (MoA) experts in attention"),
-    "HunYuanMoEV1Moe": ("HunYuan-MoE-V1", "a shared MLP added to every token (no shared experts)"),
-    "AriaTextMoELayer": ("Aria", "shared experts added to every token (no shared experts)"),
+    "HunYuanMoEV1Moe": ("HunYuan-MoE-V1", "its conversion (a shared MLP added to every token, which "
+                        "num_shared_experts could express, is not mapped yet)"),
+    "AriaTextMoELayer": ("Aria", "its conversion (shared experts, which num_shared_experts could express, "
+                         "are not mapped yet)"),
 }
 
 
@@ -140,12 +158,23 @@ def _supported_names() -> str:
 
 @dataclass(frozen=True)
 class _BlockView:
-    """What a supported block holds, checked: W [E, d], gate_up [E, 2I, d], down [E, d, I], k, renormalize."""
+    """What a supported block holds, checked: W [E, d], gate_up [E, 2I, d], down [E, d, I], k, the router's
+    name and options (renormalize, route_scale, num_groups, top_k_groups), the sigmoid router's correction
+    bias, and the shared MLP (gate_proj, up_proj, down_proj weights; the sigmoid gate's weight [1, d] or None)."""
     router_weight: torch.Tensor
     gate_up: torch.Tensor
     down: torch.Tensor
     top_k: int
-    renormalize: bool
+    router_name: str
+    router_options: dict
+    correction_bias: torch.Tensor | None = None
+    shared: tuple | None = None
+    shared_gate: torch.Tensor | None = None
+    num_shared: int = 0
+
+    @property
+    def renormalize(self) -> bool:
+        return self.router_options["renormalize"]
 
 
 def _read_block(block: nn.Module) -> _BlockView:
@@ -180,7 +209,38 @@ def _read_block(block: nn.Module) -> _BlockView:
         renormalize = bool(router.norm_topk_prob)                   # Qwen3-MoE / OLMoE: a config switch
     else:
         renormalize = family.renormalize == "always"
-    return _BlockView(weight, gate_up, down, int(router.top_k), renormalize)
+    options = dict(renormalize=renormalize, route_scale=1.0, num_groups=None, top_k_groups=None)
+    router_name, correction_bias = "softmax_top_k", None
+    if family.routing != "softmax":
+        options["route_scale"] = float(router.routed_scaling_factor)                  # w ← w · routed_scaling_factor
+        grouped = router.num_group is not None and router.num_group > 1              # one group = no limit
+        if family.routing == "deepseek_v2":
+            if router.topk_method not in ("greedy", "group_limited_greedy"):
+                raise UnsupportedFamilyError(f"{what}: topk_method={router.topk_method!r}; only 'greedy' and "
+                                             f"'group_limited_greedy' convert exactly")
+            grouped = grouped and router.topk_method == "group_limited_greedy"
+        else:
+            router_name, correction_bias = "sigmoid", router.e_score_correction_bias   # selection-only bias
+        if grouped:
+            options.update(num_groups=int(router.num_group), top_k_groups=int(router.topk_group))
+    shared = shared_gate = None
+    num_shared = 0
+    if family.shared is not None:
+        mlp = block.shared_experts if family.shared == "deepseek" else block.shared_expert
+        _expect_parameters(what + " shared expert", mlp, {"gate_proj.weight", "up_proj.weight", "down_proj.weight"})
+        if not _is_silu(getattr(mlp, "act_fn", None)):
+            raise UnsupportedFamilyError(f"{what}: the shared expert's activation is not silu; only hidden_act='silu' "
+                                         f"converts exactly")
+        shared = (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+        width = mlp.gate_proj.weight.shape[0]
+        # DeepSeek: n_shared_experts MLPs of moe_intermediate_size, stored side by side as one; Qwen2: one.
+        num_shared = getattr(getattr(block, "config", None), "n_shared_experts", None) or 1
+        num_shared = num_shared if family.shared == "deepseek" and width % num_shared == 0 else 1
+        if family.shared == "qwen2":
+            _expect_parameters(what + " shared_expert_gate", block.shared_expert_gate, {"weight"})
+            shared_gate = block.shared_expert_gate.weight                               # [1, d]: σ(x · g)
+    return _BlockView(weight, gate_up, down, int(router.top_k), router_name, options, correction_bias, shared,
+                      shared_gate, num_shared)
 
 
 def _expect_parameters(what: str, module: nn.Module, names: set[str]) -> None:
@@ -210,14 +270,27 @@ def from_hf(block: nn.Module, backend: str = "reference", balance_loss_weight: f
     view = _read_block(block)
     num_experts, d_model = view.router_weight.shape
     hidden = view.down.shape[-1]
-    layer = MoELayer(d_model, hidden, num_experts, top_k=view.top_k, router="softmax_top_k", expert="swiglu",
-                     backend=backend, renormalize=view.renormalize, balance_loss_weight=balance_loss_weight)
+    shared = {}
+    if view.shared is not None:
+        shared = dict(num_shared_experts=view.num_shared, shared_d_hidden=view.shared[0].shape[0] // view.num_shared,
+                      shared_expert_gate=view.shared_gate is not None)
+    layer = MoELayer(d_model, hidden, num_experts, top_k=view.top_k, router=view.router_name, expert="swiglu",
+                     backend=backend, balance_loss_weight=balance_loss_weight, **shared, **view.router_options)
     layer.to(device=view.router_weight.device, dtype=view.router_weight.dtype)
     with torch.no_grad():
         layer.router.weight.copy_(view.router_weight)                           # W_g = gate.weight
         layer.experts.w1.copy_(view.gate_up[:, :hidden])                        # W1 = gate half (through silu)
         layer.experts.w3.copy_(view.gate_up[:, hidden:])                        # W3 = up half
         layer.experts.w2.copy_(view.down)                                       # W2 = down_proj
+        if view.correction_bias is not None:
+            layer.router.bias.copy_(view.correction_bias)                       # b = e_score_correction_bias
+        if view.shared is not None:
+            gate_proj, up_proj, down_proj = view.shared
+            layer.shared_experts.w1.copy_(gate_proj)                            # silu(gate_proj x)
+            layer.shared_experts.w3.copy_(up_proj)                              # ⊙ up_proj x
+            layer.shared_experts.w2.copy_(down_proj)
+            if view.shared_gate is not None:
+                layer.shared_experts.gate.copy_(view.shared_gate[0])            # g = shared_expert_gate.weight[0]
     return layer
 
 
@@ -229,10 +302,23 @@ def to_hf(layer: MoELayer, block: nn.Module) -> nn.Module:
     hidden = view.down.shape[-1]
     experts = layer.experts
     problems = []
-    if layer.router_name != "softmax_top_k":
-        problems.append(f"router={layer.router_name!r} (the block is softmax top-k)")
-    elif bool(layer.router.renormalize) != view.renormalize:
-        problems.append(f"renormalize={layer.router.renormalize} (the block's is {view.renormalize})")
+    if layer.router_name != view.router_name:
+        problems.append(f"router={layer.router_name!r} (the block's is {view.router_name!r})")
+    else:
+        for key, want in view.router_options.items():
+            got = getattr(layer.router, key, None)
+            if got != want:
+                problems.append(f"{key}={got} (the block's is {want})")
+    if layer.router_name in ("softmax_top_k", "sigmoid") and (layer.router.logit_bias is not None
+                                                              or layer.router.logit_softcap is not None):
+        problems.append("router_bias / logit_softcap set (the block's router is x Wᵀ)")
+    got_shared = None if layer.shared_experts is None else (
+        layer.shared_experts.width, layer.shared_experts.gate is not None, layer.shared_experts.kind,
+        layer.shared_experts.b1 is not None)
+    want_shared = None if view.shared is None else (view.shared[0].shape[0], view.shared_gate is not None, "swiglu",
+                                                     False)
+    if got_shared != want_shared:
+        problems.append(f"shared experts (width, gated, kind, bias)={got_shared} (the block's are {want_shared})")
     if experts.kind != "swiglu" or experts.b1 is not None:
         problems.append(f"expert={experts.kind!r}, bias={experts.b1 is not None} (the block is a bias-free SwiGLU)")
     if layer.top_k != view.top_k:
@@ -253,6 +339,14 @@ def to_hf(layer: MoELayer, block: nn.Module) -> nn.Module:
         view.gate_up[:, :hidden].copy_(experts.w1)
         view.gate_up[:, hidden:].copy_(experts.w3)
         view.down.copy_(experts.w2)
+        if view.correction_bias is not None:
+            view.correction_bias.copy_(layer.router.bias)
+        if view.shared is not None:
+            for target, source in zip(view.shared, (layer.shared_experts.w1, layer.shared_experts.w3,
+                                                    layer.shared_experts.w2)):
+                target.copy_(source)
+            if view.shared_gate is not None:
+                view.shared_gate.copy_(layer.shared_experts.gate[None])
     return block
 
 

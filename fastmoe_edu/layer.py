@@ -1,6 +1,7 @@
 """MoELayer: a drop-in Mixture-of-Experts feed-forward layer (FastMoE's data flow, docs/moe_systems.md §2).
 
     y = Σ_{s=1..k} w[t, s] · expert_{e[t, s]}(x_t)        for every token t
+      (+ shared(x_t), or + σ(x_t·g) · shared(x_t), with ``num_shared_experts``: see experts.SharedExperts)
 
 Usage::
 
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 
 from .backends import check_backend_name, get_backend
-from .experts import EXPERT_KINDS, Experts
+from .experts import EXPERT_KINDS, Experts, SharedExperts
 from .routers import ROUTERS, build_router, local_sum
 from .soft_moe import SOFT_MOE, build_soft_moe_router, soft_moe_forward
 
@@ -92,16 +93,22 @@ class MoELayer(nn.Module):
             Not used by ``"soft_moe"`` (every token reaches every slot): leave it at its default.
         router: one of ``fastmoe_edu.routers.ROUTERS``, or ``"soft_moe"`` (options ``slots_per_expert``,
             ``normalize``; ``capacity_factor`` must be None; see soft_moe.py).
-        expert: ``"swiglu"`` or ``"gelu"``.
+        expert: a kind of ``fastmoe_edu.experts.EXPERT_KINDS``: ``"swiglu"``, ``"geglu"``, ``"gelu"``, ``"relu"``.
         capacity_factor: cf; each expert takes at most C = ceil(cf·k·T/E) assignments. None = dropless.
         backend: a name of ``fastmoe_edu.backends.BACKEND_NAMES`` (``"reference"``, ``"numba"``, ``"auto"``).
-        bias: give the expert linear maps biases.
+        bias: give the expert linear maps biases (the shared experts' too).
+        num_shared_experts: always-on experts every token runs, added to the routed output (DeepSeekMoE,
+            DeepSeek-V2/V3: one dense MLP of the ``expert`` kind, of width num_shared_experts · shared_d_hidden).
+            0 (the default) = none.
+        shared_d_hidden: the hidden width of one shared expert; None = ``d_hidden``.
+        shared_expert_gate: scale the shared output by σ(x·g), g a learned [d_model] vector (Qwen2-MoE).
         **router_options: passed to the router (e.g. ``renormalize``, ``jitter_epsilon``, ``balance_loss_weight``).
     """
 
     def __init__(self, d_model: int, d_hidden: int, num_experts: int, top_k: int = DEFAULT_TOP_K,
                  router: str = "softmax_top_k", expert: str = "swiglu", capacity_factor: float | None = None,
-                 backend: str = "reference", bias: bool = False, **router_options):
+                 backend: str = "reference", bias: bool = False, num_shared_experts: int = 0,
+                 shared_d_hidden: int | None = None, shared_expert_gate: bool = False, **router_options):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_hidden", d_hidden), ("num_experts", num_experts)):
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
@@ -121,6 +128,7 @@ class MoELayer(nn.Module):
         if expert not in EXPERT_KINDS:
             raise ValueError(f"expert={expert!r} is not a known expert kind; allowed: {', '.join(EXPERT_KINDS)}")
         check_backend_name(backend)
+        _check_shared_options(num_shared_experts, shared_d_hidden, shared_expert_gate)
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.router_name, self.backend_name = router, backend
         if soft:
@@ -128,6 +136,10 @@ class MoELayer(nn.Module):
         else:
             self.router = build_router(router, d_model, num_experts, top_k, capacity_factor, **router_options)
         self.experts = Experts(num_experts, d_model, d_hidden, expert, bias)
+        # Replicated parameters, not experts: expert parallelism keeps them whole on every rank.
+        self.shared_experts = (SharedExperts(d_model, num_shared_experts * (shared_d_hidden or d_hidden), expert,
+                                             bias, gated=shared_expert_gate) if num_shared_experts else None)
+        self.num_shared_experts = num_shared_experts
         self.aux_loss = torch.zeros(())
         self.last_routing: RoutingRecord | None = None
         self.expert_runner = LocalExperts()        # the two seams (module docstring)
@@ -140,8 +152,8 @@ class MoELayer(nn.Module):
             y, record = soft_moe_forward(self.router, self.experts, self.expert_runner, x, backend)
             self.aux_loss = y.new_zeros(())       # no balance loss (and no z-loss): balanced by construction
             self.last_routing = RoutingRecord(**record)
-            return y
-        tokens = x.reshape(-1, self.d_model)                                       # [T, d]
+            return self._add_shared(x.reshape(-1, self.d_model), y.reshape(-1, self.d_model)).reshape(x.shape)
+        tokens = all_tokens = x.reshape(-1, self.d_model)                          # [T, d]
         backend = get_backend(self.backend_name, tokens.device)
         self.router.backend = backend
 
@@ -168,7 +180,12 @@ class MoELayer(nn.Module):
         # 9. Local gather + combine: y[t] = Σ_s w[t, s] · expert_out[row(t, s)].
         y = backend.gather_combine(expert_out, rows, weights)
         y = self.expert_runner.collect_tokens(y)                                   # TED: the tp shares joined
-        return y.reshape(x.shape)
+        # 10. Shared experts (if any) on every token: y += shared(x), or σ(x·g) · shared(x).
+        return self._add_shared(all_tokens, y).reshape(x.shape)
+
+    def _add_shared(self, tokens: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+        """routed + shared(tokens) (DeepSeek), the shared part gated by σ(x·g) under Qwen2-MoE's gate."""
+        return routed if self.shared_experts is None else routed + self.shared_experts(tokens)
 
     def _check_input(self, x: torch.Tensor) -> None:
         """Refuse, before any work, an input the layer cannot take, and say what it takes instead."""
@@ -200,8 +217,24 @@ class MoELayer(nn.Module):
             random_draws={key: value.detach() for key, value in route.random_draws.items()})
 
     def extra_repr(self) -> str:
+        shared = f", num_shared_experts={self.num_shared_experts}" if self.num_shared_experts else ""
         if self.router_name == SOFT_MOE:
-            return (f"num_experts={self.num_experts}, slots_per_expert={self.router.slots_per_expert}, "
+            return (f"num_experts={self.num_experts}, slots_per_expert={self.router.slots_per_expert}{shared}, "
                     f"router={self.router_name!r}, backend={self.backend_name!r}, expert_runner={self.expert_runner!r}")
-        return (f"num_experts={self.num_experts}, top_k={self.top_k}, router={self.router_name!r}, "
+        return (f"num_experts={self.num_experts}, top_k={self.top_k}{shared}, router={self.router_name!r}, "
                 f"backend={self.backend_name!r}, expert_runner={self.expert_runner!r}")
+
+
+def _check_shared_options(num_shared_experts, shared_d_hidden, shared_expert_gate) -> None:
+    """The shared-expert options of MoELayer: a count >= 0; a width and a gate only with a count > 0."""
+    if not (isinstance(num_shared_experts, int) and not isinstance(num_shared_experts, bool)
+            and num_shared_experts >= 0):
+        raise ValueError(f"num_shared_experts={num_shared_experts!r} must be an integer >= 0 (0: no shared experts)")
+    if shared_d_hidden is not None and not (isinstance(shared_d_hidden, int) and not isinstance(shared_d_hidden, bool)
+                                            and shared_d_hidden >= 1):
+        raise ValueError(f"shared_d_hidden={shared_d_hidden!r} must be an integer >= 1, or None for d_hidden")
+    if not isinstance(shared_expert_gate, bool):
+        raise ValueError(f"shared_expert_gate={shared_expert_gate!r} must be True or False")
+    if num_shared_experts == 0 and (shared_d_hidden is not None or shared_expert_gate):
+        raise ValueError(f"shared_d_hidden={shared_d_hidden!r}, shared_expert_gate={shared_expert_gate!r} describe "
+                         f"shared experts, but num_shared_experts=0; set num_shared_experts >= 1 or leave them unset")

@@ -37,13 +37,25 @@ from torch.nn import functional as F
 # ----------------------------------------------------------------------------------------------------
 # The two fused routing functions (scores -> top-k -> weights). backends/ mirrors these names.
 # ----------------------------------------------------------------------------------------------------
-def softmax_top_k_route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def softmax_top_k_route(logits: torch.Tensor, top_k: int, renormalize: bool, num_groups: int | None = None,
+                        top_k_groups: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """p = softmax(logits); ids = top-k of p; weights = p[ids] (divided by their sum if renormalize).
 
     Renormalized, this equals FastMoE's naive gate (softmax over the k largest logits) and Mixtral.
+    With groups (DeepSeek-V2's group-limited greedy routing, "device-limited" in the paper): the experts
+    are split into ``num_groups`` equal consecutive groups, each group is scored by its largest p, and
+    only experts of the best ``top_k_groups`` groups may be selected. The weights stay p[ids], p the
+    softmax over *all* E experts.
     """
     probs = torch.softmax(_router_precision(logits), dim=-1)                       # p_e = e^{l_e} / Σ_j e^{l_j}
-    weights, expert_ids = torch.topk(probs, top_k, dim=-1)
+    if num_groups is None:
+        weights, expert_ids = torch.topk(probs, top_k, dim=-1)
+    else:
+        num_tokens, num_experts = probs.shape
+        group_score = probs.reshape(num_tokens, num_groups, num_experts // num_groups).amax(dim=-1)  # max_g p
+        allowed = _best_groups(group_score, top_k_groups, num_experts // num_groups)
+        expert_ids = probs.masked_fill(~allowed, float("-inf")).topk(top_k, dim=-1).indices
+        weights = probs.gather(1, expert_ids)                                      # w = p[ids], p over all E
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)                      # w_s = p_s / Σ_{s'} p_{s'}
     return expert_ids, weights
@@ -56,12 +68,14 @@ def sigmoid_top_k_route(
     route_scale: float,
     num_groups: int | None,
     top_k_groups: int | None,
+    renormalize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V3: s = sigmoid(logits); select top-k of (s + b); weights = s_sel / Σ s_sel · scale.
 
     The bias b only *selects*; it never enters the weights, so it needs no gradient. With groups, the
     experts are split into ``num_groups`` equal groups, each group is scored by the sum of its two
-    largest (s + b), and only experts of the best ``top_k_groups`` groups may be selected.
+    largest (s + b), and only experts of the best ``top_k_groups`` groups may be selected. Without
+    ``renormalize`` (DeepSeek-V3's norm_topk_prob=False) the weights are s_sel · scale.
     """
     logits = _router_precision(logits)
     scores = torch.sigmoid(logits)                                                 # s = σ(logits)
@@ -70,12 +84,12 @@ def sigmoid_top_k_route(
         num_tokens, num_experts = selection.shape
         grouped = selection.reshape(num_tokens, num_groups, num_experts // num_groups)
         group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)   # [T, G]
-        best_groups = group_score.topk(top_k_groups, dim=-1).indices
-        group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best_groups, True)
-        expert_mask = group_mask.repeat_interleave(num_experts // num_groups, dim=1)
-        selection = selection.masked_fill(~expert_mask, float("-inf"))
+        allowed = _best_groups(group_score, top_k_groups, num_experts // num_groups)
+        selection = selection.masked_fill(~allowed, float("-inf"))
     expert_ids = selection.topk(top_k, dim=-1).indices
     chosen = scores.gather(1, expert_ids)
+    if not renormalize:
+        return expert_ids, chosen * route_scale                                    # w = s · scale
     total = chosen.sum(dim=-1, keepdim=True)
     # Far below 0, σ underflows (float32: to 0 below l ≈ −104), so s / Σ s is 0/0, and even before that its
     # gradient's 1 / Σ s overflows. Where Σ s < min_score_sum, every chosen s is so small that σ(l) = e^l
@@ -86,6 +100,13 @@ def sigmoid_top_k_route(
     underflow_free = torch.softmax(logits.gather(1, expert_ids), dim=-1)
     weights = torch.where(far_below_zero, underflow_free, plain) * route_scale     # w = s / Σ s · scale
     return expert_ids, weights
+
+
+def _best_groups(group_score: torch.Tensor, top_k_groups: int, group_size: int) -> torch.Tensor:
+    """[T, E] mask: True for the experts of each token's ``top_k_groups`` best-scored groups."""
+    best_groups = group_score.topk(top_k_groups, dim=-1).indices
+    group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best_groups, True)
+    return group_mask.repeat_interleave(group_size, dim=1)
 
 
 def min_score_sum(dtype: torch.dtype) -> float:
@@ -153,18 +174,30 @@ class RouterOutput:
 
 
 class Router(nn.Module):
-    """Common part: the router weight W [E, d_model], capacity, loss weights, the bias-update hook."""
+    """Common part: the router weight W [E, d_model], capacity, loss weights, the bias-update hook.
+
+    Two options every router has, both on the logits before any scoring:
+
+        router_bias=True    logits = x Wᵀ + c, c [E] a learned bias (GPT-OSS's router is a Linear with bias)
+        logit_softcap=cap   logits ← cap · tanh(logits / cap)  (Gemma-2 / Grok-style soft capping: |l| < cap)
+
+    They change only the logits handed to the routing functions, so every backend computes them alike.
+    """
 
     #: k the router requires (Switch: 1, GShard: 2), or None if any 1 <= k <= E works.
     required_top_k: int | None = None
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None,
-                 balance_loss_weight: float = 0.01, z_loss_weight: float = 0.0):
+                 balance_loss_weight: float = 0.01, z_loss_weight: float = 0.0, router_bias: bool = False,
+                 logit_softcap: float | None = None):
         super().__init__()
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.capacity_factor = capacity_factor
         self.balance_loss_weight, self.z_loss_weight = balance_loss_weight, z_loss_weight
         self.weight = nn.Parameter(torch.randn(num_experts, d_model) * d_model ** -0.5)   # W_g
+        # c: a learned logit bias (trained by gradients), not the sigmoid router's selection-only ``bias``.
+        self.logit_bias = nn.Parameter(torch.zeros(num_experts)) if router_bias else None
+        self.logit_softcap = logit_softcap
         self.backend = None   # set by MoELayer: supplies softmax_top_k_route / sigmoid_top_k_route
 
     # -- what a subclass provides ------------------------------------------------------------------
@@ -192,6 +225,16 @@ class Router(nn.Module):
         return out, aux_loss
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The router's scores [T, E]: ``scores(x)`` (+ c) (soft-capped)."""
+        logits = self.scores(x)
+        if self.logit_bias is not None:
+            logits = logits + self.logit_bias                                      # x Wᵀ + c
+        if self.logit_softcap is not None:
+            cap = self.logit_softcap
+            logits = cap * torch.tanh(logits / cap)                                # cap · tanh(l / cap)
+        return logits
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.weight.t()                                                 # logits = x Wᵀ
 
     def capacity(self, num_tokens: int) -> int | None:
@@ -203,24 +246,37 @@ class Router(nn.Module):
     def update_bias(self, load: torch.Tensor | None = None, reduce=local_sum) -> None:
         """Loss-free balancing hook (sigmoid router). Other routers have no bias: nothing to do."""
 
-    def _softmax_top_k(self, logits, top_k, renormalize):
+    def _softmax_top_k(self, logits, top_k, renormalize, num_groups=None, top_k_groups=None):
         route = self.backend.softmax_top_k_route if self.backend is not None else softmax_top_k_route
-        return route(logits, top_k, renormalize)
+        if num_groups is None:
+            return route(logits, top_k, renormalize)
+        return route(logits, top_k, renormalize, num_groups, top_k_groups)
 
 
 # ----------------------------------------------------------------------------------------------------
 # The routers (docs/moe_systems.md §3)
 # ----------------------------------------------------------------------------------------------------
 class SoftmaxTopKRouter(Router):
-    """Softmax top-k (Mixtral; FastMoE's naive gate): top-k of p, optionally renormalized over the k."""
+    """Softmax top-k (Mixtral; FastMoE's naive gate): top-k of p, optionally renormalized over the k.
 
-    def __init__(self, *args, renormalize: bool = True, **kwargs):
+    DeepSeek-V2's options: ``num_groups`` / ``top_k_groups`` limit the choice to the experts of the
+    ``top_k_groups`` groups with the largest max p (group-limited greedy); ``route_scale`` multiplies the
+    weights (routed_scaling_factor): w = p[ids] (/ Σ p[ids]) · route_scale.
+    """
+
+    def __init__(self, *args, renormalize: bool = True, route_scale: float = 1.0, num_groups: int | None = None,
+                 top_k_groups: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.renormalize = renormalize
+        self.renormalize, self.route_scale = renormalize, route_scale
+        self.num_groups, self.top_k_groups = num_groups, top_k_groups
 
     def route(self, x):
         logits = self.logits(x)
-        expert_ids, weights = self._softmax_top_k(logits, self.top_k, self.renormalize)
+        expert_ids, weights = self._softmax_top_k(logits, self.top_k, self.renormalize, self.num_groups,
+                                                  self.top_k_groups)
+        if self.route_scale != 1.0:
+            # Outside the backend's routing function: a product autograd differentiates the same for every backend.
+            weights = weights * self.route_scale                                   # w ← w · routed_scaling_factor
         probs = torch.softmax(_router_precision(logits), dim=-1)
         return RouterOutput(expert_ids, weights, self.capacity(x.shape[0]), logits, probs)
 
@@ -371,9 +427,9 @@ class SigmoidRouter(Router):
     """
 
     def __init__(self, *args, bias_update_rate: float = 1e-3, route_scale: float = 1.0,
-                 num_groups: int | None = None, top_k_groups: int | None = None, **kwargs):
+                 num_groups: int | None = None, top_k_groups: int | None = None, renormalize: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
-        self.bias_update_rate, self.route_scale = bias_update_rate, route_scale
+        self.bias_update_rate, self.route_scale, self.renormalize = bias_update_rate, route_scale, renormalize
         self.num_groups, self.top_k_groups = num_groups, top_k_groups
         self.register_buffer("bias", torch.zeros(self.num_experts))                # b: not a Parameter
         self.last_load: torch.Tensor | None = None
@@ -381,8 +437,12 @@ class SigmoidRouter(Router):
     def route(self, x):
         logits = self.logits(x)
         route = self.backend.sigmoid_top_k_route if self.backend is not None else sigmoid_top_k_route
-        expert_ids, weights = route(logits, self.bias, self.top_k, self.route_scale,
-                                    self.num_groups, self.top_k_groups)
+        if self.renormalize:
+            expert_ids, weights = route(logits, self.bias, self.top_k, self.route_scale,
+                                        self.num_groups, self.top_k_groups)
+        else:
+            expert_ids, weights = route(logits, self.bias, self.top_k, self.route_scale,
+                                        self.num_groups, self.top_k_groups, False)
         self.last_load = torch.bincount(expert_ids.reshape(-1), minlength=self.num_experts).detach()
         return RouterOutput(expert_ids, weights, self.capacity(x.shape[0]), logits,
                             torch.sigmoid(_router_precision(logits)))
@@ -420,7 +480,7 @@ class XMoERouter(Router):
         self.temperature = nn.Parameter(torch.tensor(float(temperature)))           # τ (learnable)
         self.renormalize = renormalize
 
-    def logits(self, x):
+    def scores(self, x):
         tokens = F.normalize(self.projection(x), dim=-1)                           # P x / ‖P x‖
         experts = F.normalize(self.projection(self.weight), dim=-1)                # P w / ‖P w‖
         return tokens @ experts.t() / self.temperature.clamp(min=1e-2)              # cos / τ
@@ -490,6 +550,13 @@ def _check_options(name: str, num_experts: int, top_k: int, options: dict) -> No
     for key in ("temperature", "route_scale"):
         if key in options and not (_finite_number(options[key]) and options[key] > 0):
             raise ValueError(f"{key}={options[key]!r} must be a finite number > 0")
+    cap = options.get("logit_softcap")
+    if cap is not None and not (_finite_number(cap) and not isinstance(cap, bool) and cap > 0):
+        raise ValueError(f"logit_softcap={cap!r} must be a finite number > 0 (logits ← cap·tanh(logits/cap)), "
+                         f"or None for no capping")
+    for key in ("router_bias", "renormalize"):
+        if key in options and not isinstance(options[key], bool):
+            raise ValueError(f"{key}={options[key]!r} must be True or False")
     if "routing_dim" in options and not (isinstance(options["routing_dim"], int) and options["routing_dim"] >= 1):
         raise ValueError(f"routing_dim={options['routing_dim']!r} must be an integer >= 1")
     groups, top_k_groups = options.get("num_groups"), options.get("top_k_groups")

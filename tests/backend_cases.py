@@ -47,8 +47,28 @@ ROUTER_OPTIONS = {
 }
 assert set(ROUTER_OPTIONS) == set(ROUTERS), "a router was added: give it options here"
 
-#: Every (router, expert kind, dtype) the layer comparison runs for.
-LAYER_CASES = list(itertools.product(ROUTERS, EXPERT_KINDS, DTYPES))
+#: Every (router, expert kind, dtype) the layer comparison runs for. The expert kinds differ only in an
+#: elementwise activation (and whether W3 exists), so the full grid runs one plain and one gated kind;
+#: the others run once each in OPTION_CASES.
+GRID_EXPERT_KINDS = ("swiglu", "gelu")
+LAYER_CASES = list(itertools.product(ROUTERS, GRID_EXPERT_KINDS, DTYPES))
+
+#: Layer options beyond ROUTER_OPTIONS: case -> (router, expert kind, MoELayer keyword arguments). Each
+#: option that reaches a backend routing function (groups for softmax, renormalize=False for sigmoid)
+#: or only the torch code around it (route_scale for softmax, router_bias, logit_softcap, shared experts).
+OPTION_CASES = {
+    "softmax-groups-scale": ("softmax_top_k", "swiglu",
+                             dict(top_k=2, num_groups=2, top_k_groups=1, route_scale=2.5, renormalize=False)),
+    "softmax-groups-renormalized": ("softmax_top_k", "gelu", dict(top_k=2, num_groups=2, top_k_groups=1)),
+    "softmax-bias-softcap": ("softmax_top_k", "swiglu", dict(top_k=2, router_bias=True, logit_softcap=1.5)),
+    "sigmoid-not-renormalized": ("sigmoid", "swiglu", dict(top_k=2, num_groups=2, top_k_groups=1, route_scale=2.5,
+                                                           renormalize=False)),
+    "shared-gated": ("softmax_top_k", "swiglu", dict(top_k=2, num_shared_experts=2, shared_d_hidden=8,
+                                                     shared_expert_gate=True)),
+    "shared-sigmoid": ("sigmoid", "swiglu", dict(top_k=2, num_shared_experts=1, route_scale=2.5)),
+    **{f"expert-{kind}": ("softmax_top_k", kind, dict(top_k=2)) for kind in EXPERT_KINDS
+       if kind not in GRID_EXPERT_KINDS},
+}
 
 
 def assert_close(got, want, dtype, what):
@@ -63,16 +83,17 @@ def assert_equal(got, want, what):
 # ----------------------------------------------------------------------------------------------------
 # The whole layer
 # ----------------------------------------------------------------------------------------------------
-def make_layer(router, expert, dtype, backend, device, sizes, capacity_factor=None):
+def make_layer(router, expert, dtype, backend, device, sizes, capacity_factor=None, options=None):
     """A MoELayer with weights drawn from seed 0 (so every backend gets the same weights)."""
     num_tokens, d_model, d_hidden, num_experts = sizes
     torch.manual_seed(0)
+    options = ROUTER_OPTIONS[router] if options is None else options
     layer = MoELayer(d_model, d_hidden, num_experts, router=router, expert=expert, backend=backend,
-                     capacity_factor=capacity_factor, bias=(expert == "gelu"), **ROUTER_OPTIONS[router])
+                     capacity_factor=capacity_factor, bias=(expert in ("gelu", "relu")), **options)
     layer = layer.to(device=device, dtype=dtype)
     with torch.no_grad():
         for name, param in layer.named_parameters():
-            if ".b" in name:                                  # non-zero expert biases
+            if ".b" in name or name in ("router.logit_bias", "shared_experts.gate"):   # non-zero biases, gate
                 param.normal_()
         if router == "sigmoid":                               # a non-trivial selection bias
             layer.router.bias.copy_(torch.randn(num_experts, dtype=dtype, device=device) * 0.1)
@@ -95,11 +116,12 @@ def forward_backward(layer, x, upstream):
 
 
 def check_layer(router, expert, dtype_name, device="cpu", sizes=(64, 16, 24, 8), capacity_factor=None,
-                backend="numba"):
-    """MoELayer(backend) against MoELayer("reference") with identical weights, input and noise."""
+                backend="numba", options=None):
+    """MoELayer(backend) against MoELayer("reference") with identical weights, input and noise.
+    ``options``: the MoELayer keyword arguments, instead of ROUTER_OPTIONS[router]."""
     dtype = DTYPES[dtype_name]
-    want_layer = make_layer(router, expert, dtype, "reference", device, sizes, capacity_factor)
-    got_layer = make_layer(router, expert, dtype, backend, device, sizes, capacity_factor)
+    want_layer = make_layer(router, expert, dtype, "reference", device, sizes, capacity_factor, options)
+    got_layer = make_layer(router, expert, dtype, backend, device, sizes, capacity_factor, options)
     got_layer.load_state_dict(want_layer.state_dict())
     generator = torch.Generator().manual_seed(2)
     x = torch.randn(sizes[0], sizes[1], generator=generator, dtype=dtype).to(device)
@@ -208,7 +230,13 @@ def check_routers(num_tokens, num_experts, top_k, dtype_name, seed=0, device="cp
         "sigmoid": lambda backend, l: backend.sigmoid_top_k_route(l, bias, top_k, 2.5, None, None),
         "sigmoid grouped": lambda backend, l: backend.sigmoid_top_k_route(l, bias, top_k, 1.0, groups,
                                                                         1 if groups else None),
+        "sigmoid not renormalized": lambda backend, l: backend.sigmoid_top_k_route(l, bias, top_k, 2.5, groups,
+                                                                                 1 if groups else None, False),
     }
+    if groups:                                 # DeepSeek-V2: group-limited softmax, groups scored by their max p
+        variants["softmax grouped renormalized"] = lambda backend, l: backend.softmax_top_k_route(l, top_k, True,
+                                                                                                 groups, 1)
+        variants["softmax grouped plain"] = lambda backend, l: backend.softmax_top_k_route(l, top_k, False, groups, 1)
 
     def run(backend):
         results = {}
@@ -340,6 +368,10 @@ def simulator_cases() -> dict:
     for router in ("switch", "gshard"):
         cases[f"capacity-{router}"] = (lambda r=router: check_layer(
             r, "swiglu", "float64", sizes=SIMULATOR_LAYER_SIZES, capacity_factor=0.5))
+    for case, (router, expert, options) in OPTION_CASES.items():
+        for dtype_name in DTYPES:
+            cases[f"options-{case}-{dtype_name}"] = (lambda r=router, e=expert, o=options, d=dtype_name: check_layer(
+                r, e, d, sizes=SIMULATOR_LAYER_SIZES, options=o))
     for router in ROUTERS:                       # an empty batch: no kernel may choke on 0 tokens
         cases[f"zero-tokens-{router}"] = (lambda r=router: check_layer(
             r, "swiglu", "float32", sizes=(0, *SIMULATOR_LAYER_SIZES[1:]), capacity_factor=1.0))

@@ -28,10 +28,36 @@ def _expert(layer, expert: int, row: torch.Tensor) -> torch.Tensor:
     hidden = linear(ex.w1, ex.b1)
     if ex.kind == "swiglu":
         hidden = F.silu(hidden) * linear(ex.w3, ex.b3)
+    elif ex.kind == "geglu":
+        hidden = F.gelu(hidden) * linear(ex.w3, ex.b3)
+    elif ex.kind == "relu":
+        hidden = torch.clamp(hidden, min=0)
     else:
         hidden = F.gelu(hidden)
     out = ex.w2[expert] @ hidden
     return out + ex.b2[expert] if ex.b2 is not None else out
+
+
+def _shared(layer, row: torch.Tensor) -> torch.Tensor:
+    """Σ_i shared_i(x) over the num_shared_experts separate shared MLPs (DeepSeekMoE's sum), each a slice
+    of the stored [width, d] matrices; times σ(g · x) with Qwen2-MoE's gate."""
+    shared = layer.shared_experts
+    size = shared.width // layer.num_shared_experts
+    out = torch.zeros_like(row)
+    for i in range(layer.num_shared_experts):
+        part = slice(i * size, (i + 1) * size)
+        hidden = shared.w1[part] @ row + (shared.b1[part] if shared.b1 is not None else 0)
+        if shared.kind in ("swiglu", "geglu"):
+            up = shared.w3[part] @ row + (shared.b3[part] if shared.b3 is not None else 0)
+            hidden = (F.silu(hidden) if shared.kind == "swiglu" else F.gelu(hidden)) * up
+        else:
+            hidden = torch.clamp(hidden, min=0) if shared.kind == "relu" else F.gelu(hidden)
+        out = out + shared.w2[:, part] @ hidden
+    if shared.b2 is not None:
+        out = out + shared.b2                      # one output bias for the one stored MLP
+    if shared.gate is not None:
+        out = torch.sigmoid(shared.gate @ row) * out
+    return out
 
 
 def route_token_by_token(layer, x: torch.Tensor, draws: dict):
@@ -50,13 +76,23 @@ def route_token_by_token(layer, x: torch.Tensor, draws: dict):
                                   for e in range(num_experts)]) / router.temperature.clamp(min=1e-2)
         else:
             logits = torch.stack([router.weight[e] @ row for e in range(num_experts)])
+        if router.logit_bias is not None:
+            logits = logits + router.logit_bias
+        if router.logit_softcap is not None:
+            logits = router.logit_softcap * torch.tanh(logits / router.logit_softcap)
         probs = torch.softmax(logits, dim=0)
         all_probs.append(probs)
         values = probs.tolist()
         if name in ("softmax_top_k", "xmoe"):
-            chosen = _top(values, top_k)
+            allowed = list(range(num_experts))
+            if getattr(router, "num_groups", None) is not None:           # DeepSeek-V2: groups by their max p
+                size = num_experts // router.num_groups
+                best_groups = _top([max(values[g * size:(g + 1) * size]) for g in range(router.num_groups)],
+                                   router.top_k_groups)
+                allowed = [e for e in allowed if e // size in best_groups]
+            chosen = sorted(allowed, key=lambda e: -values[e])[:top_k]
             weights = probs[chosen] / (probs[chosen].sum() if router.renormalize else 1.0)
-            decisions.append(list(zip(chosen, weights)))
+            decisions.append(list(zip(chosen, weights * getattr(router, "route_scale", 1.0))))
         elif name == "switch":
             best = _top(values, 1)[0]
             decisions.append([(best, probs[best])])
@@ -86,7 +122,7 @@ def route_token_by_token(layer, x: torch.Tensor, draws: dict):
                 best_groups = _top(group_scores, router.top_k_groups)
                 allowed = [e for e in allowed if e // size in best_groups]
             chosen = sorted(allowed, key=lambda e: -selection[e])[:top_k]
-            weights = sig[chosen] / sig[chosen].sum() * router.route_scale
+            weights = sig[chosen] / (sig[chosen].sum() if router.renormalize else 1.0) * router.route_scale
             decisions.append(list(zip(chosen, weights)))
         elif name == "expert_choice":
             decisions.append(None)  # filled below: experts choose tokens
@@ -133,5 +169,7 @@ def oracle_forward(layer, x: torch.Tensor, draws: dict) -> torch.Tensor:
         for expert, weight in choices:
             if expert is not None:
                 y = y + weight * _expert(layer, expert, x[t])
+        if layer.shared_experts is not None:
+            y = y + _shared(layer, x[t])
         outputs.append(y)
     return torch.stack(outputs)

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import backend_cases
-from backend_cases import (DTYPES, EDGE_CASES, LAYER_CASES, check_float_steps, check_grouped_gemm,
+from backend_cases import (DTYPES, EDGE_CASES, LAYER_CASES, OPTION_CASES, check_float_steps, check_grouped_gemm,
                            check_integer_steps, check_layer, check_routers, check_sigmoid_extreme_logits,
                            edge_case_ids, random_expert_ids)
 from fastmoe_edu import ROUTERS, MoELayer, backends
@@ -59,12 +59,26 @@ def test_layer_matches_reference(target, router, expert, dtype_name, request):
         check_layer(router, expert, dtype_name, backend="reference" if target == "reference" else "numba")
 
 
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("target", [t for t in TARGETS if t != "reference"])
+def test_layer_options_match_reference(target, dtype_name, case, request):
+    """Router options (groups, route_scale, renormalize, router_bias, logit_softcap), shared experts and the
+    expert kinds outside the grid: forward, input gradient and every router/expert/shared gradient."""
+    router, expert, options = OPTION_CASES[case]
+    if target == "numba-cudasim":
+        error = request.getfixturevalue("cudasim_results")[f"options-{case}-{dtype_name}"]
+        assert error is None, error
+    else:
+        check_layer(router, expert, dtype_name, device="cuda" if target == "numba-gpu" else "cpu", options=options)
+
+
 @pytest.mark.parametrize("router", list(ROUTERS))
 def test_layer_with_capacity_drops(router):
     check_layer(router, "swiglu", "float64", capacity_factor=0.5)
 
 
-@pytest.mark.parametrize("case", [c for c in SIMULATOR_CASES if not c.startswith("layer-")])
+@pytest.mark.parametrize("case", [c for c in SIMULATOR_CASES if not c.startswith(("layer-", "options-"))])
 def test_cuda_kernels_in_simulator(case, cudasim_results):
     """Steps, edge cases and the tiled grouped GEMM through numba.cuda, in the simulator."""
     assert cudasim_results[case] is None, cudasim_results[case]

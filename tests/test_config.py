@@ -95,7 +95,7 @@ def test_unknown_toml_key(tmp_path):
     (["--batch_size=-3"], r"batch_size=-3 .*>= 1"),
     (["--dataset=wikipedia"], r"dataset='wikipedia'.*languages, stdlib"),
     (["--router=magic"], r"router='magic'.*softmax_top_k"),
-    (["--expert=relu"], r"expert='relu'.*swiglu"),
+    (["--expert=tanh"], r"expert='tanh'.*swiglu"),
     (["--top_k=9"], r"top_k=9.*num_experts=8"),
     (["--router=switch"], r"top_k must be 1"),
     (["--router=gshard", "--top_k=1"], r"top_k must be 2"),

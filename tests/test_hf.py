@@ -37,9 +37,25 @@ FAMILY_MODULES = {"MixtralSparseMoeBlock": "mixtral", "MiniMaxSparseMoeBlock": "
                   "OlmoeSparseMoeBlock": "olmoe", "FlexOlmoSparseMoeBlock": "flex_olmo",
                   "JambaSparseMoeBlock": "jamba", "GraniteMoeMoE": "granitemoe",
                   "GraniteMoeSharedMoE": "granitemoeshared", "GraniteMoeHybridMoE": "granitemoehybrid",
-                  "Qwen3OmniMoeThinkerTextSparseMoeBlock": "qwen3_omni_moe"}
-CONFIG_NAMES = {"qwen3_vl_moe": "Qwen3VLMoeTextConfig", "qwen3_omni_moe": "Qwen3OmniMoeTextConfig"}
-CONFIG_EXTRAS = {"granitemoehybrid": {"mamba_n_heads": 4}}     # its config validates the (unused) mamba sizes
+                  "Qwen3OmniMoeThinkerTextSparseMoeBlock": "qwen3_omni_moe",
+                  # shared experts (sigmoid-gated), group-limited softmax, sigmoid routing
+                  "Qwen2MoeSparseMoeBlock": "qwen2_moe", "Qwen3NextSparseMoeBlock": "qwen3_next",
+                  "Qwen3_5MoeSparseMoeBlock": "qwen3_5_moe", "DeepseekV2Moe": "deepseek_v2",
+                  "DeepseekV3MoE": "deepseek_v3", "Glm4MoeMoE": "glm4_moe", "Dots1MoE": "dots1",
+                  "Qwen3OmniMoeTalkerTextSparseMoeBlock": "qwen3_omni_moe"}
+#: a block whose config class is not its folder's CONFIG_NAMES one
+CLASS_CONFIG_NAMES = {"Qwen3OmniMoeTalkerTextSparseMoeBlock": "Qwen3OmniMoeTalkerTextConfig"}
+CLASS_CONFIG_EXTRAS = {"Qwen3OmniMoeTalkerTextSparseMoeBlock": {"shared_expert_intermediate_size": 10}}
+CONFIG_NAMES = {"qwen3_vl_moe": "Qwen3VLMoeTextConfig", "qwen3_omni_moe": "Qwen3OmniMoeTextConfig",
+                "qwen3_5_moe": "Qwen3_5MoeTextConfig"}
+# DeepSeek-style families: 2 groups of 3 experts, the best 1 group, a routed_scaling_factor, 2 shared experts.
+DEEPSEEK = dict(n_group=2, topk_group=1, routed_scaling_factor=2.5, n_shared_experts=2, n_routed_experts=6)
+CONFIG_EXTRAS = {"granitemoehybrid": {"mamba_n_heads": 4},     # its config validates the (unused) mamba sizes
+                 "qwen2_moe": {"shared_expert_intermediate_size": 10},
+                 "qwen3_next": {"shared_expert_intermediate_size": 10},
+                 "qwen3_5_moe": {"shared_expert_intermediate_size": 10},
+                 "deepseek_v2": {**DEEPSEEK, "topk_method": "group_limited_greedy", "num_attention_heads": 2},
+                 "deepseek_v3": DEEPSEEK, "glm4_moe": DEEPSEEK, "dots1": DEEPSEEK}
 D, HIDDEN, E, K = 16, 12, 6, 2
 
 
@@ -52,24 +68,29 @@ def tiny_block(cls_name: str, **extra):
     folder = FAMILY_MODULES[cls_name]
     modeling = importlib.import_module(f"transformers.models.{folder}.modeling_{folder}")
     configuration = importlib.import_module(f"transformers.models.{folder}.configuration_{folder}")
-    config_name = CONFIG_NAMES.get(folder) or next(
+    config_name = CLASS_CONFIG_NAMES.get(cls_name) or CONFIG_NAMES.get(folder) or next(
         n for n in dir(configuration)
         if n.endswith("Config") and getattr(configuration, n).__module__ == configuration.__name__)
     options = dict(hidden_size=D, intermediate_size=HIDDEN, moe_intermediate_size=HIDDEN, num_experts=E,
                    num_local_experts=E, num_experts_per_tok=K, hidden_act="silu")
-    config = getattr(configuration, config_name)(**{**options, **CONFIG_EXTRAS.get(folder, {}), **extra})
+    extras = CLASS_CONFIG_EXTRAS.get(cls_name) or CONFIG_EXTRAS.get(folder, {})
+    config = getattr(configuration, config_name)(**{**options, **extras, **extra})
     block = getattr(modeling, cls_name)(config).double()
     torch.manual_seed(0)
     with torch.no_grad():                      # HF builds the blocks with torch.empty: give them values
         for param in block.parameters():
             param.normal_(0.0, 0.5)
+        correction = getattr(getattr(block, "gate", None), "e_score_correction_bias", None)
+        if correction is not None:             # DeepSeek-V3's selection-only bias: non-zero, small
+            correction.normal_(0.0, 0.1)
     return block
 
 
 def test_registry_lists_the_required_families():
     assert {"MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock"} <= set(SUPPORTED)
-    assert {"Qwen2MoeSparseMoeBlock", "DeepseekV2Moe", "DeepseekV3MoE", "SwitchTransformersSparseMLP",
-            "GptOssMLP", "DbrxFFN"} <= set(UNSUPPORTED)
+    assert {"Qwen2MoeSparseMoeBlock", "DeepseekV2Moe", "DeepseekV3MoE"} <= set(SUPPORTED)
+    assert {"SwitchTransformersSparseMLP", "GptOssMLP", "DbrxFFN"} <= set(UNSUPPORTED)
+    assert not set(SUPPORTED) & set(UNSUPPORTED)
     assert set(FAMILY_MODULES) == set(SUPPORTED)       # every supported family is tested below
 
 
@@ -93,6 +114,13 @@ def test_swapped_block_equals_hf_block(cls_name):
     w1_w3 = torch.cat([layer.experts.w1.grad, layer.experts.w3.grad], dim=1)        # [E, 2I, d] = [gate; up]
     assert close(w1_w3, experts.gate_up_proj.grad)
     assert close(layer.experts.w2.grad, experts.down_proj.grad)
+    if family.shared is not None:              # shared MLP [gate; up; down], and Qwen2's sigmoid gate
+        mlp = block.shared_experts if family.shared == "deepseek" else block.shared_expert
+        shared = layer.shared_experts
+        assert close(shared.w1.grad, mlp.gate_proj.weight.grad) and close(shared.w3.grad, mlp.up_proj.weight.grad)
+        assert close(shared.w2.grad, mlp.down_proj.weight.grad)
+        if family.shared == "qwen2":
+            assert close(shared.gate.grad, block.shared_expert_gate.weight.grad[0])
 
     # to_hf: perturb the layer, copy it into a fresh block of the family, and read it back: the same weights.
     with torch.no_grad():
@@ -103,6 +131,8 @@ def test_swapped_block_equals_hf_block(cls_name):
     again = from_hf(other)
     for (name, a), (_, b) in zip(layer.named_parameters(), again.named_parameters()):
         assert torch.equal(a, b), name
+    for (name, a), (_, b) in zip(layer.named_buffers(), again.named_buffers()):
+        assert torch.equal(a, b), name                # the sigmoid router's correction bias
 
 
 def test_options_carried_both_ways():
@@ -125,23 +155,45 @@ def test_unsupported_options_and_families_raise_clearly():
         from_hf(tiny_block("MixtralSparseMoeBlock", router_jitter_noise=0.1))
     with pytest.raises(UnsupportedFamilyError, match="activation GELUActivation"):
         from_hf(tiny_block("MixtralSparseMoeBlock", hidden_act="gelu"))
-    qwen2 = qwen2_moe_block()
-    with pytest.raises(UnsupportedFamilyError, match="Qwen2-MoE .*shared expert"):
-        from_hf(qwen2)
+    ernie = ernie_moe_block()
+    with pytest.raises(UnsupportedFamilyError, match="ERNIE-4.5-MoE .*correction bias"):
+        from_hf(ernie)
     with pytest.raises(UnsupportedFamilyError, match="not a known Hugging Face MoE block"):
         from_hf(torch.nn.Linear(2, 2))
     # moefy checks every block before replacing any: the supported Mixtral block is left in place.
-    mixed = torch.nn.ModuleDict({"a": tiny_block("MixtralSparseMoeBlock"), "b": qwen2})
-    with pytest.raises(UnsupportedFamilyError, match="Qwen2-MoE"):
+    mixed = torch.nn.ModuleDict({"a": tiny_block("MixtralSparseMoeBlock"), "b": ernie})
+    with pytest.raises(UnsupportedFamilyError, match="ERNIE-4.5-MoE"):
         moefy(mixed)
     assert type(mixed["a"]).__name__ == "MixtralSparseMoeBlock"
 
 
-def qwen2_moe_block():
-    from transformers import Qwen2MoeConfig
-    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
-    return Qwen2MoeSparseMoeBlock(Qwen2MoeConfig(hidden_size=D, moe_intermediate_size=HIDDEN, num_experts=E,
-                                                 shared_expert_intermediate_size=HIDDEN, num_experts_per_tok=K))
+def ernie_moe_block():
+    from transformers import Ernie4_5_MoeConfig
+    from transformers.models.ernie4_5_moe.modeling_ernie4_5_moe import Ernie4_5_MoeSparseMoeBlock
+    return Ernie4_5_MoeSparseMoeBlock(Ernie4_5_MoeConfig(hidden_size=D, moe_intermediate_size=HIDDEN,
+                                                         moe_num_experts=E, moe_k=K))
+
+
+@pytest.mark.parametrize("cls_name,expected", [
+    ("Qwen2MoeSparseMoeBlock", dict(router="softmax_top_k", num_shared_experts=1, width=10, gated=True)),
+    ("DeepseekV2Moe", dict(router="softmax_top_k", renormalize=False, route_scale=2.5, num_groups=2, top_k_groups=1,
+                           num_shared_experts=2, width=2 * HIDDEN, gated=False)),
+    ("DeepseekV3MoE", dict(router="sigmoid", renormalize=True, route_scale=2.5, num_groups=2, top_k_groups=1,
+                           num_shared_experts=2, width=2 * HIDDEN, gated=False)),
+])
+def test_new_family_options_read_from_the_block(cls_name, expected):
+    layer = from_hf(tiny_block(cls_name))
+    expected = dict(expected)
+    assert layer.router_name == expected.pop("router")
+    assert layer.num_shared_experts == expected.pop("num_shared_experts")
+    assert layer.shared_experts.width == expected.pop("width")
+    assert (layer.shared_experts.gate is not None) == expected.pop("gated")
+    for key, value in expected.items():
+        assert getattr(layer.router, key) == value, key
+    with pytest.raises(ValueError, match="shared experts"):           # to_hf refuses a layer without them
+        to_hf(MoELayer(D, HIDDEN, E, top_k=K, router=layer.router_name,
+                       **{k: getattr(layer.router, k) for k in ("renormalize", "route_scale", "num_groups",
+                                                                "top_k_groups")}).double(), tiny_block(cls_name))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -157,3 +157,88 @@ def test_zero_tokens(router, backend, shape):
     (y.sum() + layer.aux_loss).backward()
     for name, param in layer.named_parameters():
         assert param.grad is not None and torch.count_nonzero(param.grad) == 0, name
+
+
+# ----------------------------------------------------------------------------------------------------
+# Options for real models: shared experts, more expert kinds, router bias / soft cap / scale / groups
+# ----------------------------------------------------------------------------------------------------
+#: (router, expert kind, options) checked against the oracle on both backends. NUM_EXPERTS = 4: two groups of 2.
+OPTION_CASES = {
+    "shared-deepseek": ("softmax_top_k", "swiglu", dict(num_shared_experts=2, shared_d_hidden=5)),
+    "shared-qwen2-gated": ("softmax_top_k", "swiglu", dict(num_shared_experts=1, shared_expert_gate=True)),
+    "shared-gelu-bias": ("softmax_top_k", "gelu", dict(num_shared_experts=2, bias=True)),
+    "shared-sigmoid-v3": ("sigmoid", "swiglu", dict(num_shared_experts=1, shared_d_hidden=6)),
+    "relu": ("softmax_top_k", "relu", dict(bias=True)),
+    "geglu": ("softmax_top_k", "geglu", dict(bias=True)),
+    "router-bias-softcap": ("softmax_top_k", "swiglu", dict(router_bias=True, logit_softcap=0.8)),
+    "router-bias-sigmoid": ("sigmoid", "swiglu", dict(router_bias=True, logit_softcap=2.0)),
+    "router-bias-noisy": ("noisy_top_k", "swiglu", dict(router_bias=True)),
+    "softmax-route-scale": ("softmax_top_k", "swiglu", dict(route_scale=2.5, renormalize=False)),
+    "softmax-groups-v2": ("softmax_top_k", "swiglu", dict(num_groups=2, top_k_groups=1, route_scale=1.5,
+                                                          renormalize=False)),
+    "softmax-groups-renormalized": ("softmax_top_k", "swiglu", dict(num_groups=2, top_k_groups=1)),
+    "sigmoid-not-renormalized": ("sigmoid", "swiglu", dict(renormalize=False)),
+}
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+def test_options_match_oracle(case, backend):
+    """Forward, input gradient and every router / expert / shared-expert gradient against the oracle."""
+    router, expert, options = OPTION_CASES[case]
+    options = dict(options)
+    bias = options.pop("bias", False)
+    layer = make_layer(router, expert, bias=bias, backend=backend, **options)
+    with torch.no_grad():                       # non-zero logit bias and shared gate, so their gradients matter
+        for name, param in layer.named_parameters():
+            if name in ("router.logit_bias", "shared_experts.gate") or name.startswith("shared_experts.b"):
+                param.normal_()
+    layer.eval()
+    x = torch.randn(NUM_TOKENS, D_MODEL, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    x_oracle = x.detach().clone().requires_grad_(True)
+    y_oracle = oracle_forward(layer, x_oracle, layer.last_routing.random_draws)
+    torch.testing.assert_close(y, y_oracle, **TOLERANCE)
+    upstream = torch.randn_like(y)
+    names, params = zip(*layer.named_parameters())
+    grads = torch.autograd.grad((y * upstream).sum(), [x, *params], allow_unused=True)
+    grads_oracle = torch.autograd.grad((y_oracle * upstream).sum(), [x_oracle, *params], allow_unused=True)
+    for name, got, want in zip(["input", *names], grads, grads_oracle):
+        assert want is not None or name == "router.noise_weight", name   # every option's parameter is used
+        if want is None:
+            assert got is None or torch.count_nonzero(got) == 0, name
+        else:
+            torch.testing.assert_close(got, want, **TOLERANCE, msg=lambda m: f"{name}: {m}")
+
+
+def test_shared_experts_are_one_wide_mlp_outside_the_experts():
+    layer = MoELayer(8, 12, 4, num_shared_experts=3, shared_d_hidden=5, shared_expert_gate=True)
+    assert layer.shared_experts.w1.shape == (15, 8) and layer.shared_experts.w2.shape == (8, 15)
+    assert layer.shared_experts.gate.shape == (8,)
+    assert not any(p is q for p in layer.shared_experts.parameters() for q in layer.experts.parameters())
+    assert MoELayer(8, 12, 4, num_shared_experts=2).shared_experts.w1.shape == (24, 8)   # width 2 · d_hidden
+    assert MoELayer(8, 12, 4).shared_experts is None
+
+
+def test_shared_experts_with_soft_moe():
+    """Soft MoE + shared experts: the soft output plus shared(x), every token."""
+    torch.manual_seed(0)
+    layer = MoELayer(8, 12, 4, router="soft_moe", num_shared_experts=1, shared_expert_gate=True).double()
+    with torch.no_grad():
+        layer.shared_experts.gate.normal_()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    y = layer(x)
+    shared, layer.shared_experts = layer.shared_experts, None
+    torch.testing.assert_close(y, layer(x) + shared(x.reshape(-1, 8)).reshape(x.shape), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("expert,activation", [("relu", torch.relu), ("geglu", torch.nn.functional.gelu)])
+def test_new_expert_formulas(expert, activation):
+    """One expert, top_k=1: relu → W2 relu(W1 x); geglu → W2 (gelu(W1 x) ⊙ W3 x)."""
+    torch.manual_seed(0)
+    layer = MoELayer(8, 16, 1, top_k=1, expert=expert).double()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    hidden = activation(x @ layer.experts.w1[0].t())
+    if expert == "geglu":
+        hidden = hidden * (x @ layer.experts.w3[0].t())
+    torch.testing.assert_close(layer(x), hidden @ layer.experts.w2[0].t())

@@ -1,6 +1,7 @@
 """Router semantics: capacity, drop order, expert choice, loss-free balancing, and loss values
 checked against numbers computed by hand."""
 import math
+import re
 
 import pytest
 import torch
@@ -260,3 +261,57 @@ def test_a_router_without_balance_loss_fails_loudly():
 
     with pytest.raises(NotImplementedError, match="Uniform defines no balance_loss"):
         Uniform(8, 4, 2, None)(torch.randn(5, 8))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Options for real models: every invalid value or combination is refused with a message naming it
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(num_shared_experts=-1), "num_shared_experts=-1 must be an integer >= 0"),
+    (dict(num_shared_experts=1.5), "num_shared_experts=1.5"),
+    (dict(num_shared_experts=1, shared_d_hidden=0), "shared_d_hidden=0 must be an integer >= 1"),
+    (dict(shared_d_hidden=8), "num_shared_experts=0"),
+    (dict(shared_expert_gate=True), "num_shared_experts=0"),
+    (dict(num_shared_experts=1, shared_expert_gate="yes"), "shared_expert_gate='yes' must be True or False"),
+    (dict(expert="swish"), "expert='swish' is not a known expert kind; allowed: swiglu, geglu, gelu, relu"),
+    (dict(logit_softcap=0.0), "logit_softcap=0.0 must be a finite number > 0"),
+    (dict(logit_softcap=float("nan")), "logit_softcap=nan"),
+    (dict(router_bias=1), "router_bias=1 must be True or False"),
+    (dict(route_scale=-1.0), "route_scale=-1.0 must be a finite number > 0"),
+    (dict(num_groups=2), "num_groups=2 and top_k_groups=None: set both or neither"),
+    (dict(num_groups=3, top_k_groups=1), "num_groups=3 must be a positive divisor of num_experts=4"),
+    (dict(num_groups=4, top_k_groups=1), "top_k_groups=1 groups of 1 experts hold fewer than top_k=2"),
+    (dict(router="gshard", num_groups=2, top_k_groups=1), "unknown option 'num_groups' for router='gshard'"),
+    (dict(router="switch", top_k=1, route_scale=2.0), "unknown option 'route_scale' for router='switch'"),
+    (dict(router="noisy_top_k", renormalize=False), "unknown option 'renormalize' for router='noisy_top_k'"),
+    (dict(router="sigmoid", renormalize="no"), "renormalize='no' must be True or False"),
+])
+def test_invalid_options_are_refused(kwargs, message):
+    kwargs = dict(kwargs)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        MoELayer(8, 8, 4, **{"top_k": 2, **kwargs})
+
+
+def test_option_defaults_change_nothing():
+    """router_bias=False, logit_softcap=None, route_scale=1, renormalize=True, no shared experts: the same
+    parameters and bitwise the same output as before the options existed."""
+    torch.manual_seed(0)
+    plain = MoELayer(8, 8, 4)
+    explicit = MoELayer(8, 8, 4, router_bias=False, logit_softcap=None, route_scale=1.0, num_shared_experts=0)
+    assert [n for n, _ in plain.named_parameters()] == ["router.weight", "experts.w1", "experts.w2", "experts.w3"]
+    explicit.load_state_dict(plain.state_dict())
+    x = torch.randn(6, 8)
+    assert torch.equal(plain(x), explicit(x))
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_softcap_bounds_logits_and_groups_limit_choices(backend):
+    torch.manual_seed(0)
+    layer = MoELayer(8, 8, 8, top_k=3, backend=backend, logit_softcap=0.5, router_bias=True, num_groups=4,
+                     top_k_groups=2, route_scale=2.0, renormalize=True)
+    layer(torch.randn(40, 8) * 10)
+    record = layer.last_routing
+    assert record.logits.abs().max() <= 0.5                            # |cap · tanh(l / cap)| <= cap
+    groups = record.expert_ids // 2                                   # 4 groups of 2 experts
+    assert all(len(set(row)) <= 2 for row in groups.tolist())         # k = 3 experts from at most 2 groups
+    torch.testing.assert_close(record.weights.sum(dim=1), torch.full((40,), 2.0))   # renormalized, × route_scale

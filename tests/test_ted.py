@@ -184,6 +184,18 @@ def test_tensor_parallel_experts_hold_one_tp_th_of_the_expert_weights(engine, nu
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("engine,num_ranks", ENGINE_RANKS)
+def test_shadowing_ran_and_moved_fewer_token_bytes(engine, num_ranks):
+    results = parallel_results(engine, num_ranks)
+    P = num_ranks
+    shadow, plain = results[f"tp1_ep{P}_dp1_shadow"], results[f"tp1_ep{P}_dp1"]
+    # Every MoE layer shadowed at least one expert (its numbers are checked with the other cases) ...
+    assert shadow["totals"]["min_shadowed_experts"] >= 1
+    # ... and the shadowed experts' rows stayed home: fewer bytes through the token all-to-all.
+    assert shadow["totals"]["exchange_bytes"] < plain["totals"]["exchange_bytes"]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("engine,num_ranks", ENGINE_RANKS)
 def test_pipelined_exchange_moves_the_same_bytes(engine, num_ranks):
     results = parallel_results(engine, num_ranks)
     P = num_ranks

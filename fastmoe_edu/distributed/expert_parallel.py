@@ -44,7 +44,9 @@ from torch import nn
 from ..experts import Experts
 from .communicator import Communicator
 from .exchange import FlatExchange, exchange_counts, exchange_rows, regroup_by_expert, regroup_by_source
+from .exchange import Permute
 from .expert_tensor_parallel import run_sharded_experts
+from .shadowing import choose_shadowed, run_shadowed, shadow_weights, split_segments
 from .hierarchical import HierarchicalExchange
 from .layout import ParallelLayout
 from .pipeline import pipelined_expert_exchange
@@ -64,7 +66,8 @@ class ExpertParallel:
 
     def __init__(self, layout: ParallelLayout, num_experts: int, exchange: str = "alltoallv",
                  drop_duplicate_tokens: bool = False, pipeline_degree: int = 1, ranks_per_node: int | None = None,
-                 drop_duplicate_at: str = "combined", expert_tensor_parallel: bool = False):
+                 drop_duplicate_at: str = "combined", expert_tensor_parallel: bool = False,
+                 expert_shadowing: bool = False, shadow_cost_ratio: float = 1.0, max_shadowed: int | None = None):
         if drop_duplicate_at not in DROP_POINTS:
             raise ValueError(f"drop_duplicate_at={drop_duplicate_at!r} is not known; allowed: {', '.join(DROP_POINTS)}")
         self.layout, self.num_experts = layout, num_experts
@@ -75,6 +78,10 @@ class ExpertParallel:
         self.drop_rows = self.drop_duplicate_tokens and drop_duplicate_at == "expert_rows"
         self.drop_duplicate_at = drop_duplicate_at
         self.expert_tensor_parallel = bool(expert_tensor_parallel) and layout.tp_size > 1
+        self.expert_shadowing = bool(expert_shadowing) and layout.ep_size > 1
+        self.shadow_cost_ratio = shadow_cost_ratio
+        self.max_shadowed = max_shadowed if max_shadowed is not None else self.num_local_experts
+        self.last_shadowed: list[int] = []          # the experts shadowed in the last forward (for logs)
         self._token_shares: list[int] = []
         self.pipeline_degree = pipeline_degree
         if exchange == "hierarchical":
@@ -110,21 +117,50 @@ class ExpertParallel:
         if self.pipeline_degree > 1:
             out = pipelined_expert_exchange(experts, buffer, counts, backend, self.layout.expert,
                                             self.num_local_experts, self.pipeline_degree)
+        elif self.expert_shadowing:
+            out = self._run_with_shadows(experts, buffer, counts, backend)
         else:
-            plan = exchange_counts(counts, self.num_local_experts, self.layout.expert)          # 3. counts
-            received = exchange_rows(buffer, plan.send_rows, plan.recv_rows, self.exchange)    # 6. (source, expert)
-            expert_rows = regroup_by_expert(received, plan.recv_counts)                        #    (expert, source)
-            local_counts = plan.local_expert_counts.to(counts.device)
-            if self.expert_tensor_parallel:                                                     # 7. my shard of
-                expert_out = run_sharded_experts(experts, expert_rows, local_counts, backend,  #    every expert
-                                                 tensor, rows_differ=self.drop_duplicate_tokens)
-            else:
-                expert_out = experts(expert_rows, local_counts, backend.grouped_matmul)        # 7. grouped GEMM
-            returned = regroup_by_source(expert_out, plan.recv_counts)                         #    (source, expert)
-            out = exchange_rows(returned, plan.recv_rows, plan.send_rows, self.exchange)       # 8. back home
+            out = self._exchange_and_run(experts, buffer, counts, backend)
         if self.drop_rows:
             out = GatherRowsFromTensorGroup.apply(out, shares, tensor)           # every tp rank: all N rows
         return out
+
+    def _exchange_and_run(self, experts: Experts, buffer: torch.Tensor, counts: torch.Tensor, backend) -> torch.Tensor:
+        """Steps 3 and 6-8 for ``buffer``: rows to their experts' ranks, the local experts, rows back."""
+        plan = exchange_counts(counts, self.num_local_experts, self.layout.expert)              # 3. counts
+        received = exchange_rows(buffer, plan.send_rows, plan.recv_rows, self.exchange)        # 6. (source, expert)
+        expert_rows = regroup_by_expert(received, plan.recv_counts)                            #    (expert, source)
+        local_counts = plan.local_expert_counts.to(counts.device)
+        if self.expert_tensor_parallel:                                                         # 7. my shard of
+            expert_out = run_sharded_experts(experts, expert_rows, local_counts, backend,      #    every expert
+                                             self.layout.tensor, rows_differ=self.drop_duplicate_tokens)
+        else:
+            expert_out = experts(expert_rows, local_counts, backend.grouped_matmul)            # 7. grouped GEMM
+        returned = regroup_by_source(expert_out, plan.recv_counts)                             #    (source, expert)
+        return exchange_rows(returned, plan.recv_rows, plan.send_rows, self.exchange)          # 8. back home
+
+    def _run_with_shadows(self, experts: Experts, buffer: torch.Tensor, counts: torch.Tensor, backend) -> torch.Tensor:
+        """FasterMoE's shadowing (shadowing.py): the popular experts' weights come to every rank, which
+        computes its own rows for them; the other rows take the usual exchange."""
+        comm, first, L = self.layout.expert, self.first_local_expert, self.num_local_experts
+        mine = counts.detach().to("cpu", torch.int64)
+        own = torch.zeros_like(mine)
+        own[first:first + L] = mine[first:first + L]                          # rows I hold for my own experts
+        both = comm.allreduce_(torch.cat([mine, own]), purpose="allreduce_shadow_counts")
+        weights_per_expert = sum(p.numel() for p in experts.parameters(recurse=False)) // L
+        shadowed = choose_shadowed(both[:mine.numel()], both[mine.numel():], buffer.shape[1], weights_per_expert,
+                                   self.shadow_cost_ratio, self.max_shadowed)
+        self.last_shadowed = shadowed
+        if not shadowed:
+            return self._exchange_and_run(experts, buffer, counts, backend)
+        order, n_shadow = split_segments(counts, shadowed)
+        regrouped = Permute.apply(buffer, order)                              # shadowed segments first
+        rest_counts = counts.clone()
+        rest_counts[shadowed] = 0
+        rest_out = self._exchange_and_run(experts, regrouped[n_shadow:], rest_counts, backend)
+        weights = shadow_weights(experts, shadowed, L, comm)
+        shadow_out = run_shadowed(experts, weights, regrouped[:n_shadow], counts[shadowed], backend.grouped_matmul)
+        return Permute.apply(torch.cat([shadow_out, rest_out]), _inverse(order))   # back in buffer order
 
     def __deepcopy__(self, memo):
         # A copied layer (e.g. an EMA copy of the model) talks to the same ranks: share, never copy, comm state.
@@ -134,6 +170,7 @@ class ExpertParallel:
         last = self.first_local_expert + self.num_local_experts - 1
         options = (f", drop_duplicate_tokens at {self.drop_duplicate_at}" if self.drop_duplicate_tokens else "") + (
             ", expert_tensor_parallel" if self.expert_tensor_parallel else "") + (
+            ", expert_shadowing" if self.expert_shadowing else "") + (
             f", pipeline_degree={self.pipeline_degree}" if self.pipeline_degree > 1 else "")
         return (f"ExpertParallel(experts {self.first_local_expert}..{last} of {self.num_experts} on "
                 f"expert-rank {self.layout.ep_rank}/{self.layout.ep_size}, exchange={self.exchange!r}{options})")
@@ -174,6 +211,12 @@ class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return ctx.comm.allreduce_(grad.contiguous().clone(), purpose="allreduce_router_statistics"), None
+
+
+def _inverse(order: torch.Tensor) -> torch.Tensor:
+    back = torch.empty_like(order)
+    back[order] = torch.arange(order.numel())
+    return back
 
 
 def _counts_in_share(counts: torch.Tensor, shares: list[int], tp_rank: int) -> torch.Tensor:

@@ -41,7 +41,8 @@ EXCHANGES = ("auto", *EXCHANGE_METHODS)
 def parallelize(model: nn.Module, layout: ParallelLayout, exchange: str = "auto",
                 drop_duplicate_tokens: bool = False, pipeline_degree: int = 1,
                 ranks_per_node: int | None = None, drop_duplicate_at: str = "combined",
-                expert_tensor_parallel: bool = False) -> nn.Module:
+                expert_tensor_parallel: bool = False, expert_shadowing: bool = False,
+                shadow_cost_ratio: float = 1.0) -> nn.Module:
     """Tensor-, expert- and data-parallel ``model`` over ``layout``, in place; returns ``model``.
 
     Args:
@@ -51,6 +52,8 @@ def parallelize(model: nn.Module, layout: ParallelLayout, exchange: str = "auto"
             ``[T, d]``) or ``"expert_rows"`` (the expert output rows ``[k·T, d]``, before combining).
         expert_tensor_parallel: split every expert's hidden units over the tensor group (TED;
             expert_tensor_parallel.py).
+        expert_shadowing: FasterMoE's dynamic shadowing of popular experts (shadowing.py), shadowing
+            an expert when its travelling rows cost more than ``shadow_cost_ratio`` × its weights.
         pipeline_degree: FasterMoE/FSMoE overlap of the exchange with the experts, D chunks.
         ranks_per_node: the hierarchical (two-level) all-to-all with this many expert ranks per node.
     """
@@ -58,6 +61,11 @@ def parallelize(model: nn.Module, layout: ParallelLayout, exchange: str = "auto"
     check_parallel_options(layout, exchange, pipeline_degree, ranks_per_node)
     if drop_duplicate_at not in DROP_POINTS:
         raise ValueError(f"drop_duplicate_at={drop_duplicate_at!r} is not known; allowed: {', '.join(DROP_POINTS)}")
+    if expert_shadowing and (pipeline_degree > 1 or expert_tensor_parallel):
+        raise ValueError("expert_shadowing runs whole experts on the flat or hierarchical exchange: it does not "
+                         "combine with pipeline_degree > 1 or expert_tensor_parallel; turn one of them off")
+    if not shadow_cost_ratio > 0:
+        raise ValueError(f"shadow_cost_ratio={shadow_cost_ratio!r} must be > 0")
     if expert_tensor_parallel and pipeline_degree > 1:
         raise ValueError(f"expert_tensor_parallel with pipeline_degree={pipeline_degree}: the pipelined exchange "
                          f"runs whole experts only; use pipeline_degree=1 with tensor-parallel experts")
@@ -69,7 +77,8 @@ def parallelize(model: nn.Module, layout: ParallelLayout, exchange: str = "auto"
     method = "hierarchical" if ranks_per_node is not None else ("alltoallv" if exchange == "auto" else exchange)
     for layer in layers:
         runner = ExpertParallel(layout, layer.num_experts, method, drop_duplicate_tokens, pipeline_degree,
-                                ranks_per_node, drop_duplicate_at, expert_tensor_parallel)
+                                ranks_per_node, drop_duplicate_at, expert_tensor_parallel, expert_shadowing,
+                                shadow_cost_ratio)
         keep_local_experts(layer.experts, runner.first_local_expert, runner.num_local_experts)
         if runner.expert_tensor_parallel:                                       # my hidden units of each
             shard_experts(layer.experts, layout.tensor.rank, layout.tp_size)

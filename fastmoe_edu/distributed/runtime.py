@@ -51,7 +51,8 @@ class ParallelRuntime(Runtime):
         parallelize(model, self.layout, exchange=self.cfg.exchange, drop_duplicate_tokens=self.cfg.drop_duplicate_tokens,
                     pipeline_degree=self.cfg.pipeline_degree, ranks_per_node=self.cfg.ranks_per_node,
                     drop_duplicate_at=self.cfg.drop_duplicate_at,
-                    expert_tensor_parallel=self.cfg.expert_tensor_parallel)
+                    expert_tensor_parallel=self.cfg.expert_tensor_parallel,
+                    expert_shadowing=self.cfg.expert_shadowing, shadow_cost_ratio=self.cfg.shadow_cost_ratio)
         return model
 
     def describe(self, model: nn.Module) -> str:
@@ -65,7 +66,8 @@ class ParallelRuntime(Runtime):
                 f"     backend {cfg.backend!r}, token exchange {exchange}, pipeline_degree {cfg.pipeline_degree}, "
                 f"drop_duplicate_tokens {cfg.drop_duplicate_tokens}"
                 f"{f' (at {cfg.drop_duplicate_at})' if cfg.drop_duplicate_tokens else ''}, "
-                f"expert_tensor_parallel {cfg.expert_tensor_parallel}, torch threads per rank "
+                f"expert_tensor_parallel {cfg.expert_tensor_parallel}, expert_shadowing {cfg.expert_shadowing}, "
+                f"torch threads per rank "
                 f"{torch.get_num_threads()}; tensors travel via {layout.world.transfer_path(cfg.device)}")
 
     # -- each step ------------------------------------------------------------------------------

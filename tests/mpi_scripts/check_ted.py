@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from fastmoe_edu.distributed import (ParallelLayout, abort_on_exception, allreduce_gradients, keep_local_experts,
                                      open_world, parallelize)
-from fastmoe_edu.distributed.expert_parallel import expert_parameters
+from fastmoe_edu.distributed.expert_parallel import ExpertParallel, expert_parameters
 from fastmoe_edu.distributed.expert_tensor_parallel import shard_experts
 from fastmoe_edu.distributed.hierarchical import HierarchicalExchange, count_flat_messages
 from fastmoe_edu.distributed.tensor_parallel import make_tensor_parallel
@@ -68,6 +68,12 @@ def cases(world_size: int):
               (f"tp2_ep{P // 2}_dp1_drop_hier2", 2, P // 2, 1, dict(drop_duplicate_tokens=True, ranks_per_node=2)),
               (f"tp1_ep{P // 2}_dp2_hier2", 1, P // 2, 2, dict(ranks_per_node=2)),
               (f"tp1_ep{P}_dp1_pairwise", 1, P, 1, dict(exchange="pairwise")),
+              # FasterMoE's shadowing, forced (a tiny cost ratio shadows every expert with travelling rows)
+              (f"tp1_ep{P}_dp1_shadow", 1, P, 1, dict(expert_shadowing=True, shadow_cost_ratio=1e-9)),
+              (f"tp2_ep{P // 2}_dp1_drop_shadow", 2, P // 2, 1, dict(drop_duplicate_tokens=True, expert_shadowing=True,
+                                                                   shadow_cost_ratio=1e-9)),
+              (f"tp1_ep{P // 2}_dp2_hier2_shadow", 1, P // 2, 2, dict(ranks_per_node=2, expert_shadowing=True,
+                                                                    shadow_cost_ratio=1e-9)),
               (f"tp2_ep{P // 2}_dp1_drop_pairwise", 2, P // 2, 1, dict(drop_duplicate_tokens=True, exchange="pairwise"))]
     return out + [case for case in wanted
                   if case[2] >= 1 and case[1] * case[2] * case[3] == P
@@ -141,10 +147,13 @@ def run_case(world, tp, ep, dp, options, ref_logits, ref_loss, ref_grads) -> dic
         grad_error = max(grad_error, (p.grad - expected[name]).abs().max().item())
     errors = {"logits": (logits.detach() - ref_logits[mine]).abs().max().item(),
               "loss": abs(global_loss - ref_loss), "grad": grad_error}
+    shadowed = [len(m.expert_runner.last_shadowed) for m in model.modules()
+                if isinstance(getattr(m, "expert_runner", None), ExpertParallel) and m.expert_runner.expert_shadowing]
     gathered = layout.stats.counters.get("tensor/allgather_forward")
     expert_elements = sum(p.numel() for p in expert_parameters(model))
     totals = {"exchange_bytes": int(total(layout.world, sent)),
               "max_expert_elements_per_rank": int(total(layout.world, expert_elements, op="max")),
+              "min_shadowed_experts": int(total(layout.world, min(shadowed, default=-1), op="max")),
               "tp_allgather_forward_bytes": int(total(layout.world, gathered.bytes_sent if gathered else 0))}
     for level in ("intra_node", "inter_node"):
         messages = [m.expert_runner.exchange.messages[level] for m in model.modules()
