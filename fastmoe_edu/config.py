@@ -87,6 +87,12 @@ class TrainConfig:
     moe_every: int = _field(1, "model", "every n-th block has an MoE feed-forward, the others a dense MLP "
                             "(1 = all blocks are MoE)", minimum=1)
     tie_weights: bool = _field(True, "model", "share the token embedding matrix with the output head")
+    num_shared_experts: int = _field(0, "model", "always-on experts every token runs besides its top_k routed ones "
+                                     "(DeepSeekMoE / DeepSeek-V2/V3; 0 = none)", minimum=0)
+    shared_d_hidden: typing.Optional[int] = _field(None, "model", "hidden width of one shared expert; none = d_hidden",
+                                                   minimum=1)
+    shared_expert_gate: bool = _field(False, "model", "scale the shared experts' output by sigmoid(x . g), g learned "
+                                      "(Qwen2-MoE)")
     activation_checkpointing: bool = _field(False, "model", "keep only each block's input in the forward pass "
                                             "and recompute the block in the backward (less memory, about one "
                                             "more forward of compute); under parallelism the recomputation "
@@ -225,6 +231,9 @@ class TrainConfig:
         if self.expert_tensor_parallel and self.d_hidden % self.tp:
             raise ConfigError(f"expert_tensor_parallel with tp={self.tp}: d_hidden={self.d_hidden} must be divisible "
                               f"by tp (each tp rank holds d_hidden / tp hidden units of every expert)")
+        if self.num_shared_experts == 0 and (self.shared_d_hidden is not None or self.shared_expert_gate):
+            raise ConfigError("shared_d_hidden and shared_expert_gate apply to shared experts: set num_shared_experts "
+                              ">= 1, or leave them at their defaults")
         if self.expert_shadowing and (self.pipeline_degree > 1 or self.expert_tensor_parallel):
             raise ConfigError("expert_shadowing runs whole experts on the flat or hierarchical exchange: it does not "
                               "combine with pipeline_degree > 1 or expert_tensor_parallel; turn one of them off")

@@ -54,6 +54,9 @@ class ModelConfig:
     moe_every: int = 1                 # block i is MoE when (i + 1) % moe_every == 0
     tie_weights: bool = True           # the LM head reuses the token embedding matrix
     router_options: dict = field(default_factory=dict)
+    num_shared_experts: int = 0        # always-on experts besides the routed ones (DeepSeekMoE)
+    shared_d_hidden: int | None = None
+    shared_expert_gate: bool = False   # Qwen2-MoE's sigmoid gate on the shared output
     activation_checkpointing: bool = False   # keep only each block's input; recompute the block in backward
 
 
@@ -139,7 +142,9 @@ class Block(nn.Module):
             # Each token is routed to top_k of num_experts feed-forward networks (see layer.py).
             self.ffn = MoELayer(cfg.d_model, cfg.d_hidden, cfg.num_experts, top_k=cfg.top_k,
                                 router=cfg.router, expert=cfg.expert, capacity_factor=cfg.capacity_factor,
-                                backend=cfg.backend, **cfg.router_options)
+                                backend=cfg.backend, num_shared_experts=cfg.num_shared_experts,
+                                shared_d_hidden=cfg.shared_d_hidden, shared_expert_gate=cfg.shared_expert_gate,
+                                **cfg.router_options)
         else:
             self.ffn = DenseMLP(cfg.d_model, cfg.d_hidden, cfg.n_layer)
 
