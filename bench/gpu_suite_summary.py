@@ -244,11 +244,16 @@ def headline(out: Path, step: dict) -> list[str]:
 
 def train_ratios(out: Path) -> list[str]:
     lines = []
-    for size in ("default", "large"):
+    for size in ("default", "large", "large_bf16"):
         ref = tokens_per_sec(out / "train" / f"train_{size}_reference" / "history.json")
         numba = tokens_per_sec(out / "train" / f"train_{size}_numba" / "history.json")
         if ref and numba:
             lines.append(f"training tokens/s, {size} model: numba ÷ reference = {numba / ref:.2f}x")
+    for backend in ("reference", "numba"):
+        fp32 = tokens_per_sec(out / "train" / f"train_large_{backend}" / "history.json")
+        bf16 = tokens_per_sec(out / "train" / f"train_large_bf16_{backend}" / "history.json")
+        if fp32 and bf16:
+            lines.append(f"training tokens/s, large model, {backend}: bfloat16 ÷ float32 = {bf16 / fp32:.2f}x")
     return lines
 
 

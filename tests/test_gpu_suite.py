@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "bench" / "gpu_suite.sh"
 STEPS = ("install", "versions", "tests_gpu", "tests_backends", "cudasim_kernels", "dispatch", "layer_bfloat16",
          "layer_float32", "train_default_reference", "train_default_numba", "train_large_reference",
-         "train_large_numba", "alltoall", "scaling", "cost_model")
+         "train_large_numba", "train_large_bf16_reference", "train_large_bf16_numba", "alltoall", "scaling",
+         "cost_model")
 
 
 @pytest.mark.mpi
