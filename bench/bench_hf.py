@@ -1,0 +1,149 @@
+"""Hugging Face's Mixtral block against the same block after ``moefy``: forward + backward, and training.
+
+    python bench/bench_hf.py                        # Mixtral-shaped layer and the default model's size
+    python bench/bench_hf.py --tokens 256 --repeats 1 --train-steps 2     # a quick look
+    python bench/bench_hf.py --device cuda
+
+In one process, with the same weights: transformers' ``MixtralSparseMoeBlock`` in each
+``experts_implementation`` the installed transformers offers, against the ``MoELayer`` that
+``fastmoe_edu.hf.from_hf`` makes of it (what ``moefy`` swaps in) with each backend. Layers:
+
+    mixtral   T 8192 tokens, d 512, h 1024, E 8, k 2       (a Mixtral-shaped layer at laptop scale)
+    default   T 2048 tokens, d 64, h 128, E 8, k 2          (fastmoe_edu's default model's MoE layer)
+
+Printed per layer: each implementation's median forward + backward time, ÷ HF's fastest, and the
+expert-GEMM FLOP rate ÷ the rate one large ``torch.mm`` reaches here (the GEMM peak). Then the
+training tokens/s of a small HF Mixtral language model (2 layers, d 64) before and after ``moefy``.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+LAYERS = {"mixtral": dict(tokens=8192, d=512, h=1024, experts=8, top_k=2),
+          "default": dict(tokens=2048, d=64, h=128, experts=8, top_k=2)}
+
+
+def implementations() -> list[str]:
+    """The experts implementations this transformers offers for Mixtral (eager always)."""
+    from transformers import MixtralConfig
+    found = ["eager"]
+    # (transformers' "batched_mm" gathers every token's expert weights, T·k·d·h elements: 34 GB at the
+    # Mixtral-shaped layer; it is left out.)
+    for name in ("grouped_mm",):
+        try:
+            if getattr(MixtralConfig(experts_implementation=name), "_experts_implementation", None) == name:
+                found.append(name)
+        except (TypeError, ValueError):
+            pass
+    return found
+
+
+def hf_block(d: int, h: int, experts: int, top_k: int, implementation: str, device: str):
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    config = MixtralConfig(hidden_size=d, intermediate_size=h, num_local_experts=experts, num_experts_per_tok=top_k,
+                           router_jitter_noise=0.0, experts_implementation=implementation)
+    torch.manual_seed(0)
+    return MixtralSparseMoeBlock(config).to(device)
+
+
+def median_seconds(step, repeats: int) -> float:
+    step()                                                          # warm-up (numba compiles here)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def gemm_peak(device: str, size: int = 2048) -> float:
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    seconds = median_seconds(lambda: torch.mm(a, b), 3)
+    return 2 * size ** 3 / seconds
+
+
+def layer_table(name: str, shape: dict, tokens: int, repeats: int, device: str, peak: float) -> list[str]:
+    from fastmoe_edu.hf import from_hf
+    T, d, h, E, k = tokens, shape["d"], shape["h"], shape["experts"], shape["top_k"]
+    x = torch.randn(T, d, device=device, requires_grad=True)
+    upstream = torch.randn(T, d, device=device)
+    flops = 3 * 2 * 3 * T * k * d * h                              # 3 expert matmuls, forward + 2× backward
+    rows = {}
+    for implementation in implementations():
+        block = hf_block(d, h, E, k, implementation, device)
+
+        def step(block=block):
+            out = block(x[None])
+            out = out[0] if isinstance(out, tuple) else out
+            (out.reshape(T, d) * upstream).sum().backward()
+        rows[f"HF [{implementation}]"] = median_seconds(step, repeats)
+    source = hf_block(d, h, E, k, "eager", device)
+    for backend in ("reference", "numba"):
+        layer = from_hf(source, backend=backend).to(device)
+
+        def step(layer=layer):
+            (layer(x) * upstream).sum().backward()
+        rows[f"moefy [{backend}]"] = median_seconds(step, repeats)
+    fastest_hf = min(v for key, v in rows.items() if key.startswith("HF"))
+    lines = [f"{name}: T={T} d={d} h={h} E={E} k={k} SwiGLU, forward + backward",
+             "| implementation | time (ms) | HF's fastest ÷ this | expert-GEMM rate ÷ GEMM peak |", "|---|---:|---:|---:|"]
+    for key, seconds in rows.items():
+        lines.append(f"| {key} | {seconds * 1e3:,.1f} | {fastest_hf / seconds:.2f}× | {flops / seconds / peak:.2f} |")
+    return lines
+
+
+def training_tokens_per_second(steps: int, moefied: bool, device: str) -> float:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from fastmoe_edu.hf import moefy
+    config = MixtralConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2,
+                           router_jitter_noise=0.0, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(config).to(device)
+    if moefied:
+        moefy(model, backend="auto")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = torch.randint(0, 64, (32, 64), device=device)
+
+    def step():
+        loss = model(batch, labels=batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return batch.numel() / median_seconds(step, steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tokens", type=int, default=None, help="override every layer's T (a quick look)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--train-steps", type=int, default=10)
+    args = parser.parse_args()
+    try:
+        import transformers
+    except ImportError:
+        raise SystemExit("bench_hf.py needs transformers: pip install -e '.[hf]'")
+    torch.set_num_threads(torch.get_num_threads())
+    peak = gemm_peak(args.device)
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, device {args.device}, {time.strftime('%Y-%m-%d')}; "
+          f"GEMM peak (2048³ torch.mm) {peak / 1e9:.1f} GFLOP/s")
+    for name, shape in LAYERS.items():
+        print()
+        print("\n".join(layer_table(name, shape, args.tokens or shape["tokens"], args.repeats, args.device, peak)))
+    before = training_tokens_per_second(args.train_steps, False, args.device)
+    after = training_tokens_per_second(args.train_steps, True, args.device)
+    print(f"\ntraining a small HF Mixtral (2 layers, d 64, 8 experts, batch 32 × 64): {before:,.0f} tokens/s as HF "
+          f"built it, {after:,.0f} after moefy (backend auto): {after / before:.2f}×")
+
+
+if __name__ == "__main__":
+    main()
