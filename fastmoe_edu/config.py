@@ -34,7 +34,8 @@ from .backends import BACKEND_NAMES
 from .data import DATASETS
 from .distributed.engines import DEFAULT_TIMEOUT_S, ENGINES
 from .distributed.expert_parallel import DROP_POINTS
-from .distributed.parallelize import EXCHANGES
+from .distributed.parallelize import EXCHANGES, pipelining
+from .distributed.pipeline import AUTO
 from .experts import EXPERT_KINDS
 from .precision import DTYPES
 from .routers import ROUTERS, router_options as accepted_router_options
@@ -49,6 +50,10 @@ SECTIONS = ("data", "model", "backend", "parallel", "optimization", "eval", "che
 
 class ConfigError(ValueError):
     """A configuration key or value is not acceptable; the message says which and why."""
+
+
+#: the type of the pipeline degrees: an integer >= 1 or the word "auto"
+DEGREE = typing.Union[int, typing.Literal["auto"]]
 
 
 def _field(default, section: str, help: str, *, choices=None, minimum=None, above=None):
@@ -140,9 +145,15 @@ class TrainConfig:
                                     "combined outputs [T, d] are all-gathered) or expert_rows (the expert output "
                                     "rows [k*T, d] are all-gathered before combining: k times the bytes)",
                                     choices=DROP_POINTS)
-    pipeline_degree: int = _field(1, "parallel", "FasterMoE/FSMoE overlap: split the all-to-all + expert compute "
-                                  "into this many chunks with non-blocking collectives (1 = not pipelined)",
-                                  minimum=1)
+    pipeline_degree: DEGREE = _field(1, "parallel", "FasterMoE/FSMoE overlap: split the all-to-all + expert "
+                                     "compute into this many chunks with non-blocking collectives (1 = not "
+                                     "pipelined); auto = measure the exchange and the experts during each MoE "
+                                     "layer's first passes and choose a power of 2 with the cost model (FSMoE)",
+                                     minimum=1)
+    backward_pipeline_degree: typing.Optional[DEGREE] = _field(None, "parallel", "the same for the backward "
+                                                               "pass (FSMoE chooses the two separately): an "
+                                                               "integer >= 1 or auto; none = as pipeline_degree",
+                                                               minimum=1)
     ranks_per_node: typing.Optional[int] = _field(None, "parallel", "Tutel-style hierarchical all-to-all with this "
                                                   "many expert-parallel ranks per node (exchange inside the node, "
                                                   "then one message per node pair); none = flat all-to-all",
@@ -206,6 +217,8 @@ class TrainConfig:
                 raise ConfigError(f"{f.name}={value!r} is not a finite number")
             if meta["choices"] is not None and value not in meta["choices"]:
                 raise ConfigError(f"{f.name}={value!r} is not allowed; allowed values: {', '.join(meta['choices'])}")
+            if isinstance(value, str):                               # a word ("auto") has no range
+                continue
             if meta["minimum"] is not None and value < meta["minimum"]:
                 raise ConfigError(f"{f.name}={value!r} is out of range; it must be >= {meta['minimum']}")
             if meta["above"] is not None and value <= meta["above"]:
@@ -234,15 +247,13 @@ class TrainConfig:
         if self.num_shared_experts == 0 and (self.shared_d_hidden is not None or self.shared_expert_gate):
             raise ConfigError("shared_d_hidden and shared_expert_gate apply to shared experts: set num_shared_experts "
                               ">= 1, or leave them at their defaults")
-        if self.expert_shadowing and (self.pipeline_degree > 1 or self.expert_tensor_parallel):
-            raise ConfigError("expert_shadowing runs whole experts on the flat or hierarchical exchange: it does not "
-                              "combine with pipeline_degree > 1 or expert_tensor_parallel; turn one of them off")
-        if self.expert_tensor_parallel and self.pipeline_degree > 1:
-            raise ConfigError(f"expert_tensor_parallel with pipeline_degree={self.pipeline_degree}: the pipelined "
+        pipelined = pipelining(self.pipeline_degree, self.backward_pipeline_degree)   # "" = not pipelined
+        if self.expert_shadowing and (pipelined or self.expert_tensor_parallel):
+            raise ConfigError(f"expert_shadowing runs whole experts on the flat or hierarchical exchange: it does not "
+                              f"combine with {pipelined or 'expert_tensor_parallel'}; turn one of them off")
+        if self.expert_tensor_parallel and pipelined:
+            raise ConfigError(f"expert_tensor_parallel with {pipelined}: the pipelined "
                               f"exchange runs whole experts only; set one of them back to its default")
-        if self.ranks_per_node is not None and self.pipeline_degree > 1:
-            raise ConfigError(f"pipeline_degree={self.pipeline_degree} with ranks_per_node={self.ranks_per_node}: "
-                              f"the pipelined exchange is flat only; set one of them back to its default")
         if self.min_lr > self.lr:
             raise ConfigError(f"min_lr={self.min_lr} is out of range; it must be <= lr={self.lr}")
         if not (self.device == "cpu" or self.device == "cuda" or
@@ -272,21 +283,38 @@ def _is_optional(tp) -> bool:
 
 
 def _base_type(tp):
-    """float for Optional[float], else the type itself."""
+    """float for Optional[float], DEGREE for Optional[DEGREE], else the type itself."""
     if _is_optional(tp):
-        return next(a for a in typing.get_args(tp) if a is not type(None))
+        rest = tuple(a for a in typing.get_args(tp) if a is not type(None))
+        return rest[0] if len(rest) == 1 else typing.Union[rest]
     return tp
 
 
 def _type_name(tp) -> str:
-    return f"{_base_type(tp).__name__} or none" if _is_optional(tp) else tp.__name__
+    base = _base_type(tp)
+    name = f"int or {AUTO!r}" if base == DEGREE else base.__name__
+    return f"{name} or none" if _is_optional(tp) else name
+
+
+def _coerce_degree(name: str, value) -> int | str:
+    """A pipeline degree: an integer >= 1 (``2``, ``"2"``) or the word ``"auto"``."""
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    try:
+        return _coerce(name, value, int)
+    except ConfigError:
+        raise ConfigError(f"{name}={value!r} is not allowed; allowed: an integer >= 1, or {AUTO!r} "
+                          f"(measured and chosen during the first steps)") from None
 
 
 def _check_type(name, value, tp):
     if value is None and _is_optional(tp):
         return
     base = _base_type(tp)
-    ok = isinstance(value, base) and not (base in (int, float) and isinstance(value, bool))
+    if base == DEGREE:
+        ok = value == AUTO or (isinstance(value, int) and not isinstance(value, bool))
+    else:
+        ok = isinstance(value, base) and not (base in (int, float) and isinstance(value, bool))
     if not ok:
         raise ConfigError(f"{name}={value!r} has the wrong type; expected {_type_name(tp)}")
 
@@ -297,6 +325,8 @@ def _coerce(name: str, value, tp):
         if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
             return None
         tp = _base_type(tp)
+    if tp == DEGREE:
+        return _coerce_degree(name, value)
     try:
         if tp is bool:
             if isinstance(value, bool):

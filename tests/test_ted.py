@@ -3,7 +3,7 @@
 The parallel checks run in *one* job of tests/mpi_scripts/check_ted.py per engine and world size
 (MPI: 2, 4, 8 ranks; torch.distributed: 2, 4; 10-20 s each on 2 cores): every factorization of the
 world into (tp, ep, dp), each with and without duplicate token dropping when tp > 1, plus pipelined
-(degree 2, 3), hierarchical (2 and 4 ranks per node) and pairwise-exchange variants. Each case compares the logits, the global loss and every gradient with one process
+(degree 2, 3; backward degrees 3 and 1 beside forward degrees 2 and 3), hierarchical (2 and 4 ranks per node) and pairwise-exchange variants. Each case compares the logits, the global loss and every gradient with one process
 running the whole global batch.
 
 Tolerance 1e-12 (float64, values of order 1e-3 .. 1). The parallel model does the same arithmetic
@@ -21,10 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastmoe_edu.distributed.cost_model import (Hardware, Layout, MoEShape, fit_alpha_beta,
-                                                predict_step, choose_pipeline_degree)
+from fastmoe_edu.distributed.cost_model import (Hardware, LayerTasks, Layout, MoEShape, choose_pipeline_degree,
+                                                choose_pipeline_degrees, fit_alpha_beta, fit_task, predict_layer,
+                                                predict_step)
 from fastmoe_edu.distributed.hierarchical import check_ranks_per_node, count_flat_messages
-from fastmoe_edu.distributed.pipeline import check_pipeline_degree, chunk_rows
+from fastmoe_edu.distributed.pipeline import Chunking, check_pipeline_degree, chunk_rows, cut_pieces
 from fastmoe_edu.distributed.expert_parallel import _counts_in_share
 from fastmoe_edu.distributed.tensor_parallel import row_shares
 from launcher import ENGINE_RANKS, launch
@@ -62,11 +63,52 @@ def test_chunks_partition_each_expert_segment(degree):
         assert torch.equal(torch.bincount(expert_of_row, minlength=4), cc)
 
 
+def test_pieces_split_forward_chunks_along_the_backward_chunks():
+    # The docstring's example: one segment of 12 rows, D_f = 2, D_b = 3 -> pieces (0,0) (0,1) (1,1) (1,2).
+    counts = torch.tensor([[12]])
+    pieces = cut_pieces(counts, Chunking.of(counts, 2, 1), Chunking.of(counts, 3, 1))
+    assert [(p.forward_chunk, p.backward_chunk, int(p.counts.sum())) for p in pieces] == [
+        (0, 0, 4), (0, 1, 2), (1, 1, 2), (1, 2, 4)]
+    # Any counts [P, L]: the pieces of forward chunk c cover it exactly once, those of backward chunk b too,
+    # and each piece names the same received rows in both chunks.
+    counts = torch.tensor([[3, 0, 5], [1, 7, 2]])
+    for D_f, D_b in [(2, 3), (3, 1), (4, 4), (1, 5)]:
+        forward, backward = Chunking.of(counts, D_f, 2), Chunking.of(counts, D_b, 2)
+        pieces = cut_pieces(counts, forward, backward)
+        for c, rows in enumerate(forward.indices):
+            places = torch.cat([p.in_forward for p in pieces if p.forward_chunk == c])
+            assert torch.equal(torch.sort(places).values, torch.arange(len(rows)))
+        for b, rows in enumerate(backward.indices):
+            places = torch.cat([p.in_backward for p in pieces if p.backward_chunk == b] or [torch.zeros(0, dtype=torch.int64)])
+            assert torch.equal(torch.sort(places).values, torch.arange(len(rows)))
+        for p in pieces:
+            assert torch.equal(forward.indices[p.forward_chunk][p.in_forward], backward.indices[p.backward_chunk][p.in_backward])
+            assert int(p.counts.sum()) == len(p.in_forward)
+
+
 def test_bad_options_name_the_value_and_what_is_allowed():
     with pytest.raises(ValueError, match=r"ranks_per_node=3 .* allowed: 1, 2, 4, 8"):
         check_ranks_per_node(3, 8)
-    with pytest.raises(ValueError, match=r"pipeline_degree=0 must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"pipeline_degree=0 must be an integer >= 1 or 'auto'"):
         check_pipeline_degree(0)
+    with pytest.raises(ValueError, match=r"backward_pipeline_degree='fast' must be an integer >= 1 or 'auto'"):
+        check_pipeline_degree("fast", "backward_pipeline_degree")
+    assert check_pipeline_degree("auto") == "auto"
+
+
+def test_cost_model_chooses_forward_and_backward_degrees_separately():
+    # Every task α + β·n per chunk (FSMoE). Exchange and experts alike: forward 2 chunks, backward
+    # (twice the compute per row) 4; a large per-chunk cost: no pipelining. Always powers of 2.
+    tasks = LayerTasks(exchange_alpha=1e-4, exchange_seconds=1e-3, compute_alpha=1e-4, compute_seconds=1e-3)
+    assert choose_pipeline_degrees(tasks) == (2, 4)
+    times = {D: predict_layer(tasks, D, D) for D in (1, 2, 4, 8, 16)}
+    assert min(times, key=lambda D: times[D]["forward"]) == 2 and min(times, key=lambda D: times[D]["backward"]) == 4
+    assert choose_pipeline_degrees(LayerTasks(1e-3, 1e-3, 1e-3, 1e-3)) == (1, 1)
+    assert choose_pipeline_degrees(LayerTasks(0.0, 1.0, 0.0, 1.0), max_degree=8) == (8, 8)
+    # Unpipelined, a pass is scatter + experts + gather; the backward computes twice as much.
+    assert predict_layer(tasks, 1, 1) == pytest.approx({"forward": 2 * 1.1e-3 + 1.1e-3,
+                                                        "backward": 2 * 1.1e-3 + 2.1e-3, "total": 7.6e-3})
+    assert fit_task([(n, 3e-5 + 2e-7 * n) for n in (10, 1000, 5000)]) == pytest.approx((3e-5, 2e-7), rel=1e-6)
 
 
 def test_flat_message_count():
@@ -95,6 +137,10 @@ def test_cost_model_predictions_move_the_right_way():
     hier = predict_step(shape, Layout(tp=2, ep=512, dp=1, hierarchical=True), hw)
     assert hier["alltoall"] < flat["alltoall"] / 2
     assert choose_pipeline_degree(shape, Layout(tp=2, ep=16, dp=1), hw) > 1
+    # Separate backward degree: only the backward's exchange part changes.
+    both2 = predict_step(shape, Layout(tp=2, ep=16, dp=1, pipeline_degree=2), hw)
+    split = predict_step(shape, Layout(tp=2, ep=16, dp=1, pipeline_degree=2, backward_pipeline_degree=4), hw)
+    assert split["compute"] == both2["compute"] and split["alltoall"] != both2["alltoall"]
     # TED's options: the combined output gathers k times fewer bytes than the expert rows; tensor-parallel
     # experts trade expert-gradient traffic (no sum over tp) for activation traffic inside the tp group;
     # checkpointing costs one more forward and no communication.
@@ -199,6 +245,9 @@ def test_shadowing_ran_and_moved_fewer_token_bytes(engine, num_ranks):
 def test_pipelined_exchange_moves_the_same_bytes(engine, num_ranks):
     results = parallel_results(engine, num_ranks)
     P = num_ranks
+    # The backward posts its own D_b chunks: 2 MoE layers × (scatter + gather) × (D_f + D_b) non-blocking exchanges.
+    assert results[f"tp1_ep{P}_dp1_pipe2_bwd3"]["totals"]["max_ialltoallv_calls"] == 2 * 2 * (2 + 3)
+    assert results[f"tp1_ep{P}_dp1_pipe3"]["totals"]["max_ialltoallv_calls"] == 2 * 2 * (3 + 3)
     assert results[f"tp1_ep{P}_dp1_pipe3"]["totals"]["exchange_bytes"] == results[f"tp1_ep{P}_dp1"]["totals"]["exchange_bytes"]
     if P >= 8:
         assert (results["tp2_ep2_dp2_drop_pipe2"]["totals"]["exchange_bytes"]

@@ -28,7 +28,12 @@ m = matrices per expert (3 SwiGLU, 2 GELU), S = seq_len, s = 1/tp with token dro
     token dropping      + 1 all-gather of the k·T rows in the tp group forward, 1 backward
     pipelining (D)      each pass:  s1 + s2 + s3 + (D−1)·max(s1 + s3, s2)  with s1, s3 = one chunk's
                         two exchanges (α paid per chunk, β·B/D) and s2 = one chunk's expert compute
-                        (forward: C/D; backward: 2C/D — pipeline.py overlaps both passes).
+                        (forward: C/D; backward: 2C/D — pipeline.py overlaps both passes, forward in
+                        D_f = pipeline_degree chunks, backward in D_b = backward_pipeline_degree).
+
+FSMoE's view of one pipelined layer (:class:`LayerTasks`, :func:`choose_pipeline_degrees`): every task
+costs α + β·n per chunk — an exchange chunk α_a + β_a·B/D, an expert chunk α_c + β_c·rows/D — and the
+two passes are minimized separately over powers of 2 (autotune.py measures the α's and β's online).
 
 Per step: the gradient all-reduces (non-expert over the ep·dp data group, experts over dp — and
 over tp too when tokens are dropped) and an overhead per layer, fixed plus per token (Python,
@@ -68,6 +73,7 @@ class Layout:
     activation_checkpointing: bool = False  # one more forward per step (recompute.py: no extra messages)
     hierarchical: bool = False
     pipeline_degree: int = 1
+    backward_pipeline_degree: int | None = None   # None = the same as pipeline_degree (FSMoE: chosen separately)
 
     @property
     def world(self) -> int:
@@ -147,16 +153,11 @@ def predict_step(shape: MoEShape, layout: Layout, hw: Hardware) -> dict[str, flo
     expert_fwd = experts / rate
 
     a2a = alltoall_time(rows * d * b, ep, tp, hw, layout.hierarchical)        # one exchange, unchunked
-    D = layout.pipeline_degree
-    if D > 1:
-        piece = alltoall_time(rows * d * b, ep, tp, hw, layout.hierarchical, chunks=D)
-
-        def pipelined(compute):                                               # scatter, compute, gather stages
-            c = compute / D
-            return piece + c + piece + (D - 1) * max(2 * piece, c)
-        moe_fwd, moe_bwd = pipelined(expert_fwd), pipelined(2 * expert_fwd)
-    else:
-        moe_fwd, moe_bwd = 2 * a2a + expert_fwd, 2 * a2a + 2 * expert_fwd
+    a2a_alpha = alltoall_time(0.0, ep, tp, hw, layout.hierarchical)          # its latency part (paid per chunk)
+    D_f = layout.pipeline_degree
+    D_b = layout.backward_pipeline_degree or D_f
+    moe_fwd = overlapped_pass(D_f, a2a_alpha, a2a - a2a_alpha, 0.0, expert_fwd)
+    moe_bwd = overlapped_pass(D_b, a2a_alpha, a2a - a2a_alpha, 0.0, 2 * expert_fwd)
     alltoall_part = (moe_fwd - expert_fwd) + (moe_bwd - 2 * expert_fwd)       # exposed exchange time
 
     tp_allreduce = 2 * allreduce_time(T * d * b, tp, tp, hw)
@@ -192,6 +193,51 @@ def choose_pipeline_degree(shape: MoEShape, layout: Layout, hw: Hardware, max_de
 
 
 # ----------------------------------------------------------------------------------------------------
+# One pipelined layer, FSMoE's way: every task α + β·n per chunk
+# ----------------------------------------------------------------------------------------------------
+def overlapped_pass(degree: int, exchange_alpha: float, exchange_seconds: float,
+                    compute_alpha: float, compute_seconds: float) -> float:
+    """One pass of the layer in ``degree`` chunks: scatter (s1), experts (s2), gather (s3) per chunk,
+
+        s1 = s3 = α_a + β_a·B / D,   s2 = α_c + β_c·rows / D,   time = s1 + s2 + s3 + (D − 1)·max(s1 + s3, s2)
+
+    (the first chunk fills the pipeline, then the slower of "two exchanges" and "compute" sets the pace).
+    ``exchange_seconds`` = β_a·B and ``compute_seconds`` = β_c·rows of the whole, unchunked layer."""
+    s1 = exchange_alpha + exchange_seconds / degree
+    s2 = compute_alpha + compute_seconds / degree
+    return 2 * s1 + s2 + (degree - 1) * max(2 * s1, s2)
+
+
+@dataclass(frozen=True)
+class LayerTasks:
+    """The measured tasks of one MoE layer on its busiest rank (autotune.py), each α + β·n."""
+    exchange_alpha: float                # seconds of one all-to-all, whatever its size: α·(P − 1)
+    exchange_seconds: float              # β·B: the size-dependent part of one whole scatter (or gather)
+    compute_alpha: float                 # seconds of one expert call, whatever its rows (launches, Python)
+    compute_seconds: float               # β_c·rows: the size-dependent part of the experts' whole forward
+
+
+def predict_layer(tasks: LayerTasks, forward_degree: int, backward_degree: int) -> dict[str, float]:
+    """Seconds of the layer's exchange + experts: forward (D_f chunks), backward (D_b chunks, twice the
+    compute per row: input and weight gradients), total."""
+    t = tasks
+    forward = overlapped_pass(forward_degree, t.exchange_alpha, t.exchange_seconds, t.compute_alpha, t.compute_seconds)
+    backward = overlapped_pass(backward_degree, t.exchange_alpha, t.exchange_seconds, t.compute_alpha,
+                               2 * t.compute_seconds)
+    return {"forward": forward, "backward": backward, "total": forward + backward}
+
+
+def choose_pipeline_degrees(tasks: LayerTasks, max_degree: int = 16) -> tuple[int, int]:
+    """(D_f, D_b), powers of 2 up to ``max_degree``, with the smallest predicted forward and backward times.
+
+    The two passes do not share a term, so each degree is chosen on its own; ties go to the smaller D."""
+    candidates = [2 ** i for i in range(max_degree.bit_length()) if 2 ** i <= max_degree]
+    forward = min(candidates, key=lambda D: predict_layer(tasks, D, 1)["forward"])
+    backward = min(candidates, key=lambda D: predict_layer(tasks, 1, D)["backward"])
+    return forward, backward
+
+
+# ----------------------------------------------------------------------------------------------------
 # Calibration
 # ----------------------------------------------------------------------------------------------------
 def fit_alpha_beta(points: list[dict]) -> tuple[float, float]:
@@ -202,5 +248,15 @@ def fit_alpha_beta(points: list[dict]) -> tuple[float, float]:
     """
     design = np.array([[p["ranks"] - 1, p["bytes_per_rank"]] for p in points], dtype=float)
     times = np.array([p["seconds"] for p in points], dtype=float)
+    (alpha, beta), *_ = np.linalg.lstsq(design / times[:, None], np.ones_like(times), rcond=None)
+    return max(float(alpha), 0.0), max(float(beta), 0.0)
+
+
+def fit_task(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """α, β of ``t = α + β·n`` from ``(n, t)`` points, least squares on relative error (as fit_alpha_beta).
+
+    Times are clamped to a nanosecond, so an instant measurement cannot divide by zero."""
+    design = np.array([[1.0, n] for n, _ in points], dtype=float)
+    times = np.maximum(np.array([t for _, t in points], dtype=float), 1e-9)
     (alpha, beta), *_ = np.linalg.lstsq(design / times[:, None], np.ones_like(times), rcond=None)
     return max(float(alpha), 0.0), max(float(beta), 0.0)

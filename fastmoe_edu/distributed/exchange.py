@@ -14,7 +14,8 @@ for rank p (experts ``p·L .. p·L+L−1``) form one contiguous block. Then:
     8. global gather     the reverse all-to-all-v: every row returns to the rank that sent it
 
 How the rows of steps 6 and 8 travel is pluggable: an *exchange* is any object with
-``alltoallv(rows, send_rows, recv_rows)`` (the contract of ``Communicator.alltoallv``):
+``alltoallv(rows, send_rows, recv_rows)`` (the contract of ``Communicator.alltoallv``) and its
+non-blocking ``ialltoallv`` (returns an object whose ``.wait()`` gives the rows; pipeline.py):
 
     FlatExchange("pairwise")     P−1 rounds of matched send/receive (readable, FasterMoE's order)
     FlatExchange("alltoallv")    one collective (fast)
@@ -74,6 +75,10 @@ class FlatExchange:
 
     def alltoallv(self, rows: torch.Tensor, send_rows: list[int], recv_rows: list[int]) -> torch.Tensor:
         return self.comm.alltoallv(rows, send_rows, recv_rows, self.method)
+
+    def ialltoallv(self, rows: torch.Tensor, send_rows: list[int], recv_rows: list[int]):
+        """Non-blocking (pipeline.py): one posted all-to-all-v, whatever ``method`` the blocking one uses."""
+        return self.comm.ialltoallv(rows, send_rows, recv_rows)
 
     def __repr__(self) -> str:
         return self.method

@@ -49,7 +49,8 @@ from .expert_tensor_parallel import run_sharded_experts
 from .shadowing import choose_shadowed, run_shadowed, shadow_weights, split_segments
 from .hierarchical import HierarchicalExchange
 from .layout import ParallelLayout
-from .pipeline import pipelined_expert_exchange
+from .autotune import DegreeTuner
+from .pipeline import AUTO, pipelined_expert_exchange
 from .tensor_parallel import GatherRowsFromTensorGroup, SplitRowsForTensorRank, row_shares
 
 
@@ -60,14 +61,18 @@ class ExpertParallel:
         exchange: ``"pairwise"`` or ``"alltoallv"`` (flat, identical numbers), or ``"hierarchical"``
             (needs ``ranks_per_node``).
         drop_duplicate_tokens: each tp rank exchanges only its 1/tp share of the rows.
-        pipeline_degree: D > 1 cuts the exchange into D overlapped chunks (pipeline.py; flat only).
+        pipeline_degree: D_f > 1 cuts the forward exchange into D_f overlapped chunks (pipeline.py; flat or
+            hierarchical); ``"auto"``: chosen from measurements of the first passes (autotune.py).
+        backward_pipeline_degree: D_b, the same for the backward pass; None = the same as pipeline_degree.
         ranks_per_node: G, the expert-parallel ranks per node of the hierarchical exchange.
+        name: how the "auto" log line names this layer.
     """
 
     def __init__(self, layout: ParallelLayout, num_experts: int, exchange: str = "alltoallv",
-                 drop_duplicate_tokens: bool = False, pipeline_degree: int = 1, ranks_per_node: int | None = None,
+                 drop_duplicate_tokens: bool = False, pipeline_degree: int | str = 1, ranks_per_node: int | None = None,
                  drop_duplicate_at: str = "combined", expert_tensor_parallel: bool = False,
-                 expert_shadowing: bool = False, shadow_cost_ratio: float = 1.0, max_shadowed: int | None = None):
+                 expert_shadowing: bool = False, shadow_cost_ratio: float = 1.0, max_shadowed: int | None = None,
+                 backward_pipeline_degree: int | str | None = None, name: str = "MoE layer"):
         if drop_duplicate_at not in DROP_POINTS:
             raise ValueError(f"drop_duplicate_at={drop_duplicate_at!r} is not known; allowed: {', '.join(DROP_POINTS)}")
         self.layout, self.num_experts = layout, num_experts
@@ -84,6 +89,9 @@ class ExpertParallel:
         self.last_shadowed: list[int] = []          # the experts shadowed in the last forward (for logs)
         self._token_shares: list[int] = []
         self.pipeline_degree = pipeline_degree
+        self.backward_pipeline_degree = pipeline_degree if backward_pipeline_degree is None else backward_pipeline_degree
+        degrees = (self.pipeline_degree, self.backward_pipeline_degree)
+        self.tuner = DegreeTuner(layout, *degrees, label=name) if AUTO in degrees else None
         if exchange == "hierarchical":
             self.exchange = HierarchicalExchange(layout.expert, ranks_per_node)
         else:
@@ -114,9 +122,13 @@ class ExpertParallel:
             shares = row_shares(buffer.shape[0], tensor.size)
             counts = _counts_in_share(counts, shares, tensor.rank)
             buffer = SplitRowsForTensorRank.apply(buffer, shares, tensor)        # my ≈1/tp of the rows
-        if self.pipeline_degree > 1:
+        profiling = self.tuner.next_pass() if self.tuner is not None else None
+        forward_degree, backward_degree = self.chosen_degrees or (1, 1)
+        if profiling is not None:                                               # "auto": the first passes
+            out = self.tuner.run(profiling, self, experts, buffer, counts, backend)
+        elif forward_degree > 1 or backward_degree > 1:
             out = pipelined_expert_exchange(experts, buffer, counts, backend, self.layout.expert,
-                                            self.num_local_experts, self.pipeline_degree)
+                                            self.num_local_experts, forward_degree, backward_degree, self.exchange)
         elif self.expert_shadowing:
             out = self._run_with_shadows(experts, buffer, counts, backend)
         else:
@@ -124,6 +136,13 @@ class ExpertParallel:
         if self.drop_rows:
             out = GatherRowsFromTensorGroup.apply(out, shares, tensor)           # every tp rank: all N rows
         return out
+
+    @property
+    def chosen_degrees(self) -> tuple[int, int] | None:
+        """(D_f, D_b) this layer runs with; None while "auto" is still measuring."""
+        if self.tuner is not None:
+            return self.tuner.chosen
+        return self.pipeline_degree, self.backward_pipeline_degree
 
     def _exchange_and_run(self, experts: Experts, buffer: torch.Tensor, counts: torch.Tensor, backend) -> torch.Tensor:
         """Steps 3 and 6-8 for ``buffer``: rows to their experts' ranks, the local experts, rows back."""
@@ -171,7 +190,9 @@ class ExpertParallel:
         options = (f", drop_duplicate_tokens at {self.drop_duplicate_at}" if self.drop_duplicate_tokens else "") + (
             ", expert_tensor_parallel" if self.expert_tensor_parallel else "") + (
             ", expert_shadowing" if self.expert_shadowing else "") + (
-            f", pipeline_degree={self.pipeline_degree}" if self.pipeline_degree > 1 else "")
+            f", pipeline_degree={self.pipeline_degree}" if self.pipeline_degree != 1 else "") + (
+            f", backward_pipeline_degree={self.backward_pipeline_degree}"
+            if self.backward_pipeline_degree != self.pipeline_degree else "")
         return (f"ExpertParallel(experts {self.first_local_expert}..{last} of {self.num_experts} on "
                 f"expert-rank {self.layout.ep_rank}/{self.layout.ep_size}, exchange={self.exchange!r}{options})")
 

@@ -26,6 +26,10 @@ send counts of my node-mates; one small Allgather of the G × P count matrix ins
 
 It is an *exchange* in the sense of exchange.py (``alltoallv(rows, send_rows, recv_rows)``), so
 ``exchange_rows`` differentiates it like the flat ones: the backward runs it with the counts swapped.
+Its non-blocking ``ialltoallv`` posts phase 1 and leaves the reorder and phase 2 to ``.wait()``, so the
+pipelined exchange (pipeline.py) can cut it into chunks like the flat one: chunk c+1's intra-node phase
+travels while chunk c finishes its inter-node phase and is computed (FSMoE's co-scheduling of the two
+levels, in its simplest form: phase 2 is waited for at once, not overlapped with a later phase 1).
 """
 from __future__ import annotations
 
@@ -54,30 +58,53 @@ class HierarchicalExchange:
 
     def alltoallv(self, rows: torch.Tensor, send_rows: list[int], recv_rows: list[int]) -> torch.Tensor:
         """Same contract as ``Communicator.alltoallv``: ``send_rows[p]`` rows to rank p, result in source order."""
+        return self.ialltoallv(rows, send_rows, recv_rows, blocking=True).wait()
+
+    def ialltoallv(self, rows: torch.Tensor, send_rows: list[int], recv_rows: list[int],
+                   blocking: bool = False) -> "PendingTwoPhase":
+        """Post phase 1 and return; ``.wait()`` finishes phase 1 and runs phase 2 (pipeline.py overlaps one
+        chunk's phase 1 with the previous chunk's phase 2 and expert compute this way)."""
         G, N = self.ranks_per_node, self.num_nodes
         send = torch.tensor(send_rows, dtype=torch.int64).reshape(N, G)                # [dest node n', dest local l']
         # The send counts of all my node-mates: mates[l_s, n', l'] (one Allgather of G·P integers).
         mates = self.intra.allgather(send.reshape(-1), purpose="allgather_counts").reshape(G, N, G)
         # Phase 1: reorder my rows (n', l') -> (l', n') and send block l' to node-mate l'.
-        by_local = rows.index_select(0, _expert_major_source_rows(send))
+        by_local = rows.index_select(0, _expert_major_source_rows(send).to(rows.device))
         phase1_send = send.sum(dim=0).tolist()                                          # Σ_n' per l'
         mine = mates[:, :, self.local]                                                  # [l_s, n'] rows for (n', me)
         phase1_recv = mine.sum(dim=1).tolist()                                          # Σ_n' per source l_s
         self._count("intra_node", phase1_send, self.local)
-        arrived = self.intra.alltoallv(by_local, phase1_send, phase1_recv)
-        # Reorder (l_s, n') -> (n', l_s): rows for each destination node contiguous.
-        by_node = arrived.index_select(0, _expert_major_source_rows(mine))
-        # Phase 2: block n' to node n' (over the ranks with my local index).
-        phase2_send = mine.sum(dim=0).tolist()                                          # Σ_l_s per n'
         phase2_recv = torch.tensor(recv_rows, dtype=torch.int64).reshape(N, G).sum(dim=1).tolist()
-        self._count("inter_node", phase2_send, self.node)
-        return self.inter.alltoallv(by_node, phase2_send, phase2_recv)
+        if blocking:
+            arrived = self.intra.alltoallv(by_local, phase1_send, phase1_recv)
+            return PendingTwoPhase(self, None, mine, phase2_recv, arrived)
+        return PendingTwoPhase(self, self.intra.ialltoallv(by_local, phase1_send, phase1_recv), mine, phase2_recv)
 
     def _count(self, level: str, sends: list[int], me: int) -> None:
         self.messages[level] += sum(1 for peer, rows in enumerate(sends) if rows and peer != me)
 
     def __repr__(self) -> str:
         return f"hierarchical ({self.num_nodes} nodes × {self.ranks_per_node} ranks)"
+
+
+class PendingTwoPhase:
+    """A posted hierarchical exchange: phase 1 in flight; :meth:`wait` does the rest."""
+
+    def __init__(self, exchange: HierarchicalExchange, phase1, mine: torch.Tensor, phase2_recv: list[int],
+                 arrived: torch.Tensor | None = None):
+        self.exchange, self.phase1, self.mine, self.phase2_recv = exchange, phase1, mine, phase2_recv
+        self.arrived, self.result = arrived, None          # arrived: phase 1's rows, when it was blocking
+
+    def wait(self) -> torch.Tensor:
+        if self.result is None:
+            arrived = self.arrived if self.phase1 is None else self.phase1.wait()
+            # Reorder (l_s, n') -> (n', l_s): rows for each destination node contiguous.
+            by_node = arrived.index_select(0, _expert_major_source_rows(self.mine).to(arrived.device))
+            # Phase 2: block n' to node n' (over the ranks with my local index).
+            phase2_send = self.mine.sum(dim=0).tolist()                                 # Σ_l_s per n'
+            self.exchange._count("inter_node", phase2_send, self.exchange.node)
+            self.result = self.exchange.inter.alltoallv(by_node, phase2_send, self.phase2_recv)
+        return self.result
 
 
 def count_flat_messages(send_rows: list[int], my_rank: int, ranks_per_node: int) -> dict[str, int]:

@@ -39,10 +39,10 @@ EXCHANGES = ("auto", *EXCHANGE_METHODS)
 
 
 def parallelize(model: nn.Module, layout: ParallelLayout, exchange: str = "auto",
-                drop_duplicate_tokens: bool = False, pipeline_degree: int = 1,
+                drop_duplicate_tokens: bool = False, pipeline_degree: int | str = 1,
                 ranks_per_node: int | None = None, drop_duplicate_at: str = "combined",
                 expert_tensor_parallel: bool = False, expert_shadowing: bool = False,
-                shadow_cost_ratio: float = 1.0) -> nn.Module:
+                shadow_cost_ratio: float = 1.0, backward_pipeline_degree: int | str | None = None) -> nn.Module:
     """Tensor-, expert- and data-parallel ``model`` over ``layout``, in place; returns ``model``.
 
     Args:
@@ -54,20 +54,24 @@ def parallelize(model: nn.Module, layout: ParallelLayout, exchange: str = "auto"
             expert_tensor_parallel.py).
         expert_shadowing: FasterMoE's dynamic shadowing of popular experts (shadowing.py), shadowing
             an expert when its travelling rows cost more than ``shadow_cost_ratio`` × its weights.
-        pipeline_degree: FasterMoE/FSMoE overlap of the exchange with the experts, D chunks.
-        ranks_per_node: the hierarchical (two-level) all-to-all with this many expert ranks per node.
+        pipeline_degree: FasterMoE/FSMoE overlap of the exchange with the experts, D_f chunks forward;
+            ``"auto"``: measured during the first passes of each layer and chosen (autotune.py).
+        backward_pipeline_degree: D_b chunks backward (an int or ``"auto"``); None = as pipeline_degree.
+        ranks_per_node: the hierarchical (two-level) all-to-all with this many expert ranks per node
+            (pipelined too: every chunk through both levels).
     """
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-    check_parallel_options(layout, exchange, pipeline_degree, ranks_per_node)
+    check_parallel_options(layout, exchange, pipeline_degree, ranks_per_node, backward_pipeline_degree)
+    pipelined = pipelining(pipeline_degree, backward_pipeline_degree)
     if drop_duplicate_at not in DROP_POINTS:
         raise ValueError(f"drop_duplicate_at={drop_duplicate_at!r} is not known; allowed: {', '.join(DROP_POINTS)}")
-    if expert_shadowing and (pipeline_degree > 1 or expert_tensor_parallel):
-        raise ValueError("expert_shadowing runs whole experts on the flat or hierarchical exchange: it does not "
-                         "combine with pipeline_degree > 1 or expert_tensor_parallel; turn one of them off")
+    if expert_shadowing and (pipelined or expert_tensor_parallel):
+        raise ValueError(f"expert_shadowing runs whole experts on the flat or hierarchical exchange: it does not "
+                         f"combine with {pipelined or 'expert_tensor_parallel'}; turn one of them off")
     if not shadow_cost_ratio > 0:
         raise ValueError(f"shadow_cost_ratio={shadow_cost_ratio!r} must be > 0")
-    if expert_tensor_parallel and pipeline_degree > 1:
-        raise ValueError(f"expert_tensor_parallel with pipeline_degree={pipeline_degree}: the pipelined exchange "
+    if expert_tensor_parallel and pipelined:
+        raise ValueError(f"expert_tensor_parallel with {pipelined}: the pipelined exchange "
                          f"runs whole experts only; use pipeline_degree=1 with tensor-parallel experts")
     for layer in layers:                                                    # check all before changing any
         layout.check_num_experts(layer.num_experts)
@@ -75,10 +79,11 @@ def parallelize(model: nn.Module, layout: ParallelLayout, exchange: str = "auto"
             raise ValueError(f"{layer} is already expert-parallel")
     make_tensor_parallel(model, layout)
     method = "hierarchical" if ranks_per_node is not None else ("alltoallv" if exchange == "auto" else exchange)
-    for layer in layers:
+    for index, layer in enumerate(layers):
         runner = ExpertParallel(layout, layer.num_experts, method, drop_duplicate_tokens, pipeline_degree,
                                 ranks_per_node, drop_duplicate_at, expert_tensor_parallel, expert_shadowing,
-                                shadow_cost_ratio)
+                                shadow_cost_ratio, backward_pipeline_degree=backward_pipeline_degree,
+                                name=f"MoE layer {index}")
         keep_local_experts(layer.experts, runner.first_local_expert, runner.num_local_experts)
         if runner.expert_tensor_parallel:                                       # my hidden units of each
             shard_experts(layer.experts, layout.tensor.rank, layout.tp_size)
@@ -90,14 +95,21 @@ def parallelize(model: nn.Module, layout: ParallelLayout, exchange: str = "auto"
     return model
 
 
-def check_parallel_options(layout: ParallelLayout, exchange: str, pipeline_degree, ranks_per_node) -> None:
+def check_parallel_options(layout: ParallelLayout, exchange: str, pipeline_degree, ranks_per_node,
+                           backward_pipeline_degree=None) -> None:
     """Plain arithmetic (no communication): the same ValueError on every rank for a bad combination."""
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange={exchange!r} is not known; allowed: {', '.join(EXCHANGES)}")
     check_pipeline_degree(pipeline_degree)
-    if ranks_per_node is not None:
+    if backward_pipeline_degree is not None:
+        check_pipeline_degree(backward_pipeline_degree, "backward_pipeline_degree")
+    if ranks_per_node is not None:                   # (pipelined or not: each chunk takes the two phases)
         check_ranks_per_node(ranks_per_node, layout.ep_size)
-        if pipeline_degree > 1:
-            raise ValueError(f"pipeline_degree={pipeline_degree} with ranks_per_node={ranks_per_node}: the pipelined "
-                             f"exchange is flat only; use pipeline_degree=1 with the hierarchical all-to-all, "
-                             f"or ranks_per_node unset with pipelining")
+
+
+def pipelining(pipeline_degree, backward_pipeline_degree=None) -> str:
+    """"" when neither pass is pipelined, else the settings that pipeline it (for error messages)."""
+    settings = [f"{name}={value!r}" for name, value in (("pipeline_degree", pipeline_degree),
+                                                         ("backward_pipeline_degree", backward_pipeline_degree))
+                if value is not None and value != 1]
+    return " and ".join(settings)

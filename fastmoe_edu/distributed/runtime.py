@@ -52,7 +52,8 @@ class ParallelRuntime(Runtime):
                     pipeline_degree=self.cfg.pipeline_degree, ranks_per_node=self.cfg.ranks_per_node,
                     drop_duplicate_at=self.cfg.drop_duplicate_at,
                     expert_tensor_parallel=self.cfg.expert_tensor_parallel,
-                    expert_shadowing=self.cfg.expert_shadowing, shadow_cost_ratio=self.cfg.shadow_cost_ratio)
+                    expert_shadowing=self.cfg.expert_shadowing, shadow_cost_ratio=self.cfg.shadow_cost_ratio,
+                    backward_pipeline_degree=self.cfg.backward_pipeline_degree)
         return model
 
     def describe(self, model: nn.Module) -> str:
@@ -63,7 +64,8 @@ class ParallelRuntime(Runtime):
         return (f"parallel: {layout.describe()}\n"
                 f"     {layout.check_num_experts(cfg.num_experts)} of {cfg.num_experts} experts per rank per MoE "
                 f"layer, {layout.check_batch_size(cfg.batch_size)} of {cfg.batch_size} sequences per rank per step\n"
-                f"     backend {cfg.backend!r}, token exchange {exchange}, pipeline_degree {cfg.pipeline_degree}, "
+                f"     backend {cfg.backend!r}, token exchange {exchange}, pipeline_degree {cfg.pipeline_degree}"
+                f"{'' if cfg.backward_pipeline_degree is None else f' (backward {cfg.backward_pipeline_degree})'}, "
                 f"drop_duplicate_tokens {cfg.drop_duplicate_tokens}"
                 f"{f' (at {cfg.drop_duplicate_at})' if cfg.drop_duplicate_tokens else ''}, "
                 f"expert_tensor_parallel {cfg.expert_tensor_parallel}, expert_shadowing {cfg.expert_shadowing}, "

@@ -1,5 +1,6 @@
 """Run under ``mpirun -n P`` or ``torchrun``: TED 3D parallelism (+ token dropping, pipelining, hierarchical
-all-to-all) == one process, for every factorization P = tp × ep × dp.
+all-to-all) == one process, for every factorization P = tp × ep × dp (pipelining: equal and unequal
+forward / backward degrees).
 
     mpirun -n 8 python tests/mpi_scripts/check_ted.py results.json
     torchrun --nproc-per-node=4 tests/mpi_scripts/check_ted.py results.json
@@ -50,7 +51,9 @@ def cases(world_size: int):
         for drop in ([False, True] if tp > 1 else [False]):
             out.append((f"tp{tp}_ep{ep}_dp{dp}" + ("_drop" if drop else ""), tp, ep, dp,
                         dict(drop_duplicate_tokens=drop)))
-        if tp > 1:    # the other place to join the tp shares: the expert output rows, before combining
+        # The other drop point and tensor-parallel experts: on every layout with tp > 1 up to 4 ranks, and on
+        # the issue's 8-rank layouts (2×2×2, 4×2×1) at 8 ranks, which keeps the 8-rank job short.
+        if tp > 1 and (P <= 4 or (tp, ep, dp) in ((2, 2, 2), (4, 2, 1))):
             out.append((f"tp{tp}_ep{ep}_dp{dp}_droprows", tp, ep, dp,
                         dict(drop_duplicate_tokens=True, drop_duplicate_at="expert_rows")))
             for drop in (False, True):   # tensor-parallel experts, with and without dropping
@@ -63,6 +66,11 @@ def cases(world_size: int):
     wanted = [(f"tp1_ep{P}_dp1_pipe3", 1, P, 1, dict(pipeline_degree=3)),
               (f"tp2_ep{P // 4}_dp2_drop_pipe2", 2, P // 4, 2, dict(drop_duplicate_tokens=True, pipeline_degree=2)),
               (f"tp1_ep{P // 2}_dp2_pipe2_pairwise", 1, P // 2, 2, dict(pipeline_degree=2, exchange="pairwise")),
+              # FSMoE: the backward cut into other chunks than the forward (pipeline.py's pieces)
+              (f"tp1_ep{P}_dp1_pipe2_bwd3", 1, P, 1, dict(pipeline_degree=2, backward_pipeline_degree=3)),
+              # ... and each chunk through the hierarchical exchange (its two phases overlapped across chunks)
+              (f"tp1_ep{P}_dp1_hier2_pipe3_bwd1", 1, P, 1, dict(ranks_per_node=2, pipeline_degree=3,
+                                                                backward_pipeline_degree=1)),
               (f"tp1_ep{P}_dp1_hier2", 1, P, 1, dict(ranks_per_node=2)),
               (f"tp1_ep{P}_dp1_hier4", 1, P, 1, dict(ranks_per_node=4)),
               (f"tp2_ep{P // 2}_dp1_drop_hier2", 2, P // 2, 1, dict(drop_duplicate_tokens=True, ranks_per_node=2)),
@@ -150,11 +158,13 @@ def run_case(world, tp, ep, dp, options, ref_logits, ref_loss, ref_grads) -> dic
     shadowed = [len(m.expert_runner.last_shadowed) for m in model.modules()
                 if isinstance(getattr(m, "expert_runner", None), ExpertParallel) and m.expert_runner.expert_shadowing]
     gathered = layout.stats.counters.get("tensor/allgather_forward")
+    posted = layout.stats.counters.get("expert/ialltoallv")              # the pipelined chunks, both passes
     expert_elements = sum(p.numel() for p in expert_parameters(model))
     totals = {"exchange_bytes": int(total(layout.world, sent)),
               "max_expert_elements_per_rank": int(total(layout.world, expert_elements, op="max")),
               "min_shadowed_experts": int(total(layout.world, min(shadowed, default=-1), op="max")),
-              "tp_allgather_forward_bytes": int(total(layout.world, gathered.bytes_sent if gathered else 0))}
+              "tp_allgather_forward_bytes": int(total(layout.world, gathered.bytes_sent if gathered else 0)),
+              "max_ialltoallv_calls": int(total(layout.world, posted.calls if posted else 0, op="max"))}
     for level in ("intra_node", "inter_node"):
         messages = [m.expert_runner.exchange.messages[level] for m in model.modules()
                     if isinstance(getattr(getattr(m, "expert_runner", None), "exchange", None), HierarchicalExchange)]

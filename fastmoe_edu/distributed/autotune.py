@@ -1,0 +1,202 @@
+"""``pipeline_degree="auto"``: measure the layer in its first passes, then let the cost model choose (FSMoE).
+
+FSMoE (Pan et al. 2025) picks the pipeline degrees of each MoE layer from a model in which every task
+costs α + β·n per chunk, with α and β profiled on the machine. This runner does the same, online and per
+layer, with nothing to calibrate beforehand:
+
+    pass 1              run unpipelined (warm-up: first-call allocations and caches; not measured)
+    passes 2 .. K       run unpipelined, timing on the way (K = PROFILE_PASSES):
+                          a probe all-to-all of one row per rank         -> the exchange's α
+                          the scatter and the gather of the real rows    -> its β (seconds per byte)
+                          the experts on 1/8 of the rows, then on all    -> the experts' α_c and β_c
+                          the layer's backward (from output to input)    -> the measured step time
+    end of pass K       all-reduce (max) the measurements over the world: the slowest rank's figures,
+                        the same on every rank; keep each task's fastest pass (noise only adds time)
+                        -> fit α, β (cost_model.fit_alpha_beta, fit_task) ->
+                        choose_pipeline_degrees -> (D_f, D_b), powers of 2 up to MAX_DEGREE;
+                        world rank 0 prints the choice, predicted and measured times, once
+    passes K+1 ..       the chosen degrees (pipeline.py)
+
+Every rank makes the same choice because it decides from the same all-reduced numbers with the same
+code; the record is ``runner.chosen_degrees`` and ``runner.tuning`` (the fitted tasks and the times).
+A degree given as an integer stays as given; only the ``"auto"`` ones are chosen. The exchange is
+measured as the layer runs it, flat or hierarchical, as one task (one α, one β per exchange): the
+intra- and inter-node phases of the hierarchical exchange are not told apart, because the choice
+needs only what a chunk's whole exchange costs.
+
+The profiling passes compute exactly what the unpipelined layer computes (the probes run beside it,
+without gradients), so a run with ``"auto"`` equals a run with the chosen degrees fixed, up to the
+rounding that any change of degree brings (the order of the expert weight gradients' partial sums).
+
+Activation checkpointing recomputes a block's forward during the backward, replaying its recorded
+collectives in order (recompute.py); a recomputed pass therefore takes the path its original took,
+with the same collectives, and measures and decides nothing.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm import tqdm
+
+from .cost_model import LayerTasks, choose_pipeline_degrees, fit_alpha_beta, fit_task, predict_layer
+from .exchange import exchange_counts, exchange_rows, regroup_by_expert, regroup_by_source
+from .pipeline import AUTO, chunk_rows
+from .recompute import active_stash
+
+PROFILE_PASSES = 4          # forward passes of each layer before the choice (the first is a warm-up)
+MAX_DEGREE = 16             # the largest degree "auto" may choose
+SMALL_CALL = 8              # the small expert call runs the first of this many chunks of the rows
+# the columns of one pass's measurements (each rank's own; all-reduced with max before fitting)
+COLUMNS = ("probe_s", "probe_bytes", "scatter_s", "scatter_bytes", "gather_s", "gather_bytes",
+           "small_rows", "small_s", "rows", "experts_s", "backward_s")
+
+
+class DegreeTuner:
+    """Chooses one layer's (D_f, D_b) from its first passes (see the module docstring)."""
+
+    def __init__(self, layout, forward, backward, label: str, profile_passes: int = PROFILE_PASSES,
+                 max_degree: int = MAX_DEGREE):
+        self.layout, self.requested, self.label = layout, (forward, backward), label
+        self.profile_passes, self.max_degree = max(2, profile_passes), max_degree
+        self.chosen: tuple[int, int] | None = None
+        self.tuning: dict | None = None
+        self.passes, self.samples = 0, []
+        self._last: tuple[bool, bool] | None = None     # (measure, decide) of the last recorded pass
+        self._backward_start: float | None = None
+        self._device = torch.device("cpu")
+
+    def next_pass(self) -> tuple[bool, bool] | None:
+        """None once chosen; else whether this profiling pass measures and decides. A recomputation
+        (activation checkpointing) repeats its original pass's path."""
+        stash = active_stash()
+        if stash is not None and stash.replaying:
+            return self._last
+        if self.chosen is not None:
+            self._last = None
+        else:
+            self.passes += 1
+            self._last = (self.passes > 1, self.passes >= self.profile_passes)
+        return self._last
+
+    def run(self, plan: tuple[bool, bool], runner, experts, buffer, counts, backend) -> torch.Tensor:
+        """One profiling pass: the unpipelined layer, timed; after the last one, the choice."""
+        measure, decide = plan
+        recording = not (active_stash() is not None and active_stash().replaying)
+        timed_backward = recording and measure and torch.is_grad_enabled() and buffer.requires_grad
+        self._device = buffer.device
+        if timed_backward:                                             # the backward of this layer ends here ...
+            buffer = _Noted.apply(buffer, self._note_backward_end)
+        out, sample = _timed_exchange(runner, experts, buffer, counts, backend)
+        if recording and measure:
+            self.samples.append(sample)
+        if timed_backward:                                             # ... and starts here
+            out = _Noted.apply(out, self._note_backward_start)
+        if decide:
+            self._decide(runner.layout.expert.size, record=recording)
+        return out
+
+    def _note_backward_start(self) -> None:
+        self._backward_start = _now(self._device)
+
+    def _note_backward_end(self) -> None:
+        if self._backward_start is not None and self.samples and self.samples[-1][-1] == 0.0:
+            self.samples[-1][-1] = _now(self._device) - self._backward_start   # the pass whose backward ran
+        self._backward_start = None
+
+    def _decide(self, P: int, record: bool) -> None:
+        worst = self.layout.world.allreduce_(torch.tensor(self.samples, dtype=torch.float64), op="max",
+                                             purpose="allreduce_pipeline_profile")
+        if not record:                              # a recomputation: the collective only, decided already
+            return
+        m = [dict(zip(COLUMNS, row)) for row in worst.tolist()]
+
+        def fastest(task: str) -> dict:            # noise (a descheduled rank, a late peer) only adds time
+            return min(m, key=lambda s: s[f"{task}_s"])
+        alpha, beta = fit_alpha_beta([{"ranks": P, "bytes_per_rank": fastest(task)[f"{task}_bytes"],
+                                       "seconds": max(fastest(task)[f"{task}_s"], 1e-9)}
+                                      for task in ("probe", "scatter", "gather")])
+        compute_alpha, compute_beta = fit_task([(fastest("small")["small_rows"], fastest("small")["small_s"]),
+                                                (fastest("experts")["rows"], fastest("experts")["experts_s"])])
+        last = m[-1]
+        tasks = LayerTasks(exchange_alpha=alpha * (P - 1),
+                           exchange_seconds=beta * max(last["scatter_bytes"], last["gather_bytes"]),
+                           compute_alpha=compute_alpha, compute_seconds=compute_beta * last["rows"])
+        best = choose_pipeline_degrees(tasks, self.max_degree)
+        self.chosen = tuple(d if d != AUTO else b for d, b in zip(self.requested, best))
+        measured_fwd = min(s["scatter_s"] + s["experts_s"] + s["gather_s"] for s in m)
+        backwards = [s["backward_s"] for s in m if s["backward_s"] > 0]
+        self.tuning = {"tasks": tasks, "exchange_alpha_per_message": alpha, "exchange_beta_per_byte": beta,
+                       "predicted": predict_layer(tasks, *self.chosen), "predicted_unpipelined": predict_layer(tasks, 1, 1),
+                       "measured_unpipelined": {"forward": measured_fwd,
+                                                "total": measured_fwd + min(backwards) if backwards else None}}
+        if self.layout.world.rank == 0:
+            tqdm.write(self.describe())                # (a line of its own under the training progress bar)
+
+    def describe(self) -> str:
+        """The one log line of the choice (after it is made)."""
+        t, D_f, D_b = self.tuning, *self.chosen
+        ms = 1e3
+        measured = t["measured_unpipelined"]
+        step = (f"{measured['total'] * ms:.3f} ms (forward {measured['forward'] * ms:.3f})" if measured["total"]
+                else f"forward {measured['forward'] * ms:.3f} ms")
+        beta = t["exchange_beta_per_byte"]
+        bandwidth = f"{1e-9 / beta:.3g} GB/s" if beta > 0 else "bandwidth unmeasurable (latency-bound)"
+        alternative = (f", {t['predicted_unpipelined']['total'] * ms:.3f} ms at 1/1" if (D_f, D_b) != (1, 1) else "")
+        return (f"auto pipeline degrees, {self.label}: forward {D_f}, backward {D_b} | exchange + experts per step: "
+                f"predicted {t['predicted']['total'] * ms:.3f} ms at {D_f}/{D_b}{alternative}; "
+                f"measured at 1/1: {step} | exchange α {t['exchange_alpha_per_message'] * 1e6:.1f} µs/message, "
+                f"{bandwidth}; experts α {t['tasks'].compute_alpha * 1e6:.1f} µs/call, "
+                f"{t['tasks'].compute_seconds * ms:.3f} ms for all rows")
+
+
+def _timed_exchange(runner, experts, buffer, counts, backend) -> tuple[torch.Tensor, list[float]]:
+    """The unpipelined steps 3 and 6-8 (as ExpertParallel._exchange_and_run), with a clock and two probes."""
+    comm, exchange, device = runner.layout.expert, runner.exchange, buffer.device
+    P, width, me = comm.size, buffer.shape[1], comm.rank
+    plan = exchange_counts(counts, runner.num_local_experts, comm)     # (also lines the ranks up for the clock)
+    start = _now(device)
+    exchange.alltoallv(buffer.new_zeros((P, width)), [1] * P, [1] * P)   # probe: one row to every rank
+    probe = _now(device)
+    received = exchange_rows(buffer, plan.send_rows, plan.recv_rows, exchange)
+    scattered = _now(device)
+    expert_rows = regroup_by_expert(received, plan.recv_counts)
+    local_counts = plan.local_expert_counts.to(counts.device)
+    rows, small_counts = chunk_rows(local_counts, SMALL_CALL)
+    begin = _now(device)
+    with torch.no_grad():                                              # the small call: 1/8 of the rows
+        experts(expert_rows.detach()[rows[0].to(device)], small_counts[0].to(counts.device), backend.grouped_matmul)
+    small = _now(device)
+    expert_out = experts(expert_rows, local_counts, backend.grouped_matmul)
+    computed = _now(device)
+    returned = regroup_by_source(expert_out, plan.recv_counts)
+    begin_gather = _now(device)
+    out = exchange_rows(returned, plan.recv_rows, plan.send_rows, exchange)
+    gathered = _now(device)
+    row_bytes = width * buffer.element_size()
+    sample = [probe - start, (P - 1) * row_bytes,
+              scattered - probe, (sum(plan.send_rows) - plan.send_rows[me]) * row_bytes,
+              gathered - begin_gather, (sum(plan.recv_rows) - plan.recv_rows[me]) * width * returned.element_size(),
+              float(len(rows[0])), small - begin, float(expert_rows.shape[0]), computed - small, 0.0]
+    return out, sample
+
+
+def _now(device) -> float:
+    """Wall time, after the device has finished its queued work (CUDA runs asynchronously)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+class _Noted(torch.autograd.Function):
+    """The identity; its backward calls ``note`` (the profiled layer's backward starts / ends there)."""
+
+    @staticmethod
+    def forward(ctx, tensor, note):
+        ctx.note = note
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.note()
+        return grad, None
