@@ -42,7 +42,7 @@ def worker(output: str, skews: list[float], repeats: int) -> None:
             torch.manual_seed(0)
             layer = MoELayer(D_MODEL, D_HIDDEN, EXPERTS, top_k=2)
             layout = ParallelLayout(world, tp=1, ep=world.size, dp=1)
-            parallelize(layer, layout, expert_shadowing=shadowing)
+            parallelize(layer, layout, shadow_experts="auto" if shadowing else 0)
             x = torch.randn(TOKENS, D_MODEL, generator=torch.Generator().manual_seed(world.rank))
             with torch.no_grad():                                   # expert 0 gets a logit bonus of `skew`
                 layer.router.weight[0] += skew * x.mean(0) / x.mean(0).square().sum()

@@ -134,12 +134,13 @@ class TrainConfig:
     expert_tensor_parallel: bool = _field(False, "parallel", "TED's tensor-parallel experts: each expert's hidden "
                                           "units split over the tp ranks (expert memory per rank / tp); "
                                           "d_hidden must be divisible by tp")
-    expert_shadowing: bool = _field(False, "parallel", "FasterMoE's dynamic shadowing: an expert whose travelling "
-                                    "rows would cost more than shadow_cost_ratio x its weights has its weights "
-                                    "broadcast to the expert group for the step, and each rank computes its own "
-                                    "rows for it (flat or hierarchical exchange, whole experts)")
-    shadow_cost_ratio: float = _field(1.0, "parallel", "shadow an expert when 4 x travelling rows x d_model > "
-                                      "ratio x 2 x its weights (larger = shadow less)", above=0.0)
+    shadow_experts: DEGREE = _field(0, "parallel", "FasterMoE's dynamic shadowing: each step, experts whose weights "
+                                    "are broadcast to the expert group so every rank computes its own rows for "
+                                    "them: 0 = none, N = the N most loaded, auto = those whose travelling rows cost "
+                                    "more than shadow_cost_ratio x their weights (flat or hierarchical exchange, "
+                                    "whole experts)", minimum=0)
+    shadow_cost_ratio: float = _field(1.0, "parallel", "auto shadowing: shadow an expert when 4 x travelling rows x "
+                                      "d_model > ratio x 2 x its weights (larger = shadow less)", above=0.0)
     drop_duplicate_at: str = _field("combined", "parallel", "where duplicate token dropping joins the tp ranks' "
                                     "shares: combined (TED: each tp rank dispatches 1/tp of the tokens, the "
                                     "combined outputs [T, d] are all-gathered) or expert_rows (the expert output "
@@ -248,8 +249,8 @@ class TrainConfig:
             raise ConfigError("shared_d_hidden and shared_expert_gate apply to shared experts: set num_shared_experts "
                               ">= 1, or leave them at their defaults")
         pipelined = pipelining(self.pipeline_degree, self.backward_pipeline_degree)   # "" = not pipelined
-        if self.expert_shadowing and (pipelined or self.expert_tensor_parallel):
-            raise ConfigError(f"expert_shadowing runs whole experts on the flat or hierarchical exchange: it does not "
+        if self.shadow_experts != 0 and (pipelined or self.expert_tensor_parallel):
+            raise ConfigError(f"shadow_experts={self.shadow_experts!r} runs whole experts on the flat or hierarchical exchange: it does not "
                               f"combine with {pipelined or 'expert_tensor_parallel'}; turn one of them off")
         if self.expert_tensor_parallel and pipelined:
             raise ConfigError(f"expert_tensor_parallel with {pipelined}: the pipelined "
@@ -303,7 +304,8 @@ def _coerce_degree(name: str, value) -> int | str:
     try:
         return _coerce(name, value, int)
     except ConfigError:
-        raise ConfigError(f"{name}={value!r} is not allowed; allowed: an integer >= 1, or {AUTO!r} "
+        lowest = next((f.metadata["minimum"] for f in dataclasses.fields(TrainConfig) if f.name == name), 1)
+        raise ConfigError(f"{name}={value!r} is not allowed; allowed: an integer >= {lowest}, or {AUTO!r} "
                           f"(measured and chosen during the first steps)") from None
 
 

@@ -35,8 +35,8 @@ def test_config_reads_an_integer_or_auto_and_names_a_bad_value(tmp_path):
         parse_args(["--pipeline_degree=fast"])
     with pytest.raises(ConfigError, match=r"backward_pipeline_degree=0 is out of range; it must be >= 1"):
         parse_args(["--backward_pipeline_degree=0"])
-    with pytest.raises(ConfigError, match=r"expert_shadowing .* does not combine with pipeline_degree='auto'"):
-        parse_args(["--pipeline_degree=auto", "--expert_shadowing"])
+    with pytest.raises(ConfigError, match=r"shadow_experts='auto' .* does not combine with pipeline_degree='auto'"):
+        parse_args(["--pipeline_degree=auto", "--shadow_experts=auto"])
     assert parse_args(["--pipeline_degree=2", "--ranks_per_node=2"]).ranks_per_node == 2   # pipelined hierarchical
 
 

@@ -71,7 +71,7 @@ class ExpertParallel:
     def __init__(self, layout: ParallelLayout, num_experts: int, exchange: str = "alltoallv",
                  drop_duplicate_tokens: bool = False, pipeline_degree: int | str = 1, ranks_per_node: int | None = None,
                  drop_duplicate_at: str = "combined", expert_tensor_parallel: bool = False,
-                 expert_shadowing: bool = False, shadow_cost_ratio: float = 1.0, max_shadowed: int | None = None,
+                 shadow_experts: int | str = 0, shadow_cost_ratio: float = 1.0, max_shadowed: int | None = None,
                  backward_pipeline_degree: int | str | None = None, name: str = "MoE layer"):
         if drop_duplicate_at not in DROP_POINTS:
             raise ValueError(f"drop_duplicate_at={drop_duplicate_at!r} is not known; allowed: {', '.join(DROP_POINTS)}")
@@ -83,7 +83,7 @@ class ExpertParallel:
         self.drop_rows = self.drop_duplicate_tokens and drop_duplicate_at == "expert_rows"
         self.drop_duplicate_at = drop_duplicate_at
         self.expert_tensor_parallel = bool(expert_tensor_parallel) and layout.tp_size > 1
-        self.expert_shadowing = bool(expert_shadowing) and layout.ep_size > 1
+        self.shadow_experts = shadow_experts if layout.ep_size > 1 else 0     # 0, N or "auto"
         self.shadow_cost_ratio = shadow_cost_ratio
         self.max_shadowed = max_shadowed if max_shadowed is not None else self.num_local_experts
         self.last_shadowed: list[int] = []          # the experts shadowed in the last forward (for logs)
@@ -129,7 +129,7 @@ class ExpertParallel:
         elif forward_degree > 1 or backward_degree > 1:
             out = pipelined_expert_exchange(experts, buffer, counts, backend, self.layout.expert,
                                             self.num_local_experts, forward_degree, backward_degree, self.exchange)
-        elif self.expert_shadowing:
+        elif self.shadow_experts != 0:
             out = self._run_with_shadows(experts, buffer, counts, backend)
         else:
             out = self._exchange_and_run(experts, buffer, counts, backend)
@@ -168,7 +168,7 @@ class ExpertParallel:
         both = comm.allreduce_(torch.cat([mine, own]), purpose="allreduce_shadow_counts")
         weights_per_expert = sum(p.numel() for p in experts.parameters(recurse=False)) // L
         shadowed = choose_shadowed(both[:mine.numel()], both[mine.numel():], buffer.shape[1], weights_per_expert,
-                                   self.shadow_cost_ratio, self.max_shadowed)
+                                   self.shadow_experts, self.shadow_cost_ratio, self.max_shadowed)
         self.last_shadowed = shadowed
         if not shadowed:
             return self._exchange_and_run(experts, buffer, counts, backend)
@@ -189,7 +189,7 @@ class ExpertParallel:
         last = self.first_local_expert + self.num_local_experts - 1
         options = (f", drop_duplicate_tokens at {self.drop_duplicate_at}" if self.drop_duplicate_tokens else "") + (
             ", expert_tensor_parallel" if self.expert_tensor_parallel else "") + (
-            ", expert_shadowing" if self.expert_shadowing else "") + (
+            f", shadow_experts={self.shadow_experts!r}" if self.shadow_experts != 0 else "") + (
             f", pipeline_degree={self.pipeline_degree}" if self.pipeline_degree != 1 else "") + (
             f", backward_pipeline_degree={self.backward_pipeline_degree}"
             if self.backward_pipeline_degree != self.pipeline_degree else "")

@@ -27,6 +27,7 @@ from ..layer import MoELayer
 from .communicator import EXCHANGE_METHODS
 from .expert_parallel import DROP_POINTS, ExpertParallel, SumOverRanks, keep_local_experts
 from .expert_tensor_parallel import shard_experts
+from .shadowing import check_shadow_experts
 from .gradients import broadcast_parameters
 from .hierarchical import check_ranks_per_node
 from .layout import ParallelLayout
@@ -41,7 +42,7 @@ EXCHANGES = ("auto", *EXCHANGE_METHODS)
 def parallelize(model: nn.Module, layout: ParallelLayout, exchange: str = "auto",
                 drop_duplicate_tokens: bool = False, pipeline_degree: int | str = 1,
                 ranks_per_node: int | None = None, drop_duplicate_at: str = "combined",
-                expert_tensor_parallel: bool = False, expert_shadowing: bool = False,
+                expert_tensor_parallel: bool = False, shadow_experts: int | str = 0,
                 shadow_cost_ratio: float = 1.0, backward_pipeline_degree: int | str | None = None) -> nn.Module:
     """Tensor-, expert- and data-parallel ``model`` over ``layout``, in place; returns ``model``.
 
@@ -52,8 +53,9 @@ def parallelize(model: nn.Module, layout: ParallelLayout, exchange: str = "auto"
             ``[T, d]``) or ``"expert_rows"`` (the expert output rows ``[k·T, d]``, before combining).
         expert_tensor_parallel: split every expert's hidden units over the tensor group (TED;
             expert_tensor_parallel.py).
-        expert_shadowing: FasterMoE's dynamic shadowing of popular experts (shadowing.py), shadowing
-            an expert when its travelling rows cost more than ``shadow_cost_ratio`` × its weights.
+        shadow_experts: FasterMoE's dynamic shadowing of popular experts (shadowing.py): 0 = off, N = the
+            N most loaded each step, ``"auto"`` = those whose travelling rows cost more than
+            ``shadow_cost_ratio`` × their weights.
         pipeline_degree: FasterMoE/FSMoE overlap of the exchange with the experts, D_f chunks forward;
             ``"auto"``: measured during the first passes of each layer and chosen (autotune.py).
         backward_pipeline_degree: D_b chunks backward (an int or ``"auto"``); None = as pipeline_degree.
@@ -65,8 +67,9 @@ def parallelize(model: nn.Module, layout: ParallelLayout, exchange: str = "auto"
     pipelined = pipelining(pipeline_degree, backward_pipeline_degree)
     if drop_duplicate_at not in DROP_POINTS:
         raise ValueError(f"drop_duplicate_at={drop_duplicate_at!r} is not known; allowed: {', '.join(DROP_POINTS)}")
-    if expert_shadowing and (pipelined or expert_tensor_parallel):
-        raise ValueError(f"expert_shadowing runs whole experts on the flat or hierarchical exchange: it does not "
+    check_shadow_experts(shadow_experts)
+    if shadow_experts != 0 and (pipelined or expert_tensor_parallel):
+        raise ValueError(f"shadow_experts={shadow_experts!r} runs whole experts on the flat or hierarchical exchange: it does not "
                          f"combine with {pipelined or 'expert_tensor_parallel'}; turn one of them off")
     if not shadow_cost_ratio > 0:
         raise ValueError(f"shadow_cost_ratio={shadow_cost_ratio!r} must be > 0")
@@ -81,7 +84,7 @@ def parallelize(model: nn.Module, layout: ParallelLayout, exchange: str = "auto"
     method = "hierarchical" if ranks_per_node is not None else ("alltoallv" if exchange == "auto" else exchange)
     for index, layer in enumerate(layers):
         runner = ExpertParallel(layout, layer.num_experts, method, drop_duplicate_tokens, pipeline_degree,
-                                ranks_per_node, drop_duplicate_at, expert_tensor_parallel, expert_shadowing,
+                                ranks_per_node, drop_duplicate_at, expert_tensor_parallel, shadow_experts,
                                 shadow_cost_ratio, backward_pipeline_degree=backward_pipeline_degree,
                                 name=f"MoE layer {index}")
         keep_local_experts(layer.experts, runner.first_local_expert, runner.num_local_experts)

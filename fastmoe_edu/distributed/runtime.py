@@ -52,7 +52,7 @@ class ParallelRuntime(Runtime):
                     pipeline_degree=self.cfg.pipeline_degree, ranks_per_node=self.cfg.ranks_per_node,
                     drop_duplicate_at=self.cfg.drop_duplicate_at,
                     expert_tensor_parallel=self.cfg.expert_tensor_parallel,
-                    expert_shadowing=self.cfg.expert_shadowing, shadow_cost_ratio=self.cfg.shadow_cost_ratio,
+                    shadow_experts=self.cfg.shadow_experts, shadow_cost_ratio=self.cfg.shadow_cost_ratio,
                     backward_pipeline_degree=self.cfg.backward_pipeline_degree)
         return model
 
@@ -68,7 +68,7 @@ class ParallelRuntime(Runtime):
                 f"{'' if cfg.backward_pipeline_degree is None else f' (backward {cfg.backward_pipeline_degree})'}, "
                 f"drop_duplicate_tokens {cfg.drop_duplicate_tokens}"
                 f"{f' (at {cfg.drop_duplicate_at})' if cfg.drop_duplicate_tokens else ''}, "
-                f"expert_tensor_parallel {cfg.expert_tensor_parallel}, expert_shadowing {cfg.expert_shadowing}, "
+                f"expert_tensor_parallel {cfg.expert_tensor_parallel}, shadow_experts {cfg.shadow_experts}, "
                 f"torch threads per rank "
                 f"{torch.get_num_threads()}; tensors travel via {layout.world.transfer_path(cfg.device)}")
 

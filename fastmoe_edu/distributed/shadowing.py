@@ -1,7 +1,7 @@
 """FasterMoE's dynamic expert shadowing: move a popular expert's weights to the tokens, not its tokens to it.
 
-    parallelize(model, layout, expert_shadowing=True)
-    mpirun -n 4 python -m fastmoe_edu.train --expert_shadowing=true
+    parallelize(model, layout, shadow_experts="auto")     # or an int N: the N most loaded, or 0: off
+    mpirun -n 4 python -m fastmoe_edu.train --shadow_experts=auto
 
 In expert parallelism an expert that many tokens choose makes its rank the bottleneck: every other
 rank sends it rows (and receives them back, and again for the gradients), and it computes them all.
@@ -13,8 +13,9 @@ rows held by the other ranks, ``d`` the model width and ``W_e`` its weight count
     kept local by shadowing:   2 all-to-alls forward + 2 backward of those rows   ≈ 4 · n_e · d
     paid for it:               a broadcast of the weights + a sum of their grads  ≈ 2 · W_e
 
-so e is shadowed when ``4 · n_e · d > cost_ratio · 2 · W_e`` (``cost_ratio`` 1 by default; larger
-shadows less), at most ``max_shadowed`` experts, the most loaded first. The decision uses the expert
+so with ``shadow_experts="auto"`` e is shadowed when ``4 · n_e · d > cost_ratio · 2 · W_e``
+(``cost_ratio`` 1 by default; larger shadows less), at most ``max_shadowed`` experts, the most loaded
+first; with ``shadow_experts=N`` the N most loaded experts that have travelling rows, whatever the cost. The decision uses the expert
 group's summed counts (one small all-reduce per layer), so every rank of the group shadows the same
 experts. Results are unchanged (tested): a shadowed expert computes the same rows with the same
 weights, only on another rank, and its gradient is the same sum.
@@ -28,15 +29,27 @@ from ..experts import Experts
 from .communicator import Communicator
 
 
+def check_shadow_experts(shadow_experts) -> None:
+    """0, a positive integer, or "auto"; anything else is refused with what is allowed."""
+    ok = shadow_experts == "auto" or (isinstance(shadow_experts, int) and not isinstance(shadow_experts, bool)
+                                     and shadow_experts >= 0)
+    if not ok:
+        raise ValueError(f"shadow_experts={shadow_experts!r} is not allowed; allowed: 0 (off), an integer N >= 1 "
+                         f"(the N most loaded experts) or 'auto' (the cost rule)")
+
+
 def choose_shadowed(global_counts: torch.Tensor, own_counts: torch.Tensor, d_model: int, weights_per_expert: int,
-                    cost_ratio: float, max_shadowed: int) -> list[int]:
+                    mode: int | str, cost_ratio: float, max_shadowed: int) -> list[int]:
     """The global ids of the experts worth shadowing this step, most loaded first (see the docstring).
 
     ``global_counts[E]``: rows per expert over the expert group; ``own_counts[E]``: rows each expert's
     owner holds itself (those never travel either way).
     """
     remote = global_counts - own_counts                                       # n_e: rows that would travel
-    worth_it = 4 * remote * d_model > cost_ratio * 2 * weights_per_expert
+    if mode == "auto":
+        worth_it = 4 * remote * d_model > cost_ratio * 2 * weights_per_expert
+    else:
+        worth_it, max_shadowed = remote > 0, mode                             # the N most loaded
     order = torch.argsort(global_counts, descending=True, stable=True)
     return [int(e) for e in order if worth_it[e]][:max_shadowed]
 

@@ -77,11 +77,9 @@ def cases(world_size: int):
               (f"tp1_ep{P // 2}_dp2_hier2", 1, P // 2, 2, dict(ranks_per_node=2)),
               (f"tp1_ep{P}_dp1_pairwise", 1, P, 1, dict(exchange="pairwise")),
               # FasterMoE's shadowing, forced (a tiny cost ratio shadows every expert with travelling rows)
-              (f"tp1_ep{P}_dp1_shadow", 1, P, 1, dict(expert_shadowing=True, shadow_cost_ratio=1e-9)),
-              (f"tp2_ep{P // 2}_dp1_drop_shadow", 2, P // 2, 1, dict(drop_duplicate_tokens=True, expert_shadowing=True,
-                                                                   shadow_cost_ratio=1e-9)),
-              (f"tp1_ep{P // 2}_dp2_hier2_shadow", 1, P // 2, 2, dict(ranks_per_node=2, expert_shadowing=True,
-                                                                    shadow_cost_ratio=1e-9)),
+              (f"tp1_ep{P}_dp1_shadow", 1, P, 1, dict(shadow_experts="auto", shadow_cost_ratio=1e-9)),
+              (f"tp2_ep{P // 2}_dp1_drop_shadow", 2, P // 2, 1, dict(drop_duplicate_tokens=True, shadow_experts=2)),
+              (f"tp1_ep{P // 2}_dp2_hier2_shadow", 1, P // 2, 2, dict(ranks_per_node=2, shadow_experts=1)),
               (f"tp2_ep{P // 2}_dp1_drop_pairwise", 2, P // 2, 1, dict(drop_duplicate_tokens=True, exchange="pairwise"))]
     return out + [case for case in wanted
                   if case[2] >= 1 and case[1] * case[2] * case[3] == P
@@ -156,7 +154,7 @@ def run_case(world, tp, ep, dp, options, ref_logits, ref_loss, ref_grads) -> dic
     errors = {"logits": (logits.detach() - ref_logits[mine]).abs().max().item(),
               "loss": abs(global_loss - ref_loss), "grad": grad_error}
     shadowed = [len(m.expert_runner.last_shadowed) for m in model.modules()
-                if isinstance(getattr(m, "expert_runner", None), ExpertParallel) and m.expert_runner.expert_shadowing]
+                if isinstance(getattr(m, "expert_runner", None), ExpertParallel) and m.expert_runner.shadow_experts != 0]
     gathered = layout.stats.counters.get("tensor/allgather_forward")
     posted = layout.stats.counters.get("expert/ialltoallv")              # the pipelined chunks, both passes
     expert_elements = sum(p.numel() for p in expert_parameters(model))

@@ -26,6 +26,7 @@ CASES = {
     "softmax_top_k": ["--router=softmax_top_k", "--top_k=2", "--router_options.z_loss_weight=0.001"],
     "sigmoid": ["--router=sigmoid", "--top_k=2", "--router_options.bias_update_rate=0.01"],
     "shared_experts": ["--router=softmax_top_k", "--top_k=2", "--num_shared_experts=1", "--shared_expert_gate=true"],
+    "shadow_experts": ["--router=softmax_top_k", "--top_k=2", "--shadow_experts=2"],   # FasterMoE, 3 steps
 }
 NOISE_CASES = {   # run with --tp=P (one batch shard): equal to one process, noise included
     "tp/noisy_top_k": ["--router=noisy_top_k", "--top_k=2"],
