@@ -62,3 +62,13 @@ def test_bench_cost_model_calibrates_and_extrapolates():
     out = run_script("bench_cost_model.py", "--ranks", "1", "2")
     assert "## Calibration on this machine" in out and "## Extrapolation" in out
     assert "| 2 | 2 | 1 | 1 | off | 16 |" in out                 # the tp=2 layout of 2 ranks ran
+
+
+@pytest.mark.slow
+def test_bench_hf_compares_hf_blocks_with_moefy():
+    pytest.importorskip("transformers")
+    out = run_script("bench_hf.py", "--tokens", "64", "--repeats", "1", "--train-steps", "1")
+    for row in ("HF [eager]", "moefy [reference]", "moefy [numba]", "HF's fastest ÷ this", "GEMM peak"):
+        assert row in out
+    assert "after moefy" in out
+
