@@ -12,7 +12,7 @@ BAD_LAYERS = [
     (dict(capacity_factor=float("inf")), r"capacity_factor=inf must be a finite number > 0, or None for dropless"),
     (dict(capacity_factor=float("nan")), r"capacity_factor=nan must be a finite number > 0"),
     (dict(router="top3000"), r"router='top3000' is not a known router; allowed: softmax_top_k"),
-    (dict(expert="relu"), r"expert='relu' is not a known expert kind; allowed: swiglu, gelu"),
+    (dict(expert="tanh"), r"expert='tanh' is not a known expert kind; allowed: swiglu, geglu, gelu, relu"),
     (dict(backend="cuda-magic"), r"backend='cuda-magic' is not a known backend; allowed: reference, numba, auto"),
     (dict(router="switch"), r"router='switch' routes each token to exactly 1 expert\(s\); got top_k=2"),
     (dict(router="gshard", top_k=1), r"router='gshard' routes each token to exactly 2 expert\(s\); got top_k=1"),
