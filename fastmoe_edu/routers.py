@@ -33,6 +33,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+# Switch Transformer: route in at least float32 (a bfloat16 softmax is too coarse to rank experts).
+from .precision import at_least_float32
+
 
 # ----------------------------------------------------------------------------------------------------
 # The two fused routing functions (scores -> top-k -> weights). backends/ mirrors these names.
@@ -47,7 +50,7 @@ def softmax_top_k_route(logits: torch.Tensor, top_k: int, renormalize: bool, num
     only experts of the best ``top_k_groups`` groups may be selected. The weights stay p[ids], p the
     softmax over *all* E experts.
     """
-    probs = torch.softmax(_router_precision(logits), dim=-1)                       # p_e = e^{l_e} / Σ_j e^{l_j}
+    probs = torch.softmax(at_least_float32(logits), dim=-1)                       # p_e = e^{l_e} / Σ_j e^{l_j}
     if num_groups is None:
         weights, expert_ids = torch.topk(probs, top_k, dim=-1)
     else:
@@ -77,7 +80,7 @@ def sigmoid_top_k_route(
     largest (s + b), and only experts of the best ``top_k_groups`` groups may be selected. Without
     ``renormalize`` (DeepSeek-V3's norm_topk_prob=False) the weights are s_sel · scale.
     """
-    logits = _router_precision(logits)
+    logits = at_least_float32(logits)
     scores = torch.sigmoid(logits)                                                 # s = σ(logits)
     selection = scores + bias                                                      # s + b
     if num_groups is not None:
@@ -117,10 +120,6 @@ def min_score_sum(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).tiny ** 0.5
 
 
-def _router_precision(logits: torch.Tensor) -> torch.Tensor:
-    """Switch Transformer: route in at least float32 (bfloat16 softmax is too coarse to rank experts)."""
-    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-
 
 # ----------------------------------------------------------------------------------------------------
 # Losses shared by several routers. ``reduce`` sums over the ranks that hold other tokens (see above).
@@ -149,7 +148,7 @@ def switch_balance_loss(probs: torch.Tensor, expert_ids: torch.Tensor, reduce=lo
 
 def router_z_loss(logits: torch.Tensor, reduce=local_sum) -> torch.Tensor:
     """ST-MoE router z-loss: mean_t (logsumexp_e logits[t, e])², keeps the logits small."""
-    squares = torch.logsumexp(_router_precision(logits), dim=-1).square()
+    squares = torch.logsumexp(at_least_float32(logits), dim=-1).square()
     totals = reduce(torch.stack([squares.sum(), squares.new_tensor(float(squares.numel()))]))
     return totals[0] / totals[1].clamp(min=1)
 
@@ -277,7 +276,7 @@ class SoftmaxTopKRouter(Router):
         if self.route_scale != 1.0:
             # Outside the backend's routing function: a product autograd differentiates the same for every backend.
             weights = weights * self.route_scale                                   # w ← w · routed_scaling_factor
-        probs = torch.softmax(_router_precision(logits), dim=-1)
+        probs = torch.softmax(at_least_float32(logits), dim=-1)
         return RouterOutput(expert_ids, weights, self.capacity(x.shape[0]), logits, probs)
 
     def balance_loss(self, out, reduce=local_sum):
@@ -301,10 +300,10 @@ class NoisyTopKRouter(Router):
         self.noise_weight = nn.Parameter(torch.zeros(self.num_experts, self.d_model))   # W_noise
 
     def route(self, x):
-        clean = _router_precision(self.logits(x))
+        clean = at_least_float32(self.logits(x))
         draws = {}
         if self.training:
-            noise_std = F.softplus(_router_precision(x @ self.noise_weight.t())) + self.noise_epsilon
+            noise_std = F.softplus(at_least_float32(x @ self.noise_weight.t())) + self.noise_epsilon
             noise = torch.randn_like(clean)
             draws["noise"] = noise
             scores = clean + noise * noise_std                                     # h = clean + ε·softplus(.)
@@ -356,7 +355,7 @@ class SwitchRouter(Router):
             x = x * jitter
         logits = self.logits(x)
         expert_ids, weights = self._softmax_top_k(logits, 1, renormalize=False)
-        probs = torch.softmax(_router_precision(logits), dim=-1)
+        probs = torch.softmax(at_least_float32(logits), dim=-1)
         return RouterOutput(expert_ids, weights, self.capacity(x.shape[0]), logits, probs, draws)
 
     def balance_loss(self, out, reduce=local_sum):
@@ -386,7 +385,7 @@ class GShardRouter(Router):
             draws["uniform"] = uniform
             keep_second = 2 * weights[:, 1].detach() > uniform
             expert_ids = torch.stack([expert_ids[:, 0], torch.where(keep_second, expert_ids[:, 1], -1)], dim=1)
-        probs = torch.softmax(_router_precision(logits), dim=-1)
+        probs = torch.softmax(at_least_float32(logits), dim=-1)
         return RouterOutput(expert_ids, weights, self.capacity(x.shape[0]), logits, probs, draws)
 
     def balance_loss(self, out, reduce=local_sum):
@@ -404,7 +403,7 @@ class ExpertChoiceRouter(Router):
 
     def route(self, x):
         logits = self.logits(x)
-        probs = torch.softmax(_router_precision(logits), dim=-1)                   # p over experts
+        probs = torch.softmax(at_least_float32(logits), dim=-1)                   # p over experts
         num_tokens = x.shape[0]
         factor = self.capacity_factor if self.capacity_factor is not None else self.top_k
         per_expert = min(num_tokens, math.ceil(factor * num_tokens / self.num_experts))
@@ -445,7 +444,7 @@ class SigmoidRouter(Router):
                                         self.num_groups, self.top_k_groups, False)
         self.last_load = torch.bincount(expert_ids.reshape(-1), minlength=self.num_experts).detach()
         return RouterOutput(expert_ids, weights, self.capacity(x.shape[0]), logits,
-                            torch.sigmoid(_router_precision(logits)))
+                            torch.sigmoid(at_least_float32(logits)))
 
     def balance_loss(self, out, reduce=local_sum):
         return out.logits.new_zeros(())                           # auxiliary-loss-free: the bias balances
@@ -488,7 +487,7 @@ class XMoERouter(Router):
     def route(self, x):
         logits = self.logits(x)
         expert_ids, weights = self._softmax_top_k(logits, self.top_k, self.renormalize)
-        probs = torch.softmax(_router_precision(logits), dim=-1)
+        probs = torch.softmax(at_least_float32(logits), dim=-1)
         return RouterOutput(expert_ids, weights, self.capacity(x.shape[0]), logits, probs)
 
     def balance_loss(self, out, reduce=local_sum):

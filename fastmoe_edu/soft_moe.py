@@ -36,6 +36,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .precision import at_least_float32
+
 SOFT_MOE = "soft_moe"                                          # the router name MoELayer accepts
 OPTIONS = {"slots_per_expert": 1, "normalize": False}          # its options and their defaults
 NOT_CAUSAL = ("router='soft_moe' cannot be used by the causal language model: Soft MoE mixes all positions "
@@ -106,7 +108,7 @@ def soft_moe_forward(router: SoftMoERouter, experts, expert_runner, x: torch.Ten
     groups = x.reshape(num_groups, n, d)                             # X [G, n, d]: one group per sequence
 
     logits = router.logits(groups)                                   # L [G, n, E·p]
-    scores = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits   # softmax in >= fp32
+    scores = at_least_float32(logits)                                      # softmax in >= fp32
     dispatch = torch.softmax(scores, dim=1).to(x.dtype)              # D = softmax over tokens (per slot)
     combine = torch.softmax(scores, dim=2).to(x.dtype)               # C = softmax over slots (per token)
     slot_inputs = dispatch.transpose(1, 2) @ groups                  # X̃ = Dᵀ X  [G, E·p, d]
