@@ -136,11 +136,11 @@ class TrainConfig:
                                           "d_hidden must be divisible by tp")
     shadow_experts: DEGREE = _field(0, "parallel", "FasterMoE's dynamic shadowing: each step, experts whose weights "
                                     "are broadcast to the expert group so every rank computes its own rows for "
-                                    "them: 0 = none, N = the N most loaded, auto = those whose travelling rows cost "
-                                    "more than shadow_cost_ratio x their weights (flat or hierarchical exchange, "
-                                    "whole experts)", minimum=0)
-    shadow_cost_ratio: float = _field(1.0, "parallel", "auto shadowing: shadow an expert when 4 x travelling rows x "
-                                      "d_model > ratio x 2 x its weights (larger = shadow less)", above=0.0)
+                                    "them: 0 = none, N = the N most loaded, auto = FasterMoE's greedy choice on a "
+                                    "latency model with the exchange bandwidth and GEMM rate measured at start "
+                                    "(whole experts: not with expert_tensor_parallel)", minimum=0)
+    shadow_cost_ratio: float = _field(1.0, "parallel", "auto shadowing: the weight movement's cost in the latency "
+                                      "model is multiplied by this (larger = shadow less)", above=0.0)
     drop_duplicate_at: str = _field("combined", "parallel", "where duplicate token dropping joins the tp ranks' "
                                     "shares: combined (TED: each tp rank dispatches 1/tp of the tokens, the "
                                     "combined outputs [T, d] are all-gathered) or expert_rows (the expert output "
@@ -249,9 +249,9 @@ class TrainConfig:
             raise ConfigError("shared_d_hidden and shared_expert_gate apply to shared experts: set num_shared_experts "
                               ">= 1, or leave them at their defaults")
         pipelined = pipelining(self.pipeline_degree, self.backward_pipeline_degree)   # "" = not pipelined
-        if self.shadow_experts != 0 and (pipelined or self.expert_tensor_parallel):
-            raise ConfigError(f"shadow_experts={self.shadow_experts!r} runs whole experts on the flat or hierarchical exchange: it does not "
-                              f"combine with {pipelined or 'expert_tensor_parallel'}; turn one of them off")
+        if self.shadow_experts != 0 and self.expert_tensor_parallel:
+            raise ConfigError(f"shadow_experts={self.shadow_experts!r} broadcasts whole experts: it does not combine "
+                              f"with expert_tensor_parallel (experts split over the tp ranks); turn one of them off")
         if self.expert_tensor_parallel and pipelined:
             raise ConfigError(f"expert_tensor_parallel with {pipelined}: the pipelined "
                               f"exchange runs whole experts only; set one of them back to its default")

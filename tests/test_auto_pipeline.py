@@ -35,8 +35,10 @@ def test_config_reads_an_integer_or_auto_and_names_a_bad_value(tmp_path):
         parse_args(["--pipeline_degree=fast"])
     with pytest.raises(ConfigError, match=r"backward_pipeline_degree=0 is out of range; it must be >= 1"):
         parse_args(["--backward_pipeline_degree=0"])
-    with pytest.raises(ConfigError, match=r"shadow_experts='auto' .* does not combine with pipeline_degree='auto'"):
-        parse_args(["--pipeline_degree=auto", "--shadow_experts=auto"])
+    both = parse_args(["--pipeline_degree=auto", "--shadow_experts=auto"])         # shadowing + pipelining
+    assert (both.pipeline_degree, both.shadow_experts) == ("auto", "auto")
+    with pytest.raises(ConfigError, match=r"shadow_experts='auto' .* does not combine with expert_tensor_parallel"):
+        parse_args(["--shadow_experts=auto", "--expert_tensor_parallel=true"])
     assert parse_args(["--pipeline_degree=2", "--ranks_per_node=2"]).ranks_per_node == 2   # pipelined hierarchical
 
 

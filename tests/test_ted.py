@@ -25,6 +25,7 @@ from fastmoe_edu.distributed.cost_model import (Hardware, LayerTasks, Layout, Mo
                                                 choose_pipeline_degrees, fit_alpha_beta, fit_task, predict_layer,
                                                 predict_step)
 from fastmoe_edu.distributed.hierarchical import check_ranks_per_node, count_flat_messages
+from fastmoe_edu.distributed.shadowing import ShadowRates, choose_shadowed, predicted_time
 from fastmoe_edu.distributed.pipeline import Chunking, check_pipeline_degree, chunk_rows, cut_pieces
 from fastmoe_edu.distributed.expert_parallel import _counts_in_share
 from fastmoe_edu.distributed.tensor_parallel import row_shares
@@ -228,6 +229,21 @@ def test_tensor_parallel_experts_hold_one_tp_th_of_the_expert_weights(engine, nu
                 == results[whole + "_drop"]["totals"]["exchange_bytes"]), name
 
 
+def test_shadowing_policy_follows_the_latency_model():
+    """FasterMoE's greedy choice: a popular expert is shadowed, an even load shadows nothing, and
+    weights that cost more to move than the rows they keep home are not moved."""
+    rates = ShadowRates(seconds_per_byte=1e-9, seconds_per_flop=1e-10)
+    popular = torch.tensor([[400] + [50] * 7] * 4)                 # 4 ranks, 8 experts (2 each), expert 0 hot
+    even = torch.full((4, 8), 100)
+    args = dict(num_local=2, row_bytes=1024, weights=10_000, weight_bytes=40_000, rates=rates, max_shadowed=2)
+    assert choose_shadowed(popular, mode="auto", cost_ratio=1.0, **args) == [0]
+    assert choose_shadowed(even, mode="auto", cost_ratio=1.0, **args) == []
+    assert choose_shadowed(popular, mode="auto", cost_ratio=1e6, **args) == []           # moving weights: too dear
+    assert choose_shadowed(even, mode=2, cost_ratio=1.0, **args) == [0, 1]                # N: the N most loaded
+    before = predicted_time(popular, [], 2, 1024, 10_000, 40_000, rates, 1.0)
+    assert predicted_time(popular, [0], 2, 1024, 10_000, 40_000, rates, 1.0) < before
+
+
 @pytest.mark.mpi
 @pytest.mark.parametrize("engine,num_ranks", ENGINE_RANKS)
 def test_shadowing_ran_and_moved_fewer_token_bytes(engine, num_ranks):
@@ -238,6 +254,10 @@ def test_shadowing_ran_and_moved_fewer_token_bytes(engine, num_ranks):
     assert shadow["totals"]["min_shadowed_experts"] >= 1
     # ... and the shadowed experts' rows stayed home: fewer bytes through the token all-to-all.
     assert shadow["totals"]["exchange_bytes"] < plain["totals"]["exchange_bytes"]
+    # The same with the pipelined exchange carrying the rows that still travel (chunks were posted).
+    piped = results[f"tp1_ep{P}_dp1_pipe2_bwd3_shadow"]["totals"]
+    assert piped["min_shadowed_experts"] >= 1 and piped["max_ialltoallv_calls"] > 0
+    assert piped["exchange_bytes"] < plain["totals"]["exchange_bytes"]
 
 
 @pytest.mark.mpi

@@ -34,8 +34,6 @@ with the same collectives, and measures and decides nothing.
 """
 from __future__ import annotations
 
-import time
-
 import torch
 from tqdm import tqdm
 
@@ -43,6 +41,7 @@ from .cost_model import LayerTasks, choose_pipeline_degrees, fit_alpha_beta, fit
 from .exchange import exchange_counts, exchange_rows, regroup_by_expert, regroup_by_source
 from .pipeline import AUTO, chunk_rows
 from .recompute import active_stash
+from .stats import wall_clock
 
 PROFILE_PASSES = 4          # forward passes of each layer before the choice (the first is a warm-up)
 MAX_DEGREE = 16             # the largest degree "auto" may choose
@@ -97,11 +96,11 @@ class DegreeTuner:
         return out
 
     def _note_backward_start(self) -> None:
-        self._backward_start = _now(self._device)
+        self._backward_start = wall_clock(self._device)
 
     def _note_backward_end(self) -> None:
         if self._backward_start is not None and self.samples and self.samples[-1][-1] == 0.0:
-            self.samples[-1][-1] = _now(self._device) - self._backward_start   # the pass whose backward ran
+            self.samples[-1][-1] = wall_clock(self._device) - self._backward_start   # the pass whose backward ran
         self._backward_start = None
 
     def _decide(self, P: int, record: bool) -> None:
@@ -155,24 +154,24 @@ def _timed_exchange(runner, experts, buffer, counts, backend) -> tuple[torch.Ten
     comm, exchange, device = runner.layout.expert, runner.exchange, buffer.device
     P, width, me = comm.size, buffer.shape[1], comm.rank
     plan = exchange_counts(counts, runner.num_local_experts, comm)     # (also lines the ranks up for the clock)
-    start = _now(device)
+    start = wall_clock(device)
     exchange.alltoallv(buffer.new_zeros((P, width)), [1] * P, [1] * P)   # probe: one row to every rank
-    probe = _now(device)
+    probe = wall_clock(device)
     received = exchange_rows(buffer, plan.send_rows, plan.recv_rows, exchange)
-    scattered = _now(device)
+    scattered = wall_clock(device)
     expert_rows = regroup_by_expert(received, plan.recv_counts)
     local_counts = plan.local_expert_counts.to(counts.device)
     rows, small_counts = chunk_rows(local_counts, SMALL_CALL)
-    begin = _now(device)
+    begin = wall_clock(device)
     with torch.no_grad():                                              # the small call: 1/8 of the rows
         experts(expert_rows.detach()[rows[0].to(device)], small_counts[0].to(counts.device), backend.grouped_matmul)
-    small = _now(device)
+    small = wall_clock(device)
     expert_out = experts(expert_rows, local_counts, backend.grouped_matmul)
-    computed = _now(device)
+    computed = wall_clock(device)
     returned = regroup_by_source(expert_out, plan.recv_counts)
-    begin_gather = _now(device)
+    begin_gather = wall_clock(device)
     out = exchange_rows(returned, plan.recv_rows, plan.send_rows, exchange)
-    gathered = _now(device)
+    gathered = wall_clock(device)
     row_bytes = width * buffer.element_size()
     sample = [probe - start, (P - 1) * row_bytes,
               scattered - probe, (sum(plan.send_rows) - plan.send_rows[me]) * row_bytes,
@@ -181,11 +180,6 @@ def _timed_exchange(runner, experts, buffer, counts, backend) -> tuple[torch.Ten
     return out, sample
 
 
-def _now(device) -> float:
-    """Wall time, after the device has finished its queued work (CUDA runs asynchronously)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 class _Noted(torch.autograd.Function):

@@ -40,13 +40,15 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ..experts import Experts
 from .communicator import Communicator
 from .exchange import FlatExchange, exchange_counts, exchange_rows, regroup_by_expert, regroup_by_source
 from .exchange import Permute
 from .expert_tensor_parallel import run_sharded_experts
-from .shadowing import choose_shadowed, run_shadowed, shadow_weights, split_segments
+from .shadowing import (ShadowRates, choose_shadowed, describe_choice, run_shadowed, shadow_weights, split_segments,
+                        weights_per_expert)
 from .hierarchical import HierarchicalExchange
 from .layout import ParallelLayout
 from .autotune import DegreeTuner
@@ -86,7 +88,9 @@ class ExpertParallel:
         self.shadow_experts = shadow_experts if layout.ep_size > 1 else 0     # 0, N or "auto"
         self.shadow_cost_ratio = shadow_cost_ratio
         self.max_shadowed = max_shadowed if max_shadowed is not None else self.num_local_experts
-        self.last_shadowed: list[int] = []          # the experts shadowed in the last forward (for logs)
+        self.last_shadowed: list[int] | None = None    # the experts shadowed in the last forward (for logs)
+        self.shadow_rates: ShadowRates | None = None   # "auto": β and γ, measured by parallelize()
+        self.name = name
         self._token_shares: list[int] = []
         self.pipeline_degree = pipeline_degree
         self.backward_pipeline_degree = pipeline_degree if backward_pipeline_degree is None else backward_pipeline_degree
@@ -123,12 +127,8 @@ class ExpertParallel:
             counts = _counts_in_share(counts, shares, tensor.rank)
             buffer = SplitRowsForTensorRank.apply(buffer, shares, tensor)        # my ≈1/tp of the rows
         profiling = self.tuner.next_pass() if self.tuner is not None else None
-        forward_degree, backward_degree = self.chosen_degrees or (1, 1)
-        if profiling is not None:                                               # "auto": the first passes
-            out = self.tuner.run(profiling, self, experts, buffer, counts, backend)
-        elif forward_degree > 1 or backward_degree > 1:
-            out = pipelined_expert_exchange(experts, buffer, counts, backend, self.layout.expert,
-                                            self.num_local_experts, forward_degree, backward_degree, self.exchange)
+        if profiling is not None:                                               # "auto": the first passes, timed
+            out = self.tuner.run(profiling, self, experts, buffer, counts, backend)   # (unpipelined, unshadowed)
         elif self.shadow_experts != 0:
             out = self._run_with_shadows(experts, buffer, counts, backend)
         else:
@@ -145,7 +145,13 @@ class ExpertParallel:
         return self.pipeline_degree, self.backward_pipeline_degree
 
     def _exchange_and_run(self, experts: Experts, buffer: torch.Tensor, counts: torch.Tensor, backend) -> torch.Tensor:
-        """Steps 3 and 6-8 for ``buffer``: rows to their experts' ranks, the local experts, rows back."""
+        """Steps 3 and 6-8 for ``buffer``: rows to their experts' ranks, the local experts, rows back.
+
+        With a pipeline degree > 1 (forward or backward) the same steps run as overlapped chunks (pipeline.py)."""
+        forward_degree, backward_degree = self.chosen_degrees
+        if forward_degree > 1 or backward_degree > 1:
+            return pipelined_expert_exchange(experts, buffer, counts, backend, self.layout.expert,
+                                             self.num_local_experts, forward_degree, backward_degree, self.exchange)
         plan = exchange_counts(counts, self.num_local_experts, self.layout.expert)              # 3. counts
         received = exchange_rows(buffer, plan.send_rows, plan.recv_rows, self.exchange)        # 6. (source, expert)
         expert_rows = regroup_by_expert(received, plan.recv_counts)                            #    (expert, source)
@@ -160,15 +166,17 @@ class ExpertParallel:
 
     def _run_with_shadows(self, experts: Experts, buffer: torch.Tensor, counts: torch.Tensor, backend) -> torch.Tensor:
         """FasterMoE's shadowing (shadowing.py): the popular experts' weights come to every rank, which
-        computes its own rows for them; the other rows take the usual exchange."""
-        comm, first, L = self.layout.expert, self.first_local_expert, self.num_local_experts
-        mine = counts.detach().to("cpu", torch.int64)
-        own = torch.zeros_like(mine)
-        own[first:first + L] = mine[first:first + L]                          # rows I hold for my own experts
-        both = comm.allreduce_(torch.cat([mine, own]), purpose="allreduce_shadow_counts")
-        weights_per_expert = sum(p.numel() for p in experts.parameters(recurse=False)) // L
-        shadowed = choose_shadowed(both[:mine.numel()], both[mine.numel():], buffer.shape[1], weights_per_expert,
-                                   self.shadow_experts, self.shadow_cost_ratio, self.max_shadowed)
+        computes its own rows for them; the other rows take the usual exchange (pipelined or not)."""
+        comm, L = self.layout.expert, self.num_local_experts
+        rank_counts = comm.allgather(counts.detach().to("cpu", torch.int64), purpose="allgather_shadow_counts")
+        weights = weights_per_expert(experts)
+        shadowed = choose_shadowed(rank_counts.reshape(comm.size, -1), L, buffer.shape[1] * buffer.element_size(),
+                                   weights, weights * experts.w1.element_size(), self.shadow_experts,
+                                   self.shadow_rates, self.shadow_cost_ratio, self.max_shadowed)
+        if self.shadow_experts == "auto" and self.layout.world.rank == 0 and self.last_shadowed is None:
+            tqdm.write(describe_choice(self.name, shadowed, rank_counts.reshape(comm.size, -1), L,   # the first
+                                       buffer.shape[1] * buffer.element_size(), weights,          # decision
+                                       weights * experts.w1.element_size(), self.shadow_rates, self.shadow_cost_ratio))
         self.last_shadowed = shadowed
         if not shadowed:
             return self._exchange_and_run(experts, buffer, counts, backend)
@@ -177,8 +185,8 @@ class ExpertParallel:
         rest_counts = counts.clone()
         rest_counts[shadowed] = 0
         rest_out = self._exchange_and_run(experts, regrouped[n_shadow:], rest_counts, backend)
-        weights = shadow_weights(experts, shadowed, L, comm)
-        shadow_out = run_shadowed(experts, weights, regrouped[:n_shadow], counts[shadowed], backend.grouped_matmul)
+        shadow_out = run_shadowed(experts, shadow_weights(experts, shadowed, L, comm), regrouped[:n_shadow],
+                                  counts[shadowed], backend.grouped_matmul)
         return Permute.apply(torch.cat([shadow_out, rest_out]), _inverse(order))   # back in buffer order
 
     def __deepcopy__(self, memo):

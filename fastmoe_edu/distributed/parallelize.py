@@ -23,11 +23,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..backends import get_backend
 from ..layer import MoELayer
 from .communicator import EXCHANGE_METHODS
 from .expert_parallel import DROP_POINTS, ExpertParallel, SumOverRanks, keep_local_experts
 from .expert_tensor_parallel import shard_experts
-from .shadowing import check_shadow_experts
+from .shadowing import check_shadow_experts, measure_rates
 from .gradients import broadcast_parameters
 from .hierarchical import check_ranks_per_node
 from .layout import ParallelLayout
@@ -68,9 +69,9 @@ def parallelize(model: nn.Module, layout: ParallelLayout, exchange: str = "auto"
     if drop_duplicate_at not in DROP_POINTS:
         raise ValueError(f"drop_duplicate_at={drop_duplicate_at!r} is not known; allowed: {', '.join(DROP_POINTS)}")
     check_shadow_experts(shadow_experts)
-    if shadow_experts != 0 and (pipelined or expert_tensor_parallel):
-        raise ValueError(f"shadow_experts={shadow_experts!r} runs whole experts on the flat or hierarchical exchange: it does not "
-                         f"combine with {pipelined or 'expert_tensor_parallel'}; turn one of them off")
+    if shadow_experts != 0 and expert_tensor_parallel:
+        raise ValueError(f"shadow_experts={shadow_experts!r} broadcasts whole experts: it does not combine with "
+                         f"expert_tensor_parallel (experts split over the tp ranks); turn one of them off")
     if not shadow_cost_ratio > 0:
         raise ValueError(f"shadow_cost_ratio={shadow_cost_ratio!r} must be > 0")
     if expert_tensor_parallel and pipelined:
@@ -91,6 +92,9 @@ def parallelize(model: nn.Module, layout: ParallelLayout, exchange: str = "auto"
         if runner.expert_tensor_parallel:                                       # my hidden units of each
             shard_experts(layer.experts, layout.tensor.rank, layout.tp_size)
         layer.expert_runner = runner
+        if runner.shadow_experts == "auto":                                    # FasterMoE's latency model:
+            runner.shadow_rates = measure_rates(layout.expert, layer.experts,   # β, γ measured here
+                                                get_backend(layer.backend_name, layer.experts.w1.device).grouped_matmul)
         layer.reduce = SumOverRanks(layout.data)
     if hasattr(model, "recompute_contexts"):               # a language model: recomputed blocks replay
         model.recompute_contexts = stash_contexts           # their collectives (activation checkpointing)

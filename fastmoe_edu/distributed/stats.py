@@ -25,6 +25,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass
 class CollectiveCounter:
@@ -67,3 +69,10 @@ class CommunicationStats:
         for key, c in sorted(self.counters.items()):
             lines.append(f"{key:<28}{c.calls:>8}{c.seconds:>10.3f}{c.bytes_sent / 1e6:>10.2f}")
         return "\n".join(lines)
+
+
+def wall_clock(device) -> float:
+    """Wall time in seconds, after ``device`` has finished its queued work (CUDA runs asynchronously)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

@@ -79,10 +79,14 @@ def cases(world_size: int):
               (f"tp2_ep{P // 2}_dp1_drop_hier2", 2, P // 2, 1, dict(drop_duplicate_tokens=True, ranks_per_node=2)),
               (f"tp1_ep{P // 2}_dp2_hier2", 1, P // 2, 2, dict(ranks_per_node=2)),
               (f"tp1_ep{P}_dp1_pairwise", 1, P, 1, dict(exchange="pairwise")),
-              # FasterMoE's shadowing, forced (a tiny cost ratio shadows every expert with travelling rows)
-              (f"tp1_ep{P}_dp1_shadow", 1, P, 1, dict(shadow_experts="auto", shadow_cost_ratio=1e-9)),
+              # FasterMoE's shadowing: forced (the 2 most loaded experts), and chosen by the latency model
+              (f"tp1_ep{P}_dp1_shadow", 1, P, 1, dict(shadow_experts=2)),
+              (f"tp1_ep{P}_dp1_shadow_auto", 1, P, 1, dict(shadow_experts="auto")),
               (f"tp2_ep{P // 2}_dp1_drop_shadow", 2, P // 2, 1, dict(drop_duplicate_tokens=True, shadow_experts=2)),
               (f"tp1_ep{P // 2}_dp2_hier2_shadow", 1, P // 2, 2, dict(ranks_per_node=2, shadow_experts=1)),
+              # ... and with the pipelined exchange carrying the rows that still travel
+              (f"tp1_ep{P}_dp1_pipe2_bwd3_shadow", 1, P, 1, dict(pipeline_degree=2, backward_pipeline_degree=3,
+                                                                 shadow_experts=1)),
               (f"tp2_ep{P // 2}_dp1_drop_pairwise", 2, P // 2, 1, dict(drop_duplicate_tokens=True, exchange="pairwise"))]
     return out + [case for case in wanted
                   if case[2] >= 1 and case[1] * case[2] * case[3] == P
