@@ -145,6 +145,11 @@ class Permute(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (source_row,) = ctx.saved_tensors
-        inverse = torch.empty_like(source_row)
-        inverse[source_row] = torch.arange(source_row.numel(), device=source_row.device)
-        return grad_out.index_select(0, inverse), None
+        return grad_out.index_select(0, inverse_permutation(source_row)), None
+
+
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """``back`` with ``back[order[i]] = i``: indexing by it undoes indexing by ``order``."""
+    back = torch.empty_like(order)
+    back[order] = torch.arange(order.numel(), device=order.device)
+    return back

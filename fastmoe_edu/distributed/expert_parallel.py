@@ -45,7 +45,7 @@ from tqdm import tqdm
 from ..experts import Experts
 from .communicator import Communicator
 from .exchange import FlatExchange, exchange_counts, exchange_rows, regroup_by_expert, regroup_by_source
-from .exchange import Permute
+from .exchange import Permute, inverse_permutation
 from .expert_tensor_parallel import run_sharded_experts
 from .shadowing import (ShadowRates, choose_shadowed, describe_choice, run_shadowed, shadow_weights, split_segments,
                         weights_per_expert)
@@ -187,7 +187,7 @@ class ExpertParallel:
         rest_out = self._exchange_and_run(experts, regrouped[n_shadow:], rest_counts, backend)
         shadow_out = run_shadowed(experts, shadow_weights(experts, shadowed, L, comm), regrouped[:n_shadow],
                                   counts[shadowed], backend.grouped_matmul)
-        return Permute.apply(torch.cat([shadow_out, rest_out]), _inverse(order))   # back in buffer order
+        return Permute.apply(torch.cat([shadow_out, rest_out]), inverse_permutation(order))   # back in buffer order
 
     def __deepcopy__(self, memo):
         # A copied layer (e.g. an EMA copy of the model) talks to the same ranks: share, never copy, comm state.
@@ -240,12 +240,6 @@ class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return ctx.comm.allreduce_(grad.contiguous().clone(), purpose="allreduce_router_statistics"), None
-
-
-def _inverse(order: torch.Tensor) -> torch.Tensor:
-    back = torch.empty_like(order)
-    back[order] = torch.arange(order.numel())
-    return back
 
 
 def _counts_in_share(counts: torch.Tensor, shares: list[int], tp_rank: int) -> torch.Tensor:
