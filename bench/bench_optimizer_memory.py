@@ -22,13 +22,14 @@ from torch.profiler import ProfilerActivity, profile
 
 from fastmoe_edu.config import TrainConfig
 from fastmoe_edu.model import build_model
+from fastmoe_edu.precision import store_parameters
 from fastmoe_edu.train import configure_optimizer
 
 
 def step_peak_bytes(cfg: TrainConfig, device: str) -> tuple[int, int, int]:
     """(peak bytes allocated during optimizer.step() above the start, number of groups, parameter bytes)."""
     torch.manual_seed(0)
-    model = build_model(cfg, vocab_size=64).to(device)
+    model = store_parameters(build_model(cfg, vocab_size=64).to(device), cfg.dtype, cfg.master_weights)
     optimizer = configure_optimizer(model, cfg)
     for group in optimizer.param_groups:
         group["foreach"] = True
@@ -57,18 +58,22 @@ def main() -> None:
     parser.add_argument("--groups", type=int, nargs="+", default=[0, 1 << 20, 1 << 18, 1 << 16],
                         help="optimizer_group_size values to measure (0 = no grouping)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--master-weights", action="store_true",
+                        help="bfloat16 parameters and gradients, float32 master copies in the optimizer")
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, torch {torch.__version__}, device {args.device}")
+    precision = (dict(dtype="bfloat16", master_weights="optimizer") if args.master_weights else {})
     base = None
     rows = []
     for size in args.groups:
         cfg = TrainConfig(d_model=args.d_model, d_hidden=args.d_hidden, n_layer=args.layers,
-                          optimizer_group_size=size).validate()
+                          optimizer_group_size=size, **precision).validate()
         peak, groups, param_bytes = step_peak_bytes(cfg, args.device)
         base = peak if base is None else base
         rows.append((size, groups, peak, param_bytes))
     print(f"model: d_model {args.d_model}, d_hidden {args.d_hidden}, {args.layers} blocks, "
-          f"{rows[0][3] / 2**20:.1f} MiB of float32 parameters")
+          f"{rows[0][3] / 2**20:.1f} MiB of parameters ("
+          + ("bfloat16 but the routers; master weights in the optimizer" if args.master_weights else "float32") + ")")
     print("| optimizer_group_size | groups | step's peak extra memory (MiB) | ÷ ungrouped | ÷ parameter bytes |")
     print("|---:|---:|---:|---:|---:|")
     for size, groups, peak, param_bytes in rows:

@@ -37,7 +37,7 @@ from .distributed.expert_parallel import DROP_POINTS
 from .distributed.parallelize import EXCHANGES, pipelining
 from .distributed.pipeline import AUTO
 from .experts import EXPERT_KINDS
-from .precision import DTYPES
+from .precision import DTYPES, MASTER_WEIGHTS
 from .routers import ROUTERS, router_options as accepted_router_options
 from .soft_moe import NOT_CAUSAL as SOFT_MOE_NOT_CAUSAL, SOFT_MOE
 
@@ -200,6 +200,11 @@ class TrainConfig:
     dtype: str = _field("float32", "system", "precision of the forward pass's matrix products: float32, or "
                         "bfloat16 / float16 under autocast with float32 master weights (float16 with dynamic "
                         "loss scaling; routers stay float32)", choices=tuple(DTYPES))
+    master_weights: str = _field("model", "system", "where the float32 master weights live: model (the model's "
+                                 "parameters and gradients are float32) or optimizer (DeepSpeed-TED: with "
+                                 "dtype=bfloat16 the parameters and gradients are bfloat16, the optimizer keeps "
+                                 "float32 copies and steps them one optimizer_group_size group at a time)",
+                                 choices=MASTER_WEIGHTS)
     num_threads: int = _field(1, "system", "torch CPU threads (0 = torch's default; 1 is fastest for the tiny default model and for MPI ranks)", minimum=0)
     progress: bool = _field(True, "system", "show the tqdm progress bar and log lines")
 
@@ -255,6 +260,10 @@ class TrainConfig:
         if self.expert_tensor_parallel and pipelined:
             raise ConfigError(f"expert_tensor_parallel with {pipelined}: the pipelined "
                               f"exchange runs whole experts only; set one of them back to its default")
+        if self.master_weights == "optimizer" and self.dtype != "bfloat16":
+            raise ConfigError(f"master_weights='optimizer' with dtype={self.dtype!r}: 16-bit parameters with float32 "
+                              f"copies in the optimizer need dtype='bfloat16' (float16's loss scale would be divided "
+                              f"out of float16 gradients, flushing the small ones to zero); use master_weights='model'")
         if self.min_lr > self.lr:
             raise ConfigError(f"min_lr={self.min_lr} is out of range; it must be <= lr={self.lr}")
         if not (self.device == "cpu" or self.device == "cuda" or

@@ -189,7 +189,7 @@ class MoELayer(nn.Module):
 
     def _check_input(self, x: torch.Tensor) -> None:
         """Refuse, before any work, an input the layer cannot take, and say what it takes instead."""
-        dtype = self.router.weight.dtype
+        dtype = self.experts.w1.dtype                        # (the router may keep float32 weights)
         if x.dim() == 0:
             raise ValueError(f"input is 0-dimensional (a scalar); expected shape [..., d_model={self.d_model}]")
         if not x.is_floating_point():

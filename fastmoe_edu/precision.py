@@ -19,12 +19,30 @@ and divides the gradients by S before they are used. S is found as training goes
     ``growth_interval`` steps without one       ->  S <- 2 S
 
 bfloat16 has float32's exponent range and needs no scaling (S stays 1).
+
+**Where the float32 master weights live** (``master_weights``). ``"model"`` (the default): the model's
+parameters are float32 and autocast makes the 16-bit copies; gradients are float32. ``"optimizer"``
+(DeepSpeed-TED's and ZeRO's arrangement, bfloat16 only): the model's parameters *and gradients* are
+bfloat16 — half the bytes of both — except the routers' (float32, as above), and the optimizer keeps
+a float32 master copy of each parameter beside its moments. :class:`MasterWeightAdamW` then steps
+the parameter groups (``optimizer_group_size``) one at a time:
+
+    g32 = float32(g16)                       1. upcast this group's gradients (clipped already; S = 1)
+    m ← β1 m + (1−β1) g32                    2. AdamW on the float32 master weights θ32
+    v ← β2 v + (1−β2) g32²
+    θ32 ← θ32 (1 − lr λ) − lr m̂ / (√v̂ + ε)     (m̂, v̂: bias-corrected)
+    θ16 = bfloat16(θ32)                      3. round them into the model
+    del g32                                  4. free: one group's float32 gradients exist at a time
+
+float16 keeps ``master_weights = "model"``: its loss scale must be divided out of the gradients before
+they are used, and done in place on float16 gradients that division flushes the small ones to zero.
 """
 from __future__ import annotations
 
 import contextlib
 
 import torch
+from torch.optim.adam import adam
 
 #: The ``dtype`` setting's values and the torch dtypes they compute in.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -84,3 +102,70 @@ class LossScaler:
 
     def load_state_dict(self, state: dict) -> None:
         self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
+
+
+#: The ``master_weights`` setting's values (see the module docstring).
+MASTER_WEIGHTS = ("model", "optimizer")
+
+
+def store_parameters(model: torch.nn.Module, dtype: str, master_weights: str) -> torch.nn.Module:
+    """``master_weights="optimizer"``: the model's parameters (and so its gradients) become ``dtype``,
+    except the routers' (every MoE layer's ``router``), which stay float32. ``"model"``: nothing
+    changes. Call after the model is sharded, before the optimizer is built."""
+    if master_weights == "model":
+        return model
+    routers = [m.router for m in model.modules() if isinstance(getattr(m, "router", None), torch.nn.Module)]
+    model.to(DTYPES[dtype])
+    for router in routers:
+        router.float()
+    return model
+
+
+class MasterWeightAdamW(torch.optim.Optimizer):
+    """AdamW (torch's arithmetic) over float32 master copies of 16-bit parameters, one group at a time.
+
+    The parameters in ``param_groups`` are the model's own (16-bit), so checkpoints number them as they
+    number a plain AdamW's; ``state[p]`` holds the master copy ``master`` beside ``exp_avg``,
+    ``exp_avg_sq`` and ``step``. Float32 parameters (the routers') are stepped the same way: their
+    master copy is then an exact copy.
+    """
+
+    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, foreach: bool | None = None):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:                                    # one group at a time
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            state = [self._state_of(p) for p in params]
+            grads = [p.grad.float() for p in params]                       # 1. this group's float32 gradients
+            beta1, beta2 = group["betas"]
+            adam([s["master"] for s in state], grads, [s["exp_avg"] for s in state],      # 2. AdamW on θ32
+                 [s["exp_avg_sq"] for s in state], [], [s["step"] for s in state], amsgrad=False,
+                 beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+                 maximize=False, decoupled_weight_decay=True, foreach=group["foreach"])
+            for p, s in zip(params, state):
+                p.copy_(s["master"])                                       # 3. θ16 = round(θ32)
+            del grads                                                      # 4. freed before the next group
+        return None
+
+    def _state_of(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:                                                      # first step: θ32 from θ16
+            master = p.detach().float().clone()
+            state.update(master=master, exp_avg=torch.zeros_like(master), exp_avg_sq=torch.zeros_like(master),
+                         step=torch.zeros((), dtype=torch.float32))
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but the master copies and moments stay float32 (torch would cast them to the
+        parameters' 16-bit dtype, rounding the master weights away)."""
+        super().load_state_dict(state_dict)
+        ordered = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in state_dict["state"].items():
+            for key in ("master", "exp_avg", "exp_avg_sq"):
+                if key in saved:
+                    self.state[ordered[int(index)]][key] = saved[key].to(ordered[int(index)].device, torch.float32)

@@ -57,7 +57,7 @@ from .data import batch_rng, get_dataset
 from .distributed.engines import launch_rank, launch_world_size, resolve_engine
 from .distributed.layout import layout_sizes
 from .model import MoETransformer, build_model
-from .precision import LossScaler, at_least_float32, autocast
+from .precision import LossScaler, MasterWeightAdamW, at_least_float32, autocast, store_parameters
 from .runtime import Runtime
 
 HISTORY_NAME = "history.json"
@@ -105,14 +105,17 @@ def configure_optimizer(model: MoETransformer, cfg: TrainConfig) -> torch.optim.
     elements (a larger tensor is a group alone). AdamW updates one group after another and its
     multi-tensor ("foreach") arithmetic allocates temporaries for a whole group at once, so the
     step's extra memory is that of the largest group, not of the whole model (DeepSpeed-TED's
-    tiled optimizer step).
+    tiled optimizer step). With ``master_weights = "optimizer"`` (bfloat16 parameters) it is
+    :class:`MasterWeightAdamW`: the same arithmetic on float32 master copies, and the groups' float32
+    gradients exist one group at a time too.
     """
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": chunk, "weight_decay": weight_decay}
               for params, weight_decay in ((decay, cfg.weight_decay), (no_decay, 0.0))
               for chunk in parameter_chunks(params, cfg.optimizer_group_size)]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99))
+    optimizer = MasterWeightAdamW if cfg.master_weights == "optimizer" else torch.optim.AdamW
+    return optimizer(groups, lr=cfg.lr, betas=(0.9, 0.99))
 
 
 def parameter_chunks(params: list, max_elements: int) -> list[list]:
@@ -422,6 +425,7 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, rt: Runtime | None = 
     log(rt, cfg, f"model: {counts['total']:,} parameters ({counts['expert']:,} in experts, "
                  f"{counts['active_per_token']:,} active per token); vocab {dataset.vocab_size}")
     rt.shard_model(model)                                            # this rank's part of the model
+    store_parameters(model, cfg.dtype, cfg.master_weights)           # bfloat16 weights? (precision.py)
     seed_random_draws(cfg, rt)
     log(rt, cfg, rt.describe(model))
     optimizer = configure_optimizer(model, cfg)

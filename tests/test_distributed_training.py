@@ -191,12 +191,14 @@ SMALL = ["--batch_size=8", "--seq_len=16", "--n_layer=2", "--d_model=32", "--n_h
          "--progress=false"]
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_mixed_precision_ted_training_equals_one_process(tmp_path, dtype):
-    one = subprocess.run([sys.executable, "-m", "fastmoe_edu.train", *SMALL, f"--dtype={dtype}",
+@pytest.mark.parametrize("dtype,master_weights", [("bfloat16", "model"), ("float16", "model"),
+                                                   ("bfloat16", "optimizer")])
+def test_mixed_precision_ted_training_equals_one_process(tmp_path, dtype, master_weights):
+    precision = [f"--dtype={dtype}", f"--master_weights={master_weights}"]
+    one = subprocess.run([sys.executable, "-m", "fastmoe_edu.train", *SMALL, *precision,
                           f"--out_dir={tmp_path / 'one'}"], capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stdout + one.stderr
-    done, _ = run_mpi(4, ["-m", "fastmoe_edu.train", *SMALL, f"--dtype={dtype}", "--tp=2", "--ep=2",
+    done, _ = run_mpi(4, ["-m", "fastmoe_edu.train", *SMALL, *precision, "--tp=2", "--ep=2",
                           "--drop_duplicate_tokens=true", f"--out_dir={tmp_path / 'four'}"], timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     single, parallel = ([r["loss"] for r in json.loads((tmp_path / run / "history.json").read_text())["train"]]

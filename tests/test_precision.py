@@ -6,7 +6,7 @@ import torch
 
 from fastmoe_edu.config import ConfigError, parse_args
 from fastmoe_edu.layer import MoELayer
-from fastmoe_edu.precision import LossScaler, autocast
+from fastmoe_edu.precision import LossScaler, MasterWeightAdamW, autocast, store_parameters
 from fastmoe_edu.train import (build_dataset, configure_optimizer, get_batch, parameter_chunks, train,
                                train_step)
 from fastmoe_edu.model import build_model
@@ -114,3 +114,78 @@ def test_resume_refuses_another_optimizer_group_size(tmp_path):
     train(small(tmp_path, "--max_steps=2", "--optimizer_group_size=5000"))
     with pytest.raises(ConfigError, match="optimizer_group_size=0 \\(checkpoint: 5000\\)"):
         train(small(tmp_path, "--max_steps=2", "--resume"))
+
+
+# --------------------------------------------------------------------------------------------------
+# master weights in the optimizer (bfloat16 parameters, float32 copies, one group at a time)
+# --------------------------------------------------------------------------------------------------
+def _two_groups(params):
+    return [{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:], "weight_decay": 0.0}]
+
+
+def test_master_weight_adamw_is_torch_adamw_on_the_float32_copies():
+    """The same gradients (bfloat16 values, exact in float32): the master copies follow torch's AdamW on
+    float32 parameters bit for bit, and the model's bfloat16 parameters are them rounded."""
+    torch.manual_seed(0)
+    start = [torch.randn(n, 3).bfloat16().float() for n in (4, 5, 2, 7)]
+    full = [torch.nn.Parameter(t.clone()) for t in start]
+    half = [torch.nn.Parameter(t.clone().bfloat16()) for t in start]
+    reference = torch.optim.AdamW(_two_groups(full), lr=1e-2, betas=(0.9, 0.99))
+    master = MasterWeightAdamW(_two_groups(half), lr=1e-2, betas=(0.9, 0.99))
+    for _ in range(5):
+        for f, h in zip(full, half):
+            h.grad = torch.randn_like(h)
+            f.grad = h.grad.float()
+        reference.step()
+        master.step()
+    for f, h in zip(full, half):
+        assert torch.equal(master.state[h]["master"], f.detach())
+        assert torch.equal(h.detach(), f.detach().bfloat16())
+
+
+def test_master_weights_survive_a_checkpoint_in_float32():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 3).bfloat16()) for _ in range(4)]
+    optimizer = MasterWeightAdamW(_two_groups(params), lr=1e-2)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    restored = MasterWeightAdamW(_two_groups(params), lr=1e-2)
+    restored.load_state_dict(optimizer.state_dict())
+    for p in params:
+        for key in ("master", "exp_avg", "exp_avg_sq"):
+            assert restored.state[p][key].dtype == torch.float32
+            assert torch.equal(restored.state[p][key], optimizer.state[p][key])
+
+
+def test_master_weights_keep_bfloat16_parameters_and_float32_routers(tmp_path):
+    cfg = small(tmp_path, "--dtype=bfloat16", "--master_weights=optimizer", "--max_steps=2")
+    model = store_parameters(build_model(cfg, 64), cfg.dtype, cfg.master_weights)
+    routers = {id(p) for layer in model.moe_layers() for p in layer.router.parameters()}
+    assert routers and all(p.dtype == (torch.float32 if id(p) in routers else torch.bfloat16)
+                           for p in model.parameters())
+    assert isinstance(configure_optimizer(model, cfg), MasterWeightAdamW)
+
+
+# The same tolerance as bfloat16 under autocast above: the arithmetic differs only in where values
+# are rounded (bfloat16 parameters and gradients instead of bfloat16 copies of float32 ones).
+def test_bfloat16_master_weights_train_like_float32(tmp_path):
+    default_batch = ("--batch_size=32", "--seq_len=64")
+    full = train(small(tmp_path / "f32", *default_batch))["train_loss"]
+    low = train(small(tmp_path / "bf16", *default_batch, "--dtype=bfloat16", "--master_weights=optimizer"))
+    gaps = [abs(a - b) for a, b in zip(full, low["train_loss"])]
+    assert len(gaps) == 20 and max(gaps) < 0.1 and sum(gaps) / len(gaps) < 0.03, gaps
+    assert low["train_loss"][-1] < low["train_loss"][0] - 0.5
+
+
+def test_master_weights_need_bfloat16():
+    for dtype in ("float32", "float16"):
+        with pytest.raises(ConfigError, match=f"master_weights='optimizer' with dtype='{dtype}'.*need dtype='bfloat16'"):
+            parse_args([f"--dtype={dtype}", "--master_weights=optimizer"])
+
+
+def test_master_weights_resume_reproduces_the_run(tmp_path):
+    precision = ("--dtype=bfloat16", "--master_weights=optimizer", "--max_steps=4", "--optimizer_group_size=5000")
+    whole = train(small(tmp_path / "whole", *precision))["train_loss"]
+    train(small(tmp_path / "split", *precision), stop_at=2)
+    assert train(small(tmp_path / "split", *precision, "--resume"))["train_loss"] == whole
