@@ -46,9 +46,12 @@ class Backend(Protocol):
     # ------------------------------------------------------------------------------------------------
     # Integer steps: not differentiable
     # ------------------------------------------------------------------------------------------------
-    def prune_capacity(self, expert_ids: torch.Tensor, num_experts: int, capacity: int | None) -> torch.Tensor:
+    def prune_capacity(self, expert_ids: torch.Tensor, num_experts: int, capacity: int | None,
+                       tokens_per_group: int | None = None) -> torch.Tensor:
         """Keep at most ``capacity`` assignments per expert (slot 0 of every token first, then slot 1,
-        ...; tokens in order), set the rest to -1; ``None`` keeps all. Not differentiable."""
+        ...; tokens in order), set the rest to -1; ``None`` keeps all. With ``tokens_per_group`` = S, each
+        run of S consecutive tokens (a sequence) has its own ``capacity`` per expert and its tokens compete
+        only among themselves, in the same order. Not differentiable."""
 
     def count_tokens_per_expert(self, expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
         """count[e] = number of kept (token, slot) pairs routed to expert e, int64 ``[E]``.
@@ -81,11 +84,12 @@ class Backend(Protocol):
     # ------------------------------------------------------------------------------------------------
     def softmax_top_k_route(
         self, logits: torch.Tensor, top_k: int, renormalize: bool, num_groups: int | None = None,
-        top_k_groups: int | None = None,
+        top_k_groups: int | None = None, bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids, weights) ``[T, k]``: p = softmax(logits); ids = top-k of p (within the best ``top_k_groups``
-        of ``num_groups`` equal consecutive expert groups, each scored by its largest p, if given: DeepSeek-V2);
-        weights = p[ids], divided by their sum if ``renormalize``. Differentiable: weights in ``logits``."""
+        """(ids, weights) ``[T, k]``: p = softmax(logits); ids = top-k of p, or of p + ``bias`` [E] if one is
+        given (ERNIE-4.5-MoE), within the best ``top_k_groups`` of ``num_groups`` equal consecutive expert
+        groups, each scored by its largest p (+ bias), if given (DeepSeek-V2); weights = p[ids], divided by
+        their sum if ``renormalize``. Differentiable: weights in ``logits``; ``bias`` only selects."""
 
     def sigmoid_top_k_route(
         self,

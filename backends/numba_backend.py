@@ -17,7 +17,7 @@ passes are kernels too:
     scatter_rows         backward: grad_x[t] = Σ_s grad_buffer[rows[t, s]]                (slots in order)
     gather_combine       backward: grad_expert_out[rows[t, s]] = w[t, s] · grad_y[t]
                                    grad_w[t, s] = <grad_y[t], expert_out[rows[t, s]]>
-    softmax_top_k_route   backward: ∂L/∂logits through the (renormalized) softmax weights (groups only select)
+    softmax_top_k_route   backward: ∂L/∂logits through the (renormalized) softmax weights (groups, bias only select)
     sigmoid_top_k_route   backward: ∂L/∂logits through the (normalized) sigmoid weights
 
 What makes it faster than the reference on a CPU: the reference's ranking builds a [T·k, E] one-hot
@@ -147,12 +147,25 @@ def _ranks(expert_ids, starts, slot_major):
     return ranks
 
 
-def prune_capacity(expert_ids: torch.Tensor, num_experts: int, capacity: int | None) -> torch.Tensor:
-    """Keep at most ``capacity`` assignments per expert, slot-major priority; the rest become -1."""
+def prune_capacity(expert_ids: torch.Tensor, num_experts: int, capacity: int | None,
+                   tokens_per_group: int | None = None) -> torch.Tensor:
+    """Keep at most ``capacity`` assignments per expert, slot-major priority; the rest become -1.
+
+    Per group of ``tokens_per_group`` tokens (a sequence), each group's expert e is ranked as its own
+    *virtual* expert g·E + e: the same kernels, walking the same slot-major order, then count each
+    group's assignments separately, which is exactly the per-group priority of the reference."""
     if capacity is None:
         return expert_ids
-    no_offset = torch.zeros(num_experts, dtype=torch.int64, device=expert_ids.device)
-    rank_in_expert = _ranks(expert_ids, no_offset, slot_major=True)                # -1 where dropped already
+    num_tokens = expert_ids.shape[0]
+    ranked_ids, num_ranked = expert_ids, num_experts
+    if tokens_per_group is not None and 0 < tokens_per_group < num_tokens:
+        if num_tokens % tokens_per_group:
+            raise ValueError(f"tokens_per_group={tokens_per_group} does not divide the {num_tokens} tokens")
+        group = torch.arange(num_tokens, device=expert_ids.device) // tokens_per_group
+        ranked_ids = torch.where(expert_ids >= 0, expert_ids + group[:, None] * num_experts, -1)   # g·E + e
+        num_ranked = num_experts * (num_tokens // tokens_per_group)
+    no_offset = torch.zeros(num_ranked, dtype=torch.int64, device=expert_ids.device)
+    rank_in_expert = _ranks(ranked_ids, no_offset, slot_major=True)               # -1 where dropped already
     return torch.where(rank_in_expert < capacity, expert_ids, torch.full_like(expert_ids, -1))
 
 
@@ -270,17 +283,20 @@ def grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, counts: torch.Tenso
 # ----------------------------------------------------------------------------------------------------
 class SoftmaxTopKRoute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, top_k, renormalize, num_groups, top_k_groups):
+    def forward(ctx, logits, top_k, renormalize, num_groups, top_k_groups, bias):
         target = _target(logits)
         logits = logits.contiguous()
         num_tokens = logits.shape[0]
-        # Scratch for group-limited selection: the logits outside the best groups masked, the group scores.
-        selection = torch.empty_like(logits) if num_groups else logits.new_empty(num_tokens, 1)
+        has_bias = bias is not None
+        # Scratch for the selection scores (logits outside the best groups masked, or p + b) and the group scores.
+        selection = torch.empty_like(logits) if num_groups or has_bias else logits.new_empty(num_tokens, 1)
         group_scores = logits.new_empty(num_tokens, max(num_groups, 1))
+        bias = bias if has_bias else logits.new_zeros(1)                           # unused without a bias
         expert_ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
         weights = logits.new_empty(num_tokens, top_k)
-        target.softmax_top_k_route(target.array(logits), renormalize, num_groups, top_k_groups, target.array(selection),
-                                   target.array(group_scores), target.array(expert_ids), target.array(weights))
+        target.softmax_top_k_route(target.array(logits), renormalize, num_groups, top_k_groups, has_bias,
+                                   target.array(bias), target.array(selection), target.array(group_scores),
+                                   target.array(expert_ids), target.array(weights))
         ctx.renormalize = renormalize
         ctx.mark_non_differentiable(expert_ids)
         ctx.save_for_backward(logits, expert_ids, weights)
@@ -294,7 +310,7 @@ class SoftmaxTopKRoute(torch.autograd.Function):
         grad_logits = torch.empty_like(logits)
         target.softmax_top_k_route_backward(target.array(logits), target.array(expert_ids), target.array(weights),
                                            target.array(grad_weights), ctx.renormalize, target.array(grad_logits))
-        return grad_logits, None, None, None, None
+        return grad_logits, None, None, None, None, None
 
 
 class SigmoidTopKRoute(torch.autograd.Function):
@@ -337,11 +353,15 @@ def _routing_logits(logits: torch.Tensor, top_k: int) -> torch.Tensor:
 
 
 def softmax_top_k_route(logits: torch.Tensor, top_k: int, renormalize: bool, num_groups: int | None = None,
-                        top_k_groups: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """p = softmax(logits); ids = top-k of p (within the best ``top_k_groups`` of ``num_groups`` groups, each
-    scored by its largest p, if given); weights = p[ids] (divided by their sum if renormalize)."""
-    return SoftmaxTopKRoute.apply(_routing_logits(logits, top_k), top_k, bool(renormalize), num_groups or 0,
-                                  top_k_groups or 0)
+                        top_k_groups: int | None = None,
+                        bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """p = softmax(logits); ids = top-k of p, or of p + bias with a selection bias (within the best
+    ``top_k_groups`` of ``num_groups`` groups, each scored by its largest p (+ bias), if given);
+    weights = p[ids] (divided by their sum if renormalize)."""
+    logits = _routing_logits(logits, top_k)
+    if bias is not None:
+        bias = bias.detach().to(logits.dtype).contiguous()                         # selects only: no gradient
+    return SoftmaxTopKRoute.apply(logits, top_k, bool(renormalize), num_groups or 0, top_k_groups or 0, bias)
 
 
 def sigmoid_top_k_route(

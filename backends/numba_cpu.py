@@ -218,6 +218,32 @@ def softmax_top_k_weights(logits, expert_ids, token, renormalize, weights):
             weights[token, slot] = weights[token, slot] / kept
 
 
+def softmax_selection_scores(logits, bias, token, selection):
+    """selection[t, e] = p_e + b_e, p = softmax(logits[t]): what ERNIE-4.5-MoE ranks experts by.
+
+    p is computed as in softmax_top_k_weights (e^{l − m} / Z, Z summed in expert order), so the weights
+    of the chosen experts are the same numbers that were ranked."""
+    num_experts = logits.shape[1]
+    largest = logits[token, 0]
+    for expert in range(1, num_experts):
+        largest = max(largest, logits[token, expert])
+    partition = 0.0
+    for expert in range(num_experts):
+        partition += math.exp(logits[token, expert] - largest)          # Z = Σ_j e^{l_j − m}
+    for expert in range(num_experts):
+        selection[token, expert] = math.exp(logits[token, expert] - largest) / partition + bias[expert]
+
+
+def group_max_scores(selection, token, num_groups, group_scores):
+    """group_scores[t, g] = the largest selection score of group g (equal consecutive groups)."""
+    group_size = selection.shape[1] // num_groups
+    for group in range(num_groups):
+        best = -math.inf
+        for expert in range(group * group_size, (group + 1) * group_size):
+            best = max(best, selection[token, expert])
+        group_scores[token, group] = best
+
+
 def softmax_top_k_backward(logits, expert_ids, weights, grad_weights, token, renormalize, grad_logits):
     """∂L/∂logits[t] from g = ∂L/∂w[t], with dot = Σ_s g_s · w_s:
 
@@ -413,6 +439,8 @@ slot_weight_grad_cpu = _compile(slot_weight_grad)
 select_top_k_cpu = _compile(select_top_k)
 softmax_top_k_weights_cpu = _compile(softmax_top_k_weights)
 softmax_top_k_backward_cpu = _compile(softmax_top_k_backward)
+softmax_selection_scores_cpu = _compile(softmax_selection_scores)
+group_max_scores_cpu = _compile(group_max_scores)
 sigmoid_selection_scores_cpu = _compile(sigmoid_selection_scores)
 copy_with_group_max_scores_cpu = _compile(copy_with_group_max_scores)
 best_two_group_scores_cpu = _compile(best_two_group_scores)
@@ -493,10 +521,18 @@ def gather_combine_backward_weights(grad_y, expert_out, rows, grad_weights):
 # Router kernels (one token per task)
 # ----------------------------------------------------------------------------------------------------
 @numba.njit(parallel=True, cache=True)
-def softmax_top_k_route(logits, renormalize, num_groups, top_k_groups, selection, group_scores, expert_ids, weights):
-    """``num_groups = 0`` switches group-limited routing off; ``selection``, ``group_scores`` are scratch."""
+def softmax_top_k_route(logits, renormalize, num_groups, top_k_groups, has_bias, bias, selection, group_scores,
+                        expert_ids, weights):
+    """``num_groups = 0`` switches group-limited routing off; ``has_bias`` ranks by p + bias (else ``bias`` is
+    unused); ``selection``, ``group_scores`` are scratch."""
     for token in prange(logits.shape[0]):
-        if num_groups > 0:                         # DeepSeek-V2: top-k among the best groups' experts
+        if has_bias:                               # ERNIE-4.5: top-k of p + b (groups scored by max p + b)
+            softmax_selection_scores_cpu(logits, bias, token, selection)
+            if num_groups > 0:
+                group_max_scores_cpu(selection, token, num_groups, group_scores)
+                mask_outside_best_groups_cpu(group_scores, token, num_groups, top_k_groups, selection)
+            select_top_k_cpu(selection, token, expert_ids.shape[1], expert_ids)
+        elif num_groups > 0:                       # DeepSeek-V2: top-k among the best groups' experts
             copy_with_group_max_scores_cpu(logits, token, num_groups, selection, group_scores)
             mask_outside_best_groups_cpu(group_scores, token, num_groups, top_k_groups, selection)
             select_top_k_cpu(selection, token, expert_ids.shape[1], expert_ids)

@@ -59,6 +59,8 @@ slot_weight_grad = _compile(numba_cpu.slot_weight_grad)
 select_top_k = _compile(numba_cpu.select_top_k)
 softmax_top_k_weights = _compile(numba_cpu.softmax_top_k_weights)
 softmax_top_k_backward = _compile(numba_cpu.softmax_top_k_backward)
+softmax_selection_scores = _compile(numba_cpu.softmax_selection_scores)
+group_max_scores = _compile(numba_cpu.group_max_scores)
 sigmoid_selection_scores = _compile(numba_cpu.sigmoid_selection_scores)
 copy_with_group_max_scores = _compile(numba_cpu.copy_with_group_max_scores)
 best_two_group_scores = _compile(numba_cpu.best_two_group_scores)
@@ -218,11 +220,17 @@ def gather_combine_backward_weights(grad_y, expert_out, rows, grad_weights):
 # Router kernels: one thread per token
 # ----------------------------------------------------------------------------------------------------
 @cuda.jit
-def _softmax_top_k_route_kernel(logits, renormalize, num_groups, top_k_groups, selection, group_scores, expert_ids,
-                                weights):
+def _softmax_top_k_route_kernel(logits, renormalize, num_groups, top_k_groups, has_bias, bias, selection, group_scores,
+                                expert_ids, weights):
     token = cuda.grid(1)
     if token < logits.shape[0]:
-        if num_groups > 0:
+        if has_bias:
+            softmax_selection_scores(logits, bias, token, selection)
+            if num_groups > 0:
+                group_max_scores(selection, token, num_groups, group_scores)
+                mask_outside_best_groups(group_scores, token, num_groups, top_k_groups, selection)
+            select_top_k(selection, token, expert_ids.shape[1], expert_ids)
+        elif num_groups > 0:
             copy_with_group_max_scores(logits, token, num_groups, selection, group_scores)
             mask_outside_best_groups(group_scores, token, num_groups, top_k_groups, selection)
             select_top_k(selection, token, expert_ids.shape[1], expert_ids)
@@ -260,9 +268,10 @@ def _sigmoid_top_k_route_backward_kernel(logits, expert_ids, grad_weights, route
                                grad_logits)
 
 
-def softmax_top_k_route(logits, renormalize, num_groups, top_k_groups, selection, group_scores, expert_ids, weights):
-    _launch(_softmax_top_k_route_kernel, logits.shape[0], logits, renormalize, num_groups, top_k_groups, selection,
-            group_scores, expert_ids, weights)
+def softmax_top_k_route(logits, renormalize, num_groups, top_k_groups, has_bias, bias, selection, group_scores,
+                        expert_ids, weights):
+    _launch(_softmax_top_k_route_kernel, logits.shape[0], logits, renormalize, num_groups, top_k_groups, has_bias,
+            bias, selection, group_scores, expert_ids, weights)
 
 
 def softmax_top_k_route_backward(logits, expert_ids, weights, grad_weights, renormalize, grad_logits):

@@ -34,25 +34,37 @@ __all__ = [
 ]
 
 
-def prune_capacity(expert_ids: torch.Tensor, num_experts: int, capacity: int | None) -> torch.Tensor:
+def prune_capacity(expert_ids: torch.Tensor, num_experts: int, capacity: int | None,
+                   tokens_per_group: int | None = None) -> torch.Tensor:
     """Keep at most ``capacity`` assignments per expert; the rest become -1 (dropped).
 
     Priority is *slot-major*: every token's first choice (slot 0), in token order, claims capacity
     before any second choice (slot 1) does. For Switch (k = 1) this is plain token order; for GShard
     it is the paper's "first choices claim capacity first". ``capacity=None`` means dropless.
+
+    ``tokens_per_group`` = S splits the T tokens into T / S consecutive groups (the sequences of a
+    batch): each group has its own ``capacity`` places per expert, and its tokens compete only among
+    themselves, in the same slot-major order (Switch Transformers' per-sequence capacity).
     """
     if capacity is None:
         return expert_ids
     num_tokens, top_k = expert_ids.shape
-    # Walk the assignments in priority order: slot-major, i.e. the transpose flattened.
-    ids_by_priority = expert_ids.t().reshape(-1)                                  # [k·T]
+    if num_tokens == 0:
+        return expert_ids.clone()
+    group = tokens_per_group or num_tokens
+    if num_tokens % group:
+        raise ValueError(f"tokens_per_group={tokens_per_group} does not divide the {num_tokens} tokens")
+    num_groups = num_tokens // group
+    # Walk each group's assignments in priority order: slot-major, i.e. the group's transpose flattened.
+    ids_by_priority = expert_ids.reshape(num_groups, group, top_k).transpose(1, 2).reshape(num_groups, -1)  # [G, k·S]
     valid = ids_by_priority >= 0
-    one_hot = torch.nn.functional.one_hot(ids_by_priority.clamp(min=0), num_experts) * valid[:, None]
-    # How many earlier assignments (in priority order) went to the same expert: 0, 1, 2, ...
-    rank_in_expert = (one_hot.cumsum(dim=0) - 1).gather(1, ids_by_priority.clamp(min=0)[:, None])[:, 0]
+    safe_ids = ids_by_priority.clamp(min=0)
+    one_hot = torch.nn.functional.one_hot(safe_ids, num_experts) * valid[..., None]          # [G, k·S, E]
+    # How many earlier assignments of the group (in priority order) went to the same expert: 0, 1, 2, ...
+    rank_in_expert = (one_hot.cumsum(dim=1) - 1).gather(2, safe_ids[..., None])[..., 0]
     keep = valid & (rank_in_expert < capacity)
     pruned = torch.where(keep, ids_by_priority, torch.full_like(ids_by_priority, -1))
-    return pruned.reshape(top_k, num_tokens).t().contiguous()
+    return pruned.reshape(num_groups, top_k, group).transpose(1, 2).reshape(num_tokens, top_k).contiguous()
 
 
 def count_tokens_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:

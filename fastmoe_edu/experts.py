@@ -7,13 +7,18 @@ Gated kinds (Shazeer 2020, "GLU Variants Improve Transformer"), three matrices p
 
     swiglu  (Mixtral, DeepSeek, Qwen):        expert_e(x) = W2_e · ( silu(W1_e·x) ⊙ (W3_e·x) )
     geglu   (T5 v1.1 / Gemma style):          expert_e(x) = W2_e · ( gelu(W1_e·x) ⊙ (W3_e·x) )
+    clamped_swiglu  (GPT-OSS):                expert_e(x) = W2_e · ( g·σ(α·g) ⊙ (u + 1) ),
+                                              g = min(W1_e·x, limit),  u = clamp(W3_e·x, −limit, limit)
 
 Plain kinds, two matrices per expert:
 
     gelu    (GPT-2 style MLP):                expert_e(x) = W2_e · gelu(W1_e·x)
     relu    (Switch Transformer, NLLB-MoE):   expert_e(x) = W2_e · relu(W1_e·x)
 
-GELU is the exact (erf) one everywhere. ``SharedExperts`` (below) is the dense counterpart: the
+GELU is the exact (erf) one everywhere. ``clamped_swiglu`` has two constants, ``swiglu_alpha`` (α, 1.702
+by default: g·σ(1.702·g) is the sigmoid approximation of GELU) and ``swiglu_limit`` (7.0 by default):
+the clamps keep huge pre-activations out of the product (the gate is bounded above only, so a very
+negative gate still gives g·σ(α·g) ≈ 0). ``SharedExperts`` (below) is the dense counterpart: the
 always-on experts of DeepSeek-V2/V3 and Qwen2-MoE, one MLP of the same kind that every token runs.
 """
 from __future__ import annotations
@@ -26,18 +31,51 @@ from torch import nn
 #: expert kind -> the activation of its first linear map (gated kinds multiply it by W3·x).
 ACTIVATIONS = {"swiglu": nn.functional.silu, "geglu": nn.functional.gelu,
                "gelu": nn.functional.gelu, "relu": nn.functional.relu}
-#: The kinds with a gate matrix W3 (a GLU: act(W1·x) ⊙ W3·x).
-GATED_KINDS = ("swiglu", "geglu")
-EXPERT_KINDS = tuple(ACTIVATIONS)
+#: The kinds with a gate matrix W3 (a GLU: act(W1·x) ⊙ W3·x, or GPT-OSS's clamped variant).
+GATED_KINDS = ("swiglu", "geglu", "clamped_swiglu")
+EXPERT_KINDS = (*ACTIVATIONS, "clamped_swiglu")
+#: GPT-OSS's constants (its config's swiglu_alpha, swiglu_limit): the defaults of clamped_swiglu.
+CLAMPED_SWIGLU_DEFAULTS = {"swiglu_alpha": 1.702, "swiglu_limit": 7.0}
+
+
+def hidden_activation(kind: str, gate: torch.Tensor, up: torch.Tensor | None, alpha: float | None = None,
+                      limit: float | None = None) -> torch.Tensor:
+    """The expert's hidden units from gate = W1·x (+ b1) and, for the gated kinds, up = W3·x (+ b3)."""
+    if kind == "clamped_swiglu":
+        gate = gate.clamp(max=limit)                                               # g = min(W1x, limit)
+        up = up.clamp(min=-limit, max=limit)                                       # u = clamp(W3x, ±limit)
+        return gate * torch.sigmoid(alpha * gate) * (up + 1)                       # g·σ(α·g) ⊙ (u + 1)
+    hidden = ACTIVATIONS[kind](gate)                                               # silu / gelu / relu (W1x)
+    return hidden if up is None else hidden * up                                   # act(W1x) ⊙ W3x
+
+
+def check_expert_options(kind: str, swiglu_alpha, swiglu_limit) -> tuple[float | None, float | None]:
+    """(α, limit) for ``kind``: GPT-OSS's defaults for clamped_swiglu; an error if set for another kind."""
+    if kind not in EXPERT_KINDS:
+        raise ValueError(f"expert={kind!r} is not a known expert kind; allowed: {', '.join(EXPERT_KINDS)}")
+    if kind != "clamped_swiglu":
+        if swiglu_alpha is not None or swiglu_limit is not None:
+            raise ValueError(f"swiglu_alpha={swiglu_alpha!r}, swiglu_limit={swiglu_limit!r} are constants of "
+                             f"expert='clamped_swiglu' (GPT-OSS); expert={kind!r} has none: leave them unset")
+        return None, None
+    values = {"swiglu_alpha": swiglu_alpha, "swiglu_limit": swiglu_limit}
+    for name, value in values.items():
+        if value is None:
+            values[name] = CLAMPED_SWIGLU_DEFAULTS[name]
+        elif not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                  and value > 0):
+            raise ValueError(f"{name}={value!r} must be a finite number > 0, or None for GPT-OSS's "
+                             f"{CLAMPED_SWIGLU_DEFAULTS[name]}")
+    return float(values["swiglu_alpha"]), float(values["swiglu_limit"])
 
 
 class Experts(nn.Module):
     """``num_experts`` feed-forward experts, run segment by segment on an expert-sorted buffer."""
 
-    def __init__(self, num_experts: int, d_model: int, d_hidden: int, kind: str = "swiglu", bias: bool = False):
+    def __init__(self, num_experts: int, d_model: int, d_hidden: int, kind: str = "swiglu", bias: bool = False,
+                 swiglu_alpha: float | None = None, swiglu_limit: float | None = None):
         super().__init__()
-        if kind not in EXPERT_KINDS:
-            raise ValueError(f"expert={kind!r} is not a known expert kind; allowed: {', '.join(EXPERT_KINDS)}")
+        self.swiglu_alpha, self.swiglu_limit = check_expert_options(kind, swiglu_alpha, swiglu_limit)
         self.num_experts, self.d_model, self.d_hidden, self.kind = num_experts, d_model, d_hidden, kind
         # Same scale as nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
         self.w1 = nn.Parameter(_uniform(num_experts, d_hidden, d_model))
@@ -64,11 +102,11 @@ class Experts(nn.Module):
         if self.b1 is not None:
             experts = torch.arange(counts.numel(), device=counts.device)
             expert_of_row = experts.repeat_interleave(counts, output_size=rows.shape[0])
-        hidden = self._linear(rows, self.w1, self.b1, counts, expert_of_row, grouped_matmul)    # W1·x
-        hidden = ACTIVATIONS[self.kind](hidden)                                   # silu / gelu / relu (W1x)
+        gate = self._linear(rows, self.w1, self.b1, counts, expert_of_row, grouped_matmul)      # W1·x
+        up = None
         if self.w3 is not None:
-            gate = self._linear(rows, self.w3, self.b3, counts, expert_of_row, grouped_matmul)  # W3·x
-            hidden = hidden * gate                                                 # act(W1x) ⊙ W3x
+            up = self._linear(rows, self.w3, self.b3, counts, expert_of_row, grouped_matmul)    # W3·x
+        hidden = hidden_activation(self.kind, gate, up, self.swiglu_alpha, self.swiglu_limit)
         return self._linear(hidden, self.w2, self.b2, counts, expert_of_row, grouped_matmul)   # W2·h
 
     @staticmethod
@@ -98,10 +136,10 @@ class SharedExperts(nn.Module):
     on every rank (they are not under ``layer.experts``), like attention weights.
     """
 
-    def __init__(self, d_model: int, width: int, kind: str = "swiglu", bias: bool = False, gated: bool = False):
+    def __init__(self, d_model: int, width: int, kind: str = "swiglu", bias: bool = False, gated: bool = False,
+                 swiglu_alpha: float | None = None, swiglu_limit: float | None = None):
         super().__init__()
-        if kind not in EXPERT_KINDS:
-            raise ValueError(f"expert={kind!r} is not a known expert kind; allowed: {', '.join(EXPERT_KINDS)}")
+        self.swiglu_alpha, self.swiglu_limit = check_expert_options(kind, swiglu_alpha, swiglu_limit)
         self.d_model, self.width, self.kind = d_model, width, kind
         self.w1 = nn.Parameter(_uniform(1, width, d_model)[0])
         self.w2 = nn.Parameter(_uniform(1, d_model, width)[0])
@@ -114,9 +152,8 @@ class SharedExperts(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, d_model] -> [T, d_model]."""
         linear = nn.functional.linear
-        hidden = ACTIVATIONS[self.kind](linear(x, self.w1, self.b1))              # act(W1·x)
-        if self.w3 is not None:
-            hidden = hidden * linear(x, self.w3, self.b3)                         # ⊙ W3·x
+        up = None if self.w3 is None else linear(x, self.w3, self.b3)            # W3·x
+        hidden = hidden_activation(self.kind, linear(x, self.w1, self.b1), up, self.swiglu_alpha, self.swiglu_limit)
         out = linear(hidden, self.w2, self.b2)                                     # W2·h
         if self.gate is not None:
             out = torch.sigmoid(x @ self.gate)[:, None] * out                      # σ(x·g) · shared(x)

@@ -28,16 +28,29 @@ What a supported block computes (transformers 5 layout; the names are theirs)::
                                          experts.down_proj    [E, d, I]               -> w2
     y = Σ_s w_s · expert_{ids_s}(x)
 
-which is exactly ``MoELayer(router="softmax_top_k", expert="swiglu", renormalize=...)``. Families with more:
+which is exactly ``MoELayer(router="softmax_top_k", expert="swiglu", renormalize=...)``. Families with more
+(and other weight layouts, read by ``Family.experts``):
 
     Qwen2-MoE, Qwen3-Next, Qwen3.5-MoE, Qwen3-Omni talker:
         y += σ(x · shared_expert_gate) · shared_expert(x)     -> num_shared_experts=1, shared_expert_gate=True
     DeepSeek-V2:  softmax top-k within the topk_group groups of largest max p, w = p · routed_scaling_factor
-                                                              -> num_groups, top_k_groups, route_scale, renormalize=False
+                                                      -> num_groups, top_k_groups, route_scale, renormalize=False
     DeepSeek-V3, GLM-4-MoE, dots.llm1:  sigmoid scores, correction bias, top-2-sum groups, norm_topk_prob,
                   routed_scaling_factor                       -> router="sigmoid" (bias = e_score_correction_bias)
     DeepSeek-V2/V3, GLM-4-MoE, dots.llm1:  y += shared_experts(x), width n_shared_experts · moe_intermediate_size
                                                               -> num_shared_experts=n_shared_experts
+    HunYuan-MoE-V1, Aria, ERNIE-4.5-MoE:  y += shared MLP(x)  -> num_shared_experts (1, or moe_num_shared_experts)
+    GPT-OSS:   logits = x Wᵀ + c; w = softmax over the k largest logits;
+               expert_e(x) = W2 (g·σ(α·g) ⊙ (u + 1)) + b2, g = min(W1 x + b1, L), u = clamp(W3 x + b3, −L, L)
+               (gate and up in alternate columns of gate_up_proj [E, d, 2I])
+                                                              -> expert="clamped_swiglu", bias=True, router_bias=True
+    DBRX:      w = p_sel / ‖p_sel‖_q, q = moe_normalize_expert_weights     -> renormalize_p=q
+    ERNIE-4.5-MoE:  ids = top-k of p + b (b only selects), w = p_sel / max(Σ p_sel, moe_norm_min)
+                                                              -> selection_bias=True, renormalize_min=moe_norm_min
+    Switch Transformers:  top-1, w = p (not renormalized), ReLU experts, at most expert_capacity tokens per expert
+               *in each sequence* (a dropped token's output is 0)
+                                                              -> router="switch", expert="relu", expert_capacity,
+                                                                 capacity_per="sequence"
 
 Families whose
 blocks compute something the project's options cannot express are listed too (``UNSUPPORTED``), so the
@@ -49,6 +62,8 @@ must not break the import of this module.
 """
 from __future__ import annotations
 
+import functools
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -64,21 +79,53 @@ from .layer import MoELayer
 
 @dataclass(frozen=True)
 class Family:
-    """One HF MoE block class that maps exactly onto an MoELayer with expert="swiglu".
+    """One HF MoE block class that maps exactly onto an MoELayer, and where its parts are.
 
-    router_attr: the block's attribute holding the router (its ``weight`` is W [E, d]).
-    renormalize: "always" / "never" / "norm_topk_prob" (read from the router's ``norm_topk_prob``).
+    router_attr: the block's attribute holding the router module.
+    renormalize: how the top-k weights are renormalized: "always" / "never" / "norm_topk_prob" (read from the
+        router's ``norm_topk_prob``) / "p_norm" (DBRX: divided by their L_p norm, p = the block's
+        ``moe_normalize_expert_weights``; None = never).
     routing: "softmax" (softmax top-k), "deepseek_v2" (softmax top-k, ``topk_method`` greedy or
-        group_limited_greedy, times ``routed_scaling_factor``) or "deepseek_v3" (the "sigmoid" router:
-        ``e_score_correction_bias``, ``n_group`` / ``topk_group``, ``routed_scaling_factor``).
-    shared: None, "deepseek" (``shared_experts``, an MLP added to every token) or "qwen2" (``shared_expert``
-        scaled by σ(``shared_expert_gate``(x))).
+        group_limited_greedy, times ``routed_scaling_factor``), "deepseek_v3" (the "sigmoid" router:
+        ``e_score_correction_bias``, ``n_group`` / ``topk_group``, ``routed_scaling_factor``), "ernie" (softmax
+        top-k of p + ``e_score_correction_bias``, normalizer clamped at ``moe_norm_min``) or "switch" (the
+        "switch" router: top-1, not renormalized, ``expert_capacity`` tokens per expert and sequence).
+    shared: None, or the always-on MLP added to every token: "deepseek" (``shared_experts``, n_shared_experts
+        side by side), "qwen2" (``shared_expert`` scaled by σ(``shared_expert_gate``(x))), "hunyuan"
+        (``shared_mlp``), "aria" / "ernie" (``shared_experts``, moe_num_shared_experts side by side; ERNIE's is
+        None without shared experts).
+    experts: how the expert weights are stored (E experts, width I, model width d):
+        "fused"        gate_up_proj [E, 2I, d] = [gate; up], down_proj [E, d, I]          (most families)
+        "fused_in_out" gate_up_proj [E, d, 2I] = [gate | up], down_proj [E, I, d]          (Aria: x @ W)
+        "gpt_oss"      gate_up_proj [E, d, 2I], gate and up in *alternate* columns (0::2, 1::2), with
+                       biases gate_up_proj_bias [E, 2I], down_proj [E, I, d], down_proj_bias [E, d]
+        "dbrx"         mlp.w1 (gate), mlp.v1 (up), mlp.w2 (down, transposed), each [E·I, d]
+        "switch"       one module expert_{e} per expert: wi [I, d], wo [d, I] (ReLU, no gate)
+    weight_at / top_k_at: the path from the block to the router weight W [E, d] and to k, when they are not
+        ``<router_attr>.weight`` / ``<router_attr>.top_k``.
+    router_bias: the router is a Linear with a bias: logits = x Wᵀ + c (GPT-OSS).
+    returns_scores: the block returns (y, router scores), not y (GPT-OSS).
+    logits_per_token: the router logits HF records are [T, E] (True) or shaped like the input, [B, S, E] (Switch).
     """
     name: str
     router_attr: str
     renormalize: str
     routing: str = "softmax"
     shared: str | None = None
+    experts: str = "fused"
+    weight_at: str | None = None
+    top_k_at: str | None = None
+    router_bias: bool = False
+    returns_scores: bool = False
+    logits_per_token: bool = True
+
+    @property
+    def weight_path(self) -> str:
+        return self.weight_at or f"{self.router_attr}.weight"
+
+    @property
+    def top_k_path(self) -> str:
+        return self.top_k_at or f"{self.router_attr}.top_k"
 
 
 SUPPORTED: dict[str, Family] = {
@@ -106,28 +153,34 @@ SUPPORTED: dict[str, Family] = {
     "DeepseekV3MoE": Family("DeepSeek-V3", "gate", "norm_topk_prob", routing="deepseek_v3", shared="deepseek"),
     "Glm4MoeMoE": Family("GLM-4-MoE", "gate", "norm_topk_prob", routing="deepseek_v3", shared="deepseek"),
     "Dots1MoE": Family("dots.llm1", "gate", "norm_topk_prob", routing="deepseek_v3", shared="deepseek"),
+    # Softmax over the top-k logits of x Wᵀ + c (= renormalized top-k of p); clamped SwiGLU experts with biases.
+    "GptOssMLP": Family("GPT-OSS", "router", "always", experts="gpt_oss", router_bias=True, returns_scores=True),
+    # w = p_sel / ‖p_sel‖_q, q = moe_normalize_expert_weights (1, the default, is the plain sum).
+    "DbrxFFN": Family("DBRX", "router", "p_norm", experts="dbrx", weight_at="router.layer.weight", top_k_at="top_k"),
+    # top-k of p + b (b only selects), w = p_sel / max(Σ p_sel, moe_norm_min); shared MLP without a gate.
+    "Ernie4_5_MoeSparseMoeBlock": Family("ERNIE-4.5-MoE", "gate", "always", routing="ernie", shared="ernie"),
+    "HunYuanMoEV1Moe": Family("HunYuan-MoE-V1", "gate", "always", shared="hunyuan", weight_at="gate.wg.weight"),
+    "AriaTextMoELayer": Family("Aria", "router", "always", shared="aria", experts="fused_in_out"),
+    # Top-1, w = p (not renormalized), expert_capacity tokens per expert *per sequence*, ReLU experts.
+    "SwitchTransformersSparseMLP": Family("Switch Transformers", "router", "never", routing="switch",
+                                          experts="switch", weight_at="router.classifier.weight",
+                                          logits_per_token=False),
 }
 
 #: HF MoE block class name -> (family, what MoELayer would need to express it exactly).
 UNSUPPORTED: dict[str, tuple[str, str]] = {
-    "Ernie4_5_MoeSparseMoeBlock": ("ERNIE-4.5-MoE", "a score-correction bias added to the softmax probabilities "
-                                   "before top-k, with a clamped normalizer (moe_norm_min)"),
-    "Llama4TextMoe": ("Llama-4", "the top-1 sigmoid score multiplies the expert's *input*, not its output"),
-    "SwitchTransformersSparseMLP": ("Switch Transformers", "expert capacity as a fixed number of tokens "
-                                    "counted per sequence (config.expert_capacity), not C = ceil(cf·T/E) over the "
-                                    "batch"),
-    "NllbMoeSparseMLP": ("NLLB-MoE", "top-2 routing with per-sequence capacity and the second expert kept by a "
-                         "sampling policy"),
-    "GptOssMLP": ("GPT-OSS", "a clamped SwiGLU (gate clamped above, up clamped both ways, "
-                  "gate·σ(α·gate)·(up + 1)); its expert biases and router bias exist (bias=True, router_bias=True) "
-                  "but are not mapped"),
-    "DbrxFFN": ("DBRX", "top-k weights normalized by their p-norm (moe_normalize_expert_weights), not their sum"),
+    "Llama4TextMoe": ("Llama-4", "the sigmoid score σ(l_e) of each chosen expert (top-k of the logits) to multiply "
+                      "that expert's *input*, expert_e(σ(l_e)·x), not its output (its shared expert is expressible)"),
+    "NllbMoeSparseMLP": ("NLLB-MoE", "a working HF block to match: in transformers 5.24 NllbMoeExperts one-hot "
+                         "encodes the router's already one-hot top-1 mask, so for every token it runs expert_1 "
+                         "weighted by the first gate and expert_0 weighted by the second, whichever experts were "
+                         "chosen. Its routing itself would need more options too: top-2 capacity over the batch "
+                         "with second choices ranked after all first choices (or batch_prioritized_routing), an "
+                         "eval capacity of ceil(moe_eval_capacity_token_fraction·T), weights normalized before or "
+                         "after dropping, a sampled second expert, and moe_token_dropout (outputs × (1 − p) in "
+                         "eval)"),
     "PhimoeSparseMoeBlock": ("Phi-MoE", "SparseMixer routing (a masked, jittered softmax per selected expert)"),
     "JetMoeMoE": ("JetMoE", "a bias added to the MoE output and mixture-of-attention (MoA) experts in attention"),
-    "HunYuanMoEV1Moe": ("HunYuan-MoE-V1", "its conversion (a shared MLP added to every token, which "
-                        "num_shared_experts could express, is not mapped yet)"),
-    "AriaTextMoELayer": ("Aria", "its conversion (shared experts, which num_shared_experts could express, "
-                         "are not mapped yet)"),
 }
 
 
@@ -152,66 +205,101 @@ def _supported_names() -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# from_hf / to_hf: weights and options both ways
+# Reading a block: the MoELayer options that reproduce it, and which tensor becomes which
 # ----------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class _BlockView:
-    """What a supported block holds, checked: W [E, d], gate_up [E, 2I, d], down [E, d, I], k, the router's
-    name and options (renormalize, route_scale, num_groups, top_k_groups), the sigmoid router's correction
-    bias, and the shared MLP (gate_proj, up_proj, down_proj weights; the sigmoid gate's weight [1, d] or None)."""
-    router_weight: torch.Tensor
-    gate_up: torch.Tensor
-    down: torch.Tensor
-    top_k: int
-    router_name: str
-    router_options: dict
-    correction_bias: torch.Tensor | None = None
-    shared: tuple | None = None
-    shared_gate: torch.Tensor | None = None
-    num_shared: int = 0
+    """A supported block, read and checked.
 
-    @property
-    def renormalize(self) -> bool:
-        return self.router_options["renormalize"]
+    options: the MoELayer keyword arguments that reproduce the block (every option to_hf compares).
+    tensors: (path in the layer, expert index or None, the HF tensor *as a view in the layer's layout*):
+        the layer tensor (or its row ``index``) and the view hold the same numbers, and since the view
+        shares the HF parameter's memory, ``copy_`` works in both directions (from_hf and to_hf).
+    """
+    family: Family
+    options: dict
+    tensors: tuple
+    dtype: torch.dtype
+    device: torch.device
+
+
+#: shared kind -> (the block's attribute for the shared MLP, the config key counting the MLPs side by side)
+SHARED_MLPS = {"deepseek": ("shared_experts", "n_shared_experts"), "qwen2": ("shared_expert", None),
+               "hunyuan": ("shared_mlp", None), "aria": ("shared_experts", "moe_num_shared_experts"),
+               "ernie": ("shared_experts", "moe_num_shared_experts")}
 
 
 def _read_block(block: nn.Module) -> _BlockView:
     family = family_of(block)
     what = f"{family.name} ({type(block).__name__})"
-    router, experts = getattr(block, family.router_attr, None), getattr(block, "experts", None)
     layout_note = (f"this transformers version lays out {what} differently from the one fastmoe_edu.hf was "
-                   f"written for (transformers >= 5.5; Granite-MoE >= 5.18, Jamba >= 5.22)")
-    if router is None or experts is None or not hasattr(router, "top_k"):
-        raise UnsupportedFamilyError(f"{what} has no .{family.router_attr} (with .top_k) / .experts: {layout_note}")
-    if family.renormalize == "norm_topk_prob" and not hasattr(router, "norm_topk_prob"):
-        raise UnsupportedFamilyError(f"{what}'s router has no norm_topk_prob: {layout_note}")
-    _expect_parameters(what + " router", router, {"weight"})
-    _expect_parameters(what + " experts", experts, {"gate_up_proj", "down_proj"})
-    act = getattr(experts, "act_fn", None)
-    if not _is_silu(act):
-        raise UnsupportedFamilyError(f"{what}: experts use activation {type(act).__name__}, but MoELayer's SwiGLU "
-                                     f"expert is silu(W1 x) ⊙ W3 x; only hidden_act='silu' converts exactly")
+                   f"written for (transformers >= 5.5; Granite-MoE >= 5.18, Jamba >= 5.22; the families added "
+                   f"with GPT-OSS and Switch: 5.24)")
     jitter = getattr(block, "jitter_noise", None) or 0.0                  # Mixtral, MiniMax: x ← x · U(1−ε, 1+ε)
     if jitter > 0:
         raise UnsupportedFamilyError(f"{what}: router_jitter_noise={jitter} multiplies the block's "
                                      f"input (router *and* experts) by noise while training; MoELayer has no such "
                                      f"option (Switch's jitter reaches the router only). Set it to 0")
-    weight, gate_up, down = router.weight, experts.gate_up_proj, experts.down_proj
-    num_experts, d_model = weight.shape
-    hidden = down.shape[-1]
-    if gate_up.shape != (num_experts, 2 * hidden, d_model) or down.shape != (num_experts, d_model, hidden):
-        raise UnsupportedFamilyError(f"{what}: expert shapes gate_up_proj {tuple(gate_up.shape)}, down_proj "
-                                     f"{tuple(down.shape)} are not [E, 2I, d], [E, d, I] with E={num_experts}, "
-                                     f"d={d_model}")
+    router_options, router_tensors = _read_router(block, family, what, layout_note)
+    expert_options, expert_tensors = _read_experts(block, family, what, layout_note)
+    shared_options, shared_tensors = _read_shared(block, family, what, layout_note)
+    num_experts, d_model = router_tensors[0][2].shape
+    if (expert_options["num_experts"], expert_options["d_model"]) != (num_experts, d_model):
+        raise UnsupportedFamilyError(f"{what}: the router weight is [{num_experts}, {d_model}] but the experts hold "
+                                     f"{expert_options['num_experts']} experts of width {expert_options['d_model']}")
+    reference = expert_tensors[0][2]
+    return _BlockView(family, {**router_options, **expert_options, **shared_options},
+                      (*router_tensors, *expert_tensors, *shared_tensors), reference.dtype, reference.device)
+
+
+def _get(obj, path: str, what: str, layout_note: str):
+    """obj.<path> for a dotted path; an UnsupportedFamilyError naming the path if the block has none."""
+    try:
+        return functools.reduce(getattr, path.split("."), obj)
+    except AttributeError:
+        raise UnsupportedFamilyError(f"{what} has no .{path}: {layout_note}") from None
+
+
+def _relative(path: str, prefix: str) -> str:
+    return path[len(prefix) + 1:] if path.startswith(prefix + ".") else path
+
+
+def _read_router(block, family: Family, what: str, layout_note: str):
+    """The router's options (router name, k, renormalization, ...) and tensors (W, and a bias if any)."""
+    router = _get(block, family.router_attr, what, layout_note)
+    weight = _get(block, family.weight_path, what, layout_note)
+    top_k = 1 if family.routing == "switch" else int(_get(block, family.top_k_path, what, layout_note))
+    weight_name = _relative(family.weight_path, family.router_attr)
+    options = dict(top_k=top_k, router_bias=family.router_bias, logit_softcap=None, capacity_factor=None,
+                   expert_capacity=None, capacity_per="batch")
+    tensors = [("router.weight", None, weight)]                                  # W_g = the router's weight
+    expected = {weight_name}
+    if family.router_bias:
+        expected.add("bias")
+        tensors.append(("router.logit_bias", None, router.bias))                 # logits = x Wᵀ + c
+    if family.routing == "switch":
+        return _read_switch_router(router, options, tensors, what)
+    if family.routing == "ernie":
+        expected.add("moe_statics.e_score_correction_bias")
+    _expect_parameters(what + " router", router, expected)
+
     if family.renormalize == "norm_topk_prob":
+        if not hasattr(router, "norm_topk_prob"):
+            raise UnsupportedFamilyError(f"{what}'s router has no norm_topk_prob: {layout_note}")
         renormalize = bool(router.norm_topk_prob)                   # Qwen3-MoE / OLMoE: a config switch
+    elif family.renormalize == "p_norm":
+        renormalize = _read_dbrx_norm(block, router, options, what)
     else:
         renormalize = family.renormalize == "always"
-    options = dict(renormalize=renormalize, route_scale=1.0, num_groups=None, top_k_groups=None)
-    router_name, correction_bias = "softmax_top_k", None
-    if family.routing != "softmax":
+    options.update(router="softmax_top_k", renormalize=renormalize, route_scale=1.0, num_groups=None,
+                   top_k_groups=None)
+    if family.routing == "ernie":
+        # p = softmax(x Wᵀ); ids = top-k of p + b; w = p_sel / max(Σ p_sel, moe_norm_min)
+        options.update(selection_bias=True, renormalize_min=float(router.norm_min or 0.0))
+        tensors.append(("router.bias", None, router.moe_statics.e_score_correction_bias[0]))   # [1, E] -> [E]
+    elif family.routing in ("deepseek_v2", "deepseek_v3"):
         options["route_scale"] = float(router.routed_scaling_factor)                  # w ← w · routed_scaling_factor
         grouped = router.num_group is not None and router.num_group > 1              # one group = no limit
         if family.routing == "deepseek_v2":
@@ -220,27 +308,149 @@ def _read_block(block: nn.Module) -> _BlockView:
                                              f"'group_limited_greedy' convert exactly")
             grouped = grouped and router.topk_method == "group_limited_greedy"
         else:
-            router_name, correction_bias = "sigmoid", router.e_score_correction_bias   # selection-only bias
+            options["router"] = "sigmoid"                                            # σ scores, selection bias
+            tensors.append(("router.bias", None, router.e_score_correction_bias))
         if grouped:
             options.update(num_groups=int(router.num_group), top_k_groups=int(router.topk_group))
-    shared = shared_gate = None
-    num_shared = 0
-    if family.shared is not None:
-        mlp = block.shared_experts if family.shared == "deepseek" else block.shared_expert
-        _expect_parameters(what + " shared expert", mlp, {"gate_proj.weight", "up_proj.weight", "down_proj.weight"})
-        if not _is_silu(getattr(mlp, "act_fn", None)):
-            raise UnsupportedFamilyError(f"{what}: the shared expert's activation is not silu; only hidden_act='silu' "
-                                         f"converts exactly")
-        shared = (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
-        width = mlp.gate_proj.weight.shape[0]
-        # DeepSeek: n_shared_experts MLPs of moe_intermediate_size, stored side by side as one; Qwen2: one.
-        num_shared = getattr(getattr(block, "config", None), "n_shared_experts", None) or 1
-        num_shared = num_shared if family.shared == "deepseek" and width % num_shared == 0 else 1
-        if family.shared == "qwen2":
-            _expect_parameters(what + " shared_expert_gate", block.shared_expert_gate, {"weight"})
-            shared_gate = block.shared_expert_gate.weight                               # [1, d]: σ(x · g)
-    return _BlockView(weight, gate_up, down, int(router.top_k), router_name, options, correction_bias, shared,
-                      shared_gate, num_shared)
+    return options, tensors
+
+
+def _read_dbrx_norm(block, router, options: dict, what: str) -> bool:
+    """DBRX: w = p_sel / ‖p_sel‖_q with q = moe_normalize_expert_weights (None: no normalization)."""
+    jitter = getattr(router, "moe_jitter_eps", None) or 0.0
+    if jitter > 0:
+        raise UnsupportedFamilyError(f"{what}: moe_jitter_eps={jitter} multiplies the block's input (router *and* "
+                                     f"experts, in place) by noise while training; MoELayer has no such option. "
+                                     f"Set it to None")
+    norm = block.moe_normalize_expert_weights
+    if norm is None:
+        return False
+    if not (isinstance(norm, (int, float)) and math.isfinite(norm) and norm > 0):
+        raise UnsupportedFamilyError(f"{what}: moe_normalize_expert_weights={norm!r}; MoELayer's renormalize_p "
+                                     f"takes a finite q > 0 (or None: no normalization)")
+    options["renormalize_p"] = float(norm)
+    return True
+
+
+def _read_switch_router(router, options: dict, tensors: list, what: str):
+    """Switch: p = softmax(x Wᵀ (+ c)), e = argmax p, w = p_e; expert_capacity tokens per expert and sequence."""
+    expected = {"classifier.weight"}
+    if router.classifier.bias is not None:                                       # config.router_bias
+        expected.add("classifier.bias")
+        options["router_bias"] = True
+        tensors.append(("router.logit_bias", None, router.classifier.bias))
+    _expect_parameters(what + " router", router, expected)
+    if router.dtype not in (torch.float32, torch.float64):
+        raise UnsupportedFamilyError(f"{what}: router_dtype={router.dtype}; MoELayer routes in at least float32, so "
+                                     f"only router_dtype 'float32' or 'float64' converts exactly")
+    options.update(router="switch", jitter_epsilon=float(router.jitter_noise or 0.0),
+                   expert_capacity=int(router.expert_capacity), capacity_per="sequence")
+    return options, tensors
+
+
+def _read_experts(block, family: Family, what: str, layout_note: str):
+    """The experts' options (sizes, kind, biases) and tensors, each as a view in the layer's layout."""
+    experts = _get(block, "experts", what, layout_note)
+    if family.experts == "switch":
+        return _read_switch_experts(experts, what, layout_note)
+    if family.experts == "dbrx":
+        mlp = _get(experts, "mlp", what, layout_note)
+        _expect_parameters(what + " experts", experts, {"mlp.w1", "mlp.v1", "mlp.w2"})
+        _expect_silu(what, mlp.activation_fn)
+        hidden = int(experts.ffn_hidden_size)
+        num_experts, d_model = mlp.w1.shape[0] // hidden, mlp.w1.shape[1]
+        split = (num_experts, hidden, d_model)                                   # [E·I, d] -> [E, I, d]
+        tensors = [("experts.w1", None, mlp.w1.view(split)),                     # gate (through silu)
+                   ("experts.w3", None, mlp.v1.view(split)),                     # up
+                   ("experts.w2", None, mlp.w2.view(split).transpose(1, 2))]      # down: y = h @ w2_e
+        return _expert_options(num_experts, d_model, hidden, "swiglu"), tensors
+
+    bias = family.experts == "gpt_oss"
+    names = {"gate_up_proj", "down_proj"} | ({"gate_up_proj_bias", "down_proj_bias"} if bias else set())
+    _expect_parameters(what + " experts", experts, names)
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    if family.experts == "fused":                                 # [E, 2I, d], [E, d, I]: out = W x
+        num_experts, two_hidden, d_model = gate_up.shape
+        hidden = two_hidden // 2
+        expected_down = (num_experts, d_model, hidden)
+    else:                                                         # [E, d, 2I], [E, I, d]: out = x @ W
+        num_experts, d_model, two_hidden = gate_up.shape
+        hidden = two_hidden // 2
+        expected_down = (num_experts, hidden, d_model)
+    if two_hidden % 2 or tuple(down.shape) != expected_down:
+        raise UnsupportedFamilyError(f"{what}: expert shapes gate_up_proj {tuple(gate_up.shape)}, down_proj "
+                                     f"{tuple(down.shape)} do not fit the {family.experts!r} layout: {layout_note}")
+    if family.experts == "fused":
+        _expect_silu(what, getattr(experts, "act_fn", None))
+        tensors = [("experts.w1", None, gate_up[:, :hidden]),                   # W1 = gate half (through silu)
+                   ("experts.w3", None, gate_up[:, hidden:]),                   # W3 = up half
+                   ("experts.w2", None, down)]                                  # W2 = down_proj
+        return _expert_options(num_experts, d_model, hidden, "swiglu"), tensors
+    if family.experts == "fused_in_out":                                        # Aria: chunk(2) of x @ gate_up
+        _expect_silu(what, getattr(experts, "act_fn", None))
+        tensors = [("experts.w1", None, gate_up[:, :, :hidden].transpose(1, 2)),
+                   ("experts.w3", None, gate_up[:, :, hidden:].transpose(1, 2)),
+                   ("experts.w2", None, down.transpose(1, 2))]
+        return _expert_options(num_experts, d_model, hidden, "swiglu"), tensors
+    # GPT-OSS: gate = (x @ gate_up + b)[..., 0::2], up = (...)[..., 1::2]: alternate columns, not halves.
+    gate_up_bias = experts.gate_up_proj_bias
+    tensors = [("experts.w1", None, gate_up[:, :, 0::2].transpose(1, 2)), ("experts.b1", None, gate_up_bias[:, 0::2]),
+               ("experts.w3", None, gate_up[:, :, 1::2].transpose(1, 2)), ("experts.b3", None, gate_up_bias[:, 1::2]),
+               ("experts.w2", None, down.transpose(1, 2)), ("experts.b2", None, experts.down_proj_bias)]
+    options = _expert_options(num_experts, d_model, hidden, "clamped_swiglu", bias=True)
+    options.update(swiglu_alpha=float(experts.alpha), swiglu_limit=float(experts.limit))
+    return options, tensors
+
+
+def _read_switch_experts(experts, what: str, layout_note: str):
+    """Switch: expert_e(x) = wo_e · act(wi_e · x), one module per expert; act must be ReLU (dense_act_fn)."""
+    num_experts = int(experts.num_experts)
+    tensors = []
+    for index in range(num_experts):
+        expert = _get(experts, f"expert_{index}", what, layout_note)
+        _expect_parameters(f"{what} expert_{index}", expert, {"wi.weight", "wo.weight"})
+        if not isinstance(expert.act, nn.ReLU):
+            raise UnsupportedFamilyError(f"{what}: experts use activation {type(expert.act).__name__}; MoELayer's "
+                                         f"'relu' expert needs dense_act_fn='relu'")
+        tensors += [("experts.w1", index, expert.wi.weight), ("experts.w2", index, expert.wo.weight)]
+    hidden, d_model = tensors[0][2].shape
+    return _expert_options(num_experts, d_model, hidden, "relu"), tensors
+
+
+def _expert_options(num_experts: int, d_model: int, hidden: int, kind: str, bias: bool = False) -> dict:
+    return dict(num_experts=num_experts, d_model=d_model, d_hidden=hidden, expert=kind, bias=bias,
+                swiglu_alpha=None, swiglu_limit=None)
+
+
+def _read_shared(block, family: Family, what: str, layout_note: str):
+    """The always-on MLP (a SwiGLU without biases): its count and width, Qwen2's sigmoid gate, its tensors."""
+    none = dict(num_shared_experts=0, shared_d_hidden=None, shared_expert_gate=False)
+    if family.shared is None:
+        return none, []
+    attr, count_key = SHARED_MLPS[family.shared]
+    mlp = getattr(block, attr, None)
+    if mlp is None:
+        if family.shared == "ernie" and hasattr(block, attr):    # ERNIE with moe_num_shared_experts=0
+            return none, []
+        raise UnsupportedFamilyError(f"{what} has no .{attr}: {layout_note}")
+    _expect_parameters(what + " shared expert", mlp, {"gate_proj.weight", "up_proj.weight", "down_proj.weight"})
+    if not _is_silu(getattr(mlp, "act_fn", None)):
+        raise UnsupportedFamilyError(f"{what}: the shared expert's activation is not silu; only hidden_act='silu' "
+                                     f"converts exactly")
+    width = mlp.gate_proj.weight.shape[0]
+    # n MLPs of width I side by side are one MLP of width n·I; the count only names the split.
+    config = getattr(block, "config", None) or getattr(mlp, "config", None)
+    count = (getattr(config, count_key, None) or 1) if count_key else 1
+    count = count if width % count == 0 else 1
+    options = dict(num_shared_experts=count, shared_d_hidden=width // count, shared_expert_gate=False)
+    tensors = [("shared_experts.w1", None, mlp.gate_proj.weight),              # silu(gate_proj x)
+               ("shared_experts.w3", None, mlp.up_proj.weight),                # ⊙ up_proj x
+               ("shared_experts.w2", None, mlp.down_proj.weight)]
+    if family.shared == "qwen2":
+        _expect_parameters(what + " shared_expert_gate", block.shared_expert_gate, {"weight"})
+        options["shared_expert_gate"] = True
+        tensors.append(("shared_experts.gate", None, block.shared_expert_gate.weight[0]))   # σ(x · g), g [d]
+    return options, tensors
 
 
 def _expect_parameters(what: str, module: nn.Module, names: set[str]) -> None:
@@ -248,6 +458,12 @@ def _expect_parameters(what: str, module: nn.Module, names: set[str]) -> None:
     if found != names:
         raise UnsupportedFamilyError(f"{what} has parameters {sorted(found)}, expected exactly {sorted(names)} "
                                      f"(e.g. biases, which this family's conversion does not carry)")
+
+
+def _expect_silu(what: str, act) -> None:
+    if not _is_silu(act):
+        raise UnsupportedFamilyError(f"{what}: experts use activation {type(act).__name__}, but MoELayer's SwiGLU "
+                                     f"expert is silu(W1 x) ⊙ W3 x; only hidden_act='silu' converts exactly")
 
 
 def _is_silu(act) -> bool:
@@ -260,93 +476,81 @@ def _is_silu(act) -> bool:
     return isinstance(act, SiLUActivation)
 
 
+def _layer_tensor(layer: MoELayer, path: str) -> torch.Tensor:
+    return functools.reduce(getattr, path.split("."), layer)
+
+
+# ----------------------------------------------------------------------------------------------------
+# from_hf / to_hf: weights and options both ways
+# ----------------------------------------------------------------------------------------------------
+
+
 def from_hf(block: nn.Module, backend: str = "reference", balance_loss_weight: float = 0.0) -> MoELayer:
     """A new MoELayer computing exactly what the HF MoE ``block`` computes, with a copy of its weights.
 
     ``balance_loss_weight`` defaults to 0: inside an HF model the balance loss is HF's own, computed from
-    the router logits (``output_router_logits=True``, see :class:`HFMoEBlock`). The layer has the
-    block's dtype and device.
+    the router logits (``output_router_logits=True``, see :class:`HFMoEBlock`). The layer has the dtype
+    and device of the block's experts, and its training mode.
     """
     view = _read_block(block)
-    num_experts, d_model = view.router_weight.shape
-    hidden = view.down.shape[-1]
-    shared = {}
-    if view.shared is not None:
-        shared = dict(num_shared_experts=view.num_shared, shared_d_hidden=view.shared[0].shape[0] // view.num_shared,
-                      shared_expert_gate=view.shared_gate is not None)
-    layer = MoELayer(d_model, hidden, num_experts, top_k=view.top_k, router=view.router_name, expert="swiglu",
-                     backend=backend, balance_loss_weight=balance_loss_weight, **shared, **view.router_options)
-    layer.to(device=view.router_weight.device, dtype=view.router_weight.dtype)
+    layer = MoELayer(backend=backend, balance_loss_weight=balance_loss_weight, **view.options)
+    layer.to(device=view.device, dtype=view.dtype)
+    layer.train(block.training)                  # e.g. Switch's jitter acts in training mode only, in both
     with torch.no_grad():
-        layer.router.weight.copy_(view.router_weight)                           # W_g = gate.weight
-        layer.experts.w1.copy_(view.gate_up[:, :hidden])                        # W1 = gate half (through silu)
-        layer.experts.w3.copy_(view.gate_up[:, hidden:])                        # W3 = up half
-        layer.experts.w2.copy_(view.down)                                       # W2 = down_proj
-        if view.correction_bias is not None:
-            layer.router.bias.copy_(view.correction_bias)                       # b = e_score_correction_bias
-        if view.shared is not None:
-            gate_proj, up_proj, down_proj = view.shared
-            layer.shared_experts.w1.copy_(gate_proj)                            # silu(gate_proj x)
-            layer.shared_experts.w3.copy_(up_proj)                              # ⊙ up_proj x
-            layer.shared_experts.w2.copy_(down_proj)
-            if view.shared_gate is not None:
-                layer.shared_experts.gate.copy_(view.shared_gate[0])            # g = shared_expert_gate.weight[0]
+        for path, index, tensor in view.tensors:
+            target = _layer_tensor(layer, path)
+            (target if index is None else target[index]).copy_(tensor)
     return layer
+
+
+#: The MoELayer options that are not router options, and how to read each back from a layer.
+_LAYER_READERS = {
+    "d_model": lambda layer: layer.d_model,
+    "d_hidden": lambda layer: layer.experts.d_hidden,
+    "num_experts": lambda layer: layer.num_experts,
+    "top_k": lambda layer: layer.top_k,
+    "router": lambda layer: layer.router_name,
+    "expert": lambda layer: layer.experts.kind,
+    "bias": lambda layer: layer.experts.b1 is not None,
+    "swiglu_alpha": lambda layer: getattr(layer.experts, "swiglu_alpha", None),
+    "swiglu_limit": lambda layer: getattr(layer.experts, "swiglu_limit", None),
+    "num_shared_experts": lambda layer: layer.num_shared_experts,
+    "shared_d_hidden": lambda layer: (None if layer.shared_experts is None
+                                      else layer.shared_experts.width // layer.num_shared_experts),
+    "shared_expert_gate": lambda layer: layer.shared_experts is not None and layer.shared_experts.gate is not None,
+    "capacity_factor": lambda layer: getattr(layer.router, "capacity_factor", None),
+    "expert_capacity": lambda layer: getattr(layer.router, "expert_capacity", None),
+    "capacity_per": lambda layer: getattr(layer, "capacity_per", "batch"),
+    "router_bias": lambda layer: getattr(layer.router, "logit_bias", None) is not None,
+    "logit_softcap": lambda layer: getattr(layer.router, "logit_softcap", None),
+}
 
 
 def to_hf(layer: MoELayer, block: nn.Module) -> nn.Module:
     """Copy ``layer``'s weights into the HF ``block`` (in place, returns it); the options must already agree."""
     view = _read_block(block)
-    what = f"{family_of(block).name} ({type(block).__name__})"
-    num_experts, d_model = view.router_weight.shape
-    hidden = view.down.shape[-1]
-    experts = layer.experts
+    what = f"{view.family.name} ({type(block).__name__})"
+    same_router = layer.router_name == view.options["router"]
     problems = []
-    if layer.router_name != view.router_name:
-        problems.append(f"router={layer.router_name!r} (the block's is {view.router_name!r})")
-    else:
-        for key, want in view.router_options.items():
+    for key, want in view.options.items():
+        if key in _LAYER_READERS:
+            got = _LAYER_READERS[key](layer)
+        elif same_router:                                   # a router option: compare it on the same router only
             got = getattr(layer.router, key, None)
-            if got != want:
-                problems.append(f"{key}={got} (the block's is {want})")
-    if layer.router_name in ("softmax_top_k", "sigmoid") and (layer.router.logit_bias is not None
-                                                              or layer.router.logit_softcap is not None):
-        problems.append("router_bias / logit_softcap set (the block's router is x Wᵀ)")
-    got_shared = None if layer.shared_experts is None else (
-        layer.shared_experts.width, layer.shared_experts.gate is not None, layer.shared_experts.kind,
-        layer.shared_experts.b1 is not None)
-    want_shared = None if view.shared is None else (view.shared[0].shape[0], view.shared_gate is not None, "swiglu",
-                                                     False)
-    if got_shared != want_shared:
-        problems.append(f"shared experts (width, gated, kind, bias)={got_shared} (the block's are {want_shared})")
-    if experts.kind != "swiglu" or experts.b1 is not None:
-        problems.append(f"expert={experts.kind!r}, bias={experts.b1 is not None} (the block is a bias-free SwiGLU)")
-    if layer.top_k != view.top_k:
-        problems.append(f"top_k={layer.top_k} (the block's is {view.top_k})")
-    capacity_factor = getattr(layer.router, "capacity_factor", None)
-    if capacity_factor is not None:
-        problems.append(f"capacity_factor={capacity_factor} (the block is dropless)")
-    if (layer.num_experts, layer.d_model, experts.d_hidden) != (num_experts, d_model, hidden):
-        problems.append(f"(num_experts, d_model, d_hidden)={(layer.num_experts, layer.d_model, experts.d_hidden)} "
-                        f"(the block's are {(num_experts, d_model, hidden)})")
-    if experts.w1.shape[0] != layer.num_experts:
-        problems.append(f"the layer holds {experts.w1.shape[0]} of its {layer.num_experts} experts (expert-parallel); "
-                        f"gather them into one process first")
+        else:
+            continue
+        if got != want:
+            where = "shared experts: " if "shared" in key else ""
+            problems.append(f"{where}{key}={got!r} (the block's is {want!r})")
+    if layer.experts.w1.shape[0] != layer.num_experts:
+        problems.append(f"the layer holds {layer.experts.w1.shape[0]} of its {layer.num_experts} experts "
+                        f"(expert-parallel); gather them into one process first")
     if problems:
         raise ValueError(f"cannot copy this MoELayer into {what}: " + "; ".join(problems))
     with torch.no_grad():
-        view.router_weight.copy_(layer.router.weight)
-        view.gate_up[:, :hidden].copy_(experts.w1)
-        view.gate_up[:, hidden:].copy_(experts.w3)
-        view.down.copy_(experts.w2)
-        if view.correction_bias is not None:
-            view.correction_bias.copy_(layer.router.bias)
-        if view.shared is not None:
-            for target, source in zip(view.shared, (layer.shared_experts.w1, layer.shared_experts.w3,
-                                                    layer.shared_experts.w2)):
-                target.copy_(source)
-            if view.shared_gate is not None:
-                view.shared_gate.copy_(layer.shared_experts.gate[None])
+        for path, index, tensor in view.tensors:
+            source = _layer_tensor(layer, path)
+            tensor.copy_(source if index is None else source[index])
     return block
 
 
@@ -356,32 +560,46 @@ def to_hf(layer: MoELayer, block: nn.Module) -> nn.Module:
 
 
 class RouterLogits(nn.Module):
-    """logits = x Wᵀ [T, E], differentiable in x and W: what HF's balance loss reads.
+    """The router logits [T, E] (x Wᵀ, + c with a router bias), differentiable in x and the router's
+    parameters: what HF's balance loss reads.
 
     In transformers 5 a block returns only its hidden states; the router logits reach
     ``load_balancing_loss_func`` through a forward hook that records the router module's output while
     ``output_router_logits=True``. This module is that router's stand-in: ``moefy`` hooks it the same
-    way. It holds no weight: HFMoEBlock passes it the MoELayer's router weight.
+    way. It holds no weight: HFMoEBlock passes it the MoELayer's router. ``per_token=False`` keeps the
+    input's leading shape, [B, S, E] (Switch Transformers' loss concatenates them per sequence).
     """
 
-    def forward(self, hidden_states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return hidden_states.reshape(-1, weight.shape[1]) @ weight.t()
+    def __init__(self, per_token: bool = True):
+        super().__init__()
+        self.per_token = per_token
+
+    def forward(self, hidden_states: torch.Tensor, router: nn.Module) -> torch.Tensor:
+        logits = router.logits(hidden_states.reshape(-1, hidden_states.shape[-1]))
+        return logits if self.per_token else logits.reshape(*hidden_states.shape[:-1], logits.shape[-1])
 
 
 class HFMoEBlock(nn.Module):
-    """Stands where the HF MoE block stood: the same input [B, S, d] and output [B, S, d], run by MoELayer."""
+    """Stands where the HF MoE block stood: the same input [B, S, d] and output [B, S, d], run by MoELayer.
 
-    def __init__(self, layer: MoELayer, family: str):
+    ``returns_scores``: return (y, the combine weights [T, k]) like GPT-OSS's block, whose decoder layer
+    unpacks two values (and discards the second).
+    """
+
+    def __init__(self, layer: MoELayer, family: str, returns_scores: bool = False, logits_per_token: bool = True):
         super().__init__()
         self.moe = layer
-        self.router_logits = RouterLogits()
+        self.router_logits = RouterLogits(logits_per_token)
         self.family = family
+        self.returns_scores = returns_scores
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor):
         y = self.moe(hidden_states)
         # Recomputed (one [T, d] × [d, E] product) for HF's recording hook, active with output_router_logits=True;
         # the MoELayer keeps only a detached copy of its logits, and HF's balance loss needs their gradient.
-        self.router_logits(hidden_states, self.moe.router.weight)
+        self.router_logits(hidden_states, self.moe.router)
+        if self.returns_scores:
+            return y, self.moe.last_routing.weights.to(y.dtype)
         return y
 
     def extra_repr(self) -> str:
@@ -407,7 +625,9 @@ def moefy(model: nn.Module, backend: str = "auto", layout=None) -> nn.Module:
         _read_block(block)                       # every block checked before any is replaced
     record_logits = _logits_recorder()
     for name, block in targets:
-        adapter = HFMoEBlock(from_hf(block, backend=backend), family_of(block).name)
+        family = family_of(block)
+        adapter = HFMoEBlock(from_hf(block, backend=backend), family.name, returns_scores=family.returns_scores,
+                             logits_per_token=family.logits_per_token)
         if record_logits is not None:
             record_logits(adapter.router_logits, "router_logits", 0)
         _set_submodule(model, name, adapter)

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .backends import check_backend_name, get_backend
-from .experts import EXPERT_KINDS, Experts, SharedExperts
+from .experts import EXPERT_KINDS, Experts, SharedExperts, check_expert_options
 from .routers import ROUTERS, build_router, local_sum
 from .soft_moe import SOFT_MOE, build_soft_moe_router, soft_moe_forward
 
@@ -93,8 +93,15 @@ class MoELayer(nn.Module):
             Not used by ``"soft_moe"`` (every token reaches every slot): leave it at its default.
         router: one of ``fastmoe_edu.routers.ROUTERS``, or ``"soft_moe"`` (options ``slots_per_expert``,
             ``normalize``; ``capacity_factor`` must be None; see soft_moe.py).
-        expert: a kind of ``fastmoe_edu.experts.EXPERT_KINDS``: ``"swiglu"``, ``"geglu"``, ``"gelu"``, ``"relu"``.
+        expert: a kind of ``fastmoe_edu.experts.EXPERT_KINDS``: ``"swiglu"``, ``"geglu"``, ``"gelu"``, ``"relu"``,
+            ``"clamped_swiglu"`` (GPT-OSS).
         capacity_factor: cf; each expert takes at most C = ceil(cf·k·T/E) assignments. None = dropless.
+        expert_capacity: C itself, a fixed number of assignments per expert (Switch Transformers'
+            ``expert_capacity``), instead of a capacity factor. Set at most one of the two.
+        capacity_per: ``"batch"`` (the default): all T tokens of the call compete for an expert's C places;
+            ``"sequence"``: the tokens of each sequence (the second-to-last axis of x: x [..., S, d_model])
+            compete only among themselves, for C places per sequence, C = ceil(cf·k·S/E) or
+            ``expert_capacity`` (Switch Transformers counts its capacity this way). Needs a capacity.
         backend: a name of ``fastmoe_edu.backends.BACKEND_NAMES`` (``"reference"``, ``"numba"``, ``"auto"``).
         bias: give the expert linear maps biases (the shared experts' too).
         num_shared_experts: always-on experts every token runs, added to the routed output (DeepSeekMoE,
@@ -102,13 +109,17 @@ class MoELayer(nn.Module):
             0 (the default) = none.
         shared_d_hidden: the hidden width of one shared expert; None = ``d_hidden``.
         shared_expert_gate: scale the shared output by σ(x·g), g a learned [d_model] vector (Qwen2-MoE).
+        swiglu_alpha, swiglu_limit: the constants α and limit of ``expert="clamped_swiglu"`` (GPT-OSS;
+            defaults 1.702 and 7.0); refused for the other kinds.
         **router_options: passed to the router (e.g. ``renormalize``, ``jitter_epsilon``, ``balance_loss_weight``).
     """
 
     def __init__(self, d_model: int, d_hidden: int, num_experts: int, top_k: int = DEFAULT_TOP_K,
                  router: str = "softmax_top_k", expert: str = "swiglu", capacity_factor: float | None = None,
                  backend: str = "reference", bias: bool = False, num_shared_experts: int = 0,
-                 shared_d_hidden: int | None = None, shared_expert_gate: bool = False, **router_options):
+                 shared_d_hidden: int | None = None, shared_expert_gate: bool = False,
+                 swiglu_alpha: float | None = None, swiglu_limit: float | None = None,
+                 expert_capacity: int | None = None, capacity_per: str = "batch", **router_options):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_hidden", d_hidden), ("num_experts", num_experts)):
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
@@ -127,18 +138,25 @@ class MoELayer(nn.Module):
             raise ValueError(f"router={router!r} is not a known router; allowed: {', '.join(LAYER_ROUTERS)}")
         if expert not in EXPERT_KINDS:
             raise ValueError(f"expert={expert!r} is not a known expert kind; allowed: {', '.join(EXPERT_KINDS)}")
+        check_expert_options(expert, swiglu_alpha, swiglu_limit)
         check_backend_name(backend)
         _check_shared_options(num_shared_experts, shared_d_hidden, shared_expert_gate)
+        _check_capacity_options(router, capacity_factor, expert_capacity, capacity_per)
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.router_name, self.backend_name = router, backend
+        self.capacity_per = capacity_per
         if soft:
             self.router = build_soft_moe_router(d_model, num_experts, capacity_factor, **router_options)
         else:
+            if expert_capacity is not None:
+                router_options["expert_capacity"] = expert_capacity
             self.router = build_router(router, d_model, num_experts, top_k, capacity_factor, **router_options)
-        self.experts = Experts(num_experts, d_model, d_hidden, expert, bias)
+        expert_constants = dict(swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
+        self.experts = Experts(num_experts, d_model, d_hidden, expert, bias, **expert_constants)
         # Replicated parameters, not experts: expert parallelism keeps them whole on every rank.
         self.shared_experts = (SharedExperts(d_model, num_shared_experts * (shared_d_hidden or d_hidden), expert,
-                                             bias, gated=shared_expert_gate) if num_shared_experts else None)
+                                             bias, gated=shared_expert_gate, **expert_constants)
+                               if num_shared_experts else None)
         self.num_shared_experts = num_shared_experts
         self.aux_loss = torch.zeros(())
         self.last_routing: RoutingRecord | None = None
@@ -159,12 +177,17 @@ class MoELayer(nn.Module):
 
         # 1. Route: k expert ids and k weights per token; the aux loss of the whole batch (routers.py).
         route, self.aux_loss = self.router(tokens, self.reduce)
-        # Capacity: the most rows one expert takes; assignments past it are dropped (id -1).
-        expert_ids = backend.prune_capacity(route.expert_ids, self.num_experts, route.capacity)
+        # Capacity: the most rows one expert takes; assignments past it are dropped (id -1). Per sequence,
+        # each sequence of S tokens (x [..., S, d]) has its own C places per expert.
+        capacity, tokens_per_sequence = route.capacity, None
+        if self.capacity_per == "sequence" and capacity is not None:
+            tokens_per_sequence = x.shape[-2] if x.dim() >= 2 else 1
+            capacity = self.router.capacity(tokens_per_sequence)
+        expert_ids = backend.prune_capacity(route.expert_ids, self.num_experts, capacity, tokens_per_sequence)
         weights = route.weights * (expert_ids >= 0)                                # dropped -> weight 0
         # 2. Count: tokens per expert (a histogram).
         counts = backend.count_tokens_per_expert(expert_ids, self.num_experts)
-        self.last_routing = self._record(route, expert_ids, weights, counts)
+        self.last_routing = self._record(route, expert_ids, weights, counts, capacity)
         # The tokens this process dispatches: all of them, except under DeepSpeed-TED's duplicate
         # token dropping, where the tensor-parallel ranks (which hold the same tokens) take 1/tp each.
         tokens, expert_ids, weights, counts = self.expert_runner.share_tokens(tokens, expert_ids, weights,
@@ -208,11 +231,11 @@ class MoELayer(nn.Module):
         self.router.update_bias(load, self.reduce)
 
     @staticmethod
-    def _record(route, expert_ids, weights, counts) -> RoutingRecord:
+    def _record(route, expert_ids, weights, counts, capacity) -> RoutingRecord:
         kept_before = int((route.expert_ids >= 0).sum())
         return RoutingRecord(
             expert_ids=expert_ids.detach(), weights=weights.detach(), tokens_per_expert=counts.detach(),
-            num_dropped=kept_before - int(counts.sum()), capacity=route.capacity,
+            num_dropped=kept_before - int(counts.sum()), capacity=capacity,
             logits=route.logits.detach(), probs=None if route.probs is None else route.probs.detach(),
             random_draws={key: value.detach() for key, value in route.random_draws.items()})
 
@@ -223,6 +246,30 @@ class MoELayer(nn.Module):
                     f"router={self.router_name!r}, backend={self.backend_name!r}, expert_runner={self.expert_runner!r}")
         return (f"num_experts={self.num_experts}, top_k={self.top_k}{shared}, router={self.router_name!r}, "
                 f"backend={self.backend_name!r}, expert_runner={self.expert_runner!r}")
+
+
+#: Where the tokens that compete for an expert's capacity come from (MoELayer's ``capacity_per``).
+CAPACITY_PER = ("batch", "sequence")
+
+
+def _check_capacity_options(router, capacity_factor, expert_capacity, capacity_per) -> None:
+    """A fixed capacity is a positive integer, exclusive with cf; per-sequence capacity needs one of them."""
+    if capacity_per not in CAPACITY_PER:
+        raise ValueError(f"capacity_per={capacity_per!r} is not known; allowed: {', '.join(CAPACITY_PER)}")
+    if expert_capacity is not None:
+        if not (isinstance(expert_capacity, int) and not isinstance(expert_capacity, bool) and expert_capacity >= 1):
+            raise ValueError(f"expert_capacity={expert_capacity!r} must be an integer >= 1 (assignments per expert), "
+                             f"or None")
+        if capacity_factor is not None:
+            raise ValueError(f"capacity_factor={capacity_factor!r} and expert_capacity={expert_capacity!r}: set one "
+                             f"of them (C = ceil(cf·k·T/E), or C = expert_capacity), not both")
+    if router in ("expert_choice", SOFT_MOE) and (expert_capacity is not None or capacity_per != "batch"):
+        raise ValueError(f"router={router!r} has no token-choice capacity to prune: expert_capacity="
+                         f"{expert_capacity!r} and capacity_per={capacity_per!r} apply to the top-k routers "
+                         f"({', '.join(r for r in ROUTERS if r != 'expert_choice')})")
+    if capacity_per == "sequence" and capacity_factor is None and expert_capacity is None:
+        raise ValueError("capacity_per='sequence' needs a capacity to count per sequence: set capacity_factor or "
+                         "expert_capacity (without either the layer is dropless)")
 
 
 def _check_shared_options(num_shared_experts, shared_d_hidden, shared_expert_gate) -> None:

@@ -41,7 +41,8 @@ from .precision import at_least_float32
 # The two fused routing functions (scores -> top-k -> weights). backends/ mirrors these names.
 # ----------------------------------------------------------------------------------------------------
 def softmax_top_k_route(logits: torch.Tensor, top_k: int, renormalize: bool, num_groups: int | None = None,
-                        top_k_groups: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        top_k_groups: int | None = None,
+                        bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """p = softmax(logits); ids = top-k of p; weights = p[ids] (divided by their sum if renormalize).
 
     Renormalized, this equals FastMoE's naive gate (softmax over the k largest logits) and Mixtral.
@@ -49,15 +50,22 @@ def softmax_top_k_route(logits: torch.Tensor, top_k: int, renormalize: bool, num
     are split into ``num_groups`` equal consecutive groups, each group is scored by its largest p, and
     only experts of the best ``top_k_groups`` groups may be selected. The weights stay p[ids], p the
     softmax over *all* E experts.
+
+    With a selection ``bias`` b [E] (ERNIE-4.5-MoE's correction bias) the experts are ranked by p + b
+    (and groups by their largest p + b); b only selects: the weights are still p[ids], with no
+    gradient into b.
     """
     probs = torch.softmax(at_least_float32(logits), dim=-1)                       # p_e = e^{l_e} / Σ_j e^{l_j}
-    if num_groups is None:
+    if num_groups is None and bias is None:
         weights, expert_ids = torch.topk(probs, top_k, dim=-1)
     else:
-        num_tokens, num_experts = probs.shape
-        group_score = probs.reshape(num_tokens, num_groups, num_experts // num_groups).amax(dim=-1)  # max_g p
-        allowed = _best_groups(group_score, top_k_groups, num_experts // num_groups)
-        expert_ids = probs.masked_fill(~allowed, float("-inf")).topk(top_k, dim=-1).indices
+        selection = probs if bias is None else probs + bias.detach().to(probs.dtype)   # rank by p + b
+        if num_groups is not None:
+            num_tokens, num_experts = selection.shape
+            group_score = selection.reshape(num_tokens, num_groups, num_experts // num_groups).amax(dim=-1)
+            allowed = _best_groups(group_score, top_k_groups, num_experts // num_groups)       # max_g (p + b)
+            selection = selection.masked_fill(~allowed, float("-inf"))
+        expert_ids = selection.topk(top_k, dim=-1).indices
         weights = probs.gather(1, expert_ids)                                      # w = p[ids], p over all E
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)                      # w_s = p_s / Σ_{s'} p_{s'}
@@ -188,10 +196,10 @@ class Router(nn.Module):
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None,
                  balance_loss_weight: float = 0.01, z_loss_weight: float = 0.0, router_bias: bool = False,
-                 logit_softcap: float | None = None):
+                 logit_softcap: float | None = None, expert_capacity: int | None = None):
         super().__init__()
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
-        self.capacity_factor = capacity_factor
+        self.capacity_factor, self.expert_capacity = capacity_factor, expert_capacity
         self.balance_loss_weight, self.z_loss_weight = balance_loss_weight, z_loss_weight
         self.weight = nn.Parameter(torch.randn(num_experts, d_model) * d_model ** -0.5)   # W_g
         # c: a learned logit bias (trained by gradients), not the sigmoid router's selection-only ``bias``.
@@ -237,7 +245,9 @@ class Router(nn.Module):
         return x @ self.weight.t()                                                 # logits = x Wᵀ
 
     def capacity(self, num_tokens: int) -> int | None:
-        """C = ceil(cf · k · T / E), or None when dropless."""
+        """C = ceil(cf · k · T / E); the fixed ``expert_capacity`` if one is set; None when dropless."""
+        if self.expert_capacity is not None:
+            return self.expert_capacity                                            # Switch: a token count
         if self.capacity_factor is None:
             return None
         return math.ceil(self.capacity_factor * self.top_k * num_tokens / self.num_experts)
@@ -245,8 +255,10 @@ class Router(nn.Module):
     def update_bias(self, load: torch.Tensor | None = None, reduce=local_sum) -> None:
         """Loss-free balancing hook (sigmoid router). Other routers have no bias: nothing to do."""
 
-    def _softmax_top_k(self, logits, top_k, renormalize, num_groups=None, top_k_groups=None):
+    def _softmax_top_k(self, logits, top_k, renormalize, num_groups=None, top_k_groups=None, bias=None):
         route = self.backend.softmax_top_k_route if self.backend is not None else softmax_top_k_route
+        if bias is not None:
+            return route(logits, top_k, renormalize, num_groups, top_k_groups, bias)
         if num_groups is None:
             return route(logits, top_k, renormalize)
         return route(logits, top_k, renormalize, num_groups, top_k_groups)
@@ -261,18 +273,48 @@ class SoftmaxTopKRouter(Router):
     DeepSeek-V2's options: ``num_groups`` / ``top_k_groups`` limit the choice to the experts of the
     ``top_k_groups`` groups with the largest max p (group-limited greedy); ``route_scale`` multiplies the
     weights (routed_scaling_factor): w = p[ids] (/ Σ p[ids]) · route_scale.
+
+    How the k weights are renormalized (with ``renormalize=True``), written n = the normalizer:
+
+        renormalize_p=1 (the default)   n = Σ_s p_s                     (Mixtral, Qwen, ...)
+        renormalize_p=q                 n = ‖p_sel‖_q = (Σ_s p_s^q)^(1/q)   (DBRX: moe_normalize_expert_weights)
+        renormalize_min=m               n ← max(n, m)                   (ERNIE-4.5: moe_norm_min)
+        renormalize_eps=ε               n ← n + ε                       (an epsilon against n ≈ 0)
+        w_s = p_s / n
+
+    ``selection_bias=True`` (ERNIE-4.5-MoE) adds a buffer ``bias`` b [E] that only *selects*: the top k of
+    p + b are chosen, the weights use p alone. Like the sigmoid router's bias it gets no gradient; from_hf
+    copies ERNIE's e_score_correction_bias into it (nothing here updates it).
     """
 
     def __init__(self, *args, renormalize: bool = True, route_scale: float = 1.0, num_groups: int | None = None,
-                 top_k_groups: int | None = None, **kwargs):
+                 top_k_groups: int | None = None, renormalize_p: float = 1.0, renormalize_min: float = 0.0,
+                 renormalize_eps: float = 0.0, selection_bias: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.renormalize, self.route_scale = renormalize, route_scale
         self.num_groups, self.top_k_groups = num_groups, top_k_groups
+        self.renormalize_p, self.renormalize_min, self.renormalize_eps = renormalize_p, renormalize_min, renormalize_eps
+        self.selection_bias = selection_bias
+        if selection_bias:
+            self.register_buffer("bias", torch.zeros(self.num_experts))            # b: selects, never weighs
+        else:
+            self.bias = None
 
     def route(self, x):
         logits = self.logits(x)
-        expert_ids, weights = self._softmax_top_k(logits, self.top_k, self.renormalize, self.num_groups,
-                                                  self.top_k_groups)
+        # The backend's fused function renormalizes by the plain sum; any other normalizer is applied here,
+        # on the plain p[ids] it returns (autograd differentiates it the same way for every backend).
+        plain_sum = self.renormalize_p == 1.0 and self.renormalize_min == 0.0 and self.renormalize_eps == 0.0
+        expert_ids, weights = self._softmax_top_k(logits, self.top_k, self.renormalize and plain_sum,
+                                                  self.num_groups, self.top_k_groups, self.bias)
+        if self.renormalize and not plain_sum:
+            if self.renormalize_p == 1.0:
+                norm = weights.sum(dim=-1, keepdim=True)                           # n = Σ_s p_s
+            else:
+                norm = torch.linalg.vector_norm(weights, ord=self.renormalize_p, dim=-1, keepdim=True)  # ‖p‖_q
+            if self.renormalize_min > 0:
+                norm = norm.clamp(min=self.renormalize_min)                        # n ← max(n, m)
+            weights = weights / (norm + self.renormalize_eps)                      # w = p / (n + ε)
         if self.route_scale != 1.0:
             # Outside the backend's routing function: a product autograd differentiates the same for every backend.
             weights = weights * self.route_scale                                   # w ← w · routed_scaling_factor
@@ -553,9 +595,30 @@ def _check_options(name: str, num_experts: int, top_k: int, options: dict) -> No
     if cap is not None and not (_finite_number(cap) and not isinstance(cap, bool) and cap > 0):
         raise ValueError(f"logit_softcap={cap!r} must be a finite number > 0 (logits ← cap·tanh(logits/cap)), "
                          f"or None for no capping")
-    for key in ("router_bias", "renormalize"):
+    for key in ("router_bias", "renormalize", "selection_bias"):
         if key in options and not isinstance(options[key], bool):
             raise ValueError(f"{key}={options[key]!r} must be True or False")
+    norm_p = options.get("renormalize_p", 1.0)
+    if not (_finite_number(norm_p) and not isinstance(norm_p, bool) and norm_p > 0):
+        raise ValueError(f"renormalize_p={norm_p!r} must be a finite number > 0 (the q of the ‖·‖_q the top-k "
+                         f"weights are divided by; 1 = their sum)")
+    for key in ("renormalize_min", "renormalize_eps"):
+        value = options.get(key, 0.0)
+        if not (_finite_number(value) and not isinstance(value, bool) and value >= 0):
+            raise ValueError(f"{key}={value!r} must be a finite number >= 0 (0: off)")
+    changed = [f"{key}={options[key]!r}" for key, off in (("renormalize_p", 1.0), ("renormalize_min", 0.0),
+                                                          ("renormalize_eps", 0.0)) if options.get(key, off) != off]
+    if changed and options.get("renormalize", True) is False:
+        raise ValueError(f"{', '.join(changed)} shape the renormalization, but renormalize=False: set "
+                         f"renormalize=True or leave them at their defaults (renormalize_p=1, renormalize_min=0, "
+                         f"renormalize_eps=0)")
+    capacity = options.get("expert_capacity")
+    if capacity is not None:
+        if not (isinstance(capacity, int) and not isinstance(capacity, bool) and capacity >= 1):
+            raise ValueError(f"expert_capacity={capacity!r} must be an integer >= 1 (assignments per expert), or None")
+        if name == "expert_choice":
+            raise ValueError(f"expert_capacity={capacity!r}: router='expert_choice' picks ceil(cf·T/E) tokens per "
+                             f"expert by itself; it takes capacity_factor only")
     if "routing_dim" in options and not (isinstance(options["routing_dim"], int) and options["routing_dim"] >= 1):
         raise ValueError(f"routing_dim={options['routing_dim']!r} must be an integer >= 1")
     groups, top_k_groups = options.get("num_groups"), options.get("top_k_groups")

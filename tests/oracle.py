@@ -26,7 +26,11 @@ def _expert(layer, expert: int, row: torch.Tensor) -> torch.Tensor:
         return out + b[expert] if b is not None else out
 
     hidden = linear(ex.w1, ex.b1)
-    if ex.kind == "swiglu":
+    if ex.kind == "clamped_swiglu":                  # GPT-OSS: min(g, limit)·σ(α·min(g, limit)) · (clamp(u) + 1)
+        gate = torch.clamp(hidden, max=ex.swiglu_limit)
+        up = torch.clamp(linear(ex.w3, ex.b3), min=-ex.swiglu_limit, max=ex.swiglu_limit)
+        hidden = gate * torch.sigmoid(ex.swiglu_alpha * gate) * (up + 1)
+    elif ex.kind == "swiglu":
         hidden = F.silu(hidden) * linear(ex.w3, ex.b3)
     elif ex.kind == "geglu":
         hidden = F.gelu(hidden) * linear(ex.w3, ex.b3)
@@ -47,7 +51,12 @@ def _shared(layer, row: torch.Tensor) -> torch.Tensor:
     for i in range(layer.num_shared_experts):
         part = slice(i * size, (i + 1) * size)
         hidden = shared.w1[part] @ row + (shared.b1[part] if shared.b1 is not None else 0)
-        if shared.kind in ("swiglu", "geglu"):
+        if shared.kind == "clamped_swiglu":
+            up = shared.w3[part] @ row + (shared.b3[part] if shared.b3 is not None else 0)
+            gate, up = torch.clamp(hidden, max=shared.swiglu_limit), torch.clamp(up, -shared.swiglu_limit,
+                                                                                shared.swiglu_limit)
+            hidden = gate * torch.sigmoid(shared.swiglu_alpha * gate) * (up + 1)
+        elif shared.kind in ("swiglu", "geglu"):
             up = shared.w3[part] @ row + (shared.b3[part] if shared.b3 is not None else 0)
             hidden = (F.silu(hidden) if shared.kind == "swiglu" else F.gelu(hidden)) * up
         else:
@@ -85,13 +94,22 @@ def route_token_by_token(layer, x: torch.Tensor, draws: dict):
         values = probs.tolist()
         if name in ("softmax_top_k", "xmoe"):
             allowed = list(range(num_experts))
+            scores = values                                                # what selects: p, or p + b (ERNIE)
+            if getattr(router, "bias", None) is not None:
+                scores = [values[e] + float(router.bias[e]) for e in range(num_experts)]
             if getattr(router, "num_groups", None) is not None:           # DeepSeek-V2: groups by their max p
                 size = num_experts // router.num_groups
-                best_groups = _top([max(values[g * size:(g + 1) * size]) for g in range(router.num_groups)],
+                best_groups = _top([max(scores[g * size:(g + 1) * size]) for g in range(router.num_groups)],
                                    router.top_k_groups)
                 allowed = [e for e in allowed if e // size in best_groups]
-            chosen = sorted(allowed, key=lambda e: -values[e])[:top_k]
-            weights = probs[chosen] / (probs[chosen].sum() if router.renormalize else 1.0)
+            chosen = sorted(allowed, key=lambda e: -scores[e])[:top_k]
+            norm = 1.0
+            if router.renormalize:
+                power = getattr(router, "renormalize_p", 1.0)
+                norm = (probs[chosen] ** power).sum() ** (1.0 / power)    # ‖p_sel‖_q (q = 1: the sum)
+                norm = torch.clamp(norm, min=getattr(router, "renormalize_min", 0.0))
+                norm = norm + getattr(router, "renormalize_eps", 0.0)
+            weights = probs[chosen] / norm
             decisions.append(list(zip(chosen, weights * getattr(router, "route_scale", 1.0))))
         elif name == "switch":
             best = _top(values, 1)[0]
@@ -138,31 +156,39 @@ def route_token_by_token(layer, x: torch.Tensor, draws: dict):
     return decisions, torch.stack(all_probs)
 
 
-def apply_capacity(decisions, num_experts: int, capacity: int | None):
-    """Slot-major: all first choices in token order, then all second choices, ... each expert takes C."""
-    if capacity is None:
+def apply_capacity(decisions, num_experts: int, capacity: int | None, tokens_per_sequence: int | None = None):
+    """Slot-major: all first choices in token order, then all second choices, ... each expert takes C.
+    With tokens_per_sequence = S, every sequence of S tokens does this on its own, with its own C per expert."""
+    if capacity is None or not decisions:
         return decisions
-    taken = [0] * num_experts
+    size = tokens_per_sequence or len(decisions)
     kept = [list(d) for d in decisions]
-    for slot in range(len(decisions[0])):
-        for t, choices in enumerate(decisions):
-            expert, weight = choices[slot]
-            if expert is None:
-                continue
-            if taken[expert] < capacity:
-                taken[expert] += 1
-            else:
-                kept[t][slot] = (None, weight)
+    for begin in range(0, len(decisions), size):
+        taken = [0] * num_experts
+        for slot in range(len(decisions[0])):
+            for t in range(begin, begin + size):
+                expert, weight = decisions[t][slot]
+                if expert is None:
+                    continue
+                if taken[expert] < capacity:
+                    taken[expert] += 1
+                else:
+                    kept[t][slot] = (None, weight)
     return kept
 
 
-def oracle_forward(layer, x: torch.Tensor, draws: dict) -> torch.Tensor:
-    """y[t] = Σ_s w[t, s] · expert_{e[t, s]}(x[t]), every step a Python loop."""
+def oracle_forward(layer, x: torch.Tensor, draws: dict, tokens_per_sequence: int | None = None) -> torch.Tensor:
+    """y[t] = Σ_s w[t, s] · expert_{e[t, s]}(x[t]), every step a Python loop. x is [T, d]; for a layer with
+    capacity_per="sequence", ``tokens_per_sequence`` says how its T tokens were cut into sequences."""
     decisions, _ = route_token_by_token(layer, x, draws)
     capacity = None
-    if layer.router.capacity_factor is not None and layer.router_name != "expert_choice":
-        capacity = math.ceil(layer.router.capacity_factor * layer.top_k * x.shape[0] / layer.num_experts)
-    decisions = apply_capacity(decisions, layer.num_experts, capacity)
+    per_sequence = getattr(layer, "capacity_per", "batch") == "sequence"
+    competing = tokens_per_sequence if per_sequence else x.shape[0]
+    if getattr(layer.router, "expert_capacity", None) is not None:
+        capacity = layer.router.expert_capacity
+    elif layer.router.capacity_factor is not None and layer.router_name != "expert_choice":
+        capacity = math.ceil(layer.router.capacity_factor * layer.top_k * competing / layer.num_experts)
+    decisions = apply_capacity(decisions, layer.num_experts, capacity, tokens_per_sequence if per_sequence else None)
     outputs = []
     for t, choices in enumerate(decisions):
         y = torch.zeros_like(x[t])

@@ -35,6 +35,12 @@ BAD_LAYERS = [
     (dict(router="xmoe", temperature=float("nan")), r"temperature=nan must be a finite number > 0"),
     (dict(router="sigmoid", route_scale=float("nan")), r"route_scale=nan must be a finite number > 0"),
     (dict(router="sigmoid", route_scale=float("-inf")), r"route_scale=-inf must be a finite number > 0"),
+    # options added for real models: fixed / per-sequence capacity, renormalization shapes, clamped SwiGLU
+    (dict(capacity_per="tokens"), r"capacity_per='tokens' is not known; allowed: batch, sequence"),
+    (dict(expert_capacity=-2), r"expert_capacity=-2 must be an integer >= 1"),
+    (dict(renormalize_p=-1.0), r"renormalize_p=-1.0 must be a finite number > 0"),
+    (dict(expert="relu", swiglu_alpha=1.7), r"swiglu_alpha=1.7, swiglu_limit=None are constants of "
+                                            r"expert='clamped_swiglu' \(GPT-OSS\); expert='relu' has none"),
 ]
 
 

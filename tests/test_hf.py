@@ -89,9 +89,12 @@ def tiny_block(cls_name: str, **extra):
 def test_registry_lists_the_required_families():
     assert {"MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock"} <= set(SUPPORTED)
     assert {"Qwen2MoeSparseMoeBlock", "DeepseekV2Moe", "DeepseekV3MoE"} <= set(SUPPORTED)
-    assert {"SwitchTransformersSparseMLP", "GptOssMLP", "DbrxFFN"} <= set(UNSUPPORTED)
+    assert {"GptOssMLP", "DbrxFFN", "Ernie4_5_MoeSparseMoeBlock", "HunYuanMoEV1Moe", "AriaTextMoELayer",
+            "SwitchTransformersSparseMLP"} <= set(SUPPORTED)
+    assert {"NllbMoeSparseMLP", "Llama4TextMoe"} <= set(UNSUPPORTED)
     assert not set(SUPPORTED) & set(UNSUPPORTED)
-    assert set(FAMILY_MODULES) == set(SUPPORTED)       # every supported family is tested below
+    assert set(FAMILY_MODULES) | set(NEW_BLOCKS) == set(SUPPORTED)       # every supported family is tested below
+    assert not set(FAMILY_MODULES) & set(NEW_BLOCKS)
 
 
 @pytest.mark.parametrize("cls_name", list(FAMILY_MODULES))
@@ -155,23 +158,23 @@ def test_unsupported_options_and_families_raise_clearly():
         from_hf(tiny_block("MixtralSparseMoeBlock", router_jitter_noise=0.1))
     with pytest.raises(UnsupportedFamilyError, match="activation GELUActivation"):
         from_hf(tiny_block("MixtralSparseMoeBlock", hidden_act="gelu"))
-    ernie = ernie_moe_block()
-    with pytest.raises(UnsupportedFamilyError, match="ERNIE-4.5-MoE .*correction bias"):
-        from_hf(ernie)
+    nllb = nllb_moe_block()
+    with pytest.raises(UnsupportedFamilyError, match="NLLB-MoE .*one-hot"):
+        from_hf(nllb)
     with pytest.raises(UnsupportedFamilyError, match="not a known Hugging Face MoE block"):
         from_hf(torch.nn.Linear(2, 2))
     # moefy checks every block before replacing any: the supported Mixtral block is left in place.
-    mixed = torch.nn.ModuleDict({"a": tiny_block("MixtralSparseMoeBlock"), "b": ernie})
-    with pytest.raises(UnsupportedFamilyError, match="ERNIE-4.5-MoE"):
+    mixed = torch.nn.ModuleDict({"a": tiny_block("MixtralSparseMoeBlock"), "b": nllb})
+    with pytest.raises(UnsupportedFamilyError, match="NLLB-MoE"):
         moefy(mixed)
     assert type(mixed["a"]).__name__ == "MixtralSparseMoeBlock"
 
 
-def ernie_moe_block():
-    from transformers import Ernie4_5_MoeConfig
-    from transformers.models.ernie4_5_moe.modeling_ernie4_5_moe import Ernie4_5_MoeSparseMoeBlock
-    return Ernie4_5_MoeSparseMoeBlock(Ernie4_5_MoeConfig(hidden_size=D, moe_intermediate_size=HIDDEN,
-                                                         moe_num_experts=E, moe_k=K))
+def nllb_moe_block():
+    from transformers import NllbMoeConfig
+    from transformers.models.nllb_moe.modeling_nllb_moe import NllbMoeSparseMLP
+    return NllbMoeSparseMLP(NllbMoeConfig(d_model=D, num_experts=E, encoder_attention_heads=2,
+                                          decoder_attention_heads=2), HIDDEN)
 
 
 @pytest.mark.parametrize("cls_name,expected", [
@@ -194,6 +197,227 @@ def test_new_family_options_read_from_the_block(cls_name, expected):
         to_hf(MoELayer(D, HIDDEN, E, top_k=K, router=layer.router_name,
                        **{k: getattr(layer.router, k) for k in ("renormalize", "route_scale", "num_groups",
                                                                 "top_k_groups")}).double(), tiny_block(cls_name))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Families with their own layouts: GPT-OSS, DBRX, ERNIE-4.5-MoE, HunYuan-MoE-V1, Aria, Switch Transformers
+# ----------------------------------------------------------------------------------------------------
+def _config(folder: str, name: str, **options):
+    configuration = importlib.import_module(f"transformers.models.{folder}.configuration_{folder}")
+    return getattr(configuration, name)(**options)
+
+
+#: HF block class -> (model folder, config class, config options); a small swiglu_limit so the clamps act.
+NEW_BLOCKS = {
+    "GptOssMLP": ("gpt_oss", "GptOssConfig", dict(hidden_size=D, intermediate_size=HIDDEN, num_local_experts=E,
+                                                  num_experts_per_tok=K, swiglu_limit=1.0)),
+    "DbrxFFN": ("dbrx", "DbrxConfig", dict(d_model=D, ffn_config=dict(hidden_size=D, ffn_hidden_size=HIDDEN,
+                                                                      moe_num_experts=E, moe_top_k=K,
+                                                                      moe_normalize_expert_weights=2.0))),
+    "Ernie4_5_MoeSparseMoeBlock": ("ernie4_5_moe", "Ernie4_5_MoeConfig",
+                                   dict(hidden_size=D, moe_intermediate_size=HIDDEN, moe_num_experts=E, moe_k=K,
+                                        moe_num_shared_experts=2, moe_norm_min=1e-12)),
+    "HunYuanMoEV1Moe": ("hunyuan_v1_moe", "HunYuanMoEV1Config", dict(hidden_size=D, intermediate_size=HIDDEN,
+                                                                     num_experts=E, moe_topk=K)),
+    "AriaTextMoELayer": ("aria", "AriaTextConfig", dict(hidden_size=D, intermediate_size=HIDDEN, moe_num_experts=E,
+                                                        moe_topk=K, moe_num_shared_experts=2, num_attention_heads=2)),
+    # 2 places per expert and sequence: with 5 tokens per sequence and 6 experts, some tokens are dropped.
+    "SwitchTransformersSparseMLP": ("switch_transformers", "SwitchTransformersConfig",
+                                    dict(d_model=D, d_ff=HIDDEN, num_experts=E, expert_capacity=2, num_heads=2)),
+}
+
+
+def new_block(cls_name: str, ffn_config: dict | None = None, **extra):
+    folder, config_name, options = NEW_BLOCKS[cls_name]
+    options = {**options, **extra}
+    if ffn_config is not None:
+        options["ffn_config"] = {**options["ffn_config"], **ffn_config}
+    modeling = importlib.import_module(f"transformers.models.{folder}.modeling_{folder}")
+    block = getattr(modeling, cls_name)(_config(folder, config_name, **options)).double().eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in block.named_parameters():
+            param.normal_(0.0, 0.1 if "e_score_correction_bias" in name else 0.5)   # ERNIE's bias: small
+    return block
+
+
+def hf_gradients(cls_name: str, block, layer):
+    """(name, the layer's gradient, the HF block's gradient in the layer's layout), for every HF parameter.
+
+    Written out per family from the HF modeling code, independently of fastmoe_edu.hf's own mapping."""
+    ours = dict(layer.named_parameters())
+
+    def grad(name):
+        return ours[name].grad
+
+    pairs = []
+    if cls_name == "GptOssMLP":                         # gate, up in alternate columns of x @ gate_up_proj
+        ex = block.experts
+        pairs += [("router.weight", grad("router.weight"), block.router.weight.grad),
+                  ("router.logit_bias", grad("router.logit_bias"), block.router.bias.grad),
+                  ("w1", grad("experts.w1"), ex.gate_up_proj.grad[:, :, 0::2].transpose(1, 2)),
+                  ("w3", grad("experts.w3"), ex.gate_up_proj.grad[:, :, 1::2].transpose(1, 2)),
+                  ("b1", grad("experts.b1"), ex.gate_up_proj_bias.grad[:, 0::2]),
+                  ("b3", grad("experts.b3"), ex.gate_up_proj_bias.grad[:, 1::2]),
+                  ("w2", grad("experts.w2"), ex.down_proj.grad.transpose(1, 2)),
+                  ("b2", grad("experts.b2"), ex.down_proj_bias.grad)]
+    elif cls_name == "DbrxFFN":                         # [E·I, d] each; w2 is used as h @ w2_e
+        mlp = block.experts.mlp
+        pairs += [("router.weight", grad("router.weight"), block.router.layer.weight.grad),
+                  ("w1", grad("experts.w1"), mlp.w1.grad.reshape(E, HIDDEN, D)),
+                  ("w3", grad("experts.w3"), mlp.v1.grad.reshape(E, HIDDEN, D)),
+                  ("w2", grad("experts.w2"), mlp.w2.grad.reshape(E, HIDDEN, D).transpose(1, 2))]
+    elif cls_name == "SwitchTransformersSparseMLP":     # one Linear pair per expert
+        pairs.append(("router.weight", grad("router.weight"), block.router.classifier.weight.grad))
+        for e in range(E):
+            expert = block.experts[f"expert_{e}"]
+            pairs += [(f"w1[{e}]", grad("experts.w1")[e], expert.wi.weight.grad),
+                      (f"w2[{e}]", grad("experts.w2")[e], expert.wo.weight.grad)]
+    else:
+        if cls_name == "AriaTextMoELayer":
+            router = block.router.weight
+        elif cls_name == "HunYuanMoEV1Moe":
+            router = block.gate.wg.weight
+        else:
+            router = block.gate.weight
+        pairs.append(("router.weight", grad("router.weight"), router.grad))
+        gate_up, down = block.experts.gate_up_proj.grad, block.experts.down_proj.grad
+        if cls_name == "AriaTextMoELayer":              # [E, d, 2I] = [gate | up], [E, I, d]: x @ W
+            gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+        pairs += [("w1", grad("experts.w1"), gate_up[:, :HIDDEN]), ("w3", grad("experts.w3"), gate_up[:, HIDDEN:]),
+                  ("w2", grad("experts.w2"), down)]
+        mlp = block.shared_mlp if cls_name == "HunYuanMoEV1Moe" else block.shared_experts
+        if mlp is not None:
+            pairs += [("shared w1", grad("shared_experts.w1"), mlp.gate_proj.weight.grad),
+                      ("shared w3", grad("shared_experts.w3"), mlp.up_proj.weight.grad),
+                      ("shared w2", grad("shared_experts.w2"), mlp.down_proj.weight.grad)]
+    return pairs
+
+
+def check_block_equal(block, layer, cls_name, x):
+    """Output, input gradient and every parameter gradient of the HF block and the layer, for input x."""
+    generator = torch.Generator().manual_seed(1)
+    upstream = torch.randn(x.shape, dtype=torch.float64, generator=generator)
+    x_hf, x_ours = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y_hf, y_ours = block(x_hf), layer(x_ours)
+    y_hf = y_hf[0] if isinstance(y_hf, tuple) else y_hf            # GPT-OSS returns (y, router scores)
+    assert y_ours.shape == y_hf.shape and close(y_ours, y_hf)
+    (y_hf * upstream).sum().backward()
+    (y_ours * upstream).sum().backward()
+    assert close(x_ours.grad, x_hf.grad)
+    pairs = hf_gradients(cls_name, block, layer)
+    assert len(pairs) >= 4
+    for name, got, want in pairs:
+        assert got is not None, name
+        if want is None:                                           # an HF expert no token reached: no gradient
+            assert torch.count_nonzero(got) == 0, name
+        else:
+            assert close(got, want), name
+    hf_count = sum(p.numel() for p in block.parameters() if p.requires_grad)
+    assert sum(got.numel() for _, got, _ in pairs) == hf_count     # every trained HF parameter is compared
+
+
+@pytest.mark.parametrize("cls_name", list(NEW_BLOCKS))
+def test_new_layout_block_equals_hf_block(cls_name):
+    """Forward, input gradient, router / expert / shared-expert gradients; then to_hf round-trips the weights."""
+    block = new_block(cls_name)
+    layer = from_hf(block)
+    x = torch.randn(3, 5, D, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    check_block_equal(block, layer, cls_name, x)
+    if cls_name == "SwitchTransformersSparseMLP":
+        assert layer.last_routing.num_dropped > 0            # the per-sequence capacity did drop tokens
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.add_(0.1)
+        for buffer in layer.buffers():
+            buffer.add_(0.05)                                # ERNIE's selection bias travels too
+    other = new_block(cls_name)
+    to_hf(layer, other)
+    again = from_hf(other)
+    for (name, a), (_, b) in zip(layer.named_parameters(), again.named_parameters()):
+        assert torch.equal(a, b), name
+    for (name, a), (_, b) in zip(layer.named_buffers(), again.named_buffers()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("cls_name,extra,expected", [
+    ("GptOssMLP", {}, dict(expert="clamped_swiglu", router_bias=True, renormalize=True, bias=True,
+                           swiglu_alpha=1.702, swiglu_limit=1.0)),
+    ("DbrxFFN", {}, dict(renormalize=True, renormalize_p=2.0)),
+    ("DbrxFFN", dict(ffn_config=dict(moe_normalize_expert_weights=None)), dict(renormalize=False)),
+    ("Ernie4_5_MoeSparseMoeBlock", {}, dict(selection_bias=True, renormalize_min=1e-12, num_shared_experts=2,
+                                            shared_d_hidden=HIDDEN)),
+    ("HunYuanMoEV1Moe", {}, dict(renormalize=True, num_shared_experts=1, shared_d_hidden=HIDDEN)),
+    ("AriaTextMoELayer", {}, dict(renormalize=True, num_shared_experts=2, shared_d_hidden=HIDDEN)),
+    ("SwitchTransformersSparseMLP", {}, dict(router="switch", expert="relu", expert_capacity=2,
+                                             capacity_per="sequence", jitter_epsilon=0.01)),
+])
+def test_new_family_options(cls_name, extra, expected):
+    layer = from_hf(new_block(cls_name, **extra))
+    readers = {"router": layer.router_name, "expert": layer.experts.kind, "bias": layer.experts.b1 is not None,
+               "router_bias": layer.router.logit_bias is not None, "swiglu_alpha": layer.experts.swiglu_alpha,
+               "swiglu_limit": layer.experts.swiglu_limit, "capacity_per": layer.capacity_per,
+               "num_shared_experts": layer.num_shared_experts,
+               "shared_d_hidden": layer.shared_experts and layer.shared_experts.width // layer.num_shared_experts}
+    for key, value in expected.items():
+        got = readers[key] if key in readers else getattr(layer.router, key)
+        assert got == value, key
+
+
+def test_ernie_without_shared_experts_and_dbrx_without_normalization():
+    """ERNIE with moe_num_shared_experts=0 (shared_experts is None), DBRX with moe_normalize_expert_weights=None."""
+    x = torch.randn(2, 4, D, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    ernie = new_block("Ernie4_5_MoeSparseMoeBlock", moe_num_shared_experts=0)
+    layer = from_hf(ernie)
+    assert layer.shared_experts is None
+    check_block_equal(ernie, layer, "Ernie4_5_MoeSparseMoeBlock", x)
+    dbrx = new_block("DbrxFFN", ffn_config=dict(moe_normalize_expert_weights=None))
+    check_block_equal(dbrx, from_hf(dbrx), "DbrxFFN", x)
+
+
+def test_switch_capacity_is_counted_per_sequence():
+    """The same sequence twice, its first token three times: 2 places per expert *and sequence* keep two copies
+    in each sequence (over the batch, the second sequence's copies would all be dropped)."""
+    block = new_block("SwitchTransformersSparseMLP")
+    layer = from_hf(block)
+    tokens = torch.randn(3, D, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    row = tokens[[0, 1, 0, 2, 0]][None]                      # token 0 at positions 0, 2, 4: the third is dropped
+    x = torch.cat([row, row])
+    y = layer(x)
+    assert close(y, block(x))
+    assert torch.equal(y[0], y[1])                           # each sequence has its own 2 places per expert
+    kept = layer.last_routing.expert_ids.reshape(2, 5)
+    assert torch.equal(kept[0], kept[1])
+    dropped = kept[0] < 0
+    assert dropped.tolist() == [False, False, False, False, True]
+    assert torch.count_nonzero(y[0][dropped]) == 0           # a dropped token's output is 0 (HF's too)
+
+
+@pytest.mark.parametrize("cls_name,extra,message", [
+    ("DbrxFFN", dict(ffn_config=dict(moe_jitter_eps=0.1)), "moe_jitter_eps=0.1"),
+    ("SwitchTransformersSparseMLP", dict(router_dtype="bfloat16"), "router_dtype"),
+    ("Ernie4_5_MoeSparseMoeBlock", dict(use_bias=True), "shared expert has parameters"),
+    ("AriaTextMoELayer", dict(mlp_bias=True), "shared expert has parameters"),
+    ("SwitchTransformersSparseMLP", dict(dense_act_fn="gelu"), "dense_act_fn='relu'"),
+])
+def test_new_family_settings_that_do_not_convert(cls_name, extra, message):
+    with pytest.raises(UnsupportedFamilyError, match=message):
+        from_hf(new_block(cls_name, **extra))
+
+
+def test_to_hf_compares_the_new_options():
+    gpt_oss = new_block("GptOssMLP")
+    layer = from_hf(gpt_oss)
+    wrong = MoELayer(D, HIDDEN, E, top_k=K, expert="clamped_swiglu", bias=True, router_bias=True,
+                     swiglu_limit=7.0).double()
+    with pytest.raises(ValueError, match="swiglu_limit=7.0 \\(the block's is 1.0\\)"):
+        to_hf(wrong, gpt_oss)
+    to_hf(layer, new_block("GptOssMLP"))                    # the layer read from the same config fits
+    switch = new_block("SwitchTransformersSparseMLP")
+    batch_capacity = MoELayer(D, HIDDEN, E, top_k=1, router="switch", expert="relu", expert_capacity=2,
+                              jitter_epsilon=0.01).double()
+    with pytest.raises(ValueError, match="capacity_per='batch' \\(the block's is 'sequence'\\)"):
+        to_hf(batch_capacity, switch)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -246,6 +470,99 @@ def test_moefy_keeps_logits_loss_aux_loss_and_gradients(family):
         assert close(moe.router.weight.grad, hf_block.gate.weight.grad)
         assert close(torch.cat([moe.experts.w1.grad, moe.experts.w3.grad], 1), hf_block.experts.gate_up_proj.grad)
         assert close(moe.experts.w2.grad, hf_block.experts.down_proj.grad)
+
+
+def tiny_new_model(cls_name: str, seed: int = 0):
+    """A 2-layer model of the family of ``cls_name`` (an encoder-decoder for Switch), float64, random MoE weights."""
+    import transformers
+    common = dict(vocab_size=48, output_router_logits=True, attn_implementation="eager", experts_implementation="eager")
+    decoder = dict(hidden_size=D, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, **common)
+    if cls_name == "GptOssMLP":
+        config = transformers.GptOssConfig(intermediate_size=HIDDEN, num_local_experts=E, num_experts_per_tok=K,
+                                           head_dim=8, swiglu_limit=1.0, router_aux_loss_coef=0.05, **decoder)
+        cls = transformers.GptOssForCausalLM
+    elif cls_name == "DbrxFFN":
+        config = transformers.DbrxConfig(d_model=D, n_heads=2, n_layers=2, max_seq_len=32,
+                                         attn_config=dict(kv_n_heads=1, rope_theta=10000.0, clip_qkv=8.0),
+                                         ffn_config=dict(hidden_size=D, ffn_hidden_size=HIDDEN, moe_num_experts=E,
+                                                         moe_top_k=K, moe_loss_weight=0.05,
+                                                         moe_normalize_expert_weights=2.0),
+                                         **common)
+        cls = transformers.DbrxForCausalLM
+    elif cls_name == "Ernie4_5_MoeSparseMoeBlock":
+        config = transformers.Ernie4_5_MoeConfig(intermediate_size=20, moe_intermediate_size=HIDDEN, moe_num_experts=E,
+                                                 moe_k=K, moe_layer_start_index=0, moe_num_shared_experts=1,
+                                                 router_aux_loss_coef=0.05, **decoder)
+        cls = transformers.Ernie4_5_MoeForCausalLM
+    elif cls_name == "HunYuanMoEV1Moe":
+        config = transformers.HunYuanMoEV1Config(intermediate_size=HIDDEN, num_experts=E, moe_topk=K, head_dim=8,
+                                                 **decoder)
+        cls = transformers.HunYuanMoEV1ForCausalLM
+    elif cls_name == "AriaTextMoELayer":
+        config = transformers.AriaTextConfig(intermediate_size=HIDDEN, moe_num_experts=E, moe_topk=K,
+                                             moe_num_shared_experts=1, **decoder)
+        cls = transformers.AriaTextForCausalLM
+    else:
+        config = transformers.SwitchTransformersConfig(d_model=D, d_kv=8, d_ff=HIDDEN, num_layers=2,
+                                                       num_decoder_layers=2, num_heads=2, num_experts=E, expert_capacity=3,
+                                                       decoder_start_token_id=0,     # HF computes its router
+                                                       encoder_sparse_step=2, decoder_sparse_step=2,   # losses for >1
+                                                       router_z_loss_coef=0.01, router_aux_loss_coef=0.05, **common)
+        cls = transformers.SwitchTransformersForConditionalGeneration
+    torch.manual_seed(seed)
+    model = cls(config).double()
+    with torch.no_grad():                      # weights large enough that the routing is far from uniform
+        for name, param in model.named_parameters():
+            if "e_score_correction_bias" in name:
+                param.normal_(0.0, 0.05)
+            elif param.dim() >= 2 and "embed" not in name and "shared" != name.split(".")[0]:
+                param.normal_(0.0, 0.3)
+    return model
+
+
+def _model_step(model, cls_name, ids):
+    if cls_name == "SwitchTransformersSparseMLP":
+        return model(input_ids=ids, labels=ids, output_router_logits=True)
+    return model(ids, labels=ids, output_router_logits=True)
+
+
+@pytest.mark.parametrize("cls_name", list(NEW_BLOCKS))
+def test_moefy_new_families_keep_logits_loss_aux_loss_and_gradients(cls_name):
+    """Whole models: logits, loss (with HF's aux loss, Switch's z-loss), and every parameter gradient. Switch runs
+    in eval mode (its dropout and router jitter are random in training); the others have no dropout."""
+    original = tiny_new_model(cls_name)
+    swapped = tiny_new_model(cls_name)
+    ids = torch.randint(0, 48, (2, 7), generator=torch.Generator().manual_seed(3))
+    if cls_name == "SwitchTransformersSparseMLP":
+        original.eval()
+        swapped.eval()
+    _model_step(swapped, cls_name, ids[:, :3].contiguous())     # HF's recording hooks now installed
+    moefy(swapped, backend="reference")
+    hf_blocks = [m for m in original.modules() if type(m).__name__ == cls_name]
+    ours = [m for m in swapped.modules() if isinstance(m, HFMoEBlock)]
+    assert len(ours) == len(hf_blocks) >= 2
+    out_hf, out_ours = _model_step(original, cls_name, ids), _model_step(swapped, cls_name, ids)
+    assert close(out_ours.logits, out_hf.logits)
+    assert close(out_ours.loss, out_hf.loss)
+    compared = 0
+    for key in ("aux_loss", "encoder_aux_loss", "encoder_z_loss", "decoder_aux_loss", "decoder_z_loss"):
+        want = getattr(out_hf, key, None)
+        if isinstance(want, torch.Tensor):
+            assert close(getattr(out_ours, key), want), key
+            compared += 1
+        else:
+            assert getattr(out_ours, key, None) == want, key
+    assert compared >= 1 or cls_name in ("HunYuanMoEV1Moe", "AriaTextMoELayer")    # these two have no aux loss
+    out_hf.loss.backward()
+    out_ours.loss.backward()
+    hf_params = dict(original.named_parameters())
+    for name, param in swapped.named_parameters():
+        if ".moe." not in name and param.requires_grad:         # attention, norms, embeddings: same names
+            want = hf_params[name].grad
+            assert (want is None and param.grad is None) or close(param.grad, want), name
+    for hf_block, block in zip(hf_blocks, ours):
+        for name, got, want in hf_gradients(cls_name, hf_block, block.moe):
+            assert close(got, want) if want is not None else torch.count_nonzero(got) == 0, name
 
 
 def test_moefy_refuses_models_it_cannot_swap():

@@ -1,6 +1,7 @@
 """The reference MoELayer against the per-token oracle (tests/oracle.py), forward and backward,
 for every router × expert kind, with and without capacity; plus gradcheck in float64."""
 import itertools
+import math
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ def make_layer(router, expert="swiglu", capacity_factor=None, bias=False, dtype=
             for name, param in layer.named_parameters():
                 if ".b" in name:
                     param.normal_()
-    if router == "sigmoid":  # a non-trivial selection bias
+    if getattr(layer.router, "bias", None) is not None:  # a non-trivial selection bias (sigmoid; ERNIE's softmax)
         layer.router.bias.copy_(torch.randn(NUM_EXPERTS, dtype=dtype) * 0.1)
     return layer
 
@@ -178,6 +179,16 @@ OPTION_CASES = {
                                                           renormalize=False)),
     "softmax-groups-renormalized": ("softmax_top_k", "swiglu", dict(num_groups=2, top_k_groups=1)),
     "sigmoid-not-renormalized": ("sigmoid", "swiglu", dict(renormalize=False)),
+    # GPT-OSS: clamped SwiGLU (a small limit, so both clamps act), expert biases, router bias
+    "clamped-swiglu": ("softmax_top_k", "clamped_swiglu", dict(bias=True, router_bias=True, swiglu_limit=0.5)),
+    "clamped-swiglu-shared": ("softmax_top_k", "clamped_swiglu", dict(num_shared_experts=1, swiglu_alpha=1.0,
+                                                                      swiglu_limit=0.7)),
+    # DBRX: weights / ‖weights‖_2; ERNIE-4.5: selection bias, normalizer clamped (0.9: often active); epsilon
+    "renormalize-p-norm": ("softmax_top_k", "swiglu", dict(renormalize_p=2.0)),
+    "selection-bias-clamped-normalizer": ("softmax_top_k", "swiglu", dict(selection_bias=True, renormalize_min=0.9)),
+    "selection-bias-groups-eps": ("softmax_top_k", "swiglu", dict(selection_bias=True, num_groups=2, top_k_groups=1,
+                                                                  renormalize_eps=0.5, route_scale=1.5)),
+    "fixed-expert-capacity": ("softmax_top_k", "swiglu", dict(expert_capacity=3)),
 }
 
 
@@ -242,3 +253,60 @@ def test_new_expert_formulas(expert, activation):
     if expert == "geglu":
         hidden = hidden * (x @ layer.experts.w3[0].t())
     torch.testing.assert_close(layer(x), hidden @ layer.experts.w2[0].t())
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+@pytest.mark.parametrize("router,top_k,capacity", [("switch", 1, dict(expert_capacity=1)),
+                                                   ("softmax_top_k", 2, dict(capacity_factor=0.5)),
+                                                   ("softmax_top_k", 2, dict(expert_capacity=2))])
+def test_capacity_per_sequence_matches_oracle(router, top_k, capacity, backend):
+    """capacity_per="sequence": each sequence of x [B, S, d] has its own C places per expert (C = expert_capacity,
+    or ceil(cf·k·S/E)), its tokens competing in slot-major order among themselves; forward and gradients."""
+    torch.manual_seed(0)
+    layer = MoELayer(D_MODEL, D_HIDDEN, NUM_EXPERTS, top_k=top_k, router=router, capacity_per="sequence",
+                     backend=backend, **capacity).double().eval()
+    x = torch.randn(3, 6, D_MODEL, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    record = layer.last_routing
+    assert record.num_dropped > 0
+    expected_capacity = (capacity.get("expert_capacity")
+                         or math.ceil(capacity["capacity_factor"] * top_k * 6 / NUM_EXPERTS))
+    assert record.capacity == expected_capacity
+    per_sequence = torch.stack([torch.bincount(ids[ids >= 0], minlength=NUM_EXPERTS)
+                                for ids in record.expert_ids.reshape(3, -1)])
+    assert int(per_sequence.max()) <= record.capacity
+    x_oracle = x.detach().clone().requires_grad_(True)
+    y_oracle = oracle_forward(layer, x_oracle.reshape(-1, D_MODEL), {}, tokens_per_sequence=6).reshape(x.shape)
+    torch.testing.assert_close(y, y_oracle, **TOLERANCE)
+    upstream = torch.randn_like(y)
+    names, params = zip(*layer.named_parameters())
+    grads = torch.autograd.grad((y * upstream).sum(), [x, *params])
+    grads_oracle = torch.autograd.grad((y_oracle * upstream).sum(), [x_oracle, *params])
+    for name, got, want in zip(["input", *names], grads, grads_oracle):
+        torch.testing.assert_close(got, want, **TOLERANCE, msg=lambda m: f"{name}: {m}")
+    # Over the batch instead, the same C would be shared by all 18 tokens: more of them dropped.
+    batch = MoELayer(D_MODEL, D_HIDDEN, NUM_EXPERTS, top_k=top_k, router=router, backend=backend,
+                     **capacity).double().eval()
+    batch.load_state_dict(layer.state_dict())
+    batch(x)
+    if "expert_capacity" in capacity:
+        assert batch.last_routing.num_dropped > record.num_dropped
+
+
+def test_clamped_swiglu_formula():
+    """One expert, top_k=1: W2 (min(g, L)·σ(α·min(g, L)) ⊙ (clamp(u, −L, L) + 1)) + b2, with g = W1 x + b1 and
+    u = W3 x + b3."""
+    torch.manual_seed(0)
+    layer = MoELayer(8, 16, 1, top_k=1, expert="clamped_swiglu", bias=True, swiglu_alpha=1.5,
+                     swiglu_limit=0.4).double()
+    with torch.no_grad():
+        for name in ("b1", "b2", "b3"):
+            getattr(layer.experts, name).normal_()
+    ex = layer.experts
+    x = torch.randn(4, 8, dtype=torch.float64)
+    gate = x @ ex.w1[0].t() + ex.b1[0]
+    up = x @ ex.w3[0].t() + ex.b3[0]
+    assert (gate > 0.4).any() and (up.abs() > 0.4).any()             # both clamps are active here
+    gate, up = gate.clamp(max=0.4), up.clamp(-0.4, 0.4)
+    hidden = gate * torch.sigmoid(1.5 * gate) * (up + 1)
+    torch.testing.assert_close(layer(x), hidden @ ex.w2[0].t() + ex.b2[0])

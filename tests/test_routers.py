@@ -285,6 +285,29 @@ def test_a_router_without_balance_loss_fails_loudly():
     (dict(router="switch", top_k=1, route_scale=2.0), "unknown option 'route_scale' for router='switch'"),
     (dict(router="noisy_top_k", renormalize=False), "unknown option 'renormalize' for router='noisy_top_k'"),
     (dict(router="sigmoid", renormalize="no"), "renormalize='no' must be True or False"),
+    # renormalization shapes (DBRX's p-norm, ERNIE's clamp, an epsilon) and ERNIE's selection bias
+    (dict(renormalize_p=0), "renormalize_p=0 must be a finite number > 0"),
+    (dict(renormalize_p=float("inf")), "renormalize_p=inf must be a finite number > 0"),
+    (dict(renormalize_p=2.0, renormalize=False), "renormalize_p=2.0 shape the renormalization, but renormalize=False"),
+    (dict(renormalize_min=1e-12, renormalize=False), "renormalize_min=1e-12 shape the renormalization"),
+    (dict(renormalize_min=-1), "renormalize_min=-1 must be a finite number >= 0"),
+    (dict(renormalize_eps=float("nan")), "renormalize_eps=nan must be a finite number >= 0"),
+    (dict(selection_bias="yes"), "selection_bias='yes' must be True or False"),
+    (dict(router="sigmoid", selection_bias=True), "unknown option 'selection_bias' for router='sigmoid'"),
+    (dict(router="gshard", renormalize_p=2.0), "unknown option 'renormalize_p' for router='gshard'"),
+    # fixed and per-sequence capacity (Switch Transformers)
+    (dict(expert_capacity=0), "expert_capacity=0 must be an integer >= 1"),
+    (dict(expert_capacity=2.5), "expert_capacity=2.5 must be an integer >= 1"),
+    (dict(expert_capacity=2, capacity_factor=1.0), "capacity_factor=1.0 and expert_capacity=2: set one of them"),
+    (dict(capacity_per="token"), "capacity_per='token' is not known; allowed: batch, sequence"),
+    (dict(capacity_per="sequence"), "capacity_per='sequence' needs a capacity to count per sequence"),
+    (dict(router="expert_choice", expert_capacity=2), "router='expert_choice' has no token-choice capacity"),
+    (dict(router="soft_moe", top_k=2, capacity_per="sequence"), "router='soft_moe' has no token-choice capacity"),
+    # GPT-OSS's clamped SwiGLU constants
+    (dict(swiglu_limit=7.0), "swiglu_alpha=None, swiglu_limit=7.0 are constants of expert='clamped_swiglu'"),
+    (dict(expert="clamped_swiglu", swiglu_limit=0), "swiglu_limit=0 must be a finite number > 0"),
+    (dict(expert="clamped_swiglu", swiglu_alpha=float("inf")), "swiglu_alpha=inf must be a finite number > 0"),
+    (dict(expert="clamped_swiglu", swiglu_alpha=True), "swiglu_alpha=True must be a finite number > 0"),
 ])
 def test_invalid_options_are_refused(kwargs, message):
     kwargs = dict(kwargs)
@@ -293,12 +316,16 @@ def test_invalid_options_are_refused(kwargs, message):
 
 
 def test_option_defaults_change_nothing():
-    """router_bias=False, logit_softcap=None, route_scale=1, renormalize=True, no shared experts: the same
-    parameters and bitwise the same output as before the options existed."""
+    """router_bias=False, logit_softcap=None, route_scale=1, renormalize=True, no shared experts, and the
+    renormalization / capacity / expert-constant options at their defaults: the same parameters, no buffer,
+    and bitwise the same output as before the options existed."""
     torch.manual_seed(0)
     plain = MoELayer(8, 8, 4)
-    explicit = MoELayer(8, 8, 4, router_bias=False, logit_softcap=None, route_scale=1.0, num_shared_experts=0)
+    explicit = MoELayer(8, 8, 4, router_bias=False, logit_softcap=None, route_scale=1.0, num_shared_experts=0,
+                        renormalize_p=1.0, renormalize_min=0.0, renormalize_eps=0.0, selection_bias=False,
+                        expert_capacity=None, capacity_per="batch", swiglu_alpha=None, swiglu_limit=None)
     assert [n for n, _ in plain.named_parameters()] == ["router.weight", "experts.w1", "experts.w2", "experts.w3"]
+    assert list(explicit.state_dict()) == list(plain.state_dict())
     explicit.load_state_dict(plain.state_dict())
     x = torch.randn(6, 8)
     assert torch.equal(plain(x), explicit(x))
@@ -315,3 +342,30 @@ def test_softcap_bounds_logits_and_groups_limit_choices(backend):
     groups = record.expert_ids // 2                                   # 4 groups of 2 experts
     assert all(len(set(row)) <= 2 for row in groups.tolist())         # k = 3 experts from at most 2 groups
     torch.testing.assert_close(record.weights.sum(dim=1), torch.full((40,), 2.0))   # renormalized, × route_scale
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_new_renormalizations_by_hand(backend):
+    """Weights p_sel / n for n = ‖p_sel‖_2, max(Σ p_sel, m) and Σ p_sel + ε; the selection bias changes the
+    choice (an expert with a small p but a large b is picked) but not the weight (still its p)."""
+    torch.manual_seed(0)
+    x = torch.randn(12, 8, dtype=torch.float64)
+    base = MoELayer(8, 8, 4, top_k=2, backend=backend, renormalize=False).double()
+    base(x)
+    ids, plain = base.last_routing.expert_ids, base.last_routing.weights                     # p_sel
+    cases = {"renormalize_p": (2.0, plain / plain.norm(dim=1, keepdim=True)),
+             "renormalize_min": (0.95, plain / plain.sum(dim=1, keepdim=True).clamp(min=0.95)),
+             "renormalize_eps": (0.25, plain / (plain.sum(dim=1, keepdim=True) + 0.25))}
+    for key, (value, expected) in cases.items():
+        layer = MoELayer(8, 8, 4, top_k=2, backend=backend, **{key: value}).double()
+        layer.load_state_dict(base.state_dict())
+        layer(x)
+        assert torch.equal(layer.last_routing.expert_ids, ids), key
+        torch.testing.assert_close(layer.last_routing.weights, expected, rtol=1e-12, atol=1e-14, msg=key)
+    biased = MoELayer(8, 8, 4, top_k=2, backend=backend, renormalize=False, selection_bias=True).double()
+    biased.load_state_dict({**base.state_dict(), "router.bias": torch.tensor([0.0, 0.0, 0.0, 5.0])})
+    biased(x)
+    assert (biased.last_routing.expert_ids == 3).any(dim=1).all()                  # b_3 = 5 wins a place everywhere
+    probs = biased.last_routing.probs
+    torch.testing.assert_close(biased.last_routing.weights, probs.gather(1, biased.last_routing.expert_ids))
+    assert not biased.router.bias.requires_grad
