@@ -5,7 +5,8 @@
     python bench/bench_layer.py --config fastmoe --tokens 1024 --repeats 2
     python bench/bench_layer.py --device cuda --dtype bfloat16 --config all --json out.json   # on an NVIDIA GPU
 
-Configurations (router softmax top-k, float32 unless --dtype, dropless; --experts / --top-k override E / k):
+Configurations (router softmax top-k, float32 unless --dtype, dropless; --experts / --top-k / --d-model /
+--d-hidden override E / k / d / h):
 
     dispatch   T=16384, d_model=256,  d_hidden=512,  E=64,  k=2, SwiGLU   dispatch-heavy: little GEMM per row
     fastmoe    T=4096,  d_model=1024, d_hidden=4096, E=64,  k=2, GELU     FastMoE's benchmark layer
@@ -286,7 +287,7 @@ def dispatched_buffer(layer: MoELayer, x: torch.Tensor) -> tuple[torch.Tensor, t
 
 def bench_config(name: str, args) -> dict:
     config = dict(CONFIGS[name])
-    for key in ("tokens", "experts", "top_k"):
+    for key in ("tokens", "experts", "top_k", "d_model", "d_hidden"):
         if getattr(args, key):
             config[key] = getattr(args, key)
     T, d = config["tokens"], config["d_model"]
@@ -377,6 +378,8 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=None, help="override T of the chosen configuration(s)")
     parser.add_argument("--experts", type=int, default=None, help="override E (default: the configuration's)")
     parser.add_argument("--top-k", type=int, default=None, help="override k (default: the configuration's)")
+    parser.add_argument("--d-model", type=int, default=None, help="override d_model (default: the configuration's)")
+    parser.add_argument("--d-hidden", type=int, default=None, help="override d_hidden (default: the configuration's)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed rounds (one step of each implementation); the best is kept")
     parser.add_argument("--loop-tokens", type=int, default=256, help="tokens the per-token loop really runs")

@@ -177,7 +177,8 @@ for dtype in bfloat16 float32; do
             --repeats 3 --loop-tokens 16 --peak-size 8192 --json "$OUT/layer_$dtype.json"
     elif [ $SMOKE = 1 ]; then
         step "layer_$dtype" 30 "$PY" bench/bench_layer.py --device cpu --dtype "$dtype" --config all \
-            --tokens 64 --experts 8 --repeats 1 --loop-tokens 2 --peak-size 128 --json "$OUT/layer_$dtype.json"
+            --tokens 64 --experts 8 --d-model 64 --d-hidden 128 --repeats 1 --loop-tokens 2 --peak-size 128 \
+            --json "$OUT/layer_$dtype.json"
     else
         skip "layer_$dtype" "$NO_GPU"
     fi

@@ -159,6 +159,11 @@ class TrainConfig:
                                                   "many expert-parallel ranks per node (exchange inside the node, "
                                                   "then one message per node pair); none = flat all-to-all",
                                                   minimum=1)
+    gradient_partitioning: bool = _field(False, "parallel", "FSMoE's adaptive gradient partitioning: the replicated "
+                                         "gradients' all-reduce cut into pieces (sizes from the cost model, printed "
+                                         "at start-up) and each posted, non-blocking, as soon as its gradients are "
+                                         "ready in the backward, so it travels while the MoE layers compute; the "
+                                         "same gradients (no effect in one process)")
 
     # --- optimization -------------------------------------------------------------------------
     lr: float = _field(6e-3, "optimization", "peak learning rate of AdamW", above=0.0)
@@ -366,7 +371,8 @@ def _coerce(name: str, value, tp):
                 raise ValueError
             return dict(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{name}={value!r} cannot be read as {_type_name(tp)}") from None
+        allowed = "; allowed: true or false (also 1/0, yes/no, on/off)" if tp is bool else ""
+        raise ConfigError(f"{name}={value!r} cannot be read as {_type_name(tp)}{allowed}") from None
     raise ConfigError(f"{name}: unsupported field type {tp!r}")
 
 

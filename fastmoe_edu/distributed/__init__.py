@@ -5,7 +5,7 @@ Launch any script with ``mpirun -n P`` or ``torchrun --nproc-per-node=P``; each 
 batch. Importing this package loads no engine: only :func:`open_world` does. The files, one idea each:
 
     communicator.py     Communicator: the only door to an engine (all-to-all(v), non-blocking all-to-all-v,
-                        all-reduce, broadcast, all-gather(v), barrier, split) on torch tensors
+                        all-reduce and non-blocking all-reduce, broadcast, all-gather(v), barrier, split)
     mpi_engine.py       the MPI engine (mpi4py): MPICommunicator, mpi_world
     torch_engine.py     the torch.distributed engine (gloo / NCCL): TorchCommunicator, torch_world
     engines.py          which engine launched this job (environment only), open_world
@@ -18,6 +18,7 @@ batch. Importing this package loads no engine: only :func:`open_world` does. The
     pipeline.py         the exchange cut into chunks that overlap the expert compute, both passes
     tensor_parallel.py  Megatron-style attention / dense MLP slices, and the tp-group row split / gather
     gradients.py        initial-weight broadcast, bucketed gradient all-reduce, global gradient norm
+    gradient_partitioning.py  FSMoE: the replicated gradients' all-reduce in pieces, posted during the backward
     runtime.py          ParallelRuntime: what the training loop calls under a launcher
     failure.py          abort_on_exception: one rank's error ends the whole job (no hang)
     launch.py           mpirun_command / torchrun_command: how tests and benchmarks start jobs
@@ -36,8 +37,9 @@ from .communicator import EXCHANGE_METHODS, Communicator
 from .engines import ENGINES, launch_rank, launch_world_size, open_world
 from .expert_parallel import ExpertParallel, SumOverRanks, expert_parameters, keep_local_experts
 from .failure import abort_on_exception
-from .gradients import (DEFAULT_BUCKET_BYTES, allreduce_gradients, broadcast_parameters, clip_grad_norm_,
-                        split_parameters)
+from .gradient_partitioning import GradientPieces
+from .gradients import (DEFAULT_BUCKET_BYTES, allreduce_expert_gradients, allreduce_gradients, broadcast_parameters,
+                        clip_grad_norm_, split_parameters)
 from .launch import mpirun_command, mpirun_path, torchrun_command
 from .layout import ParallelLayout
 from .parallelize import EXCHANGES, parallelize
@@ -47,7 +49,8 @@ __all__ = [
     "EXCHANGE_METHODS", "Communicator",
     "ENGINES", "launch_rank", "launch_world_size", "open_world",
     "ExpertParallel", "SumOverRanks", "expert_parameters", "keep_local_experts", "abort_on_exception",
-    "DEFAULT_BUCKET_BYTES", "allreduce_gradients", "broadcast_parameters", "clip_grad_norm_", "split_parameters",
+    "GradientPieces", "DEFAULT_BUCKET_BYTES", "allreduce_expert_gradients", "allreduce_gradients",
+    "broadcast_parameters", "clip_grad_norm_", "split_parameters",
     "mpirun_command", "mpirun_path", "torchrun_command",
     "ParallelLayout", "EXCHANGES", "parallelize", "CommunicationStats",
 ]

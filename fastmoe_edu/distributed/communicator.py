@@ -6,6 +6,8 @@ Everything the parallel code sends goes through one of these methods, on torch t
     alltoallv(rows, send_rows, recv_rows) a variable number of rows to every rank (the token exchange)
     ialltoallv(...) -> PendingExchange    the same, non-blocking: ``.wait()`` returns the rows (pipelining)
     allreduce_(tensor, op="sum"|"max")    in place, on every rank (gradients, statistics, votes)
+    iallreduce_(tensor) -> PendingAllreduce  the sum, non-blocking: ``.wait()`` completes it in place
+                                          (gradient pieces posted during the backward, gradient_partitioning.py)
     broadcast_(tensor, root)              in place (initial weights)
     allgatherv(rows, shares)              every rank's rows, concatenated in rank order (tensor parallelism)
     barrier(), split(color, key, name)    a sub-communicator of the ranks with the same color, ordered by key
@@ -172,6 +174,22 @@ class Communicator(ABC):
             tensor /= self.size
         return tensor
 
+    def iallreduce_(self, tensor: torch.Tensor, purpose: str = "iallreduce") -> "PendingAllreduce":
+        """Post the in-place sum of :meth:`allreduce_` and return at once; ``.wait()`` completes it and returns ``tensor``.
+
+        Counted as ``"<communicator>/<purpose>"`` (the posting) and ``"<communicator>/wait"`` (the time
+        spent waiting: the part of the all-reduce that the caller's work did not hide). Every rank must
+        post its collectives on one communicator in the same order, blocking ones included; the caller
+        must not touch ``tensor`` until ``wait()``.
+
+        Not replayable (no ``@replayable``): a wait handle has no result to record. Activation
+        checkpointing replays only the collectives of a block's forward pass; the gradient pieces are
+        posted from backward hooks, which run outside any recomputation (recompute.py).
+        """
+        if tensor.dtype in (torch.float16, torch.bfloat16):
+            raise TypeError(f"all-reduce {tensor.dtype} tensors in float32 (cast first): the sum must not round")
+        return PendingAllreduce(self, tensor, purpose)
+
     def broadcast_(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
         """In place: every rank's ``tensor`` becomes rank ``root``'s. Returns ``tensor``."""
         if self.size > 1:
@@ -253,6 +271,10 @@ class Communicator(ABC):
     def _wait(self, request, timeout_s: float | None) -> bool:
         """Block until a request of this engine has completed (True), or ``timeout_s`` has passed (False)."""
 
+    @abstractmethod
+    def _test(self, request) -> bool:
+        """Whether a request has completed, without blocking (with MPI this also moves pending messages on)."""
+
     def _complete(self, request, what: str) -> None:
         """Wait for ``request`` at most ``timeout_s``; past it, say which collective and which ranks, and raise.
 
@@ -322,6 +344,32 @@ class PendingExchange:
         self.result = self.received.to(self.device)
         self.send = self.received = self.request = None                          # the engine is done with them
         return self.result
+
+
+class PendingAllreduce:
+    """A posted all-reduce (sum, in place): the request and the buffer the engine works on until ``wait()``."""
+
+    def __init__(self, comm: Communicator, tensor: torch.Tensor, purpose: str):
+        self.comm, self.tensor, self.request = comm, tensor, None
+        self.staged = comm._stage(tensor) if comm.size > 1 else tensor       # kept alive until wait()
+        with comm.stats.measure(f"{comm.name}/{purpose}", self.staged.numel() * self.staged.element_size()):
+            if comm.size > 1:
+                self.request = comm._start_allreduce(self.staged, "sum")
+
+    def test(self) -> bool:
+        """Whether the sum has arrived (never blocks; MPI moves the messages along inside this call)."""
+        return self.request is None or self.comm._test(self.request)
+
+    def wait(self) -> torch.Tensor:
+        """Block until the sum is in ``tensor`` (timed as ``"<communicator>/wait"``); returns ``tensor``."""
+        if self.request is not None:
+            with self.comm.stats.measure(f"{self.comm.name}/wait", 0):
+                self.comm._complete(self.request, "all-reduce (non-blocking, sum)")
+            if self.staged.data_ptr() != self.tensor.data_ptr():           # a host copy or a contiguous copy
+                self.tensor.copy_(self.staged)
+            self.request = None
+        self.staged = None
+        return self.tensor
 
 
 def _exclusive_prefix_sum(values: list[int]) -> list[int]:

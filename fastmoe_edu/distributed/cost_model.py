@@ -35,6 +35,11 @@ FSMoE's view of one pipelined layer (:class:`LayerTasks`, :func:`choose_pipeline
 costs α + β·n per chunk — an exchange chunk α_a + β_a·B/D, an expert chunk α_c + β_c·rows/D — and the
 two passes are minimized separately over powers of 2 (autotune.py measures the α's and β's online).
 
+FSMoE's gradient partitioning (:func:`gradient_piece_bytes`, :func:`plan_gradient_pieces`): the
+replicated gradients' all-reduce in pieces of B* bytes, each posted as soon as its gradients are ready,
+B* = max((W − a)/b, a·(1 − s)/(s·b)) for a piece cost a + b·B and an idle-link window W per MoE layer,
+and a piece closed where an MoE layer's expert backward (the window) comes between two gradients.
+
 Per step: the gradient all-reduces (non-expert over the ep·dp data group, experts over dp — and
 over tp too when tokens are dropped) and an overhead per layer, fixed plus per token (Python,
 kernel launches, norms, softmaxes: what the matmul flop count leaves out), expressed in equivalent
@@ -235,6 +240,72 @@ def choose_pipeline_degrees(tasks: LayerTasks, max_degree: int = 16) -> tuple[in
     forward = min(candidates, key=lambda D: predict_layer(tasks, D, 1)["forward"])
     backward = min(candidates, key=lambda D: predict_layer(tasks, 1, D)["backward"])
     return forward, backward
+
+
+# ----------------------------------------------------------------------------------------------------
+# Gradient pieces: FSMoE's adaptive gradient partitioning (gradient_partitioning.py)
+# ----------------------------------------------------------------------------------------------------
+PIECE_LATENCY_SHARE = 0.5        # s: a piece's fixed cost may be at most this share of its time; 1/2 makes
+                                 # B_min = a/b, Hockney's n½ (the size that reaches half the bandwidth)
+
+
+def allreduce_piece_cost(n: int, span: int, hw: Hardware) -> tuple[float, float]:
+    """(a, b) of one all-reduce message, ``t(B) = a + b·B``, from the ring formula of :func:`allreduce_time`:
+    a = 2(n−1)·α, b = 2(n−1)/n·β. (gradient_partitioning.py measures a and b directly instead.)"""
+    a = allreduce_time(0.0, n, span, hw)
+    return a, allreduce_time(1.0, n, span, hw) - a
+
+
+def gradient_piece_bytes(a: float, b: float, window_seconds: float,
+                         latency_share: float = PIECE_LATENCY_SHARE) -> tuple[float, float]:
+    """(B_min, B*): the smallest worthwhile and the target size of one piece of the replicated gradients'
+    all-reduce (FSMoE, Pan et al. 2025).
+
+    A piece of B bytes costs ``t(B) = a + b·B`` (a = its fixed cost per message, b = seconds per byte).
+    While an MoE layer's backward runs its expert GEMMs the link is idle for ``W = window_seconds``:
+
+        hidden by one layer:     t(B) ≤ W          ⇔   B ≤ B_fit = (W − a) / b
+        latency not dominant:    a ≤ s · t(B)      ⇔   B ≥ B_min = a·(1 − s) / (s·b)   (s = latency_share;
+                                                            s = 1/2: B_min = a/b, Hockney's n½)
+
+        B* = max(B_fit, B_min)
+
+    B* is the largest piece that one layer's idle link hides (fewest messages, fewest α), but never one so
+    small that α is more than s of its time — when W is shorter than that (B_fit < B_min) no useful piece
+    fits and B_min wins. b = 0 (the bandwidth term too small to measure): one piece, B_min = B* = ∞.
+    """
+    if b <= 0:
+        return float("inf"), float("inf")
+    fit = (window_seconds - a) / b                             # B_fit: t(B) = a + b·B ≤ W
+    smallest = a * (1 - latency_share) / (latency_share * b)   # B_min: a / t(B) ≤ s
+    return smallest, max(fit, smallest)
+
+
+def plan_gradient_pieces(sizes: list[int], piece_bytes: float, smallest_bytes: float = 0.0,
+                         window_starts: frozenset[int] | set[int] = frozenset()) -> list[int]:
+    """Cut gradients of ``sizes`` bytes (in the order they become ready) into consecutive pieces. Returns how
+    many gradients each piece holds: ``[3, 1, 5]`` = the first three, then the fourth alone, then the rest.
+
+    A piece is all-reduced as soon as its last gradient is ready, so it travels while the backward computes
+    the rest (gradient_partitioning.py). The current piece is closed before gradient i when
+
+        current + sizes[i] > piece_bytes                      it would not fit in one window (B*); a larger
+                                                              gradient is a piece alone
+        i ∈ window_starts and current ≥ smallest_bytes        an MoE layer's expert backward (an idle window)
+                                                              comes between: send what is ready (if ≥ B_min)
+    """
+    counts, current, current_bytes = [], 0, 0
+    for i, size in enumerate(sizes):
+        too_big = current_bytes + size > piece_bytes
+        window = i in window_starts and current_bytes >= smallest_bytes
+        if current and (too_big or window):
+            counts.append(current)
+            current, current_bytes = 0, 0
+        current += 1
+        current_bytes += size
+    if current:
+        counts.append(current)
+    return counts
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -67,9 +67,17 @@ def broadcast_parameters(model: nn.Module, layout: ParallelLayout) -> None:
 @torch.no_grad()
 def allreduce_gradients(model: nn.Module, layout: ParallelLayout, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
     """After ``loss.backward()`` on every rank: turn the per-shard gradients into ``∂L/∂θ`` of the global batch."""
-    replicated, experts = split_parameters(model)
+    replicated, _ = split_parameters(model)
+    _allreduce_in_buckets(replicated, layout.data, 1.0 / layout.data_size, bucket_bytes)   # (1/R) Σ_r, R = ep·dp
+    allreduce_expert_gradients(model, layout, bucket_bytes)
+
+
+@torch.no_grad()
+def allreduce_expert_gradients(model: nn.Module, layout: ParallelLayout, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+    """The expert half of :func:`allreduce_gradients` (the replicated half may run in pieces during the
+    backward instead: gradient_partitioning.py)."""
+    _, experts = split_parameters(model)
     shards = layout.data_size                                                     # R = ep · dp
-    _allreduce_in_buckets(replicated, layout.data, 1.0 / shards, bucket_bytes)   # (1/R) Σ_r
     _allreduce_in_buckets(experts, layout.expert_replica, 1.0 / shards, bucket_bytes)   # (1/R) Σ_dp Σ_ep
     if _expert_runners(model, "drop_duplicate_tokens") and not _expert_runners(model, "expert_tensor_parallel"):
         _allreduce_in_buckets(experts, layout.tensor, 1.0, bucket_bytes)         # Σ of the tp ranks' shares

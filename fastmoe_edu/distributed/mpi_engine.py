@@ -121,6 +121,9 @@ class MPICommunicator(Communicator):
                 time.sleep(self.sleep_while_waiting)
         return True
 
+    def _test(self, request) -> bool:
+        return request.Test()
+
     def _split(self, color, key, name):
         return MPICommunicator(self.comm.Split(color, key), name, self.timeout_s, self.stats, self.sleep_while_waiting)
 

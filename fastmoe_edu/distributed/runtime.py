@@ -10,7 +10,9 @@ Same methods as ``fastmoe_edu.runtime.Runtime``; what they do here, in the order
    and only then open the engine's world and the layout's communicators. A bad launch raises the
    same clear error on every rank before any collective.
 2. :meth:`shard_model` — :func:`parallelize` (local experts, tp slices, replicated weights broadcast);
-   ``data_rank`` tells the loop which batch shard (and random stream) is this rank's.
+   ``data_rank`` tells the loop which batch shard (and random stream) is this rank's. With
+   ``gradient_partitioning`` also the backward hooks that post the replicated gradients' all-reduce
+   in pieces (gradient_partitioning.py).
 3. each step — :meth:`shard_batch`, :meth:`reduce_gradients`, :meth:`clip_gradients`, and
    :meth:`mean` / :meth:`sum` / :meth:`any` for the logged figures and the stop decision.
 """
@@ -23,7 +25,8 @@ from ..runtime import Runtime
 from .engines import launch_world_size, open_world
 from .expert_parallel import expert_parameters
 from .failure import abort_on_exception
-from .gradients import allreduce_gradients, clip_grad_norm_
+from .gradient_partitioning import GradientPieces
+from .gradients import allreduce_expert_gradients, allreduce_gradients, clip_grad_norm_
 from .hierarchical import check_ranks_per_node
 from .layout import ParallelLayout, experts_per_rank, layout_sizes, sequences_per_rank
 from .parallelize import parallelize
@@ -31,6 +34,10 @@ from .tensor_parallel import tensor_parallel_parameters
 
 class ParallelRuntime(Runtime):
     """One of P ranks: the layout's communicators and the parallel versions of the runtime methods."""
+
+    #: gradient_partitioning's piece size in bytes; None = chosen by the cost model (tests force small pieces)
+    gradient_piece_bytes: float | None = None
+    gradient_pieces: GradientPieces | None = None
 
     def __init__(self, cfg, engine: str):
         abort_on_exception(engine)                    # one rank's error ends the whole job
@@ -54,6 +61,12 @@ class ParallelRuntime(Runtime):
                     expert_tensor_parallel=self.cfg.expert_tensor_parallel,
                     shadow_experts=self.cfg.shadow_experts, shadow_cost_ratio=self.cfg.shadow_cost_ratio,
                     backward_pipeline_degree=self.cfg.backward_pipeline_degree)
+        if self.gradient_pieces is not None:                     # a second model: the first one's hooks off
+            self.gradient_pieces.remove()
+            self.gradient_pieces = None
+        if self.cfg.gradient_partitioning:                       # FSMoE: all-reduce pieces during the backward
+            tokens_per_rank = self.layout.check_batch_size(self.cfg.batch_size) * self.cfg.seq_len
+            self.gradient_pieces = GradientPieces(model, self.layout, tokens_per_rank, self.gradient_piece_bytes)
         return model
 
     def describe(self, model: nn.Module) -> str:
@@ -70,7 +83,8 @@ class ParallelRuntime(Runtime):
                 f"{f' (at {cfg.drop_duplicate_at})' if cfg.drop_duplicate_tokens else ''}, "
                 f"expert_tensor_parallel {cfg.expert_tensor_parallel}, shadow_experts {cfg.shadow_experts}, "
                 f"torch threads per rank "
-                f"{torch.get_num_threads()}; tensors travel via {layout.world.transfer_path(cfg.device)}")
+                f"{torch.get_num_threads()}; tensors travel via {layout.world.transfer_path(cfg.device)}"
+                + (f"\n     {self.gradient_pieces.describe()}" if self.gradient_pieces is not None else ""))
 
     # -- each step ------------------------------------------------------------------------------
     def shard_batch(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -80,7 +94,11 @@ class ParallelRuntime(Runtime):
         return tuple(t[first:first + rows] for t in batch)
 
     def reduce_gradients(self, model: nn.Module) -> None:
-        allreduce_gradients(model, self.layout)
+        if self.gradient_pieces is None:
+            allreduce_gradients(model, self.layout)
+            return
+        self.gradient_pieces.finish()                   # the replicated pieces, most already under way
+        allreduce_expert_gradients(model, self.layout)
 
     def clip_gradients(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         return clip_grad_norm_(model, max_norm, self.layout)

@@ -105,6 +105,9 @@ class TorchCommunicator(Communicator):
             raise
         return True
 
+    def _test(self, request) -> bool:
+        return request.is_completed()
+
     def _split(self, color, key, name):
         """Collective over the world (see the module docstring); returns this rank's new communicator."""
         me = _SplitRequest(min(self.members), self.size, color, key, self.rank, dist.get_rank(), _host_id())

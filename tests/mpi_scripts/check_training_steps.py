@@ -10,9 +10,15 @@ shard, and the tensor-parallel ranks must draw the same numbers as one process d
 With 4 or more ranks, tp = 2 with duplicate token dropping and a capacity factor must run (before the
 tp ranks routed identically, it died with "Message truncated") and give every tp rank the same loss.
 
+FSMoE's gradient partitioning (``gradient_partitioning_checks``): the same P-rank run with the
+replicated gradients all-reduced in pieces during the backward equals the run that all-reduces them
+after it — dropless and capacity routers, reference and numba backends, forced small pieces and the
+cost model's, an unused parameter, activation checkpointing with pipelining, gradient accumulation.
+
 Run by run_checks.py, which keeps the worst error of each quantity over the ranks.
 """
 import torch
+from torch import nn
 
 from fastmoe_edu.config import parse_args
 from fastmoe_edu.distributed import ParallelLayout
@@ -43,9 +49,11 @@ def small_config(world_size: int, extra: list[str]):
                        "--lr=0.01", "--grad_clip=0.5", *extra])
 
 
-def train_three_steps(cfg, dataset, rt):
+def train_three_steps(cfg, dataset, rt, unused_parameter: bool = False):
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, dataset.vocab_size).double()
+    if unused_parameter:                        # a replicated parameter no loss depends on: its grad stays None
+        model.blocks[0].unused = nn.Parameter(torch.ones(5, dtype=torch.float64))
     rt.shard_model(model)
     seed_random_draws(cfg, rt)
     optimizer = configure_optimizer(model, cfg)
@@ -109,3 +117,58 @@ def tp_ranks_agree(world: ParallelLayout, cfg) -> dict:
     partner = rt.layout.rank ^ 1                                  # the other rank of my tp group (tp = 2)
     return {"tp_ranks_loss_difference": float((everyone[partner] - mine).abs().max()),
             "scale:finite_losses": float(torch.isfinite(everyone).all())}
+
+
+# --------------------------------------------------------------------------------------------------
+# gradient_partitioning = true equals false, at P ranks
+# --------------------------------------------------------------------------------------------------
+SMALL_PIECES = 600     # bytes: 75 float64 values, so most parameters are a piece of their own
+PARTITIONING_CASES = {     # name: (options, forced piece bytes or None = the cost model's, extras)
+    "dropless_reference": (["--router=softmax_top_k", "--top_k=2", "--num_shared_experts=1"], SMALL_PIECES,
+                           {"unused_parameter": True, "accumulate": True}),
+    "capacity_numba_cost_model": (["--router=switch", "--top_k=1", "--capacity_factor=1.0", "--backend=numba"],
+                                  None, {}),
+    "checkpointing_pipeline": (["--router=softmax_top_k", "--top_k=2", "--activation_checkpointing=true",
+                                "--pipeline_degree=2", "--backward_pipeline_degree=3"], SMALL_PIECES, {}),
+}
+
+
+def gradient_partitioning_checks(world: ParallelLayout, backends: list[str]) -> dict:
+    """{case: {quantity: |partitioned - plain|}} for PARTITIONING_CASES (and tp = 2 from 4 ranks on)."""
+    results = {}
+    P = world.world_size
+    cases = dict(PARTITIONING_CASES)
+    if P >= 4:
+        cases["tp2_drop_capacity"] = (["--tp=2", "--n_head=2", "--drop_duplicate_tokens=true", "--router=switch",
+                                       "--top_k=1", "--capacity_factor=1.25"], SMALL_PIECES, {})
+    for case, (extra, piece_bytes, options) in cases.items():
+        if any(arg == f"--backend={b}" for arg in extra for b in ("numba",) if b not in backends):
+            continue
+        cfg = small_config(P, extra)
+        dataset = build_dataset(cfg)
+        runs = {}
+        for partitioned in (False, True):
+            cfg.gradient_partitioning = partitioned
+            rt = ParallelRuntime(cfg, world.world.engine)
+            rt.gradient_piece_bytes = piece_bytes
+            model, records = train_three_steps(cfg, dataset, rt, options.get("unused_parameter", False))
+            if options.get("accumulate"):        # two backwards, one reduce: the hooks see every gradient twice
+                for step in (STEPS, STEPS + 1):
+                    x, y, _ = rt.shard_batch(get_batch(dataset, cfg, "train", step))
+                    model(x, y)[1].backward()
+                rt.reduce_gradients(model)
+            runs[partitioned] = (model, records, rt)
+        (plain, plain_records, _), (pieces, piece_records, rt) = runs[False], runs[True]
+        errors = {}
+        for (name, a), b in zip(plain.named_parameters(), pieces.parameters()):
+            errors[f"param:{name}"] = float((a - b).detach().abs().max())
+            if options.get("accumulate"):
+                errors[f"grad:{name}"] = float((a.grad - b.grad).abs().max())
+        for key in ("loss", "grad_norm"):
+            errors[f"log:{key}"] = max(abs(a[key] - b[key]) for a, b in zip(plain_records, piece_records))
+        errors["scale:pieces"] = len(rt.gradient_pieces.pieces)
+        errors["scale:posted_during_backward"] = rt.gradient_pieces.posted_during_backward   # (the last step's)
+        posted = rt.layout.stats.counters.get("data_gradients/allreduce_gradients")
+        errors["scale:posted_per_step"] = posted.calls / (STEPS + bool(options.get("accumulate"))) if posted else 0.0
+        results[f"gradpart/{case}"] = errors
+    return results

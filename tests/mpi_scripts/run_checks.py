@@ -5,7 +5,8 @@ launch; rank 0 writes the JSON.
     torchrun --nproc-per-node=4 tests/mpi_scripts/run_checks.py results.json
 
 Output: ``{"world_size": P, "results": {case: {quantity: worst error over the ranks}}, "skipped": ...}``.
-The checks themselves: check_expert_parallel.py (one MoE layer), check_training_steps.py (the model).
+The checks themselves: check_expert_parallel.py (one MoE layer), check_training_steps.py (the model, and
+gradient_partitioning = true against false).
 """
 import json
 import sys
@@ -16,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from check_expert_parallel import layer_checks          # noqa: E402
-from check_training_steps import training_checks        # noqa: E402
+from check_training_steps import gradient_partitioning_checks, training_checks   # noqa: E402
 
 from fastmoe_edu.distributed import ParallelLayout, abort_on_exception   # noqa: E402
 
@@ -26,6 +27,7 @@ def main(output: str) -> None:
     abort_on_exception(world.world.engine)
     results, skipped = layer_checks(world)
     results.update(training_checks(world))
+    results.update(gradient_partitioning_checks(world, [b for b in ("reference", "numba") if b not in skipped]))
     for errors in results.values():                      # the worst rank decides
         for key, value in errors.items():
             errors[key] = world.world.allreduce_(torch.tensor([float(value)], dtype=torch.float64), op="max").item()

@@ -75,6 +75,12 @@ def check_communicator(comm, members: list[int], world, results: dict) -> None:
         everyone = torch.stack([values(rank) for rank in members])
         record(f"allreduce sum {dtype}", torch.equal(comm.allreduce_(values(here)), everyone.sum(0)))
         record(f"allreduce max {dtype}", torch.equal(comm.allreduce_(values(here), op="max"), everyone.max(0).values))
+    firsts = [torch.tensor([rank + 1.0, -2.0 * rank], dtype=torch.float64) for rank in members]
+    seconds = [torch.arange(5, dtype=torch.float64) * rank for rank in members]
+    pending = [comm.iallreduce_(firsts[me].clone()), comm.iallreduce_(seconds[me].clone())]   # both posted
+    pending[0].test()                                                                        # never blocks
+    record("iallreduce twice", torch.equal(pending[0].wait(), sum(firsts))
+           and torch.equal(pending[1].wait(), sum(seconds)))
     mean = comm.allreduce_(torch.full((2,), float(here)), average=True)
     record("allreduce average", torch.allclose(mean, torch.full((2,), sum(members) / size)))
 
@@ -96,6 +102,7 @@ def check_communicator(comm, members: list[int], world, results: dict) -> None:
     comm.barrier()
     record("counters", all(f"{comm.name}/{op}" in comm.stats.counters
                            for op in ("pairwise", "alltoallv", "ialltoallv", "wait", "alltoall", "barrier")))
+    record("iallreduce counter", size == 1 or f"{comm.name}/iallreduce" in comm.stats.counters)
 
 
 def main(output: str) -> None:
