@@ -47,11 +47,14 @@ class Backend(Protocol):
     # Integer steps: not differentiable
     # ------------------------------------------------------------------------------------------------
     def prune_capacity(self, expert_ids: torch.Tensor, num_experts: int, capacity: int | None,
-                       tokens_per_group: int | None = None) -> torch.Tensor:
+                       tokens_per_group: int | None = None, priority: torch.Tensor | None = None) -> torch.Tensor:
         """Keep at most ``capacity`` assignments per expert (slot 0 of every token first, then slot 1,
         ...; tokens in order), set the rest to -1; ``None`` keeps all. With ``tokens_per_group`` = S, each
         run of S consecutive tokens (a sequence) has its own ``capacity`` per expert and its tokens compete
-        only among themselves, in the same order. Not differentiable."""
+        only among themselves, in the same order. With ``priority`` [T] (batch-prioritized routing) the
+        tokens go in order of decreasing priority instead, ties in token order (still slot-major: every
+        slot 0 before any slot 1). The layer passes ``priority`` only when it is set, so a backend written
+        before it existed keeps working with the default order. Not differentiable."""
 
     def count_tokens_per_expert(self, expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
         """count[e] = number of kept (token, slot) pairs routed to expert e, int64 ``[E]``.

@@ -121,13 +121,15 @@ def _target(tensor: torch.Tensor):
 # ----------------------------------------------------------------------------------------------------
 # Integer steps (no gradients)
 # ----------------------------------------------------------------------------------------------------
-def _chunk_offsets(target, expert_ids, starts, slot_major):
+def _chunk_offsets(target, expert_ids, starts, slot_major, ordered, token_order):
     """Passes 1-2 of the chunked ranking (numba_cpu.py): per chunk and expert, the first rank the
-    chunk's assignments to that expert get; and ends[e] = starts[e] + count[e]."""
+    chunk's assignments to that expert get; and ends[e] = starts[e] + count[e]. ``ordered``, ``token_order``:
+    see _walk_order."""
     chunk_size = target.ASSIGNMENTS_PER_CHUNK
     num_chunks = math.ceil(expert_ids.numel() / chunk_size)
     chunk_counts = torch.empty(num_chunks, starts.numel(), dtype=torch.int64, device=expert_ids.device)
-    target.count_chunks(target.array(expert_ids), chunk_size, slot_major, target.array(chunk_counts))
+    target.count_chunks(target.array(expert_ids), chunk_size, slot_major, ordered, target.array(token_order),
+                        target.array(chunk_counts))
     # Pass 2, an exclusive scan down each expert's column, is torch's cumsum (exact on integers, parallel
     # on both targets): as a kernel with one GPU thread per expert walking every chunk in turn it was a
     # long serial chain (the whole ranking took 4.4 ms for T·k = 524k on an H200, torch's sort 0.2 ms).
@@ -136,24 +138,39 @@ def _chunk_offsets(target, expert_ids, starts, slot_major):
     return starts + inclusive - chunk_counts, ends           # start_e + Σ_{c' < c} chunk_counts[c', e]
 
 
-def _ranks(expert_ids, starts, slot_major):
+def _walk_order(expert_ids, token_order=None):
+    """The kernels' (ordered, token_order) arguments: a slot-major walk visits the tokens in the order
+    ``token_order`` [T] if one is given, else 0, 1, ..., T-1 (and the kernels never read the one-element
+    placeholder passed instead)."""
+    if token_order is None:
+        return False, torch.empty(1, dtype=torch.int64, device=expert_ids.device)
+    return True, token_order.contiguous()
+
+
+def _ranks(expert_ids, starts, slot_major, token_order=None):
     """ranks[t, s] = starts[e] + number of earlier assignments (in walk order) to the same expert e."""
     target = _target(expert_ids)
     expert_ids = expert_ids.contiguous()
-    chunk_offsets, _ = _chunk_offsets(target, expert_ids, starts, slot_major)
+    ordered, token_order = _walk_order(expert_ids, token_order)
+    chunk_offsets, _ = _chunk_offsets(target, expert_ids, starts, slot_major, ordered, token_order)
     ranks = torch.empty(expert_ids.shape, dtype=torch.int64, device=expert_ids.device)
-    target.rank_chunks(target.array(expert_ids), target.ASSIGNMENTS_PER_CHUNK, slot_major,
-                       target.array(chunk_offsets), target.array(ranks))
+    target.rank_chunks(target.array(expert_ids), target.ASSIGNMENTS_PER_CHUNK, slot_major, ordered,
+                       target.array(token_order), target.array(chunk_offsets), target.array(ranks))
     return ranks
 
 
 def prune_capacity(expert_ids: torch.Tensor, num_experts: int, capacity: int | None,
-                   tokens_per_group: int | None = None) -> torch.Tensor:
+                   tokens_per_group: int | None = None, priority: torch.Tensor | None = None) -> torch.Tensor:
     """Keep at most ``capacity`` assignments per expert, slot-major priority; the rest become -1.
 
     Per group of ``tokens_per_group`` tokens (a sequence), each group's expert e is ranked as its own
     *virtual* expert g·E + e: the same kernels, walking the same slot-major order, then count each
-    group's assignments separately, which is exactly the per-group priority of the reference."""
+    group's assignments separately, which is exactly the per-group priority of the reference.
+
+    With a ``priority`` [T] (batch-prioritized routing) the slot-major walk visits the tokens in order of
+    decreasing priority, ties in token order (torch's stable sort, before the kernels run: no atomics
+    decide the order). One sort of the whole batch serves every group too: a virtual expert only ever
+    sees its own group's tokens, and among them the batch order is the group's order."""
     if capacity is None:
         return expert_ids
     num_tokens = expert_ids.shape[0]
@@ -164,8 +181,9 @@ def prune_capacity(expert_ids: torch.Tensor, num_experts: int, capacity: int | N
         group = torch.arange(num_tokens, device=expert_ids.device) // tokens_per_group
         ranked_ids = torch.where(expert_ids >= 0, expert_ids + group[:, None] * num_experts, -1)   # g·E + e
         num_ranked = num_experts * (num_tokens // tokens_per_group)
+    token_order = None if priority is None else priority.argsort(descending=True, stable=True)
     no_offset = torch.zeros(num_ranked, dtype=torch.int64, device=expert_ids.device)
-    rank_in_expert = _ranks(ranked_ids, no_offset, slot_major=True)               # -1 where dropped already
+    rank_in_expert = _ranks(ranked_ids, no_offset, slot_major=True, token_order=token_order)   # -1 where dropped
     return torch.where(rank_in_expert < capacity, expert_ids, torch.full_like(expert_ids, -1))
 
 
@@ -173,7 +191,7 @@ def count_tokens_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch
     """count[e] = number of kept (token, slot) pairs routed to expert e."""
     target = _target(expert_ids)
     no_offset = torch.zeros(num_experts, dtype=torch.int64, device=expert_ids.device)
-    _, counts = _chunk_offsets(target, expert_ids.contiguous(), no_offset, slot_major=False)
+    _, counts = _chunk_offsets(target, expert_ids.contiguous(), no_offset, False, *_walk_order(expert_ids))
     return counts
 
 

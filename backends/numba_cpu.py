@@ -53,9 +53,12 @@ from numba import prange
 # rank counts exactly the earlier assignments (in walk order) to the same expert.
 #
 # Walk orders: token-major i = t·k + s (stable positions, counts) and slot-major i = s·T + t
-# (capacity priority: every token's first choice before any second choice).
+# (capacity priority: every token's first choice before any second choice). A slot-major walk may be
+# ``ordered``: its j-th token is then token_order[j] instead of j (batch-prioritized routing: the tokens
+# sorted by decreasing priority), so the walk, and every rank, follows that order. The order is an input
+# (sorted before the kernels run), so the kernels stay free of atomics and deterministic.
 # ----------------------------------------------------------------------------------------------------
-def count_chunk(expert_ids, chunk, chunk_size, slot_major, chunk_counts):
+def count_chunk(expert_ids, chunk, chunk_size, slot_major, ordered, token_order, chunk_counts):
     """chunk_counts[chunk, e] = number of assignments to expert e among walk positions
     [chunk·chunk_size, (chunk+1)·chunk_size)."""
     num_tokens, top_k = expert_ids.shape
@@ -66,6 +69,8 @@ def count_chunk(expert_ids, chunk, chunk_size, slot_major, chunk_counts):
     for position in range(begin, end):
         if slot_major:
             token, slot = position % num_tokens, position // num_tokens
+            if ordered:
+                token = token_order[token]
         else:
             token, slot = position // top_k, position % top_k
         expert = expert_ids[token, slot]
@@ -73,7 +78,7 @@ def count_chunk(expert_ids, chunk, chunk_size, slot_major, chunk_counts):
             chunk_counts[chunk, expert] += 1
 
 
-def rank_chunk(expert_ids, chunk, chunk_size, slot_major, chunk_offsets, ranks):
+def rank_chunk(expert_ids, chunk, chunk_size, slot_major, ordered, token_order, chunk_offsets, ranks):
     """Second walk of one chunk: ranks[t, s] = chunk_offsets[chunk, e]++ for an assignment to e,
     -1 for a dropped one. With offsets started at start[e] the rank is the row in the sorted buffer."""
     num_tokens, top_k = expert_ids.shape
@@ -82,6 +87,8 @@ def rank_chunk(expert_ids, chunk, chunk_size, slot_major, chunk_offsets, ranks):
     for position in range(begin, end):
         if slot_major:
             token, slot = position % num_tokens, position // num_tokens
+            if ordered:
+                token = token_order[token]
         else:
             token, slot = position // top_k, position % top_k
         expert = expert_ids[token, slot]
@@ -458,17 +465,17 @@ def array(tensor: torch.Tensor):
 # Integer kernels
 # ----------------------------------------------------------------------------------------------------
 @numba.njit(parallel=True, cache=True)
-def count_chunks(expert_ids, chunk_size, slot_major, chunk_counts):
+def count_chunks(expert_ids, chunk_size, slot_major, ordered, token_order, chunk_counts):
     """Pass 1: chunk_counts[c, e] for every chunk c (parallel over chunks)."""
     for chunk in prange(chunk_counts.shape[0]):
-        count_chunk_cpu(expert_ids, chunk, chunk_size, slot_major, chunk_counts)
+        count_chunk_cpu(expert_ids, chunk, chunk_size, slot_major, ordered, token_order, chunk_counts)
 
 
 @numba.njit(parallel=True, cache=True)
-def rank_chunks(expert_ids, chunk_size, slot_major, chunk_offsets, ranks):
+def rank_chunks(expert_ids, chunk_size, slot_major, ordered, token_order, chunk_offsets, ranks):
     """Pass 3: ranks[t, s] for every assignment (parallel over chunks)."""
     for chunk in prange(chunk_offsets.shape[0]):
-        rank_chunk_cpu(expert_ids, chunk, chunk_size, slot_major, chunk_offsets, ranks)
+        rank_chunk_cpu(expert_ids, chunk, chunk_size, slot_major, ordered, token_order, chunk_offsets, ranks)
 
 
 @numba.njit(cache=True)

@@ -106,17 +106,17 @@ def _launch(kernel, num_tasks, *args):
 # Integer kernels
 # ----------------------------------------------------------------------------------------------------
 @cuda.jit
-def _count_chunks_kernel(expert_ids, chunk_size, slot_major, chunk_counts):
+def _count_chunks_kernel(expert_ids, chunk_size, slot_major, ordered, token_order, chunk_counts):
     chunk = cuda.grid(1)
     if chunk < chunk_counts.shape[0]:
-        count_chunk(expert_ids, chunk, chunk_size, slot_major, chunk_counts)
+        count_chunk(expert_ids, chunk, chunk_size, slot_major, ordered, token_order, chunk_counts)
 
 
 @cuda.jit
-def _rank_chunks_kernel(expert_ids, chunk_size, slot_major, chunk_offsets, ranks):
+def _rank_chunks_kernel(expert_ids, chunk_size, slot_major, ordered, token_order, chunk_offsets, ranks):
     chunk = cuda.grid(1)
     if chunk < chunk_offsets.shape[0]:
-        rank_chunk(expert_ids, chunk, chunk_size, slot_major, chunk_offsets, ranks)
+        rank_chunk(expert_ids, chunk, chunk_size, slot_major, ordered, token_order, chunk_offsets, ranks)
 
 
 @cuda.jit
@@ -125,12 +125,14 @@ def _exclusive_prefix_sum_kernel(counts, starts):
         exclusive_prefix_sum_task(counts, starts)
 
 
-def count_chunks(expert_ids, chunk_size, slot_major, chunk_counts):
-    _launch(_count_chunks_kernel, chunk_counts.shape[0], expert_ids, chunk_size, slot_major, chunk_counts)
+def count_chunks(expert_ids, chunk_size, slot_major, ordered, token_order, chunk_counts):
+    _launch(_count_chunks_kernel, chunk_counts.shape[0], expert_ids, chunk_size, slot_major, ordered, token_order,
+            chunk_counts)
 
 
-def rank_chunks(expert_ids, chunk_size, slot_major, chunk_offsets, ranks):
-    _launch(_rank_chunks_kernel, chunk_offsets.shape[0], expert_ids, chunk_size, slot_major, chunk_offsets, ranks)
+def rank_chunks(expert_ids, chunk_size, slot_major, ordered, token_order, chunk_offsets, ranks):
+    _launch(_rank_chunks_kernel, chunk_offsets.shape[0], expert_ids, chunk_size, slot_major, ordered, token_order,
+            chunk_offsets, ranks)
 
 
 def exclusive_prefix_sum(counts, starts):

@@ -35,7 +35,7 @@ __all__ = [
 
 
 def prune_capacity(expert_ids: torch.Tensor, num_experts: int, capacity: int | None,
-                   tokens_per_group: int | None = None) -> torch.Tensor:
+                   tokens_per_group: int | None = None, priority: torch.Tensor | None = None) -> torch.Tensor:
     """Keep at most ``capacity`` assignments per expert; the rest become -1 (dropped).
 
     Priority is *slot-major*: every token's first choice (slot 0), in token order, claims capacity
@@ -45,16 +45,34 @@ def prune_capacity(expert_ids: torch.Tensor, num_experts: int, capacity: int | N
     ``tokens_per_group`` = S splits the T tokens into T / S consecutive groups (the sequences of a
     batch): each group has its own ``capacity`` places per expert, and its tokens compete only among
     themselves, in the same slot-major order (Switch Transformers' per-sequence capacity).
+
+    ``priority`` [T] (batch-prioritized routing, Riquelme et al. 2021; NLLB-MoE's
+    batch_prioritized_routing) replaces token order by the order of decreasing priority (ties: token
+    order): the first choices of the highest-priority tokens claim capacity first, then theirs down to
+    the lowest, then all second choices in the same token order, and so on. Within groups likewise.
     """
     if capacity is None:
         return expert_ids
-    num_tokens, top_k = expert_ids.shape
+    num_tokens = expert_ids.shape[0]
     if num_tokens == 0:
         return expert_ids.clone()
     group = tokens_per_group or num_tokens
     if num_tokens % group:
         raise ValueError(f"tokens_per_group={tokens_per_group} does not divide the {num_tokens} tokens")
     num_groups = num_tokens // group
+    if priority is None:
+        return _prune_slot_major(expert_ids, num_experts, capacity, num_groups)
+    # order[i] = the token that claims capacity i-th within its group: a stable sort keeps ties in token order.
+    order = priority.reshape(num_groups, group).argsort(dim=1, descending=True, stable=True)         # [G, S]
+    order = (order + torch.arange(num_groups, device=order.device)[:, None] * group).reshape(-1)     # [T]
+    pruned_in_order = _prune_slot_major(expert_ids[order], num_experts, capacity, num_groups)
+    return torch.empty_like(expert_ids).index_copy_(0, order, pruned_in_order)                  # back to token order
+
+
+def _prune_slot_major(expert_ids: torch.Tensor, num_experts: int, capacity: int, num_groups: int) -> torch.Tensor:
+    """prune_capacity's walk: in each of the ``num_groups`` consecutive groups of tokens, slot-major order."""
+    num_tokens, top_k = expert_ids.shape
+    group = num_tokens // num_groups
     # Walk each group's assignments in priority order: slot-major, i.e. the group's transpose flattened.
     ids_by_priority = expert_ids.reshape(num_groups, group, top_k).transpose(1, 2).reshape(num_groups, -1)  # [G, k·S]
     valid = ids_by_priority >= 0

@@ -174,11 +174,12 @@ UNSUPPORTED: dict[str, tuple[str, str]] = {
     "NllbMoeSparseMLP": ("NLLB-MoE", "a working HF block to match: in transformers 5.24 NllbMoeExperts one-hot "
                          "encodes the router's already one-hot top-1 mask, so for every token it runs expert_1 "
                          "weighted by the first gate and expert_0 weighted by the second, whichever experts were "
-                         "chosen. Its routing itself would need more options too: top-2 capacity over the batch "
-                         "with second choices ranked after all first choices (or batch_prioritized_routing), an "
-                         "eval capacity of ceil(moe_eval_capacity_token_fraction·T), weights normalized before or "
-                         "after dropping, a sampled second expert, and moe_token_dropout (outputs × (1 − p) in "
-                         "eval)"),
+                         "chosen. Of its routing, MoELayer has gshard's top-2 capacity (second choices after all "
+                         "first choices), batch_prioritized_routing (capacity_priority='probability'), weights "
+                         "normalized after dropping (renormalize_after_dropping=True) and moe_token_dropout in "
+                         "training (expert_dropout); it would still need NLLB's capacity 2·ceil(T/E) and eval "
+                         "capacity ceil(moe_eval_capacity_token_fraction·T), a sampled second expert, and the "
+                         "token dropout's eval scaling (outputs × (1 − p); expert_dropout is the identity in eval)"),
     "PhimoeSparseMoeBlock": ("Phi-MoE", "SparseMixer routing (a masked, jittered softmax per selected expert)"),
     "JetMoeMoE": ("JetMoE", "a bias added to the MoE output and mixture-of-attention (MoA) experts in attention"),
 }
@@ -272,8 +273,11 @@ def _read_router(block, family: Family, what: str, layout_note: str):
     weight = _get(block, family.weight_path, what, layout_note)
     top_k = 1 if family.routing == "switch" else int(_get(block, family.top_k_path, what, layout_note))
     weight_name = _relative(family.weight_path, family.router_attr)
+    # Every supported block claims capacity in token order, normalizes before dropping and has no expert output
+    # dropout: to_hf refuses a layer that does otherwise.
     options = dict(top_k=top_k, router_bias=family.router_bias, logit_softcap=None, capacity_factor=None,
-                   expert_capacity=None, capacity_per="batch")
+                   expert_capacity=None, capacity_per="batch", capacity_priority="order",
+                   renormalize_after_dropping=False, expert_dropout=0.0)
     tensors = [("router.weight", None, weight)]                                  # W_g = the router's weight
     expected = {weight_name}
     if family.router_bias:
@@ -521,6 +525,9 @@ _LAYER_READERS = {
     "capacity_factor": lambda layer: getattr(layer.router, "capacity_factor", None),
     "expert_capacity": lambda layer: getattr(layer.router, "expert_capacity", None),
     "capacity_per": lambda layer: getattr(layer, "capacity_per", "batch"),
+    "capacity_priority": lambda layer: getattr(layer.router, "capacity_priority", "order"),
+    "renormalize_after_dropping": lambda layer: getattr(layer.router, "renormalize_after_dropping", False),
+    "expert_dropout": lambda layer: getattr(layer, "expert_dropout", 0.0),
     "router_bias": lambda layer: getattr(layer.router, "logit_bias", None) is not None,
     "logit_softcap": lambda layer: getattr(layer.router, "logit_softcap", None),
 }

@@ -55,7 +55,7 @@ class RoutingRecord:
     capacity: int | None              # C, or None when dropless
     logits: torch.Tensor              # [T, E] router scores
     probs: torch.Tensor | None        # [T, E] router probabilities (sigmoid scores for "sigmoid")
-    random_draws: dict                # noise / jitter / uniforms the router drew while training
+    random_draws: dict                # noise / jitter / uniforms the router drew, expert_dropout's mask (training)
     # Soft MoE fills the fields above per *slot*: expert_ids [T, E·p] (the expert of each slot),
     # weights [T, E·p] the combine weights C, logits [T, E·p], probs [T, E] = C summed over an expert's
     # slots, tokens_per_expert = slots per expert, nothing dropped; and its dispatch weights here:
@@ -102,6 +102,20 @@ class MoELayer(nn.Module):
             ``"sequence"``: the tokens of each sequence (the second-to-last axis of x: x [..., S, d_model])
             compete only among themselves, for C places per sequence, C = ceil(cf·k·S/E) or
             ``expert_capacity`` (Switch Transformers counts its capacity this way). Needs a capacity.
+        capacity_priority: which assignments win an expert's C places, always slot-major (every token's first
+            choice before any second choice): ``"order"`` (the default) the tokens in order; ``"probability"``
+            the tokens in order of decreasing largest router probability max_e p[t, e], ties in token order
+            (batch-prioritized routing, Riquelme et al. 2021; NLLB-MoE's batch_prioritized_routing). Needs a
+            capacity. A router option (``routers.Router``), so ``router_options`` may carry it too.
+        renormalize_after_dropping: False (the default): the combine weights are normalized over the k choices
+            *before* capacity drops some (a dropped assignment's weight becomes 0, the others stay); True: a
+            token's kept weights are rescaled to the sum its k weights had, w'_s = w_s · Σ_all w / Σ_kept w
+            (NLLB-MoE's normalize_router_prob_before_dropping=False). Needs renormalized weights and something
+            that drops (a capacity, or GShard's random routing). A router option, like capacity_priority.
+        expert_dropout: p; in training mode every element of the routed experts' outputs is zeroed with
+            probability p and the rest scaled by 1 / (1 − p), before the combine (NLLB-MoE's moe_token_dropout);
+            the identity in eval mode. The mask drawn is ``last_routing.random_draws["expert_dropout"]``
+            ([rows, d_model] in the expert-sorted row order). 0 (the default) = off.
         backend: a name of ``fastmoe_edu.backends.BACKEND_NAMES`` (``"reference"``, ``"numba"``, ``"auto"``).
         bias: give the expert linear maps biases (the shared experts' too).
         num_shared_experts: always-on experts every token runs, added to the routed output (DeepSeekMoE,
@@ -119,7 +133,8 @@ class MoELayer(nn.Module):
                  backend: str = "reference", bias: bool = False, num_shared_experts: int = 0,
                  shared_d_hidden: int | None = None, shared_expert_gate: bool = False,
                  swiglu_alpha: float | None = None, swiglu_limit: float | None = None,
-                 expert_capacity: int | None = None, capacity_per: str = "batch", **router_options):
+                 expert_capacity: int | None = None, capacity_per: str = "batch", capacity_priority: str = "order",
+                 renormalize_after_dropping: bool = False, expert_dropout: float = 0.0, **router_options):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_hidden", d_hidden), ("num_experts", num_experts)):
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
@@ -142,14 +157,19 @@ class MoELayer(nn.Module):
         check_backend_name(backend)
         _check_shared_options(num_shared_experts, shared_d_hidden, shared_expert_gate)
         _check_capacity_options(router, capacity_factor, expert_capacity, capacity_per)
+        _check_dropping_options(router, capacity_priority, renormalize_after_dropping, expert_dropout)
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.router_name, self.backend_name = router, backend
-        self.capacity_per = capacity_per
+        self.capacity_per, self.expert_dropout = capacity_per, float(expert_dropout)
         if soft:
             self.router = build_soft_moe_router(d_model, num_experts, capacity_factor, **router_options)
         else:
             if expert_capacity is not None:
                 router_options["expert_capacity"] = expert_capacity
+            if capacity_priority != "order":                   # router options (checked by build_router)
+                router_options["capacity_priority"] = capacity_priority
+            if renormalize_after_dropping is not False:
+                router_options["renormalize_after_dropping"] = renormalize_after_dropping
             self.router = build_router(router, d_model, num_experts, top_k, capacity_factor, **router_options)
         expert_constants = dict(swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
         self.experts = Experts(num_experts, d_model, d_hidden, expert, bias, **expert_constants)
@@ -178,13 +198,20 @@ class MoELayer(nn.Module):
         # 1. Route: k expert ids and k weights per token; the aux loss of the whole batch (routers.py).
         route, self.aux_loss = self.router(tokens, self.reduce)
         # Capacity: the most rows one expert takes; assignments past it are dropped (id -1). Per sequence,
-        # each sequence of S tokens (x [..., S, d]) has its own C places per expert.
+        # each sequence of S tokens (x [..., S, d]) has its own C places per expert. The tokens claim places
+        # in order, or by decreasing router probability (capacity_priority="probability").
         capacity, tokens_per_sequence = route.capacity, None
         if self.capacity_per == "sequence" and capacity is not None:
             tokens_per_sequence = x.shape[-2] if x.dim() >= 2 else 1
             capacity = self.router.capacity(tokens_per_sequence)
-        expert_ids = backend.prune_capacity(route.expert_ids, self.num_experts, capacity, tokens_per_sequence)
-        weights = route.weights * (expert_ids >= 0)                                # dropped -> weight 0
+        priority = self.router.capacity_priority_scores(route)
+        if priority is None:
+            expert_ids = backend.prune_capacity(route.expert_ids, self.num_experts, capacity, tokens_per_sequence)
+        else:
+            expert_ids = backend.prune_capacity(route.expert_ids, self.num_experts, capacity, tokens_per_sequence,
+                                                priority)
+        # Dropped -> weight 0; the kept ones as routed, or renormalized over what was kept (routers.py).
+        weights = self.router.weights_after_dropping(route.weights, expert_ids)
         # 2. Count: tokens per expert (a histogram).
         counts = backend.count_tokens_per_expert(expert_ids, self.num_experts)
         self.last_routing = self._record(route, expert_ids, weights, counts, capacity)
@@ -200,6 +227,11 @@ class MoELayer(nn.Module):
         # 6-8. Experts on their contiguous segments (a grouped GEMM); under expert parallelism the
         #      runner wraps this step in the global scatter / gather all-to-alls.
         expert_out = self.expert_runner(self.experts, buffer, counts, backend)
+        # 8b. Expert dropout (training only): keep each output element with probability 1 − p, times 1 / (1 − p).
+        if self.expert_dropout and self.training:
+            keep = torch.empty_like(expert_out).bernoulli_(1 - self.expert_dropout)
+            self.last_routing.random_draws["expert_dropout"] = keep
+            expert_out = expert_out * (keep / (1 - self.expert_dropout))
         # 9. Local gather + combine: y[t] = Σ_s w[t, s] · expert_out[row(t, s)].
         y = backend.gather_combine(expert_out, rows, weights)
         y = self.expert_runner.collect_tokens(y)                                   # TED: the tp shares joined
@@ -270,6 +302,21 @@ def _check_capacity_options(router, capacity_factor, expert_capacity, capacity_p
     if capacity_per == "sequence" and capacity_factor is None and expert_capacity is None:
         raise ValueError("capacity_per='sequence' needs a capacity to count per sequence: set capacity_factor or "
                          "expert_capacity (without either the layer is dropless)")
+
+
+def _check_dropping_options(router, capacity_priority, renormalize_after_dropping, expert_dropout) -> None:
+    """expert_dropout is a probability in [0, 1); Soft MoE takes none of the three (it has no top-k dispatch).
+    The values of capacity_priority and renormalize_after_dropping are checked by the router (build_router)."""
+    if not (isinstance(expert_dropout, (int, float)) and not isinstance(expert_dropout, bool)
+            and math.isfinite(expert_dropout) and 0 <= expert_dropout < 1):
+        raise ValueError(f"expert_dropout={expert_dropout!r} must be a number in [0, 1) (the probability of zeroing "
+                         f"an element of an expert's output while training; 0: off)")
+    if router == SOFT_MOE and (capacity_priority != "order" or renormalize_after_dropping is not False
+                               or expert_dropout):
+        raise ValueError(f"capacity_priority={capacity_priority!r}, renormalize_after_dropping="
+                         f"{renormalize_after_dropping!r}, expert_dropout={expert_dropout!r}: router='soft_moe' has "
+                         f"no capacity dropping and no expert-sorted rows; these apply to the top-k routers "
+                         f"({', '.join(ROUTERS)})")
 
 
 def _check_shared_options(num_shared_experts, shared_d_hidden, shared_expert_gate) -> None:

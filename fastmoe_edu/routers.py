@@ -189,6 +189,17 @@ class Router(nn.Module):
         logit_softcap=cap   logits ← cap · tanh(logits / cap)  (Gemma-2 / Grok-style soft capping: |l| < cap)
 
     They change only the logits handed to the routing functions, so every backend computes them alike.
+
+    Two more say how capacity drops assignments (the layer prunes; the router says how, so that they are
+    router options like ``expert_capacity`` and a config's ``router_options`` reaches them):
+
+        capacity_priority="order"          slot-major, tokens in order (the default: GShard, Switch)
+        capacity_priority="probability"    slot-major, tokens by decreasing max_e p[t, e], ties in token order
+                                           (batch-prioritized routing: Riquelme et al. 2021, V-MoE; NLLB-MoE)
+        renormalize_after_dropping=True    after capacity (and GShard's random routing) dropped some of a token's
+                                           assignments, its kept weights are rescaled to the sum all k had:
+                                           w'_s = w_s · Σ_all w / Σ_kept w  (NLLB-MoE's default; the default
+                                           here, False, normalizes before dropping: w'_s = w_s, dropped ones 0)
     """
 
     #: k the router requires (Switch: 1, GShard: 2), or None if any 1 <= k <= E works.
@@ -196,10 +207,12 @@ class Router(nn.Module):
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None,
                  balance_loss_weight: float = 0.01, z_loss_weight: float = 0.0, router_bias: bool = False,
-                 logit_softcap: float | None = None, expert_capacity: int | None = None):
+                 logit_softcap: float | None = None, expert_capacity: int | None = None,
+                 capacity_priority: str = "order", renormalize_after_dropping: bool = False):
         super().__init__()
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.capacity_factor, self.expert_capacity = capacity_factor, expert_capacity
+        self.capacity_priority, self.renormalize_after_dropping = capacity_priority, renormalize_after_dropping
         self.balance_loss_weight, self.z_loss_weight = balance_loss_weight, z_loss_weight
         self.weight = nn.Parameter(torch.randn(num_experts, d_model) * d_model ** -0.5)   # W_g
         # c: a learned logit bias (trained by gradients), not the sigmoid router's selection-only ``bias``.
@@ -251,6 +264,28 @@ class Router(nn.Module):
         if self.capacity_factor is None:
             return None
         return math.ceil(self.capacity_factor * self.top_k * num_tokens / self.num_experts)
+
+    def capacity_priority_scores(self, out: RouterOutput) -> torch.Tensor | None:
+        """prune_capacity's ``priority`` [T]: None (token order) for ``capacity_priority="order"``; for
+        ``"probability"`` each token's largest router probability max_e p[t, e] (only an order: no gradient)."""
+        if self.capacity_priority == "order":
+            return None
+        return out.probs.detach().amax(dim=-1)
+
+    def weights_after_dropping(self, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """The combine weights [T, k] once ``expert_ids`` (after capacity) has -1 where an assignment was dropped:
+        0 there; the others unchanged (normalized before dropping), or, with ``renormalize_after_dropping``,
+        rescaled so a token's kept weights sum to what its k weights summed to (1, or route_scale, for the
+        routers that allow it): w'_s = w_s · Σ_all w / Σ_kept w, 0 for a token with nothing kept."""
+        kept = expert_ids >= 0
+        if not self.renormalize_after_dropping:
+            return weights * kept                                                  # dropped -> weight 0
+        kept_weights = weights * kept
+        total = weights.sum(dim=-1, keepdim=True)                                  # Σ_all w
+        # Σ_kept w, floored at √(smallest normal float) so that the ratio and its gradient stay finite; 0 / floor
+        # = 0 for a token whose assignments were all dropped.
+        kept_total = kept_weights.sum(dim=-1, keepdim=True).clamp(min=min_score_sum(weights.dtype))
+        return kept_weights / kept_total * total                                   # w'_s = w_s / Σ_kept w · Σ_all w
 
     def update_bias(self, load: torch.Tensor | None = None, reduce=local_sum) -> None:
         """Loss-free balancing hook (sigmoid router). Other routers have no bias: nothing to do."""
@@ -550,6 +585,10 @@ ROUTERS: dict[str, type[Router]] = {
 }
 
 
+#: How the tokens competing for an expert's capacity are ordered (the routers' ``capacity_priority``).
+CAPACITY_PRIORITIES = ("order", "probability")
+
+
 def router_options(name: str) -> dict[str, object]:
     """The keyword options a router accepts, with their defaults (for --help and error messages)."""
     options = {}
@@ -574,6 +613,7 @@ def build_router(name: str, d_model: int, num_experts: int, top_k: int,
         if key not in allowed:
             raise ValueError(f"unknown option {key!r} for router={name!r}; allowed: {', '.join(sorted(allowed))}")
     _check_options(name, num_experts, top_k, options)
+    _check_dropping_options(name, capacity_factor, options)
     return cls(d_model, num_experts, top_k, capacity_factor, **options)
 
 
@@ -632,3 +672,46 @@ def _check_options(name: str, num_experts: int, top_k: int, options: dict) -> No
         if top_k_groups * (num_experts // groups) < top_k:
             raise ValueError(f"top_k_groups={top_k_groups} groups of {num_experts // groups} experts hold fewer "
                              f"than top_k={top_k} experts")
+
+
+def _check_dropping_options(name: str, capacity_factor: float | None, options: dict) -> None:
+    """capacity_priority and renormalize_after_dropping: known values, and only where something is dropped."""
+    priority = options.get("capacity_priority", "order")
+    after = options.get("renormalize_after_dropping", False)
+    if priority not in CAPACITY_PRIORITIES:
+        raise ValueError(f"capacity_priority={priority!r} is not known; allowed: {', '.join(CAPACITY_PRIORITIES)}")
+    if not isinstance(after, bool):
+        raise ValueError(f"renormalize_after_dropping={after!r} must be True or False")
+    if priority == "order" and not after:
+        return
+    set_options = ", ".join(f"{key}={value!r}" for key, value, off in (("capacity_priority", priority, "order"),
+                                                                      ("renormalize_after_dropping", after, False))
+                            if value != off)
+    if name == "expert_choice":
+        raise ValueError(f"{set_options}: router='expert_choice' has no token-choice capacity to prune (each expert "
+                         f"picks its ceil(cf·T/E) tokens itself); leave capacity_priority='order' and "
+                         f"renormalize_after_dropping=False")
+    has_capacity = capacity_factor is not None or options.get("expert_capacity") is not None
+    if priority != "order" and not has_capacity:
+        raise ValueError(f"capacity_priority={priority!r} orders the tokens that compete for capacity, but there is "
+                         f"none: set capacity_factor or expert_capacity (without either the layer is dropless)")
+    if not after:
+        return
+    if name == "switch":
+        raise ValueError("renormalize_after_dropping=True: router='switch' weighs its one expert by w = p, not a "
+                         "renormalized weight, and a token with k = 1 keeps all or nothing: nothing to renormalize")
+    defaults = router_options(name)
+    renormalize = options.get("renormalize", defaults.get("renormalize", True))
+    shaped = [f"{key}={options[key]!r}" for key, off in (("renormalize_p", 1.0), ("renormalize_min", 0.0),
+                                                         ("renormalize_eps", 0.0)) if options.get(key, off) != off]
+    if not renormalize or shaped:
+        what = "renormalize=False" if not renormalize else ", ".join(shaped)
+        raise ValueError(f"renormalize_after_dropping=True rescales a token's kept weights to the sum of its k "
+                         f"weights, a renormalization only for weights divided by their plain sum; router={name!r} "
+                         f"with {what} has other weights: set renormalize=True (and renormalize_p=1, "
+                         f"renormalize_min=0, renormalize_eps=0), or leave renormalize_after_dropping=False")
+    random_routing = name == "gshard" and options.get("random_routing", True)
+    if not has_capacity and not random_routing:
+        raise ValueError(f"renormalize_after_dropping=True renormalizes over the assignments capacity kept, but "
+                         f"router={name!r} without capacity_factor or expert_capacity drops none: set one of them "
+                         f"(or leave renormalize_after_dropping=False)")

@@ -66,6 +66,16 @@ OPTION_CASES = {
     "shared-gated": ("softmax_top_k", "swiglu", dict(top_k=2, num_shared_experts=2, shared_d_hidden=8,
                                                      shared_expert_gate=True)),
     "shared-sigmoid": ("sigmoid", "swiglu", dict(top_k=2, num_shared_experts=1, route_scale=2.5)),
+    # capacity_priority reaches prune_capacity (a token order for the kernels' walk); renormalize_after_dropping
+    # and expert_dropout only the torch code around the backend (the layer's draws replayed by seeding).
+    "priority-renormalized-after-dropping": ("softmax_top_k", "swiglu", dict(top_k=2, expert_capacity=4,
+                                                                            capacity_priority="probability",
+                                                                            renormalize_after_dropping=True)),
+    "priority-sigmoid": ("sigmoid", "swiglu", dict(top_k=2, expert_capacity=4, capacity_priority="probability",
+                                                   route_scale=2.5)),
+    "gshard-priority-expert-dropout": ("gshard", "gelu", dict(top_k=2, expert_capacity=4,
+                                                              capacity_priority="probability",
+                                                              renormalize_after_dropping=True, expert_dropout=0.25)),
     **{f"expert-{kind}": ("softmax_top_k", kind, dict(top_k=2)) for kind in EXPERT_KINDS
        if kind not in GRID_EXPERT_KINDS},
 }
@@ -173,11 +183,21 @@ EDGE_CASES = ("expert_without_tokens", "all_to_one_expert", "one_token", "k_equa
 
 
 def check_integer_steps(expert_ids, num_experts, capacities=(None, 1, 3), device="cpu"):
-    """prune_capacity, count, prefix sum and stable positions: numba equal to the reference."""
+    """prune_capacity (in token order and by priority, over the batch and per group of tokens), count, prefix sum
+    and stable positions: numba equal to the reference."""
     expert_ids = expert_ids.to(device)
+    num_tokens = expert_ids.shape[0]
+    # Priorities with many ties (4 values), as the router's max p may tie: the ties must keep token order.
+    generator = torch.Generator().manual_seed(num_tokens)
+    priority = (torch.randint(0, 4, (num_tokens,), generator=generator) / 4).double().to(device)
+    group = next((size for size in (5, 3, 2) if num_tokens % size == 0 and size < num_tokens), None)
     for capacity in capacities:
-        assert_equal(numba_backend.prune_capacity(expert_ids, num_experts, capacity),
-                     reference.prune_capacity(expert_ids, num_experts, capacity), f"prune_capacity C={capacity}")
+        for tokens_per_group in {None, group}:
+            for order in (None, priority):
+                what = (f"prune_capacity C={capacity}, tokens_per_group={tokens_per_group}, "
+                        f"{'by priority' if order is not None else 'in token order'}")
+                args = (expert_ids, num_experts, capacity, tokens_per_group, order)
+                assert_equal(numba_backend.prune_capacity(*args), reference.prune_capacity(*args), what)
     counts = reference.count_tokens_per_expert(expert_ids, num_experts)
     assert_equal(numba_backend.count_tokens_per_expert(expert_ids, num_experts), counts, "count_tokens_per_expert")
     starts = reference.exclusive_prefix_sum(counts)

@@ -71,7 +71,8 @@ def _shared(layer, row: torch.Tensor) -> torch.Tensor:
 
 def route_token_by_token(layer, x: torch.Tensor, draws: dict):
     """Per-token routing decisions: a list over tokens of [(expert, weight), ...] in slot order,
-    with ``None`` for an assignment switched off before capacity; plus the oracle's balance loss."""
+    with ``None`` for an assignment switched off before capacity; plus the router's probabilities [T, E]
+    (softmax of the logits; σ of the logits for the sigmoid router)."""
     router, name = layer.router, layer.router_name
     num_tokens, num_experts, top_k = x.shape[0], layer.num_experts, layer.top_k
     decisions, all_probs = [], []
@@ -142,6 +143,7 @@ def route_token_by_token(layer, x: torch.Tensor, draws: dict):
             chosen = sorted(allowed, key=lambda e: -selection[e])[:top_k]
             weights = sig[chosen] / (sig[chosen].sum() if router.renormalize else 1.0) * router.route_scale
             decisions.append(list(zip(chosen, weights)))
+            all_probs[-1] = sig                                            # the sigmoid router's probabilities
         elif name == "expert_choice":
             decisions.append(None)  # filled below: experts choose tokens
         else:
@@ -156,17 +158,22 @@ def route_token_by_token(layer, x: torch.Tensor, draws: dict):
     return decisions, torch.stack(all_probs)
 
 
-def apply_capacity(decisions, num_experts: int, capacity: int | None, tokens_per_sequence: int | None = None):
+def apply_capacity(decisions, num_experts: int, capacity: int | None, tokens_per_sequence: int | None = None,
+                   priority: list[float] | None = None):
     """Slot-major: all first choices in token order, then all second choices, ... each expert takes C.
-    With tokens_per_sequence = S, every sequence of S tokens does this on its own, with its own C per expert."""
+    With tokens_per_sequence = S, every sequence of S tokens does this on its own, with its own C per expert.
+    With a priority per token, "token order" is the order of decreasing priority (ties: token order)."""
     if capacity is None or not decisions:
         return decisions
     size = tokens_per_sequence or len(decisions)
     kept = [list(d) for d in decisions]
     for begin in range(0, len(decisions), size):
         taken = [0] * num_experts
+        tokens = list(range(begin, begin + size))
+        if priority is not None:
+            tokens = sorted(tokens, key=lambda t: -priority[t])            # Python's sort is stable
         for slot in range(len(decisions[0])):
-            for t in range(begin, begin + size):
+            for t in tokens:
                 expert, weight = decisions[t][slot]
                 if expert is None:
                     continue
@@ -180,7 +187,7 @@ def apply_capacity(decisions, num_experts: int, capacity: int | None, tokens_per
 def oracle_forward(layer, x: torch.Tensor, draws: dict, tokens_per_sequence: int | None = None) -> torch.Tensor:
     """y[t] = Σ_s w[t, s] · expert_{e[t, s]}(x[t]), every step a Python loop. x is [T, d]; for a layer with
     capacity_per="sequence", ``tokens_per_sequence`` says how its T tokens were cut into sequences."""
-    decisions, _ = route_token_by_token(layer, x, draws)
+    decisions, probs = route_token_by_token(layer, x, draws)
     capacity = None
     per_sequence = getattr(layer, "capacity_per", "batch") == "sequence"
     competing = tokens_per_sequence if per_sequence else x.shape[0]
@@ -188,14 +195,40 @@ def oracle_forward(layer, x: torch.Tensor, draws: dict, tokens_per_sequence: int
         capacity = layer.router.expert_capacity
     elif layer.router.capacity_factor is not None and layer.router_name != "expert_choice":
         capacity = math.ceil(layer.router.capacity_factor * layer.top_k * competing / layer.num_experts)
-    decisions = apply_capacity(decisions, layer.num_experts, capacity, tokens_per_sequence if per_sequence else None)
+    priority = None
+    if getattr(layer.router, "capacity_priority", "order") == "probability":    # each token's largest probability
+        priority = [float(probs[t].detach().max()) for t in range(x.shape[0])]
+    routed = decisions
+    decisions = apply_capacity(decisions, layer.num_experts, capacity, tokens_per_sequence if per_sequence else None,
+                               priority)
+    if getattr(layer.router, "renormalize_after_dropping", False):            # kept weights rescaled to the k's sum
+        decisions = [_renormalize_kept(before, after) for before, after in zip(routed, decisions)]
+    dropout = draws.get("expert_dropout")
+    rows = _rows(decisions) if dropout is not None else {}
     outputs = []
     for t, choices in enumerate(decisions):
         y = torch.zeros_like(x[t])
-        for expert, weight in choices:
+        for slot, (expert, weight) in enumerate(choices):
             if expert is not None:
-                y = y + weight * _expert(layer, expert, x[t])
+                out = _expert(layer, expert, x[t])
+                if dropout is not None:                   # the mask of this (token, slot)'s row, scaled by 1/(1-p)
+                    out = out * dropout[rows[t, slot]] / (1 - layer.expert_dropout)
+                y = y + weight * out
         if layer.shared_experts is not None:
             y = y + _shared(layer, x[t])
         outputs.append(y)
     return torch.stack(outputs)
+
+
+def _renormalize_kept(routed, kept):
+    """One token: w'_s = w_s · Σ_all w / Σ_kept w for its kept slots (all slots, as routed, in the sum Σ_all)."""
+    total = sum(weight for _, weight in routed)
+    kept_total = sum(weight for expert, weight in kept if expert is not None)
+    return [(expert, weight * total / kept_total if expert is not None else weight) for expert, weight in kept]
+
+
+def _rows(decisions) -> dict:
+    """(token, slot) -> its row in the expert-sorted buffer: by expert, then token, then slot."""
+    kept = sorted((expert, t, slot) for t, choices in enumerate(decisions)
+                  for slot, (expert, _) in enumerate(choices) if expert is not None)
+    return {(t, slot): row for row, (_, t, slot) in enumerate(kept)}

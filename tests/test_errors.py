@@ -39,6 +39,15 @@ BAD_LAYERS = [
     (dict(capacity_per="tokens"), r"capacity_per='tokens' is not known; allowed: batch, sequence"),
     (dict(expert_capacity=-2), r"expert_capacity=-2 must be an integer >= 1"),
     (dict(renormalize_p=-1.0), r"renormalize_p=-1.0 must be a finite number > 0"),
+    # capacity priority, renormalization after dropping, expert output dropout (NLLB-MoE)
+    (dict(capacity_factor=1.0, capacity_priority="prob"), r"capacity_priority='prob' is not known; allowed: order, "
+                                                          r"probability"),
+    (dict(capacity_priority="probability"), r"capacity_priority='probability' orders the tokens that compete for "
+                                            r"capacity, but there is none"),
+    (dict(renormalize_after_dropping="yes"), r"renormalize_after_dropping='yes' must be True or False"),
+    (dict(capacity_factor=1.0, renormalize=False, renormalize_after_dropping=True),
+     r"router='softmax_top_k' with renormalize=False has other weights"),
+    (dict(expert_dropout=1.5), r"expert_dropout=1.5 must be a number in \[0, 1\)"),
     (dict(expert="relu", swiglu_alpha=1.7), r"swiglu_alpha=1.7, swiglu_limit=None are constants of "
                                             r"expert='clamped_swiglu' \(GPT-OSS\); expert='relu' has none"),
 ]

@@ -418,6 +418,16 @@ def test_to_hf_compares_the_new_options():
                               jitter_epsilon=0.01).double()
     with pytest.raises(ValueError, match="capacity_per='batch' \\(the block's is 'sequence'\\)"):
         to_hf(batch_capacity, switch)
+    # No supported block prioritizes capacity by probability, renormalizes after dropping or drops expert outputs.
+    nllb_like = MoELayer(D, HIDDEN, E, top_k=1, router="switch", expert="relu", expert_capacity=2,
+                         capacity_per="sequence", jitter_epsilon=0.01, capacity_priority="probability",
+                         expert_dropout=0.1).double()
+    with pytest.raises(ValueError, match="capacity_priority='probability' \\(the block's is 'order'\\); "
+                                         "expert_dropout=0.1 \\(the block's is 0.0\\)"):
+        to_hf(nllb_like, switch)
+    after_dropping = MoELayer(D, HIDDEN, E, top_k=K, capacity_factor=1.0, renormalize_after_dropping=True).double()
+    with pytest.raises(ValueError, match="renormalize_after_dropping=True \\(the block's is False\\)"):
+        to_hf(after_dropping, tiny_block("MixtralSparseMoeBlock"))
 
 
 # ----------------------------------------------------------------------------------------------------

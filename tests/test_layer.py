@@ -310,3 +310,212 @@ def test_clamped_swiglu_formula():
     gate, up = gate.clamp(max=0.4), up.clamp(-0.4, 0.4)
     hidden = gate * torch.sigmoid(1.5 * gate) * (up + 1)
     torch.testing.assert_close(layer(x), hidden @ ex.w2[0].t() + ex.b2[0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Capacity priority by router probability, weights renormalized after dropping, expert output dropout
+# ----------------------------------------------------------------------------------------------------
+def _check_against_oracle(layer, x, tokens_per_sequence=None):
+    """The layer's forward, input gradient and every parameter gradient against the oracle (x [..., S, d])."""
+    torch.manual_seed(1)                                     # noisy routers draw the same noise every time
+    y = layer(x)
+    x_oracle = x.detach().clone().requires_grad_(True)
+    y_oracle = oracle_forward(layer, x_oracle.reshape(-1, D_MODEL), layer.last_routing.random_draws,
+                              tokens_per_sequence=tokens_per_sequence).reshape(x.shape)
+    torch.testing.assert_close(y, y_oracle, **TOLERANCE)
+    upstream = torch.randn_like(y)
+    names, params = zip(*layer.named_parameters())
+    grads = torch.autograd.grad((y * upstream).sum(), [x, *params], allow_unused=True)
+    grads_oracle = torch.autograd.grad((y_oracle * upstream).sum(), [x_oracle, *params], allow_unused=True)
+    for name, got, want in zip(["input", *names], grads, grads_oracle):
+        if want is None:                                     # the noise weight, in eval mode
+            assert got is None or torch.count_nonzero(got) == 0, name
+        else:
+            torch.testing.assert_close(got, want, **TOLERANCE, msg=lambda m: f"{name}: {m}")
+    return y
+
+
+#: (router, options) for batch-prioritized capacity: every top-k router family, k = 1 and k = 2.
+PRIORITY_CASES = {
+    "switch": ("switch", dict(capacity_factor=0.5)),
+    "softmax": ("softmax_top_k", dict(capacity_factor=0.5)),
+    "gshard": ("gshard", dict(capacity_factor=0.5)),
+    "sigmoid": ("sigmoid", dict(expert_capacity=2)),                    # priority = max σ(l), not a softmax
+    "noisy": ("noisy_top_k", dict(capacity_factor=0.5)),
+    "xmoe-per-sequence": ("xmoe", dict(capacity_factor=0.75, capacity_per="sequence")),
+}
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+@pytest.mark.parametrize("case", list(PRIORITY_CASES))
+def test_capacity_priority_probability_matches_oracle(case, backend, training):
+    """capacity_priority="probability": slot-major, tokens by decreasing max_e p (V-MoE's / NLLB's batch-prioritized
+    routing); forward and every gradient against the oracle, and a different choice than token order."""
+    router, capacity = PRIORITY_CASES[case]
+    layer = make_layer(router, backend=backend, capacity_priority="probability", **capacity).train(training)
+    x = torch.randn(3, 6, D_MODEL, dtype=torch.float64, requires_grad=True)
+    per_sequence = capacity.get("capacity_per") == "sequence"
+    _check_against_oracle(layer, x, tokens_per_sequence=6 if per_sequence else None)
+    kept = layer.last_routing.expert_ids
+    assert layer.last_routing.num_dropped > 0
+    in_order = make_layer(router, backend=backend, **capacity).train(training)
+    in_order.load_state_dict(layer.state_dict())
+    torch.manual_seed(1)
+    in_order(x)
+    assert not torch.equal(in_order.last_routing.expert_ids, kept), "the priority should change who is dropped"
+    assert layer.router.capacity_priority == "probability"
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_capacity_priority_keeps_the_most_probable_tokens(backend):
+    """Top-1 (Switch), C = 2 per expert: each expert keeps exactly its two tokens of largest p (no tie here)."""
+    layer = make_layer("switch", backend=backend, expert_capacity=2, capacity_priority="probability").eval()
+    x = torch.randn(24, D_MODEL, dtype=torch.float64)
+    layer(x)
+    record = layer.last_routing
+    chosen = record.probs.argmax(dim=1)
+    best = record.probs.max(dim=1).values
+    for expert in range(NUM_EXPERTS):
+        tokens = (chosen == expert).nonzero()[:, 0]
+        want = tokens[best[tokens].argsort(descending=True)[:2]].sort().values
+        got = (record.expert_ids[:, 0] == expert).nonzero()[:, 0]
+        assert got.tolist() == want.tolist(), expert
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_capacity_priority_ties_keep_token_order(backend):
+    """Equal probabilities (identical tokens): the stable sort decides, i.e. token order, as with "order"."""
+    layer = make_layer("softmax_top_k", backend=backend, expert_capacity=3, capacity_priority="probability").eval()
+    x = torch.randn(1, D_MODEL, dtype=torch.float64).expand(NUM_TOKENS, D_MODEL)
+    layer(x)
+    ids = layer.last_routing.expert_ids
+    assert ids[:3].ge(0).all() and ids[3:].eq(-1).all()     # 3 places per expert: the first 3 tokens keep both
+
+
+#: (router, options) with weights renormalized after dropping.
+AFTER_DROPPING_CASES = {
+    "softmax": ("softmax_top_k", dict(capacity_factor=0.5)),
+    "softmax-top3-scale": ("softmax_top_k", dict(top_k=3, capacity_factor=0.5, route_scale=2.5)),
+    "gshard-train": ("gshard", dict(capacity_factor=0.75)),                  # random routing drops as well
+    "gshard-no-capacity": ("gshard", dict()),                                # random routing is the only drop
+    "sigmoid-priority": ("sigmoid", dict(expert_capacity=2, capacity_priority="probability")),
+    "noisy": ("noisy_top_k", dict(capacity_factor=0.5)),
+    "xmoe": ("xmoe", dict(capacity_factor=0.5, renormalize=True)),
+}
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+@pytest.mark.parametrize("case", list(AFTER_DROPPING_CASES))
+def test_renormalize_after_dropping_matches_oracle(case, backend):
+    """renormalize_after_dropping=True (NLLB-MoE's default): a token's kept weights are rescaled to the sum its k
+    weights had; forward and every gradient against the oracle; tokens with drops sum to that, not less."""
+    router, options = AFTER_DROPPING_CASES[case]
+    layer = make_layer(router, backend=backend, renormalize_after_dropping=True, **options)
+    layer.train(router == "gshard")
+    x = torch.randn(2, 7, D_MODEL, dtype=torch.float64, requires_grad=True)
+    _check_against_oracle(layer, x)
+    record = layer.last_routing
+    kept = record.expert_ids >= 0
+    partly = kept.any(dim=1) & ~kept.all(dim=1)
+    assert partly.any(), "some token should have lost part of its assignments"
+    scale = getattr(layer.router, "route_scale", 1.0)
+    torch.testing.assert_close(record.weights[kept.any(dim=1)].sum(dim=1),
+                               torch.full((int(kept.any(dim=1).sum()),), scale, dtype=torch.float64))
+    assert (record.weights[~kept] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_renormalize_after_dropping_is_nllb_formula(backend):
+    """GShard top-2 as NLLB-MoE computes it (normalize_router_prob_before_dropping=False): w_s = p_s / Σ_kept p over
+    the kept of the two choices (1 for a lone survivor, 0 for nothing kept); before dropping: p_s / (p_1 + p_2)."""
+    after = make_layer("gshard", backend=backend, capacity_factor=0.5, renormalize_after_dropping=True).eval()
+    before = make_layer("gshard", backend=backend, capacity_factor=0.5).eval()
+    x = torch.randn(NUM_TOKENS, D_MODEL, dtype=torch.float64)
+    after(x), before(x)
+    record = after.last_routing
+    assert torch.equal(record.expert_ids, before.last_routing.expert_ids)           # the same assignments kept
+    kept = record.expert_ids >= 0
+    chosen = record.probs.topk(2, dim=1)
+    kept_p = chosen.values * kept
+    torch.testing.assert_close(record.weights, kept_p / kept_p.sum(dim=1, keepdim=True).clamp(min=1e-300))
+    torch.testing.assert_close(before.last_routing.weights,
+                               chosen.values / chosen.values.sum(dim=1, keepdim=True) * kept)
+    alone = kept.sum(dim=1) == 1                                                    # a lone survivor weighs 1
+    assert alone.any()
+    torch.testing.assert_close(record.weights[alone].sum(dim=1), torch.ones(int(alone.sum()), dtype=torch.float64))
+
+
+def test_renormalize_after_dropping_gradient_finite_when_all_dropped():
+    """A token with every assignment dropped gets weight 0 and finite (zero) gradients: no 0/0."""
+    layer = make_layer("softmax_top_k", expert_capacity=1, renormalize_after_dropping=True).eval()
+    x = torch.randn(NUM_TOKENS, D_MODEL, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    nothing_kept = (layer.last_routing.expert_ids < 0).all(dim=1)
+    assert nothing_kept.any()
+    assert torch.count_nonzero(y[nothing_kept]) == 0
+    y.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters()) and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+@pytest.mark.parametrize("router,options", [("softmax_top_k", dict(capacity_factor=0.75)),
+                                            ("gshard", dict(num_shared_experts=1)), ("switch", dict())])
+def test_expert_dropout_matches_oracle(router, options, backend):
+    """expert_dropout=p in training: the experts' output rows times the drawn 0/1 mask / (1 − p) before the combine
+    (the oracle replays the mask from random_draws, row by row); forward and every gradient."""
+    layer = make_layer(router, backend=backend, expert_dropout=0.3, **options).train()
+    x = torch.randn(2, 6, D_MODEL, dtype=torch.float64, requires_grad=True)
+    _check_against_oracle(layer, x)
+    mask = layer.last_routing.random_draws["expert_dropout"]
+    assert mask.shape == (int(layer.last_routing.tokens_per_expert.sum()), D_MODEL)
+    assert set(mask.unique().tolist()) == {0.0, 1.0}
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_expert_dropout_statistics_and_eval_identity(backend):
+    """The mask keeps a fraction ≈ 1 − p of the elements (with a fixed seed: reproducible), so the output is
+    unbiased in expectation; in eval mode the layer is bitwise the layer without dropout, and draws nothing."""
+    p = 0.25
+    layer = make_layer("softmax_top_k", backend=backend, expert_dropout=p).train()
+    plain = make_layer("softmax_top_k", backend=backend)
+    plain.load_state_dict(layer.state_dict())
+    x = torch.randn(400, D_MODEL, dtype=torch.float64)
+    torch.manual_seed(5)
+    y = layer(x)
+    mask = layer.last_routing.random_draws["expert_dropout"]
+    # 800 rows × 8 elements, each kept with probability 0.75: the kept fraction has std ≈ 0.0054; 5 std allowed.
+    assert abs(mask.mean().item() - (1 - p)) < 0.027
+    torch.manual_seed(5)
+    assert torch.equal(layer(x), y)                                          # the same seed, the same mask
+    # Unbiased: averaged over many masks the output approaches the dropout-free output.
+    torch.manual_seed(6)
+    small = x[:4]
+    mean = torch.stack([layer(small) for _ in range(2000)]).mean(dim=0)
+    reference_output = plain(small)
+    assert (mean - reference_output).abs().max() < 0.1 * reference_output.abs().max()
+    layer.eval(), plain.eval()
+    state = torch.random.get_rng_state()
+    assert torch.equal(layer(x), plain(x))
+    assert torch.equal(torch.random.get_rng_state(), state), "eval mode must draw no random numbers"
+    assert "expert_dropout" not in layer.last_routing.random_draws
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_dropping_option_defaults_are_bitwise_unchanged(backend):
+    """capacity_priority="order", renormalize_after_dropping=False, expert_dropout=0 spelled out: the same state,
+    bitwise the same output and gradients as a layer without them, with capacity drops, in training mode."""
+    torch.manual_seed(0)
+    plain = MoELayer(8, 8, 4, router="gshard", capacity_factor=0.5, backend=backend)
+    explicit = MoELayer(8, 8, 4, router="gshard", capacity_factor=0.5, backend=backend, capacity_priority="order",
+                        renormalize_after_dropping=False, expert_dropout=0.0)
+    assert list(explicit.state_dict()) == list(plain.state_dict())
+    explicit.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 5, 8)
+    results = []
+    for layer in (plain, explicit):
+        torch.manual_seed(1)
+        y = layer(x)
+        results.append([y, *torch.autograd.grad(y.square().sum(), list(layer.parameters()))])
+    assert plain.last_routing.num_dropped > 0
+    assert all(torch.equal(a, b) for a, b in zip(*results))

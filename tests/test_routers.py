@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from backend_cases import EXTREME_SIGMOID_BIAS, EXTREME_SIGMOID_IDS, EXTREME_SIGMOID_LOGITS
-from fastmoe_edu import MoELayer
+from fastmoe_edu import ROUTERS, MoELayer
 from fastmoe_edu.backends import get_backend
 from fastmoe_edu.dispatch import prune_capacity
-from fastmoe_edu.routers import (GShardRouter, NoisyTopKRouter, SwitchRouter, cv_squared, router_z_loss,
-                                 switch_balance_loss)
+from fastmoe_edu.routers import (GShardRouter, NoisyTopKRouter, SwitchRouter, cv_squared, router_options,
+                                 router_z_loss, switch_balance_loss)
 
 CAPACITY_ROUTERS = [("softmax_top_k", 2), ("noisy_top_k", 2), ("switch", 1), ("gshard", 2), ("sigmoid", 2), ("xmoe", 2)]
 
@@ -40,6 +40,23 @@ def test_drop_order_is_slot_major_then_token_order():
     # Already switched-off assignments (-1) claim nothing.
     ids = torch.tensor([[0, -1], [0, 1]])
     assert prune_capacity(ids, 2, 1).tolist() == [[0, -1], [-1, 1]]
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_drop_order_with_priority_by_hand(backend):
+    """Batch-prioritized: tokens by decreasing priority (ties: token order), still slot-major; per group likewise."""
+    prune = get_backend(backend).prune_capacity
+    # Capacity 1, k = 1: token 2 (priority 0.9) beats tokens 0 and 1 at expert 0; token 3 ties token 4 at expert 1
+    # (0.5 each): the earlier token wins.
+    ids, priority = torch.tensor([[0], [0], [0], [1], [1]]), torch.tensor([0.3, 0.6, 0.9, 0.5, 0.5])
+    assert prune(ids, 2, 1, None, priority).tolist() == [[-1], [-1], [0], [1], [-1]]
+    # k = 2, capacity 2, priority t2 > t1 > t0. Slot 0: t2->1, t1->1 (expert 1 full), t0->0. Slot 1: t2->0 kept
+    # (second row of expert 0), t1->0 dropped (full), t0->1 dropped. In token order t0 would keep both instead.
+    ids, priority = torch.tensor([[0, 1], [1, 0], [1, 0]]), torch.tensor([0.2, 0.5, 0.7])
+    assert prune(ids, 2, 2, None, priority).tolist() == [[0, -1], [1, -1], [1, 0]]
+    # Two sequences of 2 tokens, capacity 1 each: in each, the token of larger priority keeps expert 0.
+    ids, priority = torch.tensor([[0], [0], [0], [0]]), torch.tensor([0.1, 0.8, 0.9, 0.2])
+    assert prune(ids, 1, 1, 2, priority).tolist() == [[-1], [0], [0], [-1]]
 
 
 def test_gshard_first_choices_claim_capacity_first():
@@ -303,6 +320,39 @@ def test_a_router_without_balance_loss_fails_loudly():
     (dict(capacity_per="sequence"), "capacity_per='sequence' needs a capacity to count per sequence"),
     (dict(router="expert_choice", expert_capacity=2), "router='expert_choice' has no token-choice capacity"),
     (dict(router="soft_moe", top_k=2, capacity_per="sequence"), "router='soft_moe' has no token-choice capacity"),
+    # capacity priority (batch-prioritized routing), weights renormalized after dropping, expert dropout (NLLB-MoE)
+    (dict(capacity_factor=1.0, capacity_priority="random"),
+     "capacity_priority='random' is not known; allowed: order, probability"),
+    (dict(capacity_priority="probability"), "capacity_priority='probability' orders the tokens that compete for "
+                                            "capacity, but there is none: set capacity_factor or expert_capacity"),
+    (dict(router="expert_choice", capacity_factor=1.0, capacity_priority="probability"),
+     "capacity_priority='probability': router='expert_choice' has no token-choice capacity to prune"),
+    (dict(router="expert_choice", renormalize_after_dropping=True),
+     "renormalize_after_dropping=True: router='expert_choice' has no token-choice capacity to prune"),
+    (dict(capacity_factor=1.0, renormalize_after_dropping=1), "renormalize_after_dropping=1 must be True or False"),
+    (dict(renormalize_after_dropping=True), "renormalize_after_dropping=True renormalizes over the assignments "
+                                            "capacity kept, but router='softmax_top_k' without capacity_factor or "
+                                            "expert_capacity drops none"),
+    (dict(router="gshard", random_routing=False, renormalize_after_dropping=True), "router='gshard' without "
+                                                                                   "capacity_factor"),
+    (dict(router="switch", top_k=1, capacity_factor=1.0, renormalize_after_dropping=True),
+     "renormalize_after_dropping=True: router='switch' weighs its one expert by w = p"),
+    (dict(capacity_factor=1.0, renormalize=False, renormalize_after_dropping=True),
+     "router='softmax_top_k' with renormalize=False has other weights"),
+    (dict(capacity_factor=1.0, renormalize_p=2.0, renormalize_after_dropping=True),
+     "router='softmax_top_k' with renormalize_p=2.0 has other weights"),
+    (dict(router="xmoe", capacity_factor=1.0, renormalize_after_dropping=True),
+     "router='xmoe' with renormalize=False has other weights"),
+    (dict(router="sigmoid", capacity_factor=1.0, renormalize=False, renormalize_after_dropping=True),
+     "router='sigmoid' with renormalize=False has other weights"),
+    (dict(expert_dropout=1.0), "expert_dropout=1.0 must be a number in [0, 1)"),
+    (dict(expert_dropout=-0.1), "expert_dropout=-0.1 must be a number in [0, 1)"),
+    (dict(expert_dropout=float("nan")), "expert_dropout=nan must be a number in [0, 1)"),
+    (dict(expert_dropout=True), "expert_dropout=True must be a number in [0, 1)"),
+    (dict(router="soft_moe", top_k=2, expert_dropout=0.1), "expert_dropout=0.1: router='soft_moe' has no capacity "
+                                                           "dropping and no expert-sorted rows"),
+    (dict(router="soft_moe", top_k=2, capacity_priority="probability"), "capacity_priority='probability', "
+                                                                        "renormalize_after_dropping=False"),
     # GPT-OSS's clamped SwiGLU constants
     (dict(swiglu_limit=7.0), "swiglu_alpha=None, swiglu_limit=7.0 are constants of expert='clamped_swiglu'"),
     (dict(expert="clamped_swiglu", swiglu_limit=0), "swiglu_limit=0 must be a finite number > 0"),
@@ -323,7 +373,8 @@ def test_option_defaults_change_nothing():
     plain = MoELayer(8, 8, 4)
     explicit = MoELayer(8, 8, 4, router_bias=False, logit_softcap=None, route_scale=1.0, num_shared_experts=0,
                         renormalize_p=1.0, renormalize_min=0.0, renormalize_eps=0.0, selection_bias=False,
-                        expert_capacity=None, capacity_per="batch", swiglu_alpha=None, swiglu_limit=None)
+                        expert_capacity=None, capacity_per="batch", swiglu_alpha=None, swiglu_limit=None,
+                        capacity_priority="order", renormalize_after_dropping=False, expert_dropout=0.0)
     assert [n for n, _ in plain.named_parameters()] == ["router.weight", "experts.w1", "experts.w2", "experts.w3"]
     assert list(explicit.state_dict()) == list(plain.state_dict())
     explicit.load_state_dict(plain.state_dict())
@@ -369,3 +420,21 @@ def test_new_renormalizations_by_hand(backend):
     probs = biased.last_routing.probs
     torch.testing.assert_close(biased.last_routing.weights, probs.gather(1, biased.last_routing.expert_ids))
     assert not biased.router.bias.requires_grad
+
+
+@pytest.mark.parametrize("router", [r for r in ROUTERS if r != "expert_choice"])
+def test_dropping_options_are_router_options(router):
+    """capacity_priority and renormalize_after_dropping are options of every top-k router (router_options, which
+    a config's --router_options.KEY is checked against), defaulting to today's behaviour; passed as router options
+    (a dict, as model.py passes the config's) they reach the router like MoELayer's keyword arguments do."""
+    options = router_options(router)
+    assert options["capacity_priority"] == "order" and options["renormalize_after_dropping"] is False
+    top_k = 1 if router == "switch" else 2
+    extra = {"capacity_priority": "probability"}
+    if router != "switch":
+        extra["renormalize_after_dropping"] = True
+        if router == "xmoe":
+            extra["renormalize"] = True
+    layer = MoELayer(8, 8, 4, top_k=top_k, router=router, capacity_factor=1.0, **extra)
+    assert layer.router.capacity_priority == "probability"
+    assert layer.router.renormalize_after_dropping is (router != "switch")
