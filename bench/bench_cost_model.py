@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -41,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastmoe_edu.distributed.cost_model import (Hardware, Layout, MoEShape, choose_pipeline_degree,  # noqa: E402
-                                                fit_alpha_beta, predict_step)
+                                                choose_shadowing, choose_step_degrees, fit_alpha_beta, predict_step)
 
 BYTES_PER_PEER = [64, 512, 4096, 32_768, 131_072, 524_288]
 MODEL = dict(vocab_size=64, seq_len=32, n_layer=2, n_head=8, d_model=64, d_hidden=128, num_experts=8, top_k=2)
@@ -253,8 +254,9 @@ def extrapolation_tables() -> str:
     lines = [GPU_CLUSTER_TEXT,
              "model: d_model 2048, 24 MoE blocks, SwiGLU experts d_hidden 5632, 2 experts per expert rank, top-2, "
              "8192 tokens per batch shard, load imbalance 1.2, bf16. Times are ms per training step; a2a = the "
-             "exposed all-to-all time of a step (4 exchanges per block). Pipelining is combined with the flat "
-             "exchange only, as in the code; best D searched in 1..16.", "",
+             "exposed all-to-all time of a step (4 exchanges per block). In this first table pipelining is "
+             "combined with the flat exchange, one D for both passes searched in 1..16 (the next table combines "
+             "everything).", "",
              "| GPUs | layout | a2a flat | a2a hier | step flat | step flat+drop | step hier+drop | best D | "
              "step flat+drop+D |",
              "|------|--------|----------|----------|-----------|----------------|----------------|--------|"
@@ -277,6 +279,37 @@ def extrapolation_tables() -> str:
     lines += ["", "Pipeline degree D (flat exchange, tp1, 64 GPUs): step ms for D = 1..8: " +
               ", ".join(f"{predict_step(big_shape(64), Layout(1, 64, 1, pipeline_degree=D), GPU_CLUSTER)['total'] * 1e3:.0f}"
                         for D in range(1, 9))]
+    return "\n".join(lines) + "\n\n" + all_techniques_table()
+
+
+def all_techniques_table() -> str:
+    """The step with every technique added in turn, each as the project applies it (cost model only)."""
+    lines = ["All four techniques, added in turn (same model and cluster; hierarchical exchange throughout; tp 4 "
+             "with TED's duplicate token dropping; ms per step): TED = hierarchical + dropping; + D_f/D_b = "
+             "pipelined, degrees chosen separately among powers of 2 up to 16 (FSMoE, `pipeline_degree = "
+             "backward_pipeline_degree = auto`); + pieces = gradient partitioning; + shadowing = FasterMoE's "
+             "decision for the hot expert (imbalance 1.2), taken only where the model says it pays.", "",
+             "| GPUs | layout | TED | D_f/D_b | + D_f/D_b | + pieces | grad all-reduce exposed (ms) | + shadowing "
+             "| all ÷ TED |",
+             "|------|--------|-----|---------|-----------|----------|------------------------------|-------------"
+             "|-----------|"]
+    for gpus in (8, 64, 512, 2048):
+        for tp in (1, 4):
+            ep = gpus // tp
+            shape, hw = big_shape(ep), GPU_CLUSTER
+            ted = Layout(tp, ep, 1, drop_duplicate_tokens=tp > 1, hierarchical=True)
+            forward, backward = choose_step_degrees(shape, ted, hw)
+            piped = replace(ted, pipeline_degree=forward, backward_pipeline_degree=backward)
+            pieces = replace(piped, gradient_partitioning=True)
+            shadowed = replace(pieces, shadowed_experts=choose_shadowing(shape, pieces, hw))
+            t = {name: predict_step(shape, layout, hw) for name, layout in
+                 (("ted", ted), ("piped", piped), ("pieces", pieces), ("shadowed", shadowed))}
+            ms = {name: value["total"] * 1e3 for name, value in t.items()}
+            lines.append(f"| {gpus} | tp{tp}·ep{ep} | {ms['ted']:.0f} | {forward}/{backward} | {ms['piped']:.0f} | "
+                         f"{ms['pieces']:.0f} | {t['piped']['grad_allreduce'] * 1e3:.0f} → "
+                         f"{t['pieces']['grad_allreduce'] * 1e3:.0f} | "
+                         + (f"{ms['shadowed']:.0f}" if shadowed.shadowed_experts else "not chosen")
+                         + f" | {ms['shadowed'] / ms['ted']:.2f} |")
     return "\n".join(lines)
 
 

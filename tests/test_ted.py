@@ -15,6 +15,7 @@ lost token, a doubled tp gradient all show up at ≥ 1e-4).
 """
 import json
 import tempfile
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 
@@ -22,8 +23,8 @@ import pytest
 import torch
 
 from fastmoe_edu.distributed.cost_model import (Hardware, LayerTasks, Layout, MoEShape, choose_pipeline_degree,
-                                                choose_pipeline_degrees, fit_alpha_beta, fit_task, predict_layer,
-                                                predict_step)
+                                                choose_pipeline_degrees, choose_shadowing, choose_step_degrees,
+                                                fit_alpha_beta, fit_task, predict_layer, predict_step)
 from fastmoe_edu.distributed.hierarchical import check_ranks_per_node, count_flat_messages
 from fastmoe_edu.distributed.shadowing import ShadowRates, choose_shadowed, predicted_time
 from fastmoe_edu.distributed.pipeline import Chunking, check_pipeline_degree, chunk_rows, cut_pieces
@@ -153,6 +154,38 @@ def test_cost_model_predictions_move_the_right_way():
     recomputed = predict_step(shape, Layout(tp=2, ep=16, dp=2, drop_duplicate_tokens=True, activation_checkpointing=True), hw)
     assert recomputed["compute"] == pytest.approx(at_combined["compute"] * 4 / 3)
     assert recomputed["alltoall"] == at_combined["alltoall"] and recomputed["tp_allgather"] == at_combined["tp_allgather"]
+
+
+
+def test_cost_model_prices_gradient_pieces_shadowing_and_separate_degrees():
+    shape = MoEShape(tokens_per_rank=8192, d_model=2048, d_hidden=5632, num_experts=128, top_k=2, n_layer=24,
+                     load_imbalance=1.2)
+    hw = Hardware(alpha_intra=5e-6, beta_intra=1 / 150e9, alpha_inter=15e-6, beta_inter=1 / 25e9,
+                  flops_per_second=120e12, ranks_per_node=8)
+    ted = Layout(tp=1, ep=64, dp=1, hierarchical=True)
+    plain = predict_step(shape, ted, hw)
+    # Gradient pieces hide in the backward's idle link: less exposed all-reduce, nothing else changes.
+    pieces = predict_step(shape, replace(ted, gradient_partitioning=True), hw)
+    assert pieces["grad_allreduce"] < plain["grad_allreduce"] / 2
+    assert all(pieces[k] == plain[k] for k in ("compute", "alltoall", "tp_allreduce", "shadowing"))
+    # ... but not where a piece's latency dwarfs the windows (a ring over 2048 ranks): then blocks are gathered
+    # into few pieces, and the prediction stays close to one all-reduce (within one more piece's latency).
+    big = replace(shape, num_experts=4096)
+    wide = Layout(tp=1, ep=2048, dp=1, hierarchical=True)
+    one, cut = (predict_step(big, replace(wide, gradient_partitioning=g), hw)["grad_allreduce"] for g in (False, True))
+    assert cut < one + 2 * 2 * 2047 * hw.alpha_inter
+    # Shadowing the hot expert: the busiest rank's rows fall to the mean (compute and exchange down by the
+    # imbalance), and each layer pays a broadcast and an all-reduce of one expert's weights.
+    shadowed = predict_step(shape, replace(ted, shadowed_experts=1), hw)
+    assert shadowed["alltoall"] < plain["alltoall"] and shadowed["compute"] < plain["compute"]
+    assert plain["shadowing"] == 0 < shadowed["shadowing"]
+    assert choose_shadowing(shape, ted, hw) == int(shadowed["total"] < plain["total"])
+    # Separate degrees: powers of 2, each no worse than the other's choice for its pass.
+    forward, backward = choose_step_degrees(shape, ted, hw)
+    assert {forward, backward} <= {1, 2, 4, 8, 16}
+    chosen = predict_step(shape, replace(ted, pipeline_degree=forward, backward_pipeline_degree=backward), hw)
+    for degree in (1, 2, 4, 8, 16):
+        assert chosen["total"] <= predict_step(shape, replace(ted, pipeline_degree=degree), hw)["total"] + 1e-12
 
 
 # ----------------------------------------------------------------------------------------------------

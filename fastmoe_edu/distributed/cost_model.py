@@ -38,7 +38,13 @@ two passes are minimized separately over powers of 2 (autotune.py measures the �
 FSMoE's gradient partitioning (:func:`gradient_piece_bytes`, :func:`plan_gradient_pieces`): the
 replicated gradients' all-reduce in pieces of B* bytes, each posted as soon as its gradients are ready,
 B* = max((W − a)/b, a·(1 − s)/(s·b)) for a piece cost a + b·B and an idle-link window W per MoE layer,
-and a piece closed where an MoE layer's expert backward (the window) comes between two gradients.
+and a piece closed where an MoE layer's expert backward (the window) comes between two gradients. In a
+step (``Layout.gradient_partitioning``) block l's pieces hide in block l−1's backward, W = that backward
+minus the time its exchanges hold the link; block 0's and the embeddings' gradients stay exposed.
+
+FasterMoE's shadowing in a step (``Layout.shadowed_experts``, :func:`choose_shadowing`): the hot expert's
+rows are computed where they are, so the busiest rank carries the mean load (imbalance 1), and per MoE
+layer its weights are broadcast (scatter + all-gather) and their gradients all-reduced over the expert group.
 
 Per step: the gradient all-reduces (non-expert over the ep·dp data group, experts over dp — and
 over tp too when tokens are dropped) and an overhead per layer, fixed plus per token (Python,
@@ -79,6 +85,8 @@ class Layout:
     hierarchical: bool = False
     pipeline_degree: int = 1
     backward_pipeline_degree: int | None = None   # None = the same as pipeline_degree (FSMoE: chosen separately)
+    gradient_partitioning: bool = False   # FSMoE: replicated gradients all-reduced in pieces during the backward
+    shadowed_experts: int = 0             # FasterMoE: hot experts broadcast per MoE layer and step (0 or 1 here)
 
     @property
     def world(self) -> int:
@@ -148,7 +156,10 @@ def predict_step(shape: MoEShape, layout: Layout, hw: Hardware) -> dict[str, flo
     s, tp, ep, dp = shape, layout.tp, layout.ep, layout.dp
     T, d, h, E, k, b = s.tokens_per_rank, s.d_model, s.d_hidden, s.num_experts, s.top_k, s.bytes_per_element
     share = 1 / tp if layout.drop_duplicate_tokens else 1.0
-    rows = k * T * share * s.load_imbalance                                   # rows this rank sends / computes
+    # Shadowing the hot expert (FasterMoE) computes its rows where they are: the busiest rank's extra load
+    # (imbalance − 1) no longer arrives there; each shadowed expert's weights travel instead (below).
+    imbalance = 1.0 if layout.shadowed_experts else s.load_imbalance
+    rows = k * T * share * imbalance                                          # rows this rank sends / computes
     rate = hw.flops_per_second
 
     attention = 2 * T * 4 * d * d / tp + 2 * T * s.seq_len * d / tp
@@ -175,17 +186,42 @@ def predict_step(shape: MoEShape, layout: Layout, hw: Hardware) -> dict[str, flo
     tp_allgather = (2 * allgather_time(gathered_rows * d * b, tp, tp, hw)
                     if layout.drop_duplicate_tokens and tp > 1 else 0.0)
 
+    # FasterMoE's shadowing: per shadowed expert, a broadcast of its weights and an all-reduce of their gradients.
+    expert_weight_bytes = s.expert_matrices * d * h * b / (tp if etp else 1)
+    broadcast = 2 * allgather_time(expert_weight_bytes, ep, ep * tp, hw)     # scatter + all-gather (van de Geijn)
+    shadow = layout.shadowed_experts * (broadcast + allreduce_time(expert_weight_bytes, ep, ep * tp, hw))
+
     forwards = 4 if layout.activation_checkpointing else 3      # forward + backward (2×), + the recomputation
     per_layer = {"compute": forwards * (other_fwd + expert_fwd), "tp_allreduce": tp_allreduce,
-                 "alltoall": alltoall_part, "tp_allgather": tp_allgather}
+                 "alltoall": alltoall_part, "tp_allgather": tp_allgather, "shadowing": shadow}
     out = {key: value * s.n_layer for key, value in per_layer.items()}
 
-    non_expert_params = s.n_layer * (4 * d * d / tp + d * E + 4 * d) + (s.vocab_size + s.seq_len) * d
+    block_params = 4 * d * d / tp + d * E + 4 * d                             # replicated, per block
+    embedding_params = (s.vocab_size + s.seq_len) * d
     expert_params = s.n_layer * (E / ep) * s.expert_matrices * d * h / (tp if etp else 1)
     expert_group = dp * (tp if layout.drop_duplicate_tokens and not etp else 1)   # copies of my experts to sum over
     expert_span = layout.world if dp > 1 else tp
-    out["grad_allreduce"] = (allreduce_time(non_expert_params * b, ep * dp, layout.world, hw)
-                             + allreduce_time(expert_params * b, expert_group, expert_span, hw))
+    replicated = allreduce_time((s.n_layer * block_params + embedding_params) * b, ep * dp, layout.world, hw)
+    if layout.gradient_partitioning:
+        # FSMoE: block l's gradients travel in pieces during block l−1's backward, while the data group's link
+        # is idle: W = the block's backward (attention + MoE) minus the time its two exchanges hold the link.
+        # The first block's and the embeddings' gradients come last, with no backward left to hide them.
+        exchanges = 2 * (D_b * a2a_alpha + (a2a - a2a_alpha))                  # α per chunk, the bytes once
+        window = max(0.0, 2 * other_fwd + moe_bwd - exchanges)
+        a, beta_piece = allreduce_piece_cost(ep * dp, layout.world, hw)
+        smallest, piece = gradient_piece_bytes(a, beta_piece, window)
+        block_bytes = block_params * b
+        if not np.isfinite(smallest):                                        # b = 0: one piece of everything
+            blocks, sent = s.n_layer, a + beta_piece * s.n_layer * block_bytes
+        elif block_bytes >= smallest:                                        # each block in pieces of ≤ B*
+            blocks, sent = 1, np.ceil(block_bytes / piece) * a + beta_piece * block_bytes
+        else:                                      # blocks gathered until a piece holds B_min (plan_gradient_pieces)
+            blocks = int(min(s.n_layer, np.ceil(smallest / block_bytes)))
+            sent = a + beta_piece * blocks * block_bytes
+        groups = int(np.ceil(s.n_layer / blocks))                            # pieces (or runs of pieces) per step
+        replicated = ((groups - 1) * max(0.0, sent - blocks * window)       # what the windows do not hide
+                      + sent + allreduce_time(embedding_params * b, ep * dp, layout.world, hw))   # the last: exposed
+    out["grad_allreduce"] = replicated + allreduce_time(expert_params * b, expert_group, expert_span, hw)
     out["overhead"] = s.n_layer * (hw.overhead_flops_per_layer + hw.overhead_flops_per_token * T) / rate
     out["total"] = sum(out.values())
     return out
@@ -195,6 +231,22 @@ def choose_pipeline_degree(shape: MoEShape, layout: Layout, hw: Hardware, max_de
     """The pipeline degree D in 1..max_degree with the smallest predicted step time (FSMoE picks D this way)."""
     times = {D: predict_step(shape, replace(layout, pipeline_degree=D), hw)["total"] for D in range(1, max_degree + 1)}
     return min(times, key=times.get)
+
+
+def choose_step_degrees(shape: MoEShape, layout: Layout, hw: Hardware, max_degree: int = 16) -> tuple[int, int]:
+    """(D_f, D_b), powers of 2 up to ``max_degree``, each minimizing the predicted step with the other pass
+    unpipelined (the passes share no term; the gradient pieces' window depends on D_b, so it is in the search)."""
+    candidates = [2 ** i for i in range(max_degree.bit_length()) if 2 ** i <= max_degree]
+
+    def step(forward, backward):
+        return predict_step(shape, replace(layout, pipeline_degree=forward, backward_pipeline_degree=backward),
+                            hw)["total"]
+    return (min(candidates, key=lambda D: step(D, 1)), min(candidates, key=lambda D: step(1, D)))
+
+
+def choose_shadowing(shape: MoEShape, layout: Layout, hw: Hardware) -> int:
+    """FasterMoE's decision in this model: shadow the hot expert (1) when it lowers the predicted step, else 0."""
+    return min((0, 1), key=lambda n: predict_step(shape, replace(layout, shadowed_experts=n), hw)["total"])
 
 
 # ----------------------------------------------------------------------------------------------------
