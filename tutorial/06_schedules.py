@@ -205,19 +205,25 @@ print(f"phase 1 + phase 2 = {(sum(layer.intra) + sum(layer.inter)) * 1e3:.3f} ms
 # grad-gather for scatter, grad-scatter for gather and its own degree `D_b`):
 #
 # ```
-# post scatter(0)
+# post scatter(0), scatter(1); advance scatter(0)
 # for c in 0 .. D−1:
-#     post scatter(c+1)          ← chunk c+1 travels ...
-#     wait scatter(c); experts(c) ← ... while chunk c is computed
-#     post gather(c)             ← and chunk c's results travel home during chunk c+1's compute
+#     post scatter(c+2); advance scatter(c+1)  ← chunks c+1 and c+2 travel ...
+#     wait scatter(c); experts(c)              ← ... while chunk c is computed
+#     post gather(c); advance gather(c−1)      ← and chunk c's results travel home during the next compute
 # ```
+#
+# A hierarchical exchange has two phases: *posting* starts its intra-node phase, *advance* waits for that
+# and starts its inter-node phase (hierarchical.py). So while the experts compute chunk c, chunk c+1 is on
+# the inter-node link and chunk c+2 on the intra-node link: FSMoE's co-scheduling of the two levels with
+# the compute.
 #
 # The simulation below turns that into a timeline. Three lanes each do one thing at a time, in the order
 # the program posts to them: the **intra-node link**, the **inter-node link** and the **expert compute**
 # (a fourth lane, for the gradient pieces, comes in section 3). The rules, one per line of
 # `place_pass`:
 #
-# * a chunk's exchange runs its intra-node phase, then its inter-node phase (hierarchical.py's order);
+# * a phase is posted in the loop's order: intra-node phases when a chunk is posted, inter-node phases
+#   when it is advanced; an inter-node phase starts after its own intra-node phase;
 # * a chunk's experts start when its scatter has arrived; its gather starts when its experts are done;
 # * a lane runs its tasks one after another, in posting order.
 #
@@ -246,11 +252,17 @@ def place_pass(layer: Layer, degree: int, backward: bool = False) -> list[Bar]:
     """List-schedule one pass of the layer in ``degree`` chunks; every task as early as its inputs and lane allow."""
     factor = 2.0 if backward else 1.0                       # the backward computes twice the forward's FLOPs
     there, home = ("grad-gather", "grad-scatter") if backward else ("scatter", "gather")
-    posted = [(there, 0)]                                   # the order pipeline.py posts the tasks in
+    # The order pipeline.py posts the tasks in: (task, chunk, phase), phase 1 = intra-node, 2 = inter-node.
+    posted = [(there, c, 1) for c in range(min(2, degree))] + [(there, 0, 2)]
     for c in range(degree):
+        if c + 2 < degree:
+            posted.append((there, c + 2, 1))                # post chunk c+2
         if c + 1 < degree:
-            posted.append((there, c + 1))
-        posted += [("experts", c), (home, c)]
+            posted.append((there, c + 1, 2))                # advance chunk c+1
+        posted += [("experts", c, 0), (home, c, 1)]         # compute chunk c, post its results home
+        if c > 0:
+            posted.append((home, c - 1, 2))                 # advance the previous results
+    posted.append((home, degree - 1, 2))                    # the last one, at the final wait
     lane_free = {lane: 0.0 for lane in LANES}               # when each lane has finished its last task
     finished, bars = {}, []
 
@@ -260,14 +272,16 @@ def place_pass(layer: Layer, degree: int, backward: bool = False) -> list[Bar]:
         bars.append(Bar(lane, label, chunk, start, start + seconds))
         return start + seconds
 
-    for label, c in posted:
+    for label, c, phase in posted:
         if label == "experts":                              # compute after the chunk's rows have arrived
-            finished[label, c] = run("expert compute", label, c, layer.chunk("experts", degree, factor),
-                                     finished[there, c])
-        else:                                               # an exchange: phase 1 then phase 2
-            ready = finished["experts", c] if label == home else 0.0
-            phase1 = run("intra-node link", label, c, layer.chunk("intra", degree), ready)
-            finished[label, c] = run("inter-node link", label, c, layer.chunk("inter", degree), phase1)
+            finished[label, c, 0] = run("expert compute", label, c, layer.chunk("experts", degree, factor),
+                                        finished[there, c, 2])
+        elif phase == 1:                                    # intra-node: the data must exist
+            ready = finished["experts", c, 0] if label == home else 0.0
+            finished[label, c, 1] = run("intra-node link", label, c, layer.chunk("intra", degree), ready)
+        else:                                               # inter-node: after its own intra-node phase
+            finished[label, c, 2] = run("inter-node link", label, c, layer.chunk("inter", degree),
+                                        finished[label, c, 1])
     return bars
 
 

@@ -331,6 +331,10 @@ class PendingExchange:
         self.request = comm._start_alltoallv(self.send, self.received, [n * width for n in send_rows],
                                              [n * width for n in recv_rows])
 
+    def advance(self) -> None:
+        """Nothing to do: a flat exchange is one collective, already posted (a two-phase one starts its
+        second phase here: hierarchical.py)."""
+
     def wait(self) -> torch.Tensor:
         """Block until the rows have arrived (timed as ``"<communicator>/wait"`` for a non-blocking post).
         Waiting again returns the same rows (a recomputed block replays its exchanges, recompute.py)."""

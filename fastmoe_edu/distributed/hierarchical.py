@@ -26,10 +26,12 @@ send counts of my node-mates; one small Allgather of the G × P count matrix ins
 
 It is an *exchange* in the sense of exchange.py (``alltoallv(rows, send_rows, recv_rows)``), so
 ``exchange_rows`` differentiates it like the flat ones: the backward runs it with the counts swapped.
-Its non-blocking ``ialltoallv`` posts phase 1 and leaves the reorder and phase 2 to ``.wait()``, so the
-pipelined exchange (pipeline.py) can cut it into chunks like the flat one: chunk c+1's intra-node phase
-travels while chunk c finishes its inter-node phase and is computed (FSMoE's co-scheduling of the two
-levels, in its simplest form: phase 2 is waited for at once, not overlapped with a later phase 1).
+Its non-blocking ``ialltoallv`` posts phase 1 and returns a handle; ``.advance()`` waits for phase 1,
+reorders and *posts* phase 2; ``.wait()`` waits for phase 2 (advancing first if needed). So the
+pipelined exchange (pipeline.py) keeps three chunks in flight, FSMoE's co-scheduling of the two levels
+with the compute:
+
+    intra-node phase of chunk c+2  ∥  inter-node phase of chunk c+1  ∥  experts on chunk c
 """
 from __future__ import annotations
 
@@ -88,22 +90,41 @@ class HierarchicalExchange:
 
 
 class PendingTwoPhase:
-    """A posted hierarchical exchange: phase 1 in flight; :meth:`wait` does the rest."""
+    """A posted hierarchical exchange: phase 1 in flight; :meth:`advance` posts phase 2, :meth:`wait` ends it."""
 
     def __init__(self, exchange: HierarchicalExchange, phase1, mine: torch.Tensor, phase2_recv: list[int],
                  arrived: torch.Tensor | None = None):
         self.exchange, self.phase1, self.mine, self.phase2_recv = exchange, phase1, mine, phase2_recv
-        self.arrived, self.result = arrived, None          # arrived: phase 1's rows, when it was blocking
+        self.arrived = arrived                              # phase 1's rows, when it was blocking
+        self.phase2 = None                                  # phase 2, once posted
+        self.blocking = arrived is not None
+
+    def advance(self) -> None:
+        """Wait for phase 1, then post phase 2 (non-blocking unless the exchange was blocking)."""
+        if self.phase2 is not None:
+            return
+        arrived = self.arrived if self.phase1 is None else self.phase1.wait()
+        # Reorder (l_s, n') -> (n', l_s): rows for each destination node contiguous.
+        by_node = arrived.index_select(0, _expert_major_source_rows(self.mine).to(arrived.device))
+        # Phase 2: block n' to node n' (over the ranks with my local index).
+        phase2_send = self.mine.sum(dim=0).tolist()                                     # Σ_l_s per n'
+        self.exchange._count("inter_node", phase2_send, self.exchange.node)
+        inter = self.exchange.inter
+        self.phase2 = (_Done(inter.alltoallv(by_node, phase2_send, self.phase2_recv)) if self.blocking
+                       else inter.ialltoallv(by_node, phase2_send, self.phase2_recv))
 
     def wait(self) -> torch.Tensor:
-        if self.result is None:
-            arrived = self.arrived if self.phase1 is None else self.phase1.wait()
-            # Reorder (l_s, n') -> (n', l_s): rows for each destination node contiguous.
-            by_node = arrived.index_select(0, _expert_major_source_rows(self.mine).to(arrived.device))
-            # Phase 2: block n' to node n' (over the ranks with my local index).
-            phase2_send = self.mine.sum(dim=0).tolist()                                 # Σ_l_s per n'
-            self.exchange._count("inter_node", phase2_send, self.exchange.node)
-            self.result = self.exchange.inter.alltoallv(by_node, phase2_send, self.phase2_recv)
+        self.advance()
+        return self.phase2.wait()
+
+
+class _Done:
+    """The handle of a collective that already finished (a blocking phase 2)."""
+
+    def __init__(self, result: torch.Tensor):
+        self.result = result
+
+    def wait(self) -> torch.Tensor:
         return self.result
 
 

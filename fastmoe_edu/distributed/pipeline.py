@@ -5,22 +5,24 @@ do not need all their rows at once. Cut the expert-sorted buffer into D chunks, 
 segment into D nearly equal pieces (piece c of a segment of n rows = its rows ``⌊c·n/D⌋ .. ⌊(c+1)·n/D⌋``),
 so every chunk is itself expert-sorted. Then, forward with D_f = ``pipeline_degree`` chunks:
 
-    post scatter(0)
+    post scatter(0), scatter(1); advance scatter(0)
     for c in 0 .. D_f−1:
-        post scatter(c+1)                 ← chunk c+1 travels ...
-        wait scatter(c); experts(chunk c) ← ... while chunk c is computed
-        post gather(c)                    ← and chunk c's results travel back during chunk c+1's compute
+        post scatter(c+2); advance scatter(c+1)   ← chunks c+1 and c+2 travel ...
+        wait scatter(c); experts(chunk c)         ← ... while chunk c is computed
+        post gather(c); advance gather(c−1)       ← and chunk c's results travel back during the next compute
     wait gather(0 .. D_f−1); put the rows back in buffer order
+
+(``advance`` starts the second phase of a two-level exchange and does nothing for a flat one: below.)
 
 and backward, the same schedule mirrored, with its own D_b = ``backward_pipeline_degree`` chunks
 (FSMoE chooses the two degrees separately: the backward computes twice as much per row, so its best
 degree differs):
 
-    post grad-gather(0)                                   ← output gradients to the expert ranks
+    post grad-gather(0), grad-gather(1); advance grad-gather(0)   ← output gradients to the expert ranks
     for b in 0 .. D_b−1:
-        post grad-gather(b+1)                             ← chunk b+1's gradients travel ...
+        post grad-gather(b+2); advance grad-gather(b+1)   ← chunks b+1, b+2's gradients travel ...
         wait grad-gather(b); expert backward(chunk b)     ← ... while chunk b's input and weight grads are computed
-        post grad-scatter(b)                              ← chunk b's input gradients go home
+        post grad-scatter(b); advance grad-scatter(b−1)   ← chunk b's input gradients go home
     wait grad-scatter(0 .. D_b−1)
 
 ``cost_model.py`` models each pass (every task α + β·n per chunk) and picks D_f and D_b; autotune.py
@@ -44,14 +46,17 @@ exchange of counts (step 3) no rank needs to be told how another cuts. Every row
 same expert with the same weights as without chunks, so the output is the same (up to the summation
 order of the expert weight gradients, which add the pieces' partial sums in backward-chunk order).
 
-Each chunk can take the flat exchange or the hierarchical one (hierarchical.py: its phase 1 is posted,
-its phase 2 runs when the chunk is waited for), so chunk c+1's intra-node phase overlaps chunk c's
-inter-node phase and expert compute.
+Each chunk can take the flat exchange or the hierarchical one (hierarchical.py), whose handle has two
+phases: posting starts the intra-node phase, ``advance()`` the inter-node one. The loops above keep
+two chunks ahead — post chunk c+2, advance chunk c+1, wait for and compute chunk c — so the intra-node
+phase of c+2, the inter-node phase of c+1 and the experts on c run at once (FSMoE's co-scheduling of
+the two levels with the compute); the returning chunks are advanced one behind their post. For the
+flat exchange ``advance()`` does nothing and the schedule is the one above.
 
 Non-blocking collectives: ``Communicator.ialltoallv`` returns a :class:`PendingExchange` at once;
-its buffers stay alive until ``.wait()``. All ranks post their collectives on one communicator in
-the same order (scatter 0, scatter 1, gather 0, scatter 2, gather 1, ...), as MPI and
-torch.distributed both require. How much actually overlaps depends on the engine: an MPI library
+its buffers stay alive until ``.wait()``. All ranks run the same loop, so they post their collectives
+on each communicator in the same order (scatter 0, scatter 1, scatter 2, gather 0, scatter 3, gather 1,
+...), as MPI and torch.distributed both require. How much actually overlaps depends on the engine: an MPI library
 without an asynchronous progress thread (the ``mpich`` wheel's default) may only move a large
 message inside MPI calls — the waits; gloo and NCCL progress on their own threads / streams.
 """
@@ -171,10 +176,13 @@ class PipelinedExperts(torch.autograd.Function):
 
         def scatter(c):
             return exchange.ialltoallv(chunks[c], send.peer_rows[c], recv.peer_rows[c])
-        scatters, gathers, computed = [scatter(0)], [], []
+        scatters, gathers, computed = [scatter(c) for c in range(min(2, len(chunks)))], [], []
+        scatters[0].advance()                                                    # (chunk 0's second phase first)
         for c in range(len(chunks)):
+            if c + 2 < len(chunks):
+                scatters.append(scatter(c + 2))                                  # chunk c+2 starts travelling
             if c + 1 < len(chunks):
-                scatters.append(scatter(c + 1))                                  # chunk c+1 starts travelling
+                scatters[c + 1].advance()                                        # c+1's second phase, if any
             received = scatters[c].wait()                                        # ... while chunk c is computed
             outs, places = [], []
             for piece in (p for p in schedule.pieces if p.forward_chunk == c):
@@ -186,6 +194,8 @@ class PipelinedExperts(torch.autograd.Function):
                 places.append(piece.in_forward)
             results = _place(torch.cat(outs), torch.cat(places), received.shape[0])
             gathers.append(exchange.ialltoallv(results, recv.peer_rows[c], send.peer_rows[c]))   # results go home
+            if c > 0:
+                gathers[c - 1].advance()                                         # (c−1's second phase, if any)
         ctx.exchange, ctx.schedule, ctx.params, ctx.computed = exchange, schedule, params, computed
         ctx.buffer_shape, ctx.buffer_dtype = buffer.shape, buffer.dtype
         returned = torch.cat([pending.wait() for pending in gathers])
@@ -199,11 +209,14 @@ class PipelinedExperts(torch.autograd.Function):
 
         def grad_gather(b):       # the gradient of my results goes to where they were computed (the gather's reverse)
             return exchange.ialltoallv(grads[b], send.peer_rows[b], recv.peer_rows[b])
-        incoming, outgoing = [grad_gather(0)], []
+        incoming, outgoing = [grad_gather(b) for b in range(min(2, len(grads)))], []
+        incoming[0].advance()
         param_grads = [torch.zeros_like(p) for p in params]
         for b in range(len(grads)):
+            if b + 2 < len(grads):
+                incoming.append(grad_gather(b + 2))
             if b + 1 < len(grads):
-                incoming.append(grad_gather(b + 1))
+                incoming[b + 1].advance()
             grad_out = incoming[b].wait()
             grad_in = grad_out.new_zeros((grad_out.shape[0], *ctx.buffer_shape[1:]), dtype=ctx.buffer_dtype)
             for piece, rows, out in (entry for entry in ctx.computed if entry[0].backward_chunk == b):
@@ -216,6 +229,8 @@ class PipelinedExperts(torch.autograd.Function):
                 grad_in.index_copy_(0, at, found[0])
             # Chunk b's input gradient travels home (the scatter's reverse) during chunk b+1's backward.
             outgoing.append(exchange.ialltoallv(grad_in, recv.peer_rows[b], send.peer_rows[b]))
+            if b > 0:
+                outgoing[b - 1].advance()
         grad_chunks = torch.cat([pending.wait() for pending in outgoing])
         ctx.computed = None                                                      # free the pieces' graphs
         grad_buffer = _place(grad_chunks, torch.cat(send.indices), ctx.buffer_shape[0])
