@@ -189,14 +189,16 @@ def test_expert_parallel_layer_equals_one_process(engine, num_ranks, backend, mp
     if backend in report["skipped"]:
         pytest.skip(f"backend {backend!r} cannot be imported: {report['skipped'][backend]}")
     cases = {name: errors for name, errors in report["results"].items() if name.startswith(f"{backend}/")}
-    # 4 layer configurations × (2 exchanges + their comparison); for the reference backend again with
-    # dp = 2 from 4 ranks on.
-    assert len(cases) == (24 if num_ranks > 2 and backend == "reference" else 12), sorted(cases)
+    # 4 layer configurations × (2 exchanges + their comparison + shadowing with the pipelined exchange); for
+    # the reference backend again with dp = 2 from 4 ranks on (the 2 exchanges and their comparison).
+    assert len(cases) == (28 if num_ranks > 2 and backend == "reference" else 16), sorted(cases)
     for name, errors in cases.items():
         if "/pairwise_vs_alltoallv" in name:
             # Same rows moved by two algorithms: bitwise equal.
             assert errors == {"output": 0.0, "input_grad": 0.0}, name
             continue
+        if "/pipelined_shadowed" in name:                  # an expert was shadowed (and the rest pipelined)
+            assert errors["num_shadowed_experts"] >= 1, name
         checked = {key: value for key, value in errors.items() if not key.startswith(("scale:", "num_"))}
         assert {"output", "input_grad", "aux_loss", "grad:router.weight", "grad:experts.w1"} <= checked.keys()
         for quantity, error in checked.items():

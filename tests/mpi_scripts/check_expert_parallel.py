@@ -14,8 +14,9 @@ gradient is R times the oracle's (its loss is R times "heavier" per token than L
 Capacity-limited routers apply capacity per rank: the oracle then runs each rank's shard separately
 (the aux loss still comes from the whole batch; routing itself does not depend on the shards).
 
-With 4 or more ranks the checks of the reference backend also run with two copies of each expert
-slice (ep = P/2, dp = 2).
+Each case runs with the pairwise and the all-to-all-v exchange, and with the most loaded expert shadowed
+while the other rows take the pipelined exchange (forward 2, backward 3 chunks). With 4 or more ranks
+the checks of the reference backend also run with two copies of each expert slice (ep = P/2, dp = 2).
 Run by run_checks.py, which keeps the worst error of each quantity over the ranks.
 """
 import torch
@@ -32,6 +33,11 @@ CASES = {   # name: layer options (all deterministic: no jitter, no random routi
                                       expert="gelu", bias=True),
     "sigmoid": dict(router="sigmoid", top_k=2, capacity_factor=None, bias_update_rate=0.1),
 }
+# (name, exchange, gradient bucket bytes, schedule options): the two flat exchanges, and FasterMoE's shadowing
+# of the most loaded expert with the other rows through the pipelined exchange (FSMoE's separate degrees).
+VARIANTS = [("pairwise", "pairwise", 256, {}), ("alltoallv", "alltoallv", 25 * 2**20, {}),
+            ("pipelined_shadowed", "alltoallv", 25 * 2**20,
+             dict(pipeline_degree=2, backward_pipeline_degree=3, shadow_experts=1))]
 
 
 def build(options, backend, seed=0):
@@ -60,9 +66,9 @@ def oracle(options, backend, x, upstream, shards):
     return layer, y.detach(), x.grad, aux.detach()
 
 
-def distributed(options, backend, layout, x_local, upstream_local, exchange, bucket_bytes):
+def distributed(options, backend, layout, x_local, upstream_local, exchange, bucket_bytes, schedule):
     layer = build(options, backend)
-    parallelize(layer, layout, exchange=exchange)
+    parallelize(layer, layout, exchange=exchange, **schedule)
     x_local = x_local.clone().requires_grad_(True)
     y = layer(x_local)
     loss = (y * upstream_local).sum() / x_local.shape[0] + layer.aux_loss
@@ -104,11 +110,11 @@ def layer_checks(world: ParallelLayout) -> tuple[dict, dict]:
             for case, options in CASES.items():
                 ref, y_ref, dx_ref, aux_ref = oracle(options, backend, x, upstream, shards)
                 outputs = {}
-                for exchange, bucket_bytes in (("pairwise", 256), ("alltoallv", 25 * 2**20)):
-                    if suffix and backend != "reference":        # dp = 2: one backend is enough
+                for variant, exchange, bucket_bytes, schedule in VARIANTS:
+                    if suffix and (backend != "reference" or schedule):   # dp = 2: one backend, plain exchanges
                         continue
                     layer, y, dx, aux = distributed(options, backend, layout, x[mine], upstream[mine],
-                                                    exchange, bucket_bytes)
+                                                    exchange, bucket_bytes, schedule)
                     plan = layer.expert_runner
                     local = slice(plan.first_local_expert, plan.first_local_expert + plan.num_local_experts)
                     errors = {
@@ -128,9 +134,10 @@ def layer_checks(world: ParallelLayout) -> tuple[dict, dict]:
                     errors["scale:output"] = float(y_ref.abs().max())
                     errors["scale:grad:router.weight"] = float(ref.router.weight.grad.abs().max())
                     errors["num_expert_params"] = len(experts)
-                    outputs[exchange] = (y, dx)
-                    results[f"{backend}/{case}/{exchange}{suffix}"] = errors
-                if len(outputs) < 2:
+                    errors["num_shadowed_experts"] = len(plan.last_shadowed or [])
+                    outputs[variant] = (y, dx)
+                    results[f"{backend}/{case}/{variant}{suffix}"] = errors
+                if "pairwise" not in outputs:
                     continue
                 # The two exchanges move the same numbers: bitwise equal results.
                 results[f"{backend}/{case}/pairwise_vs_alltoallv{suffix}"] = {
