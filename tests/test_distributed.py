@@ -213,8 +213,10 @@ def test_three_training_steps_equal_one_process(engine, num_ranks, mpi_output_di
     report = parallel_check_results(engine, num_ranks, mpi_output_dir)
     cases = {name: errors for name, errors in report["results"].items() if name.startswith("train/")}
     drop_capacity = cases.pop("train/tp2_drop_capacity_noise", None)
-    assert sorted(cases) == ["train/shadow_experts", "train/shared_experts", "train/sigmoid", "train/softmax_top_k",
-                             "train/tp/gshard", "train/tp/noisy_top_k", "train/tp/switch_jitter"]
+    every = ["train/shadow_experts", "train/shared_experts", "train/sigmoid", "train/softmax_top_k",
+             "train/tp/gshard", "train/tp/noisy_top_k", "train/tp/switch_jitter"]
+    assert sorted(cases) == (every if num_ranks < 8 else
+                             ["train/shadow_experts", "train/softmax_top_k", "train/tp/gshard"])   # (AT_8_RANKS)
     assert (drop_capacity is not None) == (num_ranks >= 4)
     if drop_capacity is not None:     # noisy routing, dropping and capacity together: tp ranks agree exactly
         assert drop_capacity == {"tp_ranks_loss_difference": 0.0, "scale:finite_losses": 1.0}
@@ -224,7 +226,8 @@ def test_three_training_steps_equal_one_process(engine, num_ranks, mpi_output_di
         for quantity, error in errors.items():
             if not quantity.startswith("scale:"):
                 assert error < MODEL_TOLERANCE, f"{name}: {quantity} differs by {error:.3e}"
-    assert report["results"]["train/sigmoid"]["scale:bias_moved"] > 0        # the bias update ran
+    if num_ranks < 8:
+        assert report["results"]["train/sigmoid"]["scale:bias_moved"] > 0    # the bias update ran
 
 
 # gradient_partitioning = true against false at the same P ranks (float64, three AdamW steps): the same sums
@@ -240,13 +243,13 @@ PARTITIONING_TOLERANCE = 1e-12
 def test_gradient_partitioning_equals_the_all_reduce_after_the_backward(engine, num_ranks, mpi_output_dir):
     """FSMoE's pieces posted from backward hooks == one all-reduce after the backward: dropless and capacity
     routers, reference and numba, forced small pieces and the cost model's, an unused parameter,
-    activation checkpointing with pipelining, two backwards before one reduce, tp = 2 from 4 ranks on."""
+    activation checkpointing with pipelining, two backwards before one reduce, tp = 2 at 4 ranks (8 ranks: a subset)."""
     report = parallel_check_results(engine, num_ranks, mpi_output_dir)
     cases = {name[len("gradpart/"):]: errors for name, errors in report["results"].items()
              if name.startswith("gradpart/")}
-    expected = {"dropless_reference", "checkpointing_pipeline"}
+    expected = {"dropless_reference"} | ({"checkpointing_pipeline"} if num_ranks < 8 else set())
     expected |= set() if "numba" in report["skipped"] else {"capacity_numba_cost_model"}
-    expected |= {"tp2_drop_capacity"} if num_ranks >= 4 else set()
+    expected |= {"tp2_drop_capacity"} if 4 <= num_ranks < 8 else set()           # (8 ranks: AT_8_RANKS only)
     assert set(cases) == expected
     for name, errors in cases.items():
         assert any(key.startswith("param:") and ".experts." in key for key in errors), name
