@@ -67,11 +67,11 @@ def worker(output: str, tokens: int, degrees: list[int], repeats: int, ranks_per
     runner = tuned.expert_runner
     chosen, tasks = runner.chosen_degrees, runner.tuner.tuning["tasks"]
     rows = []
-    for forward in degrees:
-        for backward in degrees:
-            measured = timed(build(forward, backward), repeats + 1)
-            rows.append({"forward": forward, "backward": backward, "measured_s": measured,
-                         "predicted_s": predict_layer(tasks, forward, backward)["total"]})
+    pairs = [(forward, backward) for forward in degrees for backward in degrees]
+    for forward, backward in pairs + ([tuple(chosen)] if tuple(chosen) not in pairs else []):   # + auto's choice
+        measured = timed(build(forward, backward), repeats + 1)
+        rows.append({"forward": forward, "backward": backward, "measured_s": measured,
+                     "predicted_s": predict_layer(tasks, forward, backward)["total"]})
     if world.rank == 0:
         Path(output).write_text(json.dumps({
             "ranks": world.size, "tokens_per_rank": tokens, "ranks_per_node": ranks_per_node, "chosen": chosen,
