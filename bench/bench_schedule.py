@@ -76,7 +76,7 @@ def worker(output: str, tokens: int, degrees: list[int], repeats: int, ranks_per
         Path(output).write_text(json.dumps({
             "ranks": world.size, "tokens_per_rank": tokens, "ranks_per_node": ranks_per_node, "chosen": chosen,
             "tasks": {k: getattr(tasks, k) for k in ("exchange_alpha", "exchange_seconds", "compute_alpha",
-                                                     "compute_seconds")},
+                                                     "compute_seconds", "inter_alpha", "inter_seconds")},
             "rows": rows, "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
             "torch": torch.__version__}))
 
@@ -103,7 +103,10 @@ def report(data: dict) -> str:
     lines = [f"{data['ranks']} ranks ({data['machine']}, torch {data['torch']}), {data['tokens_per_rank']} tokens per "
              f"rank, exchange " + (f"hierarchical, {data['ranks_per_node']} ranks per node" if data["ranks_per_node"]
                                    else "flat"),
-             f"fitted tasks: exchange α {t['exchange_alpha'] * ms:.3f} ms + {t['exchange_seconds'] * ms:.3f} ms, "
+             f"fitted tasks: exchange{' (intra-node)' if t['inter_alpha'] or t['inter_seconds'] else ''} "
+             f"α {t['exchange_alpha'] * ms:.3f} ms + {t['exchange_seconds'] * ms:.3f} ms, "
+             + (f"inter-node α {t['inter_alpha'] * ms:.3f} ms + {t['inter_seconds'] * ms:.3f} ms, "
+                if t["inter_alpha"] or t["inter_seconds"] else "") +
              f"experts α {t['compute_alpha'] * ms:.3f} ms + {t['compute_seconds'] * ms:.3f} ms (forward)", "",
              "| D_f | D_b | predicted (ms) | measured (ms) | measured − predicted | |",
              "|---:|---:|---:|---:|---:|---|"]

@@ -111,6 +111,14 @@ def test_cost_model_chooses_forward_and_backward_degrees_separately():
     assert predict_layer(tasks, 1, 1) == pytest.approx({"forward": 2 * 1.1e-3 + 1.1e-3,
                                                         "backward": 2 * 1.1e-3 + 2.1e-3, "total": 7.6e-3})
     assert fit_task([(n, 3e-5 + 2e-7 * n) for n in (10, 1000, 5000)]) == pytest.approx((3e-5, 2e-7), rel=1e-6)
+    # A hierarchical exchange measured level by level: two lanes. Unpipelined the same as one task of
+    # their sum; pipelined, faster (the levels of different chunks overlap), so it chunks at least as much.
+    two = LayerTasks(exchange_alpha=1e-4, exchange_seconds=5e-4, compute_alpha=1e-4, compute_seconds=1e-3,
+                     inter_alpha=1e-4, inter_seconds=5e-4)
+    one = LayerTasks(exchange_alpha=2e-4, exchange_seconds=1e-3, compute_alpha=1e-4, compute_seconds=1e-3)
+    assert predict_layer(two, 1, 1) == pytest.approx(predict_layer(one, 1, 1))
+    assert predict_layer(two, 4, 4)["total"] < predict_layer(one, 4, 4)["total"]
+    assert all(a >= b for a, b in zip(choose_pipeline_degrees(two), choose_pipeline_degrees(one)))
 
 
 def test_flat_message_count():

@@ -20,9 +20,10 @@ layer, with nothing to calibrate beforehand:
 Every rank makes the same choice because it decides from the same all-reduced numbers with the same
 code; the record is ``runner.chosen_degrees`` and ``runner.tuning`` (the fitted tasks and the times).
 A degree given as an integer stays as given; only the ``"auto"`` ones are chosen. The exchange is
-measured as the layer runs it, flat or hierarchical, as one task (one α, one β per exchange): the
-intra- and inter-node phases of the hierarchical exchange are not told apart, because the choice
-needs only what a chunk's whole exchange costs.
+measured as the layer runs it. A hierarchical exchange (``ranks_per_node``) is timed phase by phase
+(hierarchical.py's ``last_phase_seconds``), so the intra-node and the inter-node level each get their
+own α and β, and the cost model prices them as two lanes that overlap each other and the compute
+(``cost_model.overlapped_pass``), as the pipelined loop co-schedules them.
 
 The profiling passes compute exactly what the unpipelined layer computes (the probes run beside it,
 without gradients), so a run with ``"auto"`` equals a run with the chosen degrees fixed, up to the
@@ -38,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 from .cost_model import LayerTasks, choose_pipeline_degrees, fit_alpha_beta, fit_task, predict_layer
+from .hierarchical import HierarchicalExchange
 from .exchange import exchange_counts, exchange_rows, regroup_by_expert, regroup_by_source
 from .pipeline import AUTO, chunk_rows
 from .recompute import active_stash
@@ -48,7 +50,9 @@ MAX_DEGREE = 16             # the largest degree "auto" may choose
 SMALL_CALL = 8              # the small expert call runs the first of this many chunks of the rows
 # the columns of one pass's measurements (each rank's own; all-reduced with max before fitting)
 COLUMNS = ("probe_s", "probe_bytes", "scatter_s", "scatter_bytes", "gather_s", "gather_bytes",
-           "small_rows", "small_s", "rows", "experts_s", "backward_s")
+           "small_rows", "small_s", "rows", "experts_s",
+           "probe_inter_s", "scatter_inter_s", "gather_inter_s",   # hierarchical: of *_s, the inter-node phase
+           "backward_s")
 
 
 class DegreeTuner:
@@ -64,6 +68,7 @@ class DegreeTuner:
         self._last: tuple[bool, bool] | None = None     # (measure, decide) of the last recorded pass
         self._backward_start: float | None = None
         self._device = torch.device("cpu")
+        self.runner_exchange = None                     # the layer's exchange (flat or hierarchical), from run()
 
     def next_pass(self) -> tuple[bool, bool] | None:
         """None once chosen; else whether this profiling pass measures and decides. A recomputation
@@ -83,7 +88,7 @@ class DegreeTuner:
         measure, decide = plan
         recording = not (active_stash() is not None and active_stash().replaying)
         timed_backward = recording and measure and torch.is_grad_enabled() and buffer.requires_grad
-        self._device = buffer.device
+        self._device, self.runner_exchange = buffer.device, runner.exchange
         if timed_backward:                                             # the backward of this layer ends here ...
             buffer = _Noted.apply(buffer, self._note_backward_end)
         out, sample = _timed_exchange(runner, experts, buffer, counts, backend)
@@ -112,20 +117,30 @@ class DegreeTuner:
 
         def fastest(task: str) -> dict:            # noise (a descheduled rank, a late peer) only adds time
             return min(m, key=lambda s: s[f"{task}_s"])
-        alpha, beta = fit_alpha_beta([{"ranks": P, "bytes_per_rank": fastest(task)[f"{task}_bytes"],
-                                       "seconds": max(fastest(task)[f"{task}_s"], 1e-9)}
-                                      for task in ("probe", "scatter", "gather")])
+
+        def fit(level: str) -> tuple[float, float]:   # α, β of the whole exchange, or of one of its levels
+            def seconds(sample, task):
+                inter = sample[f"{task}_inter_s"]
+                return {"whole": sample[f"{task}_s"], "intra": sample[f"{task}_s"] - inter, "inter": inter}[level]
+            return fit_alpha_beta([{"ranks": P, "bytes_per_rank": fastest(task)[f"{task}_bytes"],
+                                    "seconds": max(seconds(fastest(task), task), 1e-9)}
+                                   for task in ("probe", "scatter", "gather")])
+        two_levels = isinstance(self.runner_exchange, HierarchicalExchange)
+        alpha, beta = fit("intra" if two_levels else "whole")     # hierarchical: the intra-node phase here,
+        inter_alpha, inter_beta = fit("inter") if two_levels else (0.0, 0.0)   # the inter-node one apart
         compute_alpha, compute_beta = fit_task([(fastest("small")["small_rows"], fastest("small")["small_s"]),
                                                 (fastest("experts")["rows"], fastest("experts")["experts_s"])])
         last = m[-1]
-        tasks = LayerTasks(exchange_alpha=alpha * (P - 1),
-                           exchange_seconds=beta * max(last["scatter_bytes"], last["gather_bytes"]),
-                           compute_alpha=compute_alpha, compute_seconds=compute_beta * last["rows"])
+        exchanged = max(last["scatter_bytes"], last["gather_bytes"])
+        tasks = LayerTasks(exchange_alpha=alpha * (P - 1), exchange_seconds=beta * exchanged,
+                           compute_alpha=compute_alpha, compute_seconds=compute_beta * last["rows"],
+                           inter_alpha=inter_alpha * (P - 1), inter_seconds=inter_beta * exchanged)
         best = choose_pipeline_degrees(tasks, self.max_degree)
         self.chosen = tuple(d if d != AUTO else b for d, b in zip(self.requested, best))
         measured_fwd = min(s["scatter_s"] + s["experts_s"] + s["gather_s"] for s in m)
         backwards = [s["backward_s"] for s in m if s["backward_s"] > 0]
         self.tuning = {"tasks": tasks, "exchange_alpha_per_message": alpha, "exchange_beta_per_byte": beta,
+                       "inter_alpha_per_message": inter_alpha, "inter_beta_per_byte": inter_beta,
                        "predicted": predict_layer(tasks, *self.chosen), "predicted_unpipelined": predict_layer(tasks, 1, 1),
                        "measured_unpipelined": {"forward": measured_fwd,
                                                 "total": measured_fwd + min(backwards) if backwards else None}}
@@ -139,14 +154,18 @@ class DegreeTuner:
         measured = t["measured_unpipelined"]
         step = (f"{measured['total'] * ms:.3f} ms (forward {measured['forward'] * ms:.3f})" if measured["total"]
                 else f"forward {measured['forward'] * ms:.3f} ms")
-        beta = t["exchange_beta_per_byte"]
-        bandwidth = f"{1e-9 / beta:.3g} GB/s" if beta > 0 else "bandwidth unmeasurable (latency-bound)"
+        def link(alpha, beta):
+            bandwidth = f"{1e-9 / beta:.3g} GB/s" if beta > 0 else "bandwidth unmeasurable (latency-bound)"
+            return f"α {alpha * 1e6:.1f} µs/message, {bandwidth}"
+        exchange = link(t["exchange_alpha_per_message"], t["exchange_beta_per_byte"])
+        if t["tasks"].inter_alpha or t["tasks"].inter_seconds:          # hierarchical: the two levels apart
+            exchange = (f"intra-node {exchange}; inter-node "
+                        f"{link(t['inter_alpha_per_message'], t['inter_beta_per_byte'])}")
         alternative = (f", {t['predicted_unpipelined']['total'] * ms:.3f} ms at 1/1" if (D_f, D_b) != (1, 1) else "")
         return (f"auto pipeline degrees, {self.label}: forward {D_f}, backward {D_b} | exchange + experts per step: "
                 f"predicted {t['predicted']['total'] * ms:.3f} ms at {D_f}/{D_b}{alternative}; "
-                f"measured at 1/1: {step} | exchange α {t['exchange_alpha_per_message'] * 1e6:.1f} µs/message, "
-                f"{bandwidth}; experts α {t['tasks'].compute_alpha * 1e6:.1f} µs/call, "
-                f"{t['tasks'].compute_seconds * ms:.3f} ms for all rows")
+                f"measured at 1/1: {step} | exchange {exchange}; experts α {t['tasks'].compute_alpha * 1e6:.1f} "
+                f"µs/call, {t['tasks'].compute_seconds * ms:.3f} ms for all rows")
 
 
 def _timed_exchange(runner, experts, buffer, counts, backend) -> tuple[torch.Tensor, list[float]]:
@@ -154,11 +173,16 @@ def _timed_exchange(runner, experts, buffer, counts, backend) -> tuple[torch.Ten
     comm, exchange, device = runner.layout.expert, runner.exchange, buffer.device
     P, width, me = comm.size, buffer.shape[1], comm.rank
     plan = exchange_counts(counts, runner.num_local_experts, comm)     # (also lines the ranks up for the clock)
+    def inter_node_seconds():                   # a hierarchical exchange's second phase, 0 for a flat one
+        return getattr(exchange, "last_phase_seconds", (0.0, 0.0))[1]
+
     start = wall_clock(device)
     exchange.alltoallv(buffer.new_zeros((P, width)), [1] * P, [1] * P)   # probe: one row to every rank
     probe = wall_clock(device)
+    probe_inter = inter_node_seconds()
     received = exchange_rows(buffer, plan.send_rows, plan.recv_rows, exchange)
     scattered = wall_clock(device)
+    scatter_inter = inter_node_seconds()
     expert_rows = regroup_by_expert(received, plan.recv_counts)
     local_counts = plan.local_expert_counts.to(counts.device)
     rows, small_counts = chunk_rows(local_counts, SMALL_CALL)
@@ -172,11 +196,13 @@ def _timed_exchange(runner, experts, buffer, counts, backend) -> tuple[torch.Ten
     begin_gather = wall_clock(device)
     out = exchange_rows(returned, plan.recv_rows, plan.send_rows, exchange)
     gathered = wall_clock(device)
+    gather_inter = inter_node_seconds()
     row_bytes = width * buffer.element_size()
     sample = [probe - start, (P - 1) * row_bytes,
               scattered - probe, (sum(plan.send_rows) - plan.send_rows[me]) * row_bytes,
               gathered - begin_gather, (sum(plan.recv_rows) - plan.recv_rows[me]) * width * returned.element_size(),
-              float(len(rows[0])), small - begin, float(expert_rows.shape[0]), computed - small, 0.0]
+              float(len(rows[0])), small - begin, float(expert_rows.shape[0]), computed - small,
+              probe_inter, scatter_inter, gather_inter, 0.0]
     return out, sample
 
 

@@ -253,16 +253,26 @@ def choose_shadowing(shape: MoEShape, layout: Layout, hw: Hardware) -> int:
 # One pipelined layer, FSMoE's way: every task α + β·n per chunk
 # ----------------------------------------------------------------------------------------------------
 def overlapped_pass(degree: int, exchange_alpha: float, exchange_seconds: float,
-                    compute_alpha: float, compute_seconds: float) -> float:
+                    compute_alpha: float, compute_seconds: float, inter_alpha: float = 0.0,
+                    inter_seconds: float = 0.0) -> float:
     """One pass of the layer in ``degree`` chunks: scatter (s1), experts (s2), gather (s3) per chunk,
 
         s1 = s3 = α_a + β_a·B / D,   s2 = α_c + β_c·rows / D,   time = s1 + s2 + s3 + (D − 1)·max(s1 + s3, s2)
 
     (the first chunk fills the pipeline, then the slower of "two exchanges" and "compute" sets the pace).
-    ``exchange_seconds`` = β_a·B and ``compute_seconds`` = β_c·rows of the whole, unchunked layer."""
+    ``exchange_seconds`` = β_a·B and ``compute_seconds`` = β_c·rows of the whole, unchunked layer.
+
+    A hierarchical exchange co-scheduled with the compute (pipeline.py, hierarchical.py) has two links:
+    ``exchange_*`` is then its intra-node phase and ``inter_*`` its inter-node phase, s_o = α_o + β_o·B / D
+    per chunk, each phase on its own lane:
+
+        time = 2·(s1 + s_o) + s2 + (D − 1)·max(2·s1, 2·s_o, s2)
+
+    which is the formula above when s_o = 0 (a flat exchange, or a hierarchical one measured as one task)."""
     s1 = exchange_alpha + exchange_seconds / degree
+    s_o = (inter_alpha + inter_seconds / degree) if (inter_alpha or inter_seconds) else 0.0
     s2 = compute_alpha + compute_seconds / degree
-    return 2 * s1 + s2 + (degree - 1) * max(2 * s1, s2)
+    return 2 * (s1 + s_o) + s2 + (degree - 1) * max(2 * s1, 2 * s_o, s2)
 
 
 @dataclass(frozen=True)
@@ -272,15 +282,18 @@ class LayerTasks:
     exchange_seconds: float              # β·B: the size-dependent part of one whole scatter (or gather)
     compute_alpha: float                 # seconds of one expert call, whatever its rows (launches, Python)
     compute_seconds: float               # β_c·rows: the size-dependent part of the experts' whole forward
+    inter_alpha: float = 0.0             # hierarchical exchange: its inter-node phase's α (exchange_*: the
+    inter_seconds: float = 0.0           # intra-node phase's) and β·B, measured apart
 
 
 def predict_layer(tasks: LayerTasks, forward_degree: int, backward_degree: int) -> dict[str, float]:
     """Seconds of the layer's exchange + experts: forward (D_f chunks), backward (D_b chunks, twice the
     compute per row: input and weight gradients), total."""
     t = tasks
-    forward = overlapped_pass(forward_degree, t.exchange_alpha, t.exchange_seconds, t.compute_alpha, t.compute_seconds)
+    forward = overlapped_pass(forward_degree, t.exchange_alpha, t.exchange_seconds, t.compute_alpha, t.compute_seconds,
+                              t.inter_alpha, t.inter_seconds)
     backward = overlapped_pass(backward_degree, t.exchange_alpha, t.exchange_seconds, t.compute_alpha,
-                               2 * t.compute_seconds)
+                               2 * t.compute_seconds, t.inter_alpha, t.inter_seconds)
     return {"forward": forward, "backward": backward, "total": forward + backward}
 
 

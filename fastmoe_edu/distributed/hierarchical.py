@@ -39,6 +39,7 @@ import torch
 
 from .communicator import Communicator
 from .exchange import _expert_major_source_rows
+from .stats import wall_clock
 
 
 class HierarchicalExchange:
@@ -57,10 +58,17 @@ class HierarchicalExchange:
         self.intra = comm.split(color=self.node, key=self.local, name=f"{comm.name}_intra_node")
         self.inter = comm.split(color=self.local, key=self.node, name=f"{comm.name}_inter_node")
         self.messages = {"intra_node": 0, "inter_node": 0}
+        self.last_phase_seconds = (0.0, 0.0)            # (intra-node, inter-node) of the last blocking exchange
 
     def alltoallv(self, rows: torch.Tensor, send_rows: list[int], recv_rows: list[int]) -> torch.Tensor:
-        """Same contract as ``Communicator.alltoallv``: ``send_rows[p]`` rows to rank p, result in source order."""
-        return self.ialltoallv(rows, send_rows, recv_rows, blocking=True).wait()
+        """Same contract as ``Communicator.alltoallv``: ``send_rows[p]`` rows to rank p, result in source order.
+        Keeps the seconds of its two phases in ``last_phase_seconds`` (autotune.py fits each level apart)."""
+        start = wall_clock(rows.device)
+        pending = self.ialltoallv(rows, send_rows, recv_rows, blocking=True)          # phase 1 (and the counts)
+        middle = wall_clock(rows.device)
+        result = pending.wait()                                                       # phase 2
+        self.last_phase_seconds = (middle - start, wall_clock(rows.device) - middle)
+        return result
 
     def ialltoallv(self, rows: torch.Tensor, send_rows: list[int], recv_rows: list[int],
                    blocking: bool = False) -> "PendingTwoPhase":
