@@ -86,7 +86,7 @@ def test_bench_gradient_partitioning_prints_with_and_without():
 @pytest.mark.slow
 def test_bench_schedule_and_shadowing_print_predicted_and_measured():
     out = run_script("bench_schedule.py", "--ranks", "2", "--tokens", "256", "--degrees", "1", "2", "--repeats", "1")
-    assert "| D_f | D_b | predicted (ms) | measured (ms) |" in out and "auto's choice" in out and "regret" in out
+    assert "| D_f | D_b | predicted (ms) | measured (ms) |" in out and "the cost model's choice" in out and "regret" in out
     assert out.count("\n| 1 | ") == 2 and out.count("\n| 2 | ") == 2            # every pair of degrees ran
     out = run_script("bench_shadowing.py", "--ranks", "2", "--skew", "4", "--repeats", "1", "--tokens", "512")
     assert "latency model (ms)" in out and "| 4 | " in out and "| off |" in out and "| on |" in out

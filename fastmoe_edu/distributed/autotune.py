@@ -15,7 +15,10 @@ layer, with nothing to calibrate beforehand:
                         -> fit α, β (cost_model.fit_alpha_beta, fit_task) ->
                         choose_pipeline_degrees -> (D_f, D_b), powers of 2 up to MAX_DEGREE;
                         world rank 0 prints the choice, predicted and measured times, once
-    passes K+1 ..       the chosen degrees (pipeline.py)
+    passes K+1, K+2     a pipelined choice runs, the second pass timed (forward and backward)
+    pass K+3            all-reduce (max) that time; slower than the unpipelined passes' -> the "auto"
+                        degrees go back to 1 (world rank 0 says so): measured, not assumed
+    passes K+3 ..       the chosen degrees (pipeline.py)
 
 Every rank makes the same choice because it decides from the same all-reduced numbers with the same
 code; the record is ``runner.chosen_degrees`` and ``runner.tuning`` (the fitted tasks and the times).
@@ -69,24 +72,32 @@ class DegreeTuner:
         self._backward_start: float | None = None
         self._device = torch.device("cpu")
         self.runner_exchange = None                     # the layer's exchange (flat or hierarchical), from run()
+        self._check = None                              # after a pipelined choice: "warm", "verify", "judge"
+        self._checked = [0.0, 0.0]                      # the verifying pass: forward, backward seconds
 
-    def next_pass(self) -> tuple[bool, bool] | None:
-        """None once chosen; else whether this profiling pass measures and decides. A recomputation
-        (activation checkpointing) repeats its original pass's path."""
+    def next_pass(self) -> tuple[bool, bool] | str | None:
+        """None once chosen; else whether this profiling pass measures and decides, or "warm" / "verify" /
+        "judge" (the check of a pipelined choice). A recomputation (activation checkpointing) repeats its
+        original pass's path."""
         stash = active_stash()
         if stash is not None and stash.replaying:
             return self._last
-        if self.chosen is not None:
-            self._last = None
-        else:
+        if self.chosen is None:
             self.passes += 1
             self._last = (self.passes > 1, self.passes >= self.profile_passes)
+        elif self._check is not None:
+            self._last, self._check = self._check, {"warm": "verify", "verify": "judge", "judge": None}[self._check]
+        else:
+            self._last = None
         return self._last
 
-    def run(self, plan: tuple[bool, bool], runner, experts, buffer, counts, backend) -> torch.Tensor:
-        """One profiling pass: the unpipelined layer, timed; after the last one, the choice."""
-        measure, decide = plan
+    def run(self, plan: tuple[bool, bool] | str, runner, experts, buffer, counts, backend) -> torch.Tensor:
+        """One profiling pass: the unpipelined layer, timed; after the last one, the choice. Then, for a
+        pipelined choice, one pass with it, timed ("verify"), and at the next pass the check ("judge")."""
         recording = not (active_stash() is not None and active_stash().replaying)
+        if plan in ("warm", "verify", "judge"):
+            return self._check_choice(plan, recording, runner, experts, buffer, counts, backend)
+        measure, decide = plan
         timed_backward = recording and measure and torch.is_grad_enabled() and buffer.requires_grad
         self._device, self.runner_exchange = buffer.device, runner.exchange
         if timed_backward:                                             # the backward of this layer ends here ...
@@ -137,15 +148,65 @@ class DegreeTuner:
                            inter_alpha=inter_alpha * (P - 1), inter_seconds=inter_beta * exchanged)
         best = choose_pipeline_degrees(tasks, self.max_degree)
         self.chosen = tuple(d if d != AUTO else b for d, b in zip(self.requested, best))
+        if self.chosen != tuple(d if d != AUTO else 1 for d in self.requested):   # pipelining chosen: check it
+            self._check = "warm"
         measured_fwd = min(s["scatter_s"] + s["experts_s"] + s["gather_s"] for s in m)
         backwards = [s["backward_s"] for s in m if s["backward_s"] > 0]
         self.tuning = {"tasks": tasks, "exchange_alpha_per_message": alpha, "exchange_beta_per_byte": beta,
                        "inter_alpha_per_message": inter_alpha, "inter_beta_per_byte": inter_beta,
                        "predicted": predict_layer(tasks, *self.chosen), "predicted_unpipelined": predict_layer(tasks, 1, 1),
                        "measured_unpipelined": {"forward": measured_fwd,
-                                                "total": measured_fwd + min(backwards) if backwards else None}}
+                                                "total": measured_fwd + min(backwards) if backwards else None},
+                       "model_choice": self.chosen}
         if self.layout.world.rank == 0:
             tqdm.write(self.describe())                # (a line of its own under the training progress bar)
+
+    def _check_choice(self, plan: str, recording: bool, runner, experts, buffer, counts, backend) -> torch.Tensor:
+        """Measured, not assumed: the chosen degrees run a pass ("warm": first-call costs), then one timed
+        ("verify"); at the next pass
+        ("judge") the slowest rank's time is compared with the unpipelined passes' and, if it is slower,
+        the "auto" degrees go back to 1 — the cost model cannot see what it does not contain (the chunks'
+        own overheads, an MPI without asynchronous progress), and the measurement can."""
+        if plan == "judge":
+            self._judge(record=recording)
+        if plan != "verify":                         # "warm": the chosen degrees' first pass, not timed
+            return runner._exchange_and_run(experts, buffer, counts, backend)
+        timed_backward = recording and torch.is_grad_enabled() and buffer.requires_grad
+        if timed_backward:
+            buffer = _Noted.apply(buffer, self._note_checked_backward_end)
+        start = wall_clock(buffer.device)
+        out = runner._exchange_and_run(experts, buffer, counts, backend)           # with the chosen degrees
+        if recording:
+            self._checked = [wall_clock(buffer.device) - start, 0.0]
+        if timed_backward:
+            out = _Noted.apply(out, self._note_checked_backward_start)
+        return out
+
+    def _note_checked_backward_start(self) -> None:
+        self._backward_start = wall_clock(self._device)
+
+    def _note_checked_backward_end(self) -> None:
+        if self._backward_start is not None:
+            self._checked[1] = wall_clock(self._device) - self._backward_start
+        self._backward_start = None
+
+    def _judge(self, record: bool) -> None:
+        worst = self.layout.world.allreduce_(torch.tensor(self._checked, dtype=torch.float64), op="max",
+                                             purpose="allreduce_pipeline_check")
+        if not record:                              # a recomputation: the collective only, judged already
+            return
+        forward, backward = worst.tolist()
+        unpipelined = self.tuning["measured_unpipelined"]
+        both = backward > 0 and unpipelined["total"]
+        measured, before = (forward + backward, unpipelined["total"]) if both else (forward, unpipelined["forward"])
+        self.tuning["measured_chosen"] = measured
+        if measured > before:
+            chosen = self.chosen
+            self.chosen = tuple(d if d != AUTO else 1 for d in self.requested)
+            if self.layout.world.rank == 0:
+                tqdm.write(f"auto pipeline degrees, {self.label} checked: {chosen[0]}/{chosen[1]} measured "
+                           f"{measured * 1e3:.3f} ms, slower than {before * 1e3:.3f} ms unpipelined: "
+                           f"running {self.chosen[0]}/{self.chosen[1]}")
 
     def describe(self) -> str:
         """The one log line of the choice (after it is made)."""
