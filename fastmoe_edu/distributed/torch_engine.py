@@ -158,7 +158,18 @@ def torch_world(device_type: str = "cpu", timeout_s: float = 300) -> TorchCommun
 
 
 def _shut_down() -> None:
+    """At a normal exit: wait until every rank is here, then tear the process group down. Tearing it down
+    while a peer is still using its connections can abort gloo ("terminate called without an active
+    exception", seen once in CI); a rank that failed never gets here (failure.py ends it with os._exit),
+    and the barrier's own bound keeps a lost peer from holding the exit for long."""
     if dist.is_initialized():
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=timedelta(seconds=60))
+            else:
+                dist.barrier()
+        except RuntimeError:                     # a peer is gone: nothing left to wait for
+            pass
         dist.destroy_process_group()
 
 
