@@ -42,7 +42,7 @@ PY_SOURCES = sorted(TUTORIAL.glob("[0-9][0-9]_*.py"))
 NAMES = [p.stem for p in PY_SOURCES]
 
 KERNEL_NAME = "python3"
-# A whole notebook runs in 8-20 s under QUICK here (its longest cell a few seconds). A known nbclient /
+# A whole notebook runs in 5-35 s under QUICK here (its longest cell a few seconds). A known nbclient /
 # ipywidgets race (the kernel's "idle" status overtaking its execute_reply after a widget cell,
 # jupyter/nbclient#312) leaves nbclient waiting for a reply that already came: seen in 01 and 03, up to
 # twice in one run, each time waiting out the whole cell timeout. So: a cell timeout far above any
@@ -51,8 +51,8 @@ CELL_TIMEOUT_S = 60
 ATTEMPTS = 3
 # Wall-clock bound per notebook, retries included. Why: a hung kernel or a race that trips on every
 # attempt must cost a bounded, small part of the suite's run, not CI's whole budget. 240 s holds a
-# normal run (8-20 s) plus two races at 60 s each with room to spare; four notebooks stay under
-# 16 minutes even in the worst case. No new attempt starts when less than one cell timeout is left,
+# normal run (5-35 s) plus two races at 60 s each with room to spare, so each notebook costs at most
+# 4 minutes even in the worst case. No new attempt starts when less than one cell timeout is left,
 # and pytest-timeout ends the test a little later if a kernel does not answer at all.
 NOTEBOOK_WALL_CLOCK_S = 240
 # Text the checks cell prints as its last act when every check passed.
