@@ -15,7 +15,9 @@ step by step (so drift on a shared machine hits them alike):
 
 Per setting, rank 0 prints the median over the timed steps of: the backward, ``reduce_gradients``
 (the exposed all-reduce: the time the optimizer waits for it) and the whole step, each the slowest
-rank's; ratios are setting ÷ off.
+rank's; ratios are setting ÷ off. Beside the exposed time, the cost model's prediction of it from the
+a, b (one piece's all-reduce, t = a + b·B) and W (an expert backward's idle window) that the "cost model"
+setting measured at start-up: max(t_last, Σ t_i − (L − 1)·W) for L MoE layers; "off": a + b·(all bytes).
 """
 from __future__ import annotations
 
@@ -77,11 +79,22 @@ def worker(output: str, args) -> None:
             run["optimizer"].step()
             if step >= args.warmup:
                 run["times"].append([backward_done - start, reduced - backward_done, time.perf_counter() - start])
+    # The cost model's prediction of the exposed all-reduce, from the a, b, W the "cost model" setting measured:
+    # piece i costs t_i = a + b·B_i; the L − 1 expert-backward windows after the first pieces hide up to
+    # (L − 1)·W of them, the last piece (the embeddings') is always exposed; "off" is one all-reduce after it all.
+    costs = runs[1]["rt"].gradient_pieces.costs
+    moe_layers = len(runs[0]["model"].moe_layers())
+    for run in runs:
+        pieces = ([sum(p.numel() * p.element_size() for p in piece) for piece in run["rt"].gradient_pieces.pieces]
+                  if run["rt"].gradient_pieces else [replicated_bytes])
+        seconds = [costs["a"] + costs["b"] * size for size in pieces]
+        run["predicted_ms"] = 1e3 * (seconds[0] if len(seconds) == 1 else
+                                     max(seconds[-1], sum(seconds) - (moe_layers - 1) * costs["window"]))
     results = []
     for run in runs:                                          # the slowest rank's time of each step
         worst = run["rt"].layout.world.allreduce_(torch.tensor(run["times"], dtype=torch.float64), op="max")
         columns = list(zip(*worst.tolist()))
-        results.append({"name": run["name"], "pieces": run["pieces"],
+        results.append({"name": run["name"], "pieces": run["pieces"], "predicted_ms": run["predicted_ms"],
                         "describe": run["rt"].gradient_pieces.describe() if run["rt"].gradient_pieces else "",
                         **{key: 1e3 * statistics.median(column)
                            for key, column in zip(("forward_backward_ms", "exposed_ms", "step_ms"), columns)}})
@@ -126,14 +139,15 @@ def main() -> None:
         if r["describe"]:
             print(f"  {r['name']}: {r['describe']}")
     off = results[0]
-    print("| setting | pieces | forward + backward (ms) | exposed all-reduce: reduce_gradients (ms) | step (ms) |")
-    print("|---|---:|---:|---:|---:|")
+    print("| setting | pieces | forward + backward (ms) | exposed all-reduce: reduce_gradients (ms) "
+          "| predicted exposed (ms) | step (ms) |")
+    print("|---|---:|---:|---:|---:|---:|")
     for r in results:
         ratio = ("" if r is off else
                  f" ({r['exposed_ms'] / off['exposed_ms']:.2f}×)" if off["exposed_ms"] > 0 else "")
         step_ratio = "" if r is off else f" ({r['step_ms'] / off['step_ms']:.2f}×)"
         print(f"| {r['name']} | {r['pieces']} | {r['forward_backward_ms']:.1f} | {r['exposed_ms']:.2f}{ratio} "
-              f"| {r['step_ms']:.1f}{step_ratio} |")
+              f"| {r['predicted_ms']:.2f} | {r['step_ms']:.1f}{step_ratio} |")
 
 
 if __name__ == "__main__":

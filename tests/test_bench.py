@@ -79,7 +79,7 @@ def test_bench_gradient_partitioning_prints_with_and_without():
     out = run_script("bench_gradient_partitioning.py", "--ranks", "2", "--steps", "1", "--warmup", "0", "--n-layer", "1",
                      "--d-model", "32", "--n-head", "2", "--seq-len", "16", "--sequences-per-rank", "2", "--piece-kb", "1")
     assert "| off | 1 |" in out and "| cost model |" in out and "| 1 kB |" in out
-    assert "exposed all-reduce" in out and "gradient partitioning: " in out
+    assert "exposed all-reduce" in out and "predicted exposed" in out and "gradient partitioning: " in out
 
 
 @pytest.mark.mpi
