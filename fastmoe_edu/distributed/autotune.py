@@ -179,11 +179,8 @@ class DegreeTuner:
         if recording:
             self._checked = [wall_clock(buffer.device) - start, 0.0]
         if timed_backward:
-            out = _Noted.apply(out, self._note_checked_backward_start)
+            out = _Noted.apply(out, self._note_backward_start)
         return out
-
-    def _note_checked_backward_start(self) -> None:
-        self._backward_start = wall_clock(self._device)
 
     def _note_checked_backward_end(self) -> None:
         if self._backward_start is not None:
