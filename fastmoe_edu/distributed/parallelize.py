@@ -55,8 +55,8 @@ def parallelize(model: nn.Module, layout: ParallelLayout, exchange: str = "auto"
         expert_tensor_parallel: split every expert's hidden units over the tensor group (TED;
             expert_tensor_parallel.py).
         shadow_experts: FasterMoE's dynamic shadowing of popular experts (shadowing.py): 0 = off, N = the
-            N most loaded each step, ``"auto"`` = those whose travelling rows cost more than
-            ``shadow_cost_ratio`` × their weights.
+            N most loaded each step, ``"auto"`` = FasterMoE's greedy choice on a latency model whose
+            bandwidth and GEMM rate are measured here (``shadow_cost_ratio`` scales the weights' cost).
         pipeline_degree: FasterMoE/FSMoE overlap of the exchange with the experts, D_f chunks forward;
             ``"auto"``: measured during the first passes of each layer and chosen (autotune.py).
         backward_pipeline_degree: D_b chunks backward (an int or ``"auto"``); None = as pipeline_degree.
@@ -83,6 +83,7 @@ def parallelize(model: nn.Module, layout: ParallelLayout, exchange: str = "auto"
             raise ValueError(f"{layer} is already expert-parallel")
     make_tensor_parallel(model, layout)
     method = "hierarchical" if ranks_per_node is not None else ("alltoallv" if exchange == "auto" else exchange)
+    shadow_rates = {}                                                        # expert kind -> measured rates
     for index, layer in enumerate(layers):
         runner = ExpertParallel(layout, layer.num_experts, method, drop_duplicate_tokens, pipeline_degree,
                                 ranks_per_node, drop_duplicate_at, expert_tensor_parallel, shadow_experts,
@@ -92,9 +93,14 @@ def parallelize(model: nn.Module, layout: ParallelLayout, exchange: str = "auto"
         if runner.expert_tensor_parallel:                                       # my hidden units of each
             shard_experts(layer.experts, layout.tensor.rank, layout.tp_size)
         layer.expert_runner = runner
-        if runner.shadow_experts == "auto":                                    # FasterMoE's latency model:
-            runner.shadow_rates = measure_rates(layout.expert, layer.experts,   # β, γ measured here
-                                                get_backend(layer.backend_name, layer.experts.w1.device).grouped_matmul)
+        if runner.shadow_experts == "auto":        # FasterMoE's latency model: β, γ measured here, once per
+            experts = layer.experts                  # kind of expert (the layers of a model share one)
+            kind = (tuple(experts.w1.shape), experts.w1.dtype, experts.w1.device, experts.kind, experts.b1 is not None,
+                    layer.backend_name)
+            if kind not in shadow_rates:
+                shadow_rates[kind] = measure_rates(layout.expert, experts,
+                                                   get_backend(layer.backend_name, experts.w1.device).grouped_matmul)
+            runner.shadow_rates = shadow_rates[kind]
         layer.reduce = SumOverRanks(layout.data)
     if hasattr(model, "recompute_contexts"):               # a language model: recomputed blocks replay
         model.recompute_contexts = stash_contexts           # their collectives (activation checkpointing)

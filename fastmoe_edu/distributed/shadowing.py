@@ -21,7 +21,7 @@ its weight count) and B_e its weight bytes, the model of one step of the layer i
 where a rank computes its own rows for the experts in S and, for its own experts outside S, every
 rank's rows; rows of experts in S never travel; the last term is the broadcast of the weights (B_e)
 and the all-reduce of their gradients (≈ 2 B_e). β (seconds per byte of the exchange) and γ
-(seconds per flop of the experts' GEMMs) are **measured** once per layer when it is made parallel
+(seconds per flop of the experts' GEMMs) are **measured** when the layer is made parallel (once per kind of expert)
 (:func:`measure_rates`: a timed all-to-all and a timed expert call, the slowest rank's figures).
 Experts are tried most loaded first; each is kept while it lowers T, at most ``max_shadowed``;
 ``ratio`` is ``shadow_cost_ratio`` (1; larger shadows less). ``shadow_experts=N`` shadows the N most
@@ -50,7 +50,7 @@ def check_shadow_experts(shadow_experts) -> None:
                                      and shadow_experts >= 0)
     if not ok:
         raise ValueError(f"shadow_experts={shadow_experts!r} is not allowed; allowed: 0 (off), an integer N >= 1 "
-                         f"(the N most loaded experts) or 'auto' (the cost rule)")
+                         f"(the N most loaded experts) or 'auto' (FasterMoE's greedy policy)")
 
 
 @dataclass(frozen=True)
