@@ -12,8 +12,13 @@ In one process, with the same weights: transformers' ``MixtralSparseMoeBlock`` i
     default   T 2048 tokens, d 64, h 128, E 8, k 2          (fastmoe_edu's default model's MoE layer)
 
 Printed per layer: each implementation's median forward + backward time, ÷ HF's fastest, and the
-expert-GEMM FLOP rate ÷ the rate one large ``torch.mm`` reaches here (the GEMM peak). Then the
-training tokens/s of a small HF Mixtral language model (2 layers, d 64) before and after ``moefy``.
+expert-GEMM FLOP rate ÷ the rate one large ``torch.mm`` reaches here (the GEMM peak); last, the same
+expert products timed alone (torch.mm, each expert's row count as routed): no layer that runs its
+experts on torch's GEMMs can beat HF's fastest by more than HF's time ÷ that. Then the training
+tokens/s of a small HF Mixtral language model (2 layers, d 64) before and after ``moefy``.
+
+The HF blocks are initialized as Mixtral initializes them (normal, std 0.02): a block built on its own
+is not, and timing uninitialized weights (garbage such as 1e36 and denormals) measures the garbage.
 """
 from __future__ import annotations
 
@@ -49,23 +54,36 @@ def hf_block(d: int, h: int, experts: int, top_k: int, implementation: str, devi
     config = MixtralConfig(hidden_size=d, intermediate_size=h, num_local_experts=experts, num_experts_per_tok=top_k,
                            router_jitter_noise=0.0, experts_implementation=implementation)
     torch.manual_seed(0)
-    return MixtralSparseMoeBlock(config).to(device)
+    block = MixtralSparseMoeBlock(config)
+    # A block built on its own is not initialized (transformers initializes whole models in post_init):
+    # its weights would be whatever was in memory, and garbage such as denormals or 1e36 changes the
+    # speed of every product. Mixtral's own initialization: normal, std = initializer_range.
+    with torch.no_grad():
+        for param in block.parameters():
+            param.normal_(0.0, config.initializer_range)
+    return block.to(device)
 
 
 def median_seconds(step, repeats: int) -> float:
-    step()                                                          # warm-up (numba compiles here)
+    """Median wall time of ``step`` after one warm-up call (numba compiles there); on a GPU each
+    timed call ends when the device has finished its work, not when it was queued."""
+    wait = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
+    step()
+    wait()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
+        wait()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def gemm_peak(device: str, size: int = 2048) -> float:
+def gemm_peak(device: str, size: int = 2048, repeats: int = 10) -> float:
+    """The GEMM peak: the best FLOP rate of ``repeats`` size³ torch.mm calls (the best, not the median:
+    a peak is what the machine can do, and on a shared 2-core machine the median moves by 20 %)."""
     a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    seconds = median_seconds(lambda: torch.mm(a, b), 3)
-    return 2 * size ** 3 / seconds
+    return 2 * size ** 3 / min(median_seconds(lambda: torch.mm(a, b), 1) for _ in range(repeats))
 
 
 def layer_table(name: str, shape: dict, tokens: int, repeats: int, device: str, peak: float) -> list[str]:
@@ -91,11 +109,37 @@ def layer_table(name: str, shape: dict, tokens: int, repeats: int, device: str, 
             (layer(x) * upstream).sum().backward()
         rows[f"moefy [{backend}]"] = median_seconds(step, repeats)
     fastest_hf = min(v for key, v in rows.items() if key.startswith("HF"))
+    floor = expert_gemms_alone(layer.last_routing.tokens_per_expert.tolist(), d, h, repeats, device)
     lines = [f"{name}: T={T} d={d} h={h} E={E} k={k} SwiGLU, forward + backward",
              "| implementation | time (ms) | HF's fastest ÷ this | expert-GEMM rate ÷ GEMM peak |", "|---|---:|---:|---:|"]
     for key, seconds in rows.items():
         lines.append(f"| {key} | {seconds * 1e3:,.1f} | {fastest_hf / seconds:.2f}× | {flops / seconds / peak:.2f} |")
+    lines.append(f"| the expert GEMMs alone (torch.mm, same shapes) | {floor * 1e3:,.1f} | {fastest_hf / floor:.2f}× | "
+                 f"{flops / floor / peak:.2f} |")
+    lines.append(f"(no layer whose experts run on torch's GEMMs can beat HF's fastest by more than "
+                 f"{fastest_hf / floor:.2f}× here: that is the GEMMs with nothing else)")
     return lines
+
+
+def expert_gemms_alone(counts: list[int], d: int, h: int, repeats: int, device: str) -> float:
+    """Seconds of the nine matrix products of a SwiGLU expert layer, forward + backward, with each
+    expert's row count ``counts[e]`` and nothing else: x·W1ᵀ, x·W3ᵀ, h·W2ᵀ; then g·W2, gᵀ·h (W2's
+    gradient) and g·W, gᵀ·x for W1 and W3. A floor for any layer that runs its experts on torch.mm."""
+    products = []
+    for n in counts:
+        if n == 0:
+            continue
+        x, hidden = torch.randn(n, d, device=device), torch.randn(n, h, device=device)
+        grad_out, grad_hidden = torch.randn(n, d, device=device), torch.randn(n, h, device=device)
+        w_in, w_out = torch.randn(h, d, device=device), torch.randn(d, h, device=device)
+        products += [(x, w_in.t()), (x, w_in.t()), (hidden, w_out.t()),             # forward
+                     (grad_out, w_out), (grad_out.t(), hidden),                     # W2: grad h, grad W2
+                     (grad_hidden, w_in), (grad_hidden.t(), x)] + [(grad_hidden, w_in), (grad_hidden.t(), x)]
+
+    def run():
+        for a, b in products:
+            torch.mm(a, b)
+    return median_seconds(run, repeats)
 
 
 def training_tokens_per_second(steps: int, moefied: bool, device: str) -> float:
@@ -135,7 +179,7 @@ def main() -> None:
     peak = gemm_peak(args.device)
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
           f"transformers {transformers.__version__}, device {args.device}, {time.strftime('%Y-%m-%d')}; "
-          f"GEMM peak (2048³ torch.mm) {peak / 1e9:.1f} GFLOP/s")
+          f"GEMM peak (best 2048³ torch.mm) {peak / 1e9:.1f} GFLOP/s")
     for name, shape in LAYERS.items():
         print()
         print("\n".join(layer_table(name, shape, args.tokens or shape["tokens"], args.repeats, args.device, peak)))
