@@ -31,7 +31,9 @@ The row exchange comes in two versions with identical results (the tests check i
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import math
 from abc import ABC, abstractmethod
 
@@ -162,14 +164,12 @@ class Communicator(ABC):
         """
         if op not in REDUCE_OPS:
             raise ValueError(f"op={op!r} is not a known reduction; allowed: {', '.join(REDUCE_OPS)}")
-        if tensor.dtype in (torch.float16, torch.bfloat16):
-            raise TypeError(f"all-reduce {tensor.dtype} tensors in float32 (cast first): the sum must not round")
+        _check_full_precision(tensor)
         if self.size > 1:
             staged = self._stage(tensor)
             with self.stats.measure(f"{self.name}/{purpose}", staged.numel() * staged.element_size()):
                 self._complete(self._start_allreduce(staged, op), f"{purpose} ({op})")
-            if staged.data_ptr() != tensor.data_ptr():            # a host copy or a contiguous copy
-                tensor.copy_(staged)
+            _unstage(staged, tensor)
         if average:
             tensor /= self.size
         return tensor
@@ -186,8 +186,7 @@ class Communicator(ABC):
         checkpointing replays only the collectives of a block's forward pass; the gradient pieces are
         posted from backward hooks, which run outside any recomputation (recompute.py).
         """
-        if tensor.dtype in (torch.float16, torch.bfloat16):
-            raise TypeError(f"all-reduce {tensor.dtype} tensors in float32 (cast first): the sum must not round")
+        _check_full_precision(tensor)
         return PendingAllreduce(self, tensor, purpose)
 
     def broadcast_(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
@@ -197,8 +196,7 @@ class Communicator(ABC):
             sent = staged.numel() * staged.element_size() * (self.size - 1) if self.rank == root else 0
             with self.stats.measure(f"{self.name}/bcast", sent):
                 self._complete(self._start_broadcast(staged, root), f"broadcast from rank {root}")
-            if staged.data_ptr() != tensor.data_ptr():
-                tensor.copy_(staged)
+            _unstage(staged, tensor)
         return tensor
 
     @replayable
@@ -340,10 +338,8 @@ class PendingExchange:
         Waiting again returns the same rows (a recomputed block replays its exchanges, recompute.py)."""
         if self.result is not None:
             return self.result
-        if self.timed_wait:
-            with self.comm.stats.measure(f"{self.comm.name}/wait", 0):
-                self.comm._complete(self.request, "all-to-all-v")
-        else:
+        timing = self.comm.stats.measure(f"{self.comm.name}/wait", 0) if self.timed_wait else contextlib.nullcontext()
+        with timing:
             self.comm._complete(self.request, "all-to-all-v")
         self.result = self.received.to(self.device)
         self.send = self.received = self.request = None                          # the engine is done with them
@@ -369,8 +365,7 @@ class PendingAllreduce:
         if self.request is not None:
             with self.comm.stats.measure(f"{self.comm.name}/wait", 0):
                 self.comm._complete(self.request, "all-reduce (non-blocking, sum)")
-            if self.staged.data_ptr() != self.tensor.data_ptr():           # a host copy or a contiguous copy
-                self.tensor.copy_(self.staged)
+            _unstage(self.staged, self.tensor)
             self.request = None
         self.staged = None
         return self.tensor
@@ -378,8 +373,15 @@ class PendingAllreduce:
 
 def _exclusive_prefix_sum(values: list[int]) -> list[int]:
     """[3, 0, 2] -> [0, 3, 3]: where each block starts."""
-    starts, total = [], 0
-    for value in values:
-        starts.append(total)
-        total += value
-    return starts
+    return list(itertools.accumulate(values, initial=0))[:-1]
+
+
+def _check_full_precision(tensor: torch.Tensor) -> None:
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        raise TypeError(f"all-reduce {tensor.dtype} tensors in float32 (cast first): the sum must not round")
+
+
+def _unstage(staged: torch.Tensor, tensor: torch.Tensor) -> None:
+    """Copy a collective's result back into ``tensor`` if the engine worked on a host or contiguous copy."""
+    if staged.data_ptr() != tensor.data_ptr():
+        tensor.copy_(staged)
