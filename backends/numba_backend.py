@@ -191,8 +191,8 @@ def count_tokens_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch
     """count[e] = number of kept (token, slot) pairs routed to expert e."""
     target = _target(expert_ids)
     no_offset = torch.zeros(num_experts, dtype=torch.int64, device=expert_ids.device)
-    _, counts = _chunk_offsets(target, expert_ids.contiguous(), no_offset, False, *_walk_order(expert_ids))
-    return counts
+    # Every start 0: the ends that _chunk_offsets returns second are the counts.
+    return _chunk_offsets(target, expert_ids.contiguous(), no_offset, False, *_walk_order(expert_ids))[1]
 
 
 def exclusive_prefix_sum(counts: torch.Tensor) -> torch.Tensor:

@@ -313,8 +313,7 @@ def best_two_group_scores(selection, token, num_groups, group_scores):
     groups of a single expert). Experts are split into ``num_groups`` equal consecutive groups."""
     group_size = selection.shape[1] // num_groups
     for group in range(num_groups):
-        first = -math.inf
-        second = -math.inf
+        first = second = -math.inf
         for expert in range(group * group_size, (group + 1) * group_size):
             value = selection[token, expert]
             if value > first:
@@ -359,10 +358,8 @@ def sigmoid_top_k_weights(logits, expert_ids, token, route_scale, renormalize, m
         total += score
         largest = max(largest, logit)
     if not renormalize:
-        for slot in range(top_k):
-            weights[token, slot] = weights[token, slot] * route_scale                          # w = σ · scale
-        return
-    if total < min_total:
+        total = 1.0                                                     # not renormalized: w = σ · scale
+    elif total < min_total:
         total = 0.0
         for slot in range(top_k):
             score = math.exp(logits[token, expert_ids[token, slot]] - largest)                # s ∝ e^l

@@ -142,11 +142,6 @@ def read_manifest(out_dir: str | Path) -> dict:
     return manifest
 
 
-def read_manifest_config(out_dir: str | Path) -> dict:
-    """The configuration the checkpoint in ``out_dir`` was trained with (from the manifest, verified later)."""
-    return read_manifest(out_dir).get("config", {})
-
-
 def _verified(out_dir: str | Path, manifest: dict, name: str) -> dict:
     """The file's contents, after checking its presence, hash, readability, step and run."""
     path = Path(out_dir) / manifest["folder"] / name

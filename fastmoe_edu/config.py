@@ -218,10 +218,9 @@ class TrainConfig:
         """Check every value; raise ConfigError naming the key, the value and what is allowed."""
         if self.router == SOFT_MOE:        # not one of the choices; say why rather than just "not allowed"
             raise ConfigError(SOFT_MOE_NOT_CAUSAL)
-        hints = typing.get_type_hints(TrainConfig)
         for f in dataclasses.fields(self):
             value, meta = getattr(self, f.name), f.metadata
-            _check_type(f.name, value, hints[f.name])
+            _check_type(f.name, value, _FIELD_TYPES[f.name])
             if value is None:
                 continue
             if isinstance(value, float) and not math.isfinite(value):
@@ -289,6 +288,9 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+_FIELD_TYPES = typing.get_type_hints(TrainConfig)     # field name -> its declared type (DEGREE, Optional[int], ...)
+
+
 # --------------------------------------------------------------------------------------------------
 # types: converting strings / TOML values into a field's declared type
 # --------------------------------------------------------------------------------------------------
@@ -352,13 +354,13 @@ def _coerce(name: str, value, tp):
             if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
                 return False
             raise ValueError
+        if tp in (int, float) and isinstance(value, bool):           # True is an int to Python, not a number here
+            raise ValueError
         if tp is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
         if tp is float:
-            if isinstance(value, bool):
-                raise ValueError
             return float(value)
         if tp is str:
             if not isinstance(value, str):
@@ -405,7 +407,6 @@ def apply_overrides(cfg: TrainConfig, overrides: dict, source: str = "overrides"
     A key ``router_options.NAME`` sets one entry of the router_options dict; a key ``router_options``
     with a dict value merges into it.
     """
-    hints = typing.get_type_hints(TrainConfig)
     changes = {}
     router_options = dict(cfg.router_options)
     for key, value in overrides.items():
@@ -413,12 +414,12 @@ def apply_overrides(cfg: TrainConfig, overrides: dict, source: str = "overrides"
             option = key.split(".", 1)[1]
             router_options[option] = _parse_literal(value) if isinstance(value, str) else value
             continue
-        if key not in hints:
+        if key not in _FIELD_TYPES:
             raise _unknown_key(key, source)
         if key == "router_options":
             router_options.update(_coerce(key, value, dict))
             continue
-        changes[key] = _coerce(key, value, hints[key])
+        changes[key] = _coerce(key, value, _FIELD_TYPES[key])
     changes["router_options"] = router_options
     return dataclasses.replace(cfg, **changes)
 
@@ -451,11 +452,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
     ``--help`` / ``-h`` prints every key and exits with status 0.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
+    args = iter(sys.argv[1:] if argv is None else argv)
     config_files, overrides = [], {}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
+    for arg in args:
         if arg in ("-h", "--help"):
             print(help_text())
             raise SystemExit(0)
@@ -464,19 +463,18 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         key, eq, value = arg[2:].partition("=")
         if key == "config":
             if not eq:                                       # "--config path" form
-                if i + 1 >= len(argv):
+                value = next(args, None)
+                if value is None:
                     raise ConfigError("--config needs a file path")
-                i, value = i + 1, argv[i + 1]
             config_files.append(value)
         elif eq:
             overrides[key] = value
         else:                                                # "--flag": a boolean set to true
             if key not in field_names() and not key.startswith("router_options."):
                 raise _unknown_key(key, "the command line")
-            if typing.get_type_hints(TrainConfig).get(key) is not bool:
+            if _FIELD_TYPES.get(key) is not bool:
                 raise ConfigError(f"--{key} needs a value: write --{key}=VALUE")
             overrides[key] = "true"
-        i += 1
     cfg = TrainConfig()
     for path in config_files:
         cfg = apply_overrides(cfg, load_toml(path), source=str(path))
@@ -489,7 +487,6 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 # --------------------------------------------------------------------------------------------------
 
 def help_text() -> str:
-    hints = typing.get_type_hints(TrainConfig)
     lines = [
         "usage: python -m fastmoe_edu.train [--config FILE.toml ...] [--key=value ...] [--resume]",
         "",
@@ -502,7 +499,7 @@ def help_text() -> str:
             if f.metadata["section"] != section:
                 continue
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            lines.append(f"  --{f.name}=<{_type_name(hints[f.name])}>  (default: {_show(default)})")
+            lines.append(f"  --{f.name}=<{_type_name(_FIELD_TYPES[f.name])}>  (default: {_show(default)})")
             lines.append(f"      {f.metadata['help']}")
             if f.metadata["choices"]:
                 lines.append(f"      one of: {', '.join(f.metadata['choices'])}")
@@ -525,10 +522,8 @@ def format_config(cfg: TrainConfig) -> str:
     """The resolved configuration, one ``key = value`` line per field, grouped by section."""
     lines = []
     for section in SECTIONS:
-        lines.append(f"[{section}]")
-        for f in dataclasses.fields(cfg):
-            if f.metadata["section"] == section:
-                lines.append(f"  {f.name:<20} = {_show(getattr(cfg, f.name))}")
+        lines += [f"[{section}]"] + [f"  {f.name:<20} = {_show(getattr(cfg, f.name))}"
+                                     for f in dataclasses.fields(cfg) if f.metadata["section"] == section]
     return "\n".join(lines)
 
 
@@ -540,12 +535,8 @@ def to_toml(cfg: TrainConfig) -> str:
         if isinstance(v, str):
             return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
         return repr(v)
-    lines = []
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        if f.name == "router_options":
-            continue
-        lines.append(f"{f.name} = {value(v)}" if v is not None else f"# {f.name} unset (none)")
+    settings = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "router_options"}
+    lines = [f"{k} = {value(v)}" if v is not None else f"# {k} unset (none)" for k, v in settings.items()]
     lines.append("\n[router_options]")
     lines += [f"{k} = {value(v)}" for k, v in cfg.router_options.items()]
     return "\n".join(lines) + "\n"

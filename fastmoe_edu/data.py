@@ -203,7 +203,6 @@ class StdlibChars:
         text = read_stdlib_source(int(max_bytes))
         codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
         codes[codes >= self.vocab_size] = 0
-        self.tokens = codes
         n_val = max(int(len(codes) * self.val_fraction), 1)
         self.split_tokens = {"train": codes[:-n_val], "val": codes[-n_val:]}
 
@@ -215,8 +214,7 @@ class StdlibChars:
         if len(data) <= seq_len + 1:
             raise ValueError(f"the {split} split has {len(data)} characters, too few for seq_len={seq_len}")
         starts = rng.integers(0, len(data) - seq_len - 1, size=batch_size)
-        windows = data[starts[:, None] + np.arange(seq_len + 1)[None, :]]
-        windows = torch.from_numpy(windows)
+        windows = torch.from_numpy(data[starts[:, None] + np.arange(seq_len + 1)[None, :]])
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous(), torch.zeros(batch_size, dtype=torch.long)
 
     def decode(self, tokens) -> str:
@@ -242,9 +240,7 @@ def decode(tokens, dataset: str = "languages") -> str:
     return _default_instance(dataset).decode(tokens)
 
 
-@functools.lru_cache(maxsize=None)
-def _default_instance(name: str):
-    return get_dataset(name)
+_default_instance = functools.lru_cache(maxsize=None)(get_dataset)     # one instance per name, built on first use
 
 
 def _flat(tokens):

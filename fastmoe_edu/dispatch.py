@@ -75,12 +75,8 @@ def _prune_slot_major(expert_ids: torch.Tensor, num_experts: int, capacity: int,
     group = num_tokens // num_groups
     # Walk each group's assignments in priority order: slot-major, i.e. the group's transpose flattened.
     ids_by_priority = expert_ids.reshape(num_groups, group, top_k).transpose(1, 2).reshape(num_groups, -1)  # [G, k·S]
-    valid = ids_by_priority >= 0
-    safe_ids = ids_by_priority.clamp(min=0)
-    one_hot = torch.nn.functional.one_hot(safe_ids, num_experts) * valid[..., None]          # [G, k·S, E]
-    # How many earlier assignments of the group (in priority order) went to the same expert: 0, 1, 2, ...
-    rank_in_expert = (one_hot.cumsum(dim=1) - 1).gather(2, safe_ids[..., None])[..., 0]
-    keep = valid & (rank_in_expert < capacity)
+    # Kept: fewer than C earlier assignments of the group (in priority order) went to the same expert.
+    keep = (ids_by_priority >= 0) & (_rank_in_expert(ids_by_priority, num_experts) < capacity)
     pruned = torch.where(keep, ids_by_priority, torch.full_like(ids_by_priority, -1))
     return pruned.reshape(num_groups, top_k, group).transpose(1, 2).reshape(num_tokens, top_k).contiguous()
 
@@ -88,8 +84,7 @@ def _prune_slot_major(expert_ids: torch.Tensor, num_experts: int, capacity: int,
 def count_tokens_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """count[e] = number of (token, slot) pairs routed to expert e. Dropped (-1) ids are ignored."""
     ids = expert_ids.reshape(-1)
-    ids = ids[ids >= 0]
-    return torch.bincount(ids, minlength=num_experts)
+    return torch.bincount(ids[ids >= 0], minlength=num_experts)
 
 
 def exclusive_prefix_sum(counts: torch.Tensor) -> torch.Tensor:
@@ -103,13 +98,18 @@ def stable_positions(expert_ids: torch.Tensor, starts: torch.Tensor) -> torch.Te
     "Earlier" is the flattened order t·k + s, so each segment keeps token order (a stable sort).
     """
     ids = expert_ids.reshape(-1)                                                  # [T·k]
+    rows = starts[ids.clamp(min=0)] + _rank_in_expert(ids, starts.numel())
+    rows = torch.where(ids >= 0, rows, torch.full_like(rows, -1))
+    return rows.reshape(expert_ids.shape)
+
+
+def _rank_in_expert(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """rank[..., i] = how many earlier assignments along the last axis of ``ids`` went to the same expert
+    as ids[..., i]: 0, 1, 2, ... (dropped ids, -1, are counted nowhere; their own rank is meaningless)."""
     valid = ids >= 0
     safe_ids = ids.clamp(min=0)
-    one_hot = torch.nn.functional.one_hot(safe_ids, starts.numel()) * valid[:, None]
-    rank_in_expert = (one_hot.cumsum(dim=0) - 1).gather(1, safe_ids[:, None])[:, 0]
-    rows = starts[safe_ids] + rank_in_expert
-    rows = torch.where(valid, rows, torch.full_like(rows, -1))
-    return rows.reshape(expert_ids.shape)
+    one_hot = torch.nn.functional.one_hot(safe_ids, num_experts) * valid[..., None]          # [..., N, E]
+    return (one_hot.cumsum(dim=-2) - 1).gather(-1, safe_ids[..., None])[..., 0]
 
 
 def scatter_rows(x: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -149,11 +149,10 @@ def grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, counts: torch.Tenso
     This is a *grouped GEMM*: E matrix products of the same inner shape, a different weight each,
     a segment may be empty. The reference simply loops over experts.
     """
-    outputs = []
     # unbind (not weight[e]) so the backward stacks the E weight gradients once, instead of adding
     # E full-size [E, d_out, d_in] tensors that are zero outside one expert.
-    for segment, expert_weight in zip(torch.split(rows, counts.tolist(), dim=0), weight.unbind(0)):
-        outputs.append(segment @ expert_weight.t())
+    segments = zip(torch.split(rows, counts.tolist(), dim=0), weight.unbind(0))
+    outputs = [segment @ expert_weight.t() for segment, expert_weight in segments]
     if not outputs:
         return rows.new_zeros(0, weight.shape[1])
     return torch.cat(outputs, dim=0)

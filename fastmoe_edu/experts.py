@@ -82,12 +82,9 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(_uniform(num_experts, d_model, d_hidden))
         gated = kind in GATED_KINDS
         self.w3 = nn.Parameter(_uniform(num_experts, d_hidden, d_model)) if gated else None
-        if bias:
-            self.b1 = nn.Parameter(torch.zeros(num_experts, d_hidden))
-            self.b2 = nn.Parameter(torch.zeros(num_experts, d_model))
-            self.b3 = nn.Parameter(torch.zeros(num_experts, d_hidden)) if gated else None
-        else:
-            self.b1 = self.b2 = self.b3 = None
+        self.b1 = nn.Parameter(torch.zeros(num_experts, d_hidden)) if bias else None
+        self.b2 = nn.Parameter(torch.zeros(num_experts, d_model)) if bias else None
+        self.b3 = nn.Parameter(torch.zeros(num_experts, d_hidden)) if bias and gated else None
 
     def forward(self, rows: torch.Tensor, counts: torch.Tensor, grouped_matmul) -> torch.Tensor:
         """rows [N, d_model] sorted by expert (counts[e] rows for expert e) -> [N, d_model].
@@ -102,17 +99,15 @@ class Experts(nn.Module):
         if self.b1 is not None:
             experts = torch.arange(counts.numel(), device=counts.device)
             expert_of_row = experts.repeat_interleave(counts, output_size=rows.shape[0])
-        gate = self._linear(rows, self.w1, self.b1, counts, expert_of_row, grouped_matmul)      # W1·x
-        up = None
-        if self.w3 is not None:
-            up = self._linear(rows, self.w3, self.b3, counts, expert_of_row, grouped_matmul)    # W3·x
-        hidden = hidden_activation(self.kind, gate, up, self.swiglu_alpha, self.swiglu_limit)
-        return self._linear(hidden, self.w2, self.b2, counts, expert_of_row, grouped_matmul)   # W2·h
 
-    @staticmethod
-    def _linear(rows, weight, bias, counts, expert_of_row, grouped_matmul):
-        out = grouped_matmul(rows, weight, counts)
-        return out if bias is None else out + bias[expert_of_row]
+        def linear(inputs, weight, bias):                                          # W·x (+ b_e) per segment
+            out = grouped_matmul(inputs, weight, counts)
+            return out if bias is None else out + bias[expert_of_row]
+
+        gate = linear(rows, self.w1, self.b1)                                      # W1·x
+        up = None if self.w3 is None else linear(rows, self.w3, self.b3)           # W3·x
+        hidden = hidden_activation(self.kind, gate, up, self.swiglu_alpha, self.swiglu_limit)
+        return linear(hidden, self.w2, self.b2)                                    # W2·h
 
 
 def _uniform(num_experts: int, fan_out: int, fan_in: int) -> torch.Tensor:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .backends import check_backend_name, get_backend
-from .experts import EXPERT_KINDS, Experts, SharedExperts, check_expert_options
+from .experts import Experts, SharedExperts, check_expert_options
 from .routers import ROUTERS, build_router, local_sum
 from .soft_moe import SOFT_MOE, build_soft_moe_router, soft_moe_forward
 
@@ -151,9 +151,7 @@ class MoELayer(nn.Module):
             raise ValueError(f"capacity_factor={capacity_factor!r} must be a finite number > 0, or None for dropless")
         if router not in LAYER_ROUTERS:
             raise ValueError(f"router={router!r} is not a known router; allowed: {', '.join(LAYER_ROUTERS)}")
-        if expert not in EXPERT_KINDS:
-            raise ValueError(f"expert={expert!r} is not a known expert kind; allowed: {', '.join(EXPERT_KINDS)}")
-        check_expert_options(expert, swiglu_alpha, swiglu_limit)
+        check_expert_options(expert, swiglu_alpha, swiglu_limit)                  # the kind, then its constants
         check_backend_name(backend)
         _check_shared_options(num_shared_experts, shared_d_hidden, shared_expert_gate)
         _check_capacity_options(router, capacity_factor, expert_capacity, capacity_per)
@@ -164,12 +162,9 @@ class MoELayer(nn.Module):
         if soft:
             self.router = build_soft_moe_router(d_model, num_experts, capacity_factor, **router_options)
         else:
-            if expert_capacity is not None:
-                router_options["expert_capacity"] = expert_capacity
-            if capacity_priority != "order":                   # router options (checked by build_router)
-                router_options["capacity_priority"] = capacity_priority
-            if renormalize_after_dropping is not False:
-                router_options["renormalize_after_dropping"] = renormalize_after_dropping
+            # Options of every top-k router (checked by build_router; their defaults change nothing).
+            router_options.update(expert_capacity=expert_capacity, capacity_priority=capacity_priority,
+                                  renormalize_after_dropping=renormalize_after_dropping)
             self.router = build_router(router, d_model, num_experts, top_k, capacity_factor, **router_options)
         expert_constants = dict(swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
         self.experts = Experts(num_experts, d_model, d_hidden, expert, bias, **expert_constants)
@@ -185,14 +180,13 @@ class MoELayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        backend = get_backend(self.backend_name, x.device)
         if self.router_name == SOFT_MOE:          # dense slots instead of steps 1-5 and 9 (soft_moe.py)
-            backend = get_backend(self.backend_name, x.device)
             y, record = soft_moe_forward(self.router, self.experts, self.expert_runner, x, backend)
             self.aux_loss = y.new_zeros(())       # no balance loss (and no z-loss): balanced by construction
             self.last_routing = RoutingRecord(**record)
             return self._add_shared(x.reshape(-1, self.d_model), y.reshape(-1, self.d_model)).reshape(x.shape)
         tokens = all_tokens = x.reshape(-1, self.d_model)                          # [T, d]
-        backend = get_backend(self.backend_name, tokens.device)
         self.router.backend = backend
 
         # 1. Route: k expert ids and k weights per token; the aux loss of the whole batch (routers.py).
@@ -273,10 +267,9 @@ class MoELayer(nn.Module):
 
     def extra_repr(self) -> str:
         shared = f", num_shared_experts={self.num_shared_experts}" if self.num_shared_experts else ""
-        if self.router_name == SOFT_MOE:
-            return (f"num_experts={self.num_experts}, slots_per_expert={self.router.slots_per_expert}{shared}, "
-                    f"router={self.router_name!r}, backend={self.backend_name!r}, expert_runner={self.expert_runner!r}")
-        return (f"num_experts={self.num_experts}, top_k={self.top_k}{shared}, router={self.router_name!r}, "
+        slots = (f"slots_per_expert={self.router.slots_per_expert}" if self.router_name == SOFT_MOE
+                 else f"top_k={self.top_k}")
+        return (f"num_experts={self.num_experts}, {slots}{shared}, router={self.router_name!r}, "
                 f"backend={self.backend_name!r}, expert_runner={self.expert_runner!r}")
 
 

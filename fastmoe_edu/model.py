@@ -150,8 +150,7 @@ class Block(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         h = h + self.attn(self.ln_attn(h))
-        h = h + self.ffn(self.ln_ffn(h))
-        return h
+        return h + self.ffn(self.ln_ffn(h))
 
 
 class MoETransformer(nn.Module):
@@ -241,9 +240,7 @@ class MoETransformer(nn.Module):
 
     def num_parameters(self) -> dict[str, int]:
         """Parameter counts: total, replicated, expert, and active per token (only top_k experts run)."""
-        replicated, expert = self.split_parameters()
-        n_rep = sum(p.numel() for p in replicated.values())
-        n_exp = sum(p.numel() for p in expert.values())
+        n_rep, n_exp = (sum(p.numel() for p in part.values()) for part in self.split_parameters())
         active_fraction = self.cfg.top_k / self.cfg.num_experts
         return {"total": n_rep + n_exp, "replicated": n_rep, "expert": n_exp,
                 "active_per_token": n_rep + round(n_exp * active_fraction)}

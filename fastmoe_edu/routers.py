@@ -61,10 +61,8 @@ def softmax_top_k_route(logits: torch.Tensor, top_k: int, renormalize: bool, num
     else:
         selection = probs if bias is None else probs + bias.detach().to(probs.dtype)   # rank by p + b
         if num_groups is not None:
-            num_tokens, num_experts = selection.shape
-            group_score = selection.reshape(num_tokens, num_groups, num_experts // num_groups).amax(dim=-1)
-            allowed = _best_groups(group_score, top_k_groups, num_experts // num_groups)       # max_g (p + b)
-            selection = selection.masked_fill(~allowed, float("-inf"))
+            group_score = selection.unflatten(1, (num_groups, -1)).amax(dim=-1)                # max_g (p + b)
+            selection = _mask_outside_best_groups(selection, group_score, top_k_groups)
         expert_ids = selection.topk(top_k, dim=-1).indices
         weights = probs.gather(1, expert_ids)                                      # w = p[ids], p over all E
     if renormalize:
@@ -92,11 +90,9 @@ def sigmoid_top_k_route(
     scores = torch.sigmoid(logits)                                                 # s = σ(logits)
     selection = scores + bias                                                      # s + b
     if num_groups is not None:
-        num_tokens, num_experts = selection.shape
-        grouped = selection.reshape(num_tokens, num_groups, num_experts // num_groups)
+        grouped = selection.unflatten(1, (num_groups, -1))                                 # [T, G, E / G]
         group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)   # [T, G]
-        allowed = _best_groups(group_score, top_k_groups, num_experts // num_groups)
-        selection = selection.masked_fill(~allowed, float("-inf"))
+        selection = _mask_outside_best_groups(selection, group_score, top_k_groups)
     expert_ids = selection.topk(top_k, dim=-1).indices
     chosen = scores.gather(1, expert_ids)
     if not renormalize:
@@ -113,11 +109,13 @@ def sigmoid_top_k_route(
     return expert_ids, weights
 
 
-def _best_groups(group_score: torch.Tensor, top_k_groups: int, group_size: int) -> torch.Tensor:
-    """[T, E] mask: True for the experts of each token's ``top_k_groups`` best-scored groups."""
+def _mask_outside_best_groups(selection: torch.Tensor, group_score: torch.Tensor, top_k_groups: int) -> torch.Tensor:
+    """selection [T, E] with −∞ for the experts outside each token's ``top_k_groups`` best-scored groups
+    (group_score [T, G]: the scores of the G equal consecutive groups of experts)."""
     best_groups = group_score.topk(top_k_groups, dim=-1).indices
     group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best_groups, True)
-    return group_mask.repeat_interleave(group_size, dim=1)
+    allowed = group_mask.repeat_interleave(selection.shape[1] // group_score.shape[1], dim=1)   # [T, E]
+    return selection.masked_fill(~allowed, float("-inf"))
 
 
 def min_score_sum(dtype: torch.dtype) -> float:
@@ -277,10 +275,9 @@ class Router(nn.Module):
         0 there; the others unchanged (normalized before dropping), or, with ``renormalize_after_dropping``,
         rescaled so a token's kept weights sum to what its k weights summed to (1, or route_scale, for the
         routers that allow it): w'_s = w_s · Σ_all w / Σ_kept w, 0 for a token with nothing kept."""
-        kept = expert_ids >= 0
+        kept_weights = weights * (expert_ids >= 0)                                 # dropped -> weight 0
         if not self.renormalize_after_dropping:
-            return weights * kept                                                  # dropped -> weight 0
-        kept_weights = weights * kept
+            return kept_weights
         total = weights.sum(dim=-1, keepdim=True)                                  # Σ_all w
         # Σ_kept w, floored at √(smallest normal float) so that the ratio and its gradient stay finite; 0 / floor
         # = 0 for a token whose assignments were all dropped.
@@ -617,6 +614,10 @@ def build_router(name: str, d_model: int, num_experts: int, top_k: int,
     return cls(d_model, num_experts, top_k, capacity_factor, **options)
 
 
+#: The options that shape SoftmaxTopKRouter's renormalization, each with the value that switches it off.
+_RENORMALIZE_OFF = (("renormalize_p", 1.0), ("renormalize_min", 0.0), ("renormalize_eps", 0.0))
+
+
 def _finite_number(value) -> bool:
     """A real number that is neither nan (which every comparison lets through) nor ±inf."""
     return isinstance(value, (int, float)) and math.isfinite(value)
@@ -646,8 +647,7 @@ def _check_options(name: str, num_experts: int, top_k: int, options: dict) -> No
         value = options.get(key, 0.0)
         if not (_finite_number(value) and not isinstance(value, bool) and value >= 0):
             raise ValueError(f"{key}={value!r} must be a finite number >= 0 (0: off)")
-    changed = [f"{key}={options[key]!r}" for key, off in (("renormalize_p", 1.0), ("renormalize_min", 0.0),
-                                                          ("renormalize_eps", 0.0)) if options.get(key, off) != off]
+    changed = [f"{key}={options[key]!r}" for key, off in _RENORMALIZE_OFF if options.get(key, off) != off]
     if changed and options.get("renormalize", True) is False:
         raise ValueError(f"{', '.join(changed)} shape the renormalization, but renormalize=False: set "
                          f"renormalize=True or leave them at their defaults (renormalize_p=1, renormalize_min=0, "
@@ -702,8 +702,7 @@ def _check_dropping_options(name: str, capacity_factor: float | None, options: d
                          "renormalized weight, and a token with k = 1 keeps all or nothing: nothing to renormalize")
     defaults = router_options(name)
     renormalize = options.get("renormalize", defaults.get("renormalize", True))
-    shaped = [f"{key}={options[key]!r}" for key, off in (("renormalize_p", 1.0), ("renormalize_min", 0.0),
-                                                         ("renormalize_eps", 0.0)) if options.get(key, off) != off]
+    shaped = [f"{key}={options[key]!r}" for key, off in _RENORMALIZE_OFF if options.get(key, off) != off]
     if not renormalize or shaped:
         what = "renormalize=False" if not renormalize else ", ".join(shaped)
         raise ValueError(f"renormalize_after_dropping=True rescales a token's kept weights to the sum of its k "

@@ -51,7 +51,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .backends import set_cpu_threads
-from .checkpoint import MANIFEST, CheckpointError, read_manifest_config
+from .checkpoint import MANIFEST, CheckpointError, read_manifest
 from .config import ConfigError, TrainConfig, format_config, parse_args, to_toml
 from .data import batch_rng, get_dataset
 from .distributed.engines import launch_rank, launch_world_size, resolve_engine
@@ -153,16 +153,12 @@ def routing_stats(model: MoETransformer, rt: Runtime | None = None) -> dict:
     if rt is not None:
         packed = rt.sum(torch.cat([tokens.reshape(-1), dropped_per_layer]))
         tokens, dropped_per_layer = packed[:tokens.numel()].reshape(tokens.shape), packed[tokens.numel():]
-    per_layer, imbalance, dropped, assigned = [], [], 0, 0
-    for counts_of_layer, dropped_of_layer in zip(tokens, dropped_per_layer.tolist()):
-        counts = counts_of_layer.float()
-        per_layer.append(counts_of_layer.tolist())
-        imbalance.append((counts.max() / counts.mean().clamp(min=1e-9)).item())   # 1.0 = perfectly even
-        dropped += dropped_of_layer
-        assigned += int(counts_of_layer.sum()) + dropped_of_layer
-    return {"tokens_per_expert": per_layer,
-            "load_imbalance": sum(imbalance) / max(len(imbalance), 1),
-            "dropped_frac": dropped / max(assigned, 1)}
+    counts = tokens.float()
+    imbalance = counts.amax(dim=1) / counts.mean(dim=1).clamp(min=1e-9)      # per layer; 1.0 = perfectly even
+    dropped = int(dropped_per_layer.sum())
+    return {"tokens_per_expert": tokens.tolist(),
+            "load_imbalance": sum(imbalance.tolist()) / len(layers),
+            "dropped_frac": dropped / max(int(tokens.sum()) + dropped, 1)}   # of all (token, expert) assignments
 
 
 # Added to the seed, times the shard's index, for each batch shard's own random stream.
@@ -230,8 +226,7 @@ def estimate_val_loss(model: MoETransformer, dataset, cfg: TrainConfig, device,
     """
     rt = rt or Runtime()
     model.eval()
-    total = torch.zeros(len(dataset.language_names))
-    count = torch.zeros(len(dataset.language_names))
+    total, count = torch.zeros(len(dataset.language_names)), torch.zeros(len(dataset.language_names))
     for i in range(cfg.eval_iters):
         x, y, lang = rt.shard_batch(get_batch(dataset, cfg, "val", i, device))
         with autocast(cfg.dtype, x.device):
@@ -371,7 +366,6 @@ class StopOnCtrlC:
     def __exit__(self, *exc_info):
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
-        return False
 
 
 class LossWatch:
@@ -434,7 +428,7 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, rt: Runtime | None = 
     start_step, history = 0, {"train": [], "val": []}
     run_id = rt.broadcast_(torch.randint(0, 256, (8,), dtype=torch.uint8)).numpy().tobytes().hex()
     if cfg.resume:
-        check_schedule_unchanged(read_manifest_config(cfg.out_dir), cfg)   # before any weight is touched
+        check_schedule_unchanged(read_manifest(cfg.out_dir).get("config", {}), cfg)   # before any weight is touched
         saved = rt.load(cfg.out_dir, model, optimizer)
         start_step, history, run_id = saved["step"], saved["history"], saved["run_id"]
         if saved.get("loss_scale") and saved["config"].get("dtype") == cfg.dtype:
@@ -442,8 +436,7 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, rt: Runtime | None = 
         log(rt, cfg, f"resumed from {Path(cfg.out_dir) / MANIFEST} at step {start_step} (run {run_id})")
         for line in config_differences(saved["config"], cfg):
             log(rt, cfg, f"warning: the resumed run changes {line}")
-    if rt.is_main:
-        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    if rt.is_main:                                                   # (check_out_dir created out_dir)
         (Path(cfg.out_dir) / "config.toml").write_text(to_toml(cfg))
 
     last_step = min(cfg.max_steps, stop_at) if stop_at is not None else cfg.max_steps

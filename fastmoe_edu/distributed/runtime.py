@@ -55,12 +55,10 @@ class ParallelRuntime(Runtime):
     # -- the model ------------------------------------------------------------------------------
     def shard_model(self, model: nn.Module) -> nn.Module:
         """Local experts (and tp slices) only, replicated weights from rank 0."""
-        parallelize(model, self.layout, exchange=self.cfg.exchange, drop_duplicate_tokens=self.cfg.drop_duplicate_tokens,
-                    pipeline_degree=self.cfg.pipeline_degree, ranks_per_node=self.cfg.ranks_per_node,
-                    drop_duplicate_at=self.cfg.drop_duplicate_at,
-                    expert_tensor_parallel=self.cfg.expert_tensor_parallel,
-                    shadow_experts=self.cfg.shadow_experts, shadow_cost_ratio=self.cfg.shadow_cost_ratio,
-                    backward_pipeline_degree=self.cfg.backward_pipeline_degree)
+        # parallelize's options are named as the config keys that set them
+        options = ("exchange", "drop_duplicate_tokens", "drop_duplicate_at", "pipeline_degree", "ranks_per_node",
+                   "backward_pipeline_degree", "expert_tensor_parallel", "shadow_experts", "shadow_cost_ratio")
+        parallelize(model, self.layout, **{key: getattr(self.cfg, key) for key in options})
         if self.gradient_pieces is not None:                     # a second model: the first one's hooks off
             self.gradient_pieces.remove()
             self.gradient_pieces = None
@@ -129,9 +127,7 @@ class ParallelRuntime(Runtime):
         return expert_parameters(model) + tensor_parallel_parameters(model)
 
     def layout_record(self) -> dict:
-        layout = self.layout
-        return {"world_size": layout.world_size, "tp_size": layout.tp_size, "ep_size": layout.ep_size,
-                "dp_size": layout.dp_size, "rank": layout.rank}
+        return {key: getattr(self.layout, key) for key in ("world_size", "tp_size", "ep_size", "dp_size", "rank")}
 
     def barrier(self) -> None:
         self.layout.world.barrier()
