@@ -263,16 +263,12 @@ def _get(obj, path: str, what: str, layout_note: str):
         raise UnsupportedFamilyError(f"{what} has no .{path}: {layout_note}") from None
 
 
-def _relative(path: str, prefix: str) -> str:
-    return path[len(prefix) + 1:] if path.startswith(prefix + ".") else path
-
-
 def _read_router(block, family: Family, what: str, layout_note: str):
     """The router's options (router name, k, renormalization, ...) and tensors (W, and a bias if any)."""
     router = _get(block, family.router_attr, what, layout_note)
     weight = _get(block, family.weight_path, what, layout_note)
     top_k = 1 if family.routing == "switch" else int(_get(block, family.top_k_path, what, layout_note))
-    weight_name = _relative(family.weight_path, family.router_attr)
+    weight_name = family.weight_path.removeprefix(family.router_attr + ".")     # the weight's path in the router
     # Every supported block claims capacity in token order, normalizes before dropping and has no expert output
     # dropout: to_hf refuses a layer that does otherwise.
     options = dict(top_k=top_k, router_bias=family.router_bias, logit_softcap=None, capacity_factor=None,
@@ -284,7 +280,7 @@ def _read_router(block, family: Family, what: str, layout_note: str):
         expected.add("bias")
         tensors.append(("router.logit_bias", None, router.bias))                 # logits = x Wᵀ + c
     if family.routing == "switch":
-        return _read_switch_router(router, options, tensors, what)
+        return _read_switch_router(router, options, tensors, expected, what)
     if family.routing == "ernie":
         expected.add("moe_statics.e_score_correction_bias")
     _expect_parameters(what + " router", router, expected)
@@ -336,9 +332,8 @@ def _read_dbrx_norm(block, router, options: dict, what: str) -> bool:
     return True
 
 
-def _read_switch_router(router, options: dict, tensors: list, what: str):
+def _read_switch_router(router, options: dict, tensors: list, expected: set, what: str):
     """Switch: p = softmax(x Wᵀ (+ c)), e = argmax p, w = p_e; expert_capacity tokens per expert and sequence."""
-    expected = {"classifier.weight"}
     if router.classifier.bias is not None:                                       # config.router_bias
         expected.add("classifier.bias")
         options["router_bias"] = True
@@ -364,43 +359,34 @@ def _read_experts(block, family: Family, what: str, layout_note: str):
         hidden = int(experts.ffn_hidden_size)
         num_experts, d_model = mlp.w1.shape[0] // hidden, mlp.w1.shape[1]
         split = (num_experts, hidden, d_model)                                   # [E·I, d] -> [E, I, d]
-        tensors = [("experts.w1", None, mlp.w1.view(split)),                     # gate (through silu)
-                   ("experts.w3", None, mlp.v1.view(split)),                     # up
-                   ("experts.w2", None, mlp.w2.view(split).transpose(1, 2))]      # down: y = h @ w2_e
-        return _expert_options(num_experts, d_model, hidden, "swiglu"), tensors
-
-    bias = family.experts == "gpt_oss"
-    names = {"gate_up_proj", "down_proj"} | ({"gate_up_proj_bias", "down_proj_bias"} if bias else set())
-    _expect_parameters(what + " experts", experts, names)
-    gate_up, down = experts.gate_up_proj, experts.down_proj
-    if family.experts == "fused":                                 # [E, 2I, d], [E, d, I]: out = W x
+        # gate = w1 (through silu), up = v1; down = w2 transposed (DBRX computes y = h @ w2_e)
+        gate, up, down = mlp.w1.view(split), mlp.v1.view(split), mlp.w2.view(split).transpose(1, 2)
+    else:
+        bias = family.experts == "gpt_oss"
+        names = {"gate_up_proj", "down_proj"} | ({"gate_up_proj_bias", "down_proj_bias"} if bias else set())
+        _expect_parameters(what + " experts", experts, names)
+        # The layer's layout, out = W x: gate_up [E, 2I, d], down [E, d, I] = W2 ("fused"). Aria and GPT-OSS
+        # store the transposes, gate_up [E, d, 2I] and down [E, I, d] (out = x @ W): read through transposed views.
+        gate_up, down = experts.gate_up_proj, experts.down_proj
+        if family.experts != "fused":
+            gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
         num_experts, two_hidden, d_model = gate_up.shape
         hidden = two_hidden // 2
-        expected_down = (num_experts, d_model, hidden)
-    else:                                                         # [E, d, 2I], [E, I, d]: out = x @ W
-        num_experts, d_model, two_hidden = gate_up.shape
-        hidden = two_hidden // 2
-        expected_down = (num_experts, hidden, d_model)
-    if two_hidden % 2 or tuple(down.shape) != expected_down:
-        raise UnsupportedFamilyError(f"{what}: expert shapes gate_up_proj {tuple(gate_up.shape)}, down_proj "
-                                     f"{tuple(down.shape)} do not fit the {family.experts!r} layout: {layout_note}")
-    if family.experts == "fused":
-        _expect_silu(what, getattr(experts, "act_fn", None))
-        tensors = [("experts.w1", None, gate_up[:, :hidden]),                   # W1 = gate half (through silu)
-                   ("experts.w3", None, gate_up[:, hidden:]),                   # W3 = up half
-                   ("experts.w2", None, down)]                                  # W2 = down_proj
+        if two_hidden % 2 or tuple(down.shape) != (num_experts, d_model, hidden):
+            raise UnsupportedFamilyError(f"{what}: expert shapes gate_up_proj {tuple(experts.gate_up_proj.shape)}, "
+                                         f"down_proj {tuple(experts.down_proj.shape)} do not fit the "
+                                         f"{family.experts!r} layout: {layout_note}")
+        if not bias:               # [gate; up] (Aria: chunk(2) of x @ gate_up): W1 = gate half (through silu), W3 = up
+            _expect_silu(what, getattr(experts, "act_fn", None))
+            gate, up = gate_up[:, :hidden], gate_up[:, hidden:]
+        else:                   # GPT-OSS: gate = (x @ gate_up + b)[..., 0::2], up = (...)[..., 1::2]: alternate
+            gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
+    tensors = [("experts.w1", None, gate), ("experts.w3", None, up), ("experts.w2", None, down)]
+    if family.experts != "gpt_oss":
         return _expert_options(num_experts, d_model, hidden, "swiglu"), tensors
-    if family.experts == "fused_in_out":                                        # Aria: chunk(2) of x @ gate_up
-        _expect_silu(what, getattr(experts, "act_fn", None))
-        tensors = [("experts.w1", None, gate_up[:, :, :hidden].transpose(1, 2)),
-                   ("experts.w3", None, gate_up[:, :, hidden:].transpose(1, 2)),
-                   ("experts.w2", None, down.transpose(1, 2))]
-        return _expert_options(num_experts, d_model, hidden, "swiglu"), tensors
-    # GPT-OSS: gate = (x @ gate_up + b)[..., 0::2], up = (...)[..., 1::2]: alternate columns, not halves.
     gate_up_bias = experts.gate_up_proj_bias
-    tensors = [("experts.w1", None, gate_up[:, :, 0::2].transpose(1, 2)), ("experts.b1", None, gate_up_bias[:, 0::2]),
-               ("experts.w3", None, gate_up[:, :, 1::2].transpose(1, 2)), ("experts.b3", None, gate_up_bias[:, 1::2]),
-               ("experts.w2", None, down.transpose(1, 2)), ("experts.b2", None, experts.down_proj_bias)]
+    tensors += [("experts.b1", None, gate_up_bias[:, 0::2]), ("experts.b3", None, gate_up_bias[:, 1::2]),
+                ("experts.b2", None, experts.down_proj_bias)]
     options = _expert_options(num_experts, d_model, hidden, "clamped_swiglu", bias=True)
     options.update(swiglu_alpha=float(experts.alpha), swiglu_limit=float(experts.limit))
     return options, tensors
@@ -480,8 +466,10 @@ def _is_silu(act) -> bool:
     return isinstance(act, SiLUActivation)
 
 
-def _layer_tensor(layer: MoELayer, path: str) -> torch.Tensor:
-    return functools.reduce(getattr, path.split("."), layer)
+def _layer_tensor(layer: MoELayer, path: str, index: int | None) -> torch.Tensor:
+    """The layer's tensor at ``path`` (its row ``index``, if not None): where a _BlockView tensor belongs."""
+    tensor = functools.reduce(getattr, path.split("."), layer)
+    return tensor if index is None else tensor[index]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -502,8 +490,7 @@ def from_hf(block: nn.Module, backend: str = "reference", balance_loss_weight: f
     layer.train(block.training)                  # e.g. Switch's jitter acts in training mode only, in both
     with torch.no_grad():
         for path, index, tensor in view.tensors:
-            target = _layer_tensor(layer, path)
-            (target if index is None else target[index]).copy_(tensor)
+            _layer_tensor(layer, path, index).copy_(tensor)
     return layer
 
 
@@ -556,8 +543,7 @@ def to_hf(layer: MoELayer, block: nn.Module) -> nn.Module:
         raise ValueError(f"cannot copy this MoELayer into {what}: " + "; ".join(problems))
     with torch.no_grad():
         for path, index, tensor in view.tensors:
-            source = _layer_tensor(layer, path)
-            tensor.copy_(source if index is None else source[index])
+            tensor.copy_(_layer_tensor(layer, path, index))
     return block
 
 
@@ -701,17 +687,15 @@ def upcycle(model: nn.Module, num_experts: int, top_k: int, router: str = "softm
     equal the dense model's. The router starts random, so training makes the copies diverge. The
     layers' balance loss is not part of an HF dense model's loss: add ``moe_aux_loss(model)``.
     """
-    targets = [(name, module) for name, module in model.named_modules()
-               if type(module).__name__ in SWIGLU_MLPS or type(module).__name__ in GPT2_MLPS]
+    convert = {**dict.fromkeys(SWIGLU_MLPS, _swiglu_experts), **dict.fromkeys(GPT2_MLPS, _gpt2_experts)}
+    targets = [(name, mlp) for name, mlp in model.named_modules() if type(mlp).__name__ in convert]
     if not targets:
         raise ValueError(f"{type(model).__name__} has no dense MLP upcycle() knows; supported: "
                          f"{', '.join(f'{f} ({c})' for c, f in {**SWIGLU_MLPS, **GPT2_MLPS}.items())}")
-    converters = [(name, _swiglu_experts if type(mlp).__name__ in SWIGLU_MLPS else _gpt2_experts, mlp)
-                  for name, mlp in targets]
-    plans = [(name, convert(mlp), mlp) for name, convert, mlp in converters]      # checks all before changing any
+    plans = [(name, convert[type(mlp).__name__](mlp), mlp) for name, mlp in targets]  # checks all before changing any
     for name, (expert, hidden, weights, dropout), mlp in plans:
         reference = next(mlp.parameters())
-        d_model = reference.shape[-1] if expert == "swiglu" else weights["w1"].shape[-1]
+        d_model = weights["w1"].shape[-1]                   # W1 [I, d] (GPT-2's transposed from Conv1D's [d, I])
         layer = MoELayer(d_model, hidden, num_experts, top_k=top_k, router=router, expert=expert,
                          bias="b1" in weights, backend=backend, **router_options)
         layer.to(device=reference.device, dtype=reference.dtype)

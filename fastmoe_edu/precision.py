@@ -150,7 +150,6 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             for p, s in zip(params, state):
                 p.copy_(s["master"])                                       # 3. θ16 = round(θ32)
             del grads                                                      # 4. freed before the next group
-        return None
 
     def _state_of(self, p: torch.Tensor) -> dict:
         state = self.state[p]
