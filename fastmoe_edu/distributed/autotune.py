@@ -79,8 +79,7 @@ class DegreeTuner:
         """None once chosen; else whether this profiling pass measures and decides, or "warm" / "verify" /
         "judge" (the check of a pipelined choice). A recomputation (activation checkpointing) repeats its
         original pass's path."""
-        stash = active_stash()
-        if stash is not None and stash.replaying:
+        if getattr(active_stash(), "replaying", False):
             return self._last
         if self.chosen is None:
             self.passes += 1
@@ -94,7 +93,7 @@ class DegreeTuner:
     def run(self, plan: tuple[bool, bool] | str, runner, experts, buffer, counts, backend) -> torch.Tensor:
         """One profiling pass: the unpipelined layer, timed; after the last one, the choice. Then, for a
         pipelined choice, one pass with it, timed ("verify"), and at the next pass the check ("judge")."""
-        recording = not (active_stash() is not None and active_stash().replaying)
+        recording = not getattr(active_stash(), "replaying", False)
         if plan in ("warm", "verify", "judge"):
             return self._check_choice(plan, recording, runner, experts, buffer, counts, backend)
         measure, decide = plan
@@ -262,8 +261,6 @@ def _timed_exchange(runner, experts, buffer, counts, backend) -> tuple[torch.Ten
               float(len(rows[0])), small - begin, float(expert_rows.shape[0]), computed - small,
               probe_inter, scatter_inter, gather_inter, 0.0]
     return out, sample
-
-
 
 
 class _Noted(torch.autograd.Function):

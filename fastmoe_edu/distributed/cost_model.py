@@ -108,26 +108,18 @@ class Hardware:
 # ----------------------------------------------------------------------------------------------------
 # Collectives
 # ----------------------------------------------------------------------------------------------------
-def _link(span: int, hw: Hardware) -> tuple[float, float]:
-    """(α, β) for a group whose ranks lie within ``span`` consecutive ranks: intra-node if that fits in a node."""
-    if span <= hw.ranks_per_node:
-        return hw.alpha_intra, hw.beta_intra
-    return hw.alpha_inter, hw.beta_inter
-
-
 def allreduce_time(nbytes: float, n: int, span: int, hw: Hardware) -> float:
-    """Ring all-reduce of ``nbytes`` over ``n`` ranks spread over ``span`` consecutive ranks."""
-    if n == 1:
-        return 0.0
-    alpha, beta = _link(span, hw)
-    return 2 * (n - 1) * alpha + 2 * (n - 1) / n * nbytes * beta
+    """Ring all-reduce of ``nbytes`` over ``n`` ranks spread over ``span`` consecutive ranks: a reduce-scatter
+    and an all-gather, each (n−1)·α + (n−1)/n·B·β, so 2·(n−1)·α + 2·(n−1)/n·B·β."""
+    return 2 * allgather_time(nbytes, n, span, hw)
 
 
 def allgather_time(nbytes: float, n: int, span: int, hw: Hardware) -> float:
     """Ring all-gather whose result has ``nbytes``."""
     if n == 1:
         return 0.0
-    alpha, beta = _link(span, hw)
+    # (α, β): intra-node when the group's ``span`` consecutive ranks fit in a node
+    alpha, beta = (hw.alpha_intra, hw.beta_intra) if span <= hw.ranks_per_node else (hw.alpha_inter, hw.beta_inter)
     return (n - 1) * alpha + (n - 1) / n * nbytes * beta
 
 
@@ -178,13 +170,11 @@ def predict_step(shape: MoEShape, layout: Layout, hw: Hardware) -> dict[str, flo
 
     tp_allreduce = 2 * allreduce_time(T * d * b, tp, tp, hw)
     etp = layout.expert_tensor_parallel and tp > 1
-    if etp and layout.drop_duplicate_tokens:     # all-gather the received rows, reduce-scatter the outputs
-        tp_allreduce += 2 * 2 * allgather_time(k * T * d * b * s.load_imbalance, tp, tp, hw)   # fwd + bwd
-    elif etp:                                    # the same rows on every tp rank: all-reduce the partial outputs
+    if etp:     # fwd + bwd: all-reduce the partial outputs (the same rows on every tp rank), or with dropping
+        # all-gather the received rows + reduce-scatter the outputs: the same ring cost, 2 all-gathers' worth
         tp_allreduce += 2 * allreduce_time(k * T * d * b * s.load_imbalance, tp, tp, hw)
     gathered_rows = T if layout.drop_duplicate_at == "combined" else k * T                # TED: the combined output
-    tp_allgather = (2 * allgather_time(gathered_rows * d * b, tp, tp, hw)
-                    if layout.drop_duplicate_tokens and tp > 1 else 0.0)
+    tp_allgather = 2 * allgather_time(gathered_rows * d * b, tp, tp, hw) if layout.drop_duplicate_tokens else 0.0
 
     # FasterMoE's shadowing: per shadowed expert, a broadcast of its weights and an all-reduce of their gradients.
     expert_weight_bytes = s.expert_matrices * d * h * b / (tp if etp else 1)
@@ -270,7 +260,7 @@ def overlapped_pass(degree: int, exchange_alpha: float, exchange_seconds: float,
 
     which is the formula above when s_o = 0 (a flat exchange, or a hierarchical one measured as one task)."""
     s1 = exchange_alpha + exchange_seconds / degree
-    s_o = (inter_alpha + inter_seconds / degree) if (inter_alpha or inter_seconds) else 0.0
+    s_o = inter_alpha + inter_seconds / degree                     # 0 for a flat exchange
     s2 = compute_alpha + compute_seconds / degree
     return 2 * (s1 + s_o) + s2 + (degree - 1) * max(2 * s1, 2 * s_o, s2)
 
@@ -391,8 +381,6 @@ def fit_alpha_beta(points: list[dict]) -> tuple[float, float]:
 def fit_task(points: list[tuple[float, float]]) -> tuple[float, float]:
     """α, β of ``t = α + β·n`` from ``(n, t)`` points, least squares on relative error (as fit_alpha_beta).
 
-    Times are clamped to a nanosecond, so an instant measurement cannot divide by zero."""
-    design = np.array([[1.0, n] for n, _ in points], dtype=float)
-    times = np.maximum(np.array([t for _, t in points], dtype=float), 1e-9)
-    (alpha, beta), *_ = np.linalg.lstsq(design / times[:, None], np.ones_like(times), rcond=None)
-    return max(float(alpha), 0.0), max(float(beta), 0.0)
+    Times are clamped to a nanosecond, so an instant measurement cannot divide by zero. It is
+    fit_alpha_beta's fit with P = 2 (one message: α·(P−1) = α) and n in the place of the bytes."""
+    return fit_alpha_beta([{"ranks": 2, "bytes_per_rank": n, "seconds": max(t, 1e-9)} for n, t in points])

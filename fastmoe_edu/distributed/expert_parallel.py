@@ -96,10 +96,8 @@ class ExpertParallel:
         self.backward_pipeline_degree = pipeline_degree if backward_pipeline_degree is None else backward_pipeline_degree
         degrees = (self.pipeline_degree, self.backward_pipeline_degree)
         self.tuner = DegreeTuner(layout, *degrees, label=name) if AUTO in degrees else None
-        if exchange == "hierarchical":
-            self.exchange = HierarchicalExchange(layout.expert, ranks_per_node)
-        else:
-            self.exchange = FlatExchange(layout.expert, exchange)
+        self.exchange = (HierarchicalExchange(layout.expert, ranks_per_node) if exchange == "hierarchical"
+                         else FlatExchange(layout.expert, exchange))
 
     def share_tokens(self, tokens, expert_ids, weights, counts, backend):
         """Before dispatch: my 1/tp of the (identically routed) tokens under TED's dropping, else all."""
@@ -115,9 +113,7 @@ class ExpertParallel:
 
     def collect_tokens(self, y: torch.Tensor) -> torch.Tensor:
         """After combine: the tp group's shares of the output joined, ``[T, d]`` on every tp rank."""
-        if not self.drop_tokens:
-            return y
-        return GatherRowsFromTensorGroup.apply(y, self._token_shares, self.layout.tensor)
+        return GatherRowsFromTensorGroup.apply(y, self._token_shares, self.layout.tensor) if self.drop_tokens else y
 
     def __call__(self, experts: Experts, buffer: torch.Tensor, counts: torch.Tensor, backend) -> torch.Tensor:
         """Steps 3 and 6-8: ``buffer`` (rows sorted by global expert, ``counts[E]``) -> expert outputs, same order."""
@@ -140,9 +136,7 @@ class ExpertParallel:
     @property
     def chosen_degrees(self) -> tuple[int, int] | None:
         """(D_f, D_b) this layer runs with; None while "auto" is still measuring."""
-        if self.tuner is not None:
-            return self.tuner.chosen
-        return self.pipeline_degree, self.backward_pipeline_degree
+        return self.tuner.chosen if self.tuner is not None else (self.pipeline_degree, self.backward_pipeline_degree)
 
     def _exchange_and_run(self, experts: Experts, buffer: torch.Tensor, counts: torch.Tensor, backend) -> torch.Tensor:
         """Steps 3 and 6-8 for ``buffer``: rows to their experts' ranks, the local experts, rows back.
@@ -168,15 +162,15 @@ class ExpertParallel:
         """FasterMoE's shadowing (shadowing.py): the popular experts' weights come to every rank, which
         computes its own rows for them; the other rows take the usual exchange (pipelined or not)."""
         comm, L = self.layout.expert, self.num_local_experts
-        rank_counts = comm.allgather(counts.detach().to("cpu", torch.int64), purpose="allgather_shadow_counts")
+        rank_counts = comm.allgather(counts.detach().to("cpu", torch.int64),
+                                     purpose="allgather_shadow_counts").reshape(comm.size, -1)
         weights = weights_per_expert(experts)
-        shadowed = choose_shadowed(rank_counts.reshape(comm.size, -1), L, buffer.shape[1] * buffer.element_size(),
-                                   weights, weights * experts.w1.element_size(), self.shadow_experts,
-                                   self.shadow_rates, self.shadow_cost_ratio, self.max_shadowed)
+        sizes = (L, buffer.shape[1] * buffer.element_size(), weights, weights * experts.w1.element_size())
+        shadowed = choose_shadowed(rank_counts, *sizes, self.shadow_experts, self.shadow_rates, self.shadow_cost_ratio,
+                                   self.max_shadowed)
         if self.shadow_experts == "auto" and self.layout.world.rank == 0 and self.last_shadowed is None:
-            tqdm.write(describe_choice(self.name, shadowed, rank_counts.reshape(comm.size, -1), L,   # the first
-                                       buffer.shape[1] * buffer.element_size(), weights,          # decision
-                                       weights * experts.w1.element_size(), self.shadow_rates, self.shadow_cost_ratio))
+            tqdm.write(describe_choice(self.name, shadowed, rank_counts, *sizes,           # the first decision
+                                       self.shadow_rates, self.shadow_cost_ratio))
         self.last_shadowed = shadowed
         if not shadowed:
             return self._exchange_and_run(experts, buffer, counts, backend)
@@ -263,8 +257,5 @@ def keep_local_experts(experts: Experts, first: int, count: int) -> None:
 
 def expert_parameters(module: nn.Module) -> list[nn.Parameter]:
     """The parameters of expert-parallel experts (each rank holds different ones: never averaged over ep)."""
-    params = []
-    for layer in module.modules():
-        if isinstance(getattr(layer, "expert_runner", None), ExpertParallel):
-            params.extend(layer.experts.parameters())
-    return params
+    return [p for layer in module.modules() if isinstance(getattr(layer, "expert_runner", None), ExpertParallel)
+            for p in layer.experts.parameters()]

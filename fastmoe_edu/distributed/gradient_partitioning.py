@@ -52,6 +52,7 @@ recomputations replay forward collectives only; the hooks run in the backward, o
 from __future__ import annotations
 
 import time
+from itertools import accumulate
 
 import torch
 from torch import nn
@@ -59,8 +60,9 @@ from torch import nn
 from .communicator import PendingAllreduce
 from .cost_model import PIECE_LATENCY_SHARE, gradient_piece_bytes, plan_gradient_pieces
 from .expert_parallel import ExpertParallel
-from .gradients import _allreduce_in_buckets, split_parameters
+from .gradients import _allreduce_in_buckets, _copy_back, _flat_gradients, split_parameters
 from .layout import ParallelLayout
+from .stats import wall_clock
 
 REPEATS = 3                          # timed repetitions of each probe (the fastest counts), after one warm-up
 LARGEST_PROBE_BYTES = 32 * 2**20     # the bandwidth probe all-reduces at most this much
@@ -75,11 +77,10 @@ class GradientPieces:
 
     def __init__(self, model: nn.Module, layout: ParallelLayout, tokens_per_rank: int,
                  piece_bytes: float | None = None):
-        ready_order, window_starts = _ready_order(model)
-        self.params = ready_order
+        self.params, window_starts = _ready_order(model)
         self.scale = 1.0 / layout.data_size                              # 1/R, R = ep · dp
         self.comm = layout.data.split(color=0, key=layout.data.rank, name="data_gradients")
-        sizes = [_bytes(p) for p in ready_order]
+        sizes = [_bytes(p) for p in self.params]
         self.total_bytes = sum(sizes)
         self.costs, smallest = None, 0.0
         if piece_bytes is None:                                          # the cost model's B_min and B*
@@ -88,9 +89,9 @@ class GradientPieces:
         self.smallest_bytes, self.piece_bytes = smallest, piece_bytes
         plan = plan_gradient_pieces(sizes, piece_bytes, smallest, window_starts)
         self.posted_during_backward = 0                                  # pieces the hooks posted, last step
-        self.pieces = _split_at_dtype_changes(_cut(ready_order, plan))
+        self.pieces = _cut(self.params, plan)
         self.piece_of = {id(p): i for i, piece in enumerate(self.pieces) for p in piece}
-        self.hooks = ([p.register_post_accumulate_grad_hook(self._gradient_ready) for p in ready_order]
+        self.hooks = ([p.register_post_accumulate_grad_hook(self._gradient_ready) for p in self.params]
                       if self.comm.size > 1 else [])                # one shard: nothing to send
         self._new_round()
 
@@ -118,10 +119,7 @@ class GradientPieces:
     def _post_complete_pieces(self) -> None:
         """Post the next pieces whose gradients are all in, in piece order (the same order on every rank)."""
         while len(self.posted) < len(self.pieces) and self.missing[len(self.posted)] == 0:
-            grads = [p.grad for p in self.pieces[len(self.posted)]]
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            if flat.dtype in (torch.float16, torch.bfloat16):
-                flat = flat.float()                                      # sum 16-bit gradients in float32
+            flat = _flat_gradients(self.pieces[len(self.posted)])        # (16-bit gradients summed in float32)
             self.posted.append((flat, self.comm.iallreduce_(flat, purpose="allreduce_gradients")))
 
     # -- after the backward ------------------------------------------------------------------------
@@ -131,11 +129,7 @@ class GradientPieces:
         for p in self.params:
             if p.grad is None:                    # unused on this rank: it takes part with zeros
                 p.grad = torch.zeros_like(p)
-        if self.comm.size == 1:
-            if self.scale != 1.0:
-                for p in self.params:
-                    p.grad.mul_(self.scale)
-        elif self.stale:
+        if self.comm.size == 1 or self.stale:     # one rank: only the scaling (_allreduce_in_buckets does it)
             for _, pending in self.posted:        # out of date, but every rank posted them: complete them
                 pending.wait()
             _allreduce_in_buckets(self.params, self.comm, self.scale, bucket_bytes=self.total_bytes or 1)
@@ -145,9 +139,7 @@ class GradientPieces:
             self._post_complete_pieces()          # the pieces no hook completed (unused parameters)
             for piece, (flat, pending) in zip(self.pieces, self.posted):
                 pending.wait()
-                flat.mul_(self.scale)                                    # (1/R) Σ_r
-                for p, part in zip(piece, torch.split(flat, [p.numel() for p in piece])):
-                    p.grad.copy_(part.view_as(p.grad))
+                _copy_back(piece, flat, self.scale)                      # (1/R) Σ_r
         self._new_round()
 
     def remove(self) -> None:
@@ -222,16 +214,15 @@ def _expert_forward_seconds(model: nn.Module, tokens_per_rank: int, layout: Para
     return _fastest(lambda: x @ w, device=first.device)
 
 
-def _fastest(call, device=None) -> float:
+def _fastest(call, device="cpu") -> float:
     """The fastest of REPEATS timed calls, after one warm-up."""
     times = []
     for repeat in range(REPEATS + 1):
         start = time.perf_counter()
         call()
-        if device is not None and torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)
+        elapsed = wall_clock(device) - start                   # (after the GPU's queued work)
         if repeat:
-            times.append(time.perf_counter() - start)
+            times.append(elapsed)
     return min(times)
 
 
@@ -243,24 +234,16 @@ def _bytes(p: nn.Parameter) -> int:
     return p.numel() * max(p.element_size(), 4 if p.dtype in (torch.float16, torch.bfloat16) else 0)
 
 
-def _cut(params: list, counts: list[int]) -> list[list]:
-    pieces, start = [], 0
-    for count in counts:
-        pieces.append(params[start:start + count])
-        start += count
+def _cut(params: list[nn.Parameter], counts: list[int]) -> list[list[nn.Parameter]]:
+    """Consecutive pieces of ``counts[i]`` parameters; one flat buffer per piece, so a piece whose gradients
+    differ in dtype or device is cut again where they change."""
+    starts = set(accumulate(counts[:-1]))                      # where pieces 1, 2, ... begin
+    pieces = []
+    for i, p in enumerate(params):
+        if not pieces or i in starts or (p.dtype, p.device) != (pieces[-1][0].dtype, pieces[-1][0].device):
+            pieces.append([])
+        pieces[-1].append(p)
     return pieces
-
-
-def _split_at_dtype_changes(pieces: list[list[nn.Parameter]]) -> list[list[nn.Parameter]]:
-    """One flat buffer per piece: a piece whose gradients differ in dtype or device is cut where they change."""
-    out = []
-    for piece in pieces:
-        out.append([piece[0]])
-        for p in piece[1:]:
-            if (p.dtype, p.device) != (out[-1][0].dtype, out[-1][0].device):
-                out.append([])
-            out[-1].append(p)
-    return out
 
 
 def _kb(nbytes: float) -> str:

@@ -101,14 +101,22 @@ def _allreduce_in_buckets(params: list[nn.Parameter], comm: Communicator, scale:
                 p.grad.mul_(scale)
         return
     for bucket in _buckets(params, bucket_bytes):
-        grads = [p.grad for p in bucket]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        if flat.dtype in (torch.float16, torch.bfloat16):
-            flat = flat.float()                 # sum 16-bit gradients in float32
+        flat = _flat_gradients(bucket)
         comm.allreduce_(flat, purpose="allreduce_gradients")
-        flat.mul_(scale)
-        for grad, piece in zip(grads, torch.split(flat, [g.numel() for g in grads])):
-            grad.copy_(piece.view_as(grad))
+        _copy_back(bucket, flat, scale)
+
+
+def _flat_gradients(params: list[nn.Parameter]) -> torch.Tensor:
+    """The gradients of ``params`` in one flat buffer (also gradient_partitioning.py's pieces)."""
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    return flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat   # sum 16-bit grads in float32
+
+
+def _copy_back(params: list[nn.Parameter], flat: torch.Tensor, scale: float) -> None:
+    """``grad ← scale · flat``, each parameter's part of the (summed) flat buffer."""
+    flat.mul_(scale)
+    for p, part in zip(params, torch.split(flat, [p.numel() for p in params])):
+        p.grad.copy_(part.view_as(p.grad))
 
 
 def _buckets(params: list[nn.Parameter], bucket_bytes: int) -> list[list[nn.Parameter]]:

@@ -85,10 +85,8 @@ class HierarchicalExchange:
         phase1_recv = mine.sum(dim=1).tolist()                                          # Σ_n' per source l_s
         self._count("intra_node", phase1_send, self.local)
         phase2_recv = torch.tensor(recv_rows, dtype=torch.int64).reshape(N, G).sum(dim=1).tolist()
-        if blocking:
-            arrived = self.intra.alltoallv(by_local, phase1_send, phase1_recv)
-            return PendingTwoPhase(self, None, mine, phase2_recv, arrived)
-        return PendingTwoPhase(self, self.intra.ialltoallv(by_local, phase1_send, phase1_recv), mine, phase2_recv)
+        post = self.intra.alltoallv if blocking else self.intra.ialltoallv
+        return PendingTwoPhase(self, post(by_local, phase1_send, phase1_recv), mine, phase2_recv, blocking)
 
     def _count(self, level: str, sends: list[int], me: int) -> None:
         self.messages[level] += sum(1 for peer, rows in enumerate(sends) if rows and peer != me)
@@ -98,42 +96,31 @@ class HierarchicalExchange:
 
 
 class PendingTwoPhase:
-    """A posted hierarchical exchange: phase 1 in flight; :meth:`advance` posts phase 2, :meth:`wait` ends it."""
+    """A posted hierarchical exchange: phase 1 in flight; :meth:`advance` posts phase 2, :meth:`wait` ends it.
+    A blocking one (``alltoallv``) holds each phase's arrived rows instead of its handle."""
 
     def __init__(self, exchange: HierarchicalExchange, phase1, mine: torch.Tensor, phase2_recv: list[int],
-                 arrived: torch.Tensor | None = None):
+                 blocking: bool = False):
         self.exchange, self.phase1, self.mine, self.phase2_recv = exchange, phase1, mine, phase2_recv
-        self.arrived = arrived                              # phase 1's rows, when it was blocking
+        self.blocking = blocking
         self.phase2 = None                                  # phase 2, once posted
-        self.blocking = arrived is not None
 
     def advance(self) -> None:
         """Wait for phase 1, then post phase 2 (non-blocking unless the exchange was blocking)."""
         if self.phase2 is not None:
             return
-        arrived = self.arrived if self.phase1 is None else self.phase1.wait()
+        arrived = self.phase1 if self.blocking else self.phase1.wait()
         # Reorder (l_s, n') -> (n', l_s): rows for each destination node contiguous.
         by_node = arrived.index_select(0, _expert_major_source_rows(self.mine).to(arrived.device))
         # Phase 2: block n' to node n' (over the ranks with my local index).
         phase2_send = self.mine.sum(dim=0).tolist()                                     # Σ_l_s per n'
         self.exchange._count("inter_node", phase2_send, self.exchange.node)
-        inter = self.exchange.inter
-        self.phase2 = (_Done(inter.alltoallv(by_node, phase2_send, self.phase2_recv)) if self.blocking
-                       else inter.ialltoallv(by_node, phase2_send, self.phase2_recv))
+        post = self.exchange.inter.alltoallv if self.blocking else self.exchange.inter.ialltoallv
+        self.phase2 = post(by_node, phase2_send, self.phase2_recv)
 
     def wait(self) -> torch.Tensor:
         self.advance()
-        return self.phase2.wait()
-
-
-class _Done:
-    """The handle of a collective that already finished (a blocking phase 2)."""
-
-    def __init__(self, result: torch.Tensor):
-        self.result = result
-
-    def wait(self) -> torch.Tensor:
-        return self.result
+        return self.phase2 if self.blocking else self.phase2.wait()
 
 
 def count_flat_messages(send_rows: list[int], my_rank: int, ranks_per_node: int) -> dict[str, int]:

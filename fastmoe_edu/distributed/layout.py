@@ -164,8 +164,6 @@ def layout_sizes(cfg, world_size: int) -> tuple[int, int, int]:
 
     ``ep`` unset means "all ranks not used by tp and dp": ep = world size / (tp · dp).
     """
-    if cfg.ep is None:
-        hint = f"; launch a multiple of {cfg.tp * cfg.dp} ranks or change tp / dp"
-    else:
-        hint = f"; launch {cfg.tp * cfg.ep * cfg.dp} ranks or change tp / ep / dp"
+    hint = (f"; launch a multiple of {cfg.tp * cfg.dp} ranks or change tp / dp" if cfg.ep is None
+            else f"; launch {cfg.tp * cfg.ep * cfg.dp} ranks or change tp / ep / dp")
     return split_world(world_size, cfg.tp, cfg.ep, cfg.dp, hint=hint)

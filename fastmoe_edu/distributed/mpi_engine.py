@@ -88,8 +88,7 @@ class MPICommunicator(Communicator):
         return count
 
     def _start_alltoallv(self, send, received, send_counts, recv_counts):
-        return self.comm.Ialltoallv(_buffer(send, send_counts, _exclusive_prefix_sum(send_counts)),
-                                    _buffer(received, recv_counts, _exclusive_prefix_sum(recv_counts)))
+        return self.comm.Ialltoallv(_buffer(send, send_counts), _buffer(received, recv_counts))
 
     def _start_sendrecv(self, send, destination, received, source):
         return [self.comm.Irecv(_buffer(received), source=source, tag=_TAG_ROWS),
@@ -102,8 +101,7 @@ class MPICommunicator(Communicator):
         return self.comm.Ibcast(_buffer(tensor), root=root)
 
     def _allgatherv(self, send, gathered, counts):
-        self._complete(self.comm.Iallgatherv(_buffer(send), _buffer(gathered, counts, _exclusive_prefix_sum(counts))),
-                       "all-gather")
+        self._complete(self.comm.Iallgatherv(_buffer(send), _buffer(gathered, counts)), "all-gather")
 
     def _start_barrier(self):
         return self.comm.Ibarrier()
@@ -147,8 +145,9 @@ def mpi_world(timeout_s: float | None = None, sleep_while_waiting: bool | None =
     return world
 
 
-def _buffer(tensor: torch.Tensor, counts: list[int] | None = None, displacements: list[int] | None = None):
-    """mpi4py's buffer specification ``[memory, (counts, displacements), datatype]`` for ``tensor``."""
+def _buffer(tensor: torch.Tensor, counts: list[int] | None = None):
+    """mpi4py's buffer specification ``[memory, (counts, displacements), datatype]`` for ``tensor``, the
+    displacements of consecutive blocks of ``counts`` elements (or ``[memory, datatype]``: the whole tensor)."""
     if tensor.dtype in _SENT_AS_INT16:
         tensor = tensor.view(torch.int16)
     if tensor.dtype not in _MPI_TYPES:
@@ -156,4 +155,4 @@ def _buffer(tensor: torch.Tensor, counts: list[int] | None = None, displacements
     memory = tensor.numpy() if tensor.device.type == "cpu" else tensor
     if counts is None:
         return [memory, _MPI_TYPES[tensor.dtype]]
-    return [memory, (counts, displacements), _MPI_TYPES[tensor.dtype]]
+    return [memory, (counts, _exclusive_prefix_sum(counts)), _MPI_TYPES[tensor.dtype]]

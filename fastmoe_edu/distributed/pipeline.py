@@ -171,19 +171,9 @@ class PipelinedExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, buffer, run_piece, exchange, schedule: Schedule, build_graph: bool, *params):
-        send, recv = schedule.send_forward, schedule.recv_forward
-        chunks = [buffer.index_select(0, rows.to(buffer.device)) for rows in send.indices]
+        computed = []
 
-        def scatter(c):
-            return exchange.ialltoallv(chunks[c], send.peer_rows[c], recv.peer_rows[c])
-        scatters, gathers, computed = [scatter(c) for c in range(min(2, len(chunks)))], [], []
-        scatters[0].advance()                                                    # (chunk 0's second phase first)
-        for c in range(len(chunks)):
-            if c + 2 < len(chunks):
-                scatters.append(scatter(c + 2))                                  # chunk c+2 starts travelling
-            if c + 1 < len(chunks):
-                scatters[c + 1].advance()                                        # c+1's second phase, if any
-            received = scatters[c].wait()                                        # ... while chunk c is computed
+        def experts_on(c, received):                                             # forward chunk c, piece by piece
             outs, places = [], []
             for piece in (p for p in schedule.pieces if p.forward_chunk == c):
                 rows = received.index_select(0, piece.in_forward.to(received.device)).requires_grad_(build_graph)
@@ -192,32 +182,19 @@ class PipelinedExperts(torch.autograd.Function):
                 computed.append((piece, rows, out))
                 outs.append(out.detach())
                 places.append(piece.in_forward)
-            results = _place(torch.cat(outs), torch.cat(places), received.shape[0])
-            gathers.append(exchange.ialltoallv(results, recv.peer_rows[c], send.peer_rows[c]))   # results go home
-            if c > 0:
-                gathers[c - 1].advance()                                         # (c−1's second phase, if any)
+            return _place(torch.cat(outs), torch.cat(places), received.shape[0])    # (then they go home)
         ctx.exchange, ctx.schedule, ctx.params, ctx.computed = exchange, schedule, params, computed
         ctx.buffer_shape, ctx.buffer_dtype = buffer.shape, buffer.dtype
-        returned = torch.cat([pending.wait() for pending in gathers])
-        return _place(returned, torch.cat(send.indices), buffer.shape[0])       # chunk order -> buffer order
+        return _overlapped(buffer, schedule.send_forward, schedule.recv_forward, exchange, experts_on)
 
     @staticmethod
     def backward(ctx, grad):
-        exchange, params = ctx.exchange, ctx.params
-        send, recv = ctx.schedule.send_backward, ctx.schedule.recv_backward
-        grads = [grad.index_select(0, rows.to(grad.device)) for rows in send.indices]
-
-        def grad_gather(b):       # the gradient of my results goes to where they were computed (the gather's reverse)
-            return exchange.ialltoallv(grads[b], send.peer_rows[b], recv.peer_rows[b])
-        incoming, outgoing = [grad_gather(b) for b in range(min(2, len(grads)))], []
-        incoming[0].advance()
+        # Mirrored: the gradient of my results goes to where they were computed (the gather's reverse), and
+        # chunk b's input gradient travels home (the scatter's reverse) during chunk b+1's backward.
+        params = ctx.params
         param_grads = [torch.zeros_like(p) for p in params]
-        for b in range(len(grads)):
-            if b + 2 < len(grads):
-                incoming.append(grad_gather(b + 2))
-            if b + 1 < len(grads):
-                incoming[b + 1].advance()
-            grad_out = incoming[b].wait()
+
+        def expert_backward(b, grad_out):                                        # backward chunk b, piece by piece
             grad_in = grad_out.new_zeros((grad_out.shape[0], *ctx.buffer_shape[1:]), dtype=ctx.buffer_dtype)
             for piece, rows, out in (entry for entry in ctx.computed if entry[0].backward_chunk == b):
                 at = piece.in_backward.to(grad_out.device)
@@ -227,14 +204,35 @@ class PipelinedExperts(torch.autograd.Function):
                     if partial is not None:
                         total += partial                                         # piece order: deterministic
                 grad_in.index_copy_(0, at, found[0])
-            # Chunk b's input gradient travels home (the scatter's reverse) during chunk b+1's backward.
-            outgoing.append(exchange.ialltoallv(grad_in, recv.peer_rows[b], send.peer_rows[b]))
-            if b > 0:
-                outgoing[b - 1].advance()
-        grad_chunks = torch.cat([pending.wait() for pending in outgoing])
+            return grad_in
+        grad_buffer = _overlapped(grad, ctx.schedule.send_backward, ctx.schedule.recv_backward, ctx.exchange,
+                                  expert_backward)
         ctx.computed = None                                                      # free the pieces' graphs
-        grad_buffer = _place(grad_chunks, torch.cat(send.indices), ctx.buffer_shape[0])
         return (grad_buffer, None, None, None, None, *param_grads)
+
+
+def _overlapped(rows: torch.Tensor, send: Chunking, recv: Chunking, exchange, compute) -> torch.Tensor:
+    """Either pass's loop (module docstring): ``rows`` go out in ``send``'s chunks, each posted two chunks
+    ahead and advanced one ahead; ``compute(c, arrived)`` runs on chunk c once it is in, and its result goes
+    back (the counts swapped) while the next chunk computes, advanced one chunk behind. Returns what came
+    back, in the order of ``rows``."""
+    chunks = [rows.index_select(0, where.to(rows.device)) for where in send.indices]
+
+    def post(c):
+        return exchange.ialltoallv(chunks[c], send.peer_rows[c], recv.peer_rows[c])
+    outgoing, returning = [post(c) for c in range(min(2, len(chunks)))], []
+    outgoing[0].advance()                                                        # (chunk 0's second phase first)
+    for c in range(len(chunks)):
+        if c + 2 < len(chunks):
+            outgoing.append(post(c + 2))                                         # chunk c+2 starts travelling
+        if c + 1 < len(chunks):
+            outgoing[c + 1].advance()                                            # c+1's second phase, if any
+        result = compute(c, outgoing[c].wait())                                  # ... while chunk c is computed
+        returning.append(exchange.ialltoallv(result, recv.peer_rows[c], send.peer_rows[c]))
+        if c > 0:
+            returning[c - 1].advance()                                           # (c−1's second phase, if any)
+    returned = torch.cat([pending.wait() for pending in returning])
+    return _place(returned, torch.cat(send.indices), rows.shape[0])             # chunk order -> row order
 
 
 def _place(rows: torch.Tensor, where: torch.Tensor, total: int) -> torch.Tensor:

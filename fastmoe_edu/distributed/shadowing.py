@@ -183,10 +183,7 @@ def split_segments(counts: torch.Tensor, chosen: list[int]) -> tuple[torch.Tenso
     """For rows sorted by global expert (``counts[E]``): the row order that puts the ``chosen`` experts'
     segments first (in that order), then every other row in its order; and how many rows come first."""
     counts = counts.to("cpu", torch.int64)
-    starts = torch.cumsum(counts, 0) - counts
-    first = [torch.arange(int(starts[e]), int(starts[e] + counts[e])) for e in chosen]
-    is_chosen = torch.zeros(int(counts.sum()), dtype=torch.bool)
-    for index in first:
-        is_chosen[index] = True
-    order = torch.cat([*first, torch.nonzero(~is_chosen).flatten()])
-    return order, int(is_chosen.sum())
+    place = torch.full((len(counts),), len(chosen))            # each expert's place: the chosen ones 0, 1, ...
+    place[chosen] = torch.arange(len(chosen))                  # in order, every other one after them
+    order = torch.argsort(torch.repeat_interleave(place, counts), stable=True)   # (stable: rows in order)
+    return order, int(counts[chosen].sum())

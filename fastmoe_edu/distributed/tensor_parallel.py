@@ -202,14 +202,11 @@ def make_tensor_parallel(model: nn.Module, layout: ParallelLayout) -> nn.Module:
         return model
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if isinstance(child, (CausalSelfAttention, DenseMLP))]
-    for _, _, child in targets:                                                  # check all before changing any
-        if isinstance(child, CausalSelfAttention):
-            _check_divisible("n_head", child.n_head, comm.size)
-        else:
-            _check_divisible("d_hidden", child.up.weight.shape[0], comm.size)
-    for parent, name, child in targets:
-        cls = TensorParallelAttention if isinstance(child, CausalSelfAttention) else TensorParallelMLP
-        setattr(parent, name, cls(child, comm))
+    # Every slice is built (each checks its divisibility first) before any is swapped in: a bad tp changes nothing.
+    slices = [(TensorParallelAttention if isinstance(child, CausalSelfAttention) else TensorParallelMLP)(child, comm)
+              for _, _, child in targets]
+    for (parent, name, _), sliced in zip(targets, slices):
+        setattr(parent, name, sliced)
     return model
 
 
