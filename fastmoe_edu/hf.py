@@ -51,6 +51,8 @@ which is exactly ``MoELayer(router="softmax_top_k", expert="swiglu", renormalize
                *in each sequence* (a dropped token's output is 0)
                                                               -> router="switch", expert="relu", expert_capacity,
                                                                  capacity_per="sequence"
+    JetMoE:    w = softmax over the k largest logits; input_linear [E, 2I, d] = [gate; up], output_linear
+               [E, d, I]; y += b, a learned [d] bias on every token   -> output_bias=True (geglu with "gelu")
 
 Families whose
 blocks compute something the project's options cannot express are listed too (``UNSUPPORTED``), so the
@@ -101,6 +103,8 @@ class Family:
                        biases gate_up_proj_bias [E, 2I], down_proj [E, I, d], down_proj_bias [E, d]
         "dbrx"         mlp.w1 (gate), mlp.v1 (up), mlp.w2 (down, transposed), each [E·I, d]
         "switch"       one module expert_{e} per expert: wi [I, d], wo [d, I] (ReLU, no gate)
+        "jetmoe"       the block itself: input_linear.weight [E, 2I, d] = [gate; up], output_linear.weight
+                       [E, d, I], and bias [d] added to the output
     weight_at / top_k_at: the path from the block to the router weight W [E, d] and to k, when they are not
         ``<router_attr>.weight`` / ``<router_attr>.top_k``.
     router_bias: the router is a Linear with a bias: logits = x Wᵀ + c (GPT-OSS).
@@ -165,6 +169,9 @@ SUPPORTED: dict[str, Family] = {
     "SwitchTransformersSparseMLP": Family("Switch Transformers", "router", "never", routing="switch",
                                           experts="switch", weight_at="router.classifier.weight",
                                           logits_per_token=False),
+    # Softmax over the top-k logits; the block holds its experts ([gate; up] halves) and a bias added to every
+    # token's output (output_bias). Its attention's mixture of experts (JetMoeMoA) stays HF's.
+    "JetMoeMoE": Family("JetMoE", "router", "always", experts="jetmoe", weight_at="router.layer.weight"),
 }
 
 #: HF MoE block class name -> (family, what MoELayer would need to express it exactly).
@@ -181,7 +188,6 @@ UNSUPPORTED: dict[str, tuple[str, str]] = {
                          "capacity ceil(moe_eval_capacity_token_fraction·T), a sampled second expert, and the "
                          "token dropout's eval scaling (outputs × (1 − p); expert_dropout is the identity in eval)"),
     "PhimoeSparseMoeBlock": ("Phi-MoE", "SparseMixer routing (a masked, jittered softmax per selected expert)"),
-    "JetMoeMoE": ("JetMoE", "a bias added to the MoE output and mixture-of-attention (MoA) experts in attention"),
 }
 
 
@@ -237,7 +243,7 @@ def _read_block(block: nn.Module) -> _BlockView:
     what = f"{family.name} ({type(block).__name__})"
     layout_note = (f"this transformers version lays out {what} differently from the one fastmoe_edu.hf was "
                    f"written for (transformers >= 5.5; Granite-MoE >= 5.18, Jamba >= 5.22; the families added "
-                   f"with GPT-OSS and Switch: 5.24)")
+                   f"with GPT-OSS, Switch and JetMoE: 5.24)")
     jitter = getattr(block, "jitter_noise", None) or 0.0                  # Mixtral, MiniMax: x ← x · U(1−ε, 1+ε)
     if jitter > 0:
         raise UnsupportedFamilyError(f"{what}: router_jitter_noise={jitter} multiplies the block's "
@@ -349,6 +355,8 @@ def _read_switch_router(router, options: dict, tensors: list, expected: set, wha
 
 def _read_experts(block, family: Family, what: str, layout_note: str):
     """The experts' options (sizes, kind, biases) and tensors, each as a view in the layer's layout."""
+    if family.experts == "jetmoe":
+        return _read_jetmoe_experts(block, what, layout_note)
     experts = _get(block, "experts", what, layout_note)
     if family.experts == "switch":
         return _read_switch_experts(experts, what, layout_note)
@@ -407,9 +415,30 @@ def _read_switch_experts(experts, what: str, layout_note: str):
     return _expert_options(num_experts, d_model, hidden, "relu"), tensors
 
 
+def _read_jetmoe_experts(block, what: str, layout_note: str):
+    """JetMoE: y = Σ_s w_s · output_e(act(g) ⊙ u) + b, [g; u] = input_e x split in halves (chunk(2)), b [d]
+    added to every token (MoELayer's output_bias); act is silu (swiglu) or the exact gelu (geglu)."""
+    _expect_parameters(what, block, {"bias", "input_linear.weight", "output_linear.weight", "router.layer.weight"})
+    gate_up, down = block.input_linear.weight, block.output_linear.weight                 # [E, 2I, d], [E, d, I]
+    num_experts, two_hidden, d_model = gate_up.shape
+    hidden = two_hidden // 2
+    if two_hidden % 2 or tuple(down.shape) != (num_experts, d_model, hidden):
+        raise UnsupportedFamilyError(f"{what}: expert shapes input_linear {tuple(gate_up.shape)}, output_linear "
+                                     f"{tuple(down.shape)} do not fit [E, 2I, d], [E, d, I]: {layout_note}")
+    act = getattr(block, "activation", None)
+    kind = "swiglu" if _is_silu(act) else "geglu" if _is_exact_gelu(act) else None
+    if kind is None:
+        raise UnsupportedFamilyError(f"{what}: experts use activation {type(act).__name__}; MoELayer's gated experts "
+                                     f"take silu (swiglu) or the exact gelu (geglu): only activation_function="
+                                     f"'silu' or 'gelu' converts exactly")
+    tensors = [("experts.w1", None, gate_up[:, :hidden]), ("experts.w3", None, gate_up[:, hidden:]),
+               ("experts.w2", None, down), ("output_bias", None, block.bias)]
+    return {**_expert_options(num_experts, d_model, hidden, kind), "output_bias": True}, tensors
+
+
 def _expert_options(num_experts: int, d_model: int, hidden: int, kind: str, bias: bool = False) -> dict:
     return dict(num_experts=num_experts, d_model=d_model, d_hidden=hidden, expert=kind, bias=bias,
-                swiglu_alpha=None, swiglu_limit=None)
+                swiglu_alpha=None, swiglu_limit=None, output_bias=False)
 
 
 def _read_shared(block, family: Family, what: str, layout_note: str):
@@ -454,6 +483,17 @@ def _expect_silu(what: str, act) -> None:
     if not _is_silu(act):
         raise UnsupportedFamilyError(f"{what}: experts use activation {type(act).__name__}, but MoELayer's SwiGLU "
                                      f"expert is silu(W1 x) ⊙ W3 x; only hidden_act='silu' converts exactly")
+
+
+def _is_exact_gelu(act) -> bool:
+    """transformers' "gelu" / "gelu_python" (the erf GELU, as MoELayer's), or torch's nn.GELU without approximation."""
+    if isinstance(act, nn.GELU):
+        return act.approximate == "none"
+    try:
+        from transformers.activations import GELUActivation
+    except ImportError:
+        return False
+    return type(act) is GELUActivation
 
 
 def _is_silu(act) -> bool:
@@ -517,6 +557,7 @@ _LAYER_READERS = {
     "expert_dropout": lambda layer: getattr(layer, "expert_dropout", 0.0),
     "router_bias": lambda layer: getattr(layer.router, "logit_bias", None) is not None,
     "logit_softcap": lambda layer: getattr(layer.router, "logit_softcap", None),
+    "output_bias": lambda layer: layer.output_bias is not None,
 }
 
 

@@ -123,6 +123,8 @@ class MoELayer(nn.Module):
             0 (the default) = none.
         shared_d_hidden: the hidden width of one shared expert; None = ``d_hidden``.
         shared_expert_gate: scale the shared output by σ(x·g), g a learned [d_model] vector (Qwen2-MoE).
+        output_bias: add a learned bias b [d_model] to every token's output, y = Σ_s w_s · expert(x) + b
+            (JetMoE; a token whose assignments were all dropped gets b). A replicated parameter, like the router.
         swiglu_alpha, swiglu_limit: the constants α and limit of ``expert="clamped_swiglu"`` (GPT-OSS;
             defaults 1.702 and 7.0); refused for the other kinds.
         **router_options: passed to the router (e.g. ``renormalize``, ``jitter_epsilon``, ``balance_loss_weight``).
@@ -134,7 +136,8 @@ class MoELayer(nn.Module):
                  shared_d_hidden: int | None = None, shared_expert_gate: bool = False,
                  swiglu_alpha: float | None = None, swiglu_limit: float | None = None,
                  expert_capacity: int | None = None, capacity_per: str = "batch", capacity_priority: str = "order",
-                 renormalize_after_dropping: bool = False, expert_dropout: float = 0.0, **router_options):
+                 renormalize_after_dropping: bool = False, expert_dropout: float = 0.0, output_bias: bool = False,
+                 **router_options):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_hidden", d_hidden), ("num_experts", num_experts)):
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
@@ -156,6 +159,8 @@ class MoELayer(nn.Module):
         _check_shared_options(num_shared_experts, shared_d_hidden, shared_expert_gate)
         _check_capacity_options(router, capacity_factor, expert_capacity, capacity_per)
         _check_dropping_options(router, capacity_priority, renormalize_after_dropping, expert_dropout)
+        if not isinstance(output_bias, bool):
+            raise ValueError(f"output_bias={output_bias!r} must be True or False")
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.router_name, self.backend_name = router, backend
         self.capacity_per, self.expert_dropout = capacity_per, float(expert_dropout)
@@ -173,6 +178,7 @@ class MoELayer(nn.Module):
                                              bias, gated=shared_expert_gate, **expert_constants)
                                if num_shared_experts else None)
         self.num_shared_experts = num_shared_experts
+        self.output_bias = nn.Parameter(torch.zeros(d_model)) if output_bias else None
         self.aux_loss = torch.zeros(())
         self.last_routing: RoutingRecord | None = None
         self.expert_runner = LocalExperts()        # the two seams (module docstring)
@@ -185,7 +191,7 @@ class MoELayer(nn.Module):
             y, record = soft_moe_forward(self.router, self.experts, self.expert_runner, x, backend)
             self.aux_loss = y.new_zeros(())       # no balance loss (and no z-loss): balanced by construction
             self.last_routing = RoutingRecord(**record)
-            return self._add_shared(x.reshape(-1, self.d_model), y.reshape(-1, self.d_model)).reshape(x.shape)
+            return self._add_always_on(x.reshape(-1, self.d_model), y.reshape(-1, self.d_model)).reshape(x.shape)
         tokens = all_tokens = x.reshape(-1, self.d_model)                          # [T, d]
         self.router.backend = backend
 
@@ -229,12 +235,13 @@ class MoELayer(nn.Module):
         # 9. Local gather + combine: y[t] = Σ_s w[t, s] · expert_out[row(t, s)].
         y = backend.gather_combine(expert_out, rows, weights)
         y = self.expert_runner.collect_tokens(y)                                   # TED: the tp shares joined
-        # 10. Shared experts (if any) on every token: y += shared(x), or σ(x·g) · shared(x).
-        return self._add_shared(all_tokens, y).reshape(x.shape)
+        # 10. Shared experts (if any) on every token: y += shared(x), or σ(x·g) · shared(x); then y += b.
+        return self._add_always_on(all_tokens, y).reshape(x.shape)
 
-    def _add_shared(self, tokens: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
-        """routed + shared(tokens) (DeepSeek), the shared part gated by σ(x·g) under Qwen2-MoE's gate."""
-        return routed if self.shared_experts is None else routed + self.shared_experts(tokens)
+    def _add_always_on(self, tokens: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+        """routed + shared(tokens) (DeepSeek; gated by σ(x·g) under Qwen2-MoE's gate) + b (JetMoE's output bias)."""
+        out = routed if self.shared_experts is None else routed + self.shared_experts(tokens)
+        return out if self.output_bias is None else out + self.output_bias
 
     def _check_input(self, x: torch.Tensor) -> None:
         """Refuse, before any work, an input the layer cannot take, and say what it takes instead."""
@@ -267,6 +274,7 @@ class MoELayer(nn.Module):
 
     def extra_repr(self) -> str:
         shared = f", num_shared_experts={self.num_shared_experts}" if self.num_shared_experts else ""
+        shared += ", output_bias=True" if self.output_bias is not None else ""
         slots = (f"slots_per_expert={self.router.slots_per_expert}" if self.router_name == SOFT_MOE
                  else f"top_k={self.top_k}")
         return (f"num_experts={self.num_experts}, {slots}{shared}, router={self.router_name!r}, "

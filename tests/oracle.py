@@ -216,6 +216,8 @@ def oracle_forward(layer, x: torch.Tensor, draws: dict, tokens_per_sequence: int
                 y = y + weight * out
         if layer.shared_experts is not None:
             y = y + _shared(layer, x[t])
+        if getattr(layer, "output_bias", None) is not None:     # JetMoE: b on every token, dropped ones too
+            y = y + layer.output_bias
         outputs.append(y)
     return torch.stack(outputs)
 

@@ -90,7 +90,7 @@ def test_registry_lists_the_required_families():
     assert {"MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock"} <= set(SUPPORTED)
     assert {"Qwen2MoeSparseMoeBlock", "DeepseekV2Moe", "DeepseekV3MoE"} <= set(SUPPORTED)
     assert {"GptOssMLP", "DbrxFFN", "Ernie4_5_MoeSparseMoeBlock", "HunYuanMoEV1Moe", "AriaTextMoELayer",
-            "SwitchTransformersSparseMLP"} <= set(SUPPORTED)
+            "SwitchTransformersSparseMLP", "JetMoeMoE"} <= set(SUPPORTED)
     assert {"NllbMoeSparseMLP", "Llama4TextMoe"} <= set(UNSUPPORTED)
     assert not set(SUPPORTED) & set(UNSUPPORTED)
     assert set(FAMILY_MODULES) | set(NEW_BLOCKS) == set(SUPPORTED)       # every supported family is tested below
@@ -224,6 +224,8 @@ NEW_BLOCKS = {
     # 2 places per expert and sequence: with 5 tokens per sequence and 6 experts, some tokens are dropped.
     "SwitchTransformersSparseMLP": ("switch_transformers", "SwitchTransformersConfig",
                                     dict(d_model=D, d_ff=HIDDEN, num_experts=E, expert_capacity=2, num_heads=2)),
+    "JetMoeMoE": ("jetmoe", "JetMoeConfig", dict(hidden_size=D, intermediate_size=HIDDEN, num_local_experts=E,
+                                                 num_experts_per_tok=K)),
 }
 
 
@@ -267,6 +269,12 @@ def hf_gradients(cls_name: str, block, layer):
                   ("w1", grad("experts.w1"), mlp.w1.grad.reshape(E, HIDDEN, D)),
                   ("w3", grad("experts.w3"), mlp.v1.grad.reshape(E, HIDDEN, D)),
                   ("w2", grad("experts.w2"), mlp.w2.grad.reshape(E, HIDDEN, D).transpose(1, 2))]
+    elif cls_name == "JetMoeMoE":                       # input_linear [E, 2I, d] = [gate; up] (chunk(2)), bias [d]
+        pairs += [("router.weight", grad("router.weight"), block.router.layer.weight.grad),
+                  ("w1", grad("experts.w1"), block.input_linear.weight.grad[:, :HIDDEN]),
+                  ("w3", grad("experts.w3"), block.input_linear.weight.grad[:, HIDDEN:]),
+                  ("w2", grad("experts.w2"), block.output_linear.weight.grad),
+                  ("output bias", grad("output_bias"), block.bias.grad)]
     elif cls_name == "SwitchTransformersSparseMLP":     # one Linear pair per expert
         pairs.append(("router.weight", grad("router.weight"), block.router.classifier.weight.grad))
         for e in range(E):
@@ -351,6 +359,8 @@ def test_new_layout_block_equals_hf_block(cls_name):
     ("AriaTextMoELayer", {}, dict(renormalize=True, num_shared_experts=2, shared_d_hidden=HIDDEN)),
     ("SwitchTransformersSparseMLP", {}, dict(router="switch", expert="relu", expert_capacity=2,
                                              capacity_per="sequence", jitter_epsilon=0.01)),
+    ("JetMoeMoE", {}, dict(expert="swiglu", output_bias=True, renormalize=True)),
+    ("JetMoeMoE", dict(activation_function="gelu"), dict(expert="geglu", output_bias=True)),
 ])
 def test_new_family_options(cls_name, extra, expected):
     layer = from_hf(new_block(cls_name, **extra))
@@ -358,7 +368,8 @@ def test_new_family_options(cls_name, extra, expected):
                "router_bias": layer.router.logit_bias is not None, "swiglu_alpha": layer.experts.swiglu_alpha,
                "swiglu_limit": layer.experts.swiglu_limit, "capacity_per": layer.capacity_per,
                "num_shared_experts": layer.num_shared_experts,
-               "shared_d_hidden": layer.shared_experts and layer.shared_experts.width // layer.num_shared_experts}
+               "shared_d_hidden": layer.shared_experts and layer.shared_experts.width // layer.num_shared_experts,
+               "output_bias": layer.output_bias is not None}
     for key, value in expected.items():
         got = readers[key] if key in readers else getattr(layer.router, key)
         assert got == value, key
@@ -399,6 +410,7 @@ def test_switch_capacity_is_counted_per_sequence():
     ("Ernie4_5_MoeSparseMoeBlock", dict(use_bias=True), "shared expert has parameters"),
     ("AriaTextMoELayer", dict(mlp_bias=True), "shared expert has parameters"),
     ("SwitchTransformersSparseMLP", dict(dense_act_fn="gelu"), "dense_act_fn='relu'"),
+    ("JetMoeMoE", dict(activation_function="gelu_new"), "activation_function='silu' or 'gelu'"),
 ])
 def test_new_family_settings_that_do_not_convert(cls_name, extra, message):
     with pytest.raises(UnsupportedFamilyError, match=message):
@@ -512,6 +524,12 @@ def tiny_new_model(cls_name: str, seed: int = 0):
         config = transformers.AriaTextConfig(intermediate_size=HIDDEN, moe_num_experts=E, moe_topk=K,
                                              moe_num_shared_experts=1, **decoder)
         cls = transformers.AriaTextForCausalLM
+    elif cls_name == "JetMoeMoE":                 # its attention's own mixture of experts (MoA) stays HF's
+        config = transformers.JetMoeConfig(vocab_size=48, hidden_size=D, num_hidden_layers=2, num_key_value_heads=2,
+                                           kv_channels=4, intermediate_size=HIDDEN, num_local_experts=E,
+                                           num_experts_per_tok=K, output_router_logits=True, aux_loss_coef=0.05,
+                                           attn_implementation="eager")
+        cls = transformers.JetMoeForCausalLM
     else:
         config = transformers.SwitchTransformersConfig(d_model=D, d_kv=8, d_ff=HIDDEN, num_layers=2,
                                                        num_decoder_layers=2, num_heads=2, num_experts=E, expert_capacity=3,

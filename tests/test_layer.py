@@ -189,6 +189,9 @@ OPTION_CASES = {
     "selection-bias-groups-eps": ("softmax_top_k", "swiglu", dict(selection_bias=True, num_groups=2, top_k_groups=1,
                                                                   renormalize_eps=0.5, route_scale=1.5)),
     "fixed-expert-capacity": ("softmax_top_k", "swiglu", dict(expert_capacity=3)),
+    # JetMoE: a learned bias on every token's output; with a capacity, a fully dropped token's output is b
+    "output-bias-capacity-shared": ("softmax_top_k", "geglu", dict(output_bias=True, expert_capacity=2,
+                                                                   num_shared_experts=1)),
 }
 
 
@@ -202,7 +205,8 @@ def test_options_match_oracle(case, backend):
     layer = make_layer(router, expert, bias=bias, backend=backend, **options)
     with torch.no_grad():                       # non-zero logit bias and shared gate, so their gradients matter
         for name, param in layer.named_parameters():
-            if name in ("router.logit_bias", "shared_experts.gate") or name.startswith("shared_experts.b"):
+            if (name in ("router.logit_bias", "shared_experts.gate", "output_bias")
+                    or name.startswith("shared_experts.b")):
                 param.normal_()
     layer.eval()
     x = torch.randn(NUM_TOKENS, D_MODEL, dtype=torch.float64, requires_grad=True)

@@ -30,7 +30,7 @@ CASES = {   # name: layer options (all deterministic: no jitter, no random routi
     "softmax_top_k": dict(router="softmax_top_k", top_k=2, capacity_factor=None, z_loss_weight=0.01),
     "switch_capacity": dict(router="switch", top_k=1, capacity_factor=1.0),
     "gshard_capacity_gelu_bias": dict(router="gshard", top_k=2, capacity_factor=0.75, random_routing=False,
-                                      expert="gelu", bias=True),
+                                      expert="gelu", bias=True, output_bias=True),
     "sigmoid": dict(router="sigmoid", top_k=2, capacity_factor=None, bias_update_rate=0.1),
 }
 # (name, exchange, gradient bucket bytes, schedule options): the two flat exchanges, and FasterMoE's shadowing
@@ -43,9 +43,9 @@ VARIANTS = [("pairwise", "pairwise", 256, {}), ("alltoallv", "alltoallv", 25 * 2
 def build(options, backend, seed=0):
     torch.manual_seed(seed)
     layer = MoELayer(D_MODEL, D_HIDDEN, NUM_EXPERTS, backend=backend, **options).double()
-    with torch.no_grad():   # non-zero expert biases, so their gradients are exercised
+    with torch.no_grad():   # non-zero expert and output biases, so their gradients are exercised
         for name, param in layer.named_parameters():
-            if name.startswith("experts.b"):
+            if name.startswith("experts.b") or name == "output_bias":
                 param.copy_(torch.linspace(-1, 1, param.numel(), dtype=param.dtype).reshape(param.shape))
     return layer
 
