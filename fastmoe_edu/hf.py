@@ -53,6 +53,8 @@ which is exactly ``MoELayer(router="softmax_top_k", expert="swiglu", renormalize
                                                                  capacity_per="sequence"
     JetMoE:    w = softmax over the k largest logits; input_linear [E, 2I, d] = [gate; up], output_linear
                [E, d, I]; y += b, a learned [d] bias on every token   -> output_bias=True (geglu with "gelu")
+    Llama-4:   ids = top-k of the logits, w = σ(l_sel) on the expert's *input*: y = Σ expert_e(w_e · x)
+               + shared_expert(x)          -> router="sigmoid", renormalize=False, weights_on="input", 1 shared
 
 Families whose
 blocks compute something the project's options cannot express are listed too (``UNSUPPORTED``), so the
@@ -90,12 +92,13 @@ class Family:
     routing: "softmax" (softmax top-k), "deepseek_v2" (softmax top-k, ``topk_method`` greedy or
         group_limited_greedy, times ``routed_scaling_factor``), "deepseek_v3" (the "sigmoid" router:
         ``e_score_correction_bias``, ``n_group`` / ``topk_group``, ``routed_scaling_factor``), "ernie" (softmax
-        top-k of p + ``e_score_correction_bias``, normalizer clamped at ``moe_norm_min``) or "switch" (the
-        "switch" router: top-1, not renormalized, ``expert_capacity`` tokens per expert and sequence).
+        top-k of p + ``e_score_correction_bias``, normalizer clamped at ``moe_norm_min``), "switch" (the
+        "switch" router: top-1, not renormalized, ``expert_capacity`` tokens per expert and sequence) or
+        "llama4" (the "sigmoid" router without a bias, not renormalized, the weight on the expert's input).
     shared: None, or the always-on MLP added to every token: "deepseek" (``shared_experts``, n_shared_experts
         side by side), "qwen2" (``shared_expert`` scaled by σ(``shared_expert_gate``(x))), "hunyuan"
         (``shared_mlp``), "aria" / "ernie" (``shared_experts``, moe_num_shared_experts side by side; ERNIE's is
-        None without shared experts).
+        None without shared experts), "llama4" (``shared_expert``).
     experts: how the expert weights are stored (E experts, width I, model width d):
         "fused"        gate_up_proj [E, 2I, d] = [gate; up], down_proj [E, d, I]          (most families)
         "fused_in_out" gate_up_proj [E, d, 2I] = [gate | up], down_proj [E, I, d]          (Aria: x @ W)
@@ -172,12 +175,14 @@ SUPPORTED: dict[str, Family] = {
     # Softmax over the top-k logits; the block holds its experts ([gate; up] halves) and a bias added to every
     # token's output (output_bias). Its attention's mixture of experts (JetMoeMoA) stays HF's.
     "JetMoeMoE": Family("JetMoE", "router", "always", experts="jetmoe", weight_at="router.layer.weight"),
+    # Top-k of the logits, w = σ(l) of each chosen one, applied to the expert's *input*: y = Σ expert_e(w_e · x)
+    # + shared(x) (weights_on="input"); HF runs every expert on every token, the others with w = σ(−∞) = 0.
+    "Llama4TextMoe": Family("Llama-4", "router", "never", routing="llama4", shared="llama4", experts="fused_in_out",
+                            returns_scores=True),
 }
 
 #: HF MoE block class name -> (family, what MoELayer would need to express it exactly).
 UNSUPPORTED: dict[str, tuple[str, str]] = {
-    "Llama4TextMoe": ("Llama-4", "the sigmoid score σ(l_e) of each chosen expert (top-k of the logits) to multiply "
-                      "that expert's *input*, expert_e(σ(l_e)·x), not its output (its shared expert is expressible)"),
     "NllbMoeSparseMLP": ("NLLB-MoE", "a working HF block to match: in transformers 5.24 NllbMoeExperts one-hot "
                          "encodes the router's already one-hot top-1 mask, so for every token it runs expert_1 "
                          "weighted by the first gate and expert_0 weighted by the second, whichever experts were "
@@ -235,7 +240,7 @@ class _BlockView:
 #: shared kind -> (the block's attribute for the shared MLP, the config key counting the MLPs side by side)
 SHARED_MLPS = {"deepseek": ("shared_experts", "n_shared_experts"), "qwen2": ("shared_expert", None),
                "hunyuan": ("shared_mlp", None), "aria": ("shared_experts", "moe_num_shared_experts"),
-               "ernie": ("shared_experts", "moe_num_shared_experts")}
+               "ernie": ("shared_experts", "moe_num_shared_experts"), "llama4": ("shared_expert", None)}
 
 
 def _read_block(block: nn.Module) -> _BlockView:
@@ -279,7 +284,7 @@ def _read_router(block, family: Family, what: str, layout_note: str):
     # dropout: to_hf refuses a layer that does otherwise.
     options = dict(top_k=top_k, router_bias=family.router_bias, logit_softcap=None, capacity_factor=None,
                    expert_capacity=None, capacity_per="batch", capacity_priority="order",
-                   renormalize_after_dropping=False, expert_dropout=0.0)
+                   renormalize_after_dropping=False, expert_dropout=0.0, weights_on="output")
     tensors = [("router.weight", None, weight)]                                  # W_g = the router's weight
     expected = {weight_name}
     if family.router_bias:
@@ -305,6 +310,9 @@ def _read_router(block, family: Family, what: str, layout_note: str):
         # p = softmax(x Wᵀ); ids = top-k of p + b; w = p_sel / max(Σ p_sel, moe_norm_min)
         options.update(selection_bias=True, renormalize_min=float(router.norm_min or 0.0))
         tensors.append(("router.bias", None, router.moe_statics.e_score_correction_bias[0]))   # [1, E] -> [E]
+    elif family.routing == "llama4":
+        # ids = top-k of l (= of σ(l)), w = σ(l_sel) not renormalized, on the expert's input; no selection bias
+        options.update(router="sigmoid", weights_on="input", bias_update_rate=0.0)
     elif family.routing in ("deepseek_v2", "deepseek_v3"):
         options["route_scale"] = float(router.routed_scaling_factor)                  # w ← w · routed_scaling_factor
         grouped = router.num_group is not None and router.num_group > 1              # one group = no limit
@@ -453,7 +461,7 @@ def _read_shared(block, family: Family, what: str, layout_note: str):
             return none, []
         raise UnsupportedFamilyError(f"{what} has no .{attr}: {layout_note}")
     _expect_parameters(what + " shared expert", mlp, {"gate_proj.weight", "up_proj.weight", "down_proj.weight"})
-    if not _is_silu(getattr(mlp, "act_fn", None)):
+    if not _is_silu(getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)):    # Llama-4's name
         raise UnsupportedFamilyError(f"{what}: the shared expert's activation is not silu; only hidden_act='silu' "
                                      f"converts exactly")
     width = mlp.gate_proj.weight.shape[0]
@@ -558,6 +566,7 @@ _LAYER_READERS = {
     "router_bias": lambda layer: getattr(layer.router, "logit_bias", None) is not None,
     "logit_softcap": lambda layer: getattr(layer.router, "logit_softcap", None),
     "output_bias": lambda layer: layer.output_bias is not None,
+    "weights_on": lambda layer: getattr(layer, "weights_on", "output"),
 }
 
 
@@ -577,6 +586,10 @@ def to_hf(layer: MoELayer, block: nn.Module) -> nn.Module:
         if got != want:
             where = "shared experts: " if "shared" in key else ""
             problems.append(f"{where}{key}={got!r} (the block's is {want!r})")
+    bias = getattr(layer.router, "bias", None)                 # the sigmoid router's selection bias (a buffer)
+    carried = any(path == "router.bias" for path, _, _ in view.tensors)
+    if bias is not None and not carried and bool(bias.detach().ne(0).any()):
+        problems.append(f"router.bias is non-zero, and {what} has no selection bias to hold it")
     if layer.experts.w1.shape[0] != layer.num_experts:
         problems.append(f"the layer holds {layer.experts.w1.shape[0]} of its {layer.num_experts} experts "
                         f"(expert-parallel); gather them into one process first")
@@ -750,7 +763,7 @@ def upcycle(model: nn.Module, num_experts: int, top_k: int, router: str = "softm
 def _swiglu_experts(mlp: nn.Module):
     """Llama-style: down(silu(gate x) ⊙ up x) -> w1 = gate, w3 = up, w2 = down (biases if mlp_bias)."""
     family = SWIGLU_MLPS[type(mlp).__name__]
-    if not _is_silu(getattr(mlp, "act_fn", None)):
+    if not _is_silu(getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)):    # Llama-4's name
         raise UnsupportedFamilyError(f"{family} MLP uses activation {type(getattr(mlp, 'act_fn', None)).__name__}; "
                                      f"MoELayer's SwiGLU expert needs hidden_act='silu'")
     weights = {"w1": mlp.gate_proj.weight, "w3": mlp.up_proj.weight, "w2": mlp.down_proj.weight}

@@ -125,6 +125,9 @@ class MoELayer(nn.Module):
         shared_expert_gate: scale the shared output by σ(x·g), g a learned [d_model] vector (Qwen2-MoE).
         output_bias: add a learned bias b [d_model] to every token's output, y = Σ_s w_s · expert(x) + b
             (JetMoE; a token whose assignments were all dropped gets b). A replicated parameter, like the router.
+        weights_on: where a token's router weight w_s acts: ``"output"`` (the default, every paper's
+            y = Σ_s w_s · expert_s(x)) or ``"input"`` (Llama-4: y = Σ_s expert_s(w_s · x), the weight scales the
+            expert's input row and the outputs are summed unweighted). Not with ``"soft_moe"``.
         swiglu_alpha, swiglu_limit: the constants α and limit of ``expert="clamped_swiglu"`` (GPT-OSS;
             defaults 1.702 and 7.0); refused for the other kinds.
         **router_options: passed to the router (e.g. ``renormalize``, ``jitter_epsilon``, ``balance_loss_weight``).
@@ -137,7 +140,7 @@ class MoELayer(nn.Module):
                  swiglu_alpha: float | None = None, swiglu_limit: float | None = None,
                  expert_capacity: int | None = None, capacity_per: str = "batch", capacity_priority: str = "order",
                  renormalize_after_dropping: bool = False, expert_dropout: float = 0.0, output_bias: bool = False,
-                 **router_options):
+                 weights_on: str = "output", **router_options):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_hidden", d_hidden), ("num_experts", num_experts)):
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
@@ -161,9 +164,12 @@ class MoELayer(nn.Module):
         _check_dropping_options(router, capacity_priority, renormalize_after_dropping, expert_dropout)
         if not isinstance(output_bias, bool):
             raise ValueError(f"output_bias={output_bias!r} must be True or False")
+        if weights_on not in WEIGHTS_ON or (soft and weights_on != "output"):
+            raise ValueError(f"weights_on={weights_on!r} is not allowed; allowed: "
+                             + ("'output' (Soft MoE weighs the slots' outputs)" if soft else ", ".join(WEIGHTS_ON)))
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.router_name, self.backend_name = router, backend
-        self.capacity_per, self.expert_dropout = capacity_per, float(expert_dropout)
+        self.capacity_per, self.expert_dropout, self.weights_on = capacity_per, float(expert_dropout), weights_on
         if soft:
             self.router = build_soft_moe_router(d_model, num_experts, capacity_factor, **router_options)
         else:
@@ -224,6 +230,10 @@ class MoELayer(nn.Module):
         rows = backend.stable_positions(expert_ids, starts)
         # 5. Local scatter: copy token rows into expert-contiguous order.
         buffer = backend.scatter_rows(tokens, rows, int(counts.sum()))
+        # 5b. Llama-4 weighs the expert's input instead: row r of (t, s) becomes w[t, s] · x[t], combined with 1.
+        if self.weights_on == "input":
+            buffer = buffer * _row_values(weights, rows, buffer.shape[0]).to(buffer.dtype)[:, None]
+            weights = (expert_ids >= 0).to(weights.dtype)
         # 6-8. Experts on their contiguous segments (a grouped GEMM); under expert parallelism the
         #      runner wraps this step in the global scatter / gather all-to-alls.
         expert_out = self.expert_runner(self.experts, buffer, counts, backend)
@@ -275,10 +285,23 @@ class MoELayer(nn.Module):
     def extra_repr(self) -> str:
         shared = f", num_shared_experts={self.num_shared_experts}" if self.num_shared_experts else ""
         shared += ", output_bias=True" if self.output_bias is not None else ""
+        shared += f", weights_on={self.weights_on!r}" if self.weights_on != "output" else ""
         slots = (f"slots_per_expert={self.router.slots_per_expert}" if self.router_name == SOFT_MOE
                  else f"top_k={self.top_k}")
         return (f"num_experts={self.num_experts}, {slots}{shared}, router={self.router_name!r}, "
                 f"backend={self.backend_name!r}, expert_runner={self.expert_runner!r}")
+
+
+#: Where a token's router weight acts (MoELayer's ``weights_on``): on the expert's output (y = Σ w·expert(x)),
+#: or on its input (y = Σ expert(w·x), Llama-4).
+WEIGHTS_ON = ("output", "input")
+
+
+def _row_values(values: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """out[rows[t, s]] = values[t, s] for every kept (t, s) (row -1: dropped), 0 for a row nobody owns;
+    differentiable in ``values``."""
+    kept = rows >= 0
+    return values.new_zeros(num_rows).index_put((rows[kept],), values[kept])
 
 
 #: Where the tokens that compete for an expert's capacity come from (MoELayer's ``capacity_per``).

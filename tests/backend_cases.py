@@ -67,6 +67,7 @@ OPTION_CASES = {
                                                      shared_expert_gate=True)),
     "shared-sigmoid": ("sigmoid", "swiglu", dict(top_k=2, num_shared_experts=1, route_scale=2.5)),
     "output-bias": ("softmax_top_k", "swiglu", dict(top_k=2, output_bias=True)),
+    "weights-on-input": ("sigmoid", "swiglu", dict(top_k=2, weights_on="input", renormalize=False)),
     # capacity_priority reaches prune_capacity (a token order for the kernels' walk); renormalize_after_dropping
     # and expert_dropout only the torch code around the backend (the layer's draws replayed by seeding).
     "priority-renormalized-after-dropping": ("softmax_top_k", "swiglu", dict(top_k=2, expert_capacity=4,

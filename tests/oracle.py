@@ -210,10 +210,11 @@ def oracle_forward(layer, x: torch.Tensor, draws: dict, tokens_per_sequence: int
         y = torch.zeros_like(x[t])
         for slot, (expert, weight) in enumerate(choices):
             if expert is not None:
-                out = _expert(layer, expert, x[t])
+                on_input = getattr(layer, "weights_on", "output") == "input"     # Llama-4: expert(w · x)
+                out = _expert(layer, expert, weight * x[t] if on_input else x[t])
                 if dropout is not None:                   # the mask of this (token, slot)'s row, scaled by 1/(1-p)
                     out = out * dropout[rows[t, slot]] / (1 - layer.expert_dropout)
-                y = y + weight * out
+                y = y + (out if on_input else weight * out)
         if layer.shared_experts is not None:
             y = y + _shared(layer, x[t])
         if getattr(layer, "output_bias", None) is not None:     # JetMoE: b on every token, dropped ones too

@@ -90,8 +90,8 @@ def test_registry_lists_the_required_families():
     assert {"MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock"} <= set(SUPPORTED)
     assert {"Qwen2MoeSparseMoeBlock", "DeepseekV2Moe", "DeepseekV3MoE"} <= set(SUPPORTED)
     assert {"GptOssMLP", "DbrxFFN", "Ernie4_5_MoeSparseMoeBlock", "HunYuanMoEV1Moe", "AriaTextMoELayer",
-            "SwitchTransformersSparseMLP", "JetMoeMoE"} <= set(SUPPORTED)
-    assert {"NllbMoeSparseMLP", "Llama4TextMoe"} <= set(UNSUPPORTED)
+            "SwitchTransformersSparseMLP", "JetMoeMoE", "Llama4TextMoe"} <= set(SUPPORTED)
+    assert {"NllbMoeSparseMLP", "PhimoeSparseMoeBlock"} <= set(UNSUPPORTED)
     assert not set(SUPPORTED) & set(UNSUPPORTED)
     assert set(FAMILY_MODULES) | set(NEW_BLOCKS) == set(SUPPORTED)       # every supported family is tested below
     assert not set(FAMILY_MODULES) & set(NEW_BLOCKS)
@@ -226,6 +226,8 @@ NEW_BLOCKS = {
                                     dict(d_model=D, d_ff=HIDDEN, num_experts=E, expert_capacity=2, num_heads=2)),
     "JetMoeMoE": ("jetmoe", "JetMoeConfig", dict(hidden_size=D, intermediate_size=HIDDEN, num_local_experts=E,
                                                  num_experts_per_tok=K)),
+    "Llama4TextMoe": ("llama4", "Llama4TextConfig", dict(hidden_size=D, intermediate_size=HIDDEN, num_local_experts=E,
+                                                         num_experts_per_tok=K)),
 }
 
 
@@ -282,7 +284,7 @@ def hf_gradients(cls_name: str, block, layer):
             pairs += [(f"w1[{e}]", grad("experts.w1")[e], expert.wi.weight.grad),
                       (f"w2[{e}]", grad("experts.w2")[e], expert.wo.weight.grad)]
     else:
-        if cls_name == "AriaTextMoELayer":
+        if cls_name in ("AriaTextMoELayer", "Llama4TextMoe"):
             router = block.router.weight
         elif cls_name == "HunYuanMoEV1Moe":
             router = block.gate.wg.weight
@@ -290,11 +292,12 @@ def hf_gradients(cls_name: str, block, layer):
             router = block.gate.weight
         pairs.append(("router.weight", grad("router.weight"), router.grad))
         gate_up, down = block.experts.gate_up_proj.grad, block.experts.down_proj.grad
-        if cls_name == "AriaTextMoELayer":              # [E, d, 2I] = [gate | up], [E, I, d]: x @ W
+        if cls_name in ("AriaTextMoELayer", "Llama4TextMoe"):    # [E, d, 2I] = [gate | up], [E, I, d]: x @ W
             gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
         pairs += [("w1", grad("experts.w1"), gate_up[:, :HIDDEN]), ("w3", grad("experts.w3"), gate_up[:, HIDDEN:]),
                   ("w2", grad("experts.w2"), down)]
-        mlp = block.shared_mlp if cls_name == "HunYuanMoEV1Moe" else block.shared_experts
+        mlp = {"HunYuanMoEV1Moe": "shared_mlp", "Llama4TextMoe": "shared_expert"}.get(cls_name, "shared_experts")
+        mlp = getattr(block, mlp)
         if mlp is not None:
             pairs += [("shared w1", grad("shared_experts.w1"), mlp.gate_proj.weight.grad),
                       ("shared w3", grad("shared_experts.w3"), mlp.up_proj.weight.grad),
@@ -309,6 +312,8 @@ def check_block_equal(block, layer, cls_name, x):
     x_hf, x_ours = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     y_hf, y_ours = block(x_hf), layer(x_ours)
     y_hf = y_hf[0] if isinstance(y_hf, tuple) else y_hf            # GPT-OSS returns (y, router scores)
+    if cls_name == "Llama4TextMoe":
+        y_hf = y_hf.reshape(x.shape)                               # it returns (y [T, d], logits)
     assert y_ours.shape == y_hf.shape and close(y_ours, y_hf)
     (y_hf * upstream).sum().backward()
     (y_ours * upstream).sum().backward()
@@ -340,6 +345,10 @@ def test_new_layout_block_equals_hf_block(cls_name):
         for buffer in layer.buffers():
             buffer.add_(0.05)                                # ERNIE's selection bias travels too
     other = new_block(cls_name)
+    if cls_name == "Llama4TextMoe":                          # a sigmoid router, but no selection bias in HF
+        with pytest.raises(ValueError, match="router.bias is non-zero"):
+            to_hf(layer, other)
+        layer.router.bias.zero_()
     to_hf(layer, other)
     again = from_hf(other)
     for (name, a), (_, b) in zip(layer.named_parameters(), again.named_parameters()):
@@ -361,6 +370,8 @@ def test_new_layout_block_equals_hf_block(cls_name):
                                              capacity_per="sequence", jitter_epsilon=0.01)),
     ("JetMoeMoE", {}, dict(expert="swiglu", output_bias=True, renormalize=True)),
     ("JetMoeMoE", dict(activation_function="gelu"), dict(expert="geglu", output_bias=True)),
+    ("Llama4TextMoe", {}, dict(router="sigmoid", renormalize=False, weights_on="input", num_shared_experts=1,
+                               shared_d_hidden=HIDDEN)),
 ])
 def test_new_family_options(cls_name, extra, expected):
     layer = from_hf(new_block(cls_name, **extra))
@@ -369,7 +380,7 @@ def test_new_family_options(cls_name, extra, expected):
                "swiglu_limit": layer.experts.swiglu_limit, "capacity_per": layer.capacity_per,
                "num_shared_experts": layer.num_shared_experts,
                "shared_d_hidden": layer.shared_experts and layer.shared_experts.width // layer.num_shared_experts,
-               "output_bias": layer.output_bias is not None}
+               "output_bias": layer.output_bias is not None, "weights_on": layer.weights_on}
     for key, value in expected.items():
         got = readers[key] if key in readers else getattr(layer.router, key)
         assert got == value, key
@@ -524,6 +535,14 @@ def tiny_new_model(cls_name: str, seed: int = 0):
         config = transformers.AriaTextConfig(intermediate_size=HIDDEN, moe_num_experts=E, moe_topk=K,
                                              moe_num_shared_experts=1, **decoder)
         cls = transformers.AriaTextForCausalLM
+    elif cls_name == "Llama4TextMoe":             # every layer MoE; no aux loss (the model returns the logits only)
+        config = transformers.Llama4TextConfig(vocab_size=48, hidden_size=D, intermediate_size=HIDDEN,
+                                               intermediate_size_mlp=20, num_hidden_layers=2, num_attention_heads=2,
+                                               num_key_value_heads=1, head_dim=8, num_local_experts=E,
+                                               num_experts_per_tok=K, interleave_moe_layer_step=1,
+                                               output_router_logits=True, attn_implementation="eager",
+                                               max_position_embeddings=64, attention_chunk_size=64)
+        cls = transformers.Llama4ForCausalLM
     elif cls_name == "JetMoeMoE":                 # its attention's own mixture of experts (MoA) stays HF's
         config = transformers.JetMoeConfig(vocab_size=48, hidden_size=D, num_hidden_layers=2, num_key_value_heads=2,
                                            kv_channels=4, intermediate_size=HIDDEN, num_local_experts=E,
@@ -580,7 +599,7 @@ def test_moefy_new_families_keep_logits_loss_aux_loss_and_gradients(cls_name):
             compared += 1
         else:
             assert getattr(out_ours, key, None) == want, key
-    assert compared >= 1 or cls_name in ("HunYuanMoEV1Moe", "AriaTextMoELayer")    # these two have no aux loss
+    assert compared >= 1 or cls_name in ("HunYuanMoEV1Moe", "AriaTextMoELayer", "Llama4TextMoe")   # no aux loss
     out_hf.loss.backward()
     out_ours.loss.backward()
     hf_params = dict(original.named_parameters())

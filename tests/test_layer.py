@@ -192,6 +192,11 @@ OPTION_CASES = {
     # JetMoE: a learned bias on every token's output; with a capacity, a fully dropped token's output is b
     "output-bias-capacity-shared": ("softmax_top_k", "geglu", dict(output_bias=True, expert_capacity=2,
                                                                    num_shared_experts=1)),
+    # Llama-4: the weight scales the expert's input, y = Σ_s expert_s(w_s · x) (+ shared); with biases and drops
+    "weights-on-input-sigmoid": ("sigmoid", "swiglu", dict(weights_on="input", renormalize=False,
+                                                           num_shared_experts=1)),
+    "weights-on-input-capacity-bias": ("softmax_top_k", "gelu", dict(weights_on="input", bias=True,
+                                                                      expert_capacity=2)),
 }
 
 
@@ -512,3 +517,12 @@ def test_dropping_option_defaults_are_bitwise_unchanged(backend):
         results.append([y, *torch.autograd.grad(y.square().sum(), list(layer.parameters()))])
     assert plain.last_routing.num_dropped > 0
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_weights_on_and_output_bias_are_checked():
+    with pytest.raises(ValueError, match="weights_on='inputs' is not allowed; allowed: output, input"):
+        MoELayer(8, 12, 4, weights_on="inputs")
+    with pytest.raises(ValueError, match="weights_on='input' is not allowed; allowed: 'output'"):
+        MoELayer(8, 12, 4, router="soft_moe", capacity_factor=None, weights_on="input")
+    with pytest.raises(ValueError, match="output_bias=1 must be True or False"):
+        MoELayer(8, 12, 4, output_bias=1)

@@ -31,7 +31,9 @@ CASES = {   # name: layer options (all deterministic: no jitter, no random routi
     "switch_capacity": dict(router="switch", top_k=1, capacity_factor=1.0),
     "gshard_capacity_gelu_bias": dict(router="gshard", top_k=2, capacity_factor=0.75, random_routing=False,
                                       expert="gelu", bias=True, output_bias=True),
-    "sigmoid": dict(router="sigmoid", top_k=2, capacity_factor=None, bias_update_rate=0.1),
+    # the weights on the experts' input rows (Llama-4): the scaled rows travel through the exchange
+    "sigmoid_weights_on_input": dict(router="sigmoid", top_k=2, capacity_factor=None, bias_update_rate=0.1,
+                                     weights_on="input"),
 }
 # (name, exchange, gradient bucket bytes, schedule options): the two flat exchanges, and FasterMoE's shadowing
 # of the most loaded expert with the other rows through the pipelined exchange (FSMoE's separate degrees).
