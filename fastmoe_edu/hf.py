@@ -248,7 +248,7 @@ def _read_block(block: nn.Module) -> _BlockView:
     what = f"{family.name} ({type(block).__name__})"
     layout_note = (f"this transformers version lays out {what} differently from the one fastmoe_edu.hf was "
                    f"written for (transformers >= 5.5; Granite-MoE >= 5.18, Jamba >= 5.22; the families added "
-                   f"with GPT-OSS, Switch and JetMoE: 5.24)")
+                   f"with GPT-OSS, Switch, JetMoE and Llama-4: 5.24)")
     jitter = getattr(block, "jitter_noise", None) or 0.0                  # Mixtral, MiniMax: x ← x · U(1−ε, 1+ε)
     if jitter > 0:
         raise UnsupportedFamilyError(f"{what}: router_jitter_noise={jitter} multiplies the block's "
@@ -386,12 +386,9 @@ def _read_experts(block, family: Family, what: str, layout_note: str):
         gate_up, down = experts.gate_up_proj, experts.down_proj
         if family.experts != "fused":
             gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-        num_experts, two_hidden, d_model = gate_up.shape
-        hidden = two_hidden // 2
-        if two_hidden % 2 or tuple(down.shape) != (num_experts, d_model, hidden):
-            raise UnsupportedFamilyError(f"{what}: expert shapes gate_up_proj {tuple(experts.gate_up_proj.shape)}, "
-                                         f"down_proj {tuple(experts.down_proj.shape)} do not fit the "
-                                         f"{family.experts!r} layout: {layout_note}")
+        num_experts, d_model, hidden = _fused_sizes(
+            gate_up, down, f"gate_up_proj {tuple(experts.gate_up_proj.shape)}, down_proj "
+            f"{tuple(experts.down_proj.shape)}", f"the {family.experts!r} layout", what, layout_note)
         if not bias:               # [gate; up] (Aria: chunk(2) of x @ gate_up): W1 = gate half (through silu), W3 = up
             _expect_silu(what, getattr(experts, "act_fn", None))
             gate, up = gate_up[:, :hidden], gate_up[:, hidden:]
@@ -428,11 +425,9 @@ def _read_jetmoe_experts(block, what: str, layout_note: str):
     added to every token (MoELayer's output_bias); act is silu (swiglu) or the exact gelu (geglu)."""
     _expect_parameters(what, block, {"bias", "input_linear.weight", "output_linear.weight", "router.layer.weight"})
     gate_up, down = block.input_linear.weight, block.output_linear.weight                 # [E, 2I, d], [E, d, I]
-    num_experts, two_hidden, d_model = gate_up.shape
-    hidden = two_hidden // 2
-    if two_hidden % 2 or tuple(down.shape) != (num_experts, d_model, hidden):
-        raise UnsupportedFamilyError(f"{what}: expert shapes input_linear {tuple(gate_up.shape)}, output_linear "
-                                     f"{tuple(down.shape)} do not fit [E, 2I, d], [E, d, I]: {layout_note}")
+    num_experts, d_model, hidden = _fused_sizes(
+        gate_up, down, f"input_linear {tuple(gate_up.shape)}, output_linear {tuple(down.shape)}",
+        "[E, 2I, d], [E, d, I]", what, layout_note)
     act = getattr(block, "activation", None)
     kind = "swiglu" if _is_silu(act) else "geglu" if _is_exact_gelu(act) else None
     if kind is None:
@@ -442,6 +437,17 @@ def _read_jetmoe_experts(block, what: str, layout_note: str):
     tensors = [("experts.w1", None, gate_up[:, :hidden]), ("experts.w3", None, gate_up[:, hidden:]),
                ("experts.w2", None, down), ("output_bias", None, block.bias)]
     return {**_expert_options(num_experts, d_model, hidden, kind), "output_bias": True}, tensors
+
+
+def _fused_sizes(gate_up: torch.Tensor, down: torch.Tensor, shapes: str, layout: str, what: str,
+                 layout_note: str) -> tuple[int, int, int]:
+    """(E, d, I) of gate_up [E, 2I, d] and down [E, d, I] (the layer's layout, viewed so already); an error
+    quoting the HF tensors' ``shapes`` and the expected ``layout`` if they do not fit."""
+    num_experts, two_hidden, d_model = gate_up.shape
+    hidden = two_hidden // 2
+    if two_hidden % 2 or tuple(down.shape) != (num_experts, d_model, hidden):
+        raise UnsupportedFamilyError(f"{what}: expert shapes {shapes} do not fit {layout}: {layout_note}")
+    return num_experts, d_model, hidden
 
 
 def _expert_options(num_experts: int, d_model: int, hidden: int, kind: str, bias: bool = False) -> dict:
