@@ -64,9 +64,9 @@ def hf_block(d: int, h: int, experts: int, top_k: int, implementation: str, devi
     return block.to(device)
 
 
-def median_seconds(step, repeats: int) -> float:
-    """Median wall time of ``step`` after one warm-up call (numba compiles there); on a GPU each
-    timed call ends when the device has finished its work, not when it was queued."""
+def wall_times(step, repeats: int) -> list[float]:
+    """Wall time of each of ``repeats`` calls of ``step`` after one warm-up call (numba compiles there); on a
+    GPU each timed call ends when the device has finished its work, not when it was queued."""
     wait = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
     step()
     wait()
@@ -76,14 +76,18 @@ def median_seconds(step, repeats: int) -> float:
         step()
         wait()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(step, repeats: int) -> float:
+    return statistics.median(wall_times(step, repeats))
 
 
 def gemm_peak(device: str, size: int = 2048, repeats: int = 10) -> float:
     """The GEMM peak: the best FLOP rate of ``repeats`` size³ torch.mm calls (the best, not the median:
     a peak is what the machine can do, and on a shared 2-core machine the median moves by 20 %)."""
     a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    return 2 * size ** 3 / min(median_seconds(lambda: torch.mm(a, b), 1) for _ in range(repeats))
+    return 2 * size ** 3 / min(wall_times(lambda: torch.mm(a, b), repeats))
 
 
 def layer_table(name: str, shape: dict, tokens: int, repeats: int, device: str, peak: float) -> list[str]:
