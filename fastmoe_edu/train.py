@@ -226,7 +226,8 @@ def estimate_val_loss(model: MoETransformer, dataset, cfg: TrainConfig, device,
     """
     rt = rt or Runtime()
     model.eval()
-    total, count = torch.zeros(len(dataset.language_names)), torch.zeros(len(dataset.language_names))
+    total = torch.zeros(len(dataset.language_names))
+    count = torch.zeros(len(dataset.language_names))
     for i in range(cfg.eval_iters):
         x, y, lang = rt.shard_batch(get_batch(dataset, cfg, "val", i, device))
         with autocast(cfg.dtype, x.device):

@@ -162,8 +162,7 @@ class DegreeTuner:
 
     def _check_choice(self, plan: str, recording: bool, runner, experts, buffer, counts, backend) -> torch.Tensor:
         """Measured, not assumed: the chosen degrees run a pass ("warm": first-call costs), then one timed
-        ("verify"); at the next pass
-        ("judge") the slowest rank's time is compared with the unpipelined passes' and, if it is slower,
+        ("verify"); at the next pass ("judge") the slowest rank's time is compared with the unpipelined passes' and, if it is slower,
         the "auto" degrees go back to 1 — the cost model cannot see what it does not contain (the chunks'
         own overheads, an MPI without asynchronous progress), and the measurement can."""
         if plan == "judge":

@@ -51,7 +51,6 @@ recomputations replay forward collectives only; the hooks run in the backward, o
 """
 from __future__ import annotations
 
-import time
 from itertools import accumulate
 
 import torch
@@ -218,9 +217,9 @@ def _fastest(call, device="cpu") -> float:
     """The fastest of REPEATS timed calls, after one warm-up."""
     times = []
     for repeat in range(REPEATS + 1):
-        start = time.perf_counter()
+        start = wall_clock(device)
         call()
-        elapsed = wall_clock(device) - start                   # (after the GPU's queued work)
+        elapsed = wall_clock(device) - start                   # (both after the GPU's queued work)
         if repeat:
             times.append(elapsed)
     return min(times)
