@@ -42,6 +42,7 @@ def worker(output: str, skews: list[float], repeats: int, tokens: int) -> None:
     torch.set_num_threads(1)
     results = []
     for skew in skews:
+        rates = None                                                # the latency model's β, γ for this skew
         for shadowing in (True, False):                             # "on" first: its measured rates price both
             torch.manual_seed(0)
             layer = MoELayer(D_MODEL, D_HIDDEN, EXPERTS, top_k=2)
@@ -64,7 +65,8 @@ def worker(output: str, skews: list[float], repeats: int, tokens: int) -> None:
                 sent[kind] = sent.get(kind, 0) + counter.bytes_sent
             share = float(layer.last_routing.tokens_per_expert[0] / layer.last_routing.tokens_per_expert.sum())
             runner, experts = layer.expert_runner, layer.experts
-            rates = runner.shadow_rates if shadowing else rates            # (the "on" run of this skew measured them)
+            if shadowing:                                           # the "on" run measured them (parallelize)
+                rates = runner.shadow_rates
             rank_counts = world.allgather(layer.last_routing.tokens_per_expert.to(torch.int64)).reshape(world.size, -1)
             weights = weights_per_expert(experts)
             shadowed = list(runner.last_shadowed or [])
