@@ -34,7 +34,10 @@ import numba
 import torch
 from numba import cuda
 
+from fastmoe_edu.dispatch import grouped_matmul as reference_grouped_matmul
+
 from . import numba_cuda
+from .second_order import create_graph_requested, reference_vjp
 
 DEFAULT_TILE = 16
 _NUMBA_TYPES = {torch.float32: numba.float32, torch.float64: numba.float64}
@@ -157,6 +160,8 @@ class TiledGroupedMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         rows, weight, counts = ctx.saved_tensors
+        if create_graph_requested():
+            return (*reference_vjp(reference_grouped_matmul, (rows, weight, counts), grad_out), None)
         grad_rows = grad_weight = None
         if ctx.needs_input_grad[0]:
             # g_e · W_e = g_e · (W_eᵀ)ᵀ: the forward kernel with the transposed weights.

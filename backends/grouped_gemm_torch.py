@@ -22,6 +22,10 @@ from __future__ import annotations
 
 import torch
 
+from fastmoe_edu.dispatch import grouped_matmul as reference_grouped_matmul
+
+from .second_order import create_graph_requested, reference_vjp
+
 
 def grouped_mm_supports(rows: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether torch._grouped_mm takes these operands (else use :func:`segment_matmul`)."""
@@ -45,12 +49,14 @@ class GroupedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, weight, counts):
         offsets = torch.cumsum(counts, dim=0).to(device=rows.device, dtype=torch.int32)   # segment ends
-        ctx.save_for_backward(rows, weight, offsets)
+        ctx.save_for_backward(rows, weight, offsets, counts)
         return torch._grouped_mm(rows.contiguous(), weight.transpose(1, 2), offs=offsets)
 
     @staticmethod
     def backward(ctx, grad_out):
-        rows, weight, offsets = ctx.saved_tensors
+        rows, weight, offsets, counts = ctx.saved_tensors
+        if create_graph_requested():
+            return reference_vjp(reference_grouped_matmul, (rows, weight, counts), grad_out)
         grad_out = grad_out.contiguous()
         grad_rows = grad_weight = None
         if ctx.needs_input_grad[0]:
@@ -70,12 +76,14 @@ class SegmentMatmul(torch.autograd.Function):
         for expert, begin, end in segments:
             torch.mm(rows[begin:end], weight[expert].t(), out=out[begin:end])     # x_e · W_eᵀ
         ctx.segments = segments
-        ctx.save_for_backward(rows, weight)
+        ctx.save_for_backward(rows, weight, counts)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        rows, weight = ctx.saved_tensors
+        rows, weight, counts = ctx.saved_tensors
+        if create_graph_requested():
+            return reference_vjp(reference_grouped_matmul, (rows, weight, counts), grad_out)
         grad_rows = rows.new_empty(rows.shape) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None   # empty segments: 0
         for expert, begin, end in ctx.segments:

@@ -20,6 +20,9 @@ passes are kernels too:
     softmax_top_k_route   backward: ∂L/∂logits through the (renormalized) softmax weights (groups, bias only select)
     sigmoid_top_k_route   backward: ∂L/∂logits through the (normalized) sigmoid weights
 
+Asked for second-order gradients (``create_graph=True``), each backward returns the reference's instead,
+built from torch operations that can be differentiated again (``second_order.py``).
+
 What makes it faster than the reference on a CPU: the reference's ranking builds a [T·k, E] one-hot
 matrix and cumsums it (O(T·k·E) memory traffic); here ranking is a two-pass count over chunks,
 O(T·k). Scatter and combine are single fused passes instead of index_select + index_copy + einsum.
@@ -37,9 +40,12 @@ import math
 import numba
 import torch
 
+from fastmoe_edu import dispatch as reference_dispatch
+from fastmoe_edu import routers as reference_routers
 from fastmoe_edu.routers import min_score_sum
 
 from . import grouped_gemm_torch, numba_cpu
+from .second_order import create_graph_requested, linear_input, reference_vjp
 
 NAME = "numba"
 
@@ -227,12 +233,16 @@ class ScatterRows(torch.autograd.Function):
         sources = _row_sources(target, rows, num_rows)
         buffer = x.new_empty(num_rows, x.shape[1])
         target.scatter_rows(target.array(x), target.array(sources), rows.shape[1], target.array(buffer))
+        ctx.input_shape = x.shape
         ctx.save_for_backward(rows)
         return buffer
 
     @staticmethod
     def backward(ctx, grad_buffer):
         (rows,) = ctx.saved_tensors
+        if create_graph_requested():
+            scatter = lambda x: reference_dispatch.scatter_rows(x, rows, grad_buffer.shape[0])  # noqa: E731
+            return (*reference_vjp(scatter, (linear_input(ctx.input_shape, grad_buffer),), grad_buffer), None, None)
         target = _target(grad_buffer)
         grad_buffer = grad_buffer.contiguous()
         grad_x = grad_buffer.new_empty(rows.shape[0], grad_buffer.shape[1])
@@ -243,16 +253,19 @@ class ScatterRows(torch.autograd.Function):
 class GatherCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, expert_out, rows, weights):
+        ctx.save_for_backward(expert_out, rows, weights)                 # as received: see second_order.py
         target = _target(expert_out)
         expert_out, rows, weights = expert_out.contiguous(), rows.contiguous(), weights.contiguous()
         y = expert_out.new_empty(rows.shape[0], expert_out.shape[1])
         target.gather_combine(target.array(expert_out), target.array(rows), target.array(weights), target.array(y))
-        ctx.save_for_backward(expert_out, rows, weights)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         expert_out, rows, weights = ctx.saved_tensors
+        if create_graph_requested():
+            return reference_vjp(reference_dispatch.gather_combine, (expert_out, rows, weights), grad_y)
+        expert_out, rows, weights = expert_out.contiguous(), rows.contiguous(), weights.contiguous()
         target = _target(grad_y)
         grad_y = grad_y.contiguous()
         grad_expert_out = grad_weights = None
@@ -301,41 +314,45 @@ def grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, counts: torch.Tenso
 # ----------------------------------------------------------------------------------------------------
 class SoftmaxTopKRoute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, top_k, renormalize, num_groups, top_k_groups, bias):
-        target = _target(logits)
-        logits = logits.contiguous()
+    def forward(ctx, received_logits, top_k, renormalize, num_groups, top_k_groups, bias):
+        target = _target(received_logits)
+        logits = received_logits.contiguous()
         num_tokens = logits.shape[0]
         has_bias = bias is not None
         # Scratch for the selection scores (logits outside the best groups masked, or p + b) and the group scores.
         selection = torch.empty_like(logits) if num_groups or has_bias else logits.new_empty(num_tokens, 1)
         group_scores = logits.new_empty(num_tokens, max(num_groups, 1))
-        bias = bias if has_bias else logits.new_zeros(1)                           # unused without a bias
+        kernel_bias = bias if has_bias else logits.new_zeros(1)                    # unused without a bias
         expert_ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
         weights = logits.new_empty(num_tokens, top_k)
         target.softmax_top_k_route(target.array(logits), renormalize, num_groups, top_k_groups, has_bias,
-                                   target.array(bias), target.array(selection), target.array(group_scores),
+                                   target.array(kernel_bias), target.array(selection), target.array(group_scores),
                                    target.array(expert_ids), target.array(weights))
-        ctx.renormalize = renormalize
+        ctx.options = (top_k, renormalize, num_groups or None, top_k_groups or None)
         ctx.mark_non_differentiable(expert_ids)
-        ctx.save_for_backward(logits, expert_ids, weights)
+        ctx.save_for_backward(received_logits, expert_ids, weights, bias)   # as received: see second_order.py
         return expert_ids, weights
 
     @staticmethod
     def backward(ctx, grad_expert_ids, grad_weights):
-        logits, expert_ids, weights = ctx.saved_tensors
+        logits, expert_ids, weights, bias = ctx.saved_tensors
+        if create_graph_requested():
+            route = lambda logits: reference_routers.softmax_top_k_route(logits, *ctx.options, bias)[1]  # noqa: E731
+            return (*reference_vjp(route, (logits,), grad_weights), None, None, None, None, None)
         target = _target(logits)
-        grad_weights = grad_weights.contiguous()
+        logits, grad_weights = logits.contiguous(), grad_weights.contiguous()
         grad_logits = torch.empty_like(logits)
+        renormalize = ctx.options[1]
         target.softmax_top_k_route_backward(target.array(logits), target.array(expert_ids), target.array(weights),
-                                           target.array(grad_weights), ctx.renormalize, target.array(grad_logits))
+                                           target.array(grad_weights), renormalize, target.array(grad_logits))
         return grad_logits, None, None, None, None, None
 
 
 class SigmoidTopKRoute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, bias, top_k, route_scale, num_groups, top_k_groups, renormalize):
-        target = _target(logits)
-        logits = logits.contiguous()
+    def forward(ctx, received_logits, bias, top_k, route_scale, num_groups, top_k_groups, renormalize):
+        target = _target(received_logits)
+        logits = received_logits.contiguous()
         num_tokens = logits.shape[0]
         selection = torch.empty_like(logits)                                       # scratch: σ(l) + b
         group_scores = logits.new_empty(num_tokens, max(num_groups, 1))           # scratch (unused if 0)
@@ -346,20 +363,24 @@ class SigmoidTopKRoute(torch.autograd.Function):
         target.sigmoid_top_k_route(target.array(logits), target.array(bias), route_scale, renormalize, num_groups,
                                    top_k_groups, min_total, target.array(selection), target.array(group_scores),
                                    target.array(expert_ids), target.array(weights))
-        ctx.route_scale, ctx.renormalize, ctx.min_total = route_scale, renormalize, min_total
+        ctx.options = (top_k, route_scale, num_groups or None, top_k_groups or None, renormalize)
+        ctx.min_total = min_total
         ctx.mark_non_differentiable(expert_ids)
-        ctx.save_for_backward(logits, expert_ids)
+        ctx.save_for_backward(received_logits, expert_ids, bias)            # as received: see second_order.py
         return expert_ids, weights
 
     @staticmethod
     def backward(ctx, grad_expert_ids, grad_weights):
-        logits, expert_ids = ctx.saved_tensors
+        logits, expert_ids, bias = ctx.saved_tensors
+        if create_graph_requested():
+            route = lambda logits: reference_routers.sigmoid_top_k_route(logits, bias, *ctx.options)[1]  # noqa: E731
+            return (*reference_vjp(route, (logits,), grad_weights), None, None, None, None, None, None)
         target = _target(logits)
-        grad_weights = grad_weights.contiguous()
+        logits, grad_weights = logits.contiguous(), grad_weights.contiguous()
         grad_logits = torch.empty_like(logits)
+        _, route_scale, _, _, renormalize = ctx.options
         target.sigmoid_top_k_route_backward(target.array(logits), target.array(expert_ids), target.array(grad_weights),
-                                           ctx.route_scale, ctx.renormalize, ctx.min_total,
-                                           target.array(grad_logits))
+                                           route_scale, renormalize, ctx.min_total, target.array(grad_logits))
         return grad_logits, None, None, None, None, None, None
 
 

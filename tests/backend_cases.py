@@ -153,6 +153,32 @@ def check_layer(router, expert, dtype_name, device="cpu", sizes=(64, 16, 24, 8),
             assert_equal(got[name], want[name], name)
 
 
+def check_second_order(router, dtype_name, device="cpu", sizes=(12, 6, 8, 4), backend="numba"):
+    """A gradient penalty through the layer: L = Σ (∂⟨y, u⟩/∂x)² (create_graph=True), then ∂L/∂x and ∂L/∂θ,
+    against the reference (the numba backward passes fall back to the reference's torch operations there,
+    backends/second_order.py). A kernel-only backward would leave these gradients None."""
+    dtype = DTYPES[dtype_name]
+    want_layer = make_layer(router, "swiglu", dtype, "reference", device, sizes)
+    got_layer = make_layer(router, "swiglu", dtype, backend, device, sizes)
+    got_layer.load_state_dict(want_layer.state_dict())
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(sizes[0], sizes[1], generator=generator, dtype=dtype).to(device)
+    upstream = torch.randn(sizes[0], sizes[1], generator=generator, dtype=dtype).to(device)
+    results = []
+    for layer in (want_layer, got_layer):
+        inputs = x.clone().requires_grad_(True)
+        (grad_x,) = torch.autograd.grad((layer(inputs) * upstream).sum(), inputs, create_graph=True)
+        penalty = grad_x.pow(2).sum()
+        results.append(torch.autograd.grad(penalty, [inputs, *layer.parameters()], allow_unused=True))
+    names = ["input", *(name for name, _ in want_layer.named_parameters())]
+    for name, want, got in zip(names, *results):
+        if want is None or torch.count_nonzero(want) == 0:
+            assert got is None or torch.count_nonzero(got) == 0, f"second-order grad {name}: expected none"
+            continue
+        assert got is not None, f"second-order grad {name}: None (the backward carried no graph)"
+        assert_close(got, want, dtype, f"second-order grad {name}")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Single steps, on random routings and on the edge cases
 # ----------------------------------------------------------------------------------------------------
@@ -326,8 +352,12 @@ def check_grouped_gemm(implementation, counts, d_in, d_out, dtype_name, tile=Non
     def run(backend):
         rows_leaf, weight_leaf = rows.clone().requires_grad_(True), weight.clone().requires_grad_(True)
         out = backend.grouped_matmul(rows_leaf, weight_leaf, counts)
-        grad_rows, grad_weight = torch.autograd.grad(out, (rows_leaf, weight_leaf), grad_out)
-        return {"grouped_matmul": out.detach(), "grad rows": grad_rows, "grad weight": grad_weight}
+        grad_rows, grad_weight = torch.autograd.grad(out, (rows_leaf, weight_leaf), grad_out, create_graph=True)
+        # Second order (backends/second_order.py): the gradient of a penalty on the first gradients.
+        penalty = grad_rows.pow(2).sum() + grad_weight.pow(2).sum()
+        second_rows, second_weight = torch.autograd.grad(penalty, (rows_leaf, weight_leaf))
+        return {"grouped_matmul": out.detach(), "grad rows": grad_rows.detach(), "grad weight": grad_weight.detach(),
+                "second-order rows": second_rows, "second-order weight": second_weight}
 
     previous = numba_backend.current_grouped_gemm()
     numba_backend.set_grouped_gemm(implementation, tile)
@@ -371,6 +401,9 @@ def kernel_cases(device: str) -> dict:
         cases[f"routers-{dtype_name}"] = lambda d=dtype_name: check_routers(6, 8, 2, d, device=device)
         cases[f"sigmoid-extreme-logits-{dtype_name}"] = (
             lambda d=dtype_name: check_sigmoid_extreme_logits(d, device=device))
+        for router in ("softmax_top_k", "sigmoid"):       # the two routers with a numba routing function
+            cases[f"second-order-{router}-{dtype_name}"] = (
+                lambda r=router, d=dtype_name: check_second_order(r, d, device=device))
     return cases
 
 

@@ -22,8 +22,8 @@ import torch
 
 import backend_cases
 from backend_cases import (DTYPES, EDGE_CASES, LAYER_CASES, OPTION_CASES, check_float_steps, check_grouped_gemm,
-                           check_integer_steps, check_layer, check_routers, check_sigmoid_extreme_logits,
-                           edge_case_ids, random_expert_ids)
+                           check_integer_steps, check_layer, check_routers, check_second_order,
+                           check_sigmoid_extreme_logits, edge_case_ids, random_expert_ids)
 from fastmoe_edu import ROUTERS, MoELayer, backends
 from fastmoe_edu.backends import get_backend, numba_backend, numba_cpu, reference, set_cpu_threads
 from fastmoe_edu.backends.interface import FUNCTIONS, Backend, HasThreadPool, missing_members
@@ -76,6 +76,14 @@ def test_layer_options_match_reference(target, dtype_name, case, request):
 @pytest.mark.parametrize("router", list(ROUTERS))
 def test_layer_with_capacity_drops(router):
     check_layer(router, "swiglu", "float64", capacity_factor=0.5)
+
+
+@pytest.mark.parametrize("router", ["softmax_top_k", "sigmoid"])
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_second_order_gradients(router, dtype_name):
+    """create_graph=True through the numba layer (CPU kernels): the gradient of a gradient penalty equals
+    the reference's, where the kernels' backward alone would give None (float32) or a torch error (float64)."""
+    check_second_order(router, dtype_name)
 
 
 @pytest.mark.parametrize("case", [c for c in SIMULATOR_CASES if not c.startswith(("layer-", "options-"))])
