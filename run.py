@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The commands of fastmoe_edu. Needs only Python >= 3.10 and pip.
+"""The commands of fastmoe_edu. Needs only Python >= 3.11 and pip.
 
     python3 run.py train [--key=value ...]   # set up .venv if needed, then train the default model
     python3 run.py test  [pytest args ...]   # set up .venv if needed, then run the whole test suite
@@ -32,6 +32,17 @@ TORCH = "torch==2.13.0"
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 EXTRAS = ("hf",)           # pyproject.toml's optional extras the set-up installs (hf: transformers, fastmoe_edu/hf.py)
 USAGE = __doc__
+#: pyproject.toml's requires-python: fastmoe_edu.config reads TOML with the standard library's tomllib (3.11+).
+MIN_PYTHON = (3, 11)
+
+
+def python_too_old(version: tuple = tuple(sys.version_info[:3])) -> str | None:
+    """The reason this Python cannot run fastmoe_edu, or None if it can."""
+    if tuple(version[:2]) >= MIN_PYTHON:
+        return None
+    return (f"fastmoe_edu needs Python >= {MIN_PYTHON[0]}.{MIN_PYTHON[1]} (its configs are read with the standard "
+            f"library's tomllib); this is Python {'.'.join(map(str, version))} ({sys.executable}). Run the command "
+            f"with a newer interpreter, e.g. python3.{MIN_PYTHON[1]} run.py test")
 
 
 def venv_python() -> Path:
@@ -160,6 +171,10 @@ def prepare_notebooks(folder: Path = TUTORIAL, python: Path | None = None) -> li
 
 
 def main(argv: list[str]) -> int:
+    reason = python_too_old()
+    if reason:
+        print(f"error: {reason}", file=sys.stderr)
+        return 2
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("train", "test", "notebooks"):
         print(USAGE)
         return 0 if argv and argv[0] in ("-h", "--help") else 2

@@ -35,13 +35,28 @@ def test_environment_yml_matches_pyproject():
     assert environment_dependencies() == pyproject_dependencies()
 
 
-def test_run_py_installs_every_extra():
-    """``python3 run.py test`` must install the extras, or their tests (tests/test_hf.py) would only skip."""
+def _run_py():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("run_py", ROOT / "run.py")
     run_py = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run_py)
+    return run_py
+
+
+def test_run_py_refuses_an_older_python_than_pyproject_allows():
+    """run.py's first check is pyproject.toml's requires-python, with a message naming the version found."""
+    run_py = _run_py()
+    required = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert required == ">=" + ".".join(map(str, run_py.MIN_PYTHON))
+    assert run_py.python_too_old((3, 11, 0)) is None and run_py.python_too_old((3, 13, 1)) is None
+    reason = run_py.python_too_old((3, 10, 13))
+    assert "needs Python >= 3.11" in reason and "this is Python 3.10.13" in reason
+
+
+def test_run_py_installs_every_extra():
+    """``python3 run.py test`` must install the extras, or their tests (tests/test_hf.py) would only skip."""
+    run_py = _run_py()
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert set(run_py.EXTRAS) == set(extras)
     assert "transformers" in {_name(r) for r in extras["hf"]}
