@@ -16,7 +16,11 @@ batch. Importing this package loads no engine: only :func:`open_world` does. The
     exchange.py         the differentiable token exchange with pluggable algorithms, and the regroup
     hierarchical.py     the two-level (intra-node, then inter-node) all-to-all
     pipeline.py         the exchange cut into chunks that overlap the expert compute, both passes
+    autotune.py         pipeline_degree="auto": time the layer's first passes, let the cost model pick the degrees
+    shadowing.py        FasterMoE's expert shadowing: the most loaded experts' weights go to every rank
     tensor_parallel.py  Megatron-style attention / dense MLP slices, and the tp-group row split / gather
+    expert_tensor_parallel.py  DeepSpeed-TED: every expert's hidden units split over the tensor group
+    recompute.py        TED's communication-aware checkpointing: recompute a block, replay its messages
     gradients.py        initial-weight broadcast, bucketed gradient all-reduce, global gradient norm
     gradient_partitioning.py  FSMoE: the replicated gradients' all-reduce in pieces, posted during the backward
     runtime.py          ParallelRuntime: what the training loop calls under a launcher
