@@ -37,6 +37,7 @@ from .distributed.expert_parallel import DROP_POINTS
 from .distributed.parallelize import EXCHANGES, pipelining
 from .distributed.pipeline import AUTO
 from .experts import EXPERT_KINDS
+from .observe import parse_profile_steps
 from .precision import DTYPES, MASTER_WEIGHTS
 from .routers import ROUTERS, router_options as accepted_router_options
 from .soft_moe import NOT_CAUSAL as SOFT_MOE_NOT_CAUSAL, SOFT_MOE
@@ -212,6 +213,14 @@ class TrainConfig:
                                  choices=MASTER_WEIGHTS)
     num_threads: int = _field(1, "system", "torch CPU threads (0 = torch's default; 1 is fastest for the tiny default model and for MPI ranks)", minimum=0)
     progress: bool = _field(True, "system", "show the tqdm progress bar and log lines")
+    tensorboard: bool = _field(True, "system", "write TensorBoard figures (losses, learning rate, gradient norm, "
+                               "tokens/s, tokens per expert, communication) into out_dir/tensorboard "
+                               "(observe.py; view with: tensorboard --logdir OUT_DIR)")
+    tensorboard_interval: int = _field(10, "system", "write the TensorBoard figures every this many steps",
+                                       minimum=1)
+    profile_steps: typing.Optional[str] = _field(None, "system", "A:B records steps A to B (from 1) with "
+                                                 "torch.profiler: a Chrome/Perfetto trace per rank in "
+                                                 "out_dir/traces, merged into out_dir/trace.json; none = off")
 
     # ------------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
@@ -268,6 +277,13 @@ class TrainConfig:
             raise ConfigError(f"master_weights='optimizer' with dtype={self.dtype!r}: 16-bit parameters with float32 "
                               f"copies in the optimizer need dtype='bfloat16' (float16's loss scale would be divided "
                               f"out of float16 gradients, flushing the small ones to zero); use master_weights='model'")
+        if self.profile_steps is not None:
+            try:
+                _, last = parse_profile_steps(self.profile_steps)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
+            if last > self.max_steps:
+                raise ConfigError(f"profile_steps={self.profile_steps!r} ends after max_steps={self.max_steps}")
         if self.min_lr > self.lr:
             raise ConfigError(f"min_lr={self.min_lr} is out of range; it must be <= lr={self.lr}")
         if not (self.device == "cpu" or self.device == "cuda" or

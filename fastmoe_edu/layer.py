@@ -36,6 +36,7 @@ from torch import nn
 
 from .backends import check_backend_name, get_backend
 from .experts import Experts, SharedExperts, check_expert_options
+from .profiling import named_range
 from .routers import ROUTERS, build_router, local_sum
 from .soft_moe import SOFT_MOE, build_soft_moe_router, soft_moe_forward
 
@@ -202,7 +203,9 @@ class MoELayer(nn.Module):
         self.router.backend = backend
 
         # 1. Route: k expert ids and k weights per token; the aux loss of the whole batch (routers.py).
-        route, self.aux_loss = self.router(tokens, self.reduce)
+        #    (named_range: a range in the profiler's trace while one records, profiling.py; else nothing)
+        with named_range("moe/route"):
+            route, self.aux_loss = self.router(tokens, self.reduce)
         # Capacity: the most rows one expert takes; assignments past it are dropped (id -1). Per sequence,
         # each sequence of S tokens (x [..., S, d]) has its own C places per expert. The tokens claim places
         # in order, or by decreasing router probability (capacity_priority="probability").
@@ -210,40 +213,46 @@ class MoELayer(nn.Module):
         if self.capacity_per == "sequence" and capacity is not None:
             tokens_per_sequence = x.shape[-2] if x.dim() >= 2 else 1
             capacity = self.router.capacity(tokens_per_sequence)
-        priority = self.router.capacity_priority_scores(route)
-        if priority is None:
-            expert_ids = backend.prune_capacity(route.expert_ids, self.num_experts, capacity, tokens_per_sequence)
-        else:
-            expert_ids = backend.prune_capacity(route.expert_ids, self.num_experts, capacity, tokens_per_sequence,
-                                                priority)
-        # Dropped -> weight 0; the kept ones as routed, or renormalized over what was kept (routers.py).
-        weights = self.router.weights_after_dropping(route.weights, expert_ids)
+        with named_range("moe/capacity"):
+            priority = self.router.capacity_priority_scores(route)
+            if priority is None:
+                expert_ids = backend.prune_capacity(route.expert_ids, self.num_experts, capacity, tokens_per_sequence)
+            else:
+                expert_ids = backend.prune_capacity(route.expert_ids, self.num_experts, capacity,
+                                                    tokens_per_sequence, priority)
+            # Dropped -> weight 0; the kept ones as routed, or renormalized over what was kept (routers.py).
+            weights = self.router.weights_after_dropping(route.weights, expert_ids)
         # 2. Count: tokens per expert (a histogram).
-        counts = backend.count_tokens_per_expert(expert_ids, self.num_experts)
+        with named_range("moe/count"):
+            counts = backend.count_tokens_per_expert(expert_ids, self.num_experts)
         self.last_routing = self._record(route, expert_ids, weights, counts, capacity)
         # The tokens this process dispatches: all of them, except under DeepSpeed-TED's duplicate
         # token dropping, where the tensor-parallel ranks (which hold the same tokens) take 1/tp each.
         tokens, expert_ids, weights, counts = self.expert_runner.share_tokens(tokens, expert_ids, weights,
                                                                               counts, backend)
         # 4. Positions: segment starts (exclusive prefix sum), then each (token, slot)'s row.
-        starts = backend.exclusive_prefix_sum(counts)
-        rows = backend.stable_positions(expert_ids, starts)
+        with named_range("moe/rank"):
+            starts = backend.exclusive_prefix_sum(counts)
+            rows = backend.stable_positions(expert_ids, starts)
         # 5. Local scatter: copy token rows into expert-contiguous order.
-        buffer = backend.scatter_rows(tokens, rows, int(counts.sum()))
+        with named_range("moe/scatter"):
+            buffer = backend.scatter_rows(tokens, rows, int(counts.sum()))
         # 5b. Llama-4 weighs the expert's input instead: row r of (t, s) becomes w[t, s] · x[t], combined with 1.
         if self.weights_on == "input":
             buffer = buffer * _row_values(weights, rows, buffer.shape[0]).to(buffer.dtype)[:, None]
             weights = (expert_ids >= 0).to(weights.dtype)
         # 6-8. Experts on their contiguous segments (a grouped GEMM); under expert parallelism the
         #      runner wraps this step in the global scatter / gather all-to-alls.
-        expert_out = self.expert_runner(self.experts, buffer, counts, backend)
+        with named_range("moe/experts"):
+            expert_out = self.expert_runner(self.experts, buffer, counts, backend)
         # 8b. Expert dropout (training only): keep each output element with probability 1 − p, times 1 / (1 − p).
         if self.expert_dropout and self.training:
             keep = torch.empty_like(expert_out).bernoulli_(1 - self.expert_dropout)
             self.last_routing.random_draws["expert_dropout"] = keep
             expert_out = expert_out * (keep / (1 - self.expert_dropout))
         # 9. Local gather + combine: y[t] = Σ_s w[t, s] · expert_out[row(t, s)].
-        y = backend.gather_combine(expert_out, rows, weights)
+        with named_range("moe/combine"):
+            y = backend.gather_combine(expert_out, rows, weights)
         y = self.expert_runner.collect_tokens(y)                                   # TED: the tp shares joined
         # 10. Shared experts (if any) on every token: y += shared(x), or σ(x·g) · shared(x); then y += b.
         return self._add_always_on(all_tokens, y).reshape(x.shape)

@@ -57,6 +57,7 @@ from .data import batch_rng, get_dataset
 from .distributed.engines import launch_rank, launch_world_size, resolve_engine
 from .distributed.layout import layout_sizes
 from .model import MoETransformer, build_model
+from .observe import Observer
 from .precision import LossScaler, MasterWeightAdamW, at_least_float32, autocast, store_parameters
 from .runtime import Runtime
 
@@ -141,13 +142,14 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def routing_stats(model: MoETransformer, rt: Runtime | None = None) -> dict:
-    """Load balance of the last forward: tokens per expert per MoE layer, imbalance, dropped fraction.
+    """Load balance of the last forward: tokens per expert and dropped assignments per MoE layer, imbalance,
+    dropped fraction.
 
     With several ranks the counts of all ranks are added up: the figures describe the whole global batch.
     """
     layers = model.moe_layers()
     if not layers:
-        return {"tokens_per_expert": [], "load_imbalance": 0.0, "dropped_frac": 0.0}
+        return {"tokens_per_expert": [], "tokens_dropped": [], "load_imbalance": 0.0, "dropped_frac": 0.0}
     tokens = torch.stack([layer.last_routing.tokens_per_expert.cpu() for layer in layers])   # [layers, E]
     dropped_per_layer = torch.tensor([layer.last_routing.num_dropped for layer in layers])
     if rt is not None:
@@ -156,7 +158,7 @@ def routing_stats(model: MoETransformer, rt: Runtime | None = None) -> dict:
     counts = tokens.float()
     imbalance = counts.amax(dim=1) / counts.mean(dim=1).clamp(min=1e-9)      # per layer; 1.0 = perfectly even
     dropped = int(dropped_per_layer.sum())
-    return {"tokens_per_expert": tokens.tolist(),
+    return {"tokens_per_expert": tokens.tolist(), "tokens_dropped": dropped_per_layer.tolist(),
             "load_imbalance": sum(imbalance.tolist()) / len(layers),
             "dropped_frac": dropped / max(int(tokens.sum()) + dropped, 1)}   # of all (token, expert) assignments
 
@@ -294,7 +296,8 @@ SCHEDULE_KEYS = ("lr", "min_lr", "warmup_steps", "max_steps")   # what lr_at(ste
 def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
     """Settings that differ between a checkpoint and the current run (other than how it runs and logs)."""
     harmless = {"resume", "progress", "eval_interval", "checkpoint_interval", "sample_tokens", "allow_schedule_change",
-                "sample_temperature", "num_threads", "out_dir", "exchange", "engine", "collective_timeout_s"}
+                "sample_temperature", "num_threads", "out_dir", "exchange", "engine", "collective_timeout_s",
+                "tensorboard", "tensorboard_interval", "profile_steps"}
     current = cfg.to_dict()
     return [f"{k}: checkpoint {saved.get(k)!r} -> now {current[k]!r}"
             for k in current if k not in harmless and saved.get(k) != current[k]]
@@ -439,6 +442,7 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, rt: Runtime | None = 
             log(rt, cfg, f"warning: the resumed run changes {line}")
     if rt.is_main:                                                   # (check_out_dir created out_dir)
         (Path(cfg.out_dir) / "config.toml").write_text(to_toml(cfg))
+    observer = Observer(cfg, rt, start_step, say=lambda message: log(rt, cfg, message))   # TensorBoard, traces
 
     last_step = min(cfg.max_steps, stop_at) if stop_at is not None else cfg.max_steps
     tokens_per_step = cfg.batch_size * cfg.seq_len
@@ -448,11 +452,13 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, rt: Runtime | None = 
     step, tok_rate, watch = start_step, None, LossWatch()
     with StopOnCtrlC() as ctrl_c:
         for step in bar:
+            observer.begin_step(step)
             t0 = time.perf_counter()
             batch = get_batch(dataset, cfg, "train", step, device)
             record = train_step(model, optimizer, batch, cfg, step, rt, scaler)
             record["tokens_per_sec"] = tokens_per_step / (time.perf_counter() - t0)
             history["train"].append(record)
+            observer.end_step(record)
             if record["overflow"]:          # float16: routine while the loss scale settles; the bar shows it
                 warning = None
             elif record["skipped"]:
@@ -471,6 +477,7 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, rt: Runtime | None = 
             if (cfg.eval_interval and done % cfg.eval_interval == 0) or done == cfg.max_steps:
                 val, per_language = estimate_val_loss(model, dataset, cfg, device, rt)
                 history["val"].append({"step": done, "val_loss": val, "per_language": per_language})
+                observer.log_val(done, val, per_language)
                 by_lang = ", ".join(f"{k} {v:.2f}" for k, v in per_language.items()) if len(per_language) > 1 else ""
                 log(rt, cfg, f"step {done:>5}: train loss {record['lm_loss']:.4f}, val loss {val:.4f}"
                              + (f" ({by_lang})" if by_lang else ""))
@@ -484,6 +491,7 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, rt: Runtime | None = 
                 break
         step = len(history["train"])                                   # completed steps
     bar.close()
+    observer.close()
 
     stopped_early = step < cfg.max_steps
     sample = ""

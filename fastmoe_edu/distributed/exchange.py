@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..profiling import named_range
 from .communicator import EXCHANGE_METHODS, Communicator
 
 
@@ -95,7 +96,8 @@ class ExchangeRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         # Each row's gradient goes back to the rank the row came from.
-        return ctx.exchange.alltoallv(grad.contiguous(), ctx.recv_rows, ctx.send_rows), None, None, None
+        with named_range("ep/exchange backward"):
+            return ctx.exchange.alltoallv(grad.contiguous(), ctx.recv_rows, ctx.send_rows), None, None, None
 
 
 def exchange_rows(rows: torch.Tensor, send_rows: list[int], recv_rows: list[int], exchange) -> torch.Tensor:

@@ -43,6 +43,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..experts import Experts
+from ..profiling import named_range
 from .communicator import Communicator
 from .exchange import FlatExchange, exchange_counts, exchange_rows, regroup_by_expert, regroup_by_source
 from .exchange import Permute, inverse_permutation
@@ -146,17 +147,21 @@ class ExpertParallel:
         if forward_degree > 1 or backward_degree > 1:
             return pipelined_expert_exchange(experts, buffer, counts, backend, self.layout.expert,
                                              self.num_local_experts, forward_degree, backward_degree, self.exchange)
-        plan = exchange_counts(counts, self.num_local_experts, self.layout.expert)              # 3. counts
-        received = exchange_rows(buffer, plan.send_rows, plan.recv_rows, self.exchange)        # 6. (source, expert)
-        expert_rows = regroup_by_expert(received, plan.recv_counts)                            #    (expert, source)
+        with named_range("ep/exchange counts"):
+            plan = exchange_counts(counts, self.num_local_experts, self.layout.expert)          # 3. counts
+        with named_range("ep/scatter"):
+            received = exchange_rows(buffer, plan.send_rows, plan.recv_rows, self.exchange)    # 6. (source, expert)
+            expert_rows = regroup_by_expert(received, plan.recv_counts)                        #    (expert, source)
         local_counts = plan.local_expert_counts.to(counts.device)
-        if self.expert_tensor_parallel:                                                         # 7. my shard of
-            expert_out = run_sharded_experts(experts, expert_rows, local_counts, backend,      #    every expert
-                                             self.layout.tensor, rows_differ=self.drop_duplicate_tokens)
-        else:
-            expert_out = experts(expert_rows, local_counts, backend.grouped_matmul)            # 7. grouped GEMM
-        returned = regroup_by_source(expert_out, plan.recv_counts)                             #    (source, expert)
-        return exchange_rows(returned, plan.recv_rows, plan.send_rows, self.exchange)          # 8. back home
+        with named_range("ep/experts"):
+            if self.expert_tensor_parallel:                                                     # 7. my shard of
+                expert_out = run_sharded_experts(experts, expert_rows, local_counts, backend,  #    every expert
+                                                 self.layout.tensor, rows_differ=self.drop_duplicate_tokens)
+            else:
+                expert_out = experts(expert_rows, local_counts, backend.grouped_matmul)        # 7. grouped GEMM
+        with named_range("ep/gather"):
+            returned = regroup_by_source(expert_out, plan.recv_counts)                         #    (source, expert)
+            return exchange_rows(returned, plan.recv_rows, plan.send_rows, self.exchange)      # 8. back home
 
     def _run_with_shadows(self, experts: Experts, buffer: torch.Tensor, counts: torch.Tensor, backend) -> torch.Tensor:
         """FasterMoE's shadowing (shadowing.py): the popular experts' weights come to every rank, which
@@ -179,8 +184,9 @@ class ExpertParallel:
         rest_counts = counts.clone()
         rest_counts[shadowed] = 0
         rest_out = self._exchange_and_run(experts, regrouped[n_shadow:], rest_counts, backend)
-        shadow_out = run_shadowed(experts, shadow_weights(experts, shadowed, L, comm), regrouped[:n_shadow],
-                                  counts[shadowed], backend.grouped_matmul)
+        with named_range("ep/shadowed experts"):
+            shadow_out = run_shadowed(experts, shadow_weights(experts, shadowed, L, comm), regrouped[:n_shadow],
+                                      counts[shadowed], backend.grouped_matmul)
         return Permute.apply(torch.cat([shadow_out, rest_out]), inverse_permutation(order))   # back in buffer order
 
     def __deepcopy__(self, memo):

@@ -56,6 +56,7 @@ from itertools import accumulate
 import torch
 from torch import nn
 
+from ..profiling import named_range
 from .communicator import PendingAllreduce
 from .cost_model import PIECE_LATENCY_SHARE, gradient_piece_bytes, plan_gradient_pieces
 from .expert_parallel import ExpertParallel
@@ -118,8 +119,9 @@ class GradientPieces:
     def _post_complete_pieces(self) -> None:
         """Post the next pieces whose gradients are all in, in piece order (the same order on every rank)."""
         while len(self.posted) < len(self.pieces) and self.missing[len(self.posted)] == 0:
-            flat = _flat_gradients(self.pieces[len(self.posted)])        # (16-bit gradients summed in float32)
-            self.posted.append((flat, self.comm.iallreduce_(flat, purpose="allreduce_gradients")))
+            with named_range(f"gradients/piece {len(self.posted)} post"):       # (a range in a profiler's trace)
+                flat = _flat_gradients(self.pieces[len(self.posted)])    # (16-bit gradients summed in float32)
+                self.posted.append((flat, self.comm.iallreduce_(flat, purpose="allreduce_gradients")))
 
     # -- after the backward ------------------------------------------------------------------------
     @torch.no_grad()
@@ -136,8 +138,9 @@ class GradientPieces:
             self.posted_during_backward = len(self.posted)               # (the tests check that it is > 0)
             self.missing = [0] * len(self.pieces)
             self._post_complete_pieces()          # the pieces no hook completed (unused parameters)
-            for piece, (flat, pending) in zip(self.pieces, self.posted):
-                pending.wait()
+            for i, (piece, (flat, pending)) in enumerate(zip(self.pieces, self.posted)):
+                with named_range(f"gradients/piece {i} wait"):
+                    pending.wait()
                 _copy_back(piece, flat, self.scale)                      # (1/R) Σ_r
         self._new_round()
 

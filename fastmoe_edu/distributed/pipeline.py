@@ -66,6 +66,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..profiling import named_range
 from .communicator import Communicator
 from .exchange import exchange_counts, regroup_by_expert, regroup_by_source
 
@@ -185,7 +186,7 @@ class PipelinedExperts(torch.autograd.Function):
             return _place(torch.cat(outs), torch.cat(places), received.shape[0])    # (then they go home)
         ctx.exchange, ctx.schedule, ctx.params, ctx.computed = exchange, schedule, params, computed
         ctx.buffer_shape, ctx.buffer_dtype = buffer.shape, buffer.dtype
-        return _overlapped(buffer, schedule.send_forward, schedule.recv_forward, exchange, experts_on)
+        return _overlapped(buffer, schedule.send_forward, schedule.recv_forward, exchange, experts_on, "forward")
 
     @staticmethod
     def backward(ctx, grad):
@@ -206,20 +207,25 @@ class PipelinedExperts(torch.autograd.Function):
                 grad_in.index_copy_(0, at, found[0])
             return grad_in
         grad_buffer = _overlapped(grad, ctx.schedule.send_backward, ctx.schedule.recv_backward, ctx.exchange,
-                                  expert_backward)
+                                  expert_backward, "backward")
         ctx.computed = None                                                      # free the pieces' graphs
         return (grad_buffer, None, None, None, None, *param_grads)
 
 
-def _overlapped(rows: torch.Tensor, send: Chunking, recv: Chunking, exchange, compute) -> torch.Tensor:
+def _overlapped(rows: torch.Tensor, send: Chunking, recv: Chunking, exchange, compute, name: str) -> torch.Tensor:
     """Either pass's loop (module docstring): ``rows`` go out in ``send``'s chunks, each posted two chunks
     ahead and advanced one ahead; ``compute(c, arrived)`` runs on chunk c once it is in, and its result goes
     back (the counts swapped) while the next chunk computes, advanced one chunk behind. Returns what came
-    back, in the order of ``rows``."""
+    back, in the order of ``rows``. ``name`` ("forward", "backward") names the pass's ranges in a profiler's
+    trace: ``pipeline/forward chunk 0 send``, ``... receive``, ``... experts``, ``... send back``, ``... receive back``."""
     chunks = [rows.index_select(0, where.to(rows.device)) for where in send.indices]
 
+    def step(c, what):                                                           # a named range (profiling.py)
+        return named_range(f"pipeline/{name} chunk {c} {what}")
+
     def post(c):
-        return exchange.ialltoallv(chunks[c], send.peer_rows[c], recv.peer_rows[c])
+        with step(c, "send"):
+            return exchange.ialltoallv(chunks[c], send.peer_rows[c], recv.peer_rows[c])
     outgoing, returning = [post(c) for c in range(min(2, len(chunks)))], []
     outgoing[0].advance()                                                        # (chunk 0's second phase first)
     for c in range(len(chunks)):
@@ -227,11 +233,19 @@ def _overlapped(rows: torch.Tensor, send: Chunking, recv: Chunking, exchange, co
             outgoing.append(post(c + 2))                                         # chunk c+2 starts travelling
         if c + 1 < len(chunks):
             outgoing[c + 1].advance()                                            # c+1's second phase, if any
-        result = compute(c, outgoing[c].wait())                                  # ... while chunk c is computed
-        returning.append(exchange.ialltoallv(result, recv.peer_rows[c], send.peer_rows[c]))
+        with step(c, "receive"):
+            arrived = outgoing[c].wait()
+        with step(c, "experts"):
+            result = compute(c, arrived)                                         # ... while chunk c is computed
+        with step(c, "send back"):
+            returning.append(exchange.ialltoallv(result, recv.peer_rows[c], send.peer_rows[c]))
         if c > 0:
             returning[c - 1].advance()                                           # (c−1's second phase, if any)
-    returned = torch.cat([pending.wait() for pending in returning])
+    returned = []
+    for c, pending in enumerate(returning):
+        with step(c, "receive back"):
+            returned.append(pending.wait())
+    returned = torch.cat(returned)
     return _place(returned, torch.cat(send.indices), rows.shape[0])             # chunk order -> row order
 
 

@@ -19,6 +19,8 @@ activations), until the block's backward pass has replayed them. The Communicato
 """
 from __future__ import annotations
 
+from ..profiling import named_range
+
 _active: "CollectiveStash | None" = None
 
 
@@ -60,7 +62,7 @@ class _StashMode:
     """Makes ``stash`` the active one while the block runs (record) or is recomputed (replay)."""
 
     def __init__(self, stash: CollectiveStash, replaying: bool):
-        self.stash, self.replaying, self.outer = stash, replaying, []
+        self.stash, self.replaying, self.outer, self.ranges = stash, replaying, [], []
 
     def __enter__(self):
         global _active
@@ -68,9 +70,13 @@ class _StashMode:
         _active, self.stash.replaying = self.stash, self.replaying
         if self.replaying:
             self.stash.cursor = 0                        # every recomputation replays from the start
+            self.ranges.append(named_range("recompute/block"))      # a range in a profiler's trace (profiling.py)
+            self.ranges[-1].__enter__()
 
     def __exit__(self, *exc_info):
         global _active
+        if self.replaying:
+            self.ranges.pop().__exit__(*exc_info)
         _active, self.stash.replaying = self.outer.pop()
 
 

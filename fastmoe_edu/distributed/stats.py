@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..profiling import named_range
+
 
 @dataclass
 class CollectiveCounter:
@@ -43,10 +45,12 @@ class CommunicationStats:
 
     @contextmanager
     def measure(self, key: str, bytes_sent: int):
-        """Time the body of the ``with`` block and add it to the counter called ``key``."""
+        """Time the body of the ``with`` block and add it to the counter called ``key`` (and, while a profiler
+        records, show it as a range called ``key`` in the trace: profiling.py)."""
         start = time.perf_counter()
         try:
-            yield
+            with named_range(key):
+                yield
         finally:
             counter = self.counters.setdefault(key, CollectiveCounter())
             counter.calls += 1
