@@ -121,14 +121,38 @@ def worker(output: str, tp: int, ep: int, steps: int, size: str) -> None:
                                             "results": results}))
 
 
+# What the ranks print on a run that worked: PyTorch's profiler announces each start and stop of a trace
+# ("USDT: ... profiler_start / profiler_stop", on stderr, once per rank and variant), and its memory
+# profile warns about blocks allocated before it started (CPUAllocator.cpp). Counted, not shown.
+KNOWN_NOISE = {"profiler start/stop notices": ("profiler_start", "profiler_stop"),
+               "CPUAllocator warnings (blocks allocated before the profiler started)": ("CPUAllocator",)}
+
+
+def summarize_output(text: str) -> str:
+    """One line for the launched job's output: how many lines of each known kind, and how many others."""
+    # Ranks write at the same time, so one line can hold two ranks' messages: count messages, not lines.
+    counts = {kind: sum(text.count(marker) for marker in markers) for kind, markers in KNOWN_NOISE.items()}
+    known = tuple(marker for markers in KNOWN_NOISE.values() for marker in markers)
+    other = [line for line in text.splitlines() if line.strip() and not any(m in line for m in known)]
+    parts = [f"{n} {kind}" for kind, n in counts.items() if n] + ([f"{len(other)} other lines"] if other else [])
+    return "; ".join(parts) if parts else "no output"
+
+
 def launch(ranks: int, tp: int, ep: int, steps: int, engine: str = "mpi", size: str = "medium") -> dict:
+    """Run the job; return rank 0's results, with ``output`` (the ranks' stdout + stderr, captured) and
+    ``output_summary`` (one line). A failed job raises RuntimeError with the end of that output."""
     from fastmoe_edu.distributed import mpirun_command, torchrun_command
     launcher = mpirun_command if engine == "mpi" else torchrun_command
     with tempfile.TemporaryDirectory() as folder:
         output = Path(folder) / "ted.json"
-        subprocess.run(launcher(ranks, [__file__, "--worker", str(output), "--tp", str(tp), "--ep", str(ep),
-                                        "--steps", str(steps), "--size", size]), check=True, timeout=900)
-        return json.loads(output.read_text())
+        command = launcher(ranks, [__file__, "--worker", str(output), "--tp", str(tp), "--ep", str(ep),
+                                   "--steps", str(steps), "--size", size])
+        done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        printed = done.stdout + done.stderr
+        if done.returncode != 0 or not output.exists():
+            raise RuntimeError(f"{' '.join(map(str, command[:3]))} ... failed (exit status {done.returncode}); "
+                               f"the end of its output:\n{printed[-4000:]}")
+        return {**json.loads(output.read_text()), "output": printed, "output_summary": summarize_output(printed)}
 
 
 def report(data: dict) -> str:
@@ -168,6 +192,7 @@ def main() -> None:
         worker(args.worker, args.tp, args.ep, args.steps, args.size)
         return
     data = launch(args.ranks, args.tp, args.ep, args.steps, args.engine, args.size)
+    print(f"the {args.ranks} ranks finished without error; what they printed: {data['output_summary']}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, engine {args.engine}, "
           f"{time.strftime('%Y-%m-%d')}")
     print(report(data))
