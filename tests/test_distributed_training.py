@@ -43,7 +43,7 @@ def test_train_command_under_mpirun(tmp_path):
     assert "token exchange alltoallv" in out and "host memory" in out
     assert out.count("done: step 3") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "checkpoint.json", "config.toml", "history.json", "step-00000003"]
+        "checkpoint.json", "config.toml", "history.json", "step-00000003", "tensorboard"]
     assert sorted(p.name for p in (tmp_path / "step-00000003").iterdir()) == [
         "ckpt.pt", "experts-rank00000.pt", "experts-rank00001.pt"]
     history = json.loads((tmp_path / "history.json").read_text())
