@@ -190,6 +190,8 @@ plt.show()
 # %% [markdown]
 # Finally, the real layer: `MoELayer.forward` is exactly these calls (with its SwiGLU experts instead
 # of the toy ones). Re-running the steps by hand reproduces its output.
+#
+# ✍️ Exercises: write these steps yourself, [ex03_positions.py](exercises/ex03_positions.py) (count, prefix sum, positions), [ex04_scatter.py](exercises/ex04_scatter.py), [ex05_experts.py](exercises/ex05_experts.py) (grouped GEMM, SwiGLU) and [ex06_combine.py](exercises/ex06_combine.py) (combine and its backward); check with `python -m tutorial.exercises.check 3 4 5 6`.
 
 # %%
 torch.manual_seed(0)
@@ -250,9 +252,10 @@ assert all(torch.equal(ref_steps[n], cpu_steps[n]) for n in ref_steps)
 # GPU thread as a Python thread on the CPU: correct, very slow, fine for tiny tensors. The simulator
 # must be switched on (`NUMBA_ENABLE_CUDASIM=1`) *before numba is first imported*, and this kernel
 # already imported numba for the CPU kernels, so the simulated part runs in a fresh Python process.
-# That process (the script below) loads the same inputs, sends the CPU tensors to the CUDA kernels
-# (`numba_backend.run_cuda_kernels_on_cpu_tensors(True)`, the project's public switch for this), runs
-# the six steps, and saves every tensor. It also runs the experts with the backend's tiled
+# That process (the script `tutorial/_nbhelpers/simulated_cuda_steps.py`, shown below) loads the
+# same inputs, sends the CPU tensors to the CUDA kernels
+# (`numba_backend.run_cuda_kernels_on_cpu_tensors(True)`, the project's public switch for this),
+# runs the six steps, and saves every tensor. It also runs the experts with the backend's tiled
 # `numba.cuda` grouped-GEMM kernel, and a small kernel that records which block and thread handle
 # which element of the scatter (used in section 3).
 
@@ -271,56 +274,12 @@ def launch_config(tasks, max_threads=numba_cuda.MAX_THREADS_PER_BLOCK):
     return math.ceil(tasks / threads), threads
 
 
-SIMULATED = r"""
-import os, sys, time
-os.environ["NUMBA_ENABLE_CUDASIM"] = "1"          # before numba is imported
-import torch
-from numba import cuda
-from fastmoe_edu.backends import numba_backend
 
-inputs = torch.load(sys.argv[1])
-numba_backend.run_cuda_kernels_on_cpu_tensors(True)   # CPU tensors -> numba.cuda kernels (simulated)
+from IPython.display import Code, display
 
-def steps(x, ids, w, capacity, num_experts, weight):
-    out = {"ids": numba_backend.prune_capacity(ids, num_experts, capacity)}
-    out["counts"] = numba_backend.count_tokens_per_expert(out["ids"], num_experts)
-    out["starts"] = numba_backend.exclusive_prefix_sum(out["counts"])
-    out["rows"] = numba_backend.stable_positions(out["ids"], out["starts"])
-    out["buffer"] = numba_backend.scatter_rows(x, out["rows"], int(out["counts"].sum()))
-    out["expert_out"] = numba_backend.grouped_matmul(out["buffer"], weight, out["counts"])
-    out["y"] = numba_backend.gather_combine(out["expert_out"], out["rows"], w * (out["ids"] >= 0))
-    return out
-
-start = time.perf_counter()
-numba_backend.set_grouped_gemm("tiled")               # the experts as a numba.cuda kernel too
-tiny = inputs["tiny"]
-with torch.no_grad():
-    result = steps(tiny["x"], tiny["expert_ids"], tiny["weights"], tiny["capacity"], tiny["E"], tiny["weight"])
-result = {"steps": result, "seconds": time.perf_counter() - start}
-
-# Which GPU thread handles which element of the scatter? The scatter kernel uses one thread per
-# buffer element (row = i // width, col = i % width), launched with the configuration the notebook
-# passes in. This kernel has the same launch and index arithmetic and writes down its block and
-# thread numbers instead of copying data.
-big = inputs["big"]
-blocks, threads = big["launch"]
-
-@cuda.jit
-def who_handles(width, block_of, thread_of):
-    index = cuda.grid(1)                               # blockIdx.x * blockDim.x + threadIdx.x
-    if index < block_of.shape[0] * width:
-        block_of[index // width, index % width] = cuda.blockIdx.x
-        thread_of[index // width, index % width] = cuda.threadIdx.x
-
-block_of = torch.full((big["num_rows"], big["width"]), -1, dtype=torch.int64)
-thread_of = torch.full((big["num_rows"], big["width"]), -1, dtype=torch.int64)
-who_handles[blocks, threads](big["width"], block_of.numpy(), thread_of.numpy())
-result["thread_map"] = {"block_of": block_of, "thread_of": thread_of}
-torch.save(result, sys.argv[2])
-"""
-
+SIMULATED = Path("_nbhelpers") / "simulated_cuda_steps.py"        # next to this notebook
+display(Code(SIMULATED.read_text(), language="python"))
 work = Path(tempfile.mkdtemp(prefix="fastmoe_edu_02_"))
-(work / "simulated.py").write_text(SIMULATED)
 
 # A bigger example for the thread map (and section 3's positions): 24 tokens, width 8, 4 experts, top-2.
 g_big = torch.Generator().manual_seed(5)
@@ -337,10 +296,9 @@ torch.save({"tiny": {"x": x, "expert_ids": expert_ids, "weights": weights, "capa
            work / "inputs.pt")
 
 started = time.perf_counter()
-with tqdm(total=1, desc="CUDA simulator process") as bar:
-    done = subprocess.run([sys.executable, str(work / "simulated.py"), str(work / "inputs.pt"), str(work / "out.pt")],
-                          capture_output=True, text=True, timeout=600)
-    bar.update(1)
+print("running the script above in a fresh process (the simulator is slow: some seconds) ...", flush=True)
+done = subprocess.run([sys.executable, str(SIMULATED), str(work / "inputs.pt"), str(work / "out.pt")],
+                      capture_output=True, text=True, timeout=600)
 if done.returncode != 0:
     raise RuntimeError("the CUDA-simulator process failed:\n" + done.stderr[-3000:])
 sim = torch.load(work / "out.pt")
@@ -419,7 +377,9 @@ for name, tasks in [("count / rank chunks (one thread per chunk)", tiny_chunks),
 #   and the result is the *stable* order: identical to the reference, every run.
 #
 # The left plot is measured in the simulator: the scatter's launch configuration on a 24-token
-# example, replayed by a kernel that records `blockIdx.x` and `threadIdx.x` per element.
+# example, replayed by a kernel that records `blockIdx.x` and `threadIdx.x` per element. The colour
+# is the thread's number inside its block; white lines separate the blocks. Element `i` (row by row)
+# belongs to block `i // threads` and thread `i % threads`, so each block covers a band of whole rows.
 #
 # **Seeing the race.** numba's CUDA simulator is no help here: it starts the simulated threads one
 # by one, and a short kernel thread usually finishes before the next one starts, so an atomic
@@ -469,22 +429,34 @@ def atomic_positions(expert_ids, starts, num_threads=4):
 
 MAX_RACE_RUNS = 50
 atomic_runs = [atomic_positions(big_ids, big_starts)]
-for _ in tqdm(range(MAX_RACE_RUNS - 1), desc="racing runs", leave=False):
+for _ in range(MAX_RACE_RUNS - 1):                  # usually stops after a few runs: no progress bar needed
     atomic_runs.append(atomic_positions(big_ids, big_starts))
     if not torch.equal(atomic_runs[-1], atomic_runs[0]):
         break
 race_differs = not torch.equal(atomic_runs[-1], atomic_runs[0])
 runs_to_differ = len(atomic_runs) if race_differs else None
+print(f"racing runs: {len(atomic_runs)} of at most {MAX_RACE_RUNS} ("
+      + ("stopped at the first that differed from run 1)" if race_differs else "none differed from run 1)"))
 
 tm = sim["thread_map"]
 block_of, thread_of = tm["block_of"].numpy(), tm["thread_of"].numpy()
 fig, axes = plt.subplots(1, 2, figsize=(13, 6), gridspec_kw={"width_ratios": [1, 1.4]})
 ax = axes[0]
-ax.imshow(block_of, cmap="Pastel1", aspect="auto", interpolation="nearest")
-for (r, c), t in np.ndenumerate(thread_of):
-    ax.text(c, r, str(t), ha="center", va="center", fontsize=6)
-ax.set(title=f"scatter: {big_launch[0]} blocks × {big_launch[1]} threads\n"
-             "colour = block, number = threadIdx.x", xlabel="column of the buffer", ylabel="buffer row")
+image = ax.imshow(thread_of, cmap="viridis", aspect="auto", interpolation="nearest")
+fig.colorbar(image, ax=ax, label="threadIdx.x (thread number inside its block)", fraction=0.05)
+num_map_rows, width_map = thread_of.shape
+for b in range(big_launch[0]):                     # each block: its outline, its name, its first and last thread
+    cells = np.argwhere(block_of == b)
+    (r0, c0), (r1, c1) = cells[0], cells[-1]
+    if b > 0:
+        ax.axhline(r0 - 0.5, color="white", lw=2)
+    ax.text(width_map - 0.3, (r0 + r1) / 2, f"block {b}", rotation=90, ha="right", va="center", color="white",
+            fontsize=10, fontweight="bold")
+    for (r, c) in ((r0, c0), (r1, c1)):
+        ax.text(c, r, str(thread_of[r, c]), ha="center", va="center", fontsize=7,
+                color="white" if thread_of[r, c] < thread_of.max() / 2 else "black")
+ax.set(title=f"scatter: {big_launch[0]} blocks × {big_launch[1]} threads, one thread per element\n"
+             "(numbers: each block's first and last thread)", xlabel="column of the buffer", ylabel="buffer row")
 
 ax = axes[1]
 chunk = numba_cuda.ASSIGNMENTS_PER_CHUNK
@@ -658,9 +630,13 @@ print(f"speed-up range over these sizes: {speedup.min():.1f}× to {speedup.max()
 #
 # The cell measures it on this machine, same conventions as above (median of several calls after a
 # warm-up, one thread, the four measurements taking turns): one forward + backward of a whole
-# `MoELayer` with each backend, and the experts alone (forward + backward on an already dispatched
-# buffer). The time outside the experts is what dispatch and routing can win back;
-# `reference step / its experts alone` is the most a faster dispatch alone could give here. The size is small (the notebook must run in seconds);
+# `MoELayer` with each backend, and its experts alone doing exactly the work they do inside it: the
+# rows, counts and grouped-GEMM function the layer hands them (caught once with a forward pre-hook),
+# forward + backward. As in the layer, those rows are copies of input tokens that need no gradient,
+# so the experts' backward computes weight gradients only (timing it with an input gradient too
+# would charge the experts tens of milliseconds the layer never spends). The time outside the
+# experts is what dispatch and routing can win back; `reference step / its experts alone` is the
+# most a faster dispatch alone could give here. The size is small (the notebook must run in seconds);
 # `bench/bench_layer.py` measures larger layers, and on a GPU the balance differs again (the GEMMs
 # run on tensor cores, so dispatch is a larger share). The numbers are printed, not assumed.
 
@@ -672,19 +648,20 @@ layer_calls = {}
 for name in ("reference", "numba"):
     torch.manual_seed(0)
     moe = MoELayer(LAYER_D, LAYER_H, LAYER_E, top_k=2, backend=name)
-    with torch.no_grad():
-        route, _ = moe.router(layer_x)
-    counts_x = dispatch.count_tokens_per_expert(route.expert_ids, LAYER_E)
-    dispatched = torch.randn(int(counts_x.sum()), LAYER_D, generator=g_layer, requires_grad=True)
-    gemm = (dispatch if name == "reference" else nb).grouped_matmul
+    seen = {}                                             # what the layer passes its experts: rows, counts, GEMM
+    hook = moe.experts.register_forward_pre_hook(lambda module, args: seen.update(args=args))
+    moe(layer_x)
+    hook.remove()
+    expert_rows, expert_counts, gemm = seen["args"]
+    assert not expert_rows.requires_grad                  # copies of layer_x: no input gradient, as in the layer
 
     def train_step(moe=moe):
         moe.zero_grad(set_to_none=True)
         moe(layer_x).sum().backward()
 
-    def experts_step(moe=moe, dispatched=dispatched, counts_x=counts_x, gemm=gemm):
+    def experts_step(moe=moe, rows=expert_rows.detach(), counts=expert_counts, gemm=gemm):
         moe.zero_grad(set_to_none=True)
-        moe.experts(dispatched, counts_x, gemm).sum().backward()
+        moe.experts(rows, counts, gemm).sum().backward()
 
     layer_calls[name], layer_calls[name + " experts"] = train_step, experts_step
 
@@ -706,24 +683,39 @@ for name in ("reference", "numba"):
     step, experts = layer_times[name]["median"], layer_times[name + " experts"]["median"]
     parts[name] = {"step": step, "experts": experts, "rest": step - experts}
     print(f"{name:<10} step {step * 1e3:8.2f} ms [{layer_times[name]['min'] * 1e3:.2f}–{layer_times[name]['max'] * 1e3:.2f}]"
-          f" | experts alone {experts * 1e3:8.2f} ms | the rest (routing, dispatch, their backward) "
+          f" | experts alone {experts * 1e3:8.2f} ms [{layer_times[name + ' experts']['min'] * 1e3:.2f}–"
+          f"{layer_times[name + ' experts']['max'] * 1e3:.2f}] | the rest (routing, dispatch, their backward) "
           f"{(step - experts) * 1e3:8.2f} ms")
 ref_step, nb_step = parts["reference"]["step"], parts["numba"]["step"]
 layer_speedup = ref_step / nb_step
 experts_speedup = parts["reference"]["experts"] / parts["numba"]["experts"]
-amdahl_bound = ref_step / parts["reference"]["experts"]
+f_rest = parts["reference"]["rest"] / ref_step                  # the part a faster dispatch can speed up
+amdahl_bound = ref_step / parts["reference"]["experts"]        # = 1 / (1 − f_rest)
+# A part is only told apart from noise if the step's spread is smaller than that part.
+spread_ms = max(layer_times[n]["max"] - layer_times[n]["min"] for n in layer_times)
+separable = min(p_["rest"] for p_ in parts.values()) > 0
 print(f"T = {LAYER_T}, d_model = {LAYER_D}, d_hidden = {LAYER_H}, E = {LAYER_E}, top-2, forward + backward:")
-print(f"  the experts are {parts['reference']['experts'] / ref_step:.0%} of the reference step")
+print(f"  the experts are {parts['reference']['experts'] / ref_step:.0%} of the reference step, the rest "
+      f"f = {f_rest:.0%}")
 print(f"  whole-layer speed-up, numba vs reference: {layer_speedup:.2f}× (medians)")
-print(f"  Amdahl bound if only the rest gets faster (experts unchanged): reference step / its experts = "
-      f"{amdahl_bound:.2f}×")
-if abs(math.log(experts_speedup)) > math.log(1.1):
+print(f"  Amdahl bound if only the rest gets faster (experts unchanged): 1 / (1 − f) = reference step / its "
+      f"experts = {amdahl_bound:.2f}×")
+if not separable:
+    print(f"  too noisy to judge: a 'rest' came out at zero or less, i.e. the step and its experts were timed "
+          f"in different conditions (largest spread {spread_ms * 1e3:.1f} ms); rerun the cell on a quieter machine")
+elif abs(math.log(experts_speedup)) > math.log(1.1):
+    nb_bound = ref_step / parts["numba"]["experts"]
     print(f"  but the experts are not unchanged here: the numba backend's experts ran {experts_speedup:.2f}× "
           "as fast as the reference's (its grouped GEMM, backends/grouped_gemm_torch.py, is a different "
-          "implementation from the reference's loop over experts), so the layer's speed-up is not dispatch alone")
+          "implementation from the reference's loop over experts); with numba's own experts the bound is "
+          f"reference step / numba's experts = {nb_bound:.2f}×, and the measured {layer_speedup:.2f}× is "
+          + ("below it" if layer_speedup <= nb_bound else "above it: too noisy to judge"))
 else:
-    print(f"  the experts cost about the same in both backends ({experts_speedup:.2f}×), so the layer's "
-          "speed-up comes from the rest, as Amdahl's law describes")
-if min(p_["rest"] for p_ in parts.values()) <= 0:
-    print("  (a 'rest' of zero or less means the timings were too noisy to separate the parts; rerun the cell)")
+    rest_speedup = parts["reference"]["rest"] / parts["numba"]["rest"]
+    predicted = 1 / ((1 - f_rest) + f_rest / rest_speedup)
+    print(f"  the experts cost about the same in both backends ({experts_speedup:.2f}×); the rest got "
+          f"{rest_speedup:.2f}× faster, so Amdahl's law predicts 1 / ((1 − f) + f / s) = {predicted:.2f}× "
+          f"for the layer; measured {layer_speedup:.2f}×"
+          + ("" if layer_speedup <= amdahl_bound * 1.05 else
+             f" — above the bound {amdahl_bound:.2f}×, so these timings are too noisy to judge"))
 print(f"notebook so far: {time.perf_counter() - NOTEBOOK_START:.1f} s")
