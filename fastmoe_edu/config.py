@@ -55,11 +55,16 @@ class ConfigError(ValueError):
 
 #: the type of the pipeline degrees: an integer >= 1 or the word "auto"
 DEGREE = typing.Union[int, typing.Literal["auto"]]
+#: the largest pipeline degree accepted: more chunks than this only add per-chunk overhead (a degree of
+#: 10^4 made a 3 s run take 50 s, and 2^63 exhausted a rank's memory)
+MAX_PIPELINE_DEGREE = 64
 
 
-def _field(default, section: str, help: str, *, choices=None, minimum=None, above=None):
-    """A dataclass field carrying its documentation and range: ``minimum`` is inclusive, ``above`` strict."""
-    meta = {"section": section, "help": help, "choices": choices, "minimum": minimum, "above": above}
+def _field(default, section: str, help: str, *, choices=None, minimum=None, above=None, maximum=None):
+    """A dataclass field carrying its documentation and range: ``minimum`` and ``maximum`` are inclusive,
+    ``above`` strict."""
+    meta = {"section": section, "help": help, "choices": choices, "minimum": minimum, "above": above,
+            "maximum": maximum}
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -150,12 +155,13 @@ class TrainConfig:
     pipeline_degree: DEGREE = _field(1, "parallel", "FasterMoE/FSMoE overlap: split the all-to-all + expert "
                                      "compute into this many chunks with non-blocking collectives (1 = not "
                                      "pipelined); auto = measure the exchange and the experts during each MoE "
-                                     "layer's first passes and choose a power of 2 with the cost model (FSMoE)",
-                                     minimum=1)
+                                     "layer's first passes and choose a power of 2 with the cost model (FSMoE); "
+                                     f"at most {MAX_PIPELINE_DEGREE}", minimum=1, maximum=MAX_PIPELINE_DEGREE)
     backward_pipeline_degree: typing.Optional[DEGREE] = _field(None, "parallel", "the same for the backward "
                                                                "pass (FSMoE chooses the two separately): an "
-                                                               "integer >= 1 or auto; none = as pipeline_degree",
-                                                               minimum=1)
+                                                               f"integer from 1 to {MAX_PIPELINE_DEGREE} or "
+                                                               "auto; none = as pipeline_degree",
+                                                               minimum=1, maximum=MAX_PIPELINE_DEGREE)
     ranks_per_node: typing.Optional[int] = _field(None, "parallel", "Tutel-style hierarchical all-to-all with this "
                                                   "many expert-parallel ranks per node (exchange inside the node, "
                                                   "then one message per node pair); none = flat all-to-all",
@@ -183,6 +189,9 @@ class TrainConfig:
     nonfinite: str = _field("stop", "optimization", "what a non-finite loss or gradient norm does: stop (the run "
                             "ends with an error naming the step; the last good checkpoint is kept) or skip_step "
                             "(that step's update is dropped and training goes on)", choices=("stop", "skip_step"))
+    max_consecutive_skips: int = _field(10, "optimization", "nonfinite=skip_step: this many steps skipped in a row "
+                                        "end the run with an error (it has diverged; the last checkpoint is kept). "
+                                        "float16 overflows that the loss scale absorbs do not count", minimum=1)
 
     # --- eval ---------------------------------------------------------------------------------
     eval_interval: int = _field(100, "eval", "estimate the val loss every this many steps (0 = only at the end)",
@@ -190,7 +199,9 @@ class TrainConfig:
     eval_iters: int = _field(8, "eval", "batches averaged per val-loss estimate", minimum=1)
 
     # --- checkpoint ---------------------------------------------------------------------------
-    out_dir: str = _field("out", "checkpoint", "directory for checkpoint, history.json and config.toml")
+    out_dir: str = _field("out", "checkpoint", "directory for checkpoint, history.json and config.toml; one run's "
+                          "alone (a second run into it is refused while the first runs). '.' = the current "
+                          "directory; empty is refused")
     checkpoint_interval: int = _field(250, "checkpoint", "save a checkpoint every this many steps "
                                       "(0 = only at the end)", minimum=0)
     resume: bool = _field(False, "checkpoint", "continue from the checkpoint in out_dir")
@@ -242,6 +253,11 @@ class TrainConfig:
                 raise ConfigError(f"{f.name}={value!r} is out of range; it must be >= {meta['minimum']}")
             if meta["above"] is not None and value <= meta["above"]:
                 raise ConfigError(f"{f.name}={value!r} is out of range; it must be > {meta['above']}")
+            if meta["maximum"] is not None and value > meta["maximum"]:
+                raise ConfigError(f"{f.name}={value!r} is out of range; it must be <= {meta['maximum']}")
+        if not self.out_dir.strip():
+            raise ConfigError(f"out_dir={self.out_dir!r} is empty; name the directory for this run's checkpoints "
+                              f"(out_dir=. for the current directory)")
         # Relations between fields.
         if self.d_model % self.n_head:
             raise ConfigError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")

@@ -36,6 +36,9 @@ the parameter groups (``optimizer_group_size``) one at a time:
 
 float16 keeps ``master_weights = "model"``: its loss scale must be divided out of the gradients before
 they are used, and done in place on float16 gradients that division flushes the small ones to zero.
+
+A checkpoint written with one ``master_weights`` resumes with the other (:func:`move_master_copies`):
+the float32 weights move to where this run keeps them, exactly, never rounded through 16 bits.
 """
 from __future__ import annotations
 
@@ -168,3 +171,26 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             for key in ("master", "exp_avg", "exp_avg_sq"):
                 if key in saved:
                     self.state[ordered[int(index)]][key] = saved[key].to(ordered[int(index)].device, torch.float32)
+
+
+def move_master_copies(model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict, state: dict) -> None:
+    """Before a checkpoint's ``weights`` (the model's state_dict) and optimizer ``state`` (numbered as
+    ``optimizer.state_dict()`` numbers it) are loaded, in place: the float32 master weights go where
+    this run keeps them.
+
+    ``"model"`` -> ``"optimizer"``: a parameter's master copy is its float32 weight in the checkpoint
+    (the 16-bit model would hold it rounded). ``"optimizer"`` -> ``"model"``: the float32 parameter
+    becomes the master copy, and the copy leaves the optimizer's state. Same places: nothing changes.
+    """
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):     # tied weights: every name
+        names.setdefault(id(param), []).append(name)
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]
+    keeps_masters = isinstance(optimizer, MasterWeightAdamW)
+    for index, saved in state.items():
+        param_names = names[id(ordered[int(index)])]
+        if keeps_masters and "master" not in saved:
+            saved["master"] = weights[param_names[0]].float()
+        elif not keeps_masters and "master" in saved:
+            master = saved.pop("master")
+            weights.update({name: master for name in param_names})

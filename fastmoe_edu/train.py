@@ -37,6 +37,7 @@ whole global batch; rank 0 alone prints; each rank writes its own checkpoint fil
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -51,7 +52,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .backends import set_cpu_threads
-from .checkpoint import MANIFEST, CheckpointError, read_manifest
+from .checkpoint import MANIFEST, CheckpointError, ModelMismatch, exclusive_out_dir, read_manifest, write_failure
 from .config import ConfigError, TrainConfig, format_config, parse_args, to_toml
 from .data import batch_rng, get_dataset
 from .distributed.engines import launch_rank, launch_world_size, resolve_engine
@@ -177,7 +178,25 @@ def seed_random_draws(cfg: TrainConfig, rt: Runtime) -> None:
 
 
 class NonFiniteError(RuntimeError):
-    """The loss or the gradient norm became NaN or infinite (nonfinite = "stop")."""
+    """The loss or the gradient norm became NaN or infinite (nonfinite = "stop"), or stayed so for
+    ``max_consecutive_skips`` steps (nonfinite = "skip_step")."""
+
+
+def check_skipped_steps(records: list[dict], cfg: TrainConfig) -> None:
+    """nonfinite="skip_step" has a limit: ``max_consecutive_skips`` non-finite steps in a row end the run
+    (float16 overflows, which the loss scale absorbs, do not count)."""
+    run = 0
+    for record in reversed(records):
+        if not record["skipped"] or record["overflow"]:
+            break
+        run += 1
+    if run >= cfg.max_consecutive_skips:
+        last = records[-1]["step"]
+        raise NonFiniteError(f"steps {last - run + 1} to {last}: {run} steps in a row had a non-finite loss or "
+                             f"gradient norm and were skipped (nonfinite=\"skip_step\", max_consecutive_skips="
+                             f"{cfg.max_consecutive_skips}): the run has diverged; the last checkpoint in "
+                             f"{cfg.out_dir} is kept. Lower lr (or use grad_clip, or dtype=bfloat16 instead of "
+                             f"float16), or raise max_consecutive_skips")
 
 
 def train_step(model: MoETransformer, optimizer, batch, cfg: TrainConfig, step: int, rt: Runtime,
@@ -297,7 +316,7 @@ def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
     """Settings that differ between a checkpoint and the current run (other than how it runs and logs)."""
     harmless = {"resume", "progress", "eval_interval", "checkpoint_interval", "sample_tokens", "allow_schedule_change",
                 "sample_temperature", "num_threads", "out_dir", "exchange", "engine", "collective_timeout_s",
-                "tensorboard", "tensorboard_interval", "profile_steps"}
+                "tensorboard", "tensorboard_interval", "profile_steps", "max_consecutive_skips"}
     current = cfg.to_dict()
     return [f"{k}: checkpoint {saved.get(k)!r} -> now {current[k]!r}"
             for k in current if k not in harmless and saved.get(k) != current[k]]
@@ -315,6 +334,23 @@ def check_schedule_unchanged(saved: dict, cfg: TrainConfig) -> None:
         raise ConfigError(f"--resume with optimizer_group_size={cfg.optimizer_group_size} (checkpoint: "
                           f"{saved_groups}): the optimizer state is stored per parameter group, so the "
                           f"groups must stay as they were; keep optimizer_group_size={saved_groups}")
+
+
+def model_differences(saved: dict, cfg: TrainConfig) -> str:
+    """The data and model options that differ from a checkpoint's: "checkpoint has d_model=64, this run d_model=32"."""
+    changed = [f.name for f in dataclasses.fields(cfg) if f.metadata["section"] in ("data", "model")
+               and f.name in saved and saved[f.name] != getattr(cfg, f.name)]
+    if not changed:
+        return ""
+    return (f"checkpoint has {', '.join(f'{k}={saved[k]!r}' for k in changed)}, "
+            f"this run {', '.join(f'{k}={getattr(cfg, k)!r}' for k in changed)}")
+
+
+def new_run_id(rt: Runtime) -> str:
+    """A fresh identity, unique per run: the main rank's start time (UTC) and 4 random bytes, e.g.
+    ``20261201-142501-9f3a61c2``, the same on every rank. (A resumed run keeps its checkpoint's.)"""
+    mine = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + os.urandom(4).hex()
+    return bytes(rt.broadcast_(torch.tensor(list(mine.encode()), dtype=torch.uint8)).tolist()).decode()
 
 
 def save_run(cfg: TrainConfig, model, optimizer, scaler: LossScaler, step: int, history: dict, run_id: str,
@@ -340,10 +376,15 @@ def check_out_dir(out_dir: str) -> None:
 
 def write_history(cfg: TrainConfig, history: dict) -> None:
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / (HISTORY_NAME + ".tmp")
-    tmp.write_text(json.dumps(history))
-    os.replace(tmp, out_dir / HISTORY_NAME)
+    tmp = out_dir / f".{HISTORY_NAME}.{os.getpid()}.tmp"
+    text = json.dumps(history)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, out_dir / HISTORY_NAME)
+    except OSError as failure:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"{HISTORY_NAME}: " + write_failure(failure, out_dir, len(text))) from None
 
 
 class StopOnCtrlC:
@@ -409,6 +450,12 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, rt: Runtime | None = 
     cfg = cfg.validate()
     rt = rt or start_runtime(cfg)
     check_out_dir(cfg.out_dir)
+    with exclusive_out_dir(cfg.out_dir, rt):                     # out_dir is this run's alone (checkpoint.py)
+        return _run(cfg, stop_at, rt)
+
+
+def _run(cfg: TrainConfig, stop_at: int | None, rt: Runtime) -> dict:
+    """:func:`train`'s work, while this run holds its out_dir."""
     t_start = time.time()
     if cfg.num_threads > 0:
         set_cpu_threads(cfg.num_threads, cfg.backend)               # torch and numba: one thread budget
@@ -430,10 +477,15 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, rt: Runtime | None = 
     scaler = LossScaler(cfg.dtype)
 
     start_step, history = 0, {"train": [], "val": []}
-    run_id = rt.broadcast_(torch.randint(0, 256, (8,), dtype=torch.uint8)).numpy().tobytes().hex()
+    run_id = new_run_id(rt)
     if cfg.resume:
-        check_schedule_unchanged(read_manifest(cfg.out_dir).get("config", {}), cfg)   # before any weight is touched
-        saved = rt.load(cfg.out_dir, model, optimizer)
+        saved_config = read_manifest(cfg.out_dir).get("config", {})
+        check_schedule_unchanged(saved_config, cfg)                  # before any weight is touched
+        try:
+            saved = rt.load(cfg.out_dir, model, optimizer)
+        except ModelMismatch as mismatch:
+            differences = model_differences(saved_config, cfg)
+            raise ModelMismatch(f"--resume: {differences + ': ' if differences else ''}{mismatch}") from None
         start_step, history, run_id = saved["step"], saved["history"], saved["run_id"]
         if saved.get("loss_scale") and saved["config"].get("dtype") == cfg.dtype:
             scaler.load_state_dict(saved["loss_scale"])
@@ -458,6 +510,7 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None, rt: Runtime | None = 
             record = train_step(model, optimizer, batch, cfg, step, rt, scaler)
             record["tokens_per_sec"] = tokens_per_step / (time.perf_counter() - t0)
             history["train"].append(record)
+            check_skipped_steps(history["train"], cfg)
             observer.end_step(record)
             if record["overflow"]:          # float16: routine while the loss scale settles; the bar shows it
                 warning = None

@@ -149,7 +149,8 @@ def test_sharded_checkpoint_round_trip(tmp_path):
     optimizer.step()
     save_checkpoint(tmp_path, model, optimizer, {"step": 7, "run_id": "test"}, _OneRank(layout))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.json", "step-00000007"]
-    assert sorted(p.name for p in (tmp_path / "step-00000007").iterdir()) == ["ckpt.pt", "experts-rank00000.pt"]
+    assert sorted(p.name for p in (tmp_path / "step-00000007").iterdir()) == ["ckpt.pt", "experts-rank00000.pt",
+                                                                              "fastmoe_edu-checkpoint"]
     expert_file = torch.load(tmp_path / "step-00000007" / "experts-rank00000.pt", weights_only=True)
     assert all(".experts." in f".{key}" for key in expert_file["model"])
 
