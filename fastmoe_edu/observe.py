@@ -266,7 +266,7 @@ def draw_trace(ax, trace: dict, start_ms: float = 0.0, end_ms: float | None = No
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``merge FOLDER [--output FILE]`` or ``draw TRACE PNG [--start MS] [--end MS]``."""
+    """``merge FOLDER [--output FILE]`` or ``draw TRACE PNG [--start MS] [--end MS] [--title TEXT]``."""
     parser = argparse.ArgumentParser(prog="python -m fastmoe_edu.observe", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     merge = commands.add_parser("merge", help="merge the per-rank traces rank-NNNNN.json of a folder into one")
@@ -277,6 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     draw.add_argument("png")
     draw.add_argument("--start", type=float, default=0.0, help="first millisecond shown")
     draw.add_argument("--end", type=float, help="last millisecond shown (default: the end)")
+    draw.add_argument("--title", help="the picture's title (default: the trace's path)")
     args = parser.parse_args(argv)
     if args.command == "merge":
         print(merge_traces(args.folder, args.output))
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     trace = json.loads(Path(args.trace).read_text())
     fig, ax = plt.subplots(figsize=(14, 7))
     draw_trace(ax, trace, args.start, args.end)
-    ax.set_title(f"named ranges of {args.trace}, a band per rank (rendered from the trace)", fontsize=10)
+    ax.set_title(args.title or f"named ranges of {args.trace}, a band per rank (rendered from the trace)", fontsize=10)
     fig.tight_layout()
     fig.savefig(args.png, dpi=120)
     print(args.png)
