@@ -108,7 +108,8 @@ print("routers:", ", ".join(ROUTERS))
 #
 # Controls: `noise` is the noisy top-k router's extra noise on its scores, `jitter` the Switch
 # router's random rescaling of its input (`x · U(1−ε, 1+ε)`). `switch` always uses `top_k = 1` and
-# `gshard` `top_k = 2`: the slider then shows that value and is greyed out. With `expert_choice`
+# `gshard` `top_k = 2`: the slider then shows that value and is greyed out, and gets your own value
+# back when you pick another router. With `expert_choice`
 # each expert takes `C = capacity factor · T / E` tokens; at capacity factor 0, `top_k` stands in
 # for it.
 #
@@ -181,7 +182,10 @@ def draw(data):
         bars.axhline(data["capacity"], color="black", ls=":", label=f"capacity C={data['capacity']}")
     bars.set(title=f"tokens per expert (max/mean {data['max_over_mean_load']:.2f})", xlabel="expert",
              ylabel="assignments")
-    bars.legend(fontsize=8)
+    # Room above the tallest bar and line for the legend, in one row, so it covers neither.
+    top = max((kept + dropped).max(), data["balanced_load"], data["capacity"] or 0)
+    bars.set_ylim(0, 1.35 * top)
+    bars.legend(fontsize=8, loc="upper center", ncol=4, frameon=False, handlelength=1.5, columnspacing=1.0)
     for ax in (heat, bars):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # experts are whole numbers
     even = 0.0 if data["router"] == "noisy_top_k" else 1.0      # the balance loss of an even load
@@ -228,10 +232,18 @@ controls = {
 }
 plot_area = widgets.Output()
 shown = {}                       # the data behind the plot on screen, for inspection by code
+chosen_k = {"value": controls["top_k"].value}   # the student's own top_k, kept while a router forces another
 
 
 def on_change(change=None):
     forced_k = ROUTERS[controls["router"].value].required_top_k      # 1 for switch, 2 for gshard
+    if forced_k is None and controls["top_k"].disabled:             # leaving switch / gshard: give k back
+        controls["top_k"].disabled = False
+        if controls["top_k"].value != chosen_k["value"]:
+            controls["top_k"].value = chosen_k["value"]  # this change calls on_change again
+            return
+    if forced_k is None:
+        chosen_k["value"] = controls["top_k"].value
     controls["top_k"].disabled = forced_k is not None
     if forced_k is not None and controls["top_k"].value != forced_k:
         controls["top_k"].value = forced_k       # show the k in use; this change calls on_change again
@@ -256,6 +268,8 @@ display(widgets.VBox([widgets.HBox([widgets.VBox([controls[n] for n in names[:3]
 # nothing is "dropped", but some tokens get no expert at all.
 #
 # The same function without the widgets, for one setting that drops assignments:
+#
+# ✍️ Exercises: write capacity pruning in [ex02_capacity.py](exercises/ex02_capacity.py) and the balance loss in [ex07_balance.py](exercises/ex07_balance.py); check with `python -m tutorial.exercises.check 2 7` ([all exercises](exercises/README.md)).
 
 # %%
 example = redraw(router="switch", capacity_factor=1.0, num_experts=8)
@@ -277,6 +291,8 @@ print(f"capacity C = {example['capacity']}, dropped assignments = {example['drop
 #
 # The layer's output for a token is the combine-weighted sum of its `k` experts' outputs. Here it
 # is by hand for 6 tokens and 4 experts, checked against the router inside `MoELayer`.
+#
+# ✍️ Exercise: write softmax top-k routing and its gradient by hand in [ex01_routing.py](exercises/ex01_routing.py); check with `python -m tutorial.exercises.check 1`.
 
 # %%
 torch.manual_seed(0)

@@ -41,6 +41,17 @@ assert len(_loss_axes) == 2, [ax.get_title() for ax in _fig.axes]
 _widths = [ax.patches[0].get_width() for ax in _loss_axes]
 assert np.allclose(_widths, [_data["balance_loss"], _data["z_loss"]], rtol=1e-5), _widths
 plt.close(_fig)
+# The load panel leaves room above its bars and lines for the one-row legend (expert choice: every bar
+# reaches the balanced line).
+for _settings in (dict(router="expert_choice", capacity_factor=1.0), dict(router="switch", capacity_factor=1.0)):
+    _data = route(**_settings)
+    _fig = draw(_data)
+    _bars_ax = _fig.axes[2 if _fig.axes[1].get_label() == "<colorbar>" else 1]
+    assert _bars_ax.get_title().startswith("tokens per expert"), _bars_ax.get_title()
+    _top = max((_data["tokens_per_expert"] + _data["dropped_per_expert"]).max(), _data["balanced_load"],
+               _data["capacity"] or 0)
+    assert _bars_ax.get_ylim()[1] >= 1.3 * _top, (_bars_ax.get_ylim(), _top)
+    plt.close(_fig)
 
 # The widgets: every control changes what is on screen, and no control is left unbound.
 assert set(controls) == {"router", "top_k", "capacity_factor", "noise", "jitter", "num_experts"}
@@ -59,6 +70,13 @@ controls["router"].value = "softmax_top_k"
 assert not controls["top_k"].disabled
 controls["top_k"].value = 1
 assert shown["data"]["router"] == "softmax_top_k" and shown["data"]["top_k"] == 1
+# Leaving a router that forced k gives the student's own k back.
+controls["top_k"].value = 3
+controls["router"].value = "switch"
+assert controls["top_k"].value == 1 and shown["data"]["top_k"] == 1
+controls["router"].value = "softmax_top_k"
+assert controls["top_k"].value == 3 and shown["data"]["top_k"] == 3 and not controls["top_k"].disabled
+controls["top_k"].value = 1
 # Each control, moved alone, redraws with the new value (the stale-router bug: every change counts).
 controls["router"].value = "expert_choice"
 assert shown["data"]["router"] == "expert_choice"
