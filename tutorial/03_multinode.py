@@ -170,6 +170,8 @@ def draw_placement(placement, num_experts, per_row=4):
 #   router (the timed runs) and for the hand-set router,
 # * the time of one forward pass (the slowest rank) and the project's communication counters
 #   (`layout.stats`: seconds and bytes inside the all-to-all).
+#
+# ✍️ Exercise: write the expert-parallel exchange (counts, rows out, regroup, rows back) through the project's `Communicator` in [ex08_expert_parallel.py](exercises/ex08_expert_parallel.py); `python -m tutorial.exercises.check 8` runs it on 2 ranks.
 
 # %%
 PROBE = r'''
@@ -851,6 +853,8 @@ for network in ("cluster", "measured here"):
 #   (`choose_pipeline_degree` tries every `D` from 1 to a search bound and keeps the fastest, the
 #   way FSMoE picks it). The printout says when the best `D` sits at the search bound (then a
 #   larger `D` might be better still).
+#
+# ✍️ Exercise: write TED's duplicate token dropping (my share, the all-gather, and both backwards) in [ex09_ted.py](exercises/ex09_ted.py); `python -m tutorial.exercises.check 9` runs it on 2 ranks.
 
 # %%
 def ted_shape(ep: int, experts_per_gpu: int = 2) -> cost_model.MoEShape:

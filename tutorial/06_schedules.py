@@ -217,6 +217,8 @@ print(f"phase 1 + phase 2 = {(sum(layer.intra) + sum(layer.inter)) * 1e3:.3f} ms
 # the inter-node link and chunk c+2 on the intra-node link: FSMoE's co-scheduling of the two levels with
 # the compute.
 #
+# ✍️ Exercise: write a two-chunk pipelined exchange with the non-blocking `ialltoallv` in [ex10_pipeline.py](exercises/ex10_pipeline.py); `python -m tutorial.exercises.check 10` runs it on 2 ranks and checks that the chunks overlap.
+#
 # The simulation below turns that into a timeline. Three lanes each do one thing at a time, in the order
 # the program posts to them: the **intra-node link**, the **inter-node link** and the **expert compute**
 # (a fourth lane, for the gradient pieces, comes in section 3). The rules, one per line of
