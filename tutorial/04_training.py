@@ -182,7 +182,7 @@ print(f"LM loss: {first:.3f} at step 1 (guessing uniformly over the vocabulary c
 model = reference_run["model"]
 dataset = build_dataset(config)
 usage = expert_usage_by_language(model, dataset, config, num_batches=2 if QUICK else 8)
-fig, axes = plt.subplots(1, usage.shape[0], figsize=(5 * usage.shape[0], 3.2), squeeze=False)
+usage_fig, axes = plt.subplots(1, usage.shape[0], figsize=(5 * usage.shape[0], 3.2), squeeze=False)
 for li in range(usage.shape[0]):
     ax = axes[0, li]
     im = ax.imshow(usage[li].numpy(), cmap="viridis", vmin=0, vmax=1 / config.top_k)
@@ -191,7 +191,7 @@ for li in range(usage.shape[0]):
                 fontsize=8)
     ax.set(title=f"MoE layer {li}", xlabel="expert", xticks=range(config.num_experts),
            yticks=range(len(dataset.language_names)), yticklabels=dataset.language_names)
-fig.colorbar(im, ax=axes[0, -1])
+usage_fig.colorbar(im, ax=axes[0, -1], label="share of the language's assignments")
 plt.tight_layout()
 plt.show()
 spread = (usage.max(dim=2).values - usage.min(dim=2).values).mean()

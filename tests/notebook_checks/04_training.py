@@ -23,5 +23,7 @@ _same_binade = np.frexp(ref_loss.astype(np.float32))[1] == np.frexp(nb_loss.asty
 assert np.allclose(in_steps[_same_binade], np.round(in_steps[_same_binade])), "not whole float32 steps"
 assert np.all(np.diff(np.maximum.accumulate(in_steps)) >= 0)
 assert np.array_equal(rounding_step, np.spacing(ref_loss.astype(np.float32)).astype(float))
+# The specialisation heat map's colour bar says what its colours mean.
+assert any(ax.get_label() == "<colorbar>" and ax.get_ylabel() for ax in usage_fig.axes), "unlabelled colour bar"
 plt.close("all")
 print("training self-check passed")
