@@ -361,11 +361,14 @@ def main(out_dir: str, jobs: list[str]) -> None:
             CHECKS[exercise](module, comm, agree)
             results[job] = None
         except Hint as error:
-            results[job] = str(error)
-            if "did not complete within" in str(error):     # their collective timed out on the sub-communicator
+            hint = str(error)
+            if "did not complete within" in hint:            # their collective timed out on the sub-communicator
                 stuck = True
-                results[job] += (" -- do all ranks call the same collectives in the same order, with matching "
-                                 "send and receive counts?")
+                function = hint.split("(", 1)[0]
+                hint = (f"{function}() waited {STUDENT_TIMEOUT_S:g} s in a collective the other rank never joined: "
+                        f"do all ranks call the same collectives in the same order, with matching send and receive "
+                        f"counts?")
+            results[job] = hint if hint.startswith("rank ") else f"rank {world.rank}: {hint}"
         except _OtherRankFailed:
             results[job] = None
         except CollectiveTimeout as error:                   # the checker's own agreement timed out
