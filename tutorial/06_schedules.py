@@ -34,11 +34,14 @@
 #    degrees that `cost_model.choose_pipeline_degrees` (what `pipeline_degree="auto"` uses) picks;
 # 5. **shadowing** (FasterMoE): under a skewed load one expert's rank becomes the bottleneck; the
 #    project's `shadowing.choose_shadowed` decides which experts to copy to every rank instead, and the
-#    bars show what that does to each rank's bytes and compute and to the predicted time.
+#    bars show what that does to each rank's bytes and compute and to the predicted time;
+# 6. **measured**: a real pipelined layer on 2 MPI ranks of this machine, profiled, beside the schedule
+#    predicted from its own task times, and why the two differ here.
 #
-# Everything here is the cost model's prediction for an assumed GPU cluster, not a measurement (the
-# measurements on this machine are in `docs/benchmarks.md`). `QUICK` (`FASTMOE_EDU_QUICK=1`, set by
-# the tests) changes nothing here: the notebook computes a model, which is fast either way.
+# Sections 1-5 are the cost model's prediction for an assumed GPU cluster, not a measurement (the
+# measurements on this machine are in `docs/benchmarks.md`); section 6 measures. `QUICK`
+# (`FASTMOE_EDU_QUICK=1`, set by the tests) changes nothing here: the model is fast, and section 6's
+# run takes a few seconds either way.
 #
 # **Glossary** (each term is explained again where it is first used):
 #
@@ -755,3 +758,66 @@ print("with an even load (skew 0) it shadows " + (f"{sweep[0]['shadowed']}" if s
 # step with measured `β`, `γ`; `bench/bench_shadowing.py` measures it on this machine
 # (`docs/benchmarks.md`, "Expert shadowing"). The checks of this notebook live in
 # `tests/notebook_checks/06_schedules.py`.
+
+# %% [markdown]
+# ## 6. Measured: a real pipelined layer beside the prediction
+#
+# Everything above is predicted. Here is the real thing, on this machine: the default model trains for
+# 2 steps on 2 MPI ranks with `pipeline_degree = 2`, and `--profile_steps=2:2` records the second step
+# with `torch.profiler` (README, "Observing a run"). Every part of every chunk is a named range in the
+# trace — `pipeline/forward chunk c send` (post the chunk's exchange), `receive` (wait for it),
+# `experts`, `send back`, `receive back` — and the ranks' traces are merged into one, a track per rank.
+#
+# Top: the first MoE layer's forward pass as each rank ran it. Bottom: section 2's `place_pass` fed
+# with the task times measured on rank 0 (a chunk's exchange = its send + its receive, the way there and
+# back averaged; a chunk's experts), i.e. the same pass *if the exchange travelled while the experts
+# compute*. The helpers (a few lines each) are in `tutorial/_measured_schedule.py`.
+
+# %%
+from _measured_schedule import forward_pass, profile_a_run, task_seconds
+from fastmoe_edu.observe import draw_trace
+
+MEASURED_RANKS, MEASURED_DEGREE = 2, 2
+started = time.perf_counter()
+trace = profile_a_run(MEASURED_RANKS, MEASURED_DEGREE, steps=2)
+passes = {rank: forward_pass(trace, rank, MEASURED_DEGREE) for rank in range(MEASURED_RANKS)}
+seconds = task_seconds(passes[0])
+measured_layer = Layer(intra=(0.0, MEASURED_DEGREE * seconds["exchange"]), inter=(0.0, 0.0),
+                       experts=(0.0, MEASURED_DEGREE * seconds["experts"]), grad_sizes=(), hw=layer.hw,
+                       ranks=MEASURED_RANKS)
+predicted_bars = place_pass(measured_layer, MEASURED_DEGREE)
+measured_s = (passes[0][-1][2] - passes[0][0][1]) / 1e3
+one_after_another = MEASURED_DEGREE * (2 * seconds["exchange"] + seconds["experts"])
+waiting = sum(end - start for name, start, end in passes[0] if "receive" in name) / 1e3
+print(f"mpirun -n {MEASURED_RANKS}: trained, profiled and merged in {time.perf_counter() - started:.1f} s")
+print(f"rank 0, per chunk: exchange {seconds['exchange'] * 1e3:.2f} ms, experts {seconds['experts'] * 1e3:.2f} ms")
+print(f"measured pass {measured_s * 1e3:.2f} ms ({waiting / measured_s:.0%} of it waiting in receives); "
+      f"predicted {makespan(predicted_bars) * 1e3:.2f} ms; every task one after another {one_after_another * 1e3:.2f} ms")
+
+fig, axes = plt.subplots(2, 1, figsize=(12, 5.5))
+draw_trace(axes[0], trace, passes[0][0][1], max(p[-1][2] for p in passes.values()), prefixes=("pipeline/forward",))
+axes[0].set_title("measured: the ranks' pipeline/forward ranges (red: waiting in a receive, orange: posting a send)",
+                  fontsize=10)
+draw_timeline(axes[1], predicted_bars, MEASURED_DEGREE, "predicted from rank 0's task times (plain: scatter, "
+              "hatched: gather; colour: chunk), on the same scale")
+axes[1].set_xlim(0, axes[0].get_xlim()[1] - axes[0].get_xlim()[0])
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# Where they differ, and why. The prediction overlaps: chunk 1's rows travel while chunk 0's experts
+# compute, and chunk 0's results go home while chunk 1 computes, so the pass is shorter than its tasks
+# one after another. The measurement is not: on each rank the chunks' parts follow one another, and
+# much of the pass is spent waiting in receives. Two causes, both of this machine:
+#
+# * the `mpich` wheel has no asynchronous progress thread, so a posted message only moves while its rank
+#   is *inside* an MPI call. Chunk 1's rows travel during chunk 0's `receive` (that wait covers both
+#   chunks, and chunk 1's own `receive` then returns at once), not during chunk 0's `experts`;
+# * 2 ranks share 2 busy cores: while one rank computes, no core is free to move its partner's data,
+#   and a rank's receive also waits for the other rank to finish the experts that produce its rows.
+#
+# On a GPU cluster the exchange runs on the network card or NVLink (NCCL's own streams, or an MPI with
+# a progress thread) while the GPU computes: the overlap the bottom chart draws. The same limit is why
+# pipelining measured slower than not pipelining on this machine (`docs/benchmarks.md`, "auto pipeline
+# degrees: predicted vs measured"). To see it in your own runs: `--profile_steps=A:B`, then open
+# `out/trace.json` in <https://ui.perfetto.dev>.

@@ -165,4 +165,17 @@ _before = shadow_explorer.result
 _shadow_controls["cost_ratio"].value = 10.0
 assert shadow_explorer.result["after"]["T"] != _before["after"]["T"], "cost_ratio did nothing"
 plt.close("all")
+# ---- section 6: the measured pass beside the predicted one --------------------------------------------
+from _measured_schedule import PARTS
+from fastmoe_edu.observe import named_ranges
+
+assert set(passes) == {0, 1} and {r for r, *_ in named_ranges(trace)} == {0, 1}, "a track per rank"
+for _rank, _ranges in passes.items():                            # every part of every chunk, once
+    assert sorted(n for n, _, _ in _ranges) == sorted(f"pipeline/forward chunk {c} {part}"
+                                                      for c in range(MEASURED_DEGREE) for part in PARTS), _rank
+    assert all(a_end <= b_start + 1e-6 for (_, _, a_end), (_, b_start, _) in zip(_ranges, _ranges[1:]))
+# "the pass is shorter than its tasks one after another" (predicted) / "the parts follow one another" (measured)
+assert makespan(predicted_bars) < one_after_another <= measured_s * (1 + 1e-9)
+assert 0 < waiting < measured_s
+plt.close("all")
 print(f"self-check passed ({time.perf_counter() - NOTEBOOK_START:.1f} s since the first cell)")
