@@ -217,14 +217,16 @@ def route(family, top_k=2):
 
 
 def draw(results):
-    """One column per routing decision: token × expert combine weights (one colour scale), load per expert."""
+    """One column per routing decision: token × expert combine weights (each with its own colour scale,
+    from 0 to its largest weight: the families' weights differ in size), load per expert."""
     n = len(results)
     fig, axes = plt.subplots(2, n, figsize=(3.6 * n + 1.2, 6.2), squeeze=False, height_ratios=[2.2, 1],
                              layout="constrained")
-    vmax = max(float(r["combine"].max()) for r in results)
     for col, r in enumerate(results):
         heat, bars = axes[0, col], axes[1, col]
-        image = heat.imshow(r["combine"], aspect="auto", cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
+        image = heat.imshow(r["combine"], aspect="auto", cmap="viridis", vmin=0, vmax=max(float(r["combine"].max()), 1e-9),
+                            interpolation="nearest")
+        fig.colorbar(image, ax=heat, label="combine weight w", fraction=0.08, pad=0.02)
         tokens, experts = np.nonzero(r["dropped_mask"])
         heat.scatter(experts, tokens, marker="x", color="red", s=25)
         if r["family"] == "DeepSeek-V3":                          # group boundaries
@@ -244,7 +246,6 @@ def draw(results):
         bars.set(xlabel="expert", ylabel="tokens" if col == 0 else None)
         for ax in (heat, bars):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.colorbar(image, ax=axes[0, :], label="combine weight", fraction=0.03)
     axes[1, 0].legend(fontsize=7)
     return fig
 
@@ -256,7 +257,9 @@ def show(fig):
 
 # %% [markdown]
 # Rows are tokens (the grey line separates the two sequences), columns are experts, the colour is the
-# combine weight `w` (0 = expert not used; one colour scale for all four), a red × is a token that
+# combine weight `w` (0 = expert not used; each panel has its own colour scale, from 0 to its largest
+# weight — read the numbers on its colour bar: DeepSeek-V3's weights go up to about 2.5, Switch's stay
+# below 1), a red × is a token that
 # Switch dropped because its expert was full. Below: how many tokens each expert received. The title
 # gives the range of `Σ w` per token and, for the families `fastmoe_edu.hf` supports, the largest
 # difference between the HF block's output and `from_hf(block)`'s.
@@ -279,7 +282,8 @@ for r in comparison:
 #
 # * **Mixtral** and **Qwen2-MoE** choose the same two experts for every token (same softmax, same
 #   top-2); Mixtral renormalises the two weights to sum to 1, this Qwen2-MoE config
-#   (`norm_topk_prob=False`) keeps the raw probabilities, so its rows are paler and sum to less than 1.
+#   (`norm_topk_prob=False`) keeps the raw probabilities, so its weights are smaller (see its colour
+#   bar's numbers) and sum to less than 1.
 #   Qwen2-MoE's shared expert (not in the heat map) adds `σ(x · g) · S(x)` to every token.
 # * **DeepSeek-V3** chooses differently: sigmoid scores plus the correction bias, and only inside the
 #   two best groups (dashed lines), so a token whose two best experts lie in one weak group is sent

@@ -44,6 +44,8 @@ assert len(_heat_axes) == 4, len(_heat_axes)
 for _ax, _r in zip(_heat_axes, comparison):
     assert np.array_equal(_ax.images[0].get_array(), _r["combine"]), f"{_r['family']}: the heat map is not the data"
     assert _ax.get_title().startswith(_r["family"])
+    assert np.isclose(_ax.images[0].get_clim()[1], _r["combine"].max()), f"{_r['family']}: not scaled to its own data"
+assert sum(ax.get_label() == "<colorbar>" for ax in _fig.axes) == 4, "one colour bar per heat map"
 plt.close(_fig)
 
 # route(...) reacts to top_k; Switch ignores it (top-1 by construction).
