@@ -79,6 +79,9 @@ def expect_tensor(what: str, value, shape: tuple[int, ...], meaning: str, intege
         raise Hint(f"{what} has shape {tuple(value.shape)}; expected {meaning} = {tuple(shape)}")
     if integer and (value.dtype.is_floating_point or value.dtype.is_complex):
         raise Hint(f"{what} holds {value.dtype} values; it holds indices or counts: an integer tensor (int64)")
+    if not integer and value.dtype != torch.float64:
+        raise Hint(f"{what} holds {value.dtype} values; the check's inputs are float64: keep their dtype (no "
+                   f".float(), no integer results)")
     return value
 
 
