@@ -1,6 +1,6 @@
 """What observing a run costs: step time with TensorBoard logging off vs on (default interval), side by side.
 
-    python bench/bench_observe.py                  # the default model, 200 timed steps each
+    python bench/bench_observe.py                  # the default model, 10 + 200 timed steps each
     python bench/bench_observe.py --steps 100
 
 Two copies of the default model (same seed, same batches) train in one process, step by step in
@@ -30,8 +30,6 @@ from fastmoe_edu.profiling import named_range
 from fastmoe_edu.runtime import Runtime
 from fastmoe_edu.train import build_dataset, configure_optimizer, get_batch, train_step
 from fastmoe_edu.model import build_model
-
-WARMUP_STEPS = 10
 
 
 class Run:
@@ -80,11 +78,12 @@ def idle_range_seconds(repeats: int = 200_000) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=200, help="timed steps of each run (after a warm-up of 10)")
+    parser.add_argument("--steps", type=int, default=200, help="timed steps of each run")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps of each run first")
     args = parser.parse_args()
     torch.set_num_threads(1)                                        # the default config's num_threads
     with tempfile.TemporaryDirectory() as tmp:
-        total = WARMUP_STEPS + args.steps
+        total = args.warmup + args.steps
         off, on = Run(f"{tmp}/off", False, total), Run(f"{tmp}/on", True, total + 1)
         for step in range(total):
             for run in ((off, on) if step % 2 else (on, off)):
@@ -97,7 +96,7 @@ def main() -> None:
           f"tensorboard_interval {on.cfg.tensorboard_interval}")
     means = {}
     for name, run in (("off", off), ("on", on)):
-        timed = run.seconds[WARMUP_STEPS:]
+        timed = run.seconds[args.warmup:]
         means[name] = statistics.fmean(timed)
         print(f"logging {name:>3}: mean {means[name] * 1e3:7.2f} ms/step, median {statistics.median(timed) * 1e3:7.2f} ms")
     print(f"on ÷ off = {means['on'] / means['off']:.4f} (target <= 1.02)")

@@ -116,3 +116,12 @@ def test_two_ranks_under_mpirun_and_torchrun(tmp_path):
     subprocess.run([sys.executable, "-m", "fastmoe_edu.observe", "merge", str(tmp_path / "mpi" / TRACE_DIR)],
                    check=True, capture_output=True)
     assert merged.read_text() == written
+
+
+def test_bench_observe_prints_the_ratio():
+    """bench/bench_observe.py runs (one timed step each) and prints on ÷ off and the idle ranges' cost."""
+    bench = Path(__file__).resolve().parents[1] / "bench" / "bench_observe.py"
+    done = subprocess.run([sys.executable, str(bench), "--steps", "1", "--warmup", "0"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "on ÷ off = " in done.stdout
+    assert "named ranges with no profiler: 14 per step" in done.stdout    # 7 layer steps × 2 MoE layers
