@@ -61,7 +61,6 @@ from .distributed.engines import launch_rank, launch_world_size, resolve_engine
 from .distributed.layout import layout_sizes
 from .model import MoETransformer, build_model
 from .observe import Observer
-from .observe import Observer
 from .precision import LossScaler, MasterWeightAdamW, at_least_float32, autocast, store_parameters
 from .runtime import Runtime
 
@@ -498,7 +497,6 @@ def _run(cfg: TrainConfig, stop_at: int | None, rt: Runtime) -> dict:
     if rt.is_main:                                                   # (check_out_dir created out_dir)
         (Path(cfg.out_dir) / "config.toml").write_text(to_toml(cfg))
     observer = Observer(cfg, rt, start_step, say=lambda message: log(rt, cfg, message))   # TensorBoard, traces
-    observer = Observer(cfg, rt, start_step, say=lambda message: log(rt, cfg, message))   # TensorBoard, traces
 
     last_step = min(cfg.max_steps, stop_at) if stop_at is not None else cfg.max_steps
     tokens_per_step = cfg.batch_size * cfg.seq_len
@@ -509,13 +507,11 @@ def _run(cfg: TrainConfig, stop_at: int | None, rt: Runtime) -> dict:
     with StopOnCtrlC() as ctrl_c:
         for step in bar:
             observer.begin_step(step)
-            observer.begin_step(step)
             t0 = time.perf_counter()
             batch = get_batch(dataset, cfg, "train", step, device)
             record = train_step(model, optimizer, batch, cfg, step, rt, scaler)
             record["tokens_per_sec"] = tokens_per_step / (time.perf_counter() - t0)
             history["train"].append(record)
-            observer.end_step(record)
             check_skipped_steps(history["train"], cfg)
             observer.end_step(record)
             if record["overflow"]:          # float16: routine while the loss scale settles; the bar shows it
@@ -537,7 +533,6 @@ def _run(cfg: TrainConfig, stop_at: int | None, rt: Runtime) -> dict:
                 val, per_language = estimate_val_loss(model, dataset, cfg, device, rt)
                 history["val"].append({"step": done, "val_loss": val, "per_language": per_language})
                 observer.log_val(done, val, per_language)
-                observer.log_val(done, val, per_language)
                 by_lang = ", ".join(f"{k} {v:.2f}" for k, v in per_language.items()) if len(per_language) > 1 else ""
                 log(rt, cfg, f"step {done:>5}: train loss {record['lm_loss']:.4f}, val loss {val:.4f}"
                              + (f" ({by_lang})" if by_lang else ""))
@@ -551,7 +546,6 @@ def _run(cfg: TrainConfig, stop_at: int | None, rt: Runtime) -> dict:
                 break
         step = len(history["train"])                                   # completed steps
     bar.close()
-    observer.close()
     observer.close()
 
     stopped_early = step < cfg.max_steps
