@@ -43,6 +43,10 @@
 # (`FASTMOE_EDU_QUICK=1`, set by the tests) changes nothing here: the model is fast, and section 6's
 # run takes a few seconds either way.
 #
+# The cells hold what the notebook teaches (the simulation, the plans, the scenarios); bookkeeping and
+# plotting code lives next to it in [`_nbhelpers/schedules.py`](_nbhelpers/schedules.py).
+# `show_source(f)` displays any function with syntax highlighting, e.g. `show_source(draw_timeline)`.
+#
 # **Glossary** (each term is explained again where it is first used):
 #
 # * **rank**: one process of a parallel job (on a cluster: one GPU); `P` ranks in all. **node**: one
@@ -79,22 +83,32 @@
 #   **SwiGLU**: the experts' feed-forward network, 3 weight matrices of `d_model × d_hidden`.
 
 # %%
+import inspect
 import os
 import time
-from dataclasses import dataclass, replace
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
-from IPython.display import display
+from IPython.display import Code, display
 
 from fastmoe_edu.distributed import cost_model
 from fastmoe_edu.distributed.autotune import MAX_DEGREE
 from fastmoe_edu.distributed.shadowing import choose_shadowed
+# Bookkeeping and plotting helpers, kept out of the cells (tutorial/_nbhelpers/schedules.py, next to this notebook):
+from _nbhelpers import schedules
+from _nbhelpers.schedules import (LANES, Bar, Layer, draw_schedule, draw_shadowing, draw_timeline, makespan,
+                                  modelled_rates, rows_per_rank, zipf_counts)
 
 QUICK = os.environ.get("FASTMOE_EDU_QUICK", "0") == "1"
 NOTEBOOK_START = time.perf_counter()
+
+
+def show_source(function):
+    """Show a function's source with syntax highlighting, e.g. show_source(draw_timeline)."""
+    display(Code(inspect.getsource(function), language="python"))
+
+
 print(f"QUICK={QUICK}; pipeline_degree='auto' searches powers of 2 up to {MAX_DEGREE} (autotune.MAX_DEGREE)")
 
 # %% [markdown]
@@ -142,51 +156,12 @@ def moe_shape(tokens=MODEL["tokens"], d_model=MODEL["d_model"], ranks=CLUSTER["r
                                bytes_per_element=m["bytes_per_element"], load_imbalance=m["load_imbalance"])
 
 
-@dataclass(frozen=True)
-class Layer:
-    """One MoE layer on its busiest rank: every task as (α, β·n) seconds for the whole, unchunked layer."""
-    intra: tuple[float, float]          # phase 1 of one exchange (scatter or gather)
-    inter: tuple[float, float]          # phase 2 of it
-    experts: tuple[float, float]        # the experts' forward on all the rows
-    grad_sizes: tuple                   # (name, bytes) of one block's replicated gradients (section 3)
-    hw: cost_model.Hardware
-    ranks: int
-
-    def chunk(self, task: str, degree: int, factor: float = 1.0) -> float:
-        """Seconds of one of ``degree`` chunks of a task: α + factor · β·n / D."""
-        alpha, size_part = getattr(self, task)
-        return alpha + factor * size_part / degree
-
-    def tasks(self) -> cost_model.LayerTasks:
-        """FSMoE's view (cost_model.LayerTasks): the exchange as one task, both phases together."""
-        return cost_model.LayerTasks(exchange_alpha=self.intra[0] + self.inter[0],
-                                     exchange_seconds=self.intra[1] + self.inter[1],
-                                     compute_alpha=self.experts[0], compute_seconds=self.experts[1])
-
-
-def alpha_and_size_part(seconds_of) -> tuple[float, float]:
-    """Split a cost t(n) = α + β·n into (α, β·n) by evaluating it at 0 and at n."""
-    alpha = seconds_of(0.0)
-    return alpha, seconds_of(1.0) - alpha
-
-
 def build_layer(shape: cost_model.MoEShape, hw: cost_model.Hardware, ranks: int = CLUSTER["ranks"],
                 expert_call_us: float = CLUSTER["expert_call_us"]) -> Layer:
-    s = shape
-    rows = s.top_k * s.tokens_per_rank * s.load_imbalance              # rows the busiest rank sends and computes
-    buffer_bytes = rows * s.d_model * s.bytes_per_element
-    intra_only = replace(hw, alpha_inter=0.0, beta_inter=0.0)           # the network free: phase 1 is left
-    inter_only = replace(hw, alpha_intra=0.0, beta_intra=0.0)           # NVLink free: phase 2 is left
-    intra = alpha_and_size_part(lambda f: cost_model.alltoall_time(f * buffer_bytes, ranks, 1, intra_only, True))
-    inter = alpha_and_size_part(lambda f: cost_model.alltoall_time(f * buffer_bytes, ranks, 1, inter_only, True))
-    flops = 2 * s.expert_matrices * s.d_model * s.d_hidden * rows
-    # One block's replicated weights, the count cost_model.predict_step uses (4·d² + d·E + 4·d), in the
-    # order the backward finishes their gradients: router, second norm, attention (out, v, k, q), first norm.
-    d, b = s.d_model, s.bytes_per_element
-    replicated = (("router", d * s.num_experts), ("norm 2", 2 * d), ("attention out", d * d), ("attention v", d * d),
-                  ("attention k", d * d), ("attention q", d * d), ("norm 1", 2 * d))
-    return Layer(intra=intra, inter=inter, experts=(expert_call_us * 1e-6, flops / hw.flops_per_second),
-                 grad_sizes=tuple((name, count * b) for name, count in replicated), hw=hw, ranks=ranks)
+    """The layer's tasks as (α, β·n) pairs, from the cost model (show_source(schedules.build_layer) shows how:
+    each exchange phase priced by alltoall_time on a machine whose other link is free, the experts by their
+    FLOPs, and the list of one block's replicated gradients for section 3)."""
+    return schedules.build_layer(shape, hw, ranks, expert_call_us)
 
 
 layer = build_layer(moe_shape(), machine())
@@ -241,18 +216,7 @@ print(f"phase 1 + phase 2 = {(sum(layer.intra) + sum(layer.inter)) * 1e3:.3f} ms
 # never slower than the closed form, and equal to it at `D = 1`).
 
 # %%
-LANES = ["intra-node link", "inter-node link", "expert compute", "gradient all-reduce"]
-
-
-@dataclass
-class Bar:
-    lane: str
-    label: str          # "scatter", "gather", "experts", "grad-gather", ... or "gradient piece"
-    chunk: int
-    start: float
-    end: float
-
-
+# LANES, Bar(lane, label, chunk, start, end) and makespan(bars) come from _nbhelpers/schedules.py.
 def place_pass(layer: Layer, degree: int, backward: bool = False) -> list[Bar]:
     """List-schedule one pass of the layer in ``degree`` chunks; every task as early as its inputs and lane allow."""
     factor = 2.0 if backward else 1.0                       # the backward computes twice the forward's FLOPs
@@ -290,10 +254,6 @@ def place_pass(layer: Layer, degree: int, backward: bool = False) -> list[Bar]:
     return bars
 
 
-def makespan(bars: list[Bar]) -> float:
-    return max(bar.end for bar in bars)
-
-
 D_f, D_b = cost_model.choose_pipeline_degrees(layer.tasks(), MAX_DEGREE)
 predicted = cost_model.predict_layer(layer.tasks(), D_f, D_b)
 forward_bars, backward_bars = place_pass(layer, D_f), place_pass(layer, D_b, backward=True)
@@ -304,38 +264,8 @@ for name, bars, degree in (("forward", forward_bars, D_f), ("backward", backward
           f"{predicted[name] * 1e3:6.3f} ms, unpipelined (D = 1) {unpipelined * 1e3:6.3f} ms")
 
 # %%
-KIND_HATCH = {"scatter": "", "grad-gather": "", "gather": "//", "grad-scatter": "//", "experts": "",
-              "gradient piece": "", "exposed all-reduce": "xx"}
-
-
-def draw_timeline(ax, bars: list[Bar], degree: int, title: str, t_max: float | None = None, xlabel: bool = True):
-    """One pass as a Gantt chart: a row per lane, a bar per task; colour = chunk (gradient pieces: purple,
-    alternating shades per piece; exposed: red), hatched = the way home."""
-    colours = plt.cm.viridis(np.linspace(0.05, 0.95, max(degree, 1)))
-    groups = {}                                   # one broken_barh per (lane, hatch): fast to draw
-    for bar in bars:
-        if bar.end - bar.start <= 0:
-            continue
-        if bar.label == "gradient piece":
-            colour = ("tab:purple", "plum")[bar.chunk % 2]
-        elif bar.label == "exposed all-reduce":
-            colour = "tab:red"
-        else:
-            colour = colours[bar.chunk % len(colours)]
-        spans, facecolours = groups.setdefault((bar.lane, KIND_HATCH[bar.label]), ([], []))
-        spans.append((bar.start * 1e3, (bar.end - bar.start) * 1e3))
-        facecolours.append(colour)
-    for (lane, hatch), (spans, facecolours) in groups.items():
-        row = LANES.index(lane)
-        ax.broken_barh(spans, (row - 0.4, 0.8), facecolors=facecolours, edgecolor="black", linewidth=0.4, hatch=hatch)
-    ax.set_yticks(range(len(LANES)), LANES)
-    ax.set_ylim(len(LANES) - 0.5, -0.5)
-    ax.set_xlim(0, (t_max or makespan(bars)) * 1e3 * 1.02)
-    if xlabel:
-        ax.set_xlabel("ms")
-    ax.set_title(title, fontsize=10)
-
-
+# draw_timeline (tutorial/_nbhelpers/schedules.py; show_source(draw_timeline) to read it) draws a row per lane
+# and a bar per task: colour = chunk, hatched = the way home.
 fig, axes = plt.subplots(2, 1, figsize=(12, 5), sharex=True)
 t_max = max(makespan(backward_bars), makespan(forward_bars))
 draw_timeline(axes[0], forward_bars, D_f, f"forward, D_f = {D_f}: {makespan(forward_bars) * 1e3:.2f} ms "
@@ -411,6 +341,11 @@ def fill_idle_time(gaps, durations: list[float]) -> list[tuple[int, float, float
     return segments
 
 
+# %% [markdown]
+# The plan (the project's functions: piece cost, window, piece size, the cut) and the backward with its
+# gradient lane:
+
+# %%
 def gradient_plan(layer: Layer) -> dict:
     """The project's plan for one block's replicated gradients: piece cost, window, piece size, pieces."""
     a, b = cost_model.allreduce_piece_cost(layer.ranks, layer.ranks, layer.hw)   # a ring over all P ranks
@@ -450,6 +385,17 @@ def backward_with_gradients(layer: Layer, degree: int, partition: bool) -> tuple
                   "plan": plan}
 
 
+def piece_times(bars: list[Bar]) -> dict[int, dict]:
+    """Per gradient piece, from the timeline: seconds hidden behind the backward and seconds after it."""
+    out = {}
+    for bar in bars:
+        if bar.lane == "gradient all-reduce":
+            times = out.setdefault(bar.chunk, {"hidden": 0.0, "exposed": 0.0})
+            times["hidden" if bar.label == "gradient piece" else "exposed"] += bar.end - bar.start
+    return out
+
+
+# %%
 plan = gradient_plan(layer)
 share = cost_model.PIECE_LATENCY_SHARE
 in_one_go = cost_model.allreduce_time(plan["total"], layer.ranks, layer.ranks, layer.hw)
@@ -477,18 +423,32 @@ off, on = grad_runs[False][1], grad_runs[True][1]
 print(f"without partitioning: the all-reduce runs after the backward, exposed {off['exposed'] * 1e3:.2f} ms")
 print(f"with gradient pieces: exposed {on['exposed'] * 1e3:.2f} ms ({1 - on['exposed'] / off['exposed']:.0%} less); "
       f"the backward itself is unchanged: {on['backward'] * 1e3:.2f} ms")
+pieces_now = piece_times(grad_runs[True][0])
+for piece, times in sorted(pieces_now.items()):
+    whole_time = times["hidden"] + times["exposed"]
+    where = ("entirely hidden behind the backward" if times["exposed"] == 0 else "entirely after the backward"
+             if times["hidden"] == 0 else f"{times['hidden'] / whole_time:.0%} hidden, the other "
+             f"{times['exposed'] * 1e3:.2f} ms after the backward")
+    print(f"  piece {piece + 1} ({plan['pieces'][piece] / 1e6:.1f} MB, {whole_time * 1e3:.2f} ms on the link): {where}")
 
 # %% [markdown]
-# Purple is hidden behind the backward (the shade changes from one piece to the next), red is
-# exposed. The piece size is a trade: every piece pays the ring's latency `a` again, so many small
-# pieces waste the link on latency, while in a whole model one huge piece would wait for its last
-# gradient and leave the earlier layers' idle time unused. Here the expert backward is long enough for
-# its window to hide a piece well above `B_min`, so the window sets the size (`B* = B_fit`) and one block's
-# gradients travel as two pieces, the second partly after the backward. Try the explorer below: with few
-# tokens (a short window) the window shrinks toward `B_min`, which then sets the size; with a higher
-# `α_inter` `B_min` grows and the pieces get fewer and larger; with more tokens the backward is longer,
-# the link idles longer and less of the all-reduce is exposed. (With all ranks on one node the ring runs over NVLink, and the pieces fill
-# the intra-node link's gaps instead.)
+# Purple is hidden behind the backward, red (cross-hatched) is exposed; the shade alternates from one
+# piece to the next in both colours, and each piece is named on its longest bar. The piece size is a
+# trade: every piece pays the ring's latency `a` again, so many small pieces waste the link on
+# latency, while in a whole model one huge piece would wait for its last gradient and leave the
+# earlier layers' idle time unused. Here the expert backward is long enough for its window to hide a
+# piece well above `B_min`, so the window sets the size (`B* = B_fit`) and one block's gradients
+# travel as two pieces. The printout says what the timeline made of them: the window `W` is the whole
+# expert backward, but the exchange's chunks hold the link for part of it, so the first piece does
+# not fit into the gaps that are left; about half of it runs after the backward, and the second
+# piece, which starts only when the first is done, runs entirely after it. Still, the exposed time
+# is smaller than without pieces.
+#
+# Try the explorer below: with a higher `α_inter` `B_min` grows and the pieces get fewer and larger;
+# with more tokens the backward is longer, the link idles longer and less of the all-reduce is
+# exposed. With few tokens the opposite happens, and pieces can cost more than they save (section 4
+# works out a case). (With all ranks on one node the ring runs over NVLink, and the pieces fill the
+# intra-node link's gaps instead.)
 
 
 # %% [markdown]
@@ -527,32 +487,10 @@ def redraw_schedule(D_f=D_f, D_b=D_b, ranks_per_node=CLUSTER["ranks_per_node"], 
     data = {"forward_bars": fwd, "backward_bars": bwd, "forward": makespan(fwd), "backward": grads["backward"],
             "exposed": grads["exposed"], "pieces": grads["pieces"], "step": step, "chosen": chosen, "curves": curves,
             "layer": lay}
-    if not show:
-        return data
-    fig = plt.figure(figsize=(14, 6.2))
-    grid = fig.add_gridspec(2, 2, width_ratios=[2.2, 1])
-    t_max = max(makespan(fwd), grads["backward"] + grads["exposed"])
-    ax_f, ax_b = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[1, 0])
-    draw_timeline(ax_f, fwd, D_f, f"forward, D_f = {D_f}: {makespan(fwd) * 1e3:.2f} ms", t_max, xlabel=False)
-    pieces_text = f"gradient pieces: {grads['pieces']}" if partition else "all-reduce after the backward"
-    draw_timeline(ax_b, bwd, D_b, f"backward, D_b = {D_b}: {grads['backward'] * 1e3:.2f} ms + exposed all-reduce "
-                  f"{grads['exposed'] * 1e3:.2f} ms ({pieces_text})", t_max)
-    for row, (name, degree, best) in enumerate((("forward", D_f, chosen[0]), ("backward", D_b, chosen[1]))):
-        ax = fig.add_subplot(grid[row, 1])
-        ax.plot(DEGREES, curves[name]["model"] * 1e3, "-", color="tab:blue", label="cost model (predict_layer)")
-        ax.plot(DEGREES, curves[name]["timeline"] * 1e3, ".", color="tab:orange", label="timeline")
-        ax.plot([best], [curves[name]["model"][best - 1] * 1e3], "*", ms=14, color="tab:red",
-                label=f"choose_pipeline_degrees: {best}")
-        ax.axvline(degree, color="grey", ls=":")
-        ax.set(xscale="log", xticks=[1, 2, 4, 8, 16, 32], xticklabels=[1, 2, 4, 8, 16, 32],
-               xlabel=f"{name} degree", ylabel="ms")
-        ax.set_title(f"{name} pass against its degree", fontsize=10)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"step of this layer = forward + backward + exposed all-reduce = {step * 1e3:.2f} ms   "
-                 f"({ranks_per_node} ranks per node, {tokens} tokens, d_model {d_model}, "
-                 f"α_inter {alpha_inter_us:.0f} µs, {inter_GBps:.3g} GB/s)", fontsize=10)
-    fig.subplots_adjust(left=0.115, right=0.98, top=0.9, bottom=0.09, hspace=0.35, wspace=0.18)
-    plt.show()
+    if show:                                      # the figure: show_source(draw_schedule)
+        draw_schedule(data, DEGREES, dict(D_f=D_f, D_b=D_b, ranks_per_node=ranks_per_node, tokens=tokens,
+                                          d_model=d_model, alpha_inter_us=alpha_inter_us, inter_GBps=inter_GBps),
+                      partition)
     return data
 
 
@@ -598,6 +536,37 @@ print(f"step of this layer: plain {plain['step'] * 1e3:.2f} ms → pipelined wit
       f"({plain['step'] / start['step']:.2f}× faster)")
 
 # %% [markdown]
+# **When gradient pieces make the step slower.** Set `tokens/GPU` to 256 and tick "gradient pieces"
+# on and off: with them the step gets *longer*. The cost model says why. A piece costs `a + b·B`, so
+# `n` pieces cost `n·a + b·B` against `a + b·B` for the all-reduce in one go: cutting pays only
+# if the windows hide more than the `(n − 1)·a` it adds. With 256 tokens the expert backward, the
+# window `W`, is shorter than one piece's latency `a` itself. No piece fits (`B_fit = (W − a)/b < 0`),
+# so `gradient_piece_bytes` falls back to `B_min`, `plan_gradient_pieces` cuts the gradients into
+# pieces of about that size (a tensor larger than `B_min` is a piece alone), almost nothing is hidden,
+# and the step pays the extra latencies. Computed:
+
+# %%
+few = {partition: redraw_schedule(tokens=256, partition=partition, show=False) for partition in (False, True)}
+few_plan = gradient_plan(few[True]["layer"])
+few_pieces = piece_times(few[True]["backward_bars"])
+few_hidden = sum(times["hidden"] for times in few_pieces.values())
+extra_latency = (len(few_plan["pieces"]) - 1) * few_plan["a"]
+print(f"256 tokens/GPU: window W = {few_plan['window'] * 1e3:.2f} ms, a piece's latency a = {few_plan['a'] * 1e3:.2f} ms "
+      f"(W {'<' if few_plan['window'] < few_plan['a'] else '≥'} a) → piece size B* = B_min = "
+      f"{few_plan['piece_bytes'] / 1e6:.1f} MB, {len(few_plan['pieces'])} pieces")
+print(f"step without pieces {few[False]['step'] * 1e3:.2f} ms, with them {few[True]['step'] * 1e3:.2f} ms "
+      f"(+{(few[True]['step'] - few[False]['step']) * 1e3:.2f} ms) = (pieces − 1)·a = {extra_latency * 1e3:.2f} ms "
+      f"of extra latency − {few_hidden * 1e3:.2f} ms hidden behind the backward")
+print(f"at {MODEL['tokens']} tokens/GPU (the starting point): W = {plan['window'] * 1e3:.2f} ms > a = "
+      f"{plan['a'] * 1e3:.2f} ms, {len(plan['pieces'])} pieces, and the pieces save "
+      f"{(redraw_schedule(partition=False, show=False)['step'] - start['step']) * 1e3:.2f} ms")
+
+# %% [markdown]
+# A scheduler that knows this would switch the pieces off when `W < a` (nothing can hide). The project
+# does not make that choice for you: gradient partitioning is a switch of the training config, and
+# `GradientPieces` cuts whenever it is on — which is why the explorer has the box.
+
+# %% [markdown]
 # ## 5. Shadowing a hot expert (FasterMoE)
 #
 # Everything above assumed the busiest rank gets only 1.2× the mean rows. Real routers are skewed: a
@@ -626,46 +595,18 @@ print(f"step of this layer: plain {plain['step'] * 1e3:.2f} ms → pipelined wit
 # the way `predicted_time` does); the right panel `T` itself.
 
 # %%
-from fastmoe_edu.distributed.shadowing import ShadowRates, predicted_time
+from fastmoe_edu.distributed.shadowing import predicted_time
 
 SHADOW = dict(ranks=16, ranks_per_node=8, experts_per_rank=2, tokens=2048, probe_bytes_per_peer=2 ** 18)
 
 
-def zipf_counts(skew: float, ranks: int, experts: int, rows_per_rank: int, seed: int = 0) -> torch.Tensor:
-    """counts[w, e]: rows of rank w for expert e, every rank drawing from the same Zipf-like popularity."""
-    rng = np.random.default_rng(seed)
-    popularity = rng.permutation(experts)               # expert e is the (popularity[e] + 1)-th most popular
-    share = 1.0 / (popularity + 1.0) ** skew
-    share /= share.sum()
-    return torch.tensor(np.stack([rng.multinomial(rows_per_rank, share) for _ in range(ranks)]), dtype=torch.int64)
-
-
-def modelled_rates(hw: cost_model.Hardware, ranks: int) -> ShadowRates:
-    """β and γ as shadowing.measure_rates would find them on the modelled cluster: its probe all-to-all
-    (probe_bytes_per_peer to every peer) timed by the cost model, per byte sent; γ = 1 / flops per second."""
-    per_peer = SHADOW["probe_bytes_per_peer"]
-    seconds = cost_model.alltoall_time(ranks * per_peer, ranks, 1, hw, hierarchical=True)
-    return ShadowRates(seconds_per_byte=seconds / ((ranks - 1) * per_peer), seconds_per_flop=1 / hw.flops_per_second)
-
-
-def rows_per_rank(counts: torch.Tensor, shadowed: list[int], num_local: int) -> dict:
-    """Rows each rank sends, receives and computes when ``shadowed`` experts are shadowed (for the bars)."""
-    P, E = counts.shape
-    owner = torch.arange(E) // num_local
-    mine = owner[None, :] == torch.arange(P)[:, None]            # [P, E]: rank w owns expert e
-    travelling = counts.clone()
-    travelling[:, shadowed] = 0                                  # rows of shadowed experts stay home
-    sends = (travelling * ~mine).sum(1)                          # to other ranks' experts
-    receives = ((travelling.sum(0)[None, :] - travelling) * mine).sum(1)   # from other ranks, for mine
-    computes = counts[:, shadowed].sum(1) + (travelling.sum(0)[None, :] * mine).sum(1)
-    return {"sends": sends.numpy(), "receives": receives.numpy(), "computes": computes.numpy()}
-
-
+# zipf_counts(skew, ranks, experts, rows_per_rank, seed), modelled_rates(hw, ranks, probe_bytes_per_peer) and
+# rows_per_rank(counts, shadowed, num_local) come from _nbhelpers/schedules.py (show_source(rows_per_rank)).
 def shadow_scenario(skew=1.2, cost_ratio=1.0, d_model=MODEL["d_model"], seed=0) -> dict:
     """The skewed load, the experts choose_shadowed picks, and T without and with them."""
     P, L = SHADOW["ranks"], SHADOW["experts_per_rank"]
     hw = machine(SHADOW["ranks_per_node"])
-    rates = modelled_rates(hw, P)
+    rates = modelled_rates(hw, P, SHADOW["probe_bytes_per_peer"])
     b = MODEL["bytes_per_element"]
     row_bytes = d_model * b
     weights = 3 * d_model * int(MODEL["hidden_per_d_model"] * d_model)        # W_e: a SwiGLU expert
@@ -691,33 +632,8 @@ def redraw_shadowing(skew=1.2, cost_ratio=1.0, show=True) -> dict:
     sweep = [shadow_scenario(x, cost_ratio) for x in SKEWS]
     speedup = s["before"]["T"] / s["after"]["T"]
     data = {**s, "sweep": sweep, "speedup": speedup}
-    if not show:
-        return data
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1.3, 1.3, 1]})
-    ranks = np.arange(SHADOW["ranks"])
-    width = 0.4
-    for offset, key, colour in ((-width / 2, "before", "tab:grey"), (width / 2, "after", "tab:blue")):
-        label = "without shadowing" if key == "before" else f"shadowing {s['shadowed'] or 'nothing'}"
-        axes[0].bar(ranks + offset, s[key]["link_bytes"] / 1e6, width, color=colour, label=label)
-        axes[1].bar(ranks + offset, s[key]["computes"], width, color=colour, label=label)
-    shadow_mb = 3 * len(s["shadowed"]) * s["weights"] * MODEL["bytes_per_element"] * cost_ratio / 1e6
-    axes[0].set(xlabel="rank", ylabel="MB per step", title="bytes on each rank's link, 4·max(sent, received) rows\n"
-                f"(+ shadowing {shadow_mb:.0f} MB: weights broadcast, gradients summed)")
-    axes[1].set(xlabel="rank", ylabel="rows", title="rows each rank computes")
-    for ax in axes[:2]:
-        ax.set_xticks(ranks)
-        ax.legend(fontsize=7)
-    ax = axes[2]
-    ax.plot(SKEWS, [x["before"]["T"] * 1e3 for x in sweep], "o-", color="tab:grey", label="without shadowing")
-    ax.plot(SKEWS, [x["after"]["T"] * 1e3 for x in sweep], "s-", color="tab:blue", label="choose_shadowed's pick")
-    ax.axvline(skew, color="grey", ls=":")
-    ax.set(xlabel="skew", ylabel="T (ms per step of the layer)", title="shadowing.predicted_time against skew")
-    ax.legend(fontsize=7)
-    fig.suptitle(f"skew {skew:.1f}: the hottest expert gets {s['hot_share']:.0%} of the rows; shadowed "
-                 f"{s['shadowed'] or 'none'}; T {s['before']['T'] * 1e3:.2f} → {s['after']['T'] * 1e3:.2f} ms "
-                 f"({speedup:.2f}×)", fontsize=10)
-    fig.subplots_adjust(left=0.05, right=0.99, top=0.8, bottom=0.12, wspace=0.22)
-    plt.show()
+    if show:                                      # the figure: show_source(draw_shadowing)
+        draw_shadowing(data, SKEWS, MODEL["bytes_per_element"], cost_ratio)
     return data
 
 

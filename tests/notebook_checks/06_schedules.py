@@ -84,6 +84,24 @@ def _check_gradients(lay, degree):
     return info_on, info_off
 
 
+# "the first piece ... about half of it runs after the backward, and the second ... entirely after it"
+assert set(pieces_now) == {0, 1}
+assert 0.3 < pieces_now[0]["hidden"] / (pieces_now[0]["hidden"] + pieces_now[0]["exposed"]) < 0.7, pieces_now
+assert pieces_now[1]["hidden"] == 0 and pieces_now[1]["exposed"] > 0, pieces_now
+# The drawing tells the pieces apart: alternating shades, hidden and exposed alike, and a name per piece.
+_fig, _ax = plt.subplots()
+draw_timeline(_ax, grad_runs[True][0], D_b, "test", t_max)
+_shades = {tuple(np.round(c, 3)) for coll in _ax.collections for c in coll.get_facecolors()}
+assert len(_shades & {tuple(np.round(plt.matplotlib.colors.to_rgba(c), 3))
+                      for c in ("tab:purple", "plum", "tab:red", "lightsalmon")}) >= 3, _shades
+assert {t.get_text() for t in _ax.texts} >= {"piece 1", "piece 2"}, [t.get_text() for t in _ax.texts]
+plt.close(_fig)
+# "With 256 tokens ... the step gets longer": W < a, B* = B_min, the extra latencies minus what was hidden.
+assert few_plan["window"] < few_plan["a"] and np.isclose(few_plan["piece_bytes"], few_plan["smallest_bytes"])
+assert few[True]["step"] > few[False]["step"]
+assert np.isclose(few[True]["step"] - few[False]["step"], extra_latency - few_hidden, rtol=1e-9)
+assert start["step"] < redraw_schedule(partition=False, show=False)["step"]
+
 _on, _off = _check_gradients(layer, D_b)
 assert np.isclose(_on["exposed"], on["exposed"]) and on["exposed"] < off["exposed"], "the printout's claim"
 _lay_many = redraw_schedule(tokens=256, alpha_inter_us=1.0, show=False)["layer"]   # "more, smaller pieces"
