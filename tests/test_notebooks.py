@@ -42,11 +42,14 @@ PY_SOURCES = sorted(TUTORIAL.glob("[0-9][0-9]_*.py"))
 NAMES = [p.stem for p in PY_SOURCES]
 
 KERNEL_NAME = "python3"
-# A whole notebook runs in 5-35 s under QUICK here (its longest cell a few seconds). A known nbclient /
+# A whole notebook runs in 10-40 s under QUICK here, 03 (MPI launches, its longest cell the TED job at up to
+# ~45 s on a busy 2-core machine) up to ~2 minutes. A known nbclient /
 # ipywidgets race (the kernel's "idle" status overtaking its execute_reply after a widget cell,
-# jupyter/nbclient#312) leaves nbclient waiting for a reply that already came: seen in 01 and 03, up to
-# twice in one run, each time waiting out the whole cell timeout. So: a cell timeout far above any
-# real cell (60 s) but small against CI's budget, and up to two retries of the notebook when it trips.
+# jupyter/nbclient#312, zeromq/pyzmq#1558) leaves nbclient waiting for a reply that already came: seen in 01,
+# 03 and 06, up to twice in one run, each time waiting out the whole cell timeout (nbclient's default: no
+# timeout, i.e. forever). So: a cell timeout above any real cell (60 s) but small against CI's budget, and
+# up to two retries of the notebook when it trips. tutorial/README.md documents the same timeout for
+# headless runs by hand (test_documented_headless_command_bounds_each_cell keeps the two in step).
 CELL_TIMEOUT_S = 60
 ATTEMPTS = 3
 # Wall-clock bound per notebook, retries included. Why: a hung kernel or a race that trips on every
@@ -220,6 +223,16 @@ def _text_outputs(cells) -> str:
             elif "data" in out and "text/plain" in out["data"]:
                 parts.append(out["data"]["text/plain"])
     return "".join(parts)
+
+
+def test_documented_headless_command_bounds_each_cell():
+    """The headless command in tutorial/README.md bounds every cell as these tests do: without a timeout the
+    upstream widget race would hang it for good, with a long one a stall would cost minutes."""
+    text = (TUTORIAL / "README.md").read_text()
+    assert "jupyter nbconvert --to notebook --execute" in text
+    assert f"--ExecutePreprocessor.timeout={CELL_TIMEOUT_S} " in text, (
+        f"tutorial/README.md's headless command should pass --ExecutePreprocessor.timeout={CELL_TIMEOUT_S}, "
+        "the cell timeout of tests/test_notebooks.py")
 
 
 def test_kernel_runs_this_environment(kernel_env, tmp_path, monkeypatch):
