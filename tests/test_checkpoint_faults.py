@@ -262,3 +262,17 @@ def test_every_run_has_its_own_id_and_a_resume_keeps_it(tmp_path):
     assert run_main(tiny(tmp_path / "a", "--resume"))[0] == 0
     assert read_manifest(tmp_path / "a")["run_id"] == first
     assert json.loads((tmp_path / "a" / MANIFEST).read_text())["step"] == 3
+
+
+def test_a_full_disk_at_the_history_is_named(tmp_path, monkeypatch):
+    """history.json, written beside each checkpoint, raised a raw OSError."""
+    real_write_text = Path.write_text
+
+    def full_for_the_history(path, *args, **kwargs):
+        if path.name.startswith(".history.json."):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_write_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_for_the_history)
+    status, err = run_main(tiny(tmp_path))
+    assert status == 1 and f"history.json: no space left in {tmp_path}" in err
