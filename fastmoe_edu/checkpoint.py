@@ -27,12 +27,14 @@ One out_dir belongs to one run: :func:`exclusive_out_dir` holds an exclusive ``f
 ``out_dir/run.lock`` for the run's life (main rank) and refuses a second run, naming the holder.
 
 Loading verifies before it trusts: the manifest must parse; every file it names must exist, hash to
-the recorded SHA-256, load, and record the manifest's step and run; the layout must be this run's.
-Any mismatch is a :class:`CheckpointError` naming the file and what is wrong, on every rank.
+the recorded SHA-256, load, and record the manifest's step and run; the layout must be this run's,
+and the tensors this model's (names and shapes, else :class:`ModelMismatch`). Any mismatch is a
+:class:`CheckpointError` naming the file and what is wrong, on every rank. A checkpoint written with
+the other ``master_weights`` loads too: the float32 master copies move (precision.py).
 
 The runtime (``fastmoe_edu/runtime.py`` or ``distributed/runtime.py``) says who this rank is:
-``rank``, ``is_main``, ``layout_record()``, ``per_rank_parameters(model)``, ``any(flag)``,
-``allgather(tensor)`` and ``barrier()``.
+``rank``, ``is_main``, ``layout_record()``, ``per_rank_parameters(model)``, ``any(flag)`` and
+``allgather(tensor)``.
 """
 from __future__ import annotations
 
@@ -154,8 +156,9 @@ def _claim(folder: Path, stamp: dict) -> None:
     """Create ``folder`` with this module's marker in it; a folder of that name with something else in
     it and no marker is someone else's, and is refused rather than written into."""
     if folder.is_dir() and not (folder / MARKER).exists() and any(folder.iterdir()):
-        raise CheckpointError(f"{folder} was not written by fastmoe_edu (it has no {MARKER} file), so this run "
-                              f"will not write into it; move it out of {folder.parent}")
+        raise CheckpointError(f"{folder} has no {MARKER} file: it is not a checkpoint folder of this version "
+                              f"(another program's, or an older fastmoe_edu's), so this run will not write into "
+                              f"it; move it out of {folder.parent}")
     folder.mkdir(parents=True, exist_ok=True)
     _write_bytes(folder / MARKER, json.dumps(stamp).encode())
 
@@ -290,9 +293,7 @@ def exclusive_out_dir(out_dir: str | Path, runtime):
             lock = _lock(Path(out_dir) / LOCK)
         except CheckpointError as failure:
             error = failure
-    if runtime.any(error is not None):
-        if lock:
-            lock.close()
+    if runtime.any(error is not None):                         # only the main rank can have failed
         raise error or CheckpointError(f"out_dir={str(out_dir)!r} is in use by another run (see rank 0's message)")
     try:
         yield

@@ -114,7 +114,7 @@ def test_saving_deletes_only_step_folders_it_wrote(tmp_path):
     lookalike.mkdir()
     (lookalike / "ckpt.pt").write_text("another program's checkpoint")
     status, err = run_main(tiny(tmp_path))
-    assert status == 1 and f"{lookalike} was not written by fastmoe_edu" in err and "move it out of" in err
+    assert status == 1 and f"{lookalike} has no {MARKER} file" in err and "move it out of" in err
     assert (lookalike / "ckpt.pt").read_text() == "another program's checkpoint"     # not written into
     lookalike.rename(tmp_path / "step-00000009")
     lookalike = tmp_path / "step-00000009"
