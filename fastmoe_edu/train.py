@@ -3,7 +3,7 @@
     python -m fastmoe_edu.train                                        # defaults (configs/default.toml)
     python -m fastmoe_edu.train --config fastmoe_edu/configs/stdlib.toml
     python -m fastmoe_edu.train --router=switch --top_k=1 --capacity_factor=1.0
-    python -m fastmoe_edu.train --resume                               # continue from out_dir/ckpt.pt
+    python -m fastmoe_edu.train --resume                               # continue from out_dir's checkpoint
     python -m fastmoe_edu.train --help                                 # every setting
     mpirun -n 4 python -m fastmoe_edu.train                            # 4 ranks over MPI
     torchrun --nproc-per-node=4 -m fastmoe_edu.train                   # 4 ranks over torch.distributed
@@ -22,8 +22,8 @@ Besides the loss, the progress bar shows tokens/s and two load-balance figures o
 expert gets everything) and ``drop`` = fraction of (token, expert) assignments dropped by the
 capacity limit (always 0 without ``capacity_factor``).
 
-Checkpoints (``out_dir/ckpt.pt``) hold the model, the optimizer, the step, the RNG state and the
-history, and the data is a function of the step, so ``--resume`` reproduces the uninterrupted run's
+Checkpoints (checkpoint.py: ``out_dir/checkpoint.json`` names the verified files of ``out_dir/step-NNNNNNNN/``)
+hold the model, the optimizer, the step, the RNG state and the history, and the data is a function of the step, so ``--resume`` reproduces the uninterrupted run's
 losses exactly. ``out_dir/history.json`` has one record per step (loss, aux loss, tokens/s, tokens
 per expert) for the notebooks; ``out_dir/tensorboard/`` the same figures for TensorBoard, and
 ``--profile_steps=A:B`` a measured timeline of those steps, a track per rank (observe.py: the ``observer``
@@ -34,7 +34,7 @@ rank; the *runtime* (runtime.py: one process; distributed/runtime.py: P ranks) i
 differs. Each rank holds num_experts / ep experts per MoE layer and reads its share of every global
 batch (both must divide; the error says so on every rank before any communication); replicated
 gradients are averaged, the gradient norm and the logged losses are those of the whole model and the
-whole global batch; rank 0 alone prints; each rank writes its own checkpoint file
+whole global batch; rank 0 alone prints; each rank writes its own checkpoint file into the step's folder
 (``experts-rankNNNNN.pt``) and rank 0 the replicated part (``ckpt.pt``).
 """
 from __future__ import annotations
