@@ -450,10 +450,10 @@ for b in range(big_launch[0]):                     # each block: its outline, it
     (r0, c0), (r1, c1) = cells[0], cells[-1]
     if b > 0:
         ax.axhline(r0 - 0.5, color="white", lw=2)
-    ax.text(width_map - 0.3, (r0 + r1) / 2, f"block {b}", rotation=90, ha="right", va="center", color="white",
-            fontsize=10, fontweight="bold")
+    ax.text((width_map - 1) / 2, (r0 + r1) / 2, f"block {b}: rows {r0}–{r1}", ha="center", va="center",
+            fontsize=10, bbox=dict(boxstyle="round,pad=0.3", fc="white", ec="none", alpha=0.85))
     for (r, c) in ((r0, c0), (r1, c1)):
-        ax.text(c, r, str(thread_of[r, c]), ha="center", va="center", fontsize=7,
+        ax.text(c, r, str(thread_of[r, c]), ha="center", va="center", fontsize=8,
                 color="white" if thread_of[r, c] < thread_of.max() / 2 else "black")
 ax.set(title=f"scatter: {big_launch[0]} blocks × {big_launch[1]} threads, one thread per element\n"
              "(numbers: each block's first and last thread)", xlabel="column of the buffer", ylabel="buffer row")

@@ -243,10 +243,11 @@ def draw(results):
         bars.bar(range(NUM_EXPERTS), r["tokens_per_expert"], color="tab:blue", label="kept")
         bars.bar(range(NUM_EXPERTS), r["dropped_per_expert"], bottom=r["tokens_per_expert"], color="tab:red",
                  label="dropped")
-        bars.set(xlabel="expert", ylabel="tokens" if col == 0 else None)
+        bars.set(xlabel="expert", ylabel="tokens" if col == 0 else None,
+                 ylim=(0, 1.3 * max(1, (r["tokens_per_expert"] + r["dropped_per_expert"]).max())))  # room for the legend
         for ax in (heat, bars):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[1, 0].legend(fontsize=7)
+    axes[1, 0].legend(fontsize=7, loc="upper center", ncol=2, frameon=False)
     return fig
 
 
@@ -258,8 +259,8 @@ def show(fig):
 # %% [markdown]
 # Rows are tokens (the grey line separates the two sequences), columns are experts, the colour is the
 # combine weight `w` (0 = expert not used; each panel has its own colour scale, from 0 to its largest
-# weight — read the numbers on its colour bar: DeepSeek-V3's weights go up to about 2.5, Switch's stay
-# below 1), a red × is a token that
+# weight — read the numbers on its colour bar: DeepSeek-V3's weights sum to 2.5 per token and reach
+# above 1, Switch's stay below 1), a red × is a token that
 # Switch dropped because its expert was full. Below: how many tokens each expert received. The title
 # gives the range of `Σ w` per token and, for the families `fastmoe_edu.hf` supports, the largest
 # difference between the HF block's output and `from_hf(block)`'s.
