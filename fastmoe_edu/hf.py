@@ -93,12 +93,18 @@ class Family:
         group_limited_greedy, times ``routed_scaling_factor``), "deepseek_v3" (the "sigmoid" router:
         ``e_score_correction_bias``, ``n_group`` / ``topk_group``, ``routed_scaling_factor``), "ernie" (softmax
         top-k of p + ``e_score_correction_bias``, normalizer clamped at ``moe_norm_min``), "switch" (the
-        "switch" router: top-1, not renormalized, ``expert_capacity`` tokens per expert and sequence) or
-        "llama4" (the "sigmoid" router without a bias, not renormalized, the weight on the expert's input).
+        "switch" router: top-1, not renormalized, ``expert_capacity`` tokens per expert and sequence),
+        "llama4" (the "sigmoid" router without a bias, not renormalized, the weight on the expert's input),
+        "sigmoid" (s = σ(l), ids = top-k of s (+ the bias at ``bias_at``), w = s_sel (renormalized) · scale, no
+        groups), "mistral4" (softmax top-k with DeepSeek-V3's group code, which only one group converts),
+        "cohere2" (the top-k *logits*, then a softmax over them or their sigmoid: ``expert_selection_fn``).
     shared: None, or the always-on MLP added to every token: "deepseek" (``shared_experts``, n_shared_experts
         side by side), "qwen2" (``shared_expert`` scaled by σ(``shared_expert_gate``(x))), "hunyuan"
         (``shared_mlp``), "aria" / "ernie" (``shared_experts``, moe_num_shared_experts side by side; ERNIE's is
-        None without shared experts), "llama4" (``shared_expert``).
+        None without shared experts), "llama4" / "plain_single" (``shared_expert``), "num_shared"
+        (``shared_experts``, num_shared_experts side by side; Cohere2-MoE has none with num_shared_experts=0),
+        "plain" (``shared_experts``, one MLP), "fused_dense" (``shared_experts`` with one ``gate_up_proj``
+        Linear [2I, d] = [gate; up] and GPT-OSS's clamped activation: MiniMax-M3-VL).
     experts: how the expert weights are stored (E experts, width I, model width d):
         "fused"        gate_up_proj [E, 2I, d] = [gate; up], down_proj [E, d, I]          (most families)
         "fused_in_out" gate_up_proj [E, d, 2I] = [gate | up], down_proj [E, I, d]          (Aria: x @ W)
@@ -108,11 +114,23 @@ class Family:
         "switch"       one module expert_{e} per expert: wi [I, d], wo [d, I] (ReLU, no gate)
         "jetmoe"       the block itself: input_linear.weight [E, 2I, d] = [gate; up], output_linear.weight
                        [E, d, I], and bias [d] added to the output
+        "fused_clamped" as "fused", with GPT-OSS's clamped activation (constants experts.swiglu_alpha / _limit)
+        "fused_in_out_bias"  gate_up_proj [E, d, 2I] = [gate | up] (halves, x @ W), down_proj [E, I, d], with
+                       GPT-OSS's biases and clamped activation (OpenAI privacy filter)
     weight_at / top_k_at: the path from the block to the router weight W [E, d] and to k, when they are not
         ``<router_attr>.weight`` / ``<router_attr>.top_k``.
     router_bias: the router is a Linear with a bias: logits = x Wᵀ + c (GPT-OSS).
     returns_scores: the block returns (y, router scores), not y (GPT-OSS).
     logits_per_token: the router logits HF records are [T, E] (True) or shaped like the input, [B, S, E] (Switch).
+    bias_at: the path from the block to a selection-only bias b (ids = top-k of s + b, the weights from s alone),
+        when it is not the "deepseek_v3" router's ``e_score_correction_bias`` (a missing attribute = no bias).
+    scale_at: the path to the routed output's multiplier (routed_scaling_factor), when it is not the
+        "deepseek_v3" / "deepseek_v2" router's; a multiplier of the routed sum and one of the k weights are the
+        same number: route_scale.
+    softcap_at: the path to a logit soft-cap (cap · tanh(l / cap); 0 = none): logit_softcap.
+    renormalize_eps: ε of w = s / (Σ s + ε) when the family renormalizes (LFM2-MoE: 1e-6): renormalize_eps.
+    groups_masked_with_zero: the "deepseek_v3" group limit fills the excluded groups' scores with 0, not −∞
+        (A.X-K2): equal to MoELayer's only without groups, so a grouped block is refused.
     """
     name: str
     router_attr: str
@@ -125,6 +143,11 @@ class Family:
     router_bias: bool = False
     returns_scores: bool = False
     logits_per_token: bool = True
+    bias_at: str | None = None
+    scale_at: str | None = None
+    softcap_at: str | None = None
+    renormalize_eps: float = 0.0
+    groups_masked_with_zero: bool = False
 
     @property
     def weight_path(self) -> str:
@@ -179,6 +202,63 @@ SUPPORTED: dict[str, Family] = {
     # + shared(x) (weights_on="input"); HF runs every expert on every token, the others with w = σ(−∞) = 0.
     "Llama4TextMoe": Family("Llama-4", "router", "never", routing="llama4", shared="llama4", experts="fused_in_out",
                             returns_scores=True),
+    # The same code as a family above under another name (transformers' modular copies).
+    "MellumSparseMoeBlock": Family("Mellum", "gate", "norm_topk_prob"),
+    "GraniteMoeSWAMoE": Family("Granite-MoE-SWA", "router", "always"),
+    "Qwen4ExpTextSparseMoeBlock": Family("Qwen4-Exp (text)", "gate", "norm_topk_prob", shared="qwen2"),
+    "DeepseekOcr2TextMoe": Family("DeepSeek-OCR-2 (text)", "gate", "never", routing="deepseek_v2", shared="deepseek"),
+    "UnlimitedOcrTextMoe": Family("Unlimited-OCR (text)", "gate", "never", routing="deepseek_v2", shared="deepseek"),
+    # DeepSeek-V3's router (σ scores, e_score_correction_bias, top-2-sum groups, norm_topk_prob, routed_scaling_factor)
+    # with DeepSeek's shared MLP (or none).
+    "DeepseekV32MoE": Family("DeepSeek-V3.2", "gate", "norm_topk_prob", routing="deepseek_v3", shared="deepseek"),
+    "Glm4MoeLiteMoE": Family("GLM-4-MoE-Lite", "gate", "norm_topk_prob", routing="deepseek_v3", shared="deepseek"),
+    "Glm4vMoeTextMoE": Family("GLM-4V-MoE (text)", "gate", "norm_topk_prob", routing="deepseek_v3", shared="deepseek"),
+    "GlmMoeDsaMoE": Family("GLM-MoE-DSA", "gate", "norm_topk_prob", routing="deepseek_v3", shared="deepseek"),
+    "SolarOpenMoE": Family("Solar-Open", "gate", "norm_topk_prob", routing="deepseek_v3", shared="deepseek"),
+    "KimiLinearMoE": Family("Kimi-Linear", "gate", "norm_topk_prob", routing="deepseek_v3", shared="deepseek"),
+    "MiniCPM5MoeMoE": Family("MiniCPM5-MoE", "gate", "norm_topk_prob", routing="deepseek_v3", shared="deepseek"),
+    "Dots3NoteTextMoE": Family("dots3.note (text)", "gate", "norm_topk_prob", routing="deepseek_v3", shared="deepseek"),
+    "ExaoneMoeSparseMoEBlock": Family("EXAONE-MoE", "gate", "norm_topk_prob", routing="deepseek_v3",
+                                      shared="num_shared"),
+    "MiMoV2FlashMoE": Family("MiMo-V2-Flash", "gate", "norm_topk_prob", routing="deepseek_v3"),
+    # Converted without swiglu_limits (its experts then are plain SwiGLU); a clamped layer is refused.
+    "BailingHybridMoE": Family("Bailing-Hybrid", "gate", "norm_topk_prob", routing="deepseek_v3", shared="deepseek"),
+    # Its group limit masks with 0, not −∞: converted without groups (n_group=None), refused with them.
+    "AXK2MoE": Family("A.X-K2", "gate", "norm_topk_prob", routing="deepseek_v3", shared="deepseek",
+                      groups_masked_with_zero=True),
+    # routed_scaling_factor multiplies the routed sum (the block's), which is the same as scaling the k weights.
+    "BeamMoE": Family("Beam", "gate", "norm_topk_prob", routing="deepseek_v3", scale_at="routed_scaling_factor"),
+    # σ scores, a selection bias, w = s_sel / Σ s_sel (· scale), no groups.
+    "MiniMaxM2SparseMoeBlock": Family("MiniMax-M2", "gate", "always", routing="sigmoid", bias_at="e_score_correction_bias"),
+    "AfmoeSparseMoeBlock": Family("AfMoE", "router", "always", routing="sigmoid", weight_at="router.gate.weight",
+                                  bias_at="expert_bias", scale_at="router.route_scale", shared="num_shared"),
+    "HYV3MoE": Family("HY-V3", "gate", "always", routing="sigmoid", bias_at="e_score_correction_bias",
+                      scale_at="gate.router_scaling_factor", shared="num_shared"),
+    "LagunaSparseMoeBlock": Family("Laguna", "gate", "always", routing="sigmoid", bias_at="gate.e_score_correction_bias",
+                                   scale_at="routed_scaling_factor", softcap_at="gate.router_logit_softcapping",
+                                   shared="plain"),
+    "Step3p7SparseMoeBlock": Family("Step-3.7", "gate", "always", routing="sigmoid",
+                                    bias_at="gate.e_score_correction_bias", scale_at="routed_scaling_factor",
+                                    shared="plain"),
+    "MiniMaxM3VLSparseMoeBlock": Family("MiniMax-M3-VL", "gate", "always", routing="sigmoid",
+                                        bias_at="gate.e_score_correction_bias", scale_at="routed_scaling_factor",
+                                        experts="fused_clamped", shared="fused_dense"),
+    # w = s_sel / (Σ s_sel + 1e-6) · routed_scaling_factor; the selection bias exists with use_expert_bias only.
+    "Lfm2MoeSparseMoeBlock": Family("LFM2-MoE", "gate", "norm_topk_prob", routing="sigmoid", bias_at="expert_bias",
+                                    scale_at="gate.routed_scaling_factor", renormalize_eps=1e-6),
+    # Top-k of σ(l) without a bias; the shared MLP is added without a gate.
+    "FlintSparseMoeBlock": Family("Flint", "gate", "norm_topk_prob", routing="sigmoid", shared="plain_single"),
+    "LaraMiniSparseMoeBlock": Family("Lara-Mini", "gate", "norm_topk_prob", shared="plain_single"),
+    # Softmax over all experts, ids = top-k of p + b, w = p_sel · routed_scaling_factor (no renormalization).
+    "LongcatFlashMoE": Family("LongCat-Flash", "router", "never", weight_at="router.classifier.weight",
+                              bias_at="router.e_score_correction_bias", scale_at="router.routed_scaling_factor"),
+    "Mistral4MoE": Family("Mistral-4", "gate", "norm_topk_prob", routing="mistral4", shared="deepseek"),
+    "MistralLarge4TextMoE": Family("Mistral-Large-4 (text)", "gate", "always", routing="mistral4", shared="deepseek"),
+    "Cohere2MoeSparseMoeBlock": Family("Cohere2-MoE", "gate", "always", routing="cohere2", shared="num_shared"),
+    # GPT-OSS's router (softmax over the k largest logits of x Wᵀ + c, divided by k, the sum multiplied by k again)
+    # and its clamped experts with biases, gate and up in halves.
+    "OpenAIPrivacyFilterMLP": Family("OpenAI privacy filter", "router", "always", experts="fused_in_out_bias",
+                                     router_bias=True, returns_scores=True),
 }
 
 #: HF MoE block class name -> (family, what MoELayer would need to express it exactly).
@@ -193,6 +273,49 @@ UNSUPPORTED: dict[str, tuple[str, str]] = {
                          "capacity ceil(moe_eval_capacity_token_fraction·T), a sampled second expert, and the "
                          "token dropout's eval scaling (outputs × (1 − p); expert_dropout is the identity in eval)"),
     "PhimoeSparseMoeBlock": ("Phi-MoE", "SparseMixer routing (a masked, jittered softmax per selected expert)"),
+    "AXK1MoE": ("A.X-K1", "an RMSNorm on the block's output (post_mlp_layernorm, a learned [d] scale): DeepSeek-V3 "
+                "routing and shared experts are MoELayer options, a normalization of y is not"),
+    "DogeCDMoE": ("Doge-CDMoE", "product-key retrieval experts: ids from the sums of two top-√E key halves, each "
+                  "expert a rank-1 pair of embeddings (down_embed, up_embed) through the activation, plus a dense "
+                  "MLP; MoELayer's experts are MLPs chosen from one [E, d] router"),
+    "ErgoMoE": ("Ergo", "a learned RMSNorm per expert on each expert's output before the weighted sum "
+                "(post_expert_norm); MoELayer has no per-expert output normalization"),
+    "InklingMoE": ("Inkling", "shared experts weighted by the router: one softmax over the chosen experts' and the "
+                   "shared experts' log-sigmoid logits weighs both, times a learned global_scale; MoELayer's shared "
+                   "experts are unweighted (or gated by σ(x·g))"),
+    "Inkling2SparseMoeBlock": ("Inkling2", "a soft-capped SwiGLU activation (softcap(g)·σ(g)·softcap(u), "
+                               "mlp_gate_softcap / mlp_up_softcap); MoELayer's gated experts are silu(g)·u, "
+                               "gelu(g)·u and GPT-OSS's clamped form"),
+    "Inkling2LoopSparseMoeBlock": ("Inkling2-Loop", "a soft-capped SwiGLU activation (softcap(g)·σ(g)·softcap(u)); "
+                                   "MoELayer's gated experts are silu(g)·u, gelu(g)·u and GPT-OSS's clamped form"),
+    "Kolibri1SparseMoeBlock": ("Kolibri-1", "selection by the top k of logit + e_score_correction_bias (the bias "
+                               "added to the logits, then σ of the chosen logits); MoELayer's sigmoid router ranks "
+                               "σ(l) + b, which orders the experts differently for a non-zero bias"),
+    "Kolibri1_1SparseMoeBlock": ("Kolibri-1.1", "selection by the top k of logit + e_score_correction_bias (the bias "
+                                 "added to the logits); MoELayer's sigmoid router ranks σ(l) + b"),
+    "HYV4MoE": ("HY-V4", "a clamped SwiGLU silu(min(g, L)) · clamp(u, ±L) (swiglu_limit); MoELayer's "
+                "clamped_swiglu is GPT-OSS's g·σ(α·g) · (u + 1), another function"),
+    "HYV4VLMoE": ("HY-V4-VL", "a clamped SwiGLU silu(min(g, L)) · clamp(u, ±L) (swiglu_limit); MoELayer's "
+                  "clamped_swiglu is GPT-OSS's g·σ(α·g) · (u + 1)"),
+    "Glm5NextTextMoE": ("GLM-5-Next (text)", "a clamped SwiGLU silu(min(g, L)) · clamp(u, ±L) (swiglu_limit); "
+                        "MoELayer's clamped_swiglu is GPT-OSS's g·σ(α·g) · (u + 1)"),
+    "DeepseekV4SparseMoeBlock": ("DeepSeek-V4", "a clamped SwiGLU silu(min(g, L)) · clamp(u, ±L) (swiglu_limit), "
+                                 "scores from scoring_func (default sqrt-softplus, not σ), and hash routing "
+                                 "(experts looked up from the token ids) on its hash_moe layers"),
+    "MuseSparkMoE": ("Muse-Spark", "a projection and a centered RMSNorm before the experts and a projection after "
+                     "them (pre_expert_proj, pre_expert_norm, post_expert_proj), and logits scaled by "
+                     "output_multiplier"),
+    "ZayaSparseMoeBlock": ("ZAYA", "an MLP router with state carried from the previous layer's router, and a skip "
+                           "expert (index E) that computes nothing"),
+    "VitPoseBackboneMoeMLP": ("ViTPose (MoE backbone)", "the expert is chosen by a dataset index passed with the "
+                              "input, not by a router, and only part of the output features are expert-specific"),
+    "Ernie4_5_VLMoeSparseMoeBlock": ("ERNIE-4.5-VL-MoE", "a modality-isolated pair of blocks (text and vision "
+                                     "experts) whose outputs and router logits the decoder layer reassembles from "
+                                     "flattened tensors; the routing alone is ERNIE-4.5-MoE's, but the swapped block "
+                                     "would have to return that flattened pair"),
+    "NemotronHMoE": ("Nemotron-H", "non-gated experts with mlp_hidden_act (default 'relu2', the squared ReLU, which "
+                     "MoELayer's expert kinds lack) and, with moe_latent_size, projections into and out of a latent "
+                     "width around the experts"),
 }
 
 
@@ -240,7 +363,9 @@ class _BlockView:
 #: shared kind -> (the block's attribute for the shared MLP, the config key counting the MLPs side by side)
 SHARED_MLPS = {"deepseek": ("shared_experts", "n_shared_experts"), "qwen2": ("shared_expert", None),
                "hunyuan": ("shared_mlp", None), "aria": ("shared_experts", "moe_num_shared_experts"),
-               "ernie": ("shared_experts", "moe_num_shared_experts"), "llama4": ("shared_expert", None)}
+               "ernie": ("shared_experts", "moe_num_shared_experts"), "llama4": ("shared_expert", None),
+               "num_shared": ("shared_experts", "num_shared_experts"), "plain": ("shared_experts", None),
+               "plain_single": ("shared_expert", None), "fused_dense": ("shared_experts", None)}
 
 
 def _read_block(block: nn.Module) -> _BlockView:
@@ -248,22 +373,54 @@ def _read_block(block: nn.Module) -> _BlockView:
     what = f"{family.name} ({type(block).__name__})"
     layout_note = (f"this transformers version lays out {what} differently from the one fastmoe_edu.hf was "
                    f"written for (transformers >= 5.5; Granite-MoE >= 5.18, Jamba >= 5.22; the families added "
-                   f"with GPT-OSS, Switch, JetMoE and Llama-4: 5.24)")
+                   f"with GPT-OSS, Switch, JetMoE and Llama-4: 5.24; the others: 5.25)")
     jitter = getattr(block, "jitter_noise", None) or 0.0                  # Mixtral, MiniMax: x ← x · U(1−ε, 1+ε)
     if jitter > 0:
         raise UnsupportedFamilyError(f"{what}: router_jitter_noise={jitter} multiplies the block's "
                                      f"input (router *and* experts) by noise while training; MoELayer has no such "
                                      f"option (Switch's jitter reaches the router only). Set it to 0")
+    zero_experts = getattr(block, "zero_expert_num", None) or 0                 # LongCat-Flash
+    if zero_experts:
+        raise UnsupportedFamilyError(f"{what}: zero_expert_num={zero_experts} adds experts that return their input "
+                                     f"(identity experts, chosen by the same router); MoELayer's experts are all "
+                                     f"MLPs. Only zero_expert_num=0 converts exactly")
     router_options, router_tensors = _read_router(block, family, what, layout_note)
     expert_options, expert_tensors = _read_experts(block, family, what, layout_note)
-    shared_options, shared_tensors = _read_shared(block, family, what, layout_note)
+    constants = {key: expert_options[key] for key in ("swiglu_alpha", "swiglu_limit")}
+    shared_options, shared_tensors = _read_shared(block, family, what, layout_note, expert_options["expert"],
+                                                  constants)
     num_experts, d_model = router_tensors[0][2].shape
     if (expert_options["num_experts"], expert_options["d_model"]) != (num_experts, d_model):
         raise UnsupportedFamilyError(f"{what}: the router weight is [{num_experts}, {d_model}] but the experts hold "
                                      f"{expert_options['num_experts']} experts of width {expert_options['d_model']}")
+    tensors = (*router_tensors, *expert_tensors, *shared_tensors)
+    carried = {tensor.untyped_storage().data_ptr() for _, _, tensor in tensors}
+    left = [name for name, param in block.named_parameters() if param.untyped_storage().data_ptr() not in carried]
+    if left:                                          # e.g. a norm or projection this family's mapping does not know
+        raise UnsupportedFamilyError(f"{what} has parameters {left} that the conversion does not carry: "
+                                     f"{layout_note}")
     reference = expert_tensors[0][2]
     return _BlockView(family, {**router_options, **expert_options, **shared_options},
-                      (*router_tensors, *expert_tensors, *shared_tensors), reference.dtype, reference.device)
+                      tensors, reference.dtype, reference.device)
+
+
+def _warn_switch_training(block, what: str) -> None:
+    """Switch Transformers in training mode does two things MoELayer does not, stated once per conversion."""
+    router, expert = block.router, block.experts["expert_0"]
+    differences = []
+    if (router.jitter_noise or 0) > 0 and router.dtype == expert.wi.weight.dtype:
+        differences.append(f"its router multiplies the block's input by the jitter U(1 − {router.jitter_noise}, "
+                           f"1 + {router.jitter_noise}) in place (router_dtype {router.dtype} is the model's dtype, "
+                           f"so .to() returns the input itself), so HF's experts see the jittered input; MoELayer's "
+                           f"jitter_epsilon reaches the router only")
+    if expert.dropout.p > 0:
+        differences.append(f"its experts apply dropout (dropout_rate={expert.dropout.p}) to their hidden units; "
+                           f"MoELayer's experts have no dropout")
+    if differences:
+        warnings.warn(f"{what} converts exactly in eval mode only: in training mode " + "; and ".join(differences)
+                      + ". A converted layer trained from this block computes a different function from HF's "
+                      "(set router_jitter_noise=0 / dropout_rate=0, or router_dtype other than the model's, to "
+                      "remove a difference)", stacklevel=3)
 
 
 def _get(obj, path: str, what: str, layout_note: str):
@@ -294,6 +451,10 @@ def _read_router(block, family: Family, what: str, layout_note: str):
         return _read_switch_router(router, options, tensors, expected, what)
     if family.routing == "ernie":
         expected.add("moe_statics.e_score_correction_bias")
+    bias = _selection_bias(block, family, what, layout_note)
+    for path in (family.bias_at, family.routing == "deepseek_v3" and f"{family.router_attr}.e_score_correction_bias"):
+        if path and path.startswith(family.router_attr + ".") and isinstance(bias, nn.Parameter):
+            expected.add(path.removeprefix(family.router_attr + "."))    # a frozen Parameter (Laguna's), not a buffer
     _expect_parameters(what + " router", router, expected)
 
     if family.renormalize == "norm_topk_prob":
@@ -306,6 +467,13 @@ def _read_router(block, family: Family, what: str, layout_note: str):
         renormalize = family.renormalize == "always"
     options.update(router="softmax_top_k", renormalize=renormalize, route_scale=1.0, num_groups=None,
                    top_k_groups=None)
+    if renormalize and family.renormalize_eps:
+        options["renormalize_eps"] = family.renormalize_eps                       # w = s / (Σ s + ε)
+    if family.scale_at is not None:                                              # w ← w · routed_scaling_factor
+        options["route_scale"] = float(_get(block, family.scale_at, what, layout_note))
+    if family.softcap_at is not None:                                            # l ← cap · tanh(l / cap); 0: none
+        cap = float(_get(block, family.softcap_at, what, layout_note))
+        options["logit_softcap"] = cap if cap > 0 else None
     if family.routing == "ernie":
         # p = softmax(x Wᵀ); ids = top-k of p + b; w = p_sel / max(Σ p_sel, moe_norm_min)
         options.update(selection_bias=True, renormalize_min=float(router.norm_min or 0.0))
@@ -313,9 +481,22 @@ def _read_router(block, family: Family, what: str, layout_note: str):
     elif family.routing == "llama4":
         # ids = top-k of l (= of σ(l)), w = σ(l_sel) not renormalized, on the expert's input; no selection bias
         options.update(router="sigmoid", weights_on="input", bias_update_rate=0.0)
-    elif family.routing in ("deepseek_v2", "deepseek_v3"):
-        options["route_scale"] = float(router.routed_scaling_factor)                  # w ← w · routed_scaling_factor
-        grouped = router.num_group is not None and router.num_group > 1              # one group = no limit
+    elif family.routing == "cohere2":
+        _read_cohere2_router(block, router, options, what)
+    elif family.routing == "mistral4":
+        # DeepSeek-V3's group code on softmax probabilities: groups scored by their two largest p, the others masked
+        # with 0. MoELayer's softmax groups are scored by their largest p (DeepSeek-V2), so one group only.
+        if router.num_group is not None and router.num_group > 1:
+            raise UnsupportedFamilyError(f"{what}: n_group={router.num_group} scores each group of softmax "
+                                         f"probabilities by the sum of its two largest; MoELayer's softmax router "
+                                         f"scores a group by its largest p (DeepSeek-V2), so only n_group=1 "
+                                         f"converts exactly")
+        options["route_scale"] = float(router.routed_scaling_factor)
+    elif family.routing in ("deepseek_v2", "deepseek_v3", "sigmoid"):
+        if family.routing != "sigmoid" and family.scale_at is None:
+            options["route_scale"] = float(router.routed_scaling_factor)              # w ← w · routed_scaling_factor
+        num_group = getattr(router, "num_group", None)
+        grouped = num_group is not None and num_group > 1                            # one group = no limit
         if family.routing == "deepseek_v2":
             if router.topk_method not in ("greedy", "group_limited_greedy"):
                 raise UnsupportedFamilyError(f"{what}: topk_method={router.topk_method!r}; only 'greedy' and "
@@ -323,10 +504,48 @@ def _read_router(block, family: Family, what: str, layout_note: str):
             grouped = grouped and router.topk_method == "group_limited_greedy"
         else:
             options["router"] = "sigmoid"                                            # σ scores, selection bias
-            tensors.append(("router.bias", None, router.e_score_correction_bias))
+            if grouped and family.groups_masked_with_zero:
+                raise UnsupportedFamilyError(f"{what}: n_group={num_group} fills the excluded groups' scores with "
+                                             f"0, not −∞, so an excluded expert can still win where s + b < 0; "
+                                             f"MoELayer's group limit excludes them, so only n_group=None or 1 "
+                                             f"converts exactly")
         if grouped:
             options.update(num_groups=int(router.num_group), top_k_groups=int(router.topk_group))
+    if bias is not None:
+        if options["router"] != "sigmoid":
+            options["selection_bias"] = True                                         # softmax: top-k of p + b
+        tensors.append(("router.bias", None, bias))                                  # selects, never weighs
+    elif options["router"] == "sigmoid" and family.routing != "llama4":
+        options["bias_update_rate"] = 0.0            # HF has no bias to hold it: keep the layer's at 0 (to_hf checks)
     return options, tensors
+
+
+def _selection_bias(block, family: Family, what: str, layout_note: str):
+    """The family's selection-only bias b [E] (ids = top-k of s + b), or None: the "deepseek_v3" router's
+    e_score_correction_bias, or the tensor at ``bias_at`` (None where the block has none: LFM2-MoE without
+    use_expert_bias)."""
+    if family.bias_at is not None:
+        return functools.reduce(lambda obj, name: getattr(obj, name, None), family.bias_at.split("."), block)
+    if family.routing == "deepseek_v3":
+        return _get(block, f"{family.router_attr}.e_score_correction_bias", what, layout_note)
+    return None
+
+
+def _read_cohere2_router(block, router, options: dict, what: str) -> None:
+    """Cohere2-MoE: ids = the top-k logits; w = softmax over them (= the renormalized top-k of p) or their sigmoid
+    (renormalized with norm_topk_prob). With shared experts and shared_expert_combination_strategy="average",
+    y = (routed + shared) / 2: route_scale=0.5, and the shared expert's gate σ(x·g) with g frozen at 0 (= 1/2)."""
+    selection = router.expert_selection_fn
+    if selection == "sigmoid":
+        options.update(router="sigmoid", renormalize=bool(router.norm_topk_prob))
+    elif selection != "softmax":
+        raise UnsupportedFamilyError(f"{what}: expert_selection_fn={selection!r}; 'softmax' and 'sigmoid' convert")
+    strategy = block.shared_expert_combination_strategy
+    if block.num_shared_experts > 0 and strategy == "average":
+        options["route_scale"] = 0.5
+    elif block.num_shared_experts > 0 and strategy != "sum":
+        raise UnsupportedFamilyError(f"{what}: shared_expert_combination_strategy={strategy!r}; 'sum' and "
+                                     f"'average' convert")
 
 
 def _read_dbrx_norm(block, router, options: dict, what: str) -> bool:
@@ -371,38 +590,54 @@ def _read_experts(block, family: Family, what: str, layout_note: str):
     if family.experts == "dbrx":
         mlp = _get(experts, "mlp", what, layout_note)
         _expect_parameters(what + " experts", experts, {"mlp.w1", "mlp.v1", "mlp.w2"})
-        _expect_silu(what, mlp.activation_fn)
         hidden = int(experts.ffn_hidden_size)
         num_experts, d_model = mlp.w1.shape[0] // hidden, mlp.w1.shape[1]
         split = (num_experts, hidden, d_model)                                   # [E·I, d] -> [E, I, d]
         # gate = w1 (through silu), up = v1; down = w2 transposed (DBRX computes y = h @ w2_e)
         gate, up, down = mlp.w1.view(split), mlp.v1.view(split), mlp.w2.view(split).transpose(1, 2)
     else:
-        bias = family.experts == "gpt_oss"
+        bias = family.experts in ("gpt_oss", "fused_in_out_bias")
         names = {"gate_up_proj", "down_proj"} | ({"gate_up_proj_bias", "down_proj_bias"} if bias else set())
         _expect_parameters(what + " experts", experts, names)
-        # The layer's layout, out = W x: gate_up [E, 2I, d], down [E, d, I] = W2 ("fused"). Aria and GPT-OSS
+        if family.experts in ("fused", "fused_in_out"):
+            _expect_no_clamp(what, experts)
+        # The layer's layout, out = W x: gate_up [E, 2I, d], down [E, d, I] ("fused"). Aria and GPT-OSS
         # store the transposes, gate_up [E, d, 2I] and down [E, I, d] (out = x @ W): read through transposed views.
         gate_up, down = experts.gate_up_proj, experts.down_proj
-        if family.experts != "fused":
+        if family.experts not in ("fused", "fused_clamped"):
             gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
         num_experts, d_model, hidden = _fused_sizes(
             gate_up, down, f"gate_up_proj {tuple(experts.gate_up_proj.shape)}, down_proj "
             f"{tuple(experts.down_proj.shape)}", f"the {family.experts!r} layout", what, layout_note)
-        if not bias:               # [gate; up] (Aria: chunk(2) of x @ gate_up): W1 = gate half (through silu), W3 = up
-            _expect_silu(what, getattr(experts, "act_fn", None))
+        if family.experts != "gpt_oss":   # [gate; up] (Aria: chunk(2) of x @ gate_up): W1 = gate half, W3 = up half
             gate, up = gate_up[:, :hidden], gate_up[:, hidden:]
         else:                   # GPT-OSS: gate = (x @ gate_up + b)[..., 0::2], up = (...)[..., 1::2]: alternate
             gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
     tensors = [("experts.w1", None, gate), ("experts.w3", None, up), ("experts.w2", None, down)]
-    if family.experts != "gpt_oss":
-        return _expert_options(num_experts, d_model, hidden, "swiglu"), tensors
-    gate_up_bias = experts.gate_up_proj_bias
-    tensors += [("experts.b1", None, gate_up_bias[:, 0::2]), ("experts.b3", None, gate_up_bias[:, 1::2]),
-                ("experts.b2", None, experts.down_proj_bias)]
-    options = _expert_options(num_experts, d_model, hidden, "clamped_swiglu", bias=True)
-    options.update(swiglu_alpha=float(experts.alpha), swiglu_limit=float(experts.limit))
+    if family.experts not in ("gpt_oss", "fused_clamped", "fused_in_out_bias"):
+        kind = _gated_kind(what, getattr(experts, "act_fn", None) if family.experts != "dbrx" else mlp.activation_fn)
+        return _expert_options(num_experts, d_model, hidden, kind), tensors
+    options = _expert_options(num_experts, d_model, hidden, "clamped_swiglu", bias=bias)
+    alpha = getattr(experts, "alpha", None) if family.experts != "fused_clamped" else experts.swiglu_alpha
+    limit = getattr(experts, "limit", None) if family.experts != "fused_clamped" else experts.swiglu_limit
+    options.update(swiglu_alpha=float(alpha), swiglu_limit=float(limit))
+    if bias:
+        gate_up_bias = experts.gate_up_proj_bias
+        gate_bias, up_bias = ((gate_up_bias[:, 0::2], gate_up_bias[:, 1::2]) if family.experts == "gpt_oss"
+                              else (gate_up_bias[:, :hidden], gate_up_bias[:, hidden:]))
+        tensors += [("experts.b1", None, gate_bias), ("experts.b3", None, up_bias),
+                    ("experts.b2", None, experts.down_proj_bias)]
     return options, tensors
+
+
+def _expect_no_clamp(what: str, module: nn.Module) -> None:
+    """Bailing-Hybrid / Step-3.7 clamp act(g) ≤ L and u to ±L where swiglu_limits names a limit for the layer."""
+    limit = getattr(module, "limit", None)
+    if limit is not None:
+        raise UnsupportedFamilyError(f"{what}: swiglu_limits gives this layer the limit {limit}: act(g) clamped to "
+                                     f"≤ {limit} and u to ±{limit}; MoELayer's gated experts have no such clamp "
+                                     f"(clamped_swiglu is GPT-OSS's g·σ(α·g) · (u + 1)). Only layers without a limit "
+                                     f"(0 or no list) convert exactly")
 
 
 def _read_switch_experts(experts, what: str, layout_note: str):
@@ -412,12 +647,14 @@ def _read_switch_experts(experts, what: str, layout_note: str):
     for index in range(num_experts):
         expert = _get(experts, f"expert_{index}", what, layout_note)
         _expect_parameters(f"{what} expert_{index}", expert, {"wi.weight", "wo.weight"})
-        if not isinstance(expert.act, nn.ReLU):
+        kind = "relu" if isinstance(expert.act, nn.ReLU) else "gelu" if _is_exact_gelu(expert.act) else None
+        if kind is None:
             raise UnsupportedFamilyError(f"{what}: experts use activation {type(expert.act).__name__}; MoELayer's "
-                                         f"'relu' expert needs dense_act_fn='relu'")
+                                         f"plain experts are relu and the exact (erf) gelu: only dense_act_fn='relu' "
+                                         f"or 'gelu' converts exactly")
         tensors += [("experts.w1", index, expert.wi.weight), ("experts.w2", index, expert.wo.weight)]
     hidden, d_model = tensors[0][2].shape
-    return _expert_options(num_experts, d_model, hidden, "relu"), tensors
+    return _expert_options(num_experts, d_model, hidden, kind), tensors
 
 
 def _read_jetmoe_experts(block, what: str, layout_note: str):
@@ -455,8 +692,9 @@ def _expert_options(num_experts: int, d_model: int, hidden: int, kind: str, bias
                 swiglu_alpha=None, swiglu_limit=None, output_bias=False)
 
 
-def _read_shared(block, family: Family, what: str, layout_note: str):
-    """The always-on MLP (a SwiGLU without biases): its count and width, Qwen2's sigmoid gate, its tensors."""
+def _read_shared(block, family: Family, what: str, layout_note: str, kind: str, constants: dict):
+    """The always-on MLP (gated, of the routed experts' ``kind`` and ``constants``, without biases): its count and
+    width, Qwen2's sigmoid gate, its tensors."""
     none = dict(num_shared_experts=0, shared_d_hidden=None, shared_expert_gate=False)
     if family.shared is None:
         return none, []
@@ -465,25 +703,49 @@ def _read_shared(block, family: Family, what: str, layout_note: str):
     if mlp is None:
         if family.shared == "ernie" and hasattr(block, attr):    # ERNIE with moe_num_shared_experts=0
             return none, []
+        if family.routing == "cohere2" and block.num_shared_experts == 0:   # Cohere2-MoE builds none
+            return none, []
         raise UnsupportedFamilyError(f"{what} has no .{attr}: {layout_note}")
-    _expect_parameters(what + " shared expert", mlp, {"gate_proj.weight", "up_proj.weight", "down_proj.weight"})
-    if not _is_silu(getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)):    # Llama-4's name
-        raise UnsupportedFamilyError(f"{what}: the shared expert's activation is not silu; only hidden_act='silu' "
-                                     f"converts exactly")
-    width = mlp.gate_proj.weight.shape[0]
+    if family.shared == "fused_dense":                # MiniMax-M3-VL: gate_up_proj [2I, d] = [gate; up], clamped
+        _expect_parameters(what + " shared expert", mlp, {"gate_up_proj.weight", "down_proj.weight"})
+        ours = (float(mlp.swiglu_alpha), float(mlp.swiglu_limit))
+        if kind != "clamped_swiglu" or ours != (constants["swiglu_alpha"], constants["swiglu_limit"]):
+            raise UnsupportedFamilyError(f"{what}: the shared expert's clamped activation (α, limit) = {ours} differs "
+                                         f"from the routed experts' ({kind}, {constants}); MoELayer's shared experts "
+                                         f"take the routed experts' kind and constants")
+        width = mlp.down_proj.weight.shape[1]
+        gate, up = mlp.gate_up_proj.weight[:width], mlp.gate_up_proj.weight[width:]
+    else:
+        _expect_parameters(what + " shared expert", mlp, {"gate_proj.weight", "up_proj.weight", "down_proj.weight"})
+        _expect_no_clamp(what + " shared expert", mlp)
+        act = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)     # Llama-4's name
+        shared_kind = _gated_kind(what + " shared expert", act)
+        if shared_kind != kind:
+            raise UnsupportedFamilyError(f"{what}: the shared expert is {shared_kind} but the routed experts are "
+                                         f"{kind}; MoELayer's shared experts take the routed experts' kind")
+        width = mlp.gate_proj.weight.shape[0]
+        gate, up = mlp.gate_proj.weight, mlp.up_proj.weight
     # n MLPs of width I side by side are one MLP of width n·I; the count only names the split.
     config = getattr(block, "config", None) or getattr(mlp, "config", None)
     count = (getattr(config, count_key, None) or 1) if count_key else 1
     count = count if width % count == 0 else 1
     options = dict(num_shared_experts=count, shared_d_hidden=width // count, shared_expert_gate=False)
-    tensors = [("shared_experts.w1", None, mlp.gate_proj.weight),              # silu(gate_proj x)
-               ("shared_experts.w3", None, mlp.up_proj.weight),                # ⊙ up_proj x
+    tensors = [("shared_experts.w1", None, gate),                              # act(gate x)
+               ("shared_experts.w3", None, up),                                # ⊙ up x
                ("shared_experts.w2", None, mlp.down_proj.weight)]
     if family.shared == "qwen2":
         _expect_parameters(what + " shared_expert_gate", block.shared_expert_gate, {"weight"})
         options["shared_expert_gate"] = True
         tensors.append(("shared_experts.gate", None, block.shared_expert_gate.weight[0]))   # σ(x · g), g [d]
+    elif _halves_shared(block, family):
+        options["shared_expert_gate"] = True      # σ(x · 0) = 1/2 exactly: from_hf freezes g at 0 (no HF tensor)
     return options, tensors
+
+
+def _halves_shared(block, family: Family) -> bool:
+    """Cohere2-MoE's shared_expert_combination_strategy="average" with shared experts: y = (routed + shared) / 2."""
+    return (family.routing == "cohere2" and block.num_shared_experts > 0
+            and block.shared_expert_combination_strategy == "average")
 
 
 def _expect_parameters(what: str, module: nn.Module, names: set[str]) -> None:
@@ -493,16 +755,24 @@ def _expect_parameters(what: str, module: nn.Module, names: set[str]) -> None:
                                      f"(e.g. biases, which this family's conversion does not carry)")
 
 
-def _expect_silu(what: str, act) -> None:
-    if not _is_silu(act):
-        raise UnsupportedFamilyError(f"{what}: experts use activation {type(act).__name__}, but MoELayer's SwiGLU "
-                                     f"expert is silu(W1 x) ⊙ W3 x; only hidden_act='silu' converts exactly")
+def _gated_kind(what: str, act) -> str:
+    """The gated expert kind of act(W1 x) ⊙ W3 x: "swiglu" for silu, "geglu" for the exact (erf) gelu."""
+    if _is_silu(act):
+        return "swiglu"
+    if _is_exact_gelu(act):
+        return "geglu"
+    raise UnsupportedFamilyError(f"{what}: experts use activation {getattr(act, '__name__', type(act).__name__)}; "
+                                 f"MoELayer's gated experts are silu(W1 x) ⊙ W3 x (swiglu) and gelu(W1 x) ⊙ W3 x "
+                                 f"with the exact gelu (geglu): only hidden_act='silu' or 'gelu' converts exactly "
+                                 f"(e.g. 'gelu_pytorch_tanh' is the tanh approximation)")
 
 
 def _is_exact_gelu(act) -> bool:
     """transformers' "gelu" / "gelu_python" (the erf GELU, as MoELayer's), or torch's nn.GELU without approximation."""
     if isinstance(act, nn.GELU):
         return act.approximate == "none"
+    if act is nn.functional.gelu:
+        return True
     try:
         from transformers.activations import GELUActivation
     except ImportError:
@@ -511,7 +781,7 @@ def _is_exact_gelu(act) -> bool:
 
 
 def _is_silu(act) -> bool:
-    if isinstance(act, nn.SiLU):
+    if isinstance(act, nn.SiLU) or act is nn.functional.silu:             # LFM2-MoE holds the function itself
         return True
     try:
         from transformers.activations import SiLUActivation
@@ -539,12 +809,16 @@ def from_hf(block: nn.Module, backend: str = "reference", balance_loss_weight: f
     and device of the block's experts, and its training mode.
     """
     view = _read_block(block)
+    if view.family.routing == "switch":
+        _warn_switch_training(block, f"{view.family.name} ({type(block).__name__})")
     layer = MoELayer(backend=backend, balance_loss_weight=balance_loss_weight, **view.options)
     layer.to(device=view.device, dtype=view.dtype)
     layer.train(block.training)                  # e.g. Switch's jitter acts in training mode only, in both
     with torch.no_grad():
         for path, index, tensor in view.tensors:
             _layer_tensor(layer, path, index).copy_(tensor)
+    if _halves_shared(block, view.family):       # Cohere2's "average": σ(x · g) = 1/2 with g = 0, never trained
+        layer.shared_experts.gate.requires_grad_(False)
     return layer
 
 
@@ -596,6 +870,9 @@ def to_hf(layer: MoELayer, block: nn.Module) -> nn.Module:
     carried = any(path == "router.bias" for path, _, _ in view.tensors)
     if bias is not None and not carried and bool(bias.detach().ne(0).any()):
         problems.append(f"router.bias is non-zero, and {what} has no selection bias to hold it")
+    gate = layer.shared_experts.gate if layer.shared_experts is not None else None
+    if _halves_shared(block, view.family) and gate is not None and bool(gate.detach().ne(0).any()):
+        problems.append(f"shared_experts.gate is non-zero; {what} halves the shared output, σ(x · 0) = 1/2")
     if layer.experts.w1.shape[0] != layer.num_experts:
         problems.append(f"the layer holds {layer.experts.w1.shape[0]} of its {layer.num_experts} experts "
                         f"(expert-parallel); gather them into one process first")
@@ -670,6 +947,10 @@ def moefy(model: nn.Module, backend: str = "auto", layout=None) -> nn.Module:
     after this call: the swapped blocks' parameters are new tensors.
     """
     known = set(SUPPORTED) | set(UNSUPPORTED)
+    if type(model).__name__ in known:            # setattr(model, "", ...) would hang the swap under the block itself
+        raise ValueError(f"moefy(model) replaces the MoE blocks inside a model, but this {type(model).__name__} is a "
+                         f"block itself: convert it with from_hf(block) (a new MoELayer), or call moefy on the model "
+                         f"that holds it")
     targets = [(name, module) for name, module in model.named_modules() if type(module).__name__ in known]
     if not targets:
         raise ValueError(f"{type(model).__name__} has no Hugging Face MoE block fastmoe_edu.hf knows; "
@@ -748,6 +1029,10 @@ def upcycle(model: nn.Module, num_experts: int, top_k: int, router: str = "softm
     layers' balance loss is not part of an HF dense model's loss: add ``moe_aux_loss(model)``.
     """
     convert = {**dict.fromkeys(SWIGLU_MLPS, _swiglu_experts), **dict.fromkeys(GPT2_MLPS, _gpt2_experts)}
+    if type(model).__name__ in convert:
+        raise ValueError(f"upcycle(model) replaces the dense MLPs inside a model, but this {type(model).__name__} is "
+                         f"the MLP itself (it has no submodule to replace it in): call upcycle on the model that "
+                         f"holds it")
     targets = [(name, mlp) for name, mlp in model.named_modules() if type(mlp).__name__ in convert]
     if not targets:
         raise ValueError(f"{type(model).__name__} has no dense MLP upcycle() knows; supported: "

@@ -497,12 +497,15 @@ class SigmoidRouter(Router):
 
     Selection uses s + b, weights use s alone (normalized, times ``route_scale``). After every
     optimizer step the training loop calls ``update_bias``:  b_e ← b_e + γ · sign(mean_load − load_e).
+    ``renormalize_eps=ε`` (as the softmax router's) normalizes by Σ s + ε instead of Σ s (LFM2-MoE: 1e-6).
     """
 
     def __init__(self, *args, bias_update_rate: float = 1e-3, route_scale: float = 1.0,
-                 num_groups: int | None = None, top_k_groups: int | None = None, renormalize: bool = True, **kwargs):
+                 num_groups: int | None = None, top_k_groups: int | None = None, renormalize: bool = True,
+                 renormalize_eps: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.bias_update_rate, self.route_scale, self.renormalize = bias_update_rate, route_scale, renormalize
+        self.renormalize_eps = renormalize_eps
         self.num_groups, self.top_k_groups = num_groups, top_k_groups
         self.register_buffer("bias", torch.zeros(self.num_experts))                # b: not a Parameter
         self.last_load: torch.Tensor | None = None
@@ -510,12 +513,14 @@ class SigmoidRouter(Router):
     def route(self, x):
         logits = self.logits(x)
         route = self.backend.sigmoid_top_k_route if self.backend is not None else sigmoid_top_k_route
-        if self.renormalize:
+        if self.renormalize and not self.renormalize_eps:
             expert_ids, weights = route(logits, self.bias, self.top_k, self.route_scale,
                                         self.num_groups, self.top_k_groups)
         else:
-            expert_ids, weights = route(logits, self.bias, self.top_k, self.route_scale,
+            expert_ids, weights = route(logits, self.bias, self.top_k, 1.0 if self.renormalize else self.route_scale,
                                         self.num_groups, self.top_k_groups, False)
+            if self.renormalize:               # renormalize_eps=ε (LFM2-MoE): w = s / (Σ s + ε) · scale, here in torch
+                weights = weights / (weights.sum(dim=-1, keepdim=True) + self.renormalize_eps) * self.route_scale
         self.last_load = torch.bincount(expert_ids.reshape(-1), minlength=self.num_experts).detach()
         return RouterOutput(expert_ids, weights, self.capacity(x.shape[0]), logits,
                             torch.sigmoid(at_least_float32(logits)))

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -68,21 +70,23 @@ def tiny_block(cls_name: str, **extra):
     folder = FAMILY_MODULES[cls_name]
     modeling = importlib.import_module(f"transformers.models.{folder}.modeling_{folder}")
     configuration = importlib.import_module(f"transformers.models.{folder}.configuration_{folder}")
-    config_name = CLASS_CONFIG_NAMES.get(cls_name) or CONFIG_NAMES.get(folder) or next(
-        n for n in dir(configuration)
-        if n.endswith("Config") and getattr(configuration, n).__module__ == configuration.__name__)
+    names = [n for n in dir(configuration)
+             if n.endswith("Config") and getattr(configuration, n).__module__ == configuration.__name__]
+    config_name = (CLASS_CONFIG_NAMES.get(cls_name) or CONFIG_NAMES.get(folder)
+                   or next((n for n in names if n.endswith("TextConfig")), names[0]))    # a VL model's text part
     options = dict(hidden_size=D, intermediate_size=HIDDEN, moe_intermediate_size=HIDDEN, num_experts=E,
-                   num_local_experts=E, num_experts_per_tok=K, hidden_act="silu")
+                   num_local_experts=E, n_routed_experts=E, num_experts_per_tok=K, hidden_act="silu")
     extras = CLASS_CONFIG_EXTRAS.get(cls_name) or CONFIG_EXTRAS.get(folder, {})
     config = getattr(configuration, config_name)(**{**options, **extras, **extra})
-    block = getattr(modeling, cls_name)(config).double()
+    cls = getattr(modeling, cls_name)
+    block = (cls(config, 0) if "layer_idx" in cls.__init__.__code__.co_varnames else cls(config)).double()
     torch.manual_seed(0)
     with torch.no_grad():                      # HF builds the blocks with torch.empty: give them values
         for param in block.parameters():
             param.normal_(0.0, 0.5)
-        correction = getattr(getattr(block, "gate", None), "e_score_correction_bias", None)
-        if correction is not None:             # DeepSeek-V3's selection-only bias: non-zero, small
-            correction.normal_(0.0, 0.1)
+        for name, tensor in [*block.named_parameters(), *block.named_buffers()]:
+            if name.endswith(("e_score_correction_bias", "expert_bias")):   # selection-only biases: small
+                tensor.normal_(0.0, 0.1)
     return block
 
 
@@ -93,8 +97,8 @@ def test_registry_lists_the_required_families():
             "SwitchTransformersSparseMLP", "JetMoeMoE", "Llama4TextMoe"} <= set(SUPPORTED)
     assert {"NllbMoeSparseMLP", "PhimoeSparseMoeBlock"} <= set(UNSUPPORTED)
     assert not set(SUPPORTED) & set(UNSUPPORTED)
-    assert set(FAMILY_MODULES) | set(NEW_BLOCKS) == set(SUPPORTED)       # every supported family is tested below
-    assert not set(FAMILY_MODULES) & set(NEW_BLOCKS)
+    assert set(FAMILY_MODULES) | set(NEW_BLOCKS) | set(MORE_BLOCKS) == set(SUPPORTED)   # every one tested below
+    assert not set(FAMILY_MODULES) & set(NEW_BLOCKS) and not set(MORE_BLOCKS) & (set(FAMILY_MODULES) | set(NEW_BLOCKS))
 
 
 @pytest.mark.parametrize("cls_name", list(FAMILY_MODULES))
@@ -156,8 +160,8 @@ def test_options_carried_both_ways():
 def test_unsupported_options_and_families_raise_clearly():
     with pytest.raises(UnsupportedFamilyError, match="router_jitter_noise"):
         from_hf(tiny_block("MixtralSparseMoeBlock", router_jitter_noise=0.1))
-    with pytest.raises(UnsupportedFamilyError, match="activation GELUActivation"):
-        from_hf(tiny_block("MixtralSparseMoeBlock", hidden_act="gelu"))
+    with pytest.raises(UnsupportedFamilyError, match="activation GELUTanh.*'gelu_pytorch_tanh' is the tanh"):
+        from_hf(tiny_block("MixtralSparseMoeBlock", hidden_act="gelu_pytorch_tanh"))
     nllb = nllb_moe_block()
     with pytest.raises(UnsupportedFamilyError, match="NLLB-MoE .*one-hot"):
         from_hf(nllb)
@@ -420,7 +424,7 @@ def test_switch_capacity_is_counted_per_sequence():
     ("SwitchTransformersSparseMLP", dict(router_dtype="bfloat16"), "router_dtype"),
     ("Ernie4_5_MoeSparseMoeBlock", dict(use_bias=True), "shared expert has parameters"),
     ("AriaTextMoELayer", dict(mlp_bias=True), "shared expert has parameters"),
-    ("SwitchTransformersSparseMLP", dict(dense_act_fn="gelu"), "dense_act_fn='relu'"),
+    ("SwitchTransformersSparseMLP", dict(dense_act_fn="gelu_new"), "dense_act_fn='relu' or 'gelu'"),
     ("JetMoeMoE", dict(activation_function="gelu_new"), "activation_function='silu' or 'gelu'"),
 ])
 def test_new_family_settings_that_do_not_convert(cls_name, extra, message):
@@ -451,6 +455,246 @@ def test_to_hf_compares_the_new_options():
     after_dropping = MoELayer(D, HIDDEN, E, top_k=K, capacity_factor=1.0, renormalize_after_dropping=True).double()
     with pytest.raises(ValueError, match="renormalize_after_dropping=True \\(the block's is False\\)"):
         to_hf(after_dropping, tiny_block("MixtralSparseMoeBlock"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The families of transformers 5.25 beyond those above (issue 26): tiny_block builds them, one table
+# ----------------------------------------------------------------------------------------------------
+GROUPED = dict(n_group=2, topk_group=1, routed_scaling_factor=2.5)     # DeepSeek-V3's router, 2 groups of 3
+#: HF block class -> (model folder, config options beyond tiny_block's, path of the router weight, shared MLP
+#: attribute or None). Scales of 2.5, soft-caps and clamps small enough to act, 2 shared experts where counted.
+MORE_BLOCKS = {
+    "MellumSparseMoeBlock": ("mellum", {}, "gate.weight", None),
+    "GraniteMoeSWAMoE": ("granitemoe_swa", {}, "router.weight", None),
+    "Qwen4ExpTextSparseMoeBlock": ("qwen4_exp", {"shared_expert_intermediate_size": 10}, "gate.weight",
+                                   "shared_expert"),
+    "DeepseekOcr2TextMoe": ("deepseek_ocr2", {**DEEPSEEK, "topk_method": "group_limited_greedy"}, "gate.weight",
+                            "shared_experts"),
+    "UnlimitedOcrTextMoe": ("unlimited_ocr", {**DEEPSEEK, "topk_method": "group_limited_greedy"}, "gate.weight",
+                            "shared_experts"),
+    **{name: (folder, DEEPSEEK, "gate.weight", "shared_experts") for name, folder in [
+        ("DeepseekV32MoE", "deepseek_v32"), ("Glm4MoeLiteMoE", "glm4_moe_lite"), ("Glm4vMoeTextMoE", "glm4v_moe"),
+        ("GlmMoeDsaMoE", "glm_moe_dsa"), ("SolarOpenMoE", "solar_open"), ("KimiLinearMoE", "kimi_linear"),
+        ("MiniCPM5MoeMoE", "minicpm5_moe"), ("BailingHybridMoE", "bailing_hybrid")]},
+    "Dots3NoteTextMoE": ("dots3_note", {**DEEPSEEK, "shared_experts_intermediate_size": 5, "num_key_value_heads": 2},
+                         "gate.weight", "shared_experts"),
+    "ExaoneMoeSparseMoEBlock": ("exaone_moe", {**GROUPED, "num_shared_experts": 2}, "gate.weight", "shared_experts"),
+    "MiMoV2FlashMoE": ("mimo_v2_flash", GROUPED, "gate.weight", None),
+    "AXK2MoE": ("axk2", {**DEEPSEEK, "n_group": None, "topk_group": None}, "gate.weight", "shared_experts"),
+    "BeamMoE": ("beam", GROUPED, "gate.weight", None),
+    "MiniMaxM2SparseMoeBlock": ("minimax_m2", {}, "gate.weight", None),
+    "AfmoeSparseMoeBlock": ("afmoe", {"num_shared_experts": 2, "route_scale": 2.5}, "router.gate.weight",
+                            "shared_experts"),
+    "HYV3MoE": ("hy_v3", {"num_shared_experts": 1, "router_scaling_factor": 2.5}, "gate.weight", "shared_experts"),
+    "LagunaSparseMoeBlock": ("laguna", {"shared_expert_intermediate_size": 10, "moe_routed_scaling_factor": 2.5,
+                                        "moe_router_logit_softcapping": 1.5}, "gate.weight", "shared_experts"),
+    "Step3p7SparseMoeBlock": ("step3p7", {"share_expert_dim": 10, "moe_router_scaling_factor": 2.5}, "gate.weight",
+                              "shared_experts"),
+    "MiniMaxM3VLSparseMoeBlock": ("minimax_m3_vl", {"shared_intermediate_size": 10, "routed_scaling_factor": 2.5,
+                                                    "swiglu_limit": 1.0}, "gate.weight", "shared_experts"),
+    "Lfm2MoeSparseMoeBlock": ("lfm2_moe", {"routed_scaling_factor": 2.5}, "gate.weight", None),
+    "FlintSparseMoeBlock": ("flint", {"shared_expert_intermediate_size": 10}, "gate.weight", "shared_expert"),
+    "LaraMiniSparseMoeBlock": ("lara_mini", {"shared_expert_intermediate_size": 10}, "gate.weight", "shared_expert"),
+    "LongcatFlashMoE": ("longcat_flash", {"zero_expert_num": 0, "routed_scaling_factor": 2.5,
+                                          "expert_ffn_hidden_size": HIDDEN}, "router.classifier.weight", None),
+    "Mistral4MoE": ("mistral4", {**DEEPSEEK, "n_group": 1}, "gate.weight", "shared_experts"),
+    "MistralLarge4TextMoE": ("mistral_large4", {**DEEPSEEK, "n_group": 1}, "gate.weight", "shared_experts"),
+    # "average" (the default) with a shared expert: y = (routed + shared) / 2
+    "Cohere2MoeSparseMoeBlock": ("cohere2_moe", {"num_shared_experts": 1}, "gate.weight", "shared_experts"),
+    "OpenAIPrivacyFilterMLP": ("openai_privacy_filter", {"swiglu_limit": 1.0}, "router.weight", None),
+}
+
+
+def more_block(cls_name: str, **extra):
+    folder = MORE_BLOCKS[cls_name][0]
+    FAMILY_MODULES[cls_name] = folder                    # tiny_block's lookup; FAMILY_MODULES' own test is unchanged
+    try:                                               # 2 attention heads: some configs check hidden_size by them
+        return tiny_block(cls_name, **{"num_attention_heads": 2, "num_key_value_heads": 2,
+                                       **MORE_BLOCKS[cls_name][1], **extra})
+    finally:
+        del FAMILY_MODULES[cls_name]
+
+
+def more_gradients(cls_name: str, block, layer):
+    """(name, the layer's gradient, HF's in the layer's layout) for every HF parameter, from the HF modeling code."""
+    _, _, router_path, shared_attr = MORE_BLOCKS[cls_name]
+    ours = {name: param.grad for name, param in layer.named_parameters()}
+    hf_router = block.get_parameter(router_path)
+    pairs = [("router.weight", ours["router.weight"], hf_router.grad)]
+    experts = block.experts
+    gate_up, down = experts.gate_up_proj.grad, experts.down_proj.grad
+    if cls_name == "OpenAIPrivacyFilterMLP":          # x @ W: [E, d, 2I] = [gate | up], [E, I, d]; biases; router c
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+        bias = experts.gate_up_proj_bias.grad
+        pairs += [("router.logit_bias", ours["router.logit_bias"], block.router.bias.grad),
+                  ("b1", ours["experts.b1"], bias[:, :HIDDEN]), ("b3", ours["experts.b3"], bias[:, HIDDEN:]),
+                  ("b2", ours["experts.b2"], experts.down_proj_bias.grad)]
+    pairs += [("w1", ours["experts.w1"], gate_up[:, :HIDDEN]), ("w3", ours["experts.w3"], gate_up[:, HIDDEN:]),
+              ("w2", ours["experts.w2"], down)]
+    mlp = getattr(block, shared_attr, None) if shared_attr is not None else None     # (Cohere2 without: none)
+    if mlp is not None:
+        if cls_name == "MiniMaxM3VLSparseMoeBlock":      # one gate_up_proj Linear [2I, d] = [gate; up]
+            width = mlp.down_proj.weight.shape[1]
+            gate, up = mlp.gate_up_proj.weight.grad[:width], mlp.gate_up_proj.weight.grad[width:]
+        else:
+            gate, up = mlp.gate_proj.weight.grad, mlp.up_proj.weight.grad
+        pairs += [("shared w1", ours["shared_experts.w1"], gate), ("shared w3", ours["shared_experts.w3"], up),
+                  ("shared w2", ours["shared_experts.w2"], mlp.down_proj.weight.grad)]
+    if getattr(block, "shared_expert_gate", None) is not None:      # Qwen2-style σ(x · g) on the shared output
+        pairs.append(("shared gate", ours["shared_experts.gate"], block.shared_expert_gate.weight.grad[0]))
+    return pairs
+
+
+def check_fused_block(block, layer, x):
+    """check_more_block for the blocks of FAMILY_MODULES (router gate.weight, fused experts, DeepSeek's shared MLP)."""
+    upstream = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x_hf, x_ours = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y_hf, y_ours = block(x_hf), layer(x_ours)
+    assert close(y_ours, y_hf)
+    (y_hf * upstream).sum().backward()
+    (y_ours * upstream).sum().backward()
+    assert close(x_ours.grad, x_hf.grad) and close(layer.router.weight.grad, block.gate.weight.grad)
+    assert close(torch.cat([layer.experts.w1.grad, layer.experts.w3.grad], 1), block.experts.gate_up_proj.grad)
+    assert close(layer.experts.w2.grad, block.experts.down_proj.grad)
+    mlp = getattr(block, "shared_experts", None)
+    if mlp is not None:
+        assert close(layer.shared_experts.w1.grad, mlp.gate_proj.weight.grad)
+        assert close(layer.shared_experts.w3.grad, mlp.up_proj.weight.grad)
+        assert close(layer.shared_experts.w2.grad, mlp.down_proj.weight.grad)
+
+
+def check_more_block(cls_name, block, layer, x):
+    """Output, input gradient and the gradient of every trained HF parameter, for input x (tolerance: REL, as
+    every HF router here computes its logits or weights in float32)."""
+    upstream = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x_hf, x_ours = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y_hf, y_ours = block(x_hf), layer(x_ours)
+    y_hf = y_hf[0] if isinstance(y_hf, tuple) else y_hf                # the privacy filter returns (y, scores)
+    assert y_ours.shape == y_hf.shape and close(y_ours, y_hf)
+    (y_hf * upstream).sum().backward()
+    (y_ours * upstream).sum().backward()
+    assert close(x_ours.grad, x_hf.grad)
+    pairs = more_gradients(cls_name, block, layer)
+    for name, got, want in pairs:
+        assert got is not None, name
+        assert close(got, want) if want is not None else torch.count_nonzero(got) == 0, name
+    hf_count = sum(p.numel() for p in block.parameters() if p.requires_grad)
+    assert sum(got.numel() for _, got, _ in pairs) == hf_count     # every trained HF parameter is compared
+
+
+@pytest.mark.parametrize("cls_name", list(MORE_BLOCKS))
+def test_more_families_block_equals_hf_block(cls_name):
+    """Forward, input and every weight gradient; then to_hf round-trips weights and selection biases."""
+    block = more_block(cls_name)
+    layer = from_hf(block)
+    x = torch.randn(2, 4, D, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    check_more_block(cls_name, block, layer, x)
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.add_(0.1 if param.requires_grad else 0.0)      # Cohere2's frozen σ(x·0) = 1/2 gate stays 0
+        if getattr(layer.router, "bias", None) is not None and layer.router.bias.ne(0).any():
+            layer.router.bias.add_(0.05)                 # a selection bias the block holds travels too
+    other = more_block(cls_name)
+    to_hf(layer, other)
+    again = from_hf(other)
+    for (name, a), (_, b) in zip([*layer.named_parameters(), *layer.named_buffers()],
+                                 [*again.named_parameters(), *again.named_buffers()]):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("cls_name,extra,expected", [
+    ("MixtralSparseMoeBlock", dict(hidden_act="gelu"), dict(expert="geglu")),             # the exact gelu
+    ("Qwen3MoeSparseMoeBlock", dict(hidden_act="gelu", norm_topk_prob=False), dict(expert="geglu", renormalize=False)),
+    ("Glm4MoeMoE", dict(norm_topk_prob=False), dict(router="sigmoid", renormalize=False, route_scale=2.5)),
+    ("Lfm2MoeSparseMoeBlock", {}, dict(router="sigmoid", renormalize=True, renormalize_eps=1e-6, route_scale=2.5)),
+    ("Lfm2MoeSparseMoeBlock", dict(use_expert_bias=False, norm_topk_prob=False), dict(renormalize=False)),
+    ("LagunaSparseMoeBlock", {}, dict(router="sigmoid", logit_softcap=1.5, route_scale=2.5)),
+    ("Cohere2MoeSparseMoeBlock", {}, dict(router="softmax_top_k", route_scale=0.5, shared_expert_gate=True)),
+    ("Cohere2MoeSparseMoeBlock", dict(expert_selection_fn="sigmoid", shared_expert_combination_strategy="sum",
+                                      num_shared_experts=2), dict(router="sigmoid", route_scale=1.0, renormalize=True,
+                                                                  shared_expert_gate=False)),
+    ("Cohere2MoeSparseMoeBlock", dict(expert_selection_fn="sigmoid", norm_topk_prob=False, num_shared_experts=0),
+     dict(router="sigmoid", renormalize=False, num_shared_experts=0)),
+    ("LongcatFlashMoE", {}, dict(selection_bias=True, renormalize=False, route_scale=2.5)),
+    ("SwitchTransformersSparseMLP", dict(dense_act_fn="gelu"), dict(expert="gelu")),
+])
+def test_family_variants_convert_exactly(cls_name, extra, expected):
+    """Settings that used to be refused (gelu experts) or that change the options read: the layer equals the block."""
+    x = torch.randn(2, 5, D, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    if cls_name in MORE_BLOCKS:
+        block = more_block(cls_name, **extra)
+        layer = from_hf(block)
+        check_more_block(cls_name, block, layer, x)
+    elif cls_name in NEW_BLOCKS:
+        block = new_block(cls_name, **extra)
+        layer = from_hf(block)
+        check_block_equal(block, layer, cls_name, x)
+    else:
+        block = tiny_block(cls_name, **extra)
+        layer = from_hf(block)
+        check_fused_block(block, layer, x)
+    readers = {"router": layer.router_name, "expert": layer.experts.kind, "num_shared_experts": layer.num_shared_experts,
+               "shared_expert_gate": layer.shared_experts is not None and layer.shared_experts.gate is not None}
+    for key, value in expected.items():
+        assert (readers[key] if key in readers else getattr(layer.router, key)) == value, key
+    if expected.get("shared_expert_gate") and cls_name == "Cohere2MoeSparseMoeBlock":
+        assert not layer.shared_experts.gate.requires_grad and torch.count_nonzero(layer.shared_experts.gate) == 0
+
+
+@pytest.mark.parametrize("cls_name,extra,message", [
+    ("AXK2MoE", dict(n_group=2, topk_group=1), "n_group=2 fills the excluded groups' scores with 0"),
+    ("Mistral4MoE", dict(n_group=2), "n_group=2 scores each group .* two largest"),
+    ("LongcatFlashMoE", dict(zero_expert_num=2), "zero_expert_num=2 adds experts that return their input"),
+    ("BailingHybridMoE", dict(num_hidden_layers=1, swiglu_limits=[7.0]), "swiglu_limits gives this layer the limit 7.0"),
+    ("Step3p7SparseMoeBlock", dict(num_hidden_layers=1, swiglu_limits_shared=[5.0]), "shared expert: swiglu_limits .* limit 5.0"),
+    ("Cohere2MoeSparseMoeBlock", dict(hidden_act="gelu_pytorch_tanh"), "activation GELUTanh"),
+])
+def test_more_family_settings_that_do_not_convert(cls_name, extra, message):
+    with pytest.raises(UnsupportedFamilyError, match=message):
+        from_hf(more_block(cls_name, **extra))
+
+
+@pytest.mark.parametrize("cls_name", sorted(UNSUPPORTED))
+def test_every_unsupported_family_names_what_is_missing(cls_name):
+    """A block of each listed class (a stand-in of that name: building some needs their whole model) is refused with
+    its family and the reason, before anything is read."""
+    block = type(cls_name, (torch.nn.Module,), {})()
+    family, missing = UNSUPPORTED[cls_name]
+    with pytest.raises(UnsupportedFamilyError, match=f"^{re.escape(f'{family} ({cls_name})')} .*needs "
+                                                     f"{re.escape(missing[:40])}"):
+        from_hf(block)
+
+
+def test_switch_warns_where_training_differs():
+    """In a float32 model with the default float32 router, HF's jitter multiplies the experts' input in place (the
+    output differs from any jitter of the router alone); from_hf says so. A float64 model's router jitters a copy."""
+    same_dtype = new_block("SwitchTransformersSparseMLP", router_jitter_noise=0.1, dropout_rate=0.0).float().train()
+    with pytest.warns(UserWarning, match="in place .*HF's experts see the jittered input"):
+        layer = from_hf(same_dtype)
+    x = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(7))
+    seen = x.clone()
+    same_dtype(seen)
+    assert not torch.equal(seen, x)                          # HF changed the caller's tensor: its experts saw it
+    # Eval mode: exact up to float32 rounding in a different summation order (a few 6e-8 ulps; 1e-5 leaves headroom).
+    assert close(layer.eval()(x), same_dtype.eval()(x), 1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        from_hf(new_block("SwitchTransformersSparseMLP", router_jitter_noise=0.1, dropout_rate=0.0))   # float64
+    with pytest.warns(UserWarning, match="dropout_rate=0.1"):
+        from_hf(new_block("SwitchTransformersSparseMLP", router_jitter_noise=0.0, dropout_rate=0.1))
+
+
+def test_moefy_and_upcycle_on_a_bare_block_refuse():
+    """Issue 29: a bare block (or MLP) is the module to replace, not a model holding one; both refuse and say how."""
+    block = tiny_block("MixtralSparseMoeBlock")
+    with pytest.raises(ValueError, match=re.escape("convert it with from_hf(block)")):
+        moefy(block)
+    assert "" not in dict(block.named_children())          # before the fix: the block itself under the name ""
+    mlp = tiny_dense("llama").model.layers[0].mlp
+    before = sum(p.numel() for p in mlp.parameters())
+    with pytest.raises(ValueError, match="the MLP itself"):
+        upcycle(mlp, num_experts=2, top_k=1)
+    assert sum(p.numel() for p in mlp.parameters()) == before
 
 
 # ----------------------------------------------------------------------------------------------------
