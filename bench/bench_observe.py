@@ -7,7 +7,8 @@ Two copies of the default model (same seed, same batches) train in one process, 
 turn, the order swapped every step, so the machine's load falls on both alike: one with
 ``tensorboard = false``, one with ``tensorboard = true`` at the default ``tensorboard_interval``. Each
 step is timed from its start to the end of ``observer.end_step`` (the logging included). Printed: the
-mean and median step time of each, and on ÷ off (target: ≤ 1.02).
+mean and median step time of each, on ÷ off (target: ≤ 1.02), and the time spent in ``end_step`` alone (the
+logging's own cost, which the noise of a busy machine cannot hide).
 
 "Off" runs what the loop runs with nothing to observe: a few comparisons per step and the named ranges
 (profiling.py), which only ask whether a profiler records. Their cost is printed too: the ranges one
@@ -43,7 +44,8 @@ class Run:
         self.model = build_model(self.cfg, self.dataset.vocab_size)
         self.optimizer = configure_optimizer(self.model, self.cfg)
         self.observer = Observer(self.cfg, self.rt, start_step=0)
-        self.seconds: list[float] = []
+        self.seconds: list[float] = []                             # whole steps
+        self.logging: list[float] = []                             # observer.end_step alone
 
     def step(self, step: int) -> None:
         start = time.perf_counter()
@@ -51,7 +53,9 @@ class Run:
         batch = get_batch(self.dataset, self.cfg, "train", step)
         record = train_step(self.model, self.optimizer, batch, self.cfg, step, self.rt)
         record["tokens_per_sec"] = self.cfg.batch_size * self.cfg.seq_len / (time.perf_counter() - start)
+        logged = time.perf_counter()
         self.observer.end_step(record)
+        self.logging.append(time.perf_counter() - logged)
         self.seconds.append(time.perf_counter() - start)
 
 
@@ -100,6 +104,9 @@ def main() -> None:
         means[name] = statistics.fmean(timed)
         print(f"logging {name:>3}: mean {means[name] * 1e3:7.2f} ms/step, median {statistics.median(timed) * 1e3:7.2f} ms")
     print(f"on ÷ off = {means['on'] / means['off']:.4f} (target <= 1.02)")
+    logging = statistics.fmean(on.logging[args.warmup:])
+    print(f"observer.end_step alone, logging on: {logging * 1e3:.3f} ms per step on average, "
+          f"{logging / means['off']:.3%} of a step")
     print(f"named ranges with no profiler: {ranges} per step × {idle * 1e6:.3f} µs = "
           f"{ranges * idle * 1e6:.1f} µs, {ranges * idle / means['off']:.4%} of a step")
 
