@@ -57,7 +57,7 @@ from .backends import set_cpu_threads
 from .checkpoint import MANIFEST, CheckpointError, ModelMismatch, exclusive_out_dir, read_manifest, write_failure
 from .config import ConfigError, TrainConfig, format_config, parse_args, to_toml
 from .data import batch_rng, get_dataset
-from .distributed.engines import launch_rank, launch_world_size, resolve_engine
+from .distributed.engines import launch_rank, launch_world_size, resolve_engine, signal_status_note
 from .distributed.layout import layout_sizes
 from .model import MoETransformer, build_model
 from .observe import Observer
@@ -542,7 +542,7 @@ def _run(cfg: TrainConfig, stop_at: int | None, rt: Runtime) -> dict:
                 save_run(cfg, model, optimizer, scaler, done, history, run_id, rt)
             if interrupted:
                 log(rt, cfg, f"interrupted: checkpoint of step {done} saved in {cfg.out_dir}; "
-                             f"continue with --resume")
+                             f"continue with --resume{signal_status_note()}")
                 break
         step = len(history["train"])                                   # completed steps
     bar.close()

@@ -5,10 +5,11 @@
 
 Same methods as ``fastmoe_edu.runtime.Runtime``; what they do here, in the order of a run:
 
-1. construction — install the abort-on-failure hook, check the configuration against the
-   world size with plain arithmetic (tp × ep × dp = world, num_experts and batch_size divisible),
-   and only then open the engine's world and the layout's communicators. A bad launch raises the
-   same clear error on every rank before any collective.
+1. construction — install the abort-on-failure hook and the launcher watch, check the configuration
+   against the world size with plain arithmetic (tp × ep × dp = world, num_experts and batch_size
+   divisible), and only then open the engine's world and the layout's communicators, within
+   ``collective_timeout_s`` (failure.py). A bad launch raises the same clear error on every rank
+   before any collective.
 2. :meth:`shard_model` — :func:`parallelize` (local experts, tp slices, replicated weights broadcast);
    ``data_rank`` tells the loop which batch shard (and random stream) is this rank's. With
    ``gradient_partitioning`` also the backward hooks that post the replicated gradients' all-reduce
@@ -24,7 +25,7 @@ from torch import nn
 from ..runtime import Runtime
 from .engines import launch_world_size, open_world
 from .expert_parallel import expert_parameters
-from .failure import abort_on_exception
+from .failure import abort_on_exception, end_if_launcher_dies, start_up_deadline
 from .gradient_partitioning import GradientPieces
 from .gradients import allreduce_expert_gradients, allreduce_gradients, clip_grad_norm_
 from .hierarchical import check_ranks_per_node
@@ -41,6 +42,7 @@ class ParallelRuntime(Runtime):
 
     def __init__(self, cfg, engine: str):
         abort_on_exception(engine)                    # one rank's error ends the whole job
+        end_if_launcher_dies()                        # a killed torchrun leaves no worker training alone
         world_size = launch_world_size()                              # from the launcher: no communication
         tp, ep, dp = layout_sizes(cfg, world_size)
         experts_per_rank(cfg.num_experts, ep, world_size)
@@ -48,8 +50,9 @@ class ParallelRuntime(Runtime):
         if cfg.ranks_per_node is not None:
             check_ranks_per_node(cfg.ranks_per_node, ep)
         self.cfg = cfg
-        world = open_world(engine, cfg.device, cfg.collective_timeout_s)
-        self.layout = ParallelLayout(world, tp=tp, ep=ep, dp=dp)
+        with start_up_deadline(cfg.collective_timeout_s, f"opening the {engine} engine's world and communicators"):
+            world = open_world(engine, cfg.device, cfg.collective_timeout_s)
+            self.layout = ParallelLayout(world, tp=tp, ep=ep, dp=dp)
         self.rank, self.world_size, self.data_rank = world.rank, world.size, self.layout.data_rank
 
     # -- the model ------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from __future__ import annotations
 import atexit
 import os
 import socket
+import sys
 import zlib
 from datetime import timedelta
 from typing import NamedTuple
@@ -148,6 +149,11 @@ def torch_world(device_type: str = "cpu", timeout_s: float = 300) -> TorchCommun
     """
     timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized():
+        if "TORCHELASTIC_RUN_ID" not in os.environ:          # env:// by hand, or left over: say whom it waits for
+            found = " ".join(f"{key}={os.environ.get(key)}" for key in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"))
+            print(f"torch.distributed: not started by torchrun; joining the job the environment names ({found}), "
+                  f"waiting at most {timeout_s:g} s (collective_timeout_s) for its other ranks. To train in one "
+                  f"process unset WORLD_SIZE RANK MASTER_ADDR MASTER_PORT", file=sys.stderr, flush=True)
         backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timeout)
         atexit.register(_shut_down)              # tear gloo's threads down before the interpreter does
