@@ -856,6 +856,64 @@ def test_moefy_new_families_keep_logits_loss_aux_loss_and_gradients(cls_name):
             assert close(got, want) if want is not None else torch.count_nonzero(got) == 0, name
 
 
+#: HF block class -> (model folder, config class, causal-LM class, config options): the whole-model checks of
+#: the families added for issue 26 (a selection-bias sigmoid router; Cohere2's halved shared expert; a soft-cap
+#: with a block-held scale and a shared MLP).
+MORE_MODELS = {"MiniMaxM2SparseMoeBlock": ("minimax_m2", "MiniMaxM2Config", "MiniMaxM2ForCausalLM", {}),
+               "Cohere2MoeSparseMoeBlock": ("cohere2_moe", "Cohere2MoeConfig", "Cohere2MoeForCausalLM",
+                                            {"num_shared_experts": 1}),
+               "LagunaSparseMoeBlock": ("laguna", "LagunaConfig", "LagunaForCausalLM",
+                                        {"shared_expert_intermediate_size": 10, "moe_routed_scaling_factor": 2.5,
+                                         "moe_router_logit_softcapping": 1.5})}
+
+
+def tiny_more_model(cls_name: str):
+    folder, config_name, model_name, extra = MORE_MODELS[cls_name]
+    modeling = importlib.import_module(f"transformers.models.{folder}.modeling_{folder}")
+    common = dict(vocab_size=48, hidden_size=D, intermediate_size=HIDDEN, moe_intermediate_size=HIDDEN,
+                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=E,
+                  num_local_experts=E, num_experts_per_tok=K, output_router_logits=True, router_aux_loss_coef=0.05,
+                  bos_token_id=None, eos_token_id=None, pad_token_id=None, attn_implementation="eager",
+                  experts_implementation="eager")
+    torch.manual_seed(0)
+    model = getattr(modeling, model_name)(_config(folder, config_name, **{**common, **extra})).double()
+    with torch.no_grad():                      # weights large enough that the routing is far from uniform
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if name.endswith(("e_score_correction_bias", "expert_bias")):
+                tensor.normal_(0.0, 0.05)
+            elif tensor.dim() >= 2 and "embed" not in name:
+                tensor.normal_(0.0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("cls_name", list(MORE_MODELS))
+def test_moefy_more_families_keep_logits_loss_and_gradients(cls_name):
+    """Whole tiny models: logits, loss (with HF's balance loss where the family has one) and every gradient."""
+    original, swapped = tiny_more_model(cls_name), tiny_more_model(cls_name)
+    ids = torch.randint(0, 48, (2, 7), generator=torch.Generator().manual_seed(3))
+    swapped(ids[:, :3])                                          # HF's recording hooks now installed
+    moefy(swapped, backend="reference")
+    hf_blocks = [m for m in original.modules() if type(m).__name__ == cls_name]
+    ours = [m for m in swapped.modules() if isinstance(m, HFMoEBlock)]
+    assert len(ours) == len(hf_blocks) >= 1
+    out_hf = original(ids, labels=ids, output_router_logits=True)
+    out_ours = swapped(ids, labels=ids, output_router_logits=True)
+    assert close(out_ours.logits, out_hf.logits) and close(out_ours.loss, out_hf.loss)
+    assert (out_hf.aux_loss is None) == (cls_name == "Cohere2MoeSparseMoeBlock")     # Cohere2's model has none
+    if out_hf.aux_loss is not None:
+        assert close(out_ours.aux_loss, out_hf.aux_loss)
+    out_hf.loss.backward()
+    out_ours.loss.backward()
+    hf_params = dict(original.named_parameters())
+    for name, param in swapped.named_parameters():
+        if ".moe." not in name:                                  # attention, norms, embeddings: same names
+            want = hf_params[name].grad
+            assert (want is None and param.grad is None) or close(param.grad, want), name
+    for hf_block, block in zip(hf_blocks, ours):
+        for name, got, want in more_gradients(cls_name, hf_block, block.moe):
+            assert close(got, want) if want is not None else torch.count_nonzero(got) == 0, name
+
+
 def test_moefy_refuses_models_it_cannot_swap():
     with pytest.raises(ValueError, match="no Hugging Face MoE block"):
         moefy(torch.nn.Sequential(torch.nn.Linear(2, 2)))
