@@ -44,8 +44,8 @@ from .tensor_parallel import copy_to_tensor_region, reduce_from_tensor_region
 HIDDEN_DIM = {"w1": 1, "w3": 1, "w2": 2, "b1": 1, "b3": 1}
 
 
-def shard_experts(experts: Experts, tp_rank: int, tp_size: int) -> None:
-    """Keep hidden units ``[tp_rank·h/tp, (tp_rank+1)·h/tp)`` of every expert (in place)."""
+def check_shardable(experts: Experts, tp_size: int) -> int:
+    """The hidden units each tp rank keeps; ValueError, before anything changes, if the experts cannot be split."""
     if experts.b2 is not None:
         raise ValueError("tensor-parallel experts cannot have biases: the output bias b2 would be added once "
                          "per tp rank; build the layer with bias=False or set expert_tensor_parallel=false")
@@ -53,7 +53,12 @@ def shard_experts(experts: Experts, tp_rank: int, tp_size: int) -> None:
     if hidden % tp_size:
         raise ValueError(f"d_hidden={hidden} is not divisible by tp={tp_size}: tensor-parallel experts split "
                          f"the hidden units evenly; choose tp among the divisors of {hidden}")
-    width = hidden // tp_size
+    return hidden // tp_size
+
+
+def shard_experts(experts: Experts, tp_rank: int, tp_size: int) -> None:
+    """Keep hidden units ``[tp_rank·h/tp, (tp_rank+1)·h/tp)`` of every expert (in place)."""
+    width = check_shardable(experts, tp_size)
     for name, dim in HIDDEN_DIM.items():
         weight = getattr(experts, name)
         if weight is not None:

@@ -27,7 +27,7 @@ from ..backends import get_backend
 from ..layer import MoELayer
 from .communicator import EXCHANGE_METHODS
 from .expert_parallel import DROP_POINTS, ExpertParallel, SumOverRanks, keep_local_experts
-from .expert_tensor_parallel import shard_experts
+from .expert_tensor_parallel import check_shardable, shard_experts
 from .shadowing import check_shadow_experts, measure_rates
 from .gradients import broadcast_parameters
 from .hierarchical import check_ranks_per_node
@@ -81,6 +81,8 @@ def parallelize(model: nn.Module, layout: ParallelLayout, exchange: str = "auto"
         layout.check_num_experts(layer.num_experts)
         if isinstance(layer.expert_runner, ExpertParallel):
             raise ValueError(f"{layer} is already expert-parallel")
+        if expert_tensor_parallel and layout.tp_size > 1:
+            check_shardable(layer.experts, layout.tp_size)
     make_tensor_parallel(model, layout)
     method = "hierarchical" if ranks_per_node is not None else ("alltoallv" if exchange == "auto" else exchange)
     shadow_rates = {}                                                        # expert kind -> measured rates
