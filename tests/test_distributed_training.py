@@ -43,9 +43,9 @@ def test_train_command_under_mpirun(tmp_path):
     assert "token exchange alltoallv" in out and "host memory" in out
     assert out.count("done: step 3") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "checkpoint.json", "config.toml", "history.json", "step-00000003", "tensorboard"]
+        "checkpoint.json", "config.toml", "history.json", "run.lock", "step-00000003", "tensorboard"]
     assert sorted(p.name for p in (tmp_path / "step-00000003").iterdir()) == [
-        "ckpt.pt", "experts-rank00000.pt", "experts-rank00001.pt"]
+        "ckpt.pt", "experts-rank00000.pt", "experts-rank00001.pt", "fastmoe_edu-checkpoint"]
     history = json.loads((tmp_path / "history.json").read_text())
     assert [record["step"] for record in history["train"]] == [1, 2, 3]
     assert sum(history["train"][0]["tokens_per_expert"][0]) == 4 * 16 * 2   # whole global batch, k = 2
