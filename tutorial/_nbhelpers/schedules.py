@@ -118,7 +118,7 @@ def draw_timeline(ax, bars: list[Bar], degree: int, title: str, t_max: float | N
         ax.broken_barh(spans, (row - 0.4, 0.8), facecolors=facecolours, edgecolor="black", linewidth=0.4, hatch=hatch)
     width = (t_max or makespan(bars)) * 1e3 * 1.02
     for piece, (length, bar) in longest.items():
-        if length * 1e3 > 0.04 * width:           # only where the name fits
+        if len(longest) > 1 and length * 1e3 > 0.04 * width:     # several pieces, and only where the name fits
             ax.text((bar.start + bar.end) / 2 * 1e3, LANES.index(bar.lane), f"piece {piece + 1}", ha="center",
                     va="center", fontsize=8, color="black",
                     bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))
