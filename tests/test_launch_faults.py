@@ -43,17 +43,27 @@ def wait_until(condition, seconds: float) -> bool:
     return True
 
 
-def live_processes(group: int) -> list[int]:
-    """The processes of a process group that have not ended (zombies do not count), from /proc."""
-    alive = []
+def children(parent: int) -> list[int]:
+    """The running processes whose parent is ``parent`` (torchrun starts each worker in its own session)."""
+    return [pid for pid, (_, ppid) in _processes().items() if ppid == parent]
+
+
+def running(pids: list[int]) -> list[int]:
+    """Those of ``pids`` that have not ended (zombies do not count)."""
+    table = _processes()
+    return [pid for pid in pids if pid in table and table[pid][0] != "Z"]
+
+
+def _processes() -> dict[int, tuple[str, int]]:
+    """pid -> (state, parent pid) of every process, from /proc."""
+    table = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
         except OSError:                                   # ended while we looked
             continue
-        if int(pgrp) == group and state != "Z":
-            alive.append(int(stat.parent.name))
-    return alive
+        table[int(stat.parent.name)] = (state, int(ppid))
+    return table
 
 
 @pytest.mark.mpi
@@ -87,18 +97,22 @@ def test_a_killed_torchrun_leaves_no_worker_training(tmp_path):
     ends at once, says why, and the checkpoint on disk is the one of the moment of the kill."""
     out_dir, stderr = tmp_path / "run", tmp_path / "stderr"
     with open(stderr, "w") as err:
-        job = subprocess.Popen(command("torch", 2, TRAIN + tiny(out_dir, "--max_steps=100000")), start_new_session=True,
+        job = subprocess.Popen(command("torch", 2, TRAIN + tiny(out_dir, "--max_steps=100000")),
                                stdout=subprocess.DEVNULL, stderr=err)
+    workers = []
     try:
-        assert wait_until(lambda: (out_dir / MANIFEST).exists(), 120), stderr.read_text()[-3000:]
-        job.kill()                                       # the launcher only; the group is the launcher's
+        assert wait_until(lambda: (out_dir / MANIFEST).exists() and len(children(job.pid)) == 2, 120), \
+            stderr.read_text()[-3000:]
+        workers = children(job.pid)
+        job.kill()                                       # the launcher only
         job.wait()
         step_at_the_kill = read_manifest(out_dir)["step"]
-        assert wait_until(lambda: not live_processes(job.pid), 15), "the workers are still running"
+        assert wait_until(lambda: not running(workers), 15), "the workers are still running"
         assert read_manifest(out_dir)["step"] == step_at_the_kill
         assert stderr.read_text().count(f"the launcher that started this rank (pid {job.pid}) is gone") == 2
     finally:
-        for pid in live_processes(job.pid):
+        job.kill()
+        for pid in running(workers):
             os.kill(pid, signal.SIGKILL)
 
 
