@@ -732,8 +732,9 @@ def redraw_cost(gpus=256, bandwidth_GBps=50.0, experts_per_gpu=2, network="clust
     for i, cm in enumerate(comm):
         share = cm / (cm + here["compute"])
         ax.text(i, (here["compute"] + cm) * 1e3, f"{share:.0%} comm.", ha="center", va="bottom")
-    ax.set(ylabel="ms per step", title=f"P = {gpus}: compute vs communication")
-    ax.legend(fontsize=8)
+    ax.set(ylabel="ms per step", title=f"P = {gpus}: compute vs communication",
+           ylim=(0, 1.3 * (here["compute"] + max(comm)) * 1e3))            # room for the labels and the legend
+    ax.legend(fontsize=8, loc="upper center", ncol=2, frameon=False)
     plt.tight_layout()
     plt.show() if show else plt.close(fig)
     return {"gpus": GPU_COUNTS, "compute": compute, "flat": flat, "hier": hier, "crossover": crossover,
@@ -988,7 +989,7 @@ ted_results = ted["results"]
 names = list(ted_results)
 base = ted_results["baseline"]
 
-fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+fig, axes = plt.subplots(1, 3, figsize=(14, 4.6))
 kinds = sorted({kind for r in ted_results.values() for kind in r["bytes_per_step"]})
 bottom = np.zeros(len(names))
 for kind in kinds:
@@ -999,7 +1000,7 @@ for i, n in enumerate(names):                             # each row's total, ag
     axes[0].text(bottom[i], i, f" {bottom[i] / bottom[names.index('baseline')]:.1f}×", va="center", fontsize=8)
 axes[0].set_xlim(0, bottom.max() * 1.15)
 axes[0].set(xlabel="kB sent per step by rank 0", title="traffic by kind (total: × the baseline's)")
-axes[0].legend(fontsize=7)
+axes[0].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.45, -0.2), ncol=2, frameon=False)
 axes[0].invert_yaxis()
 axes[1].barh(names, [ted_results[n]["expert_elements"] / 1e3 for n in names], color="tab:green")
 axes[1].set(xlabel="expert weights on rank 0 (thousand elements)", title="expert memory")
