@@ -98,10 +98,7 @@ def start_up_deadline(timeout_s: float, what: str):
     the deadline the helper prints the line and kills this rank (SIGKILL: ``MPI_Init`` heeds nothing
     else), which makes the launcher end the job.
     """
-    message = (f"[rank {launch_rank()}/{launch_world_size()}] start-up did not complete within {timeout_s:g} s "
-               f"(collective_timeout_s): {what} still waits for a rank that never joined (it stalled or died "
-               f"before start-up; see its output). Ending the job; if start-up is merely slow, raise "
-               f"collective_timeout_s\n")
+    message = f"[rank {launch_rank()}/{launch_world_size()}] {start_up_timeout(timeout_s, what)}\n"
     helper = subprocess.Popen([sys.executable, "-I", "-S", "-c", _DEADLINE_HELPER, str(os.getpid()), str(timeout_s),
                                message], stdin=subprocess.PIPE)
     try:
@@ -109,6 +106,13 @@ def start_up_deadline(timeout_s: float, what: str):
     finally:
         helper.stdin.close()
         helper.wait()
+
+
+def start_up_timeout(timeout_s: float, what: str) -> str:
+    """The line of a start-up past its deadline (the deadline's helper's, or an engine's own timeout's)."""
+    return (f"start-up did not complete within {timeout_s:g} s (collective_timeout_s): {what} still waits for a "
+            f"rank that never joined (it stalled or died before start-up; see its output). Ending the job; if "
+            f"start-up is merely slow, raise collective_timeout_s")
 
 
 # The start-up deadline's helper: ARGV = the rank's pid, the seconds, the message. Its stdin is the pipe.

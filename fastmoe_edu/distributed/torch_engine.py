@@ -37,7 +37,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from .communicator import Communicator
+from .communicator import CollectiveTimeout, Communicator
+from .failure import start_up_timeout
 from .stats import CommunicationStats
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
@@ -155,7 +156,12 @@ def torch_world(device_type: str = "cpu", timeout_s: float = 300) -> TorchCommun
                   f"waiting at most {timeout_s:g} s (collective_timeout_s) for its other ranks. To train in one "
                   f"process unset WORLD_SIZE RANK MASTER_ADDR MASTER_PORT", file=sys.stderr, flush=True)
         backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timeout)
+        try:
+            dist.init_process_group(backend, timeout=timeout)
+        except dist.DistStoreError as error:          # its own wait for the ranks, bounded by the same timeout
+            if "time" not in str(error).lower():
+                raise
+            raise CollectiveTimeout(start_up_timeout(timeout_s, "opening the torch engine's world")) from error
         atexit.register(_shut_down)              # tear gloo's threads down before the interpreter does
     on_node = int(os.environ.get("LOCAL_WORLD_SIZE", 0))             # set by torchrun
     if not on_node:                                                  # started another way: compare hosts
