@@ -22,7 +22,7 @@ import importlib
 
 import torch
 
-from .interface import HasThreadPool, missing_members
+from .interface import Backend, HasThreadPool, missing_members
 
 #: Backend name -> its module in this folder. Adding a backend = one new module + one line here.
 REGISTRY = {"reference": "reference", "numba": "numba_backend"}
@@ -68,7 +68,7 @@ def _auto(device: torch.device):
     raise RuntimeError(f"backend='auto': none of {', '.join(AUTO_PREFERENCE)} can run on device {device}")
 
 
-def get_backend(name: str, device: torch.device | str = "cpu"):
+def get_backend(name: str, device: torch.device | str = "cpu") -> Backend:
     """The backend module called ``name`` for tensors on ``device`` (raises if it cannot run there)."""
     check_backend_name(name)
     device = torch.device(device)

@@ -41,8 +41,8 @@ import numba
 import torch
 
 from fastmoe_edu import dispatch as reference_dispatch
-from fastmoe_edu import routers as reference_routers
-from fastmoe_edu.routers import min_score_sum
+from fastmoe_edu import routing as reference_routers
+from fastmoe_edu.routing import min_score_sum
 
 from . import grouped_gemm_torch, numba_cpu
 from .second_order import create_graph_requested, linear_input, reference_vjp

@@ -5,7 +5,9 @@ model.py, train.py); the optimized kernels in ``fastmoe_edu.backends`` (the repo
 ``backends/`` folder); the MPI expert parallelism in ``fastmoe_edu.distributed``.
 """
 from .layer import MoELayer, RoutingRecord
+from .options import LayerOptions
 from .routers import ROUTERS
+from .soft_moe import SoftMoELayer    # registers router="soft_moe" with MoELayer
 
-__all__ = ["MoELayer", "RoutingRecord", "ROUTERS"]
+__all__ = ["MoELayer", "SoftMoELayer", "LayerOptions", "RoutingRecord", "ROUTERS"]
 __version__ = "0.1.0"

@@ -17,7 +17,9 @@ command line, is an error that lists the allowed keys; ``validate()`` checks eve
 before any work starts, so a typo fails in a second instead of after a long run.
 
 To add a setting, add a field with ``_field(default, section, help, ...)``:
-parsing, ``--help``, TOML loading and range checks all follow from the declaration.
+parsing, ``--help``, TOML loading and range checks all follow from the declaration. The MoE layer's
+options are not repeated here: TrainConfig is a ``LayerOptions`` (options.py), so every layer option is
+a key, with its default, help and check declared once there.
 """
 from __future__ import annotations
 
@@ -27,25 +29,24 @@ import math
 import sys
 import tomllib
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from .backends import BACKEND_NAMES
 from .data import DATASETS
 from .distributed.engines import DEFAULT_TIMEOUT_S, ENGINES
 from .distributed.expert_parallel import DROP_POINTS
 from .distributed.parallelize import EXCHANGES, pipelining
 from .distributed.pipeline import AUTO
-from .experts import EXPERT_KINDS
 from .observe import parse_profile_steps
+from .options import SOFT_MOE, LayerOptions, option as _field
 from .precision import DTYPES, MASTER_WEIGHTS
-from .routers import ROUTERS, router_options as accepted_router_options
-from .soft_moe import NOT_CAUSAL as SOFT_MOE_NOT_CAUSAL, SOFT_MOE
+from .routers import ROUTERS, check_option_names, router_options as accepted_router_options
+from .soft_moe import NOT_CAUSAL as SOFT_MOE_NOT_CAUSAL
 
 CONFIG_DIR = Path(__file__).with_name("configs")   # the packaged TOML files
 
 # Allowed values of the choice-type settings are those of the modules that implement them:
-# ROUTERS, EXPERT_KINDS, BACKEND_NAMES, EXCHANGES, ENGINES, DATASETS.
+# EXCHANGES, ENGINES, DATASETS here; the layer options' in options.py.
 SECTIONS = ("data", "model", "backend", "parallel", "optimization", "eval", "checkpoint", "sample", "system")
 
 
@@ -60,19 +61,11 @@ DEGREE = typing.Union[int, typing.Literal["auto"]]
 MAX_PIPELINE_DEGREE = 64
 
 
-def _field(default, section: str, help: str, *, choices=None, minimum=None, above=None, maximum=None):
-    """A dataclass field carrying its documentation and range: ``minimum`` and ``maximum`` are inclusive,
-    ``above`` strict."""
-    meta = {"section": section, "help": help, "choices": choices, "minimum": minimum, "above": above,
-            "maximum": maximum}
-    if isinstance(default, dict):
-        return field(default_factory=lambda: dict(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
 @dataclass
-class TrainConfig:
-    """All settings of one training run (see the module docstring for how they are resolved)."""
+class TrainConfig(LayerOptions):
+    """All settings of one training run (see the module docstring for how they are resolved): the MoE layers'
+    options (inherited from LayerOptions: d_model, num_experts, top_k, router, ..., backend, router_options)
+    and the fields below."""
 
     # --- data ---------------------------------------------------------------------------------
     dataset: str = _field("languages", "data", "dataset name: 'languages' (synthetic mixture) or 'stdlib' "
@@ -84,38 +77,13 @@ class TrainConfig:
     # --- model --------------------------------------------------------------------------------
     n_layer: int = _field(2, "model", "number of transformer blocks", minimum=1)
     n_head: int = _field(4, "model", "attention heads per block (must divide d_model)", minimum=1)
-    d_model: int = _field(64, "model", "width of the residual stream", minimum=1)
-    d_hidden: int = _field(128, "model", "hidden width of each expert (and of dense MLPs)", minimum=1)
-    num_experts: int = _field(8, "model", "experts per MoE layer (a multiple of the expert-parallel degree ep; "
-                              "8 runs on 1, 2, 4 or 8 ranks)", minimum=1)
-    top_k: int = _field(2, "model", "experts each token is sent to (switch needs 1, gshard 2)", minimum=1)
-    router: str = _field("softmax_top_k", "model", "routing algorithm of every MoE layer (MoELayer's soft_moe is "
-                         "refused: it is not causal)", choices=tuple(ROUTERS))
-    expert: str = _field("swiglu", "model", "expert feed-forward kind", choices=tuple(EXPERT_KINDS))
-    capacity_factor: typing.Optional[float] = _field(
-        None, "model", "expert capacity = factor * tokens * top_k / num_experts; "
-        "assignments past it are dropped. none = no limit (dropless)", above=0.0)
     moe_every: int = _field(1, "model", "every n-th block has an MoE feed-forward, the others a dense MLP "
                             "(1 = all blocks are MoE)", minimum=1)
     tie_weights: bool = _field(True, "model", "share the token embedding matrix with the output head")
-    num_shared_experts: int = _field(0, "model", "always-on experts every token runs besides its top_k routed ones "
-                                     "(DeepSeekMoE / DeepSeek-V2/V3; 0 = none)", minimum=0)
-    shared_d_hidden: typing.Optional[int] = _field(None, "model", "hidden width of one shared expert; none = d_hidden",
-                                                   minimum=1)
-    shared_expert_gate: bool = _field(False, "model", "scale the shared experts' output by sigmoid(x . g), g learned "
-                                      "(Qwen2-MoE)")
     activation_checkpointing: bool = _field(False, "model", "keep only each block's input in the forward pass "
                                             "and recompute the block in the backward (less memory, about one "
                                             "more forward of compute); under parallelism the recomputation "
                                             "replays the block's messages instead of sending them again")
-    router_options: dict = _field({}, "model", "extra keyword arguments of the router, e.g. "
-                                  "balance_loss_weight, z_loss_weight (TOML table [router_options], "
-                                  "CLI --router_options.NAME=VALUE)")
-
-    # --- backend ------------------------------------------------------------------------------
-    backend: str = _field("reference", "backend", "MoE dispatch/expert implementation: reference (plain "
-                          "PyTorch), numba (numba kernels: CPU target, or numba.cuda for CUDA tensors) or auto "
-                          "(the first of the backends' preference list that runs here)", choices=BACKEND_NAMES)
 
     # --- parallel (only under mpirun or torchrun; docs/parallelism.md) ---------------------------
     engine: str = _field("auto", "parallel", "communication engine: mpi (mpirun), torch (torchrun: gloo on CPU, "
@@ -258,15 +226,10 @@ class TrainConfig:
         if not self.out_dir.strip():
             raise ConfigError(f"out_dir={self.out_dir!r} is empty; name the directory for this run's checkpoints "
                               f"(out_dir=. for the current directory)")
+        self._check_layer_options()
         # Relations between fields.
         if self.d_model % self.n_head:
             raise ConfigError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
-        if self.top_k > self.num_experts:
-            raise ConfigError(f"top_k={self.top_k} is out of range; it must be <= num_experts={self.num_experts}")
-        required_k = ROUTERS[self.router].required_top_k      # switch: 1, gshard: 2
-        if required_k is not None and self.top_k != required_k:
-            raise ConfigError(f"router={self.router!r} routes each token to exactly {required_k} expert(s): "
-                              f"top_k must be {required_k}, got {self.top_k}")
         if self.n_head % self.tp:
             raise ConfigError(f"tp={self.tp} must divide n_head={self.n_head} (each tensor-parallel rank computes "
                               f"whole heads); choose tp among the divisors of {self.n_head}")
@@ -279,9 +242,6 @@ class TrainConfig:
         if self.expert_tensor_parallel and self.d_hidden % self.tp:
             raise ConfigError(f"expert_tensor_parallel with tp={self.tp}: d_hidden={self.d_hidden} must be divisible "
                               f"by tp (each tp rank holds d_hidden / tp hidden units of every expert)")
-        if self.num_shared_experts == 0 and (self.shared_d_hidden is not None or self.shared_expert_gate):
-            raise ConfigError("shared_d_hidden and shared_expert_gate apply to shared experts: set num_shared_experts "
-                              ">= 1, or leave them at their defaults")
         pipelined = pipelining(self.pipeline_degree, self.backward_pipeline_degree)   # "" = not pipelined
         if self.shadow_experts != 0 and self.expert_tensor_parallel:
             raise ConfigError(f"shadow_experts={self.shadow_experts!r} broadcasts whole experts: it does not combine "
@@ -305,16 +265,20 @@ class TrainConfig:
         if not (self.device == "cpu" or self.device == "cuda" or
                 (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             raise ConfigError(f"device={self.device!r} is not allowed; allowed values: cpu, cuda, cuda:N")
-        allowed_options = accepted_router_options(self.router)
-        for key, value in self.router_options.items():
-            if key not in allowed_options:
-                raise ConfigError(f"router_options.{key} is not an option of router={self.router!r}; "
-                                  f"allowed: {', '.join(sorted(allowed_options))}")
-            if not isinstance(value, (bool, int, float, str)):
-                raise ConfigError(f"router_options.{key}={value!r} must be a number, bool or string")
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"router_options.{key}={value!r} is not a finite number")
         return self
+
+    def _check_layer_options(self) -> None:
+        """The MoE layers' options, by LayerOptions.check (the router's own by its class), as ConfigErrors."""
+        try:
+            check_option_names(self.router, self.router_options, prefix="router_options.")
+            for key, value in self.router_options.items():
+                if not isinstance(value, (bool, int, float, str)):
+                    raise ConfigError(f"router_options.{key}={value!r} must be a number, bool or string")
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ConfigError(f"router_options.{key}={value!r} is not a finite number")
+            LayerOptions.of(self).check()
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -423,7 +387,9 @@ def _parse_literal(text: str):
 # --------------------------------------------------------------------------------------------------
 
 def field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(TrainConfig)]
+    """Every key, section by section."""
+    fields = dataclasses.fields(TrainConfig)
+    return [f.name for section in SECTIONS for f in fields if f.metadata["section"] == section]
 
 
 def _unknown_key(key: str, source: str) -> ConfigError:

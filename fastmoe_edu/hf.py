@@ -75,6 +75,8 @@ import torch
 from torch import nn
 
 from .layer import MoELayer
+from .options import LayerOptions
+from .routers import router_options as router_defaults
 
 # ----------------------------------------------------------------------------------------------------
 # The registry of MoE block families
@@ -822,45 +824,19 @@ def from_hf(block: nn.Module, backend: str = "reference", balance_loss_weight: f
     return layer
 
 
-#: The MoELayer options that are not router options, and how to read each back from a layer.
-_LAYER_READERS = {
-    "d_model": lambda layer: layer.d_model,
-    "d_hidden": lambda layer: layer.experts.d_hidden,
-    "num_experts": lambda layer: layer.num_experts,
-    "top_k": lambda layer: layer.top_k,
-    "router": lambda layer: layer.router_name,
-    "expert": lambda layer: layer.experts.kind,
-    "bias": lambda layer: layer.experts.b1 is not None,
-    "swiglu_alpha": lambda layer: getattr(layer.experts, "swiglu_alpha", None),
-    "swiglu_limit": lambda layer: getattr(layer.experts, "swiglu_limit", None),
-    "num_shared_experts": lambda layer: layer.num_shared_experts,
-    "shared_d_hidden": lambda layer: (None if layer.shared_experts is None
-                                      else layer.shared_experts.width // layer.num_shared_experts),
-    "shared_expert_gate": lambda layer: layer.shared_experts is not None and layer.shared_experts.gate is not None,
-    "capacity_factor": lambda layer: getattr(layer.router, "capacity_factor", None),
-    "expert_capacity": lambda layer: getattr(layer.router, "expert_capacity", None),
-    "capacity_per": lambda layer: getattr(layer, "capacity_per", "batch"),
-    "capacity_priority": lambda layer: getattr(layer.router, "capacity_priority", "order"),
-    "renormalize_after_dropping": lambda layer: getattr(layer.router, "renormalize_after_dropping", False),
-    "expert_dropout": lambda layer: getattr(layer, "expert_dropout", 0.0),
-    "router_bias": lambda layer: getattr(layer.router, "logit_bias", None) is not None,
-    "logit_softcap": lambda layer: getattr(layer.router, "logit_softcap", None),
-    "output_bias": lambda layer: layer.output_bias is not None,
-    "weights_on": lambda layer: getattr(layer, "weights_on", "output"),
-}
-
-
 def to_hf(layer: MoELayer, block: nn.Module) -> nn.Module:
     """Copy ``layer``'s weights into the HF ``block`` (in place, returns it); the options must already agree."""
     view = _read_block(block)
     what = f"{view.family.name} ({type(block).__name__})"
-    same_router = layer.router_name == view.options["router"]
+    mine, theirs = layer.options.resolved(), LayerOptions.from_keywords(**view.options).resolved()
+    same_router = mine.router == theirs.router
+    my_router_options = {**router_defaults(mine.router), **mine.router_options} if same_router else {}
     problems = []
     for key, want in view.options.items():
-        if key in _LAYER_READERS:
-            got = _LAYER_READERS[key](layer)
+        if hasattr(theirs, key) and key != "router_options":
+            got, want = getattr(mine, key), getattr(theirs, key)
         elif same_router:                                   # a router option: compare it on the same router only
-            got = getattr(layer.router, key, None)
+            got = my_router_options.get(key)
         else:
             continue
         if got != want:

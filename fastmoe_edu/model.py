@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -33,30 +33,20 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from fastmoe_edu import MoELayer
+from fastmoe_edu.options import SOFT_MOE, LayerOptions
 from fastmoe_edu.precision import at_least_float32
-from fastmoe_edu.soft_moe import NOT_CAUSAL as SOFT_MOE_NOT_CAUSAL, SOFT_MOE
+from fastmoe_edu.soft_moe import NOT_CAUSAL as SOFT_MOE_NOT_CAUSAL
 
 
-@dataclass
-class ModelConfig:
+@dataclass(kw_only=True)
+class ModelConfig(LayerOptions):
+    """The model's shape, and (inherited) every option of its MoE layers (options.LayerOptions)."""
     vocab_size: int
     seq_len: int                       # the longest context the position embedding covers
     n_layer: int = 2
     n_head: int = 4
-    d_model: int = 64
-    d_hidden: int = 128                # hidden width of each expert and of the dense MLPs
-    num_experts: int = 4
-    top_k: int = 2
-    router: str = "softmax_top_k"
-    expert: str = "swiglu"
-    capacity_factor: float | None = None
-    backend: str = "reference"
     moe_every: int = 1                 # block i is MoE when (i + 1) % moe_every == 0
     tie_weights: bool = True           # the LM head reuses the token embedding matrix
-    router_options: dict = field(default_factory=dict)
-    num_shared_experts: int = 0        # always-on experts besides the routed ones (DeepSeekMoE)
-    shared_d_hidden: int | None = None
-    shared_expert_gate: bool = False   # Qwen2-MoE's sigmoid gate on the shared output
     activation_checkpointing: bool = False   # keep only each block's input; recompute the block in backward
 
 
@@ -140,11 +130,7 @@ class Block(nn.Module):
         self.ln_ffn = nn.LayerNorm(cfg.d_model)
         if moe:
             # Each token is routed to top_k of num_experts feed-forward networks (see layer.py).
-            self.ffn = MoELayer(cfg.d_model, cfg.d_hidden, cfg.num_experts, top_k=cfg.top_k,
-                                router=cfg.router, expert=cfg.expert, capacity_factor=cfg.capacity_factor,
-                                backend=cfg.backend, num_shared_experts=cfg.num_shared_experts,
-                                shared_d_hidden=cfg.shared_d_hidden, shared_expert_gate=cfg.shared_expert_gate,
-                                **cfg.router_options)
+            self.ffn = MoELayer(options=LayerOptions.of(cfg))
         else:
             self.ffn = DenseMLP(cfg.d_model, cfg.d_hidden, cfg.n_layer)
 

@@ -20,8 +20,10 @@ run it; routers only say what C is: ``C = ceil(cf · k · T / E)`` (Switch: k = 
 Notation: ``logits = x Wᵀ`` [T, E], ``p = softmax(logits)`` over experts, ``f_e`` = fraction of
 assignments sent to expert e, ``P_e`` = mean of p[:, e] over tokens.
 
-The two hot routing functions, :func:`softmax_top_k_route` and :func:`sigmoid_top_k_route`, are plain
-functions so a backend can swap in a fused kernel with the same name and signature.
+A router computes the logits and hands them to its backend's routing function (``routing.py``:
+``softmax_top_k_route``, ``sigmoid_top_k_route``; a backend has a fused kernel of the same name and
+signature): the backend is an argument, ``router(x, reduce, backend)``, the reference by default. Each
+router class checks its own options (``check_options``) before one is built (``build_router``).
 """
 from __future__ import annotations
 
@@ -33,98 +35,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import routing
 # Switch Transformer: route in at least float32 (a bfloat16 softmax is too coarse to rank experts).
 from .precision import at_least_float32
-
-
-# ----------------------------------------------------------------------------------------------------
-# The two fused routing functions (scores -> top-k -> weights). backends/ mirrors these names.
-# ----------------------------------------------------------------------------------------------------
-def softmax_top_k_route(logits: torch.Tensor, top_k: int, renormalize: bool, num_groups: int | None = None,
-                        top_k_groups: int | None = None,
-                        bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """p = softmax(logits); ids = top-k of p; weights = p[ids] (divided by their sum if renormalize).
-
-    Renormalized, this equals FastMoE's naive gate (softmax over the k largest logits) and Mixtral.
-    With groups (DeepSeek-V2's group-limited greedy routing, "device-limited" in the paper): the experts
-    are split into ``num_groups`` equal consecutive groups, each group is scored by its largest p, and
-    only experts of the best ``top_k_groups`` groups may be selected. The weights stay p[ids], p the
-    softmax over *all* E experts.
-
-    With a selection ``bias`` b [E] (ERNIE-4.5-MoE's correction bias) the experts are ranked by p + b
-    (and groups by their largest p + b); b only selects: the weights are still p[ids], with no
-    gradient into b.
-    """
-    probs = torch.softmax(at_least_float32(logits), dim=-1)                       # p_e = e^{l_e} / Σ_j e^{l_j}
-    if num_groups is None and bias is None:
-        weights, expert_ids = torch.topk(probs, top_k, dim=-1)
-    else:
-        selection = probs if bias is None else probs + bias.detach().to(probs.dtype)   # rank by p + b
-        if num_groups is not None:
-            group_score = selection.unflatten(1, (num_groups, -1)).amax(dim=-1)                # max_g (p + b)
-            selection = _mask_outside_best_groups(selection, group_score, top_k_groups)
-        expert_ids = selection.topk(top_k, dim=-1).indices
-        weights = probs.gather(1, expert_ids)                                      # w = p[ids], p over all E
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)                      # w_s = p_s / Σ_{s'} p_{s'}
-    return expert_ids, weights
-
-
-def sigmoid_top_k_route(
-    logits: torch.Tensor,
-    bias: torch.Tensor,
-    top_k: int,
-    route_scale: float,
-    num_groups: int | None,
-    top_k_groups: int | None,
-    renormalize: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek-V3: s = sigmoid(logits); select top-k of (s + b); weights = s_sel / Σ s_sel · scale.
-
-    The bias b only *selects*; it never enters the weights, so it needs no gradient. With groups, the
-    experts are split into ``num_groups`` equal groups, each group is scored by the sum of its two
-    largest (s + b), and only experts of the best ``top_k_groups`` groups may be selected. Without
-    ``renormalize`` (DeepSeek-V3's norm_topk_prob=False) the weights are s_sel · scale.
-    """
-    logits = at_least_float32(logits)
-    scores = torch.sigmoid(logits)                                                 # s = σ(logits)
-    selection = scores + bias                                                      # s + b
-    if num_groups is not None:
-        grouped = selection.unflatten(1, (num_groups, -1))                                 # [T, G, E / G]
-        group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)   # [T, G]
-        selection = _mask_outside_best_groups(selection, group_score, top_k_groups)
-    expert_ids = selection.topk(top_k, dim=-1).indices
-    chosen = scores.gather(1, expert_ids)
-    if not renormalize:
-        return expert_ids, chosen * route_scale                                    # w = s · scale
-    total = chosen.sum(dim=-1, keepdim=True)
-    # Far below 0, σ underflows (float32: to 0 below l ≈ −104), so s / Σ s is 0/0, and even before that its
-    # gradient's 1 / Σ s overflows. Where Σ s < min_score_sum, every chosen s is so small that σ(l) = e^l
-    # to far below float precision, so s / Σ s = softmax of the chosen logits: the same number, never 0/0.
-    # Everywhere else the plain ratio is kept, so ordinary logits give the same bits as without the guard.
-    far_below_zero = total < min_score_sum(total.dtype)
-    plain = chosen / torch.where(far_below_zero, 1.0, total)      # 1 where unused: keeps its gradient finite
-    underflow_free = torch.softmax(logits.gather(1, expert_ids), dim=-1)
-    weights = torch.where(far_below_zero, underflow_free, plain) * route_scale     # w = s / Σ s · scale
-    return expert_ids, weights
-
-
-def _mask_outside_best_groups(selection: torch.Tensor, group_score: torch.Tensor, top_k_groups: int) -> torch.Tensor:
-    """selection [T, E] with −∞ for the experts outside each token's ``top_k_groups`` best-scored groups
-    (group_score [T, G]: the scores of the G equal consecutive groups of experts)."""
-    best_groups = group_score.topk(top_k_groups, dim=-1).indices
-    group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best_groups, True)
-    allowed = group_mask.repeat_interleave(selection.shape[1] // group_score.shape[1], dim=1)   # [T, E]
-    return selection.masked_fill(~allowed, float("-inf"))
-
-
-def min_score_sum(dtype: torch.dtype) -> float:
-    """The smallest Σ s that sigmoid_top_k_route divides by: √(smallest normal float), 1e-19 in float32.
-
-    Below it each chosen σ(l) = e^l / (1 + e^l) is e^l up to a factor 1 − O(1e-19), far below float
-    precision; above it 1 / Σ s (in the gradient) is at most ~1e19, far from overflowing."""
-    return torch.finfo(dtype).tiny ** 0.5
-
+from .routing import min_score_sum
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -216,10 +130,67 @@ class Router(nn.Module):
         # c: a learned logit bias (trained by gradients), not the sigmoid router's selection-only ``bias``.
         self.logit_bias = nn.Parameter(torch.zeros(num_experts)) if router_bias else None
         self.logit_softcap = logit_softcap
-        self.backend = None   # set by MoELayer: supplies softmax_top_k_route / sigmoid_top_k_route
+
+    # -- the options' checks (build_router calls check_options before building) ----------------------
+    @classmethod
+    def check_options(cls, name: str, num_experts: int, top_k: int, capacity_factor: float | None,
+                      options: dict) -> None:
+        """Refuse an option router ``name`` does not take, or a bad value: every router's options here,
+        the subclass's own in ``check_own``, then whether capacity drops anything to reorder or renormalize."""
+        check_option_names(name, options)
+        if cls.required_top_k is not None and top_k != cls.required_top_k:
+            raise ValueError(f"router={name!r} routes each token to exactly {cls.required_top_k} expert(s); "
+                             f"got top_k={top_k} (top_k must be {cls.required_top_k})")
+        o = {**router_options(name), **options}
+        _check_number(o, "balance_loss_weight", minimum=0)
+        _check_number(o, "z_loss_weight", minimum=0)
+        if o["logit_softcap"] is not None:
+            _check_number(o, "logit_softcap", above=0, note=" (logits ← cap·tanh(logits/cap)), or None for no capping")
+        _check_bool(o, "router_bias")
+        capacity = o["expert_capacity"]
+        if capacity is not None:
+            if not (isinstance(capacity, int) and not isinstance(capacity, bool) and capacity >= 1):
+                raise ValueError(f"expert_capacity={capacity!r} must be an integer >= 1 (assignments per expert), "
+                                 f"or None")
+            if capacity_factor is not None:
+                raise ValueError(f"capacity_factor={capacity_factor!r} and expert_capacity={capacity!r}: set one of "
+                                 f"them (C = ceil(cf·k·T/E), or C = expert_capacity), not both")
+        if o["capacity_priority"] not in CAPACITY_PRIORITIES:
+            raise ValueError(f"capacity_priority={o['capacity_priority']!r} is not known; allowed: "
+                             f"{', '.join(CAPACITY_PRIORITIES)}")
+        _check_bool(o, "renormalize_after_dropping")
+        cls.check_own(name, num_experts, top_k, o)
+        has_capacity = capacity_factor is not None or capacity is not None
+        if o["capacity_priority"] != "order" and not has_capacity:
+            raise ValueError(f"capacity_priority={o['capacity_priority']!r} orders the tokens that compete for "
+                             f"capacity, but there is none: set capacity_factor or expert_capacity (without either "
+                             f"the layer is dropless)")
+        if o["renormalize_after_dropping"]:
+            shaped = [f"{key}={o[key]!r}" for key, off in _RENORMALIZE_OFF if o.get(key, off) != off]
+            if not o.get("renormalize", True) or shaped:
+                what = ", ".join(shaped) if o.get("renormalize", True) else "renormalize=False"
+                raise ValueError(f"renormalize_after_dropping=True rescales a token's kept weights to the sum of its "
+                                 f"k weights, a renormalization only for weights divided by their plain sum; "
+                                 f"router={name!r} with {what} has other weights: set renormalize=True (and "
+                                 f"renormalize_p=1, renormalize_min=0, renormalize_eps=0), or leave "
+                                 f"renormalize_after_dropping=False")
+            if not has_capacity and not cls.drops_without_capacity(o):
+                raise ValueError(f"renormalize_after_dropping=True renormalizes over the assignments capacity kept, "
+                                 f"but router={name!r} without capacity_factor or expert_capacity drops none: set "
+                                 f"one of them (or leave renormalize_after_dropping=False)")
+
+    @classmethod
+    def check_own(cls, name: str, num_experts: int, top_k: int, options: dict) -> None:
+        """The checks of a subclass's own options (``options``: every option, defaults filled in)."""
+
+    @classmethod
+    def drops_without_capacity(cls, options: dict) -> bool:
+        """Whether the router itself drops assignments (GShard's random routing), with no capacity set."""
+        return False
 
     # -- what a subclass provides ------------------------------------------------------------------
-    def route(self, x: torch.Tensor) -> RouterOutput:
+    def route(self, x: torch.Tensor, backend=routing) -> RouterOutput:
+        """Route x [T, d_model] with ``backend``'s routing functions (routing.py's by default)."""
         raise NotImplementedError
 
     def balance_loss(self, out: RouterOutput, reduce=local_sum) -> torch.Tensor:
@@ -229,14 +200,14 @@ class Router(nn.Module):
                                   f"that needs no balancing loss")
 
     # -- shared ------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, reduce=local_sum) -> tuple[RouterOutput, torch.Tensor]:
+    def forward(self, x: torch.Tensor, reduce=local_sum, backend=routing) -> tuple[RouterOutput, torch.Tensor]:
         """Route x [T, d_model]; returns the routing and the weighted aux loss (balance + z) of the whole batch."""
         # Under mixed precision (autocast, precision.py) routing still runs in float32 with autocast
         # off, like the float32 master weights: ranking experts compares nearly equal scores, which
         # bfloat16 would reorder.
         autocasting = torch.is_autocast_enabled(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
-            out = self.route(x.float() if autocasting else x)
+            out = self.route(x.float() if autocasting else x, backend)
             aux_loss = self.balance_loss_weight * self.balance_loss(out, reduce)
             if self.z_loss_weight:
                 aux_loss = aux_loss + self.z_loss_weight * router_z_loss(out.logits, reduce)
@@ -287,13 +258,6 @@ class Router(nn.Module):
     def update_bias(self, load: torch.Tensor | None = None, reduce=local_sum) -> None:
         """Loss-free balancing hook (sigmoid router). Other routers have no bias: nothing to do."""
 
-    def _softmax_top_k(self, logits, top_k, renormalize, num_groups=None, top_k_groups=None, bias=None):
-        route = self.backend.softmax_top_k_route if self.backend is not None else softmax_top_k_route
-        if bias is not None:
-            return route(logits, top_k, renormalize, num_groups, top_k_groups, bias)
-        if num_groups is None:
-            return route(logits, top_k, renormalize)
-        return route(logits, top_k, renormalize, num_groups, top_k_groups)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -319,6 +283,21 @@ class SoftmaxTopKRouter(Router):
     copies ERNIE's e_score_correction_bias into it (nothing here updates it).
     """
 
+    @classmethod
+    def check_own(cls, name, num_experts, top_k, options):
+        _check_bool(options, "renormalize", "selection_bias")
+        _check_number(options, "route_scale", above=0)
+        _check_groups(options, num_experts, top_k)
+        _check_number(options, "renormalize_p", above=0, note=" (the q of the ‖·‖_q the top-k weights are divided "
+                                                               "by; 1 = their sum)")
+        _check_number(options, "renormalize_min", minimum=0, note=" (0: off)")
+        _check_number(options, "renormalize_eps", minimum=0, note=" (0: off)")
+        changed = [f"{key}={options[key]!r}" for key, off in _RENORMALIZE_OFF if options[key] != off]
+        if changed and not options["renormalize"]:
+            raise ValueError(f"{', '.join(changed)} shape the renormalization, but renormalize=False: set "
+                             f"renormalize=True or leave them at their defaults (renormalize_p=1, renormalize_min=0, "
+                             f"renormalize_eps=0)")
+
     def __init__(self, *args, renormalize: bool = True, route_scale: float = 1.0, num_groups: int | None = None,
                  top_k_groups: int | None = None, renormalize_p: float = 1.0, renormalize_min: float = 0.0,
                  renormalize_eps: float = 0.0, selection_bias: bool = False, **kwargs):
@@ -332,13 +311,13 @@ class SoftmaxTopKRouter(Router):
         else:
             self.bias = None
 
-    def route(self, x):
+    def route(self, x, backend=routing):
         logits = self.logits(x)
         # The backend's fused function renormalizes by the plain sum; any other normalizer is applied here,
         # on the plain p[ids] it returns (autograd differentiates it the same way for every backend).
         plain_sum = self.renormalize_p == 1.0 and self.renormalize_min == 0.0 and self.renormalize_eps == 0.0
-        expert_ids, weights = self._softmax_top_k(logits, self.top_k, self.renormalize and plain_sum,
-                                                  self.num_groups, self.top_k_groups, self.bias)
+        expert_ids, weights = backend.softmax_top_k_route(logits, self.top_k, self.renormalize and plain_sum,
+                                                          self.num_groups, self.top_k_groups, self.bias)
         if self.renormalize and not plain_sum:
             if self.renormalize_p == 1.0:
                 norm = weights.sum(dim=-1, keepdim=True)                           # n = Σ_s p_s
@@ -368,12 +347,16 @@ class NoisyTopKRouter(Router):
     if e is among the top k, the k-th largest otherwise.
     """
 
+    @classmethod
+    def check_own(cls, name, num_experts, top_k, options):
+        _check_number(options, "noise_epsilon", minimum=0)
+
     def __init__(self, *args, noise_epsilon: float = 1e-2, **kwargs):
         super().__init__(*args, **kwargs)
         self.noise_epsilon = noise_epsilon
         self.noise_weight = nn.Parameter(torch.zeros(self.num_experts, self.d_model))   # W_noise
 
-    def route(self, x):
+    def route(self, x, backend=routing):
         clean = at_least_float32(self.logits(x))
         draws = {}
         if self.training:
@@ -417,18 +400,27 @@ class SwitchRouter(Router):
     """
     required_top_k = 1
 
+    @classmethod
+    def check_own(cls, name, num_experts, top_k, options):
+        _check_number(options, "jitter_epsilon", minimum=0)
+        if options["jitter_epsilon"] >= 1:
+            raise ValueError(f"jitter_epsilon={options['jitter_epsilon']!r} must be in [0, 1)")
+        if options["renormalize_after_dropping"]:
+            raise ValueError("renormalize_after_dropping=True: router='switch' weighs its one expert by w = p, not a "
+                             "renormalized weight, and a token with k = 1 keeps all or nothing: nothing to renormalize")
+
     def __init__(self, *args, jitter_epsilon: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.jitter_epsilon = jitter_epsilon
 
-    def route(self, x):
+    def route(self, x, backend=routing):
         draws = {}
         if self.training and self.jitter_epsilon > 0:
             jitter = torch.empty_like(x).uniform_(1 - self.jitter_epsilon, 1 + self.jitter_epsilon)
             draws["jitter"] = jitter
             x = x * jitter
         logits = self.logits(x)
-        expert_ids, weights = self._softmax_top_k(logits, 1, renormalize=False)
+        expert_ids, weights = backend.softmax_top_k_route(logits, 1, False)
         probs = torch.softmax(at_least_float32(logits), dim=-1)
         return RouterOutput(expert_ids, weights, self.capacity(x.shape[0]), logits, probs, draws)
 
@@ -446,13 +438,17 @@ class GShardRouter(Router):
     """
     required_top_k = 2
 
+    @classmethod
+    def drops_without_capacity(cls, options):
+        return options["random_routing"]                                           # the second choice, at random
+
     def __init__(self, *args, random_routing: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.random_routing = random_routing
 
-    def route(self, x):
+    def route(self, x, backend=routing):
         logits = self.logits(x)
-        expert_ids, weights = self._softmax_top_k(logits, 2, renormalize=True)      # (e1, e2), (g1, g2)
+        expert_ids, weights = backend.softmax_top_k_route(logits, 2, True)          # (e1, e2), (g1, g2)
         draws = {}
         if self.training and self.random_routing:
             uniform = torch.rand(x.shape[0], device=x.device, dtype=weights.dtype)
@@ -475,7 +471,15 @@ class ExpertChoiceRouter(Router):
     Balanced by construction: no balance loss, no further capacity pruning.
     """
 
-    def route(self, x):
+    @classmethod
+    def check_own(cls, name, num_experts, top_k, options):
+        token_choice = [f"{key}={options[key]!r}" for key, off in (("expert_capacity", None),
+                        ("capacity_priority", "order"), ("renormalize_after_dropping", False)) if options[key] != off]
+        if token_choice:
+            raise ValueError(f"{', '.join(token_choice)}: router='expert_choice' has no token-choice capacity to "
+                             f"prune (each expert picks its ceil(cf·T/E) tokens itself); it takes capacity_factor only")
+
+    def route(self, x, backend=routing):
         logits = self.logits(x)
         probs = torch.softmax(at_least_float32(logits), dim=-1)                   # p over experts
         num_tokens = x.shape[0]
@@ -500,6 +504,14 @@ class SigmoidRouter(Router):
     ``renormalize_eps=ε`` (as the softmax router's) normalizes by Σ s + ε instead of Σ s (LFM2-MoE: 1e-6).
     """
 
+    @classmethod
+    def check_own(cls, name, num_experts, top_k, options):
+        _check_bool(options, "renormalize")
+        _check_number(options, "bias_update_rate", minimum=0)
+        _check_number(options, "route_scale", above=0)
+        _check_number(options, "renormalize_eps", minimum=0, note=" (0: off)")
+        _check_groups(options, num_experts, top_k)
+
     def __init__(self, *args, bias_update_rate: float = 1e-3, route_scale: float = 1.0,
                  num_groups: int | None = None, top_k_groups: int | None = None, renormalize: bool = True,
                  renormalize_eps: float = 0.0, **kwargs):
@@ -510,9 +522,9 @@ class SigmoidRouter(Router):
         self.register_buffer("bias", torch.zeros(self.num_experts))                # b: not a Parameter
         self.last_load: torch.Tensor | None = None
 
-    def route(self, x):
+    def route(self, x, backend=routing):
         logits = self.logits(x)
-        route = self.backend.sigmoid_top_k_route if self.backend is not None else sigmoid_top_k_route
+        route = backend.sigmoid_top_k_route
         if self.renormalize and not self.renormalize_eps:
             expert_ids, weights = route(logits, self.bias, self.top_k, self.route_scale,
                                         self.num_groups, self.top_k_groups)
@@ -552,6 +564,13 @@ class XMoERouter(Router):
     the projection P; any low-dimensional embedding the paper learns is reachable this way.
     """
 
+    @classmethod
+    def check_own(cls, name, num_experts, top_k, options):
+        _check_bool(options, "renormalize")
+        _check_number(options, "temperature", above=0)
+        if not (isinstance(options["routing_dim"], int) and options["routing_dim"] >= 1):
+            raise ValueError(f"routing_dim={options['routing_dim']!r} must be an integer >= 1")
+
     def __init__(self, *args, routing_dim: int = 16, temperature: float = 0.07, renormalize: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.projection = nn.Linear(self.d_model, routing_dim, bias=False)          # P
@@ -563,9 +582,9 @@ class XMoERouter(Router):
         experts = F.normalize(self.projection(self.weight), dim=-1)                # P w / ‖P w‖
         return tokens @ experts.t() / self.temperature.clamp(min=1e-2)              # cos / τ
 
-    def route(self, x):
+    def route(self, x, backend=routing):
         logits = self.logits(x)
-        expert_ids, weights = self._softmax_top_k(logits, self.top_k, self.renormalize)
+        expert_ids, weights = backend.softmax_top_k_route(logits, self.top_k, self.renormalize)
         probs = torch.softmax(at_least_float32(logits), dim=-1)
         return RouterOutput(expert_ids, weights, self.capacity(x.shape[0]), logits, probs)
 
@@ -603,119 +622,53 @@ def router_options(name: str) -> dict[str, object]:
 
 def build_router(name: str, d_model: int, num_experts: int, top_k: int,
                  capacity_factor: float | None, **options) -> Router:
-    """Look a router up by name and check every argument before anything is built."""
+    """Look a router up by name; its class checks every argument before anything is built."""
     if name not in ROUTERS:
         raise ValueError(f"router={name!r} is not a known router; allowed: {', '.join(ROUTERS)}")
-    cls = ROUTERS[name]
-    if cls.required_top_k is not None and top_k != cls.required_top_k:
-        raise ValueError(f"router={name!r} routes each token to exactly {cls.required_top_k} expert(s); "
-                         f"got top_k={top_k}, pass top_k={cls.required_top_k}")
+    ROUTERS[name].check_options(name, num_experts, top_k, capacity_factor, options)
+    return ROUTERS[name](d_model, num_experts, top_k, capacity_factor, **options)
+
+
+def check_option_names(name: str, keys, prefix: str = "") -> None:
+    """Refuse a key that is not an option of router ``name`` (``prefix``: how the caller spells the key)."""
     allowed = router_options(name)
-    for key in options:
+    for key in keys:
         if key not in allowed:
-            raise ValueError(f"unknown option {key!r} for router={name!r}; allowed: {', '.join(sorted(allowed))}")
-    _check_options(name, num_experts, top_k, options)
-    _check_dropping_options(name, capacity_factor, options)
-    return cls(d_model, num_experts, top_k, capacity_factor, **options)
+            raise ValueError(f"unknown option {prefix + key if prefix else repr(key)} for router={name!r}; "
+                             f"allowed: {', '.join(sorted(allowed))}")
 
 
 #: The options that shape SoftmaxTopKRouter's renormalization, each with the value that switches it off.
 _RENORMALIZE_OFF = (("renormalize_p", 1.0), ("renormalize_min", 0.0), ("renormalize_eps", 0.0))
 
 
-def _finite_number(value) -> bool:
-    """A real number that is neither nan (which every comparison lets through) nor ±inf."""
-    return isinstance(value, (int, float)) and math.isfinite(value)
+def _check_number(options: dict, key: str, above: float | None = None, minimum: float | None = None,
+                  note: str = "") -> None:
+    """options[key] is a real number (not a bool, nan or ±inf) > ``above`` or >= ``minimum``."""
+    value = options[key]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not (ok and (value > above if above is not None else value >= minimum)):
+        bound = f"> {above:g}" if above is not None else f">= {minimum:g}"
+        raise ValueError(f"{key}={value!r} must be a finite number {bound}{note}")
 
 
-def _check_options(name: str, num_experts: int, top_k: int, options: dict) -> None:
-    for key in ("balance_loss_weight", "z_loss_weight", "bias_update_rate", "noise_epsilon", "jitter_epsilon"):
-        if key in options and not (_finite_number(options[key]) and options[key] >= 0):
-            raise ValueError(f"{key}={options[key]!r} must be a finite number >= 0")
-    if "jitter_epsilon" in options and options["jitter_epsilon"] >= 1:
-        raise ValueError(f"jitter_epsilon={options['jitter_epsilon']!r} must be in [0, 1)")
-    for key in ("temperature", "route_scale"):
-        if key in options and not (_finite_number(options[key]) and options[key] > 0):
-            raise ValueError(f"{key}={options[key]!r} must be a finite number > 0")
-    cap = options.get("logit_softcap")
-    if cap is not None and not (_finite_number(cap) and not isinstance(cap, bool) and cap > 0):
-        raise ValueError(f"logit_softcap={cap!r} must be a finite number > 0 (logits ← cap·tanh(logits/cap)), "
-                         f"or None for no capping")
-    for key in ("router_bias", "renormalize", "selection_bias"):
-        if key in options and not isinstance(options[key], bool):
+def _check_bool(options: dict, *keys: str) -> None:
+    for key in keys:
+        if not isinstance(options[key], bool):
             raise ValueError(f"{key}={options[key]!r} must be True or False")
-    norm_p = options.get("renormalize_p", 1.0)
-    if not (_finite_number(norm_p) and not isinstance(norm_p, bool) and norm_p > 0):
-        raise ValueError(f"renormalize_p={norm_p!r} must be a finite number > 0 (the q of the ‖·‖_q the top-k "
-                         f"weights are divided by; 1 = their sum)")
-    for key in ("renormalize_min", "renormalize_eps"):
-        value = options.get(key, 0.0)
-        if not (_finite_number(value) and not isinstance(value, bool) and value >= 0):
-            raise ValueError(f"{key}={value!r} must be a finite number >= 0 (0: off)")
-    changed = [f"{key}={options[key]!r}" for key, off in _RENORMALIZE_OFF if options.get(key, off) != off]
-    if changed and options.get("renormalize", True) is False:
-        raise ValueError(f"{', '.join(changed)} shape the renormalization, but renormalize=False: set "
-                         f"renormalize=True or leave them at their defaults (renormalize_p=1, renormalize_min=0, "
-                         f"renormalize_eps=0)")
-    capacity = options.get("expert_capacity")
-    if capacity is not None:
-        if not (isinstance(capacity, int) and not isinstance(capacity, bool) and capacity >= 1):
-            raise ValueError(f"expert_capacity={capacity!r} must be an integer >= 1 (assignments per expert), or None")
-        if name == "expert_choice":
-            raise ValueError(f"expert_capacity={capacity!r}: router='expert_choice' picks ceil(cf·T/E) tokens per "
-                             f"expert by itself; it takes capacity_factor only")
-    if "routing_dim" in options and not (isinstance(options["routing_dim"], int) and options["routing_dim"] >= 1):
-        raise ValueError(f"routing_dim={options['routing_dim']!r} must be an integer >= 1")
-    groups, top_k_groups = options.get("num_groups"), options.get("top_k_groups")
+
+
+def _check_groups(options: dict, num_experts: int, top_k: int) -> None:
+    """Group-limited routing (DeepSeek-V2/V3): num_groups equal groups, top_k_groups of them searched."""
+    groups, top_k_groups = options["num_groups"], options["top_k_groups"]
     if (groups is None) != (top_k_groups is None):
         raise ValueError(f"num_groups={groups!r} and top_k_groups={top_k_groups!r}: set both or neither")
-    if groups is not None:
-        if not (isinstance(groups, int) and groups >= 1 and num_experts % groups == 0):
-            raise ValueError(f"num_groups={groups!r} must be a positive divisor of num_experts={num_experts}")
-        if not (isinstance(top_k_groups, int) and 1 <= top_k_groups <= groups):
-            raise ValueError(f"top_k_groups={top_k_groups!r} must be an integer in [1, num_groups={groups}]")
-        if top_k_groups * (num_experts // groups) < top_k:
-            raise ValueError(f"top_k_groups={top_k_groups} groups of {num_experts // groups} experts hold fewer "
-                             f"than top_k={top_k} experts")
-
-
-def _check_dropping_options(name: str, capacity_factor: float | None, options: dict) -> None:
-    """capacity_priority and renormalize_after_dropping: known values, and only where something is dropped."""
-    priority = options.get("capacity_priority", "order")
-    after = options.get("renormalize_after_dropping", False)
-    if priority not in CAPACITY_PRIORITIES:
-        raise ValueError(f"capacity_priority={priority!r} is not known; allowed: {', '.join(CAPACITY_PRIORITIES)}")
-    if not isinstance(after, bool):
-        raise ValueError(f"renormalize_after_dropping={after!r} must be True or False")
-    if priority == "order" and not after:
+    if groups is None:
         return
-    set_options = ", ".join(f"{key}={value!r}" for key, value, off in (("capacity_priority", priority, "order"),
-                                                                      ("renormalize_after_dropping", after, False))
-                            if value != off)
-    if name == "expert_choice":
-        raise ValueError(f"{set_options}: router='expert_choice' has no token-choice capacity to prune (each expert "
-                         f"picks its ceil(cf·T/E) tokens itself); leave capacity_priority='order' and "
-                         f"renormalize_after_dropping=False")
-    has_capacity = capacity_factor is not None or options.get("expert_capacity") is not None
-    if priority != "order" and not has_capacity:
-        raise ValueError(f"capacity_priority={priority!r} orders the tokens that compete for capacity, but there is "
-                         f"none: set capacity_factor or expert_capacity (without either the layer is dropless)")
-    if not after:
-        return
-    if name == "switch":
-        raise ValueError("renormalize_after_dropping=True: router='switch' weighs its one expert by w = p, not a "
-                         "renormalized weight, and a token with k = 1 keeps all or nothing: nothing to renormalize")
-    defaults = router_options(name)
-    renormalize = options.get("renormalize", defaults.get("renormalize", True))
-    shaped = [f"{key}={options[key]!r}" for key, off in _RENORMALIZE_OFF if options.get(key, off) != off]
-    if not renormalize or shaped:
-        what = "renormalize=False" if not renormalize else ", ".join(shaped)
-        raise ValueError(f"renormalize_after_dropping=True rescales a token's kept weights to the sum of its k "
-                         f"weights, a renormalization only for weights divided by their plain sum; router={name!r} "
-                         f"with {what} has other weights: set renormalize=True (and renormalize_p=1, "
-                         f"renormalize_min=0, renormalize_eps=0), or leave renormalize_after_dropping=False")
-    random_routing = name == "gshard" and options.get("random_routing", True)
-    if not has_capacity and not random_routing:
-        raise ValueError(f"renormalize_after_dropping=True renormalizes over the assignments capacity kept, but "
-                         f"router={name!r} without capacity_factor or expert_capacity drops none: set one of them "
-                         f"(or leave renormalize_after_dropping=False)")
+    if not (isinstance(groups, int) and groups >= 1 and num_experts % groups == 0):
+        raise ValueError(f"num_groups={groups!r} must be a positive divisor of num_experts={num_experts}")
+    if not (isinstance(top_k_groups, int) and 1 <= top_k_groups <= groups):
+        raise ValueError(f"top_k_groups={top_k_groups!r} must be an integer in [1, num_groups={groups}]")
+    if top_k_groups * (num_experts // groups) < top_k:
+        raise ValueError(f"top_k_groups={top_k_groups} groups of {num_experts // groups} experts hold fewer "
+                         f"than top_k={top_k} experts")

@@ -1,6 +1,7 @@
 """Soft MoE (Puigcerver et al. 2023, "From Sparse to Soft Mixtures of Experts", arXiv 2308.00951).
 
-    layer = MoELayer(d_model, d_hidden, num_experts, router="soft_moe", slots_per_expert=p)
+    layer = SoftMoELayer(d_model, d_hidden, num_experts, slots_per_expert=p)
+    layer = MoELayer(d_model, d_hidden, num_experts, router="soft_moe", slots_per_expert=p)   # the same
 
 A sparse router sends each token to k experts. Soft MoE sends no token anywhere: every expert has p
 *slots*, and each slot's input is a weighted average of *all* tokens of a group (one sequence). For
@@ -27,6 +28,10 @@ What follows for the layer:
 * a group is one sequence: a token's output depends on every token of its sequence, later ones
   included. Soft MoE is therefore **not causal** and the language model refuses it (NOT_CAUSAL);
 * a group with no tokens still has its slots: zero rows (an empty sum), whose outputs nobody combines.
+
+SoftMoELayer is an MoELayer (the same options, experts, shared experts, output bias and seams) with its
+own router and forward; the options of the top-k path (top_k, capacity, expert_dropout, ...) stay at
+their defaults (LayerOptions.check).
 """
 from __future__ import annotations
 
@@ -36,10 +41,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .backends import get_backend
+from .layer import MoELayer, RoutingRecord
+from .options import SOFT_MOE, LayerOptions
 from .precision import at_least_float32
 
-SOFT_MOE = "soft_moe"                                          # the router name MoELayer accepts
-OPTIONS = {"slots_per_expert": 1, "normalize": False}          # its options and their defaults
+OPTIONS = {"slots_per_expert": 1, "normalize": False}          # its router's options and their defaults
 NOT_CAUSAL = ("router='soft_moe' cannot be used by the causal language model: Soft MoE mixes all positions "
               "of a sequence into every slot (a softmax over the sequence's tokens), so a token's output would "
               "depend on later tokens; use it in MoELayer directly, for non-causal (encoder-style) models")
@@ -59,7 +66,6 @@ class SoftMoERouter(nn.Module):
         # Φ, LeCun-normal as in the paper (and the same scale as the other routers' weight).
         self.weight = nn.Parameter(torch.randn(num_experts * slots_per_expert, d_model) * d_model ** -0.5)
         self.scale = nn.Parameter(torch.ones(())) if normalize else None     # learned scalar, starts at 1
-        self.backend = None          # MoELayer sets it on every router; the dense math here does not need it
 
     def logits(self, groups: torch.Tensor) -> torch.Tensor:
         """groups [G, n, d] -> L [G, n, E·p]."""
@@ -76,12 +82,32 @@ class SoftMoERouter(nn.Module):
                 f"normalize={self.normalize}")
 
 
-def build_soft_moe_router(d_model: int, num_experts: int, capacity_factor, **options) -> SoftMoERouter:
-    """Check every Soft MoE argument (clear ValueErrors), then build the router."""
-    if capacity_factor is not None:
-        raise ValueError(f"router='soft_moe' has no capacity (every expert processes exactly slots_per_expert "
-                         f"slots per group, nothing is dropped); got capacity_factor={capacity_factor!r}, "
-                         f"pass capacity_factor=None")
+class SoftMoELayer(MoELayer, router=SOFT_MOE):
+    """Soft MoE with the experts of an MoELayer: ``SoftMoELayer(d_model, d_hidden, num_experts, slots_per_expert=p,
+    normalize=False, ...)``, or ``MoELayer(..., router="soft_moe", ...)``."""
+
+    def __init__(self, d_model: int | None = None, d_hidden: int | None = None, num_experts: int | None = None, *,
+                 options: LayerOptions | None = None, **keywords):
+        keywords.setdefault("router", SOFT_MOE)
+        super().__init__(d_model, d_hidden, num_experts, options=options, **keywords)
+
+    def build_router(self, options: LayerOptions) -> SoftMoERouter:
+        return build_soft_moe_router(options.d_model, options.num_experts, **options.router_options)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        backend = get_backend(self.backend_name, x.device)
+        y, record = soft_moe_forward(self.router, self.experts, self.expert_runner, x, backend)
+        self.aux_loss = y.new_zeros(())       # no balance loss (and no z-loss): balanced by construction
+        self.last_routing = RoutingRecord(**record)
+        return self._add_always_on(x.reshape(-1, self.d_model), y.reshape(-1, self.d_model)).reshape(x.shape)
+
+    def _size_repr(self) -> str:
+        return f"slots_per_expert={self.router.slots_per_expert}"
+
+
+def build_soft_moe_router(d_model: int, num_experts: int, **options) -> SoftMoERouter:
+    """Check the Soft MoE router's options (clear ValueErrors), then build it."""
     for key in options:
         if key not in OPTIONS:
             raise ValueError(f"unknown option {key!r} for router='soft_moe'; allowed: {', '.join(sorted(OPTIONS))} "

@@ -271,7 +271,7 @@ def test_a_router_without_balance_loss_fails_loudly():
     from fastmoe_edu.routers import Router, RouterOutput
 
     class Uniform(Router):                          # a new router that forgot its balance_loss method
-        def route(self, x):
+        def route(self, x, backend):
             logits = self.logits(x)
             return RouterOutput(logits.topk(self.top_k, -1).indices, x.new_full((x.shape[0], self.top_k), 0.5),
                                 None, logits)

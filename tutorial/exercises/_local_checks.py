@@ -13,7 +13,8 @@ from torch.nn import functional as F
 from fastmoe_edu import dispatch
 from fastmoe_edu.distributed import pipeline as reference_pipeline
 from fastmoe_edu.experts import Experts
-from fastmoe_edu.routers import softmax_top_k_route, switch_balance_loss
+from fastmoe_edu.routers import switch_balance_loss
+from fastmoe_edu.routing import softmax_top_k_route
 
 from ._harness import Hint, all_close, call, close, expect_pair, expect_tensor, first_bad_row
 
