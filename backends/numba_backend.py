@@ -49,9 +49,11 @@ from .second_order import create_graph_requested, linear_input, reference_vjp
 
 NAME = "numba"
 
-#: Float dtypes the kernels are compiled for; others (bfloat16, float16: numba has no such types)
-#: run on a float32 copy, like the reference routes them in float32.
-KERNEL_DTYPES = (torch.float32, torch.float64)
+#: Float dtypes the row kernels take as they are: bfloat16 and float16 as their 16-bit patterns (numba has
+#: no bfloat16, its CPU target no float16), summed in float32 inside (numba_cpu.py). The routers take
+#: float32 and float64; 16-bit logits are routed in float32, as the reference routes them.
+KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+ROUTING_DTYPES = (torch.float32, torch.float64)
 
 #: Grouped GEMM implementations (see set_grouped_gemm).
 GROUPED_GEMMS = ("grouped_mm", "segments", "tiled")
@@ -127,23 +129,6 @@ def _target(tensor: torch.Tensor):
 # ----------------------------------------------------------------------------------------------------
 # Integer steps (no gradients)
 # ----------------------------------------------------------------------------------------------------
-def _chunk_offsets(target, expert_ids, starts, slot_major, ordered, token_order):
-    """Passes 1-2 of the chunked ranking (numba_cpu.py): per chunk and expert, the first rank the
-    chunk's assignments to that expert get; and ends[e] = starts[e] + count[e]. ``ordered``, ``token_order``:
-    see _walk_order."""
-    chunk_size = target.ASSIGNMENTS_PER_CHUNK
-    num_chunks = math.ceil(expert_ids.numel() / chunk_size)
-    chunk_counts = torch.empty(num_chunks, starts.numel(), dtype=torch.int64, device=expert_ids.device)
-    target.count_chunks(target.array(expert_ids), chunk_size, slot_major, ordered, target.array(token_order),
-                        target.array(chunk_counts))
-    # Pass 2, an exclusive scan down each expert's column, is torch's cumsum (exact on integers, parallel
-    # on both targets): as a kernel with one GPU thread per expert walking every chunk in turn it was a
-    # long serial chain (the whole ranking took 4.4 ms for T·k = 524k on an H200, torch's sort 0.2 ms).
-    inclusive = chunk_counts.cumsum(0)                       # Σ_{c' <= c} chunk_counts[c', e]
-    ends = starts + inclusive[-1] if num_chunks else starts.clone()
-    return starts + inclusive - chunk_counts, ends           # start_e + Σ_{c' < c} chunk_counts[c', e]
-
-
 def _walk_order(expert_ids, token_order=None):
     """The kernels' (ordered, token_order) arguments: a slot-major walk visits the tokens in the order
     ``token_order`` [T] if one is given, else 0, 1, ..., T-1 (and the kernels never read the one-element
@@ -154,14 +139,26 @@ def _walk_order(expert_ids, token_order=None):
 
 
 def _ranks(expert_ids, starts, slot_major, token_order=None):
-    """ranks[t, s] = starts[e] + number of earlier assignments (in walk order) to the same expert e."""
+    """ranks[t, s] = starts[e] + number of earlier assignments (in walk order) to the same expert e.
+
+    The chunked ranking of numba_cpu.py: on the CPU one call runs its three passes; on a GPU the scan
+    between the two kernels is torch's cumsum (exact on integers, parallel: as a kernel with one thread per
+    expert walking every chunk in turn it was a long serial chain, 4.4 ms for T·k = 524k on an H200)."""
     target = _target(expert_ids)
     expert_ids = expert_ids.contiguous()
     ordered, token_order = _walk_order(expert_ids, token_order)
-    chunk_offsets, _ = _chunk_offsets(target, expert_ids, starts, slot_major, ordered, token_order)
     ranks = torch.empty(expert_ids.shape, dtype=torch.int64, device=expert_ids.device)
-    target.rank_chunks(target.array(expert_ids), target.ASSIGNMENTS_PER_CHUNK, slot_major, ordered,
-                       target.array(token_order), target.array(chunk_offsets), target.array(ranks))
+    chunk_size = target.ASSIGNMENTS_PER_CHUNK
+    arrays = (target.array(expert_ids), chunk_size, slot_major, ordered, target.array(token_order))
+    if target is numba_cpu:
+        target.rank_assignments(*arrays, target.array(starts), target.array(ranks))
+        return ranks
+    num_chunks = math.ceil(expert_ids.numel() / chunk_size)
+    chunk_counts = torch.empty(num_chunks, starts.numel(), dtype=torch.int64, device=expert_ids.device)
+    target.count_chunks(*arrays, target.array(chunk_counts))
+    inclusive = chunk_counts.cumsum(0)                                    # Σ_{c' <= c} chunk_counts[c', e]
+    target.rank_chunks(*arrays, target.array(starts), target.array(chunk_counts), target.array(inclusive),
+                       target.array(ranks))
     return ranks
 
 
@@ -194,11 +191,11 @@ def prune_capacity(expert_ids: torch.Tensor, num_experts: int, capacity: int | N
 
 
 def count_tokens_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """count[e] = number of kept (token, slot) pairs routed to expert e."""
+    """count[e] = number of kept (token, slot) pairs routed to expert e (one kernel call)."""
     target = _target(expert_ids)
-    no_offset = torch.zeros(num_experts, dtype=torch.int64, device=expert_ids.device)
-    # Every start 0: the ends that _chunk_offsets returns second are the counts.
-    return _chunk_offsets(target, expert_ids.contiguous(), no_offset, False, *_walk_order(expert_ids))[1]
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=expert_ids.device)
+    target.count_experts(target.array(expert_ids.contiguous()), target.ASSIGNMENTS_PER_CHUNK, target.array(counts))
+    return counts
 
 
 def exclusive_prefix_sum(counts: torch.Tensor) -> torch.Tensor:
@@ -215,24 +212,22 @@ def stable_positions(expert_ids: torch.Tensor, starts: torch.Tensor) -> torch.Te
     return _ranks(expert_ids, starts.contiguous(), slot_major=False)
 
 
-def _row_sources(target, rows, num_rows):
-    """sources[r] = t·k + s for the (token, slot) whose row is r, -1 for a row nobody owns."""
-    sources = torch.full((num_rows,), -1, dtype=torch.int64, device=rows.device)
-    target.find_row_sources(target.array(rows), target.array(sources))
-    return sources
-
-
 # ----------------------------------------------------------------------------------------------------
 # Scatter and gather + combine (differentiable)
 # ----------------------------------------------------------------------------------------------------
+def _float_arguments(target, dtype):
+    """The row kernels' (table, kind, sum_type) for tensors of ``dtype``: how to decode 16-bit patterns,
+    which kind of store, and the dtype sums run in (float32; float64 for float64)."""
+    return target.decoding_table(dtype), target.storage_kind(dtype), target.sum_type(dtype)
+
+
 class ScatterRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, rows, num_rows):
         target = _target(x)
         x, rows = x.contiguous(), rows.contiguous()
-        sources = _row_sources(target, rows, num_rows)
         buffer = x.new_empty(num_rows, x.shape[1])
-        target.scatter_rows(target.array(x), target.array(sources), rows.shape[1], target.array(buffer))
+        target.scatter_rows(target.copy_array(x), target.array(rows), target.copy_array(buffer))
         ctx.input_shape = x.shape
         ctx.save_for_backward(rows)
         return buffer
@@ -246,7 +241,8 @@ class ScatterRows(torch.autograd.Function):
         target = _target(grad_buffer)
         grad_buffer = grad_buffer.contiguous()
         grad_x = grad_buffer.new_empty(rows.shape[0], grad_buffer.shape[1])
-        target.scatter_rows_backward(target.array(grad_buffer), target.array(rows), target.array(grad_x))
+        target.scatter_rows_backward(target.array(grad_buffer), target.array(rows),
+                                     *_float_arguments(target, grad_buffer.dtype), target.array(grad_x))
         return grad_x, None, None
 
 
@@ -257,7 +253,8 @@ class GatherCombine(torch.autograd.Function):
         target = _target(expert_out)
         expert_out, rows, weights = expert_out.contiguous(), rows.contiguous(), weights.contiguous()
         y = expert_out.new_empty(rows.shape[0], expert_out.shape[1])
-        target.gather_combine(target.array(expert_out), target.array(rows), target.array(weights), target.array(y))
+        target.gather_combine(target.array(expert_out), target.array(rows), target.array(weights),
+                              *_float_arguments(target, expert_out.dtype), target.array(y))
         return y
 
     @staticmethod
@@ -268,32 +265,30 @@ class GatherCombine(torch.autograd.Function):
         expert_out, rows, weights = expert_out.contiguous(), rows.contiguous(), weights.contiguous()
         target = _target(grad_y)
         grad_y = grad_y.contiguous()
-        grad_expert_out = grad_weights = None
-        if ctx.needs_input_grad[0]:
-            sources = _row_sources(target, rows, expert_out.shape[0])
-            grad_expert_out = torch.empty_like(expert_out)
-            target.gather_combine_backward_rows(target.array(grad_y), target.array(weights), target.array(sources),
-                                                rows.shape[1], target.array(grad_expert_out))
-        if ctx.needs_input_grad[2]:
-            grad_weights = torch.empty_like(weights)
-            target.gather_combine_backward_weights(target.array(grad_y), target.array(expert_out),
-                                                   target.array(rows), target.array(grad_weights))
-        return grad_expert_out, None, grad_weights
+        want_rows, want_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        # A gradient nobody asked for gets a one-row placeholder the kernel never writes.
+        grad_expert_out = torch.empty_like(expert_out) if want_rows else expert_out.new_empty(1, expert_out.shape[1])
+        grad_weights = torch.empty_like(weights) if want_weights else weights.new_empty(rows.shape[0], rows.shape[1])
+        target.gather_combine_backward(target.array(grad_y), target.array(expert_out), target.array(rows),
+                                       target.array(weights), *_float_arguments(target, expert_out.dtype),
+                                       want_rows, want_weights, target.array(grad_expert_out),
+                                       target.array(grad_weights))
+        return (grad_expert_out if want_rows else None), None, (grad_weights if want_weights else None)
 
 
 def scatter_rows(x: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
     """buffer[rows[t, s]] = x[t] for every kept (t, s); rows nobody owns are 0."""
     if x.dtype not in KERNEL_DTYPES:
-        return ScatterRows.apply(x.float(), rows, num_rows).to(x.dtype)
+        raise TypeError(f"scatter_rows: no kernels for dtype {x.dtype} (they take {', '.join(map(str, KERNEL_DTYPES))})")
     return ScatterRows.apply(x, rows, num_rows)
 
 
 def gather_combine(expert_out: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """y[t] = Σ_{s kept} weights[t, s] · expert_out[rows[t, s]]; a token with no kept slot gets 0."""
-    weights = weights.to(expert_out.dtype)
     if expert_out.dtype not in KERNEL_DTYPES:
-        return GatherCombine.apply(expert_out.float(), rows, weights.float()).to(expert_out.dtype)
-    return GatherCombine.apply(expert_out, rows, weights)
+        raise TypeError(f"gather_combine: no kernels for dtype {expert_out.dtype} "
+                        f"(they take {', '.join(map(str, KERNEL_DTYPES))})")
+    return GatherCombine.apply(expert_out, rows, weights.to(expert_out.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -388,7 +383,7 @@ def _routing_logits(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     """Route in at least float32 (as the reference does), and check k like torch.topk would."""
     if not 1 <= top_k <= logits.shape[-1]:
         raise ValueError(f"top_k={top_k} must be in [1, number of experts={logits.shape[-1]}]")
-    return logits if logits.dtype in KERNEL_DTYPES else logits.float()
+    return logits if logits.dtype in ROUTING_DTYPES else logits.float()
 
 
 def softmax_top_k_route(logits: torch.Tensor, top_k: int, renormalize: bool, num_groups: int | None = None,

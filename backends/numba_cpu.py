@@ -1,10 +1,17 @@
 """The numba backend's algorithms, and the CPU kernels that run them.
 
-Part 1, the *tasks*: every function there does the work of one parallel task — one token, one buffer
-row, one chunk of assignments, one expert — written once as plain Python and compiled twice:
-below with ``numba.njit`` (CPU kernels run the tasks in a ``prange`` loop), and in ``numba_cuda.py``
-with ``numba.cuda.jit(device=True)`` (GPU kernels run one task per thread). So the CPU and GPU kernels
-cannot drift apart: they are the same code.
+Part 1, the *tasks*: every function there does the work of one parallel task — one chunk of
+assignments, one token's routing — written once as plain Python and compiled twice: below with
+``numba.njit`` (CPU kernels run the tasks in a ``prange`` loop), and in ``numba_cuda.py`` with
+``numba.cuda.jit(device=True)`` (GPU kernels run one task per thread). So the CPU and GPU routing and
+ranking cannot drift apart: they are the same code. Part 1 also holds the 16-bit rounding rules
+(float32 bits -> bfloat16 / float16 bits), shared the same way.
+
+The *row* kernels (scatter, combine and their backward passes: the memory-bound part) are written
+once per target instead, because the two targets want different loops: the CPU one row per task in a
+plain loop (which the compiler vectorizes), the GPU one warp per row with its 32 threads striding
+over the columns (``numba_cuda.py``). Both are *token-major*: a task owns token t, reads x[t] (or
+grad_y[t]) once and touches its k buffer rows rows[t, 0..k-1]; no (row -> token) inverse is built.
 
 Why plain functions and not ``@numba.njit`` functions that the CUDA kernels call directly? On a real
 GPU numba.cuda can call an ``@njit`` function, but numba's CUDA *simulator* (which runs the GPU tests
@@ -19,13 +26,17 @@ against the file that defines it. A kernel inlines its tasks, so a task edited i
 leave the old compiled kernel in use; here, editing a task changes this file and recompiles.
 
 Conventions. ``expert_ids``/``rows``/``weights`` are ``[T, k]``; a dropped assignment has id -1 and
-row -1. Row tasks handle the columns ``first_col <= col < end_col`` of their row: the CPU passes
-``(0, width)`` (the whole row, one task per row), the GPU ``(col, col + 1)`` (one element per
-thread); a unit-step range is also what lets the CPU compiler vectorize the loop. Every output
-element is written by exactly one task and its sum runs in a fixed order (slots in order 0..k-1,
-columns in order), so two runs are bitwise identical.
+row -1. ``rows`` are stable positions (``stable_positions`` with starts = the exclusive prefix sum of
+the counts), so the kept assignments own buffer rows 0..kept-1 exactly; rows kept..num_rows-1 of a
+buffer belong to nobody and are 0. Every output element is written by exactly one task and its sum
+runs in a fixed order (slots in order 0..k-1, columns in order), so two runs are bitwise identical.
 Long reductions (a dot product over d, softmax's sum over E) accumulate in a Python float, which
-numba types as float64; the k-term sums accumulate in the output's own dtype, like the reference.
+numba types as float64; the k-term sums accumulate in float32 (float64 for float64 tensors).
+
+16-bit tensors (bfloat16, float16) go into the row kernels as they are, as their 16-bit patterns
+(a uint16 view: numba has no bfloat16, and its CPU target no float16): a lookup table of the 65,536
+values decodes them (exact), sums run in float32, and the result is rounded back to the nearest even
+16-bit value, as torch rounds. A pure copy (the scatter) moves the bits untouched.
 
 Part 2, the *CPU kernels*: numpy views of torch tensors in (no copies; ``numba_backend.py`` makes
 them), outputs allocated by the caller. ``numba_cuda.py`` has the same kernel names with the same
@@ -35,8 +46,11 @@ task writes its own outputs: no races, no atomics.
 import math
 
 import numba
+import numpy as np
 import torch
 from numba import prange
+from numba.core import types
+from numba.extending import overload
 
 # ====================================================================================================
 # Part 1: the tasks (plain Python; compiled for the CPU below and for the GPU in numba_cuda.py)
@@ -46,9 +60,10 @@ from numba import prange
 #
 # The T·k assignments are walked in a fixed order, cut into chunks of ``chunk_size`` consecutive
 # assignments. Ranking is two-pass, which is what makes it both parallel and stable:
-#   1. count_chunk:         chunk_counts[c, e] = #{assignments to e in chunk c}        (parallel over c)
-#   2. (torch.cumsum in numba_backend.py) offset[c, e] = start_e + Σ_{c'<c} chunk_counts[c', e]
-#   3. rank_chunk:          walk chunk c again; each assignment to e takes offset[c, e]++ (parallel over c)
+#   1. count_chunk:   chunk_counts[c, e] = #{assignments to e in chunk c}                 (parallel over c)
+#   2. a scan down each expert's column: inclusive[c, e] = Σ_{c' <= c} chunk_counts[c', e]
+#   3. rank_chunk:    cursor[e] = start_e + inclusive[c, e] − chunk_counts[c, e]; walk chunk c again,
+#                     each assignment to e takes cursor[e]++                               (parallel over c)
 # Inside a chunk the walk is sequential, and chunks are laid out in walk order, so an assignment's
 # rank counts exactly the earlier assignments (in walk order) to the same expert.
 #
@@ -78,10 +93,14 @@ def count_chunk(expert_ids, chunk, chunk_size, slot_major, ordered, token_order,
             chunk_counts[chunk, expert] += 1
 
 
-def rank_chunk(expert_ids, chunk, chunk_size, slot_major, ordered, token_order, chunk_offsets, ranks):
-    """Second walk of one chunk: ranks[t, s] = chunk_offsets[chunk, e]++ for an assignment to e,
-    -1 for a dropped one. With offsets started at start[e] the rank is the row in the sorted buffer."""
+def rank_chunk(expert_ids, chunk, chunk_size, slot_major, ordered, token_order, starts, chunk_counts, inclusive,
+               ranks):
+    """Second walk of one chunk: ranks[t, s] = cursor[e]++ for an assignment to e, -1 for a dropped one,
+    the cursor starting at start_e + Σ_{c' < chunk} chunk_counts[c', e] (kept in inclusive[chunk], which
+    this task overwrites: its row is its own). With starts = segment starts the rank is the buffer row."""
     num_tokens, top_k = expert_ids.shape
+    for expert in range(starts.shape[0]):
+        inclusive[chunk, expert] += starts[expert] - chunk_counts[chunk, expert]      # the chunk's first rank
     begin = chunk * chunk_size
     end = min(begin + chunk_size, num_tokens * top_k)
     for position in range(begin, end):
@@ -93,8 +112,8 @@ def rank_chunk(expert_ids, chunk, chunk_size, slot_major, ordered, token_order, 
             token, slot = position // top_k, position % top_k
         expert = expert_ids[token, slot]
         if expert >= 0:
-            ranks[token, slot] = chunk_offsets[chunk, expert]
-            chunk_offsets[chunk, expert] += 1
+            ranks[token, slot] = inclusive[chunk, expert]
+            inclusive[chunk, expert] += 1
         else:
             ranks[token, slot] = -1
 
@@ -108,76 +127,42 @@ def exclusive_prefix_sum_task(counts, starts):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Float steps: scatter to the expert-sorted buffer, gather + combine, and their backward passes.
+# 16-bit rounding: the bits of a float32 value -> the bits of the nearest bfloat16 / float16, ties to even
+# (what torch's .to(torch.bfloat16) / .to(torch.float16) do). Decoding needs no rule: a bfloat16 is the
+# top half of a float32 (bits << 16), and every float16 is exactly a float32 (a table or the GPU converts).
 # ----------------------------------------------------------------------------------------------------
-def row_sources(rows, token, sources):
-    """The inverse of ``rows`` for one token: sources[rows[t, s]] = t·k + s for each kept slot.
-    A buffer row then knows which (token, slot) it came from, so kernels can be parallel over rows."""
-    top_k = rows.shape[1]
-    for slot in range(top_k):
-        row = rows[token, slot]
-        if row >= 0:
-            sources[row] = token * top_k + slot
+def bfloat16_bits(bits):
+    """float32 bits -> bfloat16 bits: add 0x7FFF + (the lowest kept bit) and drop the low 16 bits (round to
+    nearest, ties to even); any NaN becomes the quiet NaN 0x7FC0 (as c10::BFloat16 does)."""
+    if (bits & 0x7FFFFFFF) > 0x7F800000:
+        return 0x7FC0
+    return (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
 
 
-def copy_source_row(x, sources, top_k, row, first_col, end_col, buffer):
-    """Scatter, seen from the buffer: buffer[row] = x[t] for the (t, s) that owns the row, else 0."""
-    source = sources[row]
-    if source < 0:
-        for col in range(first_col, end_col):
-            buffer[row, col] = 0
-    else:
-        token = source // top_k
-        for col in range(first_col, end_col):
-            buffer[row, col] = x[token, col]
-
-
-def sum_token_copies(grad_buffer, rows, token, first_col, end_col, grad_x):
-    """Scatter's backward: grad_x[t] = Σ_{s kept} grad_buffer[rows[t, s]], slots in order 0..k-1."""
-    for col in range(first_col, end_col):
-        grad_x[token, col] = 0
-    for slot in range(rows.shape[1]):
-        row = rows[token, slot]
-        if row >= 0:
-            for col in range(first_col, end_col):
-                grad_x[token, col] += grad_buffer[row, col]
-
-
-def combine_token(expert_out, rows, weights, token, first_col, end_col, y):
-    """Gather + combine: y[t] = Σ_{s kept} w[t, s] · expert_out[rows[t, s]], slots in order."""
-    for col in range(first_col, end_col):
-        y[token, col] = 0
-    for slot in range(rows.shape[1]):
-        row = rows[token, slot]
-        if row >= 0:
-            weight = weights[token, slot]
-            for col in range(first_col, end_col):
-                y[token, col] += weight * expert_out[row, col]
-
-
-def weighted_source_row(grad_y, weights, sources, top_k, row, first_col, end_col, grad_expert_out):
-    """Combine's backward for expert_out: grad_expert_out[row] = w[t, s] · grad_y[t] for the
-    (t, s) that owns the row (0 for a row no slot reads)."""
-    source = sources[row]
-    if source < 0:
-        for col in range(first_col, end_col):
-            grad_expert_out[row, col] = 0
-    else:
-        token, slot = source // top_k, source % top_k
-        weight = weights[token, slot]
-        for col in range(first_col, end_col):
-            grad_expert_out[row, col] = weight * grad_y[token, col]
-
-
-def slot_weight_grad(grad_y, expert_out, rows, token, slot, grad_weights):
-    """Combine's backward for the weights: grad_w[t, s] = <grad_y[t], expert_out[rows[t, s]]>
-    (0 for a dropped slot)."""
-    row = rows[token, slot]
-    total = 0.0
-    if row >= 0:
-        for col in range(grad_y.shape[1]):
-            total += grad_y[token, col] * expert_out[row, col]
-    grad_weights[token, slot] = total
+def float16_bits(bits):
+    """float32 bits -> float16 bits, round to nearest even; overflow -> ±inf, underflow -> ±0 or a subnormal
+    (NumPy's npy_floatbits_to_halfbits, which torch's conversion agrees with)."""
+    sign = (bits & 0x80000000) >> 16
+    exponent = bits & 0x7F800000
+    if exponent >= 0x47800000:                                      # |x| >= 65536: inf, NaN or overflow
+        mantissa = bits & 0x007FFFFF
+        if exponent == 0x7F800000 and mantissa != 0:                # NaN: keep the top payload bits, stay NaN
+            payload = 0x7C00 + (mantissa >> 13)
+            return sign + (payload + 1 if payload == 0x7C00 else payload)
+        return sign + 0x7C00                                        # ±inf
+    if exponent <= 0x38000000:                                      # a float16 subnormal (or 0)
+        if exponent < 0x33000000:
+            return sign                                             # below half the smallest subnormal: ±0
+        shift = 113 - (exponent >> 23)
+        mantissa = (0x00800000 + (bits & 0x007FFFFF)) >> shift
+        if (mantissa & 0x3FFF) != 0x1000 or (bits & 0x7FF) != 0:    # not an exact tie to even: round up at bit 12
+            mantissa += 0x1000
+        return sign + (mantissa >> 13)
+    half_exponent = (exponent - 0x38000000) >> 13
+    mantissa = bits & 0x007FFFFF
+    if (mantissa & 0x3FFF) != 0x1000:                               # not an exact tie to even: round up at bit 12
+        mantissa += 0x1000
+    return sign + half_exponent + (mantissa >> 13)                  # a carry into the exponent is right (inf too)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -206,23 +191,31 @@ def select_top_k(values, token, top_k, expert_ids):
 def softmax_top_k_weights(logits, expert_ids, token, renormalize, weights):
     """w_s = p_{e_s} with p = softmax(logits[t]); renormalized: w_s = p_{e_s} / Σ_{s'} p_{e_s'}.
 
-    Selecting by logits equals selecting by p (softmax is increasing), so select_top_k ran on logits.
+    Renormalized, the partition function cancels: w_s = e^{l_s − m} / Σ_{s'} e^{l_{s'} − m} over the k chosen
+    logits l_s (m = the largest of them, so every term is at most 1 and the sum at least 1): k exponentials
+    instead of E + k. Plain, w_s = e^{l_s − M} / Z with M = max_j l_j and Z = Σ_j e^{l_j − M}.
     """
-    num_experts = logits.shape[1]
+    num_experts, top_k = logits.shape[1], expert_ids.shape[1]
+    if renormalize:
+        largest = logits[token, expert_ids[token, 0]]
+        for slot in range(1, top_k):
+            largest = max(largest, logits[token, expert_ids[token, slot]])
+        kept = 0.0
+        for slot in range(top_k):
+            term = math.exp(logits[token, expert_ids[token, slot]] - largest)        # e^{l_s − m}
+            weights[token, slot] = term
+            kept += term
+        for slot in range(top_k):
+            weights[token, slot] = weights[token, slot] / kept
+        return
     largest = logits[token, 0]
     for expert in range(1, num_experts):
         largest = max(largest, logits[token, expert])
     partition = 0.0
     for expert in range(num_experts):
-        partition += math.exp(logits[token, expert] - largest)          # Z = Σ_j e^{l_j − m}
-    kept = 0.0
-    for slot in range(expert_ids.shape[1]):
-        prob = math.exp(logits[token, expert_ids[token, slot]] - largest) / partition   # p = e^{l − m} / Z
-        weights[token, slot] = prob
-        kept += prob
-    if renormalize:
-        for slot in range(expert_ids.shape[1]):
-            weights[token, slot] = weights[token, slot] / kept
+        partition += math.exp(logits[token, expert] - largest)          # Z = Σ_j e^{l_j − M}
+    for slot in range(top_k):
+        weights[token, slot] = math.exp(logits[token, expert_ids[token, slot]] - largest) / partition
 
 
 def softmax_selection_scores(logits, bias, token, selection):
@@ -424,6 +417,10 @@ def sigmoid_top_k_backward(logits, expert_ids, grad_weights, token, route_scale,
 #: Assignments per chunk in the two-pass ranking: large enough that the per-chunk counts table
 #: (chunks × E) stays small, small enough that T·k = 32k assignments still give every thread work.
 ASSIGNMENTS_PER_CHUNK = 2048
+#: Tokens per task of the row kernels: one task's scratch rows are allocated once, not once per token.
+TOKENS_PER_TASK = 64
+#: How a row kernel stores its floats (``kind``): as the tensor's own float type, or as 16-bit patterns.
+NATIVE, BFLOAT16, FLOAT16 = 0, 1, 2
 
 
 def _compile(task):
@@ -434,12 +431,8 @@ def _compile(task):
 count_chunk_cpu = _compile(count_chunk)
 rank_chunk_cpu = _compile(rank_chunk)
 exclusive_prefix_sum_task_cpu = _compile(exclusive_prefix_sum_task)
-row_sources_cpu = _compile(row_sources)
-copy_source_row_cpu = _compile(copy_source_row)
-sum_token_copies_cpu = _compile(sum_token_copies)
-combine_token_cpu = _compile(combine_token)
-weighted_source_row_cpu = _compile(weighted_source_row)
-slot_weight_grad_cpu = _compile(slot_weight_grad)
+bfloat16_bits_cpu = _compile(bfloat16_bits)
+float16_bits_cpu = _compile(float16_bits)
 select_top_k_cpu = _compile(select_top_k)
 softmax_top_k_weights_cpu = _compile(softmax_top_k_weights)
 softmax_top_k_backward_cpu = _compile(softmax_top_k_backward)
@@ -454,25 +447,140 @@ sigmoid_top_k_backward_cpu = _compile(sigmoid_top_k_backward)
 
 
 def array(tensor: torch.Tensor):
-    """A numpy view of a contiguous CPU tensor (shares memory; keep the tensor alive)."""
-    return tensor.detach().numpy()
+    """A numpy view of a contiguous CPU tensor (shares memory; keep the tensor alive). A bfloat16 or float16
+    tensor is viewed as its 16-bit patterns (uint16): numba's CPU target has neither type."""
+    tensor = tensor.detach()
+    if tensor.dtype in (torch.bfloat16, torch.float16):
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    return tensor.numpy()
+
+
+def decoding_table(dtype: torch.dtype):
+    """For a 16-bit dtype, float32[65536]: the value of each of its bit patterns (exact: float32 holds them
+    all); for another dtype a one-element placeholder (the kernels read no table then)."""
+    return _TABLES.get(dtype, _NO_TABLE)
+
+
+def storage_kind(dtype: torch.dtype) -> int:
+    """How the row kernels store elements of ``dtype``: NATIVE floats, or BFLOAT16 / FLOAT16 bit patterns."""
+    return {torch.bfloat16: BFLOAT16, torch.float16: FLOAT16}.get(dtype, NATIVE)
+
+
+def sum_type(dtype: torch.dtype):
+    """A one-element array whose dtype the row kernels sum in: float64 for float64, else float32."""
+    return _SUM_TYPES[dtype == torch.float64]
+
+
+#: A pure copy (the scatter) moves elements of any type; on the CPU the plain view is as fast as any.
+copy_array = array
+
+_SUM_TYPES = {False: np.zeros(1, np.float32), True: np.zeros(1, np.float64)}
+_TABLES = {dtype: torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype).float().numpy()
+           for dtype in (torch.bfloat16, torch.float16)}
+_NO_TABLE = np.zeros(1, np.float32)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Integer kernels
+# Element access: a stored element as a float, and a float32 scratch row stored back, for either kind
+# of array (numba picks the version by the element type when it compiles a kernel).
+# ----------------------------------------------------------------------------------------------------
+def decoded(value, table):
+    """A stored element's value: itself, or table[bits] for a 16-bit pattern."""
+
+
+@overload(decoded)
+def _decoded(value, table):
+    if isinstance(value, types.Integer):
+        return lambda value, table: table[value]
+    return lambda value, table: value
+
+
+def store_row(scratch, out, row, kind):
+    """out[row, :] = scratch, rounded to nearest even where ``out`` holds 16-bit patterns of ``kind``."""
+
+
+@overload(store_row)
+def _store_row(scratch, out, row, kind):
+    if isinstance(out.dtype, types.Integer):
+        def store(scratch, out, row, kind):
+            bits = scratch.view(np.uint32)                       # the float32 sums, as their bits
+            for col in range(scratch.shape[0]):
+                out[row, col] = bfloat16_bits_cpu(bits[col]) if kind == BFLOAT16 else float16_bits_cpu(bits[col])
+        return store
+
+    def store(scratch, out, row, kind):
+        for col in range(scratch.shape[0]):
+            out[row, col] = scratch[col]
+    return store
+
+
+@numba.njit
+def dot_row(values, other, row, table, partial):
+    """Σ_c values[c] · other[row, c] in float64, as ``partial.size`` (8) interleaved partial sums: independent
+    chains the compiler vectorizes, where one running sum waits on every add. A fixed order (partials, then
+    their sum in order, then the remainder): bitwise reproducible."""
+    lanes = partial.shape[0]
+    width = values.shape[0]
+    main = width - width % lanes
+    partial[:] = 0.0
+    for first in range(0, main, lanes):
+        for lane in range(lanes):
+            partial[lane] += values[first + lane] * decoded(other[row, first + lane], table)
+    total = 0.0
+    for lane in range(lanes):
+        total += partial[lane]
+    for col in range(main, width):
+        total += values[col] * decoded(other[row, col], table)
+    return total
+
+
+@numba.njit
+def zero_rows_past_kept(rows, out):
+    """out[r] = 0 for the rows nobody owns: r >= kept, the number of kept assignments (rows are stable
+    positions, so the kept ones own rows 0..kept-1)."""
+    kept = 0
+    for token in range(rows.shape[0]):
+        for slot in range(rows.shape[1]):
+            kept += rows[token, slot] >= 0
+    for row in range(kept, out.shape[0]):
+        for col in range(out.shape[1]):
+            out[row, col] = 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Integer kernels: each step is one call (its passes and scratch tables inside)
 # ----------------------------------------------------------------------------------------------------
 @numba.njit(parallel=True, cache=True)
-def count_chunks(expert_ids, chunk_size, slot_major, ordered, token_order, chunk_counts):
-    """Pass 1: chunk_counts[c, e] for every chunk c (parallel over chunks)."""
-    for chunk in prange(chunk_counts.shape[0]):
+def count_experts(expert_ids, chunk_size, counts):
+    """counts[e] = Σ_c chunk_counts[c, e]: count_chunk over the token-major walk, parallel over chunks."""
+    num_chunks = (expert_ids.size + chunk_size - 1) // chunk_size
+    chunk_counts = np.empty((num_chunks, counts.shape[0]), np.int64)
+    no_order = np.empty(1, np.int64)
+    for chunk in prange(num_chunks):
+        count_chunk_cpu(expert_ids, chunk, chunk_size, False, False, no_order, chunk_counts)
+    for expert in range(counts.shape[0]):
+        counts[expert] = 0
+        for chunk in range(num_chunks):
+            counts[expert] += chunk_counts[chunk, expert]
+
+
+@numba.njit(parallel=True, cache=True)
+def rank_assignments(expert_ids, chunk_size, slot_major, ordered, token_order, starts, ranks):
+    """ranks[t, s] = starts[e] + the assignment's rank among those to e, in walk order (-1 if dropped):
+    count (parallel over chunks), scan each expert's column, rank (parallel over chunks)."""
+    num_chunks = (expert_ids.size + chunk_size - 1) // chunk_size
+    chunk_counts = np.empty((num_chunks, starts.shape[0]), np.int64)
+    for chunk in prange(num_chunks):
         count_chunk_cpu(expert_ids, chunk, chunk_size, slot_major, ordered, token_order, chunk_counts)
-
-
-@numba.njit(parallel=True, cache=True)
-def rank_chunks(expert_ids, chunk_size, slot_major, ordered, token_order, chunk_offsets, ranks):
-    """Pass 3: ranks[t, s] for every assignment (parallel over chunks)."""
-    for chunk in prange(chunk_offsets.shape[0]):
-        rank_chunk_cpu(expert_ids, chunk, chunk_size, slot_major, ordered, token_order, chunk_offsets, ranks)
+    inclusive = np.empty_like(chunk_counts)
+    for expert in range(starts.shape[0]):
+        running = 0
+        for chunk in range(num_chunks):
+            running += chunk_counts[chunk, expert]
+            inclusive[chunk, expert] = running
+    for chunk in prange(num_chunks):
+        rank_chunk_cpu(expert_ids, chunk, chunk_size, slot_major, ordered, token_order, starts, chunk_counts,
+                       inclusive, ranks)
 
 
 @numba.njit(cache=True)
@@ -481,44 +589,90 @@ def exclusive_prefix_sum(counts, starts):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Scatter / combine kernels and their backward passes
+# Row kernels, token-major: a task owns TOKENS_PER_TASK consecutive tokens
 # ----------------------------------------------------------------------------------------------------
 @numba.njit(parallel=True, cache=True)
-def find_row_sources(rows, sources):
-    for token in prange(rows.shape[0]):
-        row_sources_cpu(rows, token, sources)
-
-
-@numba.njit(parallel=True, cache=True)
-def scatter_rows(x, sources, top_k, buffer):
-    for row in prange(buffer.shape[0]):
-        copy_source_row_cpu(x, sources, top_k, row, 0, buffer.shape[1], buffer)
-
-
-@numba.njit(parallel=True, cache=True)
-def scatter_rows_backward(grad_buffer, rows, grad_x):
-    for token in prange(grad_x.shape[0]):
-        sum_token_copies_cpu(grad_buffer, rows, token, 0, grad_x.shape[1], grad_x)
-
-
-@numba.njit(parallel=True, cache=True)
-def gather_combine(expert_out, rows, weights, y):
-    for token in prange(y.shape[0]):
-        combine_token_cpu(expert_out, rows, weights, token, 0, y.shape[1], y)
-
-
-@numba.njit(parallel=True, cache=True)
-def gather_combine_backward_rows(grad_y, weights, sources, top_k, grad_expert_out):
-    for row in prange(grad_expert_out.shape[0]):
-        weighted_source_row_cpu(grad_y, weights, sources, top_k, row, 0, grad_expert_out.shape[1],
-                                grad_expert_out)
-
-
-@numba.njit(parallel=True, cache=True)
-def gather_combine_backward_weights(grad_y, expert_out, rows, grad_weights):
+def scatter_rows(x, rows, buffer):
+    """buffer[rows[t, s]] = x[t] for each kept (t, s): x[t] read once, written to its k rows; rows past
+    the kept ones are 0. Any element type: 16-bit tensors are copied as their bits."""
+    zero_rows_past_kept(rows, buffer)
     for token in prange(rows.shape[0]):
         for slot in range(rows.shape[1]):
-            slot_weight_grad_cpu(grad_y, expert_out, rows, token, slot, grad_weights)
+            row = rows[token, slot]
+            if row >= 0:
+                buffer[row, :] = x[token, :]
+
+
+@numba.njit(parallel=True, cache=True)
+def scatter_rows_backward(grad_buffer, rows, table, kind, sum_type, grad_x):
+    """Scatter's backward: grad_x[t] = Σ_{s kept} grad_buffer[rows[t, s]], slots in order 0..k-1, summed in
+    ``sum_type``'s dtype (float32; float64 for float64)."""
+    num_tokens, width = grad_x.shape
+    for task in prange((num_tokens + TOKENS_PER_TASK - 1) // TOKENS_PER_TASK):
+        total = np.empty(width, sum_type.dtype)
+        for token in range(task * TOKENS_PER_TASK, min((task + 1) * TOKENS_PER_TASK, num_tokens)):
+            total[:] = 0
+            for slot in range(rows.shape[1]):
+                row = rows[token, slot]
+                if row >= 0:
+                    for col in range(width):
+                        total[col] += decoded(grad_buffer[row, col], table)
+            store_row(total, grad_x, token, kind)
+
+
+@numba.njit(parallel=True, cache=True)
+def gather_combine(expert_out, rows, weights, table, kind, sum_type, y):
+    """Gather + combine: y[t] = Σ_{s kept} w[t, s] · expert_out[rows[t, s]], slots in order, summed in
+    ``sum_type``'s dtype; a token with no kept slot gets 0."""
+    num_tokens, width = y.shape
+    for task in prange((num_tokens + TOKENS_PER_TASK - 1) // TOKENS_PER_TASK):
+        total = np.empty(width, sum_type.dtype)
+        for token in range(task * TOKENS_PER_TASK, min((task + 1) * TOKENS_PER_TASK, num_tokens)):
+            total[:] = 0
+            for slot in range(rows.shape[1]):
+                row = rows[token, slot]
+                if row >= 0:
+                    weight = decoded(weights[token, slot], table)
+                    for col in range(width):
+                        total[col] += weight * decoded(expert_out[row, col], table)
+            store_row(total, y, token, kind)
+
+
+@numba.njit(parallel=True, cache=True)
+def gather_combine_backward(grad_y, expert_out, rows, weights, table, kind, sum_type, want_rows, want_weights,
+                            grad_expert_out, grad_weights):
+    """Combine's backward, both gradients in one token-major pass (grad_y[t] decoded once, then per slot):
+
+        grad_expert_out[rows[t, s]] = w[t, s] · grad_y[t]                (rows nobody reads: 0)
+        grad_w[t, s]                = <grad_y[t], expert_out[rows[t, s]]>  (0 for a dropped slot; dot_row)
+
+    ``want_rows`` / ``want_weights`` say which of the two autograd asked for."""
+    num_tokens, width = grad_y.shape
+    if want_rows:
+        zero_rows_past_kept(rows, grad_expert_out)
+    for task in prange((num_tokens + TOKENS_PER_TASK - 1) // TOKENS_PER_TASK):
+        grad = np.empty(width, sum_type.dtype)
+        scaled = np.empty(width, sum_type.dtype)
+        dot = np.empty((1, rows.shape[1]), np.float32)           # the k dot products, before storing
+        partial = np.empty(8)                                     # dot_row's partial sums
+        for token in range(task * TOKENS_PER_TASK, min((task + 1) * TOKENS_PER_TASK, num_tokens)):
+            for col in range(width):
+                grad[col] = decoded(grad_y[token, col], table)
+            for slot in range(rows.shape[1]):
+                row = rows[token, slot]
+                if want_rows and row >= 0:
+                    weight = decoded(weights[token, slot], table)
+                    for col in range(width):
+                        scaled[col] = weight * grad[col]
+                    store_row(scaled, grad_expert_out, row, kind)
+                if want_weights:
+                    total = dot_row(grad, expert_out, row, table, partial) if row >= 0 else 0.0
+                    if kind == NATIVE:
+                        grad_weights[token, slot] = total
+                    else:
+                        dot[0, slot] = total
+            if want_weights and kind != NATIVE:
+                store_row(dot[0], grad_weights, token, kind)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@
 #   OUT_DIR/steps.tsv         one line per step: name, status, exit status, seconds, budget, log, note
 #   OUT_DIR/logs/STEP.log     each step's output
 #   OUT_DIR/tests_*.xml       JUnit XML of the test runs
-#   OUT_DIR/layer_*.json      bench_layer.py's numbers; cost_model.json bench_cost_model.py's
+#   OUT_DIR/layer_*.json      bench_layer.py's numbers; gpu_kernels.json bench/gpu_kernels.py's; cost_model.json
+#                             bench_cost_model.py's
 #   OUT_DIR/train/STEP/       history.json and config.toml of each training run
 #   OUT_DIR/results.tar.gz    all of the above in one file (the device tool brings back 8 files at most)
 #
@@ -22,7 +23,7 @@
 # numba's CUDA simulator where a script supports it, else skipped with the reason), 1-2 ranks, in
 # about 2 minutes (at most 150 s); tests/test_gpu_suite.py runs it in CI so the suite does not rot.
 #
-# Every step runs under `timeout` with its own budget (in each section's title; they add up to 495 s
+# Every step runs under `timeout` with its own budget (in each section's title; they add up to 540 s
 # with the summary's 5 s; the probes between steps take a few seconds more),
 # its exit status is recorded, and a failure does not stop the next steps. On top of the budgets a
 # whole-suite deadline (SUITE_BUDGET_S, default 470 s; 150 s with --smoke) shortens the last steps
@@ -66,7 +67,7 @@ trap 'rm -rf "$SCRATCH"' EXIT
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1   # the GPU machine runs as root (Open MPI refuses otherwise)
 : > "$OUT/steps.tsv"
-rm -f "$OUT"/tests_*.xml "$OUT"/layer_*.json "$OUT/cost_model.json" "$OUT/summary.txt"
+rm -f "$OUT"/tests_*.xml "$OUT"/layer_*.json "$OUT/gpu_kernels.json" "$OUT/cost_model.json" "$OUT/summary.txt"
 START_MS=$(date +%s%3N)
 
 elapsed_s() { echo $(( ($(date +%s%3N) - START_MS) / 1000 )); }
@@ -166,6 +167,16 @@ elif [ $SMOKE = 1 ]; then
     step dispatch 20 "$PY" bench/bench_dispatch.py --device cpu --tokens 256 --d-model 32 --experts 4 --repeats 1
 else
     skip dispatch "$NO_GPU"
+fi
+
+# ---- 3b. issue 27's kernel experiment (45 s): copy-kernel variants, dispatch bytes ÷ copy_, host µs per
+# launch, CUDA-graph capture with sync debug mode "error", the bias-gradient and ranking re-checks ----------
+if [ $HAS_GPU = 1 ]; then
+    step gpu_kernels 45 "$PY" bench/gpu_kernels.py --repeats 5 --json "$OUT/gpu_kernels.json"
+elif [ $SMOKE = 1 ]; then
+    step gpu_kernels 20 env NUMBA_ENABLE_CUDASIM=1 "$PY" bench/gpu_kernels.py --smoke
+else
+    skip gpu_kernels "$NO_GPU"
 fi
 
 # ---- 4. the MoE layer forward + backward, bfloat16 and float32 (55 s each) -------------------------------

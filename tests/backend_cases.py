@@ -264,6 +264,75 @@ def check_float_steps(expert_ids, num_experts, width, dtype_name, seed=0, device
     _compare_runs(lambda backend: {**scatter(backend), **combine(backend)}, dtype)
 
 
+#: The 16-bit types the row kernels take as they are (numba_cpu.py: bit patterns, float32 sums).
+HALF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Each 16-bit type's explicit mantissa bits and smallest normal exponent (bfloat16: float32's range).
+HALF_FORMATS = {torch.bfloat16: (7, -126), torch.float16: (10, -14)}
+
+
+def half_ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One unit in the last place of ``dtype`` at each of ``values`` (the subnormal spacing below the normals)."""
+    mantissa_bits, min_exponent = HALF_FORMATS[dtype]
+    exponent = torch.floor(torch.log2(values.abs().clamp(min=2.0 ** min_exponent)))
+    return torch.exp2(exponent - mantissa_bits)
+
+
+def check_float_steps_16bit(expert_ids, num_experts, width, dtype_name, seed=0, device="cpu"):
+    """scatter_rows and gather_combine, forward and backward, on bfloat16 / float16 tensors (no float32 copy:
+    the kernels read the 16-bit values), against the *exact* results: the reference's functions in float64 on
+    the same 16-bit inputs, which float64 holds exactly.
+
+    The scatter is a copy: equal. Every other output element is one sum of n terms (n = k, or the width for the
+    weights' gradient) accumulated in float32 (or float64) and rounded once to nearest 16-bit value. The float32
+    sum s is within δ = n·2⁻²⁴·Σ|terms| of the exact value v, and rounding moves it by at most half a 16-bit ulp
+    at s, so |got − v| ≤ ½ ulp₁₆(|v| + δ) + δ. That bound catches a kernel that truncates instead of rounding
+    (its error reaches a whole ulp) as well as a wrong row, weight or slot (hundreds of ulps). Also bitwise
+    repeatable from run to run."""
+    dtype = HALF_DTYPES[dtype_name]
+    generator = torch.Generator().manual_seed(seed)
+    num_tokens, top_k = expert_ids.shape
+    counts = reference.count_tokens_per_expert(expert_ids, num_experts)
+    rows = reference.stable_positions(expert_ids, reference.exclusive_prefix_sum(counts)).to(device)
+    num_rows = int(counts.sum())
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=generator).to(dtype).to(device)
+    x, grad_buffer, expert_out, grad_y = draw(num_tokens, width), draw(num_rows, width), draw(num_rows, width), \
+        draw(num_tokens, width)
+    weights = (torch.rand(expert_ids.shape, generator=generator) * (expert_ids >= 0)).to(dtype).to(device)
+
+    def run(backend, dtype, magnitudes=False):
+        """Every output of the two steps, for inputs converted to ``dtype`` (their magnitudes if asked)."""
+        def cast(tensor):
+            return (tensor.abs() if magnitudes else tensor).to(dtype).clone().requires_grad_(True)
+        x_leaf, out_leaf, weights_leaf = cast(x), cast(expert_out), cast(weights)
+        buffer = backend.scatter_rows(x_leaf, rows, num_rows)
+        y = backend.gather_combine(out_leaf, rows, weights_leaf)
+        return {"scatter_rows": buffer.detach(),
+                "scatter_rows backward": torch.autograd.grad(buffer, x_leaf, cast(grad_buffer))[0],
+                "gather_combine": y.detach(),
+                **dict(zip(("gather_combine backward (expert_out)", "gather_combine backward (weights)"),
+                           torch.autograd.grad(y, (out_leaf, weights_leaf), cast(grad_y))))}
+
+    got, again = run(numba_backend, dtype), run(numba_backend, dtype)
+    exact, magnitude = run(reference, torch.float64), run(reference, torch.float64, magnitudes=True)
+    terms = {"gather_combine backward (weights)": width}
+    for name in got:
+        if got[name].dtype != dtype:
+            raise AssertionError(f"{name}: dtype {got[name].dtype}, expected {dtype}")
+        assert_equal(again[name], got[name], f"{name} (second run, bitwise)")
+        if name == "scatter_rows":
+            assert_equal(got[name].double(), exact[name], name)
+            continue
+        slack = terms.get(name, top_k) * 2.0 ** -24 * magnitude[name]                 # δ
+        bound = 0.5 * half_ulp(exact[name].abs() + slack, dtype) + slack
+        error = (got[name].double() - exact[name]).abs()
+        if not (error <= bound).all():
+            worst = int((error - bound).argmax())
+            raise AssertionError(f"{dtype_name} {name}: |got − exact| {error.flatten()[worst]:.3g} exceeds the bound "
+                                 f"{bound.flatten()[worst]:.3g} at element {worst}")
+
+
 def check_routers(num_tokens, num_experts, top_k, dtype_name, seed=0, device="cpu"):
     """The fused routing functions, forward (ids equal) and backward, every variant."""
     dtype = DTYPES[dtype_name]
@@ -388,6 +457,9 @@ def kernel_cases(device: str) -> dict:
         "integer-random": lambda: check_integer_steps(random_expert_ids(50, 2, 6, seed=0), 6, (None, 5, 13), device),
         "float-random-float32": lambda: check_float_steps(random_expert_ids(10, 2, 4, seed=1), 4, 3, "float32",
                                                           device=device),
+        # 40 columns: a warp's 32 threads take one or two columns each (the column stride of the row kernels).
+        **{f"float-random-{name}": lambda n=name: check_float_steps_16bit(random_expert_ids(9, 2, 4, seed=2), 4, 40,
+                                                                          n, device=device) for name in HALF_DTYPES},
         "routers-k-equals-E": lambda: check_routers(3, 4, 4, "float64", device=device),
         "tiled-gemm-float64": lambda: check_grouped_gemm("tiled", [3, 0, 5, 2], 5, 6, "float64", 4, device=device),
         "tiled-gemm-float32": lambda: check_grouped_gemm("tiled", [6, 1, 0], 4, 3, "float32", 4, device=device),

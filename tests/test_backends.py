@@ -21,9 +21,10 @@ import pytest
 import torch
 
 import backend_cases
-from backend_cases import (DTYPES, EDGE_CASES, LAYER_CASES, OPTION_CASES, check_float_steps, check_grouped_gemm,
-                           check_integer_steps, check_layer, check_routers, check_second_order,
-                           check_sigmoid_extreme_logits, edge_case_ids, random_expert_ids)
+from backend_cases import (DTYPES, EDGE_CASES, HALF_DTYPES, LAYER_CASES, OPTION_CASES, check_float_steps,
+                           check_float_steps_16bit, check_grouped_gemm, check_integer_steps, check_layer,
+                           check_routers, check_second_order, check_sigmoid_extreme_logits, edge_case_ids,
+                           random_expert_ids)
 from fastmoe_edu import ROUTERS, MoELayer, backends
 from fastmoe_edu.backends import get_backend, numba_backend, numba_cpu, reference, set_cpu_threads
 from fastmoe_edu.backends.interface import FUNCTIONS, Backend, HasThreadPool, missing_members
@@ -285,21 +286,23 @@ def test_auto_backend_runs_every_router(router):
     assert x.grad.shape == x.shape and torch.isfinite(x.grad).all()
 
 
-def test_bfloat16_runs_through_float32_kernels():
-    """numba has no bfloat16: routing and the row kernels run on a float32 copy, like the reference routes."""
-    expert_ids = random_expert_ids(30, 2, 4, seed=0)
-    counts = reference.count_tokens_per_expert(expert_ids, 4)
-    rows = reference.stable_positions(expert_ids, reference.exclusive_prefix_sum(counts))
-    x = torch.randn(30, 8, dtype=torch.bfloat16)
-    weights = torch.rand(30, 2, dtype=torch.bfloat16)
-    for backend in (numba_backend, reference):
-        buffer = backend.scatter_rows(x, rows, int(counts.sum()))
-        assert buffer.dtype == torch.bfloat16
-    assert torch.equal(numba_backend.scatter_rows(x, rows, int(counts.sum())),
-                       reference.scatter_rows(x, rows, int(counts.sum())))
-    torch.testing.assert_close(numba_backend.gather_combine(buffer, rows, weights),
-                               reference.gather_combine(buffer, rows, weights), rtol=2e-2, atol=2e-2)
-    logits = torch.randn(30, 4, dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype_name", list(HALF_DTYPES))
+def test_float_steps_16bit(dtype_name):
+    """bfloat16 / float16 go into the CPU kernels as they are (their 16-bit patterns, float32 sums inside),
+    within half a 16-bit ulp of the exact result (backend_cases.check_float_steps_16bit)."""
+    check_float_steps_16bit(random_expert_ids(3000, 2, 64, seed=5), 64, 33, dtype_name)
+    for name in EDGE_CASES:
+        check_float_steps_16bit(*edge_case_ids(name), 5, dtype_name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_tensors_reach_the_kernels_without_a_copy(dtype):
+    """The kernels' view of a 16-bit tensor is the tensor's own memory (no float32 staging copy); routing
+    16-bit logits runs in float32, as the reference's does (same ids, float32 weights)."""
+    x = torch.randn(6, 8, dtype=dtype)
+    view = numba_cpu.array(x)
+    assert view.ctypes.data == x.data_ptr() and view.dtype.itemsize == 2
+    logits = torch.randn(30, 4, dtype=dtype)
     ids, weights = numba_backend.softmax_top_k_route(logits, 2, True)
     want_ids, want_weights = reference.softmax_top_k_route(logits, 2, True)
     assert torch.equal(ids, want_ids) and weights.dtype == want_weights.dtype == torch.float32

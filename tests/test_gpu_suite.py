@@ -14,7 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "bench" / "gpu_suite.sh"
-STEPS = ("install", "versions", "tests_gpu", "tests_backends", "cudasim_kernels", "dispatch", "layer_bfloat16",
+STEPS = ("install", "versions", "tests_gpu", "tests_backends", "cudasim_kernels", "dispatch", "gpu_kernels",
+         "layer_bfloat16",
          "layer_float32", "train_default_reference", "train_default_numba", "train_large_reference",
          "train_large_numba", "train_large_bf16_reference", "train_large_bf16_numba", "alltoall", "scaling",
          "cost_model")
@@ -67,3 +68,26 @@ def test_summary_reads_the_benchmarks_output(tmp_path):
     history.write_text(json.dumps({"train": [{"tokens_per_sec": r} for r in (10, 100, 200, 300, 400)]}))
     assert summary.tokens_per_sec(history) == 250                              # the first fifth left out
     assert summary.layer_headline(None) == [] and summary.junit_headline(tmp_path / "missing.xml") == []
+
+
+def test_gpu_kernels_smoke_without_a_gpu():
+    """bench/gpu_kernels.py --smoke on a CPU-only machine: in numba's CUDA simulator every copy kernel variant
+    (element / warp / block per row, 4/8/16-byte words) copies exactly; then it says there is no GPU, exit 0.
+    Without --smoke it refuses (exit 1), so a GPU run that lost its GPU cannot pass for a measurement."""
+    script = ROOT / "bench" / "gpu_kernels.py"
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    done = subprocess.run([sys.executable, str(script), "--smoke"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count(": exact") == 9 and "no GPU here" in done.stdout
+    if _torch_sees_a_gpu():
+        return                                       # without --smoke it would run the whole measurement
+    plain = {key: value for key, value in os.environ.items() if key != "NUMBA_ENABLE_CUDASIM"}
+    refused = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=plain, capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode == 1 and "needs an NVIDIA GPU" in refused.stdout
+
+
+def _torch_sees_a_gpu() -> bool:
+    import torch
+    return torch.cuda.is_available()
