@@ -71,7 +71,9 @@ class Backend(Protocol):
     # Data movement and expert products: differentiable
     # ------------------------------------------------------------------------------------------------
     def scatter_rows(self, x: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
-        """buffer ``[num_rows, d]`` with buffer[rows[t, s]] = x[t]; rows nobody owns are 0.
+        """buffer ``[num_rows, d]`` with buffer[rows[t, s]] = x[t]; rows nobody owns are 0. ``rows`` are what
+        stable_positions returns for starts = exclusive_prefix_sum(counts), so the kept assignments own rows
+        0..kept-1 and ``num_rows`` >= kept (the layer passes Σ counts = kept).
         Differentiable in ``x``: grad_x[t] = Σ_s grad_buffer[rows[t, s]]."""
 
     def gather_combine(self, expert_out: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -2,13 +2,15 @@
 
 The functions of the Backend Protocol (``backends/interface.py``), with the same results as
 ``backends/reference.py`` (which re-exports ``fastmoe_edu/dispatch.py`` and the two routing
-functions of ``fastmoe_edu/routers.py``; read their docstrings for the semantics). Each function
+functions of ``fastmoe_edu/routing.py``; read their docstrings for the semantics). Each function
 picks its *target* from the tensor's device:
 
     CPU tensors   ->  numba_cpu.py    (numba.njit + prange)
     CUDA tensors  ->  numba_cuda.py   (numba.cuda kernels on torch's current stream)
 
-and both targets run the same algorithms (the *tasks* of ``numba_cpu.py``). This file does the
+and both targets run the same algorithms (routing and ranking: the same *tasks* of ``numba_cpu.py``;
+the row kernels: the same token-major passes, a row loop on the CPU, a warp per row on the GPU). This file
+does the
 torch side: allocate outputs, hand the kernels zero-copy views (numpy arrays on the CPU,
 ``__cuda_array_interface__`` on the GPU; the torch tensors stay referenced here for as long as a
 kernel uses them), and wrap the differentiable steps in ``torch.autograd.Function``s whose backward
@@ -25,13 +27,22 @@ built from torch operations that can be differentiated again (``second_order.py`
 
 What makes it faster than the reference on a CPU: the reference's ranking builds a [T·k, E] one-hot
 matrix and cumsums it (O(T·k·E) memory traffic); here ranking is a two-pass count over chunks,
-O(T·k). Scatter and combine are single fused passes instead of index_select + index_copy + einsum.
-The grouped GEMM is the same arithmetic as the reference's (torch's matrix products, one call or
-one per segment, with an explicit backward): on a CPU the expert GEMMs are most of a step for both
-backends, so the layer speed-up is bounded by the dispatch's share (docs/benchmarks.md).
+O(T·k), in one kernel call. Scatter and combine are single token-major passes (x[t] or grad_y[t] read
+once, its k rows touched) instead of index_select + index_copy + einsum, and the combine's backward
+computes both gradients in one pass. The grouped GEMM is the same arithmetic as the reference's
+(torch's matrix products, one call or one per segment, with an explicit backward): on a CPU the
+expert GEMMs are most of a step for both backends, so the layer speed-up is bounded by the
+dispatch's share (docs/benchmarks.md).
+
+16-bit tensors (bfloat16, float16) go into the row kernels as they are (zero-copy views of their
+16-bit patterns; float32 sums inside, rounded to nearest even once). Routing runs in float32, as the
+reference routes: 16-bit logits [T, E] are converted (the reference does the same).
+
+On a GPU nothing here waits for the device: no .item()/.tolist(), every launch size is a tensor shape,
+and numba takes torch's arrays without synchronizing (numba_cuda.array).
 
 Integer results are deterministic and equal to the reference's; float results are bitwise
-reproducible from run to run (no atomics; every output element is one task's fixed-order sum).
+reproducible from run to run (no float atomics; every output element is one task's fixed-order sum).
 """
 from __future__ import annotations
 
@@ -317,7 +328,7 @@ class SoftmaxTopKRoute(torch.autograd.Function):
         # Scratch for the selection scores (logits outside the best groups masked, or p + b) and the group scores.
         selection = torch.empty_like(logits) if num_groups or has_bias else logits.new_empty(num_tokens, 1)
         group_scores = logits.new_empty(num_tokens, max(num_groups, 1))
-        kernel_bias = bias if has_bias else logits.new_zeros(1)                    # unused without a bias
+        kernel_bias = bias if has_bias else logits.new_empty(1)                    # never read without a bias
         expert_ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
         weights = logits.new_empty(num_tokens, top_k)
         target.softmax_top_k_route(target.array(logits), renormalize, num_groups, top_k_groups, has_bias,

@@ -31,7 +31,7 @@ Bytes counted (s = element size, T tokens, k slots, d width; the index arrays ar
     scatter forward               read x (T·d·s), write the buffer (T·k·d·s), read rows
     scatter backward              read T·k·d·s gradient rows, write T·d·s, read rows
     combine forward               read T·k·d·s expert rows, write T·d·s, read rows and weights
-    combine backward              read grad_y twice and the expert rows, write the row grads and weights
+    combine backward              read grad_y once and the expert rows, write the row grads and weights
 """
 from __future__ import annotations
 
@@ -146,7 +146,7 @@ def run(args) -> list[dict]:
         weights_leaf = weights.clone().requires_grad_(True)
         y = backend(out_leaf, weights_leaf)
         return lambda: torch.autograd.grad(y, (out_leaf, weights_leaf), grad_y, retain_graph=True)
-    measure("combine backward", 2 * T * d * s + 2 * T * k * d * s + index_bytes + 2 * T * k * s,
+    measure("combine backward", T * d * s + 2 * T * k * d * s + index_bytes + 2 * T * k * s,
             T * k * d * s + T * k * s, {
         "reference": combine_backward(lambda o, w: reference.gather_combine(o, rows, w)),
         "numba": combine_backward(lambda o, w: numba_backend.gather_combine(o, rows, w)),
@@ -177,7 +177,7 @@ def main(argv=None) -> None:
     parser.add_argument("--d-model", type=int, default=256, help="d, token width (default 256)")
     parser.add_argument("--experts", type=int, default=64, help="E (default 64)")
     parser.add_argument("--top-k", type=int, default=2, help="k (default 2)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16", "float16"))
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per measurement; the best is kept")
     parser.add_argument("--device", type=device_argument, default=default_device(),
                         help="cpu or cuda[:N] (default: cuda when torch sees a GPU, else cpu)")
