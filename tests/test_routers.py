@@ -10,8 +10,8 @@ from backend_cases import EXTREME_SIGMOID_BIAS, EXTREME_SIGMOID_IDS, EXTREME_SIG
 from fastmoe_edu import ROUTERS, MoELayer
 from fastmoe_edu.backends import get_backend
 from fastmoe_edu.dispatch import prune_capacity
-from fastmoe_edu.routers import (GShardRouter, NoisyTopKRouter, SwitchRouter, cv_squared, router_options,
-                                 router_z_loss, switch_balance_loss)
+from fastmoe_edu.router_zoo import GShardRouter, NoisyTopKRouter, SwitchRouter, cv_squared
+from fastmoe_edu.routers import router_options, router_z_loss, switch_balance_loss
 
 CAPACITY_ROUTERS = [("softmax_top_k", 2), ("noisy_top_k", 2), ("switch", 1), ("gshard", 2), ("sigmoid", 2), ("xmoe", 2)]
 
