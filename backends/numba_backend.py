@@ -290,7 +290,8 @@ class GatherCombine(torch.autograd.Function):
 def scatter_rows(x: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
     """buffer[rows[t, s]] = x[t] for every kept (t, s); rows nobody owns are 0."""
     if x.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"scatter_rows: no kernels for dtype {x.dtype} (they take {', '.join(map(str, KERNEL_DTYPES))})")
+        raise TypeError(f"scatter_rows: no kernels for dtype {x.dtype} "
+                        f"(they take {', '.join(map(str, KERNEL_DTYPES))})")
     return ScatterRows.apply(x, rows, num_rows)
 
 

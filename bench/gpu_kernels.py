@@ -300,7 +300,8 @@ def verify_section(tokens, experts, top_k, repeats) -> dict:
     expert_ids, _ = routing(tokens, experts, top_k, seed=1)
     counts = numba_backend.count_tokens_per_expert(expert_ids, experts)
     starts = numba_backend.exclusive_prefix_sum(counts)
-    rank_ok = torch.equal(numba_backend.stable_positions(expert_ids, starts), reference.stable_positions(expert_ids, starts))
+    rank_ok = torch.equal(numba_backend.stable_positions(expert_ids, starts),
+                          reference.stable_positions(expert_ids, starts))
     rank_ms = seconds(lambda: numba_backend.stable_positions(expert_ids, starts), repeats) * 1e3
     sort_ms = seconds(lambda: torch.argsort(expert_ids.reshape(-1), stable=True), repeats) * 1e3
     print(f"\n5. expert-bias gradient bitwise equal in two runs: {bias_ok}; cumsum ranking equal to the reference: "

@@ -284,8 +284,8 @@ def check_float_steps_16bit(expert_ids, num_experts, width, dtype_name, seed=0, 
 
     The scatter is a copy: equal. Every other output element is one sum of n terms (n = k, or the width for the
     weights' gradient) accumulated in float32 (or float64) and rounded once to nearest 16-bit value. The float32
-    sum s is within δ = n·2⁻²⁴·Σ|terms| of the exact value v, and rounding moves it by at most half a 16-bit ulp
-    at s, so |got − v| ≤ ½ ulp₁₆(|v| + δ) + δ. That bound catches a kernel that truncates instead of rounding
+    sum s is within δ = n·2⁻²⁴·Σ|terms| of the exact value v, and rounding moves it by at most half a 16-bit
+    ulp at s, so |got − v| ≤ ½ ulp₁₆(|v| + δ) + δ. That bound catches a kernel that truncates instead of rounding
     (its error reaches a whole ulp) as well as a wrong row, weight or slot (hundreds of ulps). Also bitwise
     repeatable from run to run."""
     dtype = HALF_DTYPES[dtype_name]
