@@ -235,6 +235,18 @@ def get_dataset(name: str, **options):
     return DATASETS[name](**options)
 
 
+def build_dataset(cfg):
+    """The dataset a training config names (``dataset``; ``stdlib_max_bytes`` caps the stdlib corpus)."""
+    options = {"max_bytes": cfg.stdlib_max_bytes} if cfg.dataset == "stdlib" else {}
+    return get_dataset(cfg.dataset, **options)
+
+
+def get_batch(dataset, cfg, split: str, step: int, device: str | torch.device = "cpu"):
+    """Batch number ``step`` of ``split``: (x, y, lang_ids), the same on every call and every machine."""
+    x, y, lang_ids = dataset.sample_batch(split, cfg.batch_size, cfg.seq_len, batch_rng(cfg.seed, split, step))
+    return x.to(device), y.to(device), lang_ids.to(device)
+
+
 def decode(tokens, dataset: str = "languages") -> str:
     """Tokens (list / tensor / array of ids) -> printable text, for the named dataset."""
     return _default_instance(dataset).decode(tokens)

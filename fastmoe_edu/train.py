@@ -24,10 +24,11 @@ capacity limit (always 0 without ``capacity_factor``).
 
 Checkpoints (checkpoint.py: ``out_dir/checkpoint.json`` names the verified files of ``out_dir/step-NNNNNNNN/``)
 hold the model, the optimizer, the step, the RNG state and the history, and the data is a function of the step, so ``--resume`` reproduces the uninterrupted run's
-losses exactly. ``out_dir/history.json`` has one record per step (loss, aux loss, tokens/s, tokens
+losses exactly (run_dir.py: saving, resuming, what a resumed run may change). ``out_dir/history.json`` has one record per step (loss, aux loss, tokens/s, tokens
 per expert) for the notebooks; ``out_dir/tensorboard/`` the same figures for TensorBoard, and
 ``--profile_steps=A:B`` a measured timeline of those steps, a track per rank (observe.py: the ``observer``
-calls in the loop). Ctrl-C finishes the current step, saves a checkpoint and stops.
+calls in the loop). Ctrl-C finishes the current step, saves a checkpoint and stops (guards.py: that,
+non-finite steps and the loss warnings).
 
 Under a launcher (``mpirun -n P`` or ``torchrun --nproc-per-node=P``) the same loop runs on every
 rank; the *runtime* (runtime.py: one process; distributed/runtime.py: P ranks) is the only part that
@@ -39,32 +40,27 @@ whole global batch; rank 0 alone prints; each rank writes its own checkpoint fil
 """
 from __future__ import annotations
 
-import dataclasses
-import json
+import functools
 import math
-import os
-import signal
 import sys
-import threading
 import time
-from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .backends import set_cpu_threads
-from .checkpoint import MANIFEST, CheckpointError, ModelMismatch, exclusive_out_dir, read_manifest, write_failure
-from .config import ConfigError, TrainConfig, format_config, parse_args, to_toml
-from .data import batch_rng, get_dataset
+from .checkpoint import CheckpointError, exclusive_out_dir
+from .config import ConfigError, TrainConfig, format_config, parse_args
+from .data import build_dataset, get_batch
 from .distributed.engines import launch_rank, launch_world_size, resolve_engine, signal_status_note
 from .distributed.layout import layout_sizes
+from .evaluate import estimate_val_loss, generate_samples, routing_stats
+from .guards import LossWatch, NonFiniteError, StopOnCtrlC, check_skipped_steps
 from .model import MoETransformer, build_model
 from .observe import Observer
-from .precision import LossScaler, MasterWeightAdamW, at_least_float32, autocast, store_parameters
+from .precision import LossScaler, MasterWeightAdamW, autocast, store_parameters
+from .run_dir import check_out_dir, save_run, start_or_resume, write_history
 from .runtime import Runtime
-
-HISTORY_NAME = "history.json"
 
 
 def start_runtime(cfg: TrainConfig) -> Runtime:
@@ -90,17 +86,6 @@ def log(rt: Runtime, cfg: TrainConfig, message: str) -> None:
 # --------------------------------------------------------------------------------------------------
 # building blocks of the run
 # --------------------------------------------------------------------------------------------------
-
-def build_dataset(cfg: TrainConfig):
-    options = {"max_bytes": cfg.stdlib_max_bytes} if cfg.dataset == "stdlib" else {}
-    return get_dataset(cfg.dataset, **options)
-
-
-def get_batch(dataset, cfg: TrainConfig, split: str, step: int, device: str | torch.device = "cpu"):
-    """Batch number ``step`` of ``split``: (x, y, lang_ids), the same on every call and every machine."""
-    x, y, lang_ids = dataset.sample_batch(split, cfg.batch_size, cfg.seq_len, batch_rng(cfg.seed, split, step))
-    return x.to(device), y.to(device), lang_ids.to(device)
-
 
 def configure_optimizer(model: MoETransformer, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW; weight decay only on matrices (embeddings, linear maps, expert weights), not on norms/biases.
@@ -144,28 +129,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - cfg.min_lr)
 
 
-def routing_stats(model: MoETransformer, rt: Runtime | None = None) -> dict:
-    """Load balance of the last forward: tokens per expert and dropped assignments per MoE layer, imbalance,
-    dropped fraction.
-
-    With several ranks the counts of all ranks are added up: the figures describe the whole global batch.
-    """
-    layers = model.moe_layers()
-    if not layers:
-        return {"tokens_per_expert": [], "tokens_dropped": [], "load_imbalance": 0.0, "dropped_frac": 0.0}
-    tokens = torch.stack([layer.last_routing.tokens_per_expert.cpu() for layer in layers])   # [layers, E]
-    dropped_per_layer = torch.tensor([layer.last_routing.num_dropped for layer in layers])
-    if rt is not None:
-        packed = rt.sum(torch.cat([tokens.reshape(-1), dropped_per_layer]))
-        tokens, dropped_per_layer = packed[:tokens.numel()].reshape(tokens.shape), packed[tokens.numel():]
-    counts = tokens.float()
-    imbalance = counts.amax(dim=1) / counts.mean(dim=1).clamp(min=1e-9)      # per layer; 1.0 = perfectly even
-    dropped = int(dropped_per_layer.sum())
-    return {"tokens_per_expert": tokens.tolist(), "tokens_dropped": dropped_per_layer.tolist(),
-            "load_imbalance": sum(imbalance.tolist()) / len(layers),
-            "dropped_frac": dropped / max(int(tokens.sum()) + dropped, 1)}   # of all (token, expert) assignments
-
-
 # Added to the seed, times the shard's index, for each batch shard's own random stream.
 _SHARD_SEED_STRIDE = 1_000_003
 
@@ -177,28 +140,6 @@ def seed_random_draws(cfg: TrainConfig, rt: Runtime) -> None:
     same shard, so they draw the same noise and route their identical tokens identically.
     """
     torch.manual_seed(cfg.seed + _SHARD_SEED_STRIDE * rt.data_rank)
-
-
-class NonFiniteError(RuntimeError):
-    """The loss or the gradient norm became NaN or infinite (nonfinite = "stop"), or stayed so for
-    ``max_consecutive_skips`` steps (nonfinite = "skip_step")."""
-
-
-def check_skipped_steps(records: list[dict], cfg: TrainConfig) -> None:
-    """nonfinite="skip_step" has a limit: ``max_consecutive_skips`` non-finite steps in a row end the run
-    (float16 overflows, which the loss scale absorbs, do not count)."""
-    run = 0
-    for record in reversed(records):
-        if not record["skipped"] or record["overflow"]:
-            break
-        run += 1
-    if run >= cfg.max_consecutive_skips:
-        last = records[-1]["step"]
-        raise NonFiniteError(f"steps {last - run + 1} to {last}: {run} steps in a row had a non-finite loss or "
-                             f"gradient norm and were skipped (nonfinite=\"skip_step\", max_consecutive_skips="
-                             f"{cfg.max_consecutive_skips}): the run has diverged; the last checkpoint in "
-                             f"{cfg.out_dir} is kept. Lower lr (or use grad_clip, or dtype=bfloat16 instead of "
-                             f"float16), or raise max_consecutive_skips")
 
 
 def train_step(model: MoETransformer, optimizer, batch, cfg: TrainConfig, step: int, rt: Runtime,
@@ -238,200 +179,6 @@ def train_step(model: MoETransformer, optimizer, batch, cfg: TrainConfig, step: 
     return {"step": step + 1, "lr": lr, "loss": losses[0], "lm_loss": losses[1], "aux_loss": losses[2],
             "grad_norm": grad_norm, "skipped": not finite, "overflow": overflow, "loss_scale": scaler.scale,
             **routing_stats(model, rt)}
-
-
-@torch.no_grad()
-def estimate_val_loss(model: MoETransformer, dataset, cfg: TrainConfig, device,
-                      rt: Runtime | None = None) -> tuple[float, dict]:
-    """LM loss (no aux loss) on the same ``eval_iters`` val batches every time: (mean, {language: mean}).
-
-    With several ranks every rank evaluates its slice of each val batch and the sums are added up.
-    """
-    rt = rt or Runtime()
-    model.eval()
-    total = torch.zeros(len(dataset.language_names))
-    count = torch.zeros(len(dataset.language_names))
-    for i in range(cfg.eval_iters):
-        x, y, lang = rt.shard_batch(get_batch(dataset, cfg, "val", i, device))
-        with autocast(cfg.dtype, x.device):
-            logits, _ = model(x)
-        token_loss = F.cross_entropy(at_least_float32(logits).flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-        total.index_add_(0, lang.cpu(), token_loss.sum(dim=1).cpu())
-        count.index_add_(0, lang.cpu(), torch.full((len(lang),), float(y.shape[1])))
-    total, count = rt.sum(total), rt.sum(count)
-    model.train()
-    per_language = {name: (total[i] / count[i]).item()
-                    for i, name in enumerate(dataset.language_names) if count[i] > 0}
-    return (total.sum() / count.sum()).item(), per_language
-
-
-@torch.no_grad()
-def expert_usage_by_language(model: MoETransformer, dataset, cfg: TrainConfig, num_batches: int = 4,
-                             device="cpu") -> torch.Tensor:
-    """Fraction of each language's (token, slot) assignments that go to each expert, from val batches.
-
-    Returns a tensor [num_moe_layers, num_languages, num_experts] whose rows sum to 1: the picture
-    of expert specialisation (a language routed mostly to one or two experts shows as a bright cell).
-    """
-    layers = model.moe_layers()
-    usage = torch.zeros(len(layers), len(dataset.language_names), model.cfg.num_experts)
-    model.eval()
-    for i in range(num_batches):
-        x, y, lang = get_batch(dataset, cfg, "val", i, device)
-        model(x, y)
-        token_lang = lang[:, None].expand_as(x).reshape(-1).cpu()                   # language of each token
-        for li, layer in enumerate(layers):
-            ids = layer.last_routing.expert_ids.cpu()                               # [T, slots], -1 = none
-            langs = token_lang[:, None].expand_as(ids)
-            keep = ids >= 0
-            usage[li].index_put_((langs[keep], ids[keep]), torch.ones(int(keep.sum())), accumulate=True)
-    model.train()
-    return usage / usage.sum(dim=-1, keepdim=True).clamp(min=1)
-
-
-@torch.no_grad()
-def generate_samples(model: MoETransformer, dataset, cfg: TrainConfig, device) -> str:
-    """Continue a short val prompt of each language; returns printable text, prompt | continuation."""
-    x, _, lang = get_batch(dataset, cfg, "val", 0, device)
-    prompt_len = max(1, min(16, cfg.seq_len // 4))
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    lines = []
-    for lang_id, lang_name in enumerate(dataset.language_names):
-        rows = (lang == lang_id).nonzero()
-        if len(rows) == 0:
-            continue
-        prompt = x[rows[0, 0]: rows[0, 0] + 1, :prompt_len]
-        out = model.generate(prompt, cfg.sample_tokens, temperature=cfg.sample_temperature, generator=generator)
-        text = dataset.decode(out[0, :prompt_len]) + " | " + dataset.decode(out[0, prompt_len:])
-        lines.append(f"[{lang_name}] {text!r}")
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------------
-# checkpoints and history
-# --------------------------------------------------------------------------------------------------
-
-SCHEDULE_KEYS = ("lr", "min_lr", "warmup_steps", "max_steps")   # what lr_at(step) depends on
-
-
-def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
-    """Settings that differ between a checkpoint and the current run (other than how it runs and logs)."""
-    harmless = {"resume", "progress", "eval_interval", "checkpoint_interval", "sample_tokens", "allow_schedule_change",
-                "sample_temperature", "num_threads", "out_dir", "exchange", "engine", "collective_timeout_s",
-                "tensorboard", "tensorboard_interval", "profile_steps", "max_consecutive_skips"}
-    current = cfg.to_dict()
-    return [f"{k}: checkpoint {saved.get(k)!r} -> now {current[k]!r}"
-            for k in current if k not in harmless and saved.get(k) != current[k]]
-
-
-def check_schedule_unchanged(saved: dict, cfg: TrainConfig) -> None:
-    """A resumed run follows the checkpoint's learning-rate schedule unless told otherwise."""
-    changed = [f"{k}={getattr(cfg, k)!r} (checkpoint: {saved.get(k)!r})" for k in SCHEDULE_KEYS
-               if saved.get(k) != getattr(cfg, k)]
-    if changed and not cfg.allow_schedule_change:
-        raise ConfigError(f"--resume with {', '.join(changed)} would change the learning-rate schedule "
-                          f"mid-run; keep the checkpoint's values, or pass --allow_schedule_change=true")
-    saved_groups = saved.get("optimizer_group_size", 0)
-    if saved_groups != cfg.optimizer_group_size:
-        raise ConfigError(f"--resume with optimizer_group_size={cfg.optimizer_group_size} (checkpoint: "
-                          f"{saved_groups}): the optimizer state is stored per parameter group, so the "
-                          f"groups must stay as they were; keep optimizer_group_size={saved_groups}")
-
-
-def model_differences(saved: dict, cfg: TrainConfig) -> str:
-    """The data and model options that differ from a checkpoint's: "checkpoint has d_model=64, this run d_model=32"."""
-    changed = [f.name for f in dataclasses.fields(cfg) if f.metadata["section"] in ("data", "model")
-               and f.name in saved and saved[f.name] != getattr(cfg, f.name)]
-    if not changed:
-        return ""
-    return (f"checkpoint has {', '.join(f'{k}={saved[k]!r}' for k in changed)}, "
-            f"this run {', '.join(f'{k}={getattr(cfg, k)!r}' for k in changed)}")
-
-
-def new_run_id(rt: Runtime) -> str:
-    """A fresh identity, unique per run: the main rank's start time (UTC) and 4 random bytes, e.g.
-    ``20261201-142501-9f3a61c2``, the same on every rank. (A resumed run keeps its checkpoint's.)"""
-    mine = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + os.urandom(4).hex()
-    return bytes(rt.broadcast_(torch.tensor(list(mine.encode()), dtype=torch.uint8)).tolist()).decode()
-
-
-def save_run(cfg: TrainConfig, model, optimizer, scaler: LossScaler, step: int, history: dict, run_id: str,
-             rt: Runtime) -> None:
-    """Checkpoint (every rank its own file, the main rank the shared one), then the history."""
-    rt.save(cfg.out_dir, model, optimizer, {"step": step, "run_id": run_id, "config": cfg.to_dict(),
-                                            "history": history, "loss_scale": scaler.state_dict()})
-    if rt.is_main:
-        write_history(cfg, history)
-
-
-def check_out_dir(out_dir: str) -> None:
-    """Fail at start, not at the first checkpoint: out_dir must be (or become) a writable directory."""
-    path = Path(out_dir)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as failure:
-        raise ConfigError(f"out_dir={out_dir!r} is not a writable directory: {failure.strerror or failure}") from None
-
-
-def write_history(cfg: TrainConfig, history: dict) -> None:
-    out_dir = Path(cfg.out_dir)
-    tmp = out_dir / f".{HISTORY_NAME}.{os.getpid()}.tmp"
-    text = json.dumps(history)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        os.replace(tmp, out_dir / HISTORY_NAME)
-    except OSError as failure:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"{HISTORY_NAME}: " + write_failure(failure, out_dir, len(text))) from None
-
-
-class StopOnCtrlC:
-    """First Ctrl-C (SIGINT) or SIGTERM (a scheduler's "please stop"): finish the current step, save a
-    checkpoint, stop. A second one stops at once.
-
-    Stopping *between* steps matters for exact resumption: an interrupt inside ``optimizer.step()``
-    could leave half-updated parameters behind.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __enter__(self):
-        self.requested, self._previous = False, {}
-        if threading.current_thread() is threading.main_thread():   # signals only reach the main thread
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc_info):
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-
-
-class LossWatch:
-    """Warn when a finite loss climbs far above its running minimum (a learning rate too high, usually)."""
-
-    FACTOR, PATIENCE, QUIET_STEPS = 3.0, 10, 100
-
-    def __init__(self):
-        self.lowest, self.seen, self.last_warning = math.inf, 0, -math.inf
-
-    def check(self, step: int, loss: float) -> str | None:
-        self.seen += 1
-        self.lowest = min(self.lowest, loss)
-        if (self.seen > self.PATIENCE and loss > self.FACTOR * self.lowest
-                and step - self.last_warning >= self.QUIET_STEPS):
-            self.last_warning = step
-            return (f"warning: step {step}: loss {loss:.4g} is {loss / self.lowest:.1f}x its running minimum "
-                    f"{self.lowest:.4g}; the learning rate may be too high")
-        return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -478,25 +225,9 @@ def _run(cfg: TrainConfig, stop_at: int | None, rt: Runtime) -> dict:
     optimizer = configure_optimizer(model, cfg)
     scaler = LossScaler(cfg.dtype)
 
-    start_step, history = 0, {"train": [], "val": []}
-    run_id = new_run_id(rt)
-    if cfg.resume:
-        saved_config = read_manifest(cfg.out_dir).get("config", {})
-        check_schedule_unchanged(saved_config, cfg)                  # before any weight is touched
-        try:
-            saved = rt.load(cfg.out_dir, model, optimizer)
-        except ModelMismatch as mismatch:
-            differences = model_differences(saved_config, cfg)
-            raise ModelMismatch(f"--resume: {differences + ': ' if differences else ''}{mismatch}") from None
-        start_step, history, run_id = saved["step"], saved["history"], saved["run_id"]
-        if saved.get("loss_scale") and saved["config"].get("dtype") == cfg.dtype:
-            scaler.load_state_dict(saved["loss_scale"])
-        log(rt, cfg, f"resumed from {Path(cfg.out_dir) / MANIFEST} at step {start_step} (run {run_id})")
-        for line in config_differences(saved["config"], cfg):
-            log(rt, cfg, f"warning: the resumed run changes {line}")
-    if rt.is_main:                                                   # (check_out_dir created out_dir)
-        (Path(cfg.out_dir) / "config.toml").write_text(to_toml(cfg))
-    observer = Observer(cfg, rt, start_step, say=lambda message: log(rt, cfg, message))   # TensorBoard, traces
+    say = functools.partial(log, rt, cfg)                            # say(message): log on the main rank
+    start_step, history, run_id = start_or_resume(cfg, rt, model, optimizer, scaler, say)   # run_dir.py
+    observer = Observer(cfg, rt, start_step, say=say)                # TensorBoard, traces
 
     last_step = min(cfg.max_steps, stop_at) if stop_at is not None else cfg.max_steps
     tokens_per_step = cfg.batch_size * cfg.seq_len
@@ -514,13 +245,7 @@ def _run(cfg: TrainConfig, stop_at: int | None, rt: Runtime) -> dict:
             history["train"].append(record)
             check_skipped_steps(history["train"], cfg)
             observer.end_step(record)
-            if record["overflow"]:          # float16: routine while the loss scale settles; the bar shows it
-                warning = None
-            elif record["skipped"]:
-                warning = (f"warning: step {step + 1}: non-finite loss or gradient norm, update skipped "
-                           f"(nonfinite=\"skip_step\")")
-            else:
-                warning = watch.check(step + 1, record["loss"])
+            warning = watch.warning(record)                            # skipped, or a climbing loss
             if warning:
                 log(rt, cfg, warning)
             tok_rate = record["tokens_per_sec"] if tok_rate is None else 0.9 * tok_rate + 0.1 * record["tokens_per_sec"]

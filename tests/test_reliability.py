@@ -18,7 +18,8 @@ import torch
 import fastmoe_edu.checkpoint as checkpoint
 from fastmoe_edu.checkpoint import MANIFEST, read_manifest
 from fastmoe_edu.config import ConfigError, parse_args
-from fastmoe_edu.train import LossWatch, main, train
+from fastmoe_edu.guards import LossWatch
+from fastmoe_edu.train import main, train
 from launcher import command, launch
 
 SCRIPTS = Path(__file__).resolve().parent / "mpi_scripts"

@@ -10,7 +10,8 @@ import torch
 from fastmoe_edu.checkpoint import CheckpointError
 from fastmoe_edu.config import TrainConfig, parse_args
 from fastmoe_edu.model import is_expert_parameter
-from fastmoe_edu.train import build_dataset, expert_usage_by_language, lr_at, main, train
+from fastmoe_edu.evaluate import expert_usage_by_language
+from fastmoe_edu.train import build_dataset, lr_at, main, train
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -449,7 +449,7 @@ print(f"busiest experts at step 0: {busiest_at_start}; experts with the most neg
 # The project's default dataset, `languages`, mixes four synthetic token languages (counting, copy,
 # markov, dyck) and tells us which language every sequence is in. We train a tiny MoE language model
 # briefly with the project's `train(config)` and then count, per language, which experts its tokens
-# were routed to (`fastmoe_edu.train.expert_usage_by_language`). A bright cell means that language
+# were routed to (`fastmoe_edu.evaluate.expert_usage_by_language`). A bright cell means that language
 # relies on that expert: the experts have **specialised**. Each token uses `top_k` *different*
 # experts, so one expert can hold at most `1/top_k` of a language's assignments (0.5 here), and
 # uniform routing gives `1/E`. After so little training the pattern is partial; `04_training`
@@ -460,7 +460,8 @@ print(f"busiest experts at step 0: {busiest_at_start}; experts with the most neg
 
 # %%
 from fastmoe_edu.config import TrainConfig
-from fastmoe_edu.train import build_dataset, expert_usage_by_language, train
+from fastmoe_edu.evaluate import expert_usage_by_language
+from fastmoe_edu.train import build_dataset, train
 
 spec_config = TrainConfig(
     max_steps=30 if QUICK else 200, batch_size=8 if QUICK else 16, seq_len=32, n_layer=2, n_head=2,

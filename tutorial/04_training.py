@@ -58,7 +58,8 @@ from IPython.display import display
 from tqdm.auto import tqdm
 
 from fastmoe_edu.config import TrainConfig
-from fastmoe_edu.train import build_dataset, expert_usage_by_language, train
+from fastmoe_edu.evaluate import expert_usage_by_language
+from fastmoe_edu.train import build_dataset, train
 
 QUICK = os.environ.get("FASTMOE_EDU_QUICK", "0") == "1"
 STEPS = 40 if QUICK else 400
