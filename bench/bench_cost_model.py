@@ -113,7 +113,7 @@ def worker(output: str) -> None:
         layout = ParallelLayout(world, tp=tp, ep=ep, dp=dp)
         torch.manual_seed(0)
         model = MoETransformer(ModelConfig(**MODEL))
-        parallelize(model, layout, exchange="alltoallv", drop_duplicate_tokens=drop)
+        plan = parallelize(model, layout, exchange="alltoallv", drop_duplicate_tokens=drop)
         shard = batch // (ep * dp)
         x = torch.randint(0, MODEL["vocab_size"], (shard, MODEL["seq_len"]))
         times, imbalance = [], []
@@ -123,7 +123,7 @@ def worker(output: str) -> None:
             model.zero_grad(set_to_none=True)
             _, loss = model(x, x)
             loss.backward()
-            allreduce_gradients(model, layout)
+            allreduce_gradients(model, layout, plan)
             elapsed = slowest(time.perf_counter() - start)
             if step >= WARMUP:
                 times.append(elapsed)

@@ -38,7 +38,7 @@ def worker(output: str, args) -> None:
     from fastmoe_edu.config import parse_args
     from fastmoe_edu.distributed import launch_world_size
     from fastmoe_edu.distributed.engines import resolve_engine
-    from fastmoe_edu.distributed.runtime import ParallelRuntime
+    from fastmoe_edu.train import parallel_runtime
     from fastmoe_edu.model import build_model
     from fastmoe_edu.train import build_dataset, configure_optimizer, get_batch
 
@@ -54,7 +54,7 @@ def worker(output: str, args) -> None:
     runs = []
     for name, on, piece_bytes in settings:
         cfg.gradient_partitioning = on
-        rt = ParallelRuntime(cfg, resolve_engine("auto"))          # (one rank's error ends the job)
+        rt = parallel_runtime(cfg, resolve_engine("auto"))          # (one rank's error ends the job)
         rt.gradient_piece_bytes = piece_bytes
         torch.manual_seed(cfg.seed)
         model = build_model(cfg, dataset.vocab_size)

@@ -50,7 +50,7 @@ def worker(output: str, steps: int, warmup: int, backend: str, exchange: str, en
     model = build_model(cfg, dataset.vocab_size)
     distributed = layout.world_size > 1
     if distributed:
-        parallelize(model, layout, exchange=exchange)     # local experts; replicated weights from rank 0
+        plan = parallelize(model, layout, exchange=exchange)   # local experts; replicated weights from rank 0
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     mine = slice(layout.data_rank * per_rank, (layout.data_rank + 1) * per_rank)
 
@@ -64,8 +64,8 @@ def worker(output: str, steps: int, warmup: int, backend: str, exchange: str, en
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if distributed:
-            allreduce_gradients(model, layout)
-            clip_grad_norm_(model, cfg.grad_clip, layout)
+            allreduce_gradients(model, layout, plan)
+            clip_grad_norm_(model, cfg.grad_clip, layout, plan)
         else:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()

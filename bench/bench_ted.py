@@ -73,7 +73,7 @@ def peak_step_bytes(run_step) -> int:
 def worker(output: str, tp: int, ep: int, steps: int, size: str) -> None:
     from fastmoe_edu.config import TrainConfig
     from fastmoe_edu.distributed import (ParallelLayout, abort_on_exception, allreduce_gradients, clip_grad_norm_,
-                                         expert_parameters, open_world, parallelize)
+                                         open_world, parallelize)
     from fastmoe_edu.model import build_model
     from fastmoe_edu.train import build_dataset, get_batch
 
@@ -88,7 +88,7 @@ def worker(output: str, tp: int, ep: int, steps: int, size: str) -> None:
         dataset = build_dataset(cfg)
         torch.manual_seed(cfg.seed)
         model = build_model(cfg, dataset.vocab_size)
-        parallelize(model, layout, **{k: v for k, v in options.items() if k != "activation_checkpointing"})
+        plan = parallelize(model, layout, **{k: v for k, v in options.items() if k != "activation_checkpointing"})
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         rows = layout.check_batch_size(cfg.batch_size)
         mine = slice(layout.data_rank * rows, (layout.data_rank + 1) * rows)
@@ -98,8 +98,8 @@ def worker(output: str, tp: int, ep: int, steps: int, size: str) -> None:
             _, loss = model(x[mine], y[mine])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            allreduce_gradients(model, layout)
-            clip_grad_norm_(model, 1.0, layout)
+            allreduce_gradients(model, layout, plan)
+            clip_grad_norm_(model, 1.0, layout, plan)
             optimizer.step()
 
         step(0)                                                       # warm-up: optimizer state, buffers
@@ -114,7 +114,7 @@ def worker(output: str, tp: int, ep: int, steps: int, size: str) -> None:
         for key, counter in layout.stats.counters.items():
             sent[kind_of(key)] = sent.get(kind_of(key), 0) + counter.bytes_sent // steps
         peak = peak_step_bytes(lambda: step(steps + 1))
-        results[name] = {"bytes_per_step": sent, "expert_elements": sum(p.numel() for p in expert_parameters(model)),
+        results[name] = {"bytes_per_step": sent, "expert_elements": sum(p.numel() for p in plan.expert_parameters()),
                          "peak_step_bytes": peak, "step_ms": 1000 * statistics.median(seconds)}
     if world.rank == 0:
         Path(output).write_text(json.dumps({"ranks": world.size, "tp": tp, "ep": ep, "dp": dp, "size": size,

@@ -34,8 +34,10 @@ from pathlib import Path
 
 from .data import DATASETS
 from .distributed.engines import DEFAULT_TIMEOUT_S, ENGINES
-from .distributed.expert_parallel import DROP_POINTS
-from .distributed.parallelize import EXCHANGES, pipelining
+from .distributed.expert_tensor_parallel import hidden_units_per_rank
+from .distributed.layout import experts_per_rank
+from .distributed.plan import DROP_POINTS, EXCHANGES, ParallelPlan
+from .distributed.tensor_parallel import check_divisible
 from .distributed.pipeline import AUTO
 from .observe import parse_profile_steps
 from .options import SOFT_MOE, LayerOptions, option as _field
@@ -230,25 +232,7 @@ class TrainConfig(LayerOptions):
         # Relations between fields.
         if self.d_model % self.n_head:
             raise ConfigError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
-        if self.n_head % self.tp:
-            raise ConfigError(f"tp={self.tp} must divide n_head={self.n_head} (each tensor-parallel rank computes "
-                              f"whole heads); choose tp among the divisors of {self.n_head}")
-        if self.moe_every > 1 and self.d_hidden % self.tp:
-            raise ConfigError(f"tp={self.tp} must divide d_hidden={self.d_hidden} (the dense MLPs' hidden units "
-                              f"are split over the tp ranks)")
-        if self.ep is not None and self.num_experts % self.ep:
-            raise ConfigError(f"ep={self.ep} must divide num_experts={self.num_experts} (every expert-parallel "
-                              f"rank holds the same number of experts)")
-        if self.expert_tensor_parallel and self.d_hidden % self.tp:
-            raise ConfigError(f"expert_tensor_parallel with tp={self.tp}: d_hidden={self.d_hidden} must be divisible "
-                              f"by tp (each tp rank holds d_hidden / tp hidden units of every expert)")
-        pipelined = pipelining(self.pipeline_degree, self.backward_pipeline_degree)   # "" = not pipelined
-        if self.shadow_experts != 0 and self.expert_tensor_parallel:
-            raise ConfigError(f"shadow_experts={self.shadow_experts!r} broadcasts whole experts: it does not combine "
-                              f"with expert_tensor_parallel (experts split over the tp ranks); turn one of them off")
-        if self.expert_tensor_parallel and pipelined:
-            raise ConfigError(f"expert_tensor_parallel with {pipelined}: the pipelined "
-                              f"exchange runs whole experts only; set one of them back to its default")
+        self._check_parallel_options()
         if self.master_weights == "optimizer" and self.dtype != "bfloat16":
             raise ConfigError(f"master_weights='optimizer' with dtype={self.dtype!r}: 16-bit parameters with float32 "
                               f"copies in the optimizer need dtype='bfloat16' (float16's loss scale would be divided "
@@ -266,6 +250,20 @@ class TrainConfig(LayerOptions):
                 (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             raise ConfigError(f"device={self.device!r} is not allowed; allowed values: cpu, cuda, cuda:N")
         return self
+
+    def _check_parallel_options(self) -> None:
+        """The parallel options, by the same checks parallelize and the layout run (plain arithmetic), as ConfigErrors."""
+        try:
+            check_divisible("n_head", self.n_head, self.tp)              # each tp rank computes whole heads
+            if self.moe_every > 1:                                       # the dense MLPs' hidden units
+                check_divisible("d_hidden", self.d_hidden, self.tp)
+            if self.ep is not None:
+                experts_per_rank(self.num_experts, self.ep)
+            if self.expert_tensor_parallel:
+                hidden_units_per_rank(self.d_hidden, self.tp)
+            ParallelPlan.of(self).check(self.ep)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
     def _check_layer_options(self) -> None:
         """The MoE layers' options, by LayerOptions.check (the router's own by its class), as ConfigErrors."""

@@ -919,8 +919,9 @@ def moefy(model: nn.Module, backend: str = "auto", layout=None) -> nn.Module:
     naming what is missing, and a model without any known MoE block raises ValueError. With ``layout``
     (a ``fastmoe_edu.distributed.ParallelLayout``) each swapped MoELayer is made expert-parallel with
     ``parallelize(layer, layout)``; the rest of the model stays replicated (build it from the same seed
-    on every rank, and all-reduce with ``allreduce_gradients(model, layout)``). Build the optimizer
-    after this call: the swapped blocks' parameters are new tensors.
+    on every rank). To all-reduce the gradients, keep the plan instead: ``plan = parallelize(moefy(model),
+    layout)``, then ``allreduce_gradients(model, layout, plan)``. Build the optimizer after this call: the
+    swapped blocks' parameters are new tensors.
     """
     known = set(SUPPORTED) | set(UNSUPPORTED)
     if type(model).__name__ in known:            # setattr(model, "", ...) would hang the swap under the block itself

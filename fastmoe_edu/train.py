@@ -73,8 +73,16 @@ def start_runtime(cfg: TrainConfig) -> Runtime:
     layout_sizes(cfg, launch_world_size())      # --tp=2 without a launcher: a clear error, not a silent no-op
     if engine is None:
         return Runtime()
+    return parallel_runtime(cfg, engine)
+
+
+def parallel_runtime(cfg: TrainConfig, engine: str) -> Runtime:
+    """The :class:`ParallelRuntime` of ``cfg`` over ``engine``: its parallel options and the sizes it checks."""
+    from .distributed.plan import ParallelPlan
     from .distributed.runtime import ParallelRuntime
-    return ParallelRuntime(cfg, engine)
+    return ParallelRuntime(engine, ParallelPlan.of(cfg), tp=cfg.tp, ep=cfg.ep, dp=cfg.dp, num_experts=cfg.num_experts,
+                           batch_size=cfg.batch_size, seq_len=cfg.seq_len, device=cfg.device,
+                           collective_timeout_s=cfg.collective_timeout_s, gradient_partitioning=cfg.gradient_partitioning)
 
 
 def log(rt: Runtime, cfg: TrainConfig, message: str) -> None:

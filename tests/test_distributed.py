@@ -115,19 +115,18 @@ def test_buckets_respect_size_and_dtype():
 def _small_expert_parallel_model(layout, seed=0):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), MoELayer(4, 6, num_experts=4, bias=True))
-    parallelize(model, layout)
-    return model
+    return model, parallelize(model, layout)
 
 
 def test_one_rank_gradient_sync_and_clip_match_torch():
     layout = ParallelLayout()
-    model = _small_expert_parallel_model(layout)
-    twin = _small_expert_parallel_model(layout)
+    model, plan = _small_expert_parallel_model(layout)
+    twin, _ = _small_expert_parallel_model(layout)
     x = torch.randn(10, 4)
     for m in (model, twin):
         m(x).square().sum().backward()
-    allreduce_gradients(model, layout)                 # one rank: gradients unchanged
-    norm = clip_grad_norm_(model, 0.1, layout)
+    allreduce_gradients(model, layout, plan)           # one rank: gradients unchanged
+    norm = clip_grad_norm_(model, 0.1, layout, plan)
     twin_norm = torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.1)
     torch.testing.assert_close(norm, twin_norm)
     for p, q in zip(model.parameters(), twin.parameters()):
@@ -137,26 +136,26 @@ def test_one_rank_gradient_sync_and_clip_match_torch():
 class _OneRank(ParallelRuntime):
     """The parallel runtime of a one-rank layout (its checkpoint methods), without a launch."""
 
-    def __init__(self, layout):
-        self.layout, self.rank, self.world_size = layout, layout.rank, layout.world_size
+    def __init__(self, layout, plan):
+        self.layout, self.rank, self.world_size, self.plan = layout, layout.rank, layout.world_size, plan
 
 
 def test_sharded_checkpoint_round_trip(tmp_path):
     layout = ParallelLayout()
-    model = _small_expert_parallel_model(layout)
+    model, plan = _small_expert_parallel_model(layout)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     model(torch.randn(10, 4)).sum().backward()
     optimizer.step()
-    save_checkpoint(tmp_path, model, optimizer, {"step": 7, "run_id": "test"}, _OneRank(layout))
+    save_checkpoint(tmp_path, model, optimizer, {"step": 7, "run_id": "test"}, _OneRank(layout, plan))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.json", "step-00000007"]
     assert sorted(p.name for p in (tmp_path / "step-00000007").iterdir()) == ["ckpt.pt", "experts-rank00000.pt",
                                                                               "fastmoe_edu-checkpoint"]
     expert_file = torch.load(tmp_path / "step-00000007" / "experts-rank00000.pt", weights_only=True)
     assert all(".experts." in f".{key}" for key in expert_file["model"])
 
-    restored = _small_expert_parallel_model(layout, seed=1)
+    restored, restored_plan = _small_expert_parallel_model(layout, seed=1)
     restored_optimizer = torch.optim.AdamW(restored.parameters(), lr=0.1)
-    shared = load_checkpoint(tmp_path, restored, restored_optimizer, _OneRank(layout))
+    shared = load_checkpoint(tmp_path, restored, restored_optimizer, _OneRank(layout, restored_plan))
     assert shared["step"] == 7
     for p, q in zip(model.parameters(), restored.parameters()):
         assert torch.equal(p, q)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fastmoe_edu import MoELayer
-from fastmoe_edu.distributed import parallelize
+from fastmoe_edu.config import ConfigError, parse_args
+from fastmoe_edu.distributed import ParallelLayout, ParallelPlan, parallelize
 from fastmoe_edu.distributed.layout import experts_per_rank
 from fastmoe_edu.model import ModelConfig, MoETransformer
 
@@ -81,3 +82,46 @@ def test_a_refused_parallelize_leaves_the_model_unchanged(case):
     assert after[0] == before[0], "the model's structure changed before the refusal"
     for (name, ident, value), (_, ident_after, value_after) in zip(before[1], after[1]):
         assert ident_after == ident and torch.equal(value_after, value), f"{name} changed before the refusal"
+
+
+def test_options_come_as_a_plan_or_as_keywords_not_both():
+    model = _model()
+    before = _snapshot(model)
+    with pytest.raises(TypeError, match="not both"):
+        parallelize(model, _Layout(1, 2), ParallelPlan(), exchange="pairwise")
+    assert _snapshot(model)[0] == before[0]
+
+
+# The config refuses a combination with the words of the same check (ParallelPlan.check, the layout's and the
+# tensor-parallel arithmetic): each check is written once.
+CONFIG_REFUSALS = {
+    "shadow_with_tensor_experts": (["--tp=2", "--shadow_experts=1", "--expert_tensor_parallel=true"],
+                                   "does not combine with expert_tensor_parallel"),
+    "pipelined_tensor_experts": (["--tp=2", "--expert_tensor_parallel=true", "--pipeline_degree=2"],
+                                 "runs whole experts only"),
+    "num_experts": (["--ep=3", "--num_experts=4"], "num_experts=4 is not divisible by the expert-parallel size 3"),
+    "tensor_experts_hidden": (["--tp=4", "--n_head=4", "--d_hidden=6", "--expert_tensor_parallel=true"],
+                              "d_hidden=6 is not divisible by tp=4"),
+    "tensor_parallel_heads": (["--tp=2", "--n_head=1", "--d_model=8"], "n_head=1 is not divisible by tp=2"),
+    "ranks_per_node": (["--ep=2", "--ranks_per_node=3"], "ranks_per_node=3 must divide"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_REFUSALS))
+def test_the_config_refuses_with_the_same_check(case):
+    argv, words = CONFIG_REFUSALS[case]
+    with pytest.raises(ConfigError, match=words):
+        parse_args(["--progress=false", *argv])
+
+
+def test_the_plan_says_what_parallelize_decided():
+    """One rank: every MoE layer named, with the runner's own settings; options that need tp > 1 are off."""
+    model = _model()
+    plan = parallelize(model, ParallelLayout(), drop_duplicate_tokens=True, exchange="pairwise")
+    assert plan.drop_duplicate_tokens and [entry.name for entry in plan.layers] == ["blocks.0.ffn", "blocks.1.ffn"]
+    for entry in plan.layers:
+        assert entry.layer.expert_runner.settings is entry.expert
+        assert entry.expert.exchange == "pairwise" and not entry.expert.drop_duplicate_tokens   # tp = 1
+        assert not entry.sums_expert_gradients_over_tensor
+    assert plan.expert_parameters() == [p for entry in plan.layers for p in entry.layer.experts.parameters()]
+    assert plan.sliced_parameters == ()

@@ -11,7 +11,8 @@ batch. Importing this package loads no engine: only :func:`open_world` does. The
     engines.py          which engine launched this job (environment only), open_world
     stats.py            CommunicationStats: calls, seconds and bytes per collective
     layout.py           ParallelLayout: world = tp × ep × dp, one communicator per role
-    parallelize.py      parallelize(model, layout): the one call that makes a model parallel
+    parallelize.py      parallelize(model, layout) -> ParallelPlan: the one call that makes a model parallel
+    plan.py             ParallelPlan: the parallel options (each with its check) and what parallelize decided
     expert_parallel.py  ExpertParallel (a layer's expert runner, TED's duplicate token dropping), SumOverRanks
     exchange.py         the differentiable token exchange with pluggable algorithms, and the regroup
     hierarchical.py     the two-level (intra-node, then inter-node) all-to-all
@@ -33,28 +34,29 @@ Typical use::
     from fastmoe_edu.distributed import ParallelLayout, allreduce_gradients, clip_grad_norm_, parallelize
     layout = ParallelLayout()                       # the launcher's engine; ep = world size
     torch.manual_seed(0); model = build_model()     # the whole model, same seed on every rank
-    parallelize(model, layout)                      # keep E/ep experts per rank, broadcast the rest
+    plan = parallelize(model, layout)               # keep E/ep experts per rank, broadcast the rest
     ...
-    loss.backward(); allreduce_gradients(model, layout); clip_grad_norm_(model, 1.0, layout); optimizer.step()
+    loss.backward(); allreduce_gradients(model, layout, plan); clip_grad_norm_(model, 1.0, layout, plan)
 """
 from .communicator import EXCHANGE_METHODS, Communicator
 from .engines import ENGINES, launch_rank, launch_world_size, open_world
-from .expert_parallel import ExpertParallel, SumOverRanks, expert_parameters, keep_local_experts
+from .expert_parallel import ExpertParallel, SumOverRanks, keep_local_experts
 from .failure import abort_on_exception
 from .gradient_partitioning import GradientPieces
 from .gradients import (DEFAULT_BUCKET_BYTES, allreduce_expert_gradients, allreduce_gradients, broadcast_parameters,
                         clip_grad_norm_, split_parameters)
 from .launch import mpirun_command, mpirun_path, torchrun_command
 from .layout import ParallelLayout
-from .parallelize import EXCHANGES, parallelize
+from .parallelize import parallelize
+from .plan import EXCHANGES, ExpertSettings, LayerPlan, ParallelPlan
 from .stats import CommunicationStats
 
 __all__ = [
     "EXCHANGE_METHODS", "Communicator",
     "ENGINES", "launch_rank", "launch_world_size", "open_world",
-    "ExpertParallel", "SumOverRanks", "expert_parameters", "keep_local_experts", "abort_on_exception",
+    "ExpertParallel", "SumOverRanks", "keep_local_experts", "abort_on_exception",
     "GradientPieces", "DEFAULT_BUCKET_BYTES", "allreduce_expert_gradients", "allreduce_gradients",
     "broadcast_parameters", "clip_grad_norm_", "split_parameters",
     "mpirun_command", "mpirun_path", "torchrun_command",
-    "ParallelLayout", "EXCHANGES", "parallelize", "CommunicationStats",
+    "ParallelLayout", "EXCHANGES", "ExpertSettings", "LayerPlan", "ParallelPlan", "parallelize", "CommunicationStats",
 ]

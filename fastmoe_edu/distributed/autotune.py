@@ -43,7 +43,6 @@ from tqdm import tqdm
 
 from .cost_model import LayerTasks, choose_pipeline_degrees, fit_alpha_beta, fit_task, predict_layer
 from .hierarchical import HierarchicalExchange
-from .exchange import exchange_counts, exchange_rows, regroup_by_expert, regroup_by_source
 from .pipeline import AUTO, chunk_rows
 from .recompute import active_stash
 from .stats import wall_clock
@@ -101,9 +100,10 @@ class DegreeTuner:
         self._device, self.runner_exchange = buffer.device, runner.exchange
         if timed_backward:                                             # the backward of this layer ends here ...
             buffer = _Noted.apply(buffer, self._note_backward_end)
-        out, sample = _timed_exchange(runner, experts, buffer, counts, backend)
+        clock = PassClock(runner, experts, buffer, backend)
+        out = runner.exchange_and_run(experts, buffer, counts, backend, clock)   # the runner's own exchange, timed
         if recording and measure:
-            self.samples.append(sample)
+            self.samples.append(clock.sample())
         if timed_backward:                                             # ... and starts here
             out = _Noted.apply(out, self._note_backward_start)
         if decide:
@@ -168,12 +168,12 @@ class DegreeTuner:
         if plan == "judge":
             self._judge(record=recording)
         if plan != "verify":                         # "warm": the chosen degrees' first pass, not timed
-            return runner._exchange_and_run(experts, buffer, counts, backend)
+            return runner.exchange_and_run(experts, buffer, counts, backend)
         timed_backward = recording and torch.is_grad_enabled() and buffer.requires_grad
         if timed_backward:
             buffer = _Noted.apply(buffer, self._note_checked_backward_end)
         start = wall_clock(buffer.device)
-        out = runner._exchange_and_run(experts, buffer, counts, backend)           # with the chosen degrees
+        out = runner.exchange_and_run(experts, buffer, counts, backend)           # with the chosen degrees
         if recording:
             self._checked = [wall_clock(buffer.device) - start, 0.0]
         if timed_backward:
@@ -224,42 +224,56 @@ class DegreeTuner:
                 f"µs/call, {t['tasks'].compute_seconds * ms:.3f} ms for all rows")
 
 
-def _timed_exchange(runner, experts, buffer, counts, backend) -> tuple[torch.Tensor, list[float]]:
-    """The unpipelined steps 3 and 6-8 (as ExpertParallel._exchange_and_run), with a clock and two probes."""
-    comm, exchange, device = runner.layout.expert, runner.exchange, buffer.device
-    P, width, me = comm.size, buffer.shape[1], comm.rank
-    plan = exchange_counts(counts, runner.num_local_experts, comm)     # (also lines the ranks up for the clock)
-    def inter_node_seconds():                   # a hierarchical exchange's second phase, 0 for a flat one
-        return getattr(exchange, "last_phase_seconds", (0.0, 0.0))[1]
+class PassClock:
+    """The clock of one profiling pass: ``ExpertParallel.exchange_and_run(..., clock=this)`` tells it where each
+    unpipelined step ends; it adds its two probes (a one-row all-to-all on the layer's exchange, and the experts
+    on 1/8 of the rows) and ``sample`` is that pass's row of COLUMNS."""
 
-    start = wall_clock(device)
-    exchange.alltoallv(buffer.new_zeros((P, width)), [1] * P, [1] * P)   # probe: one row to every rank
-    probe = wall_clock(device)
-    probe_inter = inter_node_seconds()
-    received = exchange_rows(buffer, plan.send_rows, plan.recv_rows, exchange)
-    scattered = wall_clock(device)
-    scatter_inter = inter_node_seconds()
-    expert_rows = regroup_by_expert(received, plan.recv_counts)
-    local_counts = plan.local_expert_counts.to(counts.device)
-    rows, small_counts = chunk_rows(local_counts, SMALL_CALL)
-    begin = wall_clock(device)
-    with torch.no_grad():                                              # the small call: 1/8 of the rows
-        experts(expert_rows.detach()[rows[0].to(device)], small_counts[0].to(counts.device), backend.grouped_matmul)
-    small = wall_clock(device)
-    expert_out = experts(expert_rows, local_counts, backend.grouped_matmul)
-    computed = wall_clock(device)
-    returned = regroup_by_source(expert_out, plan.recv_counts)
-    begin_gather = wall_clock(device)
-    out = exchange_rows(returned, plan.recv_rows, plan.send_rows, exchange)
-    gathered = wall_clock(device)
-    gather_inter = inter_node_seconds()
-    row_bytes = width * buffer.element_size()
-    sample = [probe - start, (P - 1) * row_bytes,
-              scattered - probe, (sum(plan.send_rows) - plan.send_rows[me]) * row_bytes,
-              gathered - begin_gather, (sum(plan.recv_rows) - plan.recv_rows[me]) * width * returned.element_size(),
-              float(len(rows[0])), small - begin, float(expert_rows.shape[0]), computed - small,
-              probe_inter, scatter_inter, gather_inter, 0.0]
-    return out, sample
+    def __init__(self, runner, experts, buffer: torch.Tensor, backend):
+        self.exchange, self.experts, self.backend = runner.exchange, experts, backend
+        self.device, self.width, self.comm = buffer.device, buffer.shape[1], runner.layout.expert
+        self.row_bytes = self.width * buffer.element_size()
+        self.probe_rows = buffer.new_zeros((self.comm.size, self.width))       # one row to every rank
+
+    def _inter_node_seconds(self) -> float:     # a hierarchical exchange's second phase, 0 for a flat one
+        return getattr(self.exchange, "last_phase_seconds", (0.0, 0.0))[1]
+
+    def counted(self, plan) -> None:             # (the counts' exchange also lines the ranks up for the clock)
+        P = self.comm.size
+        self.plan, self.start = plan, wall_clock(self.device)
+        self.exchange.alltoallv(self.probe_rows, [1] * P, [1] * P)                   # the probe
+        self.probe, self.probe_inter = wall_clock(self.device), self._inter_node_seconds()
+
+    def scattered(self) -> None:
+        self.scatter, self.scatter_inter = wall_clock(self.device), self._inter_node_seconds()
+
+    def regrouped(self, expert_rows: torch.Tensor, local_counts: torch.Tensor) -> None:
+        rows, small_counts = chunk_rows(local_counts, SMALL_CALL)
+        self.small_rows, self.rows = float(len(rows[0])), float(expert_rows.shape[0])
+        self.begin = wall_clock(self.device)
+        with torch.no_grad():                                          # the small call: 1/8 of the rows
+            self.experts(expert_rows.detach()[rows[0].to(self.device)], small_counts[0].to(local_counts.device),
+                         self.backend.grouped_matmul)
+        self.small = wall_clock(self.device)
+
+    def computed(self) -> None:
+        self.compute = wall_clock(self.device)
+
+    def ungrouped(self, returned: torch.Tensor) -> None:
+        self.returned_row_bytes = self.width * returned.element_size()
+        self.begin_gather = wall_clock(self.device)
+
+    def gathered(self) -> None:
+        self.gather, self.gather_inter = wall_clock(self.device), self._inter_node_seconds()
+
+    def sample(self) -> list[float]:
+        plan, P, me = self.plan, self.comm.size, self.comm.rank
+        return [self.probe - self.start, (P - 1) * self.row_bytes,
+                self.scatter - self.probe, (sum(plan.send_rows) - plan.send_rows[me]) * self.row_bytes,
+                self.gather - self.begin_gather,
+                (sum(plan.recv_rows) - plan.recv_rows[me]) * self.returned_row_bytes,
+                self.small_rows, self.small - self.begin, self.rows, self.compute - self.small,
+                self.probe_inter, self.scatter_inter, self.gather_inter, 0.0]
 
 
 class _Noted(torch.autograd.Function):

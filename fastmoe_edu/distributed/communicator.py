@@ -75,6 +75,13 @@ class CollectiveTimeout(RuntimeError):
     """A collective did not complete within ``timeout_s``: a rank of the communicator stalled or died."""
 
 
+def start_up_timeout(timeout_s: float, what: str) -> str:
+    """The line of a start-up past its deadline (the deadline's helper's, or an engine's own timeout's)."""
+    return (f"start-up did not complete within {timeout_s:g} s (collective_timeout_s): {what} still waits for a "
+            f"rank that never joined (it stalled or died before start-up; see its output). Ending the job; if "
+            f"start-up is merely slow, raise collective_timeout_s")
+
+
 class Communicator(ABC):
     """A group of ranks spoken to with torch tensors. ``name`` labels the counters ("expert", "data", ...)."""
 

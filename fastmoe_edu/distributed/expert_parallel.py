@@ -54,6 +54,7 @@ from .hierarchical import HierarchicalExchange
 from .layout import ParallelLayout
 from .autotune import DegreeTuner
 from .pipeline import AUTO, pipelined_expert_exchange
+from .plan import ExpertSettings
 from .tensor_parallel import GatherRowsFromTensorGroup, SplitRowsForTensorRank, row_shares
 
 
@@ -61,44 +62,37 @@ class ExpertParallel:
     """The expert runner of one MoE layer under expert parallelism (see the module docstring).
 
     Args:
-        exchange: ``"pairwise"`` or ``"alltoallv"`` (flat, identical numbers), or ``"hierarchical"``
-            (needs ``ranks_per_node``).
-        drop_duplicate_tokens: each tp rank exchanges only its 1/tp share of the rows.
-        pipeline_degree: D_f > 1 cuts the forward exchange into D_f overlapped chunks (pipeline.py; flat or
-            hierarchical); ``"auto"``: chosen from measurements of the first passes (autotune.py).
-        backward_pipeline_degree: D_b, the same for the backward pass; None = the same as pipeline_degree.
-        ranks_per_node: G, the expert-parallel ranks per node of the hierarchical exchange.
+        settings: its share of the plan (plan.py's :class:`ExpertSettings`): the exchange (``"pairwise"`` or
+            ``"alltoallv"``, flat and identical in numbers, or ``"hierarchical"`` with ``ranks_per_node``),
+            duplicate token dropping (each tp rank exchanges only its 1/tp share of the rows), tensor-parallel
+            experts, the pipeline degrees D_f and D_b (pipeline.py; ``"auto"``: chosen from measurements of the
+            first passes, autotune.py) and shadowing.
         name: how the "auto" log line names this layer.
     """
 
-    def __init__(self, layout: ParallelLayout, num_experts: int, exchange: str = "alltoallv",
-                 drop_duplicate_tokens: bool = False, pipeline_degree: int | str = 1, ranks_per_node: int | None = None,
-                 drop_duplicate_at: str = "combined", expert_tensor_parallel: bool = False,
-                 shadow_experts: int | str = 0, shadow_cost_ratio: float = 1.0, max_shadowed: int | None = None,
-                 backward_pipeline_degree: int | str | None = None, name: str = "MoE layer"):
-        if drop_duplicate_at not in DROP_POINTS:
-            raise ValueError(f"drop_duplicate_at={drop_duplicate_at!r} is not known; allowed: {', '.join(DROP_POINTS)}")
-        self.layout, self.num_experts = layout, num_experts
+    def __init__(self, layout: ParallelLayout, num_experts: int, settings: ExpertSettings = ExpertSettings(),
+                 name: str = "MoE layer"):
+        self.layout, self.num_experts, self.settings = layout, num_experts, settings
         self.num_local_experts = layout.check_num_experts(num_experts)
         self.first_local_expert = layout.ep_rank * self.num_local_experts
-        self.drop_duplicate_tokens = bool(drop_duplicate_tokens) and layout.tp_size > 1
-        self.drop_tokens = self.drop_duplicate_tokens and drop_duplicate_at == "combined"
-        self.drop_rows = self.drop_duplicate_tokens and drop_duplicate_at == "expert_rows"
-        self.drop_duplicate_at = drop_duplicate_at
-        self.expert_tensor_parallel = bool(expert_tensor_parallel) and layout.tp_size > 1
-        self.shadow_experts = shadow_experts if layout.ep_size > 1 else 0     # 0, N or "auto"
-        self.shadow_cost_ratio = shadow_cost_ratio
-        self.max_shadowed = max_shadowed if max_shadowed is not None else self.num_local_experts
+        self.drop_duplicate_tokens = settings.drop_duplicate_tokens
+        self.drop_tokens = self.drop_duplicate_tokens and settings.drop_duplicate_at == "combined"
+        self.drop_rows = self.drop_duplicate_tokens and settings.drop_duplicate_at == "expert_rows"
+        self.drop_duplicate_at = settings.drop_duplicate_at
+        self.expert_tensor_parallel = settings.expert_tensor_parallel
+        self.shadow_experts = settings.shadow_experts                       # 0, N or "auto"
+        self.shadow_cost_ratio = settings.shadow_cost_ratio
+        self.max_shadowed = settings.max_shadowed if settings.max_shadowed is not None else self.num_local_experts
         self.last_shadowed: list[int] | None = None    # the experts shadowed in the last forward (for logs)
         self.shadow_rates: ShadowRates | None = None   # "auto": β and γ, measured by parallelize()
         self.name = name
         self._token_shares: list[int] = []
-        self.pipeline_degree = pipeline_degree
-        self.backward_pipeline_degree = pipeline_degree if backward_pipeline_degree is None else backward_pipeline_degree
+        self.pipeline_degree = settings.pipeline_degree
+        self.backward_pipeline_degree = settings.backward_pipeline_degree
         degrees = (self.pipeline_degree, self.backward_pipeline_degree)
         self.tuner = DegreeTuner(layout, *degrees, label=name) if AUTO in degrees else None
-        self.exchange = (HierarchicalExchange(layout.expert, ranks_per_node) if exchange == "hierarchical"
-                         else FlatExchange(layout.expert, exchange))
+        self.exchange = (HierarchicalExchange(layout.expert, settings.ranks_per_node)
+                         if settings.exchange == "hierarchical" else FlatExchange(layout.expert, settings.exchange))
 
     def share_tokens(self, tokens, expert_ids, weights, counts, backend):
         """Before dispatch: my 1/tp of the (identically routed) tokens under TED's dropping, else all."""
@@ -129,7 +123,7 @@ class ExpertParallel:
         elif self.shadow_experts != 0:
             out = self._run_with_shadows(experts, buffer, counts, backend)
         else:
-            out = self._exchange_and_run(experts, buffer, counts, backend)
+            out = self.exchange_and_run(experts, buffer, counts, backend)
         if self.drop_rows:
             out = GatherRowsFromTensorGroup.apply(out, shares, tensor)           # every tp rank: all N rows
         return out
@@ -139,29 +133,46 @@ class ExpertParallel:
         """(D_f, D_b) this layer runs with; None while "auto" is still measuring."""
         return self.tuner.chosen if self.tuner is not None else (self.pipeline_degree, self.backward_pipeline_degree)
 
-    def _exchange_and_run(self, experts: Experts, buffer: torch.Tensor, counts: torch.Tensor, backend) -> torch.Tensor:
+    def exchange_and_run(self, experts: Experts, buffer: torch.Tensor, counts: torch.Tensor, backend,
+                         clock=None) -> torch.Tensor:
         """Steps 3 and 6-8 for ``buffer``: rows to their experts' ranks, the local experts, rows back.
 
-        With a pipeline degree > 1 (forward or backward) the same steps run as overlapped chunks (pipeline.py)."""
-        forward_degree, backward_degree = self.chosen_degrees
+        With a pipeline degree > 1 (forward or backward) the same steps run as overlapped chunks (pipeline.py).
+        ``clock`` (autotune.py's ``PassClock``): the unpipelined steps, each step's end told to it
+        (``counted``, ``scattered``, ``regrouped``, ``computed``, ``ungrouped``, ``gathered``), so "auto"
+        times this very exchange."""
+        forward_degree, backward_degree = self.chosen_degrees if clock is None else (1, 1)
         if forward_degree > 1 or backward_degree > 1:
             return pipelined_expert_exchange(experts, buffer, counts, backend, self.layout.expert,
                                              self.num_local_experts, forward_degree, backward_degree, self.exchange)
         with named_range("ep/exchange counts"):
             plan = exchange_counts(counts, self.num_local_experts, self.layout.expert)          # 3. counts
+        if clock is not None:
+            clock.counted(plan)
         with named_range("ep/scatter"):
             received = exchange_rows(buffer, plan.send_rows, plan.recv_rows, self.exchange)    # 6. (source, expert)
+            if clock is not None:
+                clock.scattered()
             expert_rows = regroup_by_expert(received, plan.recv_counts)                        #    (expert, source)
         local_counts = plan.local_expert_counts.to(counts.device)
+        if clock is not None:
+            clock.regrouped(expert_rows, local_counts)
         with named_range("ep/experts"):
             if self.expert_tensor_parallel:                                                     # 7. my shard of
                 expert_out = run_sharded_experts(experts, expert_rows, local_counts, backend,  #    every expert
                                                  self.layout.tensor, rows_differ=self.drop_duplicate_tokens)
             else:
                 expert_out = experts(expert_rows, local_counts, backend.grouped_matmul)        # 7. grouped GEMM
+        if clock is not None:
+            clock.computed()
         with named_range("ep/gather"):
             returned = regroup_by_source(expert_out, plan.recv_counts)                         #    (source, expert)
-            return exchange_rows(returned, plan.recv_rows, plan.send_rows, self.exchange)      # 8. back home
+            if clock is not None:
+                clock.ungrouped(returned)
+            out = exchange_rows(returned, plan.recv_rows, plan.send_rows, self.exchange)       # 8. back home
+        if clock is not None:
+            clock.gathered()
+        return out
 
     def _run_with_shadows(self, experts: Experts, buffer: torch.Tensor, counts: torch.Tensor, backend) -> torch.Tensor:
         """FasterMoE's shadowing (shadowing.py): the popular experts' weights come to every rank, which
@@ -178,12 +189,12 @@ class ExpertParallel:
                                        self.shadow_rates, self.shadow_cost_ratio))
         self.last_shadowed = shadowed
         if not shadowed:
-            return self._exchange_and_run(experts, buffer, counts, backend)
+            return self.exchange_and_run(experts, buffer, counts, backend)
         order, n_shadow = split_segments(counts, shadowed)
         regrouped = Permute.apply(buffer, order)                              # shadowed segments first
         rest_counts = counts.clone()
         rest_counts[shadowed] = 0
-        rest_out = self._exchange_and_run(experts, regrouped[n_shadow:], rest_counts, backend)
+        rest_out = self.exchange_and_run(experts, regrouped[n_shadow:], rest_counts, backend)
         with named_range("ep/shadowed experts"):
             shadow_out = run_shadowed(experts, shadow_weights(experts, shadowed, L, comm), regrouped[:n_shadow],
                                       counts[shadowed], backend.grouped_matmul)
@@ -203,10 +214,6 @@ class ExpertParallel:
             if self.backward_pipeline_degree != self.pipeline_degree else "")
         return (f"ExpertParallel(experts {self.first_local_expert}..{last} of {self.num_experts} on "
                 f"expert-rank {self.layout.ep_rank}/{self.layout.ep_size}, exchange={self.exchange!r}{options})")
-
-
-#: where duplicate token dropping joins the tp ranks' shares again (see the module docstring)
-DROP_POINTS = ("combined", "expert_rows")
 
 
 class SumOverRanks:
@@ -259,9 +266,3 @@ def keep_local_experts(experts: Experts, first: int, count: int) -> None:
             setattr(experts, name, nn.Parameter(weight.detach()[first:first + count].clone(),
                                                 requires_grad=weight.requires_grad))
     experts.num_experts = count
-
-
-def expert_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """The parameters of expert-parallel experts (each rank holds different ones: never averaged over ep)."""
-    return [p for layer in module.modules() if isinstance(getattr(layer, "expert_runner", None), ExpertParallel)
-            for p in layer.experts.parameters()]

@@ -49,11 +49,15 @@ def check_shardable(experts: Experts, tp_size: int) -> int:
     if experts.b2 is not None:
         raise ValueError("tensor-parallel experts cannot have biases: the output bias b2 would be added once "
                          "per tp rank; build the layer with bias=False or set expert_tensor_parallel=false")
-    hidden = experts.d_hidden
-    if hidden % tp_size:
-        raise ValueError(f"d_hidden={hidden} is not divisible by tp={tp_size}: tensor-parallel experts split "
-                         f"the hidden units evenly; choose tp among the divisors of {hidden}")
-    return hidden // tp_size
+    return hidden_units_per_rank(experts.d_hidden, tp_size)
+
+
+def hidden_units_per_rank(d_hidden: int, tp_size: int) -> int:
+    """``d_hidden / tp`` of every tensor-parallel expert, or a ValueError (plain arithmetic: config.py calls it too)."""
+    if d_hidden % tp_size:
+        raise ValueError(f"d_hidden={d_hidden} is not divisible by tp={tp_size}: tensor-parallel experts split "
+                         f"the hidden units evenly; choose tp among the divisors of {d_hidden}")
+    return d_hidden // tp_size
 
 
 def shard_experts(experts: Experts, tp_rank: int, tp_size: int) -> None:

@@ -37,6 +37,7 @@ import threading
 import time
 import traceback
 
+from .communicator import start_up_timeout
 from .engines import launch_rank, launch_world_size
 
 #: Seconds the failing rank waits between printing its traceback and ending the job. A launcher
@@ -106,13 +107,6 @@ def start_up_deadline(timeout_s: float, what: str):
     finally:
         helper.stdin.close()
         helper.wait()
-
-
-def start_up_timeout(timeout_s: float, what: str) -> str:
-    """The line of a start-up past its deadline (the deadline's helper's, or an engine's own timeout's)."""
-    return (f"start-up did not complete within {timeout_s:g} s (collective_timeout_s): {what} still waits for a "
-            f"rank that never joined (it stalled or died before start-up; see its output). Ending the job; if "
-            f"start-up is merely slow, raise collective_timeout_s")
 
 
 # The start-up deadline's helper: ARGV = the rank's pid, the seconds, the message. Its stdin is the pipe.

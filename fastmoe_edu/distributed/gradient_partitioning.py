@@ -59,9 +59,9 @@ from torch import nn
 from ..profiling import named_range
 from .communicator import PendingAllreduce
 from .cost_model import PIECE_LATENCY_SHARE, gradient_piece_bytes, plan_gradient_pieces
-from .expert_parallel import ExpertParallel
 from .gradients import _allreduce_in_buckets, _copy_back, _flat_gradients, split_parameters
 from .layout import ParallelLayout
+from .plan import ParallelPlan
 from .stats import wall_clock
 
 REPEATS = 3                          # timed repetitions of each probe (the fastest counts), after one warm-up
@@ -75,16 +75,16 @@ class GradientPieces:
     ``piece_bytes``: a fixed B* instead of the cost model's (tests use a small one to force many pieces).
     """
 
-    def __init__(self, model: nn.Module, layout: ParallelLayout, tokens_per_rank: int,
+    def __init__(self, model: nn.Module, layout: ParallelLayout, plan: ParallelPlan, tokens_per_rank: int,
                  piece_bytes: float | None = None):
-        self.params, window_starts = _ready_order(model)
+        self.params, window_starts = _ready_order(model, plan)
         self.scale = 1.0 / layout.data_size                              # 1/R, R = ep · dp
         self.comm = layout.data.split(color=0, key=layout.data.rank, name="data_gradients")
         sizes = [_bytes(p) for p in self.params]
         self.total_bytes = sum(sizes)
         self.costs, smallest = None, 0.0
         if piece_bytes is None:                                          # the cost model's B_min and B*
-            self.costs = _calibrate(model, self.comm, tokens_per_rank, self.total_bytes, layout)
+            self.costs = _calibrate(plan, self.comm, tokens_per_rank, self.total_bytes, layout)
             smallest, piece_bytes = gradient_piece_bytes(self.costs["a"], self.costs["b"], self.costs["window"])
         self.smallest_bytes, self.piece_bytes = smallest, piece_bytes
         plan = plan_gradient_pieces(sizes, piece_bytes, smallest, window_starts)
@@ -168,11 +168,11 @@ class GradientPieces:
                 f"{_kb(self.smallest_bytes)} (s = {PIECE_LATENCY_SHARE:g})")
 
 
-def _ready_order(model: nn.Module) -> tuple[list[nn.Parameter], set[int]]:
+def _ready_order(model: nn.Module, plan: ParallelPlan) -> tuple[list[nn.Parameter], set[int]]:
     """The replicated parameters in reverse module order (the order the backward completes their
     gradients: the head first, the embeddings last) and where an MoE layer's expert backward — an idle
     window of the link — comes between two of them (the indices of the gradients right after one)."""
-    expert_ids = {id(p) for p in split_parameters(model)[1]}
+    expert_ids = {id(p) for p in split_parameters(model, plan)[1]}
     ready, window_starts, experts_since = [], set(), False
     for p in reversed(list(model.parameters())):
         if id(p) in expert_ids:
@@ -188,26 +188,25 @@ def _ready_order(model: nn.Module) -> tuple[list[nn.Parameter], set[int]]:
 # ----------------------------------------------------------------------------------------------------
 # The cost model's inputs, measured once at start-up
 # ----------------------------------------------------------------------------------------------------
-def _calibrate(model: nn.Module, comm, tokens_per_rank: int, total_bytes: int, layout: ParallelLayout) -> dict:
+def _calibrate(plan: ParallelPlan, comm, tokens_per_rank: int, total_bytes: int, layout: ParallelLayout) -> dict:
     """a, b of one piece's all-reduce on ``comm`` and the window W, the slowest rank's (the same everywhere)."""
     probe_bytes = max(4, min(total_bytes, LARGEST_PROBE_BYTES)) // 4 * 4
     small = _fastest(lambda: comm.allreduce_(torch.zeros(1), purpose="allreduce_gradient_probe"))     # ≈ a
     big = _fastest(lambda: comm.allreduce_(torch.zeros(probe_bytes // 4), purpose="allreduce_gradient_probe"))
-    window = 2 * _expert_forward_seconds(model, tokens_per_rank, layout)   # backward: input + weight gradients
+    window = 2 * _expert_forward_seconds(plan, tokens_per_rank, layout)   # backward: input + weight gradients
     small, big, window = comm.allreduce_(torch.tensor([small, big, window], dtype=torch.float64), op="max",
                                          purpose="allreduce_gradient_probe").tolist()
     b = max(big - small, 0.0) / max(probe_bytes - 4, 1)                    # t(B) = a + b·B through both points
     return {"a": small, "b": b, "window": window}
 
 
-def _expert_forward_seconds(model: nn.Module, tokens_per_rank: int, layout: ParallelLayout) -> float:
+def _expert_forward_seconds(plan: ParallelPlan, tokens_per_rank: int, layout: ParallelLayout) -> float:
     """One GEMM as large as one MoE layer's expert forward on this rank: rows × d_model × (w_e / d_model)
     multiply-adds, rows = top_k · T (÷ tp with duplicate token dropping), w_e = one expert's weights."""
-    layer = next((m for m in model.modules() if isinstance(getattr(m, "expert_runner", None), ExpertParallel)), None)
-    if layer is None:
+    if not plan.layers:
         return 0.0
-    runner = layer.expert_runner
-    share = layout.tp_size if runner.drop_duplicate_tokens else 1
+    layer, settings = plan.layers[0].layer, plan.layers[0].expert
+    share = layout.tp_size if settings.drop_duplicate_tokens else 1
     rows = max(1, layer.top_k * tokens_per_rank // share)
     weights = sum(p[0].numel() for p in layer.experts.parameters())        # w_e: one local expert
     first = next(layer.experts.parameters())

@@ -33,23 +33,23 @@ import torch
 from torch import nn
 
 from .communicator import Communicator
-from .expert_parallel import ExpertParallel, expert_parameters
 from .layout import ParallelLayout
-from .tensor_parallel import tensor_parallel_parameters
+from .plan import ParallelPlan
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20
 
 
-def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(replicated parameters, expert-parallel parameters) of ``model``, each in module order."""
-    expert_ids = {id(p) for p in expert_parameters(model)}
+def split_parameters(model: nn.Module, plan: ParallelPlan) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(replicated parameters, expert-parallel parameters) of ``model``, each in module order; the expert
+    ones are those of ``plan.layers``."""
+    expert_ids = {id(p) for p in plan.expert_parameters()}
     replicated = [p for p in model.parameters() if id(p) not in expert_ids]
     experts = [p for p in model.parameters() if id(p) in expert_ids]
     return replicated, experts
 
 
 @torch.no_grad()
-def broadcast_parameters(model: nn.Module, layout: ParallelLayout) -> None:
+def broadcast_parameters(model: nn.Module, layout: ParallelLayout, plan: ParallelPlan) -> None:
     """Make every copy of every parameter and buffer equal to the copy of its group's rank 0.
 
     Replicated parameters and all buffers (e.g. the sigmoid router's bias) come from rank 0 of the
@@ -57,7 +57,7 @@ def broadcast_parameters(model: nn.Module, layout: ParallelLayout) -> None:
     slice). Building the model from the same seed everywhere already gives equal weights; this
     makes it true by construction, whatever the seed handling.
     """
-    replicated, experts = split_parameters(model)
+    replicated, experts = split_parameters(model, plan)
     for tensor in replicated + list(model.buffers()):
         layout.data.broadcast_(tensor.data, root=0)
     for tensor in experts:
@@ -65,28 +65,26 @@ def broadcast_parameters(model: nn.Module, layout: ParallelLayout) -> None:
 
 
 @torch.no_grad()
-def allreduce_gradients(model: nn.Module, layout: ParallelLayout, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
-    """After ``loss.backward()`` on every rank: turn the per-shard gradients into ``∂L/∂θ`` of the global batch."""
-    replicated, _ = split_parameters(model)
+def allreduce_gradients(model: nn.Module, layout: ParallelLayout, plan: ParallelPlan,
+                        bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+    """After ``loss.backward()`` on every rank: turn the per-shard gradients into ``∂L/∂θ`` of the global batch
+    (``plan``: what ``parallelize`` returned)."""
+    replicated, _ = split_parameters(model, plan)
     _allreduce_in_buckets(replicated, layout.data, 1.0 / layout.data_size, bucket_bytes)   # (1/R) Σ_r, R = ep·dp
-    allreduce_expert_gradients(model, layout, bucket_bytes)
+    allreduce_expert_gradients(model, layout, plan, bucket_bytes)
 
 
 @torch.no_grad()
-def allreduce_expert_gradients(model: nn.Module, layout: ParallelLayout, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+def allreduce_expert_gradients(model: nn.Module, layout: ParallelLayout, plan: ParallelPlan,
+                               bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
     """The expert half of :func:`allreduce_gradients` (the replicated half may run in pieces during the
-    backward instead: gradient_partitioning.py)."""
-    _, experts = split_parameters(model)
+    backward instead: gradient_partitioning.py). Each layer's gradient groups are its plan's."""
+    _, experts = split_parameters(model, plan)
     shards = layout.data_size                                                     # R = ep · dp
     _allreduce_in_buckets(experts, layout.expert_replica, 1.0 / shards, bucket_bytes)   # (1/R) Σ_dp Σ_ep
-    if _expert_runners(model, "drop_duplicate_tokens") and not _expert_runners(model, "expert_tensor_parallel"):
-        _allreduce_in_buckets(experts, layout.tensor, 1.0, bucket_bytes)         # Σ of the tp ranks' shares
-
-
-def _expert_runners(model: nn.Module, option: str) -> bool:
-    """Whether the model's expert-parallel layers run with ``option`` (all of them do, or none)."""
-    return any(isinstance(runner, ExpertParallel) and getattr(runner, option)
-               for runner in (getattr(m, "expert_runner", None) for m in model.modules()))
+    summed = {id(p) for p in plan.expert_parameters_summed_over_tensor()}        # duplicate tokens dropped
+    if summed:
+        _allreduce_in_buckets([p for p in experts if id(p) in summed], layout.tensor, 1.0, bucket_bytes)
 
 
 def _allreduce_in_buckets(params: list[nn.Parameter], comm: Communicator, scale: float, bucket_bytes: int) -> None:
@@ -137,7 +135,7 @@ def _buckets(params: list[nn.Parameter], bucket_bytes: int) -> list[list[nn.Para
 
 
 @torch.no_grad()
-def clip_grad_norm_(model: nn.Module, max_norm: float, layout: ParallelLayout) -> torch.Tensor:
+def clip_grad_norm_(model: nn.Module, max_norm: float, layout: ParallelLayout, plan: ParallelPlan) -> torch.Tensor:
     """Distributed ``torch.nn.utils.clip_grad_norm_``: the norm of the *whole* model's gradient.
 
     Call after :func:`allreduce_gradients`. Then
@@ -148,11 +146,11 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, layout: ParallelLayout) -
     rank gets the same norm and the same clip factor ``min(1, max_norm / (norm + 1e-6))`` (torch's
     formula), so replicated weights stay identical.
     """
-    replicated, experts = split_parameters(model)
+    replicated, experts = split_parameters(model, plan)
     grads = [p.grad for p in replicated + experts if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    sliced_ids = {id(p) for p in tensor_parallel_parameters(model)}
+    sliced_ids = {id(p) for p in plan.sliced_parameters}
 
     def squares(params):
         return sum((p.grad.double().square().sum() for p in params if p.grad is not None),
@@ -162,7 +160,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, layout: ParallelLayout) -
     sliced_sq = layout.tensor.allreduce_(squares([p for p in replicated if id(p) in sliced_ids]).reshape(1),
                                          purpose="allreduce_grad_norm")
     expert_sq = layout.expert.allreduce_(squares(experts).reshape(1), purpose="allreduce_grad_norm")
-    if _expert_runners(model, "expert_tensor_parallel"):                      # the tp ranks hold different
+    if plan.tensor_parallel_experts:                                         # the tp ranks hold different
         expert_sq = layout.tensor.allreduce_(expert_sq, purpose="allreduce_grad_norm")   # expert shards
     total_norm = (whole_sq + sliced_sq[0] + expert_sq[0]).sqrt()
     clip = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)

@@ -142,11 +142,12 @@ def split_world(world_size: int, tp: int, ep: int | None, dp: int, hint: str = "
     return tp, ep, dp
 
 
-def experts_per_rank(num_experts: int, ep_size: int, world_size: int) -> int:
-    """``E / ep``, or a ValueError that says what to change."""
+def experts_per_rank(num_experts: int, ep_size: int, world_size: int | None = None) -> int:
+    """``E / ep``, or a ValueError that says what to change (``world_size``: named in it, when known)."""
     if num_experts % ep_size:
-        raise ValueError(f"num_experts={num_experts} is not divisible by the expert-parallel size {ep_size} "
-                         f"(world size {world_size}); every rank must hold the same number of experts: "
+        world = f" (world size {world_size})" if world_size is not None else ""
+        raise ValueError(f"num_experts={num_experts} is not divisible by the expert-parallel size {ep_size}"
+                         f"{world}; every rank must hold the same number of experts: "
                          f"choose num_experts as a multiple of {ep_size}")
     return num_experts // ep_size
 

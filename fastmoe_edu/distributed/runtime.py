@@ -23,68 +23,73 @@ import torch
 from torch import nn
 
 from ..runtime import Runtime
-from .engines import launch_world_size, open_world
-from .expert_parallel import expert_parameters
+from .engines import DEFAULT_TIMEOUT_S, launch_world_size, open_world
 from .failure import abort_on_exception, end_if_launcher_dies, start_up_deadline
 from .gradient_partitioning import GradientPieces
 from .gradients import allreduce_expert_gradients, allreduce_gradients, clip_grad_norm_
-from .hierarchical import check_ranks_per_node
-from .layout import ParallelLayout, experts_per_rank, layout_sizes, sequences_per_rank
+from .layout import ParallelLayout, experts_per_rank, sequences_per_rank, split_world
 from .parallelize import parallelize
-from .tensor_parallel import tensor_parallel_parameters
+from .plan import ParallelPlan
+
 
 class ParallelRuntime(Runtime):
-    """One of P ranks: the layout's communicators and the parallel versions of the runtime methods."""
+    """One of P ranks: the layout's communicators and the parallel versions of the runtime methods.
+
+    Args:
+        engine: ``"mpi"`` or ``"torch"`` (the launcher's).
+        options: the parallel options (a :class:`ParallelPlan` before ``parallelize``); checked here.
+        tp, ep, dp: the layout's degrees (``ep=None``: the ranks tp and dp leave).
+        num_experts, batch_size, seq_len: the model's E and the global batch (checked against the ranks).
+        gradient_partitioning: FSMoE's replicated-gradient pieces during the backward (gradient_partitioning.py).
+    """
 
     #: gradient_partitioning's piece size in bytes; None = chosen by the cost model (tests force small pieces)
     gradient_piece_bytes: float | None = None
     gradient_pieces: GradientPieces | None = None
+    plan: ParallelPlan | None = None                 # what parallelize decided (shard_model)
 
-    def __init__(self, cfg, engine: str):
+    def __init__(self, engine: str, options: ParallelPlan, *, tp: int = 1, ep: int | None = None, dp: int = 1,
+                 num_experts: int, batch_size: int, seq_len: int, device: str = "cpu",
+                 collective_timeout_s: float = DEFAULT_TIMEOUT_S, gradient_partitioning: bool = False):
         abort_on_exception(engine)                    # one rank's error ends the whole job
         end_if_launcher_dies()                        # a killed torchrun leaves no worker training alone
         world_size = launch_world_size()                              # from the launcher: no communication
-        tp, ep, dp = layout_sizes(cfg, world_size)
-        experts_per_rank(cfg.num_experts, ep, world_size)
-        sequences_per_rank(cfg.batch_size, ep * dp, world_size)      # every (ep, dp) position reads its own shard
-        if cfg.ranks_per_node is not None:
-            check_ranks_per_node(cfg.ranks_per_node, ep)
-        self.cfg = cfg
-        with start_up_deadline(cfg.collective_timeout_s, f"opening the {engine} engine's world and communicators"):
-            world = open_world(engine, cfg.device, cfg.collective_timeout_s)
+        tp, ep, dp = split_world(world_size, tp, ep, dp)
+        experts_per_rank(num_experts, ep, world_size)
+        sequences_per_rank(batch_size, ep * dp, world_size)          # every (ep, dp) position reads its own shard
+        self.options = options.check(ep)
+        self.num_experts, self.batch_size, self.seq_len = num_experts, batch_size, seq_len
+        self.gradient_partitioning = gradient_partitioning
+        with start_up_deadline(collective_timeout_s, f"opening the {engine} engine's world and communicators"):
+            world = open_world(engine, device, collective_timeout_s)
             self.layout = ParallelLayout(world, tp=tp, ep=ep, dp=dp)
+        self.device = device
         self.rank, self.world_size, self.data_rank = world.rank, world.size, self.layout.data_rank
 
     # -- the model ------------------------------------------------------------------------------
     def shard_model(self, model: nn.Module) -> nn.Module:
-        """Local experts (and tp slices) only, replicated weights from rank 0."""
-        # parallelize's options are named as the config keys that set them
-        options = ("exchange", "drop_duplicate_tokens", "drop_duplicate_at", "pipeline_degree", "ranks_per_node",
-                   "backward_pipeline_degree", "expert_tensor_parallel", "shadow_experts", "shadow_cost_ratio")
-        parallelize(model, self.layout, **{key: getattr(self.cfg, key) for key in options})
+        """Local experts (and tp slices) only, replicated weights from rank 0; the plan kept for the steps."""
+        self.plan = parallelize(model, self.layout, self.options)
         if self.gradient_pieces is not None:                     # a second model: the first one's hooks off
             self.gradient_pieces.remove()
             self.gradient_pieces = None
-        if self.cfg.gradient_partitioning:                       # FSMoE: all-reduce pieces during the backward
-            tokens_per_rank = self.layout.check_batch_size(self.cfg.batch_size) * self.cfg.seq_len
-            self.gradient_pieces = GradientPieces(model, self.layout, tokens_per_rank, self.gradient_piece_bytes)
+        if self.gradient_partitioning:                           # FSMoE: all-reduce pieces during the backward
+            tokens_per_rank = self.layout.check_batch_size(self.batch_size) * self.seq_len
+            self.gradient_pieces = GradientPieces(model, self.layout, self.plan, tokens_per_rank,
+                                                  self.gradient_piece_bytes)
         return model
 
     def describe(self, model: nn.Module) -> str:
         """The start-up lines rank 0 prints under the configuration."""
-        runners = [m.expert_runner for m in model.modules() if hasattr(m, "expert_runner")]
-        exchange = repr(runners[0].exchange) if runners else "-"
-        cfg, layout = self.cfg, self.layout
+        layers = self.plan.layers if self.plan is not None else ()
+        exchange = repr(layers[0].layer.expert_runner.exchange) if layers else "-"
+        backend = repr(layers[0].layer.backend_name) if layers else "-"
+        layout = self.layout
         return (f"parallel: {layout.describe()}\n"
-                f"     {layout.check_num_experts(cfg.num_experts)} of {cfg.num_experts} experts per rank per MoE "
-                f"layer, {layout.check_batch_size(cfg.batch_size)} of {cfg.batch_size} sequences per rank per step\n"
-                f"     backend {cfg.backend!r}, token exchange {exchange}, pipeline_degree {cfg.pipeline_degree}"
-                f"{'' if cfg.backward_pipeline_degree is None else f' (backward {cfg.backward_pipeline_degree})'}, "
-                f"drop_duplicate_tokens {cfg.drop_duplicate_tokens}"
-                f"{f' (at {cfg.drop_duplicate_at})' if cfg.drop_duplicate_tokens else ''}, "
-                f"expert_tensor_parallel {cfg.expert_tensor_parallel}, shadow_experts {cfg.shadow_experts}, "
-                f"torch threads per rank "
-                f"{torch.get_num_threads()}; tensors travel via {layout.world.transfer_path(cfg.device)}"
+                f"     {layout.check_num_experts(self.num_experts)} of {self.num_experts} experts per rank per MoE "
+                f"layer, {layout.check_batch_size(self.batch_size)} of {self.batch_size} sequences per rank per step\n"
+                f"     backend {backend}, token exchange {exchange}, {self.options.describe()}, torch threads per rank "
+                f"{torch.get_num_threads()}; tensors travel via {layout.world.transfer_path(self.device)}"
                 + (f"\n     {self.gradient_pieces.describe()}" if self.gradient_pieces is not None else ""))
 
     # -- each step ------------------------------------------------------------------------------
@@ -96,13 +101,13 @@ class ParallelRuntime(Runtime):
 
     def reduce_gradients(self, model: nn.Module) -> None:
         if self.gradient_pieces is None:
-            allreduce_gradients(model, self.layout)
+            allreduce_gradients(model, self.layout, self.plan)
             return
         self.gradient_pieces.finish()                   # the replicated pieces, most already under way
-        allreduce_expert_gradients(model, self.layout)
+        allreduce_expert_gradients(model, self.layout, self.plan)
 
     def clip_gradients(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        return clip_grad_norm_(model, max_norm, self.layout)
+        return clip_grad_norm_(model, max_norm, self.layout, self.plan)
 
     def mean(self, values: list[float]) -> list[float]:
         """Average of each value over the data-parallel ranks (one all-reduce for the whole list)."""
@@ -127,7 +132,7 @@ class ParallelRuntime(Runtime):
     # -- checkpoints ----------------------------------------------------------------------------
     def per_rank_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         """Parameters that differ between ranks: expert slices and tensor-parallel slices."""
-        return expert_parameters(model) + tensor_parallel_parameters(model)
+        return self.plan.per_rank_parameters()
 
     def layout_record(self) -> dict:
         return {key: getattr(self.layout, key) for key in ("world_size", "tp_size", "ep_size", "dp_size", "rank")}

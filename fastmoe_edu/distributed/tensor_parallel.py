@@ -123,7 +123,8 @@ class GatherRowsFromTensorGroup(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------
 # Tensor-parallel layers
 # ----------------------------------------------------------------------------------------------------
-def _check_divisible(what: str, value: int, tp: int) -> int:
+def check_divisible(what: str, value: int, tp: int) -> int:
+    """``value / tp``, or a ValueError that says what to change (plain arithmetic: config.py calls it too)."""
     if value % tp:
         raise ValueError(f"{what}={value} is not divisible by tp={tp}: tensor parallelism splits it evenly over "
                          f"the tp ranks; choose tp among the divisors of {value}")
@@ -139,7 +140,7 @@ class TensorParallelAttention(nn.Module):
     def __init__(self, attention: nn.Module, comm: Communicator):
         super().__init__()
         self.comm = comm
-        heads_here = _check_divisible("n_head", attention.n_head, comm.size)
+        heads_here = check_divisible("n_head", attention.n_head, comm.size)
         self.n_head, self.head_dim = heads_here, attention.head_dim
         width = heads_here * attention.head_dim                        # this rank's columns of the d-wide heads
         rows = slice(comm.rank * width, (comm.rank + 1) * width)
@@ -156,6 +157,9 @@ class TensorParallelAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, -1)
         return reduce_from_tensor_region(self.out_proj(y), self.comm)            # forward: Σ over tp
 
+    def sliced_parameters(self) -> list[nn.Parameter]:
+        return [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.out_proj.weight]
+
 
 class TensorParallelMLP(nn.Module):
     """``DenseMLP`` with ``d_hidden / tp`` hidden units here: ``up`` column-parallel, ``down`` row-parallel.
@@ -167,7 +171,7 @@ class TensorParallelMLP(nn.Module):
         super().__init__()
         self.comm = comm
         hidden = mlp.up.weight.shape[0]
-        units = _check_divisible("d_hidden", hidden, comm.size)
+        units = check_divisible("d_hidden", hidden, comm.size)
         mine = slice(comm.rank * units, (comm.rank + 1) * units)
         self.up = _linear_from(mlp.up.weight.detach()[mine], mlp.up.bias.detach()[mine])
         self.down = _linear_from(mlp.down.weight.detach()[:, mine])
@@ -177,6 +181,10 @@ class TensorParallelMLP(nn.Module):
         x = copy_to_tensor_region(x, self.comm)
         partial = self.down(F.gelu(self.up(x)))                                  # my units' share of the output
         return reduce_from_tensor_region(partial, self.comm) + self.down_bias
+
+    def sliced_parameters(self) -> list[nn.Parameter]:
+        """The bias added after the all-reduce is whole: not among them."""
+        return [self.up.weight, self.up.bias, self.down.weight]
 
 
 def _linear_from(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
@@ -189,33 +197,33 @@ def _linear_from(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.L
     return layer
 
 
-def make_tensor_parallel(model: nn.Module, layout: ParallelLayout) -> nn.Module:
-    """Replace every block's attention (and dense MLP) by its tensor-parallel slice, in place.
+#: Which modules tensor parallelism slices: a module's class name -> the class that builds its slice from it
+#: (``Slice(module, tensor_communicator)``, with a ``sliced_parameters()`` method). The language model's
+#: two are here by name, so this file imports no model; another model adds its own with
+#: :func:`register_tensor_parallel` where it is defined, or passes its own table to make_tensor_parallel.
+TENSOR_PARALLEL = {"CausalSelfAttention": TensorParallelAttention, "DenseMLP": TensorParallelMLP}
+
+
+def register_tensor_parallel(class_name: str, make_slice) -> None:
+    """Slice every module of class ``class_name`` with ``make_slice(module, comm)`` under tp > 1."""
+    TENSOR_PARALLEL[class_name] = make_slice
+
+
+def make_tensor_parallel(model: nn.Module, layout: ParallelLayout, table: dict | None = None) -> list[nn.Parameter]:
+    """Replace every module named in ``table`` (default :data:`TENSOR_PARALLEL`) by its tensor-parallel slice,
+    in place; returns the sliced parameters (each tp rank holds a different slice of them).
 
     Call on the whole model built from the same seed on every rank, before the optimizer exists.
     Checks all divisibilities first (no communication), so a bad tp fails on every rank alike.
     """
-    from ..model import CausalSelfAttention, DenseMLP
-
+    table = TENSOR_PARALLEL if table is None else table
     comm = layout.tensor
     if comm.size == 1:
-        return model
+        return []
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if isinstance(child, (CausalSelfAttention, DenseMLP))]
+               if type(child).__name__ in table]
     # Every slice is built (each checks its divisibility first) before any is swapped in: a bad tp changes nothing.
-    slices = [(TensorParallelAttention if isinstance(child, CausalSelfAttention) else TensorParallelMLP)(child, comm)
-              for _, _, child in targets]
+    slices = [table[type(child).__name__](child, comm) for _, _, child in targets]
     for (parent, name, _), sliced in zip(targets, slices):
         setattr(parent, name, sliced)
-    return model
-
-
-def tensor_parallel_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters of which each tp rank holds a different slice (the bias added after the all-reduce is whole)."""
-    sliced = []
-    for module in model.modules():
-        if isinstance(module, TensorParallelAttention):
-            sliced += [module.q_proj.weight, module.k_proj.weight, module.v_proj.weight, module.out_proj.weight]
-        elif isinstance(module, TensorParallelMLP):
-            sliced += [module.up.weight, module.up.bias, module.down.weight]
-    return sliced
+    return [p for sliced in slices for p in sliced.sliced_parameters()]

@@ -37,8 +37,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from .communicator import CollectiveTimeout, Communicator
-from .failure import start_up_timeout
+from .communicator import CollectiveTimeout, Communicator, start_up_timeout
 from .stats import CommunicationStats
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}

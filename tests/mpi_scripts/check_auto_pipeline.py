@@ -31,8 +31,7 @@ def run(extra: list[str], out_dir: Path) -> tuple[list[float], list[ExpertParall
 
     def shard_and_keep(model):                       # the training loop's model: keep its expert runners
         shard(model)
-        runners.extend(m.expert_runner for m in model.modules() if isinstance(getattr(m, "expert_runner", None),
-                                                                             ExpertParallel))
+        runners.extend(entry.layer.expert_runner for entry in rt.plan.layers)
         return model
     rt.shard_model = shard_and_keep
     return train(cfg, rt=rt)["train_loss"], runners, rt

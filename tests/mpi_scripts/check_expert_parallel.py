@@ -70,15 +70,15 @@ def oracle(options, backend, x, upstream, shards):
 
 def distributed(options, backend, layout, x_local, upstream_local, exchange, bucket_bytes, schedule):
     layer = build(options, backend)
-    parallelize(layer, layout, exchange=exchange, **schedule)
+    plan = parallelize(layer, layout, exchange=exchange, **schedule)
     x_local = x_local.clone().requires_grad_(True)
     y = layer(x_local)
     loss = (y * upstream_local).sum() / x_local.shape[0] + layer.aux_loss
     loss.backward()
-    allreduce_gradients(layer, layout, bucket_bytes=bucket_bytes)
+    allreduce_gradients(layer, layout, plan, bucket_bytes=bucket_bytes)
     layer.update_router_bias()
     aux_mean = layout.data.allreduce_(layer.aux_loss.detach().clone().reshape(1), average=True)[0]
-    return layer, y.detach(), x_local.grad, aux_mean
+    return layer, plan, y.detach(), x_local.grad, aux_mean
 
 
 def max_error(a, b):
@@ -115,7 +115,7 @@ def layer_checks(world: ParallelLayout) -> tuple[dict, dict]:
                 for variant, exchange, bucket_bytes, schedule in VARIANTS:
                     if suffix and (backend != "reference" or schedule):   # dp = 2: one backend, plain exchanges
                         continue
-                    layer, y, dx, aux = distributed(options, backend, layout, x[mine], upstream[mine],
+                    layer, parallel_plan, y, dx, aux = distributed(options, backend, layout, x[mine], upstream[mine],
                                                     exchange, bucket_bytes, schedule)
                     plan = layer.expert_runner
                     local = slice(plan.first_local_expert, plan.first_local_expert + plan.num_local_experts)
@@ -124,7 +124,7 @@ def layer_checks(world: ParallelLayout) -> tuple[dict, dict]:
                         "input_grad": max_error(dx / ranks, dx_ref[mine]),
                         "aux_loss": abs(float(aux - aux_ref)),
                     }
-                    _, experts = split_parameters(layer)
+                    _, experts = split_parameters(layer, parallel_plan)
                     ref_params = dict(ref.named_parameters())
                     for name, param in layer.named_parameters():
                         expected = ref_params[name].grad

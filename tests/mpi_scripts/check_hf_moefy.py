@@ -5,7 +5,7 @@
 Every rank builds the same random tiny ``MixtralForCausalLM`` (same seed, float64) twice:
 
 * the oracle: ``moefy(model)`` in one process, trained on the whole global batch;
-* the parallel model: ``moefy(model, layout=layout)``, each swapped MoELayer keeping E / P experts; the
+* the parallel model: ``parallelize(moefy(model), layout)``, each swapped MoELayer keeping E / P experts; the
   rank trains on its own sequences and calls ``allreduce_gradients`` after every backward.
 
 The loss is HF's causal-LM loss, the mean over a batch's shifted tokens, written out here in float64
@@ -28,7 +28,7 @@ import torch
 import transformers
 from torch.nn.functional import cross_entropy
 
-from fastmoe_edu.distributed import ParallelLayout, abort_on_exception, allreduce_gradients
+from fastmoe_edu.distributed import ParallelLayout, abort_on_exception, allreduce_gradients, parallelize
 from fastmoe_edu.hf import HFMoEBlock, moefy
 
 SEQS_PER_RANK, SEQ_LEN, STEPS, LR = 2, 6, 2, 0.5
@@ -43,7 +43,7 @@ def build():
     return transformers.MixtralForCausalLM(config).double()
 
 
-def train(model, ids, layout=None):
+def train(model, ids, layout=None, plan=None):
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     losses = []
     for _ in range(STEPS):
@@ -52,7 +52,7 @@ def train(model, ids, layout=None):
         loss = cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
         loss.backward()
         if layout is not None:
-            allreduce_gradients(model, layout)
+            allreduce_gradients(model, layout, plan)
             loss = layout.data.allreduce_(loss.detach().reshape(1).clone()) / layout.data_size   # global mean
         optimizer.step()
         losses.append(float(loss.detach().reshape(())))
@@ -69,8 +69,9 @@ def main(output: str) -> None:
 
     oracle = moefy(build(), backend="reference")
     oracle_losses = train(oracle, ids)
-    model = moefy(build(), backend="reference", layout=layout)
-    losses = train(model, ids[mine], layout)
+    model = moefy(build(), backend="reference")
+    plan = parallelize(model, layout)                        # every swapped MoELayer expert-parallel
+    losses = train(model, ids[mine], layout, plan)
 
     errors = {f"loss:{step}": abs(a - b) for step, (a, b) in enumerate(zip(losses, oracle_losses))}
     expected = dict(oracle.named_parameters())

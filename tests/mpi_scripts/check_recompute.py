@@ -22,9 +22,9 @@ import torch
 from fastmoe_edu.config import parse_args
 from fastmoe_edu.distributed import abort_on_exception
 from fastmoe_edu.distributed.engines import resolve_engine
-from fastmoe_edu.distributed.runtime import ParallelRuntime
 from fastmoe_edu.model import build_model, no_recompute_contexts
-from fastmoe_edu.train import build_dataset, configure_optimizer, get_batch, seed_random_draws, train_step
+from fastmoe_edu.train import (build_dataset, configure_optimizer, get_batch, parallel_runtime, seed_random_draws,
+                               train_step)
 
 STEPS = 3
 LAYOUTS = {
@@ -39,7 +39,7 @@ def run(extra: list[str], checkpointing: bool, replay: bool = True):
                       "--d_hidden=24", "--num_experts=8", "--warmup_steps=1", "--lr=0.01",
                       f"--activation_checkpointing={str(checkpointing).lower()}", *extra])
     dataset = build_dataset(cfg)
-    rt = ParallelRuntime(cfg, resolve_engine(cfg.engine))
+    rt = parallel_runtime(cfg, resolve_engine(cfg.engine))
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, dataset.vocab_size).double()
     rt.shard_model(model)

@@ -63,11 +63,12 @@ def one_case(layout, options, parallel_options, backend, x, upstream, mine):
     y_ref = ref(x_ref)
     ((y_ref * upstream).sum() / (x.shape[0] * x.shape[1])).backward()
     # This rank's sequences, experts spread over the expert group.
-    layer = parallelize(build(options, backend), layout, **parallel_options)
+    layer = build(options, backend)
+    plan = parallelize(layer, layout, **parallel_options)
     x_local = x[mine].clone().requires_grad_(True)
     y = layer(x_local)
     ((y * upstream[mine]).sum() / (x_local.shape[0] * x_local.shape[1])).backward()
-    allreduce_gradients(layer, layout)
+    allreduce_gradients(layer, layout, plan)
 
     runner = layer.expert_runner
     local = slice(runner.first_local_expert, runner.first_local_expert + runner.num_local_experts)

@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 from fastmoe_edu.distributed import (ParallelLayout, abort_on_exception, allreduce_gradients, keep_local_experts,
                                      open_world, parallelize)
-from fastmoe_edu.distributed.expert_parallel import ExpertParallel, expert_parameters
 from fastmoe_edu.distributed.expert_tensor_parallel import shard_experts
 from fastmoe_edu.distributed.hierarchical import HierarchicalExchange, count_flat_messages
 from fastmoe_edu.distributed.tensor_parallel import make_tensor_parallel
@@ -143,7 +142,7 @@ def run_case(world, tp, ep, dp, options, ref_logits, ref_loss, ref_grads) -> dic
     layout = ParallelLayout(world, tp=tp, ep=ep, dp=dp)
     options = dict(options)
     model = build(options.pop("backend", "reference"))      # the numba backend against the reference's one process
-    parallelize(model, layout, **options)
+    plan = parallelize(model, layout, **options)
     x, y = global_batch()
     rows = layout.check_batch_size(BATCH)
     mine = slice(layout.data_rank * rows, (layout.data_rank + 1) * rows)
@@ -151,7 +150,7 @@ def run_case(world, tp, ep, dp, options, ref_logits, ref_loss, ref_grads) -> dic
     logits, loss = model(x[mine], y[mine])
     loss.backward()
     sent = exchange_bytes(layout.stats)
-    allreduce_gradients(model, layout)
+    allreduce_gradients(model, layout, plan)
     global_loss = total(layout.data, loss.item()) / layout.data_size
 
     expected = sliced_like(ref_grads, layout, options.get("expert_tensor_parallel", False))
@@ -160,11 +159,11 @@ def run_case(world, tp, ep, dp, options, ref_logits, ref_loss, ref_grads) -> dic
         grad_error = max(grad_error, (p.grad - expected[name]).abs().max().item())
     errors = {"logits": (logits.detach() - ref_logits[mine]).abs().max().item(),
               "loss": abs(global_loss - ref_loss), "grad": grad_error}
-    shadowed = [len(m.expert_runner.last_shadowed) for m in model.modules()
-                if isinstance(getattr(m, "expert_runner", None), ExpertParallel) and m.expert_runner.shadow_experts != 0]
+    shadowed = [len(entry.layer.expert_runner.last_shadowed) for entry in plan.layers
+                if entry.expert.shadow_experts != 0]
     gathered = layout.stats.counters.get("tensor/allgather_forward")
     posted = layout.stats.counters.get("expert/ialltoallv")              # the pipelined chunks, both passes
-    expert_elements = sum(p.numel() for p in expert_parameters(model))
+    expert_elements = sum(p.numel() for p in plan.expert_parameters())
     totals = {"exchange_bytes": int(total(layout.world, sent)),
               "max_expert_elements_per_rank": int(total(layout.world, expert_elements, op="max")),
               "min_shadowed_experts": int(total(layout.world, min(shadowed, default=-1), op="max")),

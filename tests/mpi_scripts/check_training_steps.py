@@ -22,10 +22,10 @@ from torch import nn
 
 from fastmoe_edu.config import parse_args
 from fastmoe_edu.distributed import ParallelLayout
-from fastmoe_edu.distributed.runtime import ParallelRuntime
 from fastmoe_edu.model import build_model
 from fastmoe_edu.runtime import Runtime
-from fastmoe_edu.train import build_dataset, configure_optimizer, get_batch, seed_random_draws, train_step
+from fastmoe_edu.train import (build_dataset, configure_optimizer, get_batch, parallel_runtime, seed_random_draws,
+                               train_step)
 
 STEPS = 3
 CASES = {
@@ -79,7 +79,7 @@ def training_checks(world: ParallelLayout) -> dict:
         alone, alone_records = train_three_steps(cfg, dataset, Runtime())
         reference = {k: v.detach() for k, v in alone.named_parameters()}
         reference_buffers = dict(alone.named_buffers())
-        together, together_records = train_three_steps(cfg, dataset, ParallelRuntime(cfg, world.world.engine))
+        together, together_records = train_three_steps(cfg, dataset, parallel_runtime(cfg, world.world.engine))
         errors = {}
         for name, param in together.named_parameters():
             expected = reference[name]
@@ -114,7 +114,7 @@ def rt_rank_in_tp(model) -> int:
 def tp_ranks_agree(world: ParallelLayout, cfg) -> dict:
     """Three noisy steps with duplicate token dropping and capacity: runs, and each tp group's losses agree."""
     dataset = build_dataset(cfg)
-    rt = ParallelRuntime(cfg, world.world.engine)
+    rt = parallel_runtime(cfg, world.world.engine)
     _, records = train_three_steps(cfg, dataset, rt)
     mine = torch.tensor([r["loss"] for r in records], dtype=torch.float64)
     everyone = world.world.allgather(mine).reshape(world.world_size, -1)
@@ -155,7 +155,7 @@ def gradient_partitioning_checks(world: ParallelLayout, backends: list[str]) -> 
         runs = {}
         for partitioned in (False, True):
             cfg.gradient_partitioning = partitioned
-            rt = ParallelRuntime(cfg, world.world.engine)
+            rt = parallel_runtime(cfg, world.world.engine)
             rt.gradient_piece_bytes = piece_bytes
             model, records = train_three_steps(cfg, dataset, rt, options.get("unused_parameter", False))
             if options.get("accumulate"):        # two backwards, one reduce: the hooks see every gradient twice
