@@ -267,15 +267,16 @@ def exclusive_prefix_sum(counts, starts):
 # ----------------------------------------------------------------------------------------------------
 # Row kernels: one warp per token, its 32 threads striding over the columns
 # ----------------------------------------------------------------------------------------------------
-#: Threads of the one block that zeroes the rows nobody owns.
-TAIL_THREADS = 128
+#: Threads of the one block that zeroes the rows nobody owns (and first counts the kept ones: T·k reads,
+#: so a full block on a GPU; the simulator starts a Python thread per GPU thread, so one warp there).
+TAIL_THREADS = WARP if simulator_enabled() else 1024
 
 
 @cuda.jit
 def _zero_rows_past_kept_kernel(rows, out):
     """out[r] = 0 for r >= kept = #{rows[t, s] >= 0} (rows are stable positions: the kept assignments own
     rows 0..kept-1). One block: its threads count a share of ``rows`` each, thread 0 adds the shares, then
-    every warp zeroes rows kept + w, kept + w + 4, ... (nothing to do when every row is owned)."""
+    warp w zeroes rows kept + w, kept + w + TAIL_THREADS / 32, ... (nothing to do when every row is owned)."""
     shares = cuda.shared.array(TAIL_THREADS, numba.int64)
     thread = cuda.threadIdx.x
     mine = 0

@@ -264,6 +264,29 @@ def check_float_steps(expert_ids, num_experts, width, dtype_name, seed=0, device
     _compare_runs(lambda backend: {**scatter(backend), **combine(backend)}, dtype)
 
 
+def check_rows_nobody_owns(expert_ids, num_experts, width, dtype_name, extra_rows=3, seed=0, device="cpu"):
+    """A buffer with ``extra_rows`` rows past the kept assignments' (the layer never asks for one; the Protocol
+    allows it): the scatter leaves them 0 and the combine's backward gives them a zero gradient (kernels that
+    write only the kept rows must zero these; output memory starts uninitialized)."""
+    dtype = DTYPES[dtype_name]
+    generator = torch.Generator().manual_seed(seed)
+    counts = reference.count_tokens_per_expert(expert_ids, num_experts)
+    rows = reference.stable_positions(expert_ids, reference.exclusive_prefix_sum(counts)).to(device)
+    num_rows = int(counts.sum()) + extra_rows
+    x = torch.randn(expert_ids.shape[0], width, generator=generator, dtype=dtype).to(device)
+    expert_out = torch.randn(num_rows, width, generator=generator, dtype=dtype).to(device)
+    weights = torch.rand(expert_ids.shape, generator=generator, dtype=dtype).to(device)
+    grad_y = torch.randn(expert_ids.shape[0], width, generator=generator, dtype=dtype).to(device)
+
+    def run(backend):
+        out_leaf = expert_out.clone().requires_grad_(True)
+        y = backend.gather_combine(out_leaf, rows, weights)
+        return {"scatter_rows with extra rows": backend.scatter_rows(x, rows, num_rows),
+                "gather_combine backward with extra rows": torch.autograd.grad(y, out_leaf, grad_y)[0]}
+
+    _compare_runs(run, dtype)
+
+
 #: The 16-bit types the row kernels take as they are (numba_cpu.py: bit patterns, float32 sums).
 HALF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Each 16-bit type's explicit mantissa bits and smallest normal exponent (bfloat16: float32's range).
@@ -461,6 +484,8 @@ def kernel_cases(device: str) -> dict:
         **{f"float-random-{name}": lambda n=name: check_float_steps_16bit(random_expert_ids(9, 2, 4, seed=2), 4, 40,
                                                                           n, device=device) for name in HALF_DTYPES},
         "routers-k-equals-E": lambda: check_routers(3, 4, 4, "float64", device=device),
+        "float-rows-nobody-owns": lambda: check_rows_nobody_owns(random_expert_ids(7, 2, 4, seed=3), 4, 5, "float32",
+                                                                 device=device),
         "tiled-gemm-float64": lambda: check_grouped_gemm("tiled", [3, 0, 5, 2], 5, 6, "float64", 4, device=device),
         "tiled-gemm-float32": lambda: check_grouped_gemm("tiled", [6, 1, 0], 4, 3, "float32", 4, device=device),
         "tiled-gemm-tile16": lambda: check_grouped_gemm("tiled", [17, 0, 2], 3, 5, "float64", 16, device=device),

@@ -23,8 +23,8 @@ import torch
 import backend_cases
 from backend_cases import (DTYPES, EDGE_CASES, HALF_DTYPES, LAYER_CASES, OPTION_CASES, check_float_steps,
                            check_float_steps_16bit, check_grouped_gemm, check_integer_steps, check_layer,
-                           check_routers, check_second_order, check_sigmoid_extreme_logits, edge_case_ids,
-                           random_expert_ids)
+                           check_routers, check_rows_nobody_owns, check_second_order,
+                           check_sigmoid_extreme_logits, edge_case_ids, random_expert_ids)
 from fastmoe_edu import ROUTERS, MoELayer, backends
 from fastmoe_edu.backends import get_backend, numba_backend, numba_cpu, reference, set_cpu_threads
 from fastmoe_edu.backends.interface import FUNCTIONS, Backend, HasThreadPool, missing_members
@@ -123,6 +123,10 @@ def test_edge_cases(name):
 @pytest.mark.parametrize("dtype_name", DTYPES)
 def test_float_steps_random(dtype_name):
     check_float_steps(random_expert_ids(3000, 2, 64, seed=5), 64, 33, dtype_name)
+
+
+def test_rows_nobody_owns_are_zero():
+    check_rows_nobody_owns(random_expert_ids(300, 2, 8, seed=4), 8, 16, "float64")
 
 
 @pytest.mark.parametrize("dtype_name", DTYPES)
