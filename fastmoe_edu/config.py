@@ -19,7 +19,8 @@ before any work starts, so a typo fails in a second instead of after a long run.
 To add a setting, add a field with ``_field(default, section, help, ...)``:
 parsing, ``--help``, TOML loading and range checks all follow from the declaration. The MoE layer's
 options are not repeated here: TrainConfig is a ``LayerOptions`` (options.py), so every layer option is
-a key, with its default, help and check declared once there.
+a key, with its default, help and check declared once there; the same for parallelize's options
+(``ParallelOptions``, distributed/plan.py).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from .data import DATASETS
 from .distributed.engines import DEFAULT_TIMEOUT_S, ENGINES
 from .distributed.expert_tensor_parallel import hidden_units_per_rank
 from .distributed.layout import experts_per_rank
-from .distributed.plan import DROP_POINTS, EXCHANGES, ParallelPlan
+from .distributed.plan import DEGREE, MAX_PIPELINE_DEGREE, ParallelOptions  # noqa: F401  (DEGREE, MAX_...: here too)
 from .distributed.tensor_parallel import check_divisible
 from .distributed.pipeline import AUTO
 from .observe import parse_profile_steps
@@ -48,7 +49,7 @@ from .soft_moe import NOT_CAUSAL as SOFT_MOE_NOT_CAUSAL
 CONFIG_DIR = Path(__file__).with_name("configs")   # the packaged TOML files
 
 # Allowed values of the choice-type settings are those of the modules that implement them:
-# EXCHANGES, ENGINES, DATASETS here; the layer options' in options.py.
+# ENGINES, DATASETS here; the layer options' in options.py, the parallel options' in distributed/plan.py.
 SECTIONS = ("data", "model", "backend", "parallel", "optimization", "eval", "checkpoint", "sample", "system")
 
 
@@ -56,18 +57,14 @@ class ConfigError(ValueError):
     """A configuration key or value is not acceptable; the message says which and why."""
 
 
-#: the type of the pipeline degrees: an integer >= 1 or the word "auto"
-DEGREE = typing.Union[int, typing.Literal["auto"]]
-#: the largest pipeline degree accepted: more chunks than this only add per-chunk overhead (a degree of
-#: 10^4 made a 3 s run take 50 s, and 2^63 exhausted a rank's memory)
-MAX_PIPELINE_DEGREE = 64
 
 
 @dataclass
-class TrainConfig(LayerOptions):
+class TrainConfig(LayerOptions, ParallelOptions):
     """All settings of one training run (see the module docstring for how they are resolved): the MoE layers'
-    options (inherited from LayerOptions: d_model, num_experts, top_k, router, ..., backend, router_options)
-    and the fields below."""
+    options (inherited from LayerOptions: d_model, num_experts, top_k, router, ..., backend, router_options),
+    parallelize's (inherited from ParallelOptions: exchange, drop_duplicate_tokens, ..., ranks_per_node) and the
+    fields below."""
 
     # --- data ---------------------------------------------------------------------------------
     dataset: str = _field("languages", "data", "dataset name: 'languages' (synthetic mixture) or 'stdlib' "
@@ -87,7 +84,7 @@ class TrainConfig(LayerOptions):
                                             "more forward of compute); under parallelism the recomputation "
                                             "replays the block's messages instead of sending them again")
 
-    # --- parallel (only under mpirun or torchrun; docs/parallelism.md) ---------------------------
+    # --- parallel (only under mpirun or torchrun; docs/parallelism.md; parallelize's options: plan.py) ---
     engine: str = _field("auto", "parallel", "communication engine: mpi (mpirun), torch (torchrun: gloo on CPU, "
                          "NCCL on CUDA) or auto (the launcher's; no launcher = one process, no engine)",
                          choices=ENGINES)
@@ -95,47 +92,12 @@ class TrainConfig(LayerOptions):
                                          "past it the rank says which collective and communicator, and the "
                                          "whole job ends (a stalled or dead rank never hangs the others)",
                                          above=0.0)
-    exchange: str = _field("auto", "parallel", "token exchange between ranks (expert parallelism): pairwise "
-                           "(readable: P-1 rounds of matched send/receive), alltoallv (one collective), auto "
-                           "(alltoallv); the numbers are identical", choices=EXCHANGES)
     tp: int = _field(1, "parallel", "tensor-parallel degree: attention heads and dense-MLP units split over tp ranks "
                      "that read the same tokens (DeepSpeed-TED); n_head must be divisible by tp", minimum=1)
     ep: typing.Optional[int] = _field(None, "parallel", "expert-parallel degree: each rank holds num_experts / ep "
                                       "experts; none = world size / (tp * dp)", minimum=1)
     dp: int = _field(1, "parallel", "expert data-parallel degree: copies of each expert slice, the expert "
                      "replicas (tp * ep * dp = world size)", minimum=1)
-    drop_duplicate_tokens: bool = _field(False, "parallel", "TED's duplicate token dropping: each of the tp ranks "
-                                         "sends only its 1/tp share of the rows through the all-to-all, the tp "
-                                         "group all-gathers the expert outputs (no effect when tp = 1)")
-    expert_tensor_parallel: bool = _field(False, "parallel", "TED's tensor-parallel experts: each expert's hidden "
-                                          "units split over the tp ranks (expert memory per rank / tp); "
-                                          "d_hidden must be divisible by tp")
-    shadow_experts: DEGREE = _field(0, "parallel", "FasterMoE's dynamic shadowing: each step, experts whose weights "
-                                    "are broadcast to the expert group so every rank computes its own rows for "
-                                    "them: 0 = none, N = the N most loaded, auto = FasterMoE's greedy choice on a "
-                                    "latency model with the exchange bandwidth and GEMM rate measured at start "
-                                    "(whole experts: not with expert_tensor_parallel)", minimum=0)
-    shadow_cost_ratio: float = _field(1.0, "parallel", "auto shadowing: the weight movement's cost in the latency "
-                                      "model is multiplied by this (larger = shadow less)", above=0.0)
-    drop_duplicate_at: str = _field("combined", "parallel", "where duplicate token dropping joins the tp ranks' "
-                                    "shares: combined (TED: each tp rank dispatches 1/tp of the tokens, the "
-                                    "combined outputs [T, d] are all-gathered) or expert_rows (the expert output "
-                                    "rows [k*T, d] are all-gathered before combining: k times the bytes)",
-                                    choices=DROP_POINTS)
-    pipeline_degree: DEGREE = _field(1, "parallel", "FasterMoE/FSMoE overlap: split the all-to-all + expert "
-                                     "compute into this many chunks with non-blocking collectives (1 = not "
-                                     "pipelined); auto = measure the exchange and the experts during each MoE "
-                                     "layer's first passes and choose a power of 2 with the cost model (FSMoE); "
-                                     f"at most {MAX_PIPELINE_DEGREE}", minimum=1, maximum=MAX_PIPELINE_DEGREE)
-    backward_pipeline_degree: typing.Optional[DEGREE] = _field(None, "parallel", "the same for the backward "
-                                                               "pass (FSMoE chooses the two separately): an "
-                                                               f"integer from 1 to {MAX_PIPELINE_DEGREE} or "
-                                                               "auto; none = as pipeline_degree",
-                                                               minimum=1, maximum=MAX_PIPELINE_DEGREE)
-    ranks_per_node: typing.Optional[int] = _field(None, "parallel", "Tutel-style hierarchical all-to-all with this "
-                                                  "many expert-parallel ranks per node (exchange inside the node, "
-                                                  "then one message per node pair); none = flat all-to-all",
-                                                  minimum=1)
     gradient_partitioning: bool = _field(False, "parallel", "FSMoE's adaptive gradient partitioning: the replicated "
                                          "gradients' all-reduce cut into pieces (sizes from the cost model, printed "
                                          "at start-up) and each posted, non-blocking, as soon as its gradients are "
@@ -261,7 +223,7 @@ class TrainConfig(LayerOptions):
                 experts_per_rank(self.num_experts, self.ep)
             if self.expert_tensor_parallel:
                 hidden_units_per_rank(self.d_hidden, self.tp)
-            ParallelPlan.of(self).check(self.ep)
+            ParallelOptions.of(self).check(self.ep)
         except ValueError as error:
             raise ConfigError(str(error)) from None
 

@@ -78,9 +78,9 @@ def start_runtime(cfg: TrainConfig) -> Runtime:
 
 def parallel_runtime(cfg: TrainConfig, engine: str) -> Runtime:
     """The :class:`ParallelRuntime` of ``cfg`` over ``engine``: its parallel options and the sizes it checks."""
-    from .distributed.plan import ParallelPlan
+    from .distributed.plan import ParallelOptions
     from .distributed.runtime import ParallelRuntime
-    return ParallelRuntime(engine, ParallelPlan.of(cfg), tp=cfg.tp, ep=cfg.ep, dp=cfg.dp, num_experts=cfg.num_experts,
+    return ParallelRuntime(engine, ParallelOptions.of(cfg), tp=cfg.tp, ep=cfg.ep, dp=cfg.dp, num_experts=cfg.num_experts,
                            batch_size=cfg.batch_size, seq_len=cfg.seq_len, device=cfg.device,
                            collective_timeout_s=cfg.collective_timeout_s, gradient_partitioning=cfg.gradient_partitioning)
 

@@ -10,7 +10,7 @@ import torch
 
 from fastmoe_edu import MoELayer
 from fastmoe_edu.config import ConfigError, parse_args
-from fastmoe_edu.distributed import ParallelLayout, ParallelPlan, parallelize
+from fastmoe_edu.distributed import ParallelLayout, ParallelOptions, parallelize
 from fastmoe_edu.distributed.layout import experts_per_rank
 from fastmoe_edu.model import ModelConfig, MoETransformer
 
@@ -88,7 +88,7 @@ def test_options_come_as_a_plan_or_as_keywords_not_both():
     model = _model()
     before = _snapshot(model)
     with pytest.raises(TypeError, match="not both"):
-        parallelize(model, _Layout(1, 2), ParallelPlan(), exchange="pairwise")
+        parallelize(model, _Layout(1, 2), ParallelOptions(), exchange="pairwise")
     assert _snapshot(model)[0] == before[0]
 
 
@@ -118,7 +118,7 @@ def test_the_plan_says_what_parallelize_decided():
     """One rank: every MoE layer named, with the runner's own settings; options that need tp > 1 are off."""
     model = _model()
     plan = parallelize(model, ParallelLayout(), drop_duplicate_tokens=True, exchange="pairwise")
-    assert plan.drop_duplicate_tokens and [entry.name for entry in plan.layers] == ["blocks.0.ffn", "blocks.1.ffn"]
+    assert plan.options.drop_duplicate_tokens and [entry.name for entry in plan.layers] == ["blocks.0.ffn", "blocks.1.ffn"]
     for entry in plan.layers:
         assert entry.layer.expert_runner.settings is entry.expert
         assert entry.expert.exchange == "pairwise" and not entry.expert.drop_duplicate_tokens   # tp = 1

@@ -12,7 +12,7 @@ batch. Importing this package loads no engine: only :func:`open_world` does. The
     stats.py            CommunicationStats: calls, seconds and bytes per collective
     layout.py           ParallelLayout: world = tp × ep × dp, one communicator per role
     parallelize.py      parallelize(model, layout) -> ParallelPlan: the one call that makes a model parallel
-    plan.py             ParallelPlan: the parallel options (each with its check) and what parallelize decided
+    plan.py             ParallelOptions (each option once, with its check) and ParallelPlan (what parallelize decided)
     expert_parallel.py  ExpertParallel (a layer's expert runner, TED's duplicate token dropping), SumOverRanks
     exchange.py         the differentiable token exchange with pluggable algorithms, and the regroup
     hierarchical.py     the two-level (intra-node, then inter-node) all-to-all
@@ -48,7 +48,7 @@ from .gradients import (DEFAULT_BUCKET_BYTES, allreduce_expert_gradients, allred
 from .launch import mpirun_command, mpirun_path, torchrun_command
 from .layout import ParallelLayout
 from .parallelize import parallelize
-from .plan import EXCHANGES, ExpertSettings, LayerPlan, ParallelPlan
+from .plan import EXCHANGES, ExpertSettings, LayerPlan, ParallelOptions, ParallelPlan
 from .stats import CommunicationStats
 
 __all__ = [
@@ -58,5 +58,6 @@ __all__ = [
     "GradientPieces", "DEFAULT_BUCKET_BYTES", "allreduce_expert_gradients", "allreduce_gradients",
     "broadcast_parameters", "clip_grad_norm_", "split_parameters",
     "mpirun_command", "mpirun_path", "torchrun_command",
-    "ParallelLayout", "EXCHANGES", "ExpertSettings", "LayerPlan", "ParallelPlan", "parallelize", "CommunicationStats",
+    "ParallelLayout", "EXCHANGES", "ExpertSettings", "LayerPlan", "ParallelOptions", "ParallelPlan", "parallelize",
+    "CommunicationStats",
 ]

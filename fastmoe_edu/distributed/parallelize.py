@@ -2,7 +2,7 @@
 
     layout = ParallelLayout(tp=2, ep=2, dp=2)             # 8 ranks
     torch.manual_seed(0); model = build_model(...)         # the whole model, same seed on every rank
-    plan = parallelize(model, layout, drop_duplicate_tokens=True, pipeline_degree=2)   # or ParallelPlan(...)
+    plan = parallelize(model, layout, drop_duplicate_tokens=True, pipeline_degree=2)   # or ParallelOptions(...)
     optimizer = torch.optim.AdamW(model.parameters())      # after: the parameters have been replaced
     ...
     loss.backward(); allreduce_gradients(model, layout, plan); clip_grad_norm_(model, 1.0, layout, plan)
@@ -33,29 +33,31 @@ from .expert_tensor_parallel import check_shardable, shard_experts
 from .shadowing import measure_rates
 from .gradients import broadcast_parameters
 from .layout import ParallelLayout
-from .plan import EXCHANGES, LayerPlan, ParallelPlan  # noqa: F401  (EXCHANGES: the exchange spellings, here too)
+from .plan import LayerPlan, ParallelOptions, ParallelPlan
 from .recompute import stash_contexts
 from .tensor_parallel import make_tensor_parallel
 
 
-def parallelize(model: nn.Module, layout: ParallelLayout, plan: ParallelPlan | None = None, **options) -> ParallelPlan:
+def parallelize(model: nn.Module, layout: ParallelLayout, options: ParallelOptions | None = None,
+                **keywords) -> ParallelPlan:
     """Tensor-, expert- and data-parallel ``model`` over ``layout``, in place; returns the decided plan.
 
-    ``plan``: the options as a :class:`ParallelPlan` (plan.py documents each), or give them as keywords
+    ``options``: a :class:`ParallelOptions` (plan.py documents each option), or give them as keywords
     (``exchange="pairwise"``, ``drop_duplicate_tokens=True``, ...), not both.
     """
-    if plan is not None and options:
-        raise TypeError(f"parallelize takes the options as a ParallelPlan or as keywords, not both: {sorted(options)}")
-    plan = (plan if plan is not None else ParallelPlan(**options)).check(layout.ep_size)
+    if options is not None and keywords:
+        raise TypeError(f"parallelize takes the options as ParallelOptions or as keywords, not both: "
+                        f"{sorted(keywords)}")
+    options = (ParallelOptions(**keywords) if options is None else ParallelOptions.of(options)).check(layout.ep_size)
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
     for _, layer in layers:                                                 # check all before changing any
         layout.check_num_experts(layer.num_experts)
         if isinstance(layer.expert_runner, ExpertParallel):
             raise ValueError(f"{layer} is already expert-parallel")
-        if plan.expert_tensor_parallel and layout.tp_size > 1:
+        if options.expert_tensor_parallel and layout.tp_size > 1:
             check_shardable(layer.experts, layout.tp_size)
     sliced = make_tensor_parallel(model, layout)
-    settings = plan.expert_settings(layout)
+    settings = options.expert_settings(layout)
     decided, shadow_rates = [], {}                                           # expert kind -> measured rates
     for index, (name, layer) in enumerate(layers):
         runner = ExpertParallel(layout, layer.num_experts, settings, name=f"MoE layer {index}")
@@ -75,6 +77,6 @@ def parallelize(model: nn.Module, layout: ParallelLayout, plan: ParallelPlan | N
         decided.append(LayerPlan(name, layer, settings))
     if hasattr(model, "recompute_contexts"):               # a language model: recomputed blocks replay
         model.recompute_contexts = stash_contexts           # their collectives (activation checkpointing)
-    plan = plan.decided(decided, sliced)
+    plan = ParallelPlan(options, tuple(decided), tuple(sliced))
     broadcast_parameters(model, layout, plan)
     return plan

@@ -29,7 +29,7 @@ from .gradient_partitioning import GradientPieces
 from .gradients import allreduce_expert_gradients, allreduce_gradients, clip_grad_norm_
 from .layout import ParallelLayout, experts_per_rank, sequences_per_rank, split_world
 from .parallelize import parallelize
-from .plan import ParallelPlan
+from .plan import ParallelOptions, ParallelPlan
 
 
 class ParallelRuntime(Runtime):
@@ -37,7 +37,7 @@ class ParallelRuntime(Runtime):
 
     Args:
         engine: ``"mpi"`` or ``"torch"`` (the launcher's).
-        options: the parallel options (a :class:`ParallelPlan` before ``parallelize``); checked here.
+        options: the parallel options (:class:`ParallelOptions`), checked here.
         tp, ep, dp: the layout's degrees (``ep=None``: the ranks tp and dp leave).
         num_experts, batch_size, seq_len: the model's E and the global batch (checked against the ranks).
         gradient_partitioning: FSMoE's replicated-gradient pieces during the backward (gradient_partitioning.py).
@@ -48,7 +48,7 @@ class ParallelRuntime(Runtime):
     gradient_pieces: GradientPieces | None = None
     plan: ParallelPlan | None = None                 # what parallelize decided (shard_model)
 
-    def __init__(self, engine: str, options: ParallelPlan, *, tp: int = 1, ep: int | None = None, dp: int = 1,
+    def __init__(self, engine: str, options: ParallelOptions, *, tp: int = 1, ep: int | None = None, dp: int = 1,
                  num_experts: int, batch_size: int, seq_len: int, device: str = "cpu",
                  collective_timeout_s: float = DEFAULT_TIMEOUT_S, gradient_partitioning: bool = False):
         abort_on_exception(engine)                    # one rank's error ends the whole job
