@@ -3,6 +3,7 @@
     python bench/bench_hf.py                        # Mixtral-shaped layer and the default model's size
     python bench/bench_hf.py --tokens 256 --repeats 1 --train-steps 2     # a quick look
     python bench/bench_hf.py --device cuda
+    python bench/bench_hf.py --cpu-time --layers default    # one thread, CPU time: a loaded shared machine
 
 In one process, with the same weights: transformers' ``MixtralSparseMoeBlock`` in each
 ``experts_implementation`` the installed transformers offers, against the ``MoELayer`` that
@@ -23,6 +24,7 @@ is not, and timing uninitialized weights (garbage such as 1e36 and denormals) me
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -64,18 +66,23 @@ def hf_block(d: int, h: int, experts: int, top_k: int, implementation: str, devi
     return block.to(device)
 
 
+#: The clock of every measurement: wall time, or with --cpu-time the CPU time of this thread (run with one
+#: thread: on a loaded machine it leaves out the time other processes hold the core).
+CLOCK = time.perf_counter
+
+
 def wall_times(step, repeats: int) -> list[float]:
-    """Wall time of each of ``repeats`` calls of ``step`` after one warm-up call (numba compiles there); on a
+    """Time (CLOCK) of each of ``repeats`` calls of ``step`` after one warm-up call (numba compiles there); on a
     GPU each timed call ends when the device has finished its work, not when it was queued."""
     wait = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
     step()
     wait()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = CLOCK()
         step()
         wait()
-        times.append(time.perf_counter() - start)
+        times.append(CLOCK() - start)
     return times
 
 
@@ -174,7 +181,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=None, help="override every layer's T (a quick look)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train-steps", type=int, default=10)
+    parser.add_argument("--layers", default=",".join(LAYERS), help=f"which layers (default {','.join(LAYERS)})")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="one thread, CPU time of this thread instead of wall time (for a loaded machine)")
     args = parser.parse_args()
+    global CLOCK
+    if args.cpu_time:
+        from fastmoe_edu.backends import set_cpu_threads
+        set_cpu_threads(1, "numba")
+        CLOCK = time.thread_time
     try:
         import transformers
     except ImportError:
@@ -183,8 +198,10 @@ def main() -> None:
     peak = gemm_peak(args.device)
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
           f"transformers {transformers.__version__}, device {args.device}, {time.strftime('%Y-%m-%d')}; "
-          f"GEMM peak (best 2048³ torch.mm) {peak / 1e9:.1f} GFLOP/s")
-    for name, shape in LAYERS.items():
+          f"GEMM peak (best 2048³ torch.mm) {peak / 1e9:.1f} GFLOP/s; "
+          f"{'CPU time of one thread' if args.cpu_time else 'wall time'}, load average {os.getloadavg()[0]:.1f}")
+    for name in args.layers.split(","):
+        shape = LAYERS[name]
         print()
         print("\n".join(layer_table(name, shape, args.tokens or shape["tokens"], args.repeats, args.device, peak)))
     before = training_tokens_per_second(args.train_steps, False, args.device)
