@@ -257,7 +257,7 @@ assert all(torch.equal(ref_steps[n], cpu_steps[n]) for n in ref_steps)
 # (`numba_backend.run_cuda_kernels_on_cpu_tensors(True)`, the project's public switch for this),
 # runs the six steps, and saves every tensor. It also runs the experts with the backend's tiled
 # `numba.cuda` grouped-GEMM kernel, and a small kernel that records which block and thread handle
-# which element of the scatter (used in section 3).
+# which buffer element when each element gets a thread (used in section 3).
 
 # %%
 import subprocess
@@ -289,7 +289,7 @@ big_counts = dispatch.count_tokens_per_expert(big_ids, 4)
 big_starts = dispatch.exclusive_prefix_sum(big_counts)
 big_rows = dispatch.stable_positions(big_ids, big_starts)
 big_num_rows = int(big_counts.sum())
-big_launch = launch_config(big_num_rows * big_x.shape[1])          # the scatter: one task per buffer element
+big_launch = launch_config(big_num_rows * big_x.shape[1])          # one task per buffer element (_launch's rule)
 torch.save({"tiny": {"x": x, "expert_ids": expert_ids, "weights": weights, "capacity": CAPACITY, "E": E,
                      "weight": toy_weight},
             "big": {"num_rows": big_num_rows, "width": big_x.shape[1], "launch": big_launch}},
@@ -317,11 +317,13 @@ assert all(torch.allclose(ref_steps[n], sim["steps"][n]) for n in ref_steps)
 # ### Reading the kernels
 #
 # The kernels are ordinary Python in `backends/numba_cuda.py`; below is their source, taken from
-# the module with `inspect.getsource` (so it is always the code that just ran). Each kernel asks
-# `cuda.grid(1)` for its thread's global index, checks it against the amount of work, and calls a
+# the module with `inspect.getsource` (so it is always the code that just ran). First the two
+# launchers: `_launch` gives each task a thread; `_launch_rows` gives each *token* a warp (32 threads)
+# and puts `ROWS_PER_BLOCK` tokens in a block. Then the scatter and the combine, the row kernels: the
+# warp of token t reads each element of its row once, its lanes (`threadIdx.x & 31`) striding over the
+# columns, and writes (or sums) the token's k rows. Last the two-pass ranking kernels, which call a
 # *task* from `backends/numba_cpu.py` — the same plain-Python function that the CPU kernels run in a
-# `prange` loop, compiled a second time for the GPU. First the launcher, then the scatter and
-# combine kernels with their tasks, then the two-pass ranking kernels.
+# `prange` loop, compiled a second time for the GPU.
 
 # %%
 import inspect
@@ -337,21 +339,22 @@ def show_source(*functions):
     display(Code(text, language="python"))
 
 
-show_source(numba_cuda._launch)
-show_source(numba_cuda._scatter_rows_kernel, numba_cpu.copy_source_row)
-show_source(numba_cuda._gather_combine_kernel, numba_cpu.combine_token)
+show_source(numba_cuda._launch, numba_cuda._launch_rows)
+show_source(numba_cuda._scatter_rows_kernel)
+show_source(numba_cuda._gather_combine_kernel, numba_cuda.load)
 show_source(numba_cuda._count_chunks_kernel, numba_cpu.count_chunk,
             numba_cuda._rank_chunks_kernel, numba_cpu.rank_chunk)
 
 # What the launcher does with the tiny example above: tasks → blocks × threads per block.
 tiny_rows, tiny_width = ref_steps["buffer"].shape
 tiny_chunks = math.ceil(T * K / numba_cuda.ASSIGNMENTS_PER_CHUNK)
-print("launch configurations for the tiny example (by the launcher's rule above):")
-for name, tasks in [("count / rank chunks (one thread per chunk)", tiny_chunks),
-                    ("scatter (one thread per buffer element)", tiny_rows * tiny_width),
-                    ("gather + combine (one thread per output element)", T * D)]:
-    blocks, threads = launch_config(tasks)
-    print(f"  {name:<50}{tasks:>5} tasks → {blocks} block(s) × {threads} threads")
+print("launch configurations for the tiny example (by the launchers' rules above):")
+blocks, threads = launch_config(tiny_chunks)
+print(f"  {'count / rank chunks (one thread per chunk)':<50}{tiny_chunks:>5} tasks → {blocks} block(s) × {threads} threads")
+row_blocks = math.ceil(T / numba_cuda.ROWS_PER_BLOCK)
+for name in ("scatter (one warp per token)", "gather + combine (one warp per token)"):
+    print(f"  {name:<50}{T:>5} tokens → {row_blocks} block(s) × {numba_cuda.MAX_THREADS_PER_BLOCK} threads "
+          f"({numba_cuda.ROWS_PER_BLOCK} warps of 32)")
 
 # %% [markdown]
 # ## 3. How a GPU kernel is laid out
@@ -362,10 +365,13 @@ for name, tasks in [("count / rank chunks (one thread per chunk)", tiny_chunks),
 # (`cuda.grid(1)`) and uses it to pick its piece of work. The launcher asks for at least one thread
 # per task and rounds up to whole blocks, so every kernel starts with `if i < number_of_tasks`.
 #
-# * **Scatter / combine** move most of the bytes, so they use one thread per *element* of the
-#   output: `row = i // width`, `col = i % width`. Neighbouring threads touch neighbouring addresses,
-#   which the GPU merges into few wide memory transactions (*coalescing*). Each output element has
-#   exactly one writer, so no synchronisation is needed.
+# * **Scatter / combine** move most of the bytes. They give each *token* a warp of 32 threads
+#   (`ROWS_PER_BLOCK` tokens per block): lane `l` handles columns `l, l + 32, ...` (no division per
+#   element), so neighbouring threads touch neighbouring addresses, which the GPU merges into few
+#   wide memory transactions (*coalescing*). The warp reads its token's row once and writes it to
+#   the token's k rows (scatter), or sums the k rows into it (combine). Each output element has
+#   exactly one writer, so no synchronisation is needed. The simplest layout, one thread per
+#   element (`row = i // width`, `col = i % width`, `_launch`'s rule), is the one drawn below.
 # * **Positions** are the tricky part. The obvious parallel way is one thread per assignment and an
 #   **atomic** counter per expert: `row = start[e] + atomic_add(cursor[e], 1)` (an atomic add
 #   returns the value *before* the add, and no two threads can get the same value). Atomics make
@@ -376,8 +382,9 @@ for name, tasks in [("count / rank chunks (one thread per chunk)", tiny_chunks),
 #   expert; (3) one thread per chunk walks its chunk again handing out rows in order. No atomics,
 #   and the result is the *stable* order: identical to the reference, every run.
 #
-# The left plot is measured in the simulator: the scatter's launch configuration on a 24-token
-# example, replayed by a kernel that records `blockIdx.x` and `threadIdx.x` per element. The colour
+# The left plot is measured in the simulator: one thread per element of a 24-token example's buffer,
+# `_launch`'s rule (the counting kernels use it; the project's scatter did, before it moved to a warp
+# per token), replayed by a kernel that records `blockIdx.x` and `threadIdx.x` per element. The colour
 # is the thread's number inside its block; white lines separate the blocks. Element `i` (row by row)
 # belongs to block `i // threads` and thread `i % threads`, so each block covers a band of whole rows.
 #
@@ -455,7 +462,7 @@ for b in range(big_launch[0]):                     # each block: its outline, it
     for (r, c) in ((r0, c0), (r1, c1)):
         ax.text(c, r, str(thread_of[r, c]), ha="center", va="center", fontsize=8,
                 color="white" if thread_of[r, c] < thread_of.max() / 2 else "black")
-ax.set(title=f"scatter: {big_launch[0]} blocks × {big_launch[1]} threads, one thread per element\n"
+ax.set(title=f"one thread per element: {big_launch[0]} blocks × {big_launch[1]} threads\n"
              "(numbers: each block's first and last thread)", xlabel="column of the buffer", ylabel="buffer row")
 
 ax = axes[1]

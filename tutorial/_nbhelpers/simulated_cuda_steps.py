@@ -41,10 +41,9 @@ with torch.no_grad():
     result = steps(tiny["x"], tiny["expert_ids"], tiny["weights"], tiny["capacity"], tiny["E"], tiny["weight"])
 result = {"steps": result, "seconds": time.perf_counter() - start}
 
-# Which GPU thread handles which element of the scatter? The scatter kernel uses one thread per
-# buffer element (row = i // width, col = i % width), launched with the configuration the notebook
-# passes in. This kernel has the same launch and index arithmetic and writes down its block and
-# thread numbers instead of copying data.
+# Which GPU thread handles which element with one thread per element (row = i // width,
+# col = i % width, the launcher _launch's rule), launched with the configuration the notebook passes
+# in? This kernel writes down its block and thread numbers instead of copying data.
 big = inputs["big"]
 blocks, threads = big["launch"]
 
