@@ -13,7 +13,7 @@ A *backend* is a module with the functions of :class:`Backend` (plain module-lev
 
 These are the steps of FastMoE (He et al., 2021, arXiv:2103.13262); the sigmoid router is
 DeepSeek-V3's (DeepSeek-AI, 2024, arXiv:2412.19437). The plain-PyTorch reference implementation is
-``fastmoe_edu/dispatch.py`` plus the two routing functions of ``fastmoe_edu/routers.py``; its
+``fastmoe_edu/dispatch.py`` plus the two routing functions of ``fastmoe_edu/routing.py``; its
 docstrings give the full semantics.
 
 Shapes: ``T`` tokens, ``k`` slots per token, ``E`` experts, ``d`` features. ``expert_ids`` and
@@ -53,8 +53,7 @@ class Backend(Protocol):
         run of S consecutive tokens (a sequence) has its own ``capacity`` per expert and its tokens compete
         only among themselves, in the same order. With ``priority`` [T] (batch-prioritized routing) the
         tokens go in order of decreasing priority instead, ties in token order (still slot-major: every
-        slot 0 before any slot 1). The layer passes ``priority`` only when it is set, so a backend written
-        before it existed keeps working with the default order. Not differentiable."""
+        slot 0 before any slot 1); ``None`` keeps token order. Not differentiable."""
 
     def count_tokens_per_expert(self, expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
         """count[e] = number of kept (token, slot) pairs routed to expert e, int64 ``[E]``.
@@ -110,7 +109,7 @@ class Backend(Protocol):
         ``top_k_groups`` of ``num_groups`` expert groups, each scored by the sum of its two largest s + bias,
         if given); weights = s[ids] / Σ s[ids] · route_scale (s[ids] · route_scale if not ``renormalize``),
         finite for any finite logits (where the chosen s underflow, the same ratio is taken as
-        a softmax of their logits: see fastmoe_edu.routers.sigmoid_top_k_route). Differentiable: weights
+        a softmax of their logits: see fastmoe_edu.routing.sigmoid_top_k_route). Differentiable: weights
         in ``logits``; ``bias`` only selects (no gradient)."""
 
 

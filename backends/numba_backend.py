@@ -52,7 +52,7 @@ import numba
 import torch
 
 from fastmoe_edu import dispatch as reference_dispatch
-from fastmoe_edu import routing as reference_routers
+from fastmoe_edu import routing as reference_routing
 from fastmoe_edu.routing import min_score_sum
 
 from . import grouped_gemm_torch, numba_cpu
@@ -344,7 +344,7 @@ class SoftmaxTopKRoute(torch.autograd.Function):
     def backward(ctx, grad_expert_ids, grad_weights):
         logits, expert_ids, weights, bias = ctx.saved_tensors
         if create_graph_requested():
-            route = lambda logits: reference_routers.softmax_top_k_route(logits, *ctx.options, bias)[1]  # noqa: E731
+            route = lambda logits: reference_routing.softmax_top_k_route(logits, *ctx.options, bias)[1]  # noqa: E731
             return (*reference_vjp(route, (logits,), grad_weights), None, None, None, None, None)
         target = _target(logits)
         logits, grad_weights = logits.contiguous(), grad_weights.contiguous()
@@ -380,7 +380,7 @@ class SigmoidTopKRoute(torch.autograd.Function):
     def backward(ctx, grad_expert_ids, grad_weights):
         logits, expert_ids, bias = ctx.saved_tensors
         if create_graph_requested():
-            route = lambda logits: reference_routers.sigmoid_top_k_route(logits, bias, *ctx.options)[1]  # noqa: E731
+            route = lambda logits: reference_routing.sigmoid_top_k_route(logits, bias, *ctx.options)[1]  # noqa: E731
             return (*reference_vjp(route, (logits,), grad_weights), None, None, None, None, None, None)
         target = _target(logits)
         logits, grad_weights = logits.contiguous(), grad_weights.contiguous()
