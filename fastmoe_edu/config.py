@@ -37,7 +37,7 @@ from .data import DATASETS
 from .distributed.engines import DEFAULT_TIMEOUT_S, ENGINES
 from .distributed.expert_tensor_parallel import hidden_units_per_rank
 from .distributed.layout import experts_per_rank
-from .distributed.plan import DEGREE, MAX_PIPELINE_DEGREE, ParallelOptions  # noqa: F401  (DEGREE, MAX_...: here too)
+from .distributed.plan import DEGREE, ParallelOptions
 from .distributed.tensor_parallel import check_divisible
 from .distributed.pipeline import AUTO
 from .observe import parse_profile_steps
