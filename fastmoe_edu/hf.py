@@ -13,7 +13,7 @@ Usage (``pip install -e ".[hf]"``: transformers >= 5.5, whose MoE blocks hold fu
     layer = from_hf(hf_block)         # one HF MoE block -> a new MoELayer (weights copied, options read)
     to_hf(layer, hf_block)            # and back: the layer's weights into an HF block of the same family
 
-    moefy(model, layout=ParallelLayout(ep=2))        # under mpirun: the swapped layers expert-parallel
+    plan = parallelize(moefy(model), ParallelLayout(ep=2))   # under mpirun: the swapped layers expert-parallel
 
     dense = AutoModelForCausalLM.from_pretrained("Qwen/Qwen2-0.5B")
     upcycle(dense, num_experts=8, top_k=2)  # sparse upcycling: every MLP -> 8 copies of itself + a router
@@ -912,15 +912,13 @@ class HFMoEBlock(nn.Module):
         return f"family={self.family!r}"
 
 
-def moefy(model: nn.Module, backend: str = "auto", layout=None) -> nn.Module:
+def moefy(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Replace, in place, every supported HF MoE block of ``model`` by an :class:`HFMoEBlock`; returns ``model``.
 
     Every block is checked before any is replaced: an unsupported family raises UnsupportedFamilyError
-    naming what is missing, and a model without any known MoE block raises ValueError. With ``layout``
-    (a ``fastmoe_edu.distributed.ParallelLayout``) each swapped MoELayer is made expert-parallel with
-    ``parallelize(layer, layout)``; the rest of the model stays replicated (build it from the same seed
-    on every rank). To all-reduce the gradients, keep the plan instead: ``plan = parallelize(moefy(model),
-    layout)``, then ``allreduce_gradients(model, layout, plan)``. Build the optimizer after this call: the
+    naming what is missing, and a model without any known MoE block raises ValueError. To make the swapped
+    layers expert-parallel, parallelize the model afterwards and keep the plan: ``plan = parallelize(moefy(model),
+    layout)``, then ``allreduce_gradients(model, layout, plan)``. Build the optimizer after these calls: the
     swapped blocks' parameters are new tensors.
     """
     known = set(SUPPORTED) | set(UNSUPPORTED)
@@ -942,11 +940,6 @@ def moefy(model: nn.Module, backend: str = "auto", layout=None) -> nn.Module:
         if record_logits is not None:
             record_logits(adapter.router_logits, "router_logits", 0)
         _set_submodule(model, name, adapter)
-    if layout is not None:
-        from .distributed import parallelize
-        for _, module in model.named_modules():
-            if isinstance(module, HFMoEBlock):
-                parallelize(module.moe, layout)
     return model
 
 

@@ -409,7 +409,7 @@ print(f"\nloss = {out_hf.loss.item():.4f} (HF) and {out_ours.loss.item():.4f} (m
 # Everything agrees to float32 rounding. From here the moefied model trains like any HF model
 # (build the optimizer *after* `moefy`: the swapped blocks' parameters are new tensors), and its MoE
 # layers can use what fastmoe_edu adds: another backend (`backend="numba"`), expert parallelism across
-# processes (`moefy(model, layout=ParallelLayout(ep=...))`, see `docs/hf.md`). `to_hf(layer, block)`
+# processes (`parallelize(moefy(model), ParallelLayout(ep=...))`, see `docs/hf.md`). `to_hf(layer, block)`
 # copies trained weights back into an HF block for saving with `save_pretrained`.
 
 # %% [markdown]
