@@ -4,9 +4,7 @@ Each test is the scenario that went wrong before its fix: a resume that crashed 
 "resumed", saves that deleted folders of the user's, two runs destroying each other's checkpoints,
 unbounded pipeline degrees, and raw errors where one clear line belongs.
 """
-import contextlib
 import errno
-import io
 import json
 import os
 import re
@@ -23,28 +21,16 @@ from fastmoe_edu.config import ConfigError, parse_args
 from fastmoe_edu.model import build_model
 from fastmoe_edu.precision import store_parameters
 from fastmoe_edu.runtime import Runtime
-from fastmoe_edu.train import build_dataset, configure_optimizer, main, train
+from fastmoe_edu.train import build_dataset, configure_optimizer, train
 from launcher import ENGINES, launch
+from tiny_runs import run_main
+from tiny_runs import tiny as tiny_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(out_dir, *argv) -> list[str]:
-    return ["--progress=false", "--sample_tokens=0", f"--out_dir={out_dir}", "--batch_size=8", "--seq_len=16",
-            "--n_layer=1", "--d_model=16", "--n_head=2", "--d_hidden=32", "--num_experts=4", "--max_steps=3",
-            "--eval_interval=0", "--eval_iters=1", "--checkpoint_interval=1", "--warmup_steps=1", *argv]
-
-
-def run_main(argv) -> tuple[int, str]:
-    """``python -m fastmoe_edu.train ARGV`` in this process: (exit status, what it printed on stderr)."""
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            main(argv)
-            status = 0
-        except SystemExit as stop:
-            status = stop.code
-    return status, err.getvalue()
+    return tiny_run(out_dir, *argv, max_steps=3)
 
 
 def start(out_dir, *argv, steps: int = 2) -> None:

@@ -19,33 +19,14 @@ import fastmoe_edu.checkpoint as checkpoint
 from fastmoe_edu.checkpoint import MANIFEST, read_manifest
 from fastmoe_edu.config import ConfigError, parse_args
 from fastmoe_edu.guards import LossWatch
-from fastmoe_edu.train import main, train
+from fastmoe_edu.train import train
 from launcher import command, launch
+from tiny_runs import run_main, tiny
 
 SCRIPTS = Path(__file__).resolve().parent / "mpi_scripts"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny(out_dir, *argv) -> list[str]:
-    return ["--progress=false", "--sample_tokens=0", f"--out_dir={out_dir}", "--batch_size=8", "--seq_len=16",
-            "--n_layer=1", "--d_model=16", "--n_head=2", "--d_hidden=32", "--num_experts=4", "--max_steps=4",
-            "--eval_interval=0", "--eval_iters=1", "--checkpoint_interval=1", "--warmup_steps=1", *argv]
-
-
-def run_main(argv) -> tuple[int, str]:
-    """``python -m fastmoe_edu.train ARGV`` in this process: (exit status, what it printed on stderr)."""
-    import contextlib
-    import io
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            main(argv)
-            status = 0
-        except SystemExit as stop:
-            status = stop.code
-    return status, err.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------------
