@@ -28,6 +28,8 @@ import math
 import torch
 from torch import nn
 
+from .checks import is_finite_number
+
 #: expert kind -> the activation of its first linear map (gated kinds multiply it by W3·x).
 ACTIVATIONS = {"swiglu": nn.functional.silu, "geglu": nn.functional.gelu,
                "gelu": nn.functional.gelu, "relu": nn.functional.relu}
@@ -62,8 +64,7 @@ def check_expert_options(kind: str, swiglu_alpha, swiglu_limit) -> tuple[float |
     for name, value in values.items():
         if value is None:
             values[name] = CLAMPED_SWIGLU_DEFAULTS[name]
-        elif not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                  and value > 0):
+        elif not (is_finite_number(value) and value > 0):
             raise ValueError(f"{name}={value!r} must be a finite number > 0, or None for GPT-OSS's "
                              f"{CLAMPED_SWIGLU_DEFAULTS[name]}")
     return float(values["swiglu_alpha"]), float(values["swiglu_limit"])

@@ -14,11 +14,11 @@ as one field here (default, help, and its check in ``check``), applied in one na
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing
 from dataclasses import dataclass, field
 
 from .backends import BACKEND_NAMES, check_backend_name
+from .checks import is_finite_number
 from .experts import EXPERT_KINDS, check_expert_options
 from .routers import CAPACITY_PRIORITIES, ROUTERS
 
@@ -135,7 +135,7 @@ class LayerOptions:
         if not soft and not (_is_int(self.top_k) and 1 <= self.top_k <= self.num_experts):
             raise ValueError(f"top_k={self.top_k!r} must be an integer in [1, num_experts={self.num_experts}]")
         cf = self.capacity_factor
-        if not soft and cf is not None and not (_is_number(cf) and cf > 0):
+        if not soft and cf is not None and not (is_finite_number(cf) and cf > 0):
             raise ValueError(f"capacity_factor={cf!r} must be a finite number > 0, or None for dropless")
         if self.router not in LAYER_ROUTERS:
             raise ValueError(f"router={self.router!r} is not a known router; allowed: {', '.join(LAYER_ROUTERS)}")
@@ -144,7 +144,7 @@ class LayerOptions:
         self._check_shared()
         if self.capacity_per not in CAPACITY_PER:
             raise ValueError(f"capacity_per={self.capacity_per!r} is not known; allowed: {', '.join(CAPACITY_PER)}")
-        if not (_is_number(self.expert_dropout) and 0 <= self.expert_dropout < 1):
+        if not (is_finite_number(self.expert_dropout) and 0 <= self.expert_dropout < 1):
             raise ValueError(f"expert_dropout={self.expert_dropout!r} must be a number in [0, 1) (the probability of "
                              f"zeroing an element of an expert's output while training; 0: off)")
         if not isinstance(self.output_bias, bool):
@@ -200,11 +200,6 @@ def _field_names() -> set[str]:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    """A real number that is neither a bool, nor nan (which every comparison lets through), nor ±inf."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_int(name: str, value, minimum: int, note: str = "") -> None:

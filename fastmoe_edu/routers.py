@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from . import routing
+from .checks import is_finite_number
 # Switch Transformer: route in at least float32 (a bfloat16 softmax is too coarse to rank experts).
 from .precision import at_least_float32
 from .routing import min_score_sum
@@ -388,8 +389,7 @@ def check_number(options: dict, key: str, above: float | None = None, minimum: f
                   note: str = "") -> None:
     """options[key] is a real number (not a bool, nan or ±inf) > ``above`` or >= ``minimum``."""
     value = options[key]
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not (ok and (value > above if above is not None else value >= minimum)):
+    if not (is_finite_number(value) and (value > above if above is not None else value >= minimum)):
         bound = f"> {above:g}" if above is not None else f">= {minimum:g}"
         raise ValueError(f"{key}={value!r} must be a finite number {bound}{note}")
 
