@@ -160,6 +160,11 @@ class _OtherRankFailed(Exception):
 # ----------------------------------------------------------------------------------------------------
 # 9. TED's duplicate token dropping (the world of 2 ranks is one tensor group of tp = 2)
 # ----------------------------------------------------------------------------------------------------
+def _share_owner(row: int, shares: list[int]) -> int:
+    """The tp rank whose share (consecutive rows, in rank order) holds ``row``."""
+    return next(r for r in range(len(shares)) if row < sum(shares[:r + 1]))
+
+
 def check_ted(mod, comm, agree) -> None:
     rank, tp = comm.rank, comm.size
     num_experts, top_k = 4, 2
@@ -194,7 +199,7 @@ def check_ted(mod, comm, agree) -> None:
             expect_tensor(f"rank {rank}: {label}: ted_forward's result", y, tuple(x.shape), "[T, d] (every token)")
             bad = first_bad_row(y, want)
             if bad is not None:
-                owner = next(r for r in range(tp) if bad < sum(shares[:r + 1]))
+                owner = _share_owner(bad, shares)
                 raise Hint(f"rank {rank}: {label}: y[{bad}] is off; token {bad} is in rank {owner}'s share: all-gather "
                            f"the shares' outputs in rank order (comm.allgatherv)")
         except Hint as error:
@@ -226,7 +231,7 @@ def check_ted(mod, comm, agree) -> None:
             expect_tensor(f"rank {rank}: {label}: split_backward's result", got, (num_tokens, WIDTH), "[T, d]")
             bad = first_bad_row(got, torch.cat(grad_shares))
             if bad is not None:
-                owner = next(r for r in range(tp) if bad < sum(shares[:r + 1]))
+                owner = _share_owner(bad, shares)
                 raise Hint(f"rank {rank}: {label}: row {bad} of ∂L/∂x is off: it is the gradient of rank {owner}'s "
                            f"share; ∂L/∂x is every rank's share gradient, side by side in rank order")
         except Hint as error:
