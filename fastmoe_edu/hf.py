@@ -106,7 +106,8 @@ class Family:
         None without shared experts), "llama4" / "plain_single" (``shared_expert``), "num_shared"
         (``shared_experts``, num_shared_experts side by side; Cohere2-MoE has none with num_shared_experts=0),
         "plain" (``shared_experts``, one MLP), "fused_dense" (``shared_experts`` with one ``gate_up_proj``
-        Linear [2I, d] = [gate; up] and GPT-OSS's clamped activation: MiniMax-M3-VL).
+        Linear [2I, d] = [gate; up] and GPT-OSS's clamped activation: MiniMax-M3-VL), "plain_mlp"
+        (``shared_experts`` without a gate matrix: up_proj, down_proj, the routed experts' activation: Nemotron-H).
     experts: how the expert weights are stored (E experts, width I, model width d):
         "fused"        gate_up_proj [E, 2I, d] = [gate; up], down_proj [E, d, I]          (most families)
         "fused_in_out" gate_up_proj [E, d, 2I] = [gate | up], down_proj [E, I, d]          (Aria: x @ W)
@@ -119,6 +120,8 @@ class Family:
         "fused_clamped" as "fused", with GPT-OSS's clamped activation (constants experts.swiglu_alpha / _limit)
         "fused_in_out_bias"  gate_up_proj [E, d, 2I] = [gate | up] (halves, x @ W), down_proj [E, I, d], with
                        GPT-OSS's biases and clamped activation (OpenAI privacy filter)
+        "plain"        up_proj [E, I, d], down_proj [E, d, I], no gate: expert_e(x) = down_e · act(up_e x)
+                       (Nemotron-H; act relu or the exact gelu -> expert "relu" / "gelu")
     weight_at / top_k_at: the path from the block to the router weight W [E, d] and to k, when they are not
         ``<router_attr>.weight`` / ``<router_attr>.top_k``.
     router_bias: the router is a Linear with a bias: logits = x Wᵀ + c (GPT-OSS).
@@ -133,6 +136,10 @@ class Family:
     renormalize_eps: ε of w = s / (Σ s + ε) when the family renormalizes (LFM2-MoE: 1e-6): renormalize_eps.
     groups_masked_with_zero: the "deepseek_v3" group limit fills the excluded groups' scores with 0, not −∞
         (A.X-K2): equal to MoELayer's only without groups, so a grouped block is refused.
+    unused_at: paths of parameters the block holds (when the config creates them) but its forward never reads:
+        LongCat-Flash's ``router.classifier.bias`` (router_bias=True), which its router leaves out of
+        F.linear(x, classifier.weight). The layer leaves them out too (no logit bias), from_hf copies nothing
+        from them and to_hf leaves them as they are; the block's function does not depend on them.
     """
     name: str
     router_attr: str
@@ -150,6 +157,7 @@ class Family:
     softcap_at: str | None = None
     renormalize_eps: float = 0.0
     groups_masked_with_zero: bool = False
+    unused_at: tuple[str, ...] = ()
 
     @property
     def weight_path(self) -> str:
@@ -252,8 +260,11 @@ SUPPORTED: dict[str, Family] = {
     "FlintSparseMoeBlock": Family("Flint", "gate", "norm_topk_prob", routing="sigmoid", shared="plain_single"),
     "LaraMiniSparseMoeBlock": Family("Lara-Mini", "gate", "norm_topk_prob", shared="plain_single"),
     # Softmax over all experts, ids = top-k of p + b, w = p_sel · routed_scaling_factor (no renormalization).
+    # With router_bias=True its router holds classifier.bias but computes the logits without it (F.linear with the
+    # weight alone): the bias never reaches the output and gets no gradient, so the layer has none either.
     "LongcatFlashMoE": Family("LongCat-Flash", "router", "never", weight_at="router.classifier.weight",
-                              bias_at="router.e_score_correction_bias", scale_at="router.routed_scaling_factor"),
+                              bias_at="router.e_score_correction_bias", scale_at="router.routed_scaling_factor",
+                              unused_at=("router.classifier.bias",)),
     "Mistral4MoE": Family("Mistral-4", "gate", "norm_topk_prob", routing="mistral4", shared="deepseek"),
     "MistralLarge4TextMoE": Family("Mistral-Large-4 (text)", "gate", "always", routing="mistral4", shared="deepseek"),
     "Cohere2MoeSparseMoeBlock": Family("Cohere2-MoE", "gate", "always", routing="cohere2", shared="num_shared"),
@@ -261,6 +272,11 @@ SUPPORTED: dict[str, Family] = {
     # and its clamped experts with biases, gate and up in halves.
     "OpenAIPrivacyFilterMLP": Family("OpenAI privacy filter", "router", "always", experts="fused_in_out_bias",
                                      router_bias=True, returns_scores=True),
+    # DeepSeek-V3's router (σ scores, correction bias, top-2-sum groups masked with −∞); experts and shared MLP
+    # without a gate, down · act(up x), with mlp_hidden_act 'relu' (expert="relu") or the exact 'gelu'. Its default
+    # 'relu2' (the squared ReLU), moe_latent_size and mlp_bias are refused (_read_plain_experts, _read_shared).
+    "NemotronHMoE": Family("Nemotron-H", "gate", "norm_topk_prob", routing="deepseek_v3", shared="plain_mlp",
+                           experts="plain"),
 }
 
 #: HF MoE block class name -> (family, what MoELayer would need to express it exactly).
@@ -315,9 +331,6 @@ UNSUPPORTED: dict[str, tuple[str, str]] = {
                                      "experts) whose outputs and router logits the decoder layer reassembles from "
                                      "flattened tensors; the routing alone is ERNIE-4.5-MoE's, but the swapped block "
                                      "would have to return that flattened pair"),
-    "NemotronHMoE": ("Nemotron-H", "non-gated experts with mlp_hidden_act (default 'relu2', the squared ReLU, which "
-                     "MoELayer's expert kinds lack) and, with moe_latent_size, projections into and out of a latent "
-                     "width around the experts"),
 }
 
 
@@ -367,7 +380,8 @@ SHARED_MLPS = {"deepseek": ("shared_experts", "n_shared_experts"), "qwen2": ("sh
                "hunyuan": ("shared_mlp", None), "aria": ("shared_experts", "moe_num_shared_experts"),
                "ernie": ("shared_experts", "moe_num_shared_experts"), "llama4": ("shared_expert", None),
                "num_shared": ("shared_experts", "num_shared_experts"), "plain": ("shared_experts", None),
-               "plain_single": ("shared_expert", None), "fused_dense": ("shared_experts", None)}
+               "plain_single": ("shared_expert", None), "fused_dense": ("shared_experts", None),
+               "plain_mlp": ("shared_experts", None)}
 
 
 def _read_block(block: nn.Module) -> _BlockView:
@@ -397,7 +411,8 @@ def _read_block(block: nn.Module) -> _BlockView:
                                      f"{expert_options['num_experts']} experts of width {expert_options['d_model']}")
     tensors = (*router_tensors, *expert_tensors, *shared_tensors)
     carried = {tensor.untyped_storage().data_ptr() for _, _, tensor in tensors}
-    left = [name for name, param in block.named_parameters() if param.untyped_storage().data_ptr() not in carried]
+    left = [name for name, param in block.named_parameters()
+            if param.untyped_storage().data_ptr() not in carried and name not in family.unused_at]
     if left:                                          # e.g. a norm or projection this family's mapping does not know
         raise UnsupportedFamilyError(f"{what} has parameters {left} that the conversion does not carry: "
                                      f"{layout_note}")
@@ -449,6 +464,10 @@ def _read_router(block, family: Family, what: str, layout_note: str):
     if family.router_bias:
         expected.add("bias")
         tensors.append(("router.logit_bias", None, router.bias))                 # logits = x Wᵀ + c
+    for path in family.unused_at:                         # held by the router, never read by its forward: left out
+        held = functools.reduce(lambda obj, name: getattr(obj, name, None), path.split("."), block)
+        if held is not None and path.startswith(family.router_attr + "."):
+            expected.add(path.removeprefix(family.router_attr + "."))
     if family.routing == "switch":
         return _read_switch_router(router, options, tensors, expected, what)
     if family.routing == "ernie":
@@ -589,6 +608,8 @@ def _read_experts(block, family: Family, what: str, layout_note: str):
     experts = _get(block, "experts", what, layout_note)
     if family.experts == "switch":
         return _read_switch_experts(experts, what, layout_note)
+    if family.experts == "plain":
+        return _read_plain_experts(block, experts, what, layout_note)
     if family.experts == "dbrx":
         mlp = _get(experts, "mlp", what, layout_note)
         _expect_parameters(what + " experts", experts, {"mlp.w1", "mlp.v1", "mlp.w2"})
@@ -649,14 +670,32 @@ def _read_switch_experts(experts, what: str, layout_note: str):
     for index in range(num_experts):
         expert = _get(experts, f"expert_{index}", what, layout_note)
         _expect_parameters(f"{what} expert_{index}", expert, {"wi.weight", "wo.weight"})
-        kind = "relu" if isinstance(expert.act, nn.ReLU) else "gelu" if _is_exact_gelu(expert.act) else None
-        if kind is None:
-            raise UnsupportedFamilyError(f"{what}: experts use activation {type(expert.act).__name__}; MoELayer's "
-                                         f"plain experts are relu and the exact (erf) gelu: only dense_act_fn='relu' "
-                                         f"or 'gelu' converts exactly")
+        kind = _plain_kind(what, expert.act, "dense_act_fn")
         tensors += [("experts.w1", index, expert.wi.weight), ("experts.w2", index, expert.wo.weight)]
     hidden, d_model = tensors[0][2].shape
     return _expert_options(num_experts, d_model, hidden, kind), tensors
+
+
+def _read_plain_experts(block, experts, what: str, layout_note: str):
+    """Nemotron-H: expert_e(x) = down_e · act(up_e x), up_proj [E, I, d], down_proj [E, d, I], no gate matrix; act is
+    mlp_hidden_act, relu or the exact gelu. With moe_latent_size the experts run in a latent width: refused."""
+    latent = getattr(block, "fc1_latent_proj", None)
+    if latent is not None and not isinstance(latent, nn.Identity):
+        raise UnsupportedFamilyError(
+            f"{what}: moe_latent_size={latent.out_features} runs the routed experts in a latent width: fc1_latent_proj "
+            f"[{latent.out_features}, {latent.in_features}] maps every token down before them and fc2_latent_proj maps "
+            f"their weighted sum back up (the router and the shared MLP see the full width). MoELayer's experts read "
+            f"and write d_model; folding the projections into the expert matrices would give the same output but "
+            f"not the same parameters or gradients, so it would need projections around the routed experts (after "
+            f"the router, before the scatter and after the combine). Only moe_latent_size=None converts exactly")
+    _expect_parameters(what + " experts", experts, {"up_proj", "down_proj"})
+    up, down = experts.up_proj, experts.down_proj                              # [E, I, d], [E, d, I]
+    num_experts, hidden, d_model = up.shape
+    if tuple(down.shape) != (num_experts, d_model, hidden):
+        raise UnsupportedFamilyError(f"{what}: expert shapes up_proj {tuple(up.shape)}, down_proj {tuple(down.shape)} "
+                                     f"do not fit [E, I, d], [E, d, I]: {layout_note}")
+    kind = _plain_kind(what, getattr(experts, "act_fn", None), "mlp_hidden_act")
+    return _expert_options(num_experts, d_model, hidden, kind), [("experts.w1", None, up), ("experts.w2", None, down)]
 
 
 def _read_jetmoe_experts(block, what: str, layout_note: str):
@@ -717,6 +756,18 @@ def _read_shared(block, family: Family, what: str, layout_note: str, kind: str, 
                                          f"take the routed experts' kind and constants")
         width = mlp.down_proj.weight.shape[1]
         gate, up = mlp.gate_up_proj.weight[:width], mlp.gate_up_proj.weight[width:]
+    elif family.shared == "plain_mlp":                # Nemotron-H: down · act(up x), no gate matrix
+        if getattr(mlp.up_proj, "bias", None) is not None:
+            raise UnsupportedFamilyError(f"{what}: mlp_bias=True gives the shared MLP biases but not the routed "
+                                         f"experts; MoELayer's bias=True gives both biases, so only mlp_bias=False "
+                                         f"converts exactly")
+        _expect_parameters(what + " shared expert", mlp, {"up_proj.weight", "down_proj.weight"})
+        shared_kind = _plain_kind(what + " shared expert", getattr(mlp, "act_fn", None), "mlp_hidden_act")
+        if shared_kind != kind:
+            raise UnsupportedFamilyError(f"{what}: the shared expert is {shared_kind} but the routed experts are "
+                                         f"{kind}; MoELayer's shared experts take the routed experts' kind")
+        width = mlp.up_proj.weight.shape[0]
+        gate, up = mlp.up_proj.weight, None
     else:
         _expect_parameters(what + " shared expert", mlp, {"gate_proj.weight", "up_proj.weight", "down_proj.weight"})
         _expect_no_clamp(what + " shared expert", mlp)
@@ -733,7 +784,7 @@ def _read_shared(block, family: Family, what: str, layout_note: str, kind: str, 
     count = count if width % count == 0 else 1
     options = dict(num_shared_experts=count, shared_d_hidden=width // count, shared_expert_gate=False)
     tensors = [("shared_experts.w1", None, gate),                              # act(gate x)
-               ("shared_experts.w3", None, up),                                # ⊙ up x
+               *([("shared_experts.w3", None, up)] if up is not None else []),  # ⊙ up x (gated kinds)
                ("shared_experts.w2", None, mlp.down_proj.weight)]
     if family.shared == "qwen2":
         _expect_parameters(what + " shared_expert_gate", block.shared_expert_gate, {"weight"})
@@ -767,6 +818,24 @@ def _gated_kind(what: str, act) -> str:
                                  f"MoELayer's gated experts are silu(W1 x) ⊙ W3 x (swiglu) and gelu(W1 x) ⊙ W3 x "
                                  f"with the exact gelu (geglu): only hidden_act='silu' or 'gelu' converts exactly "
                                  f"(e.g. 'gelu_pytorch_tanh' is the tanh approximation)")
+
+
+#: activations the experts of some family may use that MoELayer has no expert kind for, and what they compute
+_OTHER_ACTIVATIONS = {"ReLUSquaredActivation": "the squared ReLU relu(x)², which would need an expert kind of its own",
+                      **dict.fromkeys(("NewGELUActivation", "GELUTanh", "PytorchGELUTanh"),
+                                      "the tanh approximation of GELU")}
+
+
+def _plain_kind(what: str, act, setting: str) -> str:
+    """The plain (ungated) expert kind of W2 · act(W1 x): "relu", or "gelu" for the exact (erf) gelu."""
+    if isinstance(act, nn.ReLU) or act is nn.functional.relu:
+        return "relu"
+    if _is_exact_gelu(act):
+        return "gelu"
+    name = getattr(act, "__name__", type(act).__name__)
+    detail = f" ({_OTHER_ACTIVATIONS[name]})" if name in _OTHER_ACTIVATIONS else ""
+    raise UnsupportedFamilyError(f"{what}: experts use activation {name}{detail}; MoELayer's plain (ungated) experts "
+                                 f"are relu and the exact (erf) gelu: only {setting}='relu' or 'gelu' converts exactly")
 
 
 def _is_exact_gelu(act) -> bool:
