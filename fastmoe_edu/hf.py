@@ -55,6 +55,8 @@ which is exactly ``MoELayer(router="softmax_top_k", expert="swiglu", renormalize
                [E, d, I]; y += b, a learned [d] bias on every token   -> output_bias=True (geglu with "gelu")
     Llama-4:   ids = top-k of the logits, w = σ(l_sel) on the expert's *input*: y = Σ expert_e(w_e · x)
                + shared_expert(x)          -> router="sigmoid", renormalize=False, weights_on="input", 1 shared
+    Nemotron-H:  DeepSeek-V3's router; expert_e(x) = down_e · relu(up_e x), no gate matrix (up_proj [E, I, d],
+               down_proj [E, d, I]), a shared MLP of the same form     -> expert="relu" (or "gelu"), 1 shared
 
 Families whose
 blocks compute something the project's options cannot express are listed too (``UNSUPPORTED``), so the
@@ -281,8 +283,8 @@ SUPPORTED: dict[str, Family] = {
 
 #: HF MoE block class name -> (family, what MoELayer would need to express it exactly).
 UNSUPPORTED: dict[str, tuple[str, str]] = {
-    "NllbMoeSparseMLP": ("NLLB-MoE", "a working HF block to match: in transformers 5.24 NllbMoeExperts one-hot "
-                         "encodes the router's already one-hot top-1 mask, so for every token it runs expert_1 "
+    "NllbMoeSparseMLP": ("NLLB-MoE", "a working HF block to match: in transformers 5.24 and 5.25 NllbMoeExperts "
+                         "one-hot encodes the router's already one-hot top-1 mask, so for every token it runs expert_1 "
                          "weighted by the first gate and expert_0 weighted by the second, whichever experts were "
                          "chosen. Of its routing, MoELayer has gshard's top-2 capacity (second choices after all "
                          "first choices), batch_prioritized_routing (capacity_priority='probability'), weights "
@@ -290,7 +292,12 @@ UNSUPPORTED: dict[str, tuple[str, str]] = {
                          "training (expert_dropout); it would still need NLLB's capacity 2·ceil(T/E) and eval "
                          "capacity ceil(moe_eval_capacity_token_fraction·T), a sampled second expert, and the "
                          "token dropout's eval scaling (outputs × (1 − p); expert_dropout is the identity in eval)"),
-    "PhimoeSparseMoeBlock": ("Phi-MoE", "SparseMixer routing (a masked, jittered softmax per selected expert)"),
+    "PhimoeSparseMoeBlock": ("Phi-MoE", "SparseMixer routing: each of its 2 experts is weighted by a softmax over "
+                             "only the experts whose logits lie within a relative 2·router_jitter_noise of the best "
+                             "one left (the first choice excluded for the second), and in training the experts are "
+                             "sampled (Gumbel) with a hand-made router gradient (Heun's third-order method); "
+                             "MoELayer's routers weigh by a softmax or sigmoid over all experts or the top k, and "
+                             "choose deterministically"),
     "AXK1MoE": ("A.X-K1", "an RMSNorm on the block's output (post_mlp_layernorm, a learned [d] scale): DeepSeek-V3 "
                 "routing and shared experts are MoELayer options, a normalization of y is not"),
     "DogeCDMoE": ("Doge-CDMoE", "product-key retrieval experts: ids from the sums of two top-√E key halves, each "
@@ -757,10 +764,7 @@ def _read_shared(block, family: Family, what: str, layout_note: str, kind: str, 
         width = mlp.down_proj.weight.shape[1]
         gate, up = mlp.gate_up_proj.weight[:width], mlp.gate_up_proj.weight[width:]
     elif family.shared == "plain_mlp":                # Nemotron-H: down · act(up x), no gate matrix
-        if getattr(mlp.up_proj, "bias", None) is not None:
-            raise UnsupportedFamilyError(f"{what}: mlp_bias=True gives the shared MLP biases but not the routed "
-                                         f"experts; MoELayer's bias=True gives both biases, so only mlp_bias=False "
-                                         f"converts exactly")
+        _refuse_shared_biases(what, mlp, ("up_proj", "down_proj"))
         _expect_parameters(what + " shared expert", mlp, {"up_proj.weight", "down_proj.weight"})
         shared_kind = _plain_kind(what + " shared expert", getattr(mlp, "act_fn", None), "mlp_hidden_act")
         if shared_kind != kind:
@@ -769,6 +773,7 @@ def _read_shared(block, family: Family, what: str, layout_note: str, kind: str, 
         width = mlp.up_proj.weight.shape[0]
         gate, up = mlp.up_proj.weight, None
     else:
+        _refuse_shared_biases(what, mlp, ("gate_proj", "up_proj", "down_proj"))
         _expect_parameters(what + " shared expert", mlp, {"gate_proj.weight", "up_proj.weight", "down_proj.weight"})
         _expect_no_clamp(what + " shared expert", mlp)
         act = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)     # Llama-4's name
@@ -793,6 +798,17 @@ def _read_shared(block, family: Family, what: str, layout_note: str, kind: str, 
     elif _halves_shared(block, family):
         options["shared_expert_gate"] = True      # σ(x · 0) = 1/2 exactly: from_hf freezes g at 0 (no HF tensor)
     return options, tensors
+
+
+def _refuse_shared_biases(what: str, mlp: nn.Module, names: tuple[str, ...]) -> None:
+    """A shared MLP with biases (ERNIE's use_bias, Aria's mlp_bias, Nemotron-H's mlp_bias) beside routed experts
+    without: MoELayer's bias=True gives both biases, so it has no layer that holds the one and not the other."""
+    with_bias = [name for name in names if getattr(getattr(mlp, name, None), "bias", None) is not None]
+    if with_bias:
+        raise UnsupportedFamilyError(f"{what}: the shared MLP has biases ({', '.join(with_bias)}) but the routed "
+                                     f"experts have none; MoELayer's bias=True gives the routed and the shared experts "
+                                     f"biases alike, so only a config without them (use_bias / mlp_bias=False) "
+                                     f"converts exactly")
 
 
 def _halves_shared(block, family: Family) -> bool:

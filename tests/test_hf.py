@@ -422,8 +422,8 @@ def test_switch_capacity_is_counted_per_sequence():
 @pytest.mark.parametrize("cls_name,extra,message", [
     ("DbrxFFN", dict(ffn_config=dict(moe_jitter_eps=0.1)), "moe_jitter_eps=0.1"),
     ("SwitchTransformersSparseMLP", dict(router_dtype="bfloat16"), "router_dtype"),
-    ("Ernie4_5_MoeSparseMoeBlock", dict(use_bias=True), "shared expert has parameters"),
-    ("AriaTextMoELayer", dict(mlp_bias=True), "shared expert has parameters"),
+    ("Ernie4_5_MoeSparseMoeBlock", dict(use_bias=True), "the shared MLP has biases .* routed experts have none"),
+    ("AriaTextMoELayer", dict(mlp_bias=True), "the shared MLP has biases .* routed experts have none"),
     ("SwitchTransformersSparseMLP", dict(dense_act_fn="gelu_new"), "dense_act_fn='relu' or 'gelu'"),
     ("JetMoeMoE", dict(activation_function="gelu_new"), "activation_function='silu' or 'gelu'"),
 ])
@@ -668,7 +668,7 @@ def test_family_variants_convert_exactly(cls_name, extra, expected):
     ("NemotronHMoE", dict(mlp_hidden_act="silu"), "SiLUActivation; MoELayer's plain .*mlp_hidden_act='relu'"),
     ("NemotronHMoE", dict(moe_latent_size=8), "moe_latent_size=8 runs the routed experts in a latent width.*not the "
                                               "same parameters or gradients.*Only moe_latent_size=None"),
-    ("NemotronHMoE", dict(mlp_bias=True), "mlp_bias=True gives the shared MLP biases but not the routed experts"),
+    ("NemotronHMoE", dict(mlp_bias=True), r"the shared MLP has biases \(up_proj, down_proj\) but the routed"),
 ])
 def test_more_family_settings_that_do_not_convert(cls_name, extra, message):
     with pytest.raises(UnsupportedFamilyError, match=message):
@@ -701,6 +701,28 @@ def test_every_unsupported_family_names_what_is_missing(cls_name):
     with pytest.raises(UnsupportedFamilyError, match=f"^{re.escape(f'{family} ({cls_name})')} .*needs "
                                                      f"{re.escape(missing[:40])}"):
         from_hf(block)
+
+
+def _classes_between(path: Path, start: str, end: str) -> set[str]:
+    """The HF block classes (of SUPPORTED or UNSUPPORTED) named in backticks in ``path`` from ``start`` to ``end``."""
+    text = path.read_text(encoding="utf-8")
+    section = text[text.index(start):text.index(end, text.index(start))]
+    return set(re.findall(r"`([A-Za-z0-9_]+)`", section)) & (set(SUPPORTED) | set(UNSUPPORTED))
+
+
+@pytest.mark.parametrize("doc,converted,refused", [
+    ("docs/hf.md", ("## Supported families", "## Layer options added"),
+     ("## Unsupported families", "Settings of supported families that are refused")),
+    ("README.md", ("## Hugging Face models", "The 18 refused classes"), ("The 18 refused classes", "Details, the")),
+])
+def test_docs_list_every_family_with_its_status(doc, converted, refused):
+    """docs/hf.md and the README name every converting class in their converted tables and every refused one in
+    their refused table, and no class in the wrong one; the counts they state are the code's."""
+    path = Path(__file__).resolve().parent.parent / doc
+    assert _classes_between(path, *converted) == set(SUPPORTED)
+    assert _classes_between(path, *refused) == set(UNSUPPORTED)
+    assert f"{len(SUPPORTED)} convert" in path.read_text(encoding="utf-8")
+    assert f"{len(UNSUPPORTED)} refused" in path.read_text(encoding="utf-8")
 
 
 def test_switch_warns_where_training_differs():
