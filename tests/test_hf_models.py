@@ -30,7 +30,14 @@ from fastmoe_edu.hf import SUPPORTED, HFMoEBlock, moefy, to_hf  # noqa: E402
 from test_hf import D, HIDDEN, NEW_BLOCKS  # noqa: E402
 from test_hf import close as block_close  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "transformers_modeling")
+
+
+@pytest.fixture(scope="module")
+def transformers_modeling():
+    """transformers' shared modeling code (torch.distributed's tensor code and more, seconds to import) is imported
+    once, in this fixture's setup, so that each case's time is its own."""
+    importlib.import_module("transformers.modeling_utils")
 
 E, K, VOCAB = 6, 2, 48
 MODEL_REL = 1e-5
