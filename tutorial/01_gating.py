@@ -416,14 +416,14 @@ for step in progress(range(BIAS_STEPS), desc="bias steps"):
     biases.append(sig_layer.router.bias.clone().numpy())
 biases, loads = np.array(biases), np.array(loads)
 
-fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
 axes[0].plot(load_ratio)
 axes[0].axhline(1.0, color="grey", ls="--")
 axes[0].set(title="max / mean tokens per expert", xlabel="step", ylim=(0.9, None))
 for e in range(biases.shape[1]):
     axes[1].plot(biases[:, e], label=f"expert {e}")
 axes[1].set(title="bias b_e", xlabel="step")
-axes[1].legend(fontsize=7, ncol=2)
+axes[1].legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)  # off the lines
 image = axes[2].imshow(loads.T, aspect="auto", cmap="magma", interpolation="nearest")
 axes[2].set(title="tokens per expert over steps", xlabel="step", ylabel="expert", yticks=range(loads.shape[1]))
 fig.colorbar(image, ax=axes[2], label="tokens")
