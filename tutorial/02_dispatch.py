@@ -177,8 +177,9 @@ for t in range(T):
         if rows[t, s] >= 0:
             e, r = int(ids[t, s]), int(rows[t, s])
             ax.plot([0, 1], [-t, -r * (T - 1) / max(num_rows - 1, 1)], color=colors[e], lw=1 + 4 * float(w[t, s]))
-        else:
-            ax.text(0.03, -t + 0.15, "dropped", color="red", fontsize=8)
+        else:                                  # a dropped slot has no row: a grey stub, not an expert's colour
+            ax.plot([0, 0.2], [-t, -t + 0.4], color="grey", ls=":", lw=1.5)
+            ax.text(0.21, -t + 0.4, f"slot {s} dropped (no row)", color="dimgrey", fontsize=8, va="center")
 for r in range(num_rows):
     e = int(segment_of_row[r])
     ax.text(1.05, -r * (T - 1) / max(num_rows - 1, 1), f"row {r} (expert {e})", va="center", color=colors[e])
@@ -606,7 +607,7 @@ for name, values in timings.items():
     axes[0].errorbar(TOKEN_COUNTS, med, yerr=[low, high], fmt="o-", capsize=3, label=name)
 axes[0].set(xscale="log", yscale="log", xlabel="tokens T", ylabel="ms (median; bars: fastest–slowest)",
             title=f"dispatch + combine time ({REPEATS} calls per point)")
-axes[0].legend()
+axes[0].legend(loc="lower right")                          # below the slower curve's points
 speedup = np.array([r["median"] / n_["median"] for r, n_ in zip(timings["reference"], timings["numba"])])
 axes[1].semilogx(TOKEN_COUNTS, speedup, "o-", color="tab:green")
 axes[1].axhline(1, color="grey", ls=":")
@@ -688,13 +689,20 @@ layer_times = {name: {"median": float(np.median(v)), "min": min(v), "max": max(v
 numba.set_num_threads(numba_threads)
 
 parts = {}
+
+
+def spread(name):
+    return f"[{layer_times[name]['min'] * 1e3:.1f}–{layer_times[name]['max'] * 1e3:.1f}]"
+
+
+print(f"{'ms, median':<11}{'step':>9} {'(fastest–slowest)':<20}{'experts alone':>14} {'(fastest–slowest)':<20}"
+      f"{'the rest':>9}")
 for name in ("reference", "numba"):
     step, experts = layer_times[name]["median"], layer_times[name + " experts"]["median"]
     parts[name] = {"step": step, "experts": experts, "rest": step - experts}
-    print(f"{name:<10} step {step * 1e3:8.2f} ms [{layer_times[name]['min'] * 1e3:.2f}–{layer_times[name]['max'] * 1e3:.2f}]"
-          f" | experts alone {experts * 1e3:8.2f} ms [{layer_times[name + ' experts']['min'] * 1e3:.2f}–"
-          f"{layer_times[name + ' experts']['max'] * 1e3:.2f}] | the rest (routing, dispatch, their backward) "
-          f"{(step - experts) * 1e3:8.2f} ms")
+    print(f"{name:<11}{step * 1e3:>9.1f} {spread(name):<20}{experts * 1e3:>14.1f} {spread(name + ' experts'):<20}"
+          f"{(step - experts) * 1e3:>9.1f}")
+print("(the rest = step − experts alone: routing, dispatch and their backward)")
 ref_step, nb_step = parts["reference"]["step"], parts["numba"]["step"]
 layer_speedup = ref_step / nb_step
 experts_speedup = parts["reference"]["experts"] / parts["numba"]["experts"]
@@ -712,8 +720,8 @@ print(f"  whole-layer speed-up, numba vs reference: {layer_speedup:.2f}× (media
 print(f"  Amdahl bound if only the rest gets faster (experts unchanged): 1 / (1 − f) = reference step / its "
       f"experts = {amdahl_bound:.2f}×")
 if not separable:
-    print(f"  too noisy to judge: a 'rest' came out at zero or less, i.e. the step and its experts were timed "
-          f"in different conditions (largest spread {spread_ms * 1e3:.1f} ms); rerun the cell on a quieter machine")
+    print(f"  too noisy to judge: a 'rest' came out at zero or less, i.e. the step and its experts were timed\n"
+          f"  in different conditions (largest spread {spread_ms * 1e3:.1f} ms); rerun the cell on a quieter machine")
 elif experts_differ:
     nb_bound = ref_step / parts["numba"]["experts"]
     print(f"  but the experts are not unchanged here: the numba backend's experts ran {experts_speedup:.2f}× "
