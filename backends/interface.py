@@ -83,6 +83,12 @@ class Backend(Protocol):
         """out[segment e] = rows[segment e] · weight[e]ᵀ, for rows ``[N, d_in]`` in segments of
         counts[e] rows and weight ``[E, d_out, d_in]``. Differentiable in ``rows`` and ``weight``."""
 
+    def hidden_activation(self, kind: str, gate: torch.Tensor, up: torch.Tensor | None, alpha: float | None = None,
+                          limit: float | None = None) -> torch.Tensor:
+        """An expert's hidden units ``[N, d_hidden]`` from gate = W1·x and (gated kinds) up = W3·x: e.g.
+        silu(gate) ⊙ up for ``kind="swiglu"``; every kind as ``fastmoe_edu.experts.hidden_activation``
+        defines it. Differentiable in ``gate`` and ``up``."""
+
     # ------------------------------------------------------------------------------------------------
     # Routing: differentiable in the weights, not in the ids
     # ------------------------------------------------------------------------------------------------

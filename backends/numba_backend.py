@@ -21,6 +21,8 @@ passes are kernels too:
                                    grad_w[t, s] = <grad_y[t], expert_out[rows[t, s]]>
     softmax_top_k_route   backward: ∂L/∂logits through the (renormalized) softmax weights (groups, bias only select)
     sigmoid_top_k_route   backward: ∂L/∂logits through the (normalized) sigmoid weights
+    hidden_activation    SwiGLU h = silu(gate) ⊙ up in one pass, both gradients in one pass (numba_activation.py;
+                         CPU float32/float64; other kinds and devices: the reference's torch operations)
 
 Asked for second-order gradients (``create_graph=True``), each backward returns the reference's instead,
 built from torch operations that can be differentiated again (``second_order.py``).
@@ -29,10 +31,11 @@ What makes it faster than the reference on a CPU: the reference's ranking builds
 matrix and cumsums it (O(T·k·E) memory traffic); here ranking is a two-pass count over chunks,
 O(T·k), in one kernel call. Scatter and combine are single token-major passes (x[t] or grad_y[t] read
 once, its k rows touched) instead of index_select + index_copy + einsum, and the combine's backward
-computes both gradients in one pass. The grouped GEMM is the same arithmetic as the reference's
-(torch's matrix products, one call or one per segment, with an explicit backward): on a CPU the
-expert GEMMs are most of a step for both backends, so the layer speed-up is bounded by the
-dispatch's share (docs/benchmarks.md).
+computes both gradients in one pass. The experts' SwiGLU is one vectorized pass forward and one
+backward where torch runs three and four (numba_activation.py). The grouped GEMM is the same arithmetic
+as the reference's (torch's matrix products, one call or one per segment, with an explicit backward):
+on a CPU the expert GEMMs are most of a step for both backends, so the layer speed-up is bounded by
+what runs outside them (docs/benchmarks.md).
 
 16-bit tensors (bfloat16, float16) go into the row kernels as they are (zero-copy views of their
 16-bit patterns; float32 sums inside, rounded to nearest even once). Routing runs in float32, as the
@@ -53,9 +56,10 @@ import torch
 
 from fastmoe_edu import dispatch as reference_dispatch
 from fastmoe_edu import routing as reference_routing
+from fastmoe_edu.experts import hidden_activation as reference_hidden_activation
 from fastmoe_edu.routing import min_score_sum
 
-from . import grouped_gemm_torch, numba_cpu
+from . import grouped_gemm_torch, numba_activation, numba_cpu
 from .second_order import create_graph_requested, linear_input, reference_vjp
 
 NAME = "numba"
@@ -314,6 +318,47 @@ def grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, counts: torch.Tenso
     if _grouped_gemm == "grouped_mm" and grouped_gemm_torch.grouped_mm_supports(rows, weight):
         return grouped_gemm_torch.grouped_mm(rows, weight, counts)
     return grouped_gemm_torch.segment_matmul(rows, weight, counts)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The experts' activation
+# ----------------------------------------------------------------------------------------------------
+class SwiGLU(torch.autograd.Function):
+    """h = silu(gate) ⊙ up in one pass; the backward both gradients in one pass (numba_activation.py)."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        gate, up = gate.contiguous(), up.contiguous()
+        forward_kernel, _ = numba_activation.SWIGLU_KERNELS[str(gate.dtype).removeprefix("torch.")]
+        hidden = torch.empty_like(gate)
+        forward_kernel(numba_cpu.array(gate), numba_cpu.array(up), numba_cpu.array(hidden))
+        ctx.save_for_backward(gate, up)
+        return hidden
+
+    @staticmethod
+    def backward(ctx, grad_hidden):
+        gate, up = ctx.saved_tensors
+        if create_graph_requested():
+            swiglu = lambda g, u: reference_hidden_activation("swiglu", g, u)  # noqa: E731
+            return reference_vjp(swiglu, (gate, up), grad_hidden)
+        _, backward_kernel = numba_activation.SWIGLU_KERNELS[str(gate.dtype).removeprefix("torch.")]
+        grad_hidden = grad_hidden.contiguous()
+        grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
+        backward_kernel(numba_cpu.array(gate), numba_cpu.array(up), numba_cpu.array(grad_hidden),
+                        numba_cpu.array(grad_gate), numba_cpu.array(grad_up))
+        return grad_gate, grad_up
+
+
+def hidden_activation(kind: str, gate: torch.Tensor, up: torch.Tensor | None, alpha: float | None = None,
+                      limit: float | None = None) -> torch.Tensor:
+    """The experts' hidden units (fastmoe_edu.experts.hidden_activation): SwiGLU on float32/float64 CPU
+    tensors as the fused kernels of numba_activation.py; every other case (CUDA or 16-bit tensors, the
+    other expert kinds) as the reference's torch operations."""
+    fused = (kind == "swiglu" and gate.device.type == "cpu" and not _cuda_kernels_for_cpu_tensors
+             and gate.dtype in (torch.float32, torch.float64) and up.dtype == gate.dtype)
+    if not fused:
+        return reference_hidden_activation(kind, gate, up, alpha, limit)
+    return SwiGLU.apply(gate, up)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""The reference backend: the plain-PyTorch functions of ``fastmoe_edu.dispatch`` and the two routing
-functions of ``fastmoe_edu.routing``, gathered under the names every backend provides."""
+"""The reference backend: the plain-PyTorch functions of ``fastmoe_edu.dispatch``, the two routing
+functions of ``fastmoe_edu.routing`` and the experts' activation (``fastmoe_edu.experts``), gathered under the names every backend
+provides."""
 from fastmoe_edu.dispatch import (  # noqa: F401  (re-exported: this module *is* the backend table)
     count_tokens_per_expert,
     exclusive_prefix_sum,
@@ -9,6 +10,7 @@ from fastmoe_edu.dispatch import (  # noqa: F401  (re-exported: this module *is*
     scatter_rows,
     stable_positions,
 )
+from fastmoe_edu.experts import hidden_activation  # noqa: F401
 from fastmoe_edu.routing import sigmoid_top_k_route, softmax_top_k_route  # noqa: F401
 
 NAME = "reference"

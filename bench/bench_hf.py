@@ -13,7 +13,8 @@ In one process, with the same weights: transformers' ``MixtralSparseMoeBlock`` i
     default   T 2048 tokens, d 64, h 128, E 8, k 2          (fastmoe_edu's default model's MoE layer)
 
 Printed per layer: each implementation's median forward + backward time, ÷ HF's fastest, and the
-expert-GEMM FLOP rate ÷ the rate one large ``torch.mm`` reaches here (the GEMM peak); last, the same
+expert-GEMM FLOP rate ÷ the rate one large ``torch.mm`` reaches here (the GEMM peak); a row of the numba
+layer with torch's SwiGLU instead of its fused pass (what that kernel saves); last, the same
 expert products timed alone (torch.mm, each expert's row count as routed): no layer that runs its
 experts on torch's GEMMs can beat HF's fastest by more than HF's time ÷ that. Then the training
 tokens/s of a small HF Mixtral language model (2 layers, d 64) before and after ``moefy``.
@@ -119,6 +120,7 @@ def layer_table(name: str, shape: dict, tokens: int, repeats: int, device: str, 
         def step(layer=layer):
             (layer(x) * upstream).sum().backward()
         rows[f"moefy [{backend}]"] = median_seconds(step, repeats)
+    rows["moefy [numba], torch's SwiGLU"] = median_seconds(lambda: with_torch_swiglu(step), repeats)
     fastest_hf = min(v for key, v in rows.items() if key.startswith("HF"))
     floor = expert_gemms_alone(layer.last_routing.tokens_per_expert.tolist(), d, h, repeats, device)
     lines = [f"{name}: T={T} d={d} h={h} E={E} k={k} SwiGLU, forward + backward",
@@ -130,6 +132,18 @@ def layer_table(name: str, shape: dict, tokens: int, repeats: int, device: str, 
     lines.append(f"(no layer whose experts run on torch's GEMMs can beat HF's fastest by more than "
                  f"{fastest_hf / floor:.2f}× here: that is the GEMMs with nothing else)")
     return lines
+
+
+def with_torch_swiglu(step) -> None:
+    """``step()`` with the numba backend's fused SwiGLU pass replaced by the reference's torch operations: what
+    the fused kernels (backends/numba_activation.py) save inside the layer."""
+    from fastmoe_edu.backends import numba_backend, reference
+    fused = numba_backend.hidden_activation
+    numba_backend.hidden_activation = reference.hidden_activation
+    try:
+        step()
+    finally:
+        numba_backend.hidden_activation = fused
 
 
 def expert_gemms_alone(counts: list[int], d: int, h: int, repeats: int, device: str) -> float:

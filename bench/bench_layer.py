@@ -56,6 +56,7 @@ import importlib
 import json
 import os
 import time
+import types
 
 import numba
 import torch
@@ -81,6 +82,10 @@ def torch_grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, counts: torch
     return grouped_gemm_torch.segment_matmul(rows, weight, counts)
 
 
+#: What the torch-only layer hands its experts: torch's grouped GEMM and the reference's (torch) activation.
+TORCH_EXPERT_OPS = types.SimpleNamespace(grouped_matmul=torch_grouped_matmul, hidden_activation=reference.hidden_activation)
+
+
 def torch_sort_forward(layer: MoELayer, tokens: torch.Tensor) -> torch.Tensor:
     """The torch-only layer: routing by the layer's own gate, dispatch by a stable argsort."""
     route, _ = layer.router(tokens)
@@ -89,7 +94,7 @@ def torch_sort_forward(layer: MoELayer, tokens: torch.Tensor) -> torch.Tensor:
     counts = torch.bincount(flat_ids, minlength=layer.num_experts)
     token_of_row = order // layer.top_k
     buffer = tokens.index_select(0, token_of_row)
-    expert_out = layer.experts(buffer, counts, torch_grouped_matmul)
+    expert_out = layer.experts(buffer, counts, TORCH_EXPERT_OPS)
     weighted = expert_out * route.weights.reshape(-1)[order, None].to(expert_out.dtype)
     return torch.zeros_like(tokens).index_add(0, token_of_row, weighted)
 
@@ -102,7 +107,7 @@ def reference_dispatch_forward(layer: MoELayer, tokens: torch.Tensor) -> torch.T
     counts = reference.count_tokens_per_expert(expert_ids, layer.num_experts)
     rows = reference.stable_positions(expert_ids, reference.exclusive_prefix_sum(counts))
     buffer = reference.scatter_rows(tokens, rows, int(counts.sum()))
-    expert_out = layer.experts(buffer, counts, numba_backend.grouped_matmul)
+    expert_out = layer.experts(buffer, counts, numba_backend)
     return reference.gather_combine(expert_out, rows, weights)
 
 
@@ -310,7 +315,7 @@ def bench_config(name: str, args) -> dict:
 
     def experts_only(rows_in):
         numba_backend.set_grouped_gemm("grouped_mm")
-        return layers["numba"].experts(rows_in, counts, numba_backend.grouped_matmul)
+        return layers["numba"].experts(rows_in, counts, numba_backend)
 
     steps = {
         "reference": (layers["reference"], x, upstream, parameters),

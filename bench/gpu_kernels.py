@@ -242,7 +242,7 @@ def dispatch_step(layer: MoELayer, x: torch.Tensor, upstream: torch.Tensor) -> N
     counts = backend.count_tokens_per_expert(expert_ids, layer.num_experts)
     rows = backend.stable_positions(expert_ids, backend.exclusive_prefix_sum(counts))
     buffer = backend.scatter_rows(x, rows, tokens * layer.top_k)
-    expert_out = layer.experts(buffer, counts, backend.grouped_matmul)
+    expert_out = layer.experts(buffer, counts, backend)
     y = backend.gather_combine(expert_out, rows, weights)
     y.backward(upstream)
 

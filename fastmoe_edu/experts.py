@@ -87,10 +87,11 @@ class Experts(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(num_experts, d_model)) if bias else None
         self.b3 = nn.Parameter(torch.zeros(num_experts, d_hidden)) if bias and gated else None
 
-    def forward(self, rows: torch.Tensor, counts: torch.Tensor, grouped_matmul) -> torch.Tensor:
+    def forward(self, rows: torch.Tensor, counts: torch.Tensor, backend) -> torch.Tensor:
         """rows [N, d_model] sorted by expert (counts[e] rows for expert e) -> [N, d_model].
 
-        ``grouped_matmul(rows, weight[E, out, in], counts)`` is the backend's grouped GEMM.
+        ``backend`` (backends/) runs the two steps: ``grouped_matmul(rows, weight[E, out, in], counts)``, the
+        grouped GEMM, and ``hidden_activation``, the function above (fused into one pass by the numba backend).
         """
         # expert_of_row[n]: the expert whose segment row n sits in; each row gets that expert's bias.
         # A gather (bias[expert_of_row]), not bias.repeat_interleave(counts): the gradient of a gather
@@ -102,12 +103,12 @@ class Experts(nn.Module):
             expert_of_row = experts.repeat_interleave(counts, output_size=rows.shape[0])
 
         def linear(inputs, weight, bias):                                          # W·x (+ b_e) per segment
-            out = grouped_matmul(inputs, weight, counts)
+            out = backend.grouped_matmul(inputs, weight, counts)
             return out if bias is None else out + bias[expert_of_row]
 
         gate = linear(rows, self.w1, self.b1)                                      # W1·x
         up = None if self.w3 is None else linear(rows, self.w3, self.b3)           # W3·x
-        hidden = hidden_activation(self.kind, gate, up, self.swiglu_alpha, self.swiglu_limit)
+        hidden = backend.hidden_activation(self.kind, gate, up, self.swiglu_alpha, self.swiglu_limit)
         return linear(hidden, self.w2, self.b2)                                    # W2·h
 
 

@@ -47,7 +47,7 @@ class RoutingRecord:
     expert_ids: torch.Tensor          # [T, k] after capacity pruning, -1 = dropped
     weights: torch.Tensor             # [T, k] combine weights, 0 where dropped
     tokens_per_expert: torch.Tensor   # [E] rows each expert processed
-    num_dropped: int                  # assignments removed by capacity pruning
+    dropped: torch.Tensor             # [] int64: assignments removed by capacity pruning (num_dropped: an int)
     capacity: int | None              # C, or None when dropless
     logits: torch.Tensor              # [T, E] router scores
     probs: torch.Tensor | None        # [T, E] router probabilities (sigmoid scores for "sigmoid")
@@ -56,6 +56,11 @@ class RoutingRecord:
     # weights [T, E·p] the combine weights C, logits [T, E·p], probs [T, E] = C summed over an expert's
     # slots, tokens_per_expert = slots per expert, nothing dropped; and its dispatch weights here:
     dispatch_weights: torch.Tensor | None = None      # [T, E·p] D (softmax over a group's tokens); else None
+
+    @property
+    def num_dropped(self) -> int:
+        """``dropped`` as a Python int. On a GPU this waits for the step: the layer itself never asks."""
+        return int(self.dropped)
 
 
 class LocalExperts:
@@ -69,7 +74,7 @@ class LocalExperts:
         return tokens, expert_ids, weights, counts
 
     def __call__(self, experts: Experts, buffer: torch.Tensor, counts: torch.Tensor, backend) -> torch.Tensor:
-        return experts(buffer, counts, backend.grouped_matmul)
+        return experts(buffer, counts, backend)
 
     def collect_tokens(self, y: torch.Tensor) -> torch.Tensor:
         return y
@@ -153,7 +158,7 @@ class MoELayer(nn.Module):
             rows = backend.stable_positions(expert_ids, starts)
         # 5. Local scatter: copy token rows into expert-contiguous order (Llama-4 weighs them here).
         with named_range("moe/scatter"):
-            buffer = backend.scatter_rows(mine, rows, int(counts.sum()))
+            buffer = backend.scatter_rows(mine, rows, self._buffer_rows(expert_ids, counts, capacity))
         buffer, weights = self._apply_weights_on(buffer, rows, weights, expert_ids)
         # 6-8. Experts on their contiguous segments (a grouped GEMM); under expert parallelism the
         #      runner wraps this step in the global scatter / gather all-to-alls.
@@ -179,13 +184,22 @@ class MoELayer(nn.Module):
                                             priority)
         return expert_ids, self.router.weights_after_dropping(route.weights, expert_ids), capacity
 
+    def _buffer_rows(self, expert_ids: torch.Tensor, counts: torch.Tensor, capacity) -> int:
+        """Rows of the expert buffer: Σ counts, the kept assignments. With no capacity and a router that switches
+        none off, that is every one of the T·k, read from the shape: the host does not wait for the device
+        (``int(counts.sum())`` would), so a GPU step has no synchronization and can be captured in a CUDA graph."""
+        if capacity is None and self.router.keeps_every_assignment():
+            return expert_ids.numel()
+        return int(counts.sum())
+
     def _apply_weights_on(self, buffer, rows, weights, expert_ids):
         """weights_on="input" (Llama-4, y = Σ_s expert(w_s · x)): row r of (t, s) becomes w[t, s] · x[t], and
         the rows are combined with weight 1. Unchanged for "output" (y = Σ_s w_s · expert(x))."""
         if self.weights_on == "output":
             return buffer, weights
-        kept = rows >= 0                                    # row_weight[rows[t, s]] = w[t, s], differentiable
-        row_weight = weights.new_zeros(buffer.shape[0]).index_put((rows[kept],), weights[kept])
+        num_rows = buffer.shape[0]                          # row_weight[rows[t, s]] = w[t, s], differentiable;
+        target = torch.where(rows >= 0, rows, num_rows)     # a dropped (t, s) writes a spare last row, cut off
+        row_weight = weights.new_zeros(num_rows + 1).index_put((target.reshape(-1),), weights.reshape(-1))[:num_rows]
         return buffer * row_weight.to(buffer.dtype)[:, None], (expert_ids >= 0).to(weights.dtype)
 
     def _apply_expert_dropout(self, expert_out: torch.Tensor) -> torch.Tensor:
@@ -225,10 +239,10 @@ class MoELayer(nn.Module):
 
     @staticmethod
     def _record(route, expert_ids, weights, counts, capacity) -> RoutingRecord:
-        kept_before = int((route.expert_ids >= 0).sum())
+        kept_before = (route.expert_ids >= 0).sum()            # tensors: the host never waits for the device
         return RoutingRecord(
             expert_ids=expert_ids.detach(), weights=weights.detach(), tokens_per_expert=counts.detach(),
-            num_dropped=kept_before - int(counts.sum()), capacity=capacity,
+            dropped=kept_before - counts.sum(), capacity=capacity,
             logits=route.logits.detach(), probs=None if route.probs is None else route.probs.detach(),
             random_draws={key: value.detach() for key, value in route.random_draws.items()})
 

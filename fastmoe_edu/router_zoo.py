@@ -22,7 +22,8 @@ from torch.nn import functional as F
 
 from . import routing
 from .precision import at_least_float32
-from .routers import Router, RouterOutput, check_bool, check_groups, check_number, local_sum, switch_balance_loss
+from .routers import (Router, RouterOutput, assignments_per_expert, check_bool, check_groups, check_number, local_sum,
+                      switch_balance_loss)
 
 
 def cv_squared(values: torch.Tensor) -> torch.Tensor:
@@ -140,6 +141,9 @@ class GShardRouter(Router, name="gshard"):
         super().__init__(*args, **kwargs)
         self.random_routing = random_routing
 
+    def keeps_every_assignment(self) -> bool:
+        return not (self.training and self.random_routing)                        # the second choice, at random
+
     def route(self, x, backend=routing):
         logits = self.logits(x)
         expert_ids, weights = backend.softmax_top_k_route(logits, 2, True)          # (e1, e2), (g1, g2)
@@ -189,6 +193,9 @@ class ExpertChoiceRouter(Router, name="expert_choice"):
     def balance_loss(self, out, reduce=local_sum):
         return out.logits.new_zeros(())                                            # balanced by construction
 
+    def keeps_every_assignment(self) -> bool:
+        return False                                                               # slots of unpicked tokens: -1
+
 
 class SigmoidRouter(Router, name="sigmoid"):
     """Sigmoid scores with auxiliary-loss-free balancing (DeepSeek-V3).
@@ -227,7 +234,7 @@ class SigmoidRouter(Router, name="sigmoid"):
                                         self.num_groups, self.top_k_groups, False)
             if self.renormalize:               # renormalize_eps=ε (LFM2-MoE): w = s / (Σ s + ε) · scale, here in torch
                 weights = weights / (weights.sum(dim=-1, keepdim=True) + self.renormalize_eps) * self.route_scale
-        self.last_load = torch.bincount(expert_ids.reshape(-1), minlength=self.num_experts).detach()
+        self.last_load = assignments_per_expert(expert_ids, self.num_experts)
         return RouterOutput(expert_ids, weights, self.capacity(x.shape[0]), logits,
                             torch.sigmoid(at_least_float32(logits)))
 

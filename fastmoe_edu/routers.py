@@ -53,6 +53,15 @@ def local_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def assignments_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """count[e] = number of assignments to expert e (ids -1 are not counted), int64 [E]: a 1 added at each
+    kept id. (``bincount(ids[ids >= 0])`` counts the same, but on a GPU it first waits for the device to learn
+    how many ids are kept and which is largest; this never waits.)"""
+    ids = expert_ids.reshape(-1)
+    ones = (ids >= 0).to(torch.int64)
+    return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).index_add_(0, ids.clamp(min=0), ones)
+
+
 def switch_balance_loss(probs: torch.Tensor, expert_ids: torch.Tensor, reduce=local_sum) -> torch.Tensor:
     """Switch/Mixtral balance loss  E · Σ_e f_e · P_e  (= 1 when perfectly balanced).
 
@@ -61,8 +70,7 @@ def switch_balance_loss(probs: torch.Tensor, expert_ids: torch.Tensor, reduce=lo
     Both are ratios of sums over tokens; one ``reduce`` of [counts, Σ_t p, T] makes them global.
     """
     num_experts = probs.shape[-1]
-    ids = expert_ids.reshape(-1)
-    counts = torch.bincount(ids[ids >= 0], minlength=num_experts).to(probs.dtype)
+    counts = assignments_per_expert(expert_ids, num_experts).to(probs.dtype)
     totals = reduce(torch.cat([counts, probs.sum(dim=0), probs.new_full((1,), probs.shape[0])]))
     counts, prob_sums, num_tokens = totals[:num_experts], totals[num_experts:-1], totals[-1]
     fraction = counts / counts.sum().clamp(min=1)                                               # f_e
@@ -198,6 +206,11 @@ class Router(nn.Module):
     def drops_without_capacity(cls, options: dict) -> bool:
         """Whether the router itself drops assignments (GShard's random routing), with no capacity set."""
         return False
+
+    def keeps_every_assignment(self) -> bool:
+        """Whether route() hands every one of its T·k assignments to an expert (switches none off with id -1):
+        then, with no capacity, the layer knows the buffer's size from the shape (MoELayer._buffer_rows)."""
+        return True
 
     # -- what a subclass provides ------------------------------------------------------------------
     def route(self, x: torch.Tensor, backend=routing) -> RouterOutput:

@@ -153,7 +153,7 @@ def soft_moe_forward(router: SoftMoERouter, experts, expert_runner, x: torch.Ten
         expert_ids=slot_expert.expand(tokens, num_slots).clone(),   # [T, E·p]: every token reaches every slot
         weights=combine.detach().reshape(tokens, num_slots),        # [T, E·p]: C
         tokens_per_expert=counts,                                   # [E]: rows (slots) each expert processed
-        num_dropped=0, capacity=None,
+        dropped=counts.new_zeros(()), capacity=None,
         logits=logits.detach().reshape(tokens, num_slots),          # [T, E·p]: L
         probs=combine.detach().reshape(tokens, num_experts, slots).sum(-1),    # [T, E]: C summed per expert
         random_draws={},

@@ -14,7 +14,7 @@ import torch
 
 from fastmoe_edu import ROUTERS, MoELayer
 from fastmoe_edu.backends import numba_backend, reference
-from fastmoe_edu.experts import EXPERT_KINDS
+from fastmoe_edu.experts import CLAMPED_SWIGLU_DEFAULTS, EXPERT_KINDS
 
 # Tolerances, numba vs reference (torch.testing.assert_close: |got − want| ≤ atol + rtol·|want|).
 # The two backends do the same arithmetic except for summation order and a few elementwise
@@ -22,7 +22,8 @@ from fastmoe_edu.experts import EXPERT_KINDS
 # with its own exp; torch sums vectorized in the tensor's dtype) and the combine (the reference's
 # einsum may add the k terms in another order). The grouped GEMMs (torch._grouped_mm, the per-segment
 # torch.mm loop, the tiled kernel) may order their inner sums over d_in ≤ 32 terms differently from
-# the reference's loop of matmuls.
+# the reference's loop of matmuls. The experts' SwiGLU: numba's float32 σ comes from its own vectorized
+# e^{-g} (backends/numba_activation.py), within 3 ulp of the exact σ where torch's is within ~1 ulp.
 #   float64: ε = 1.1e-16; a few ulps per op, amplified by ≤ 32-term sums and the layer's 3 GEMMs
 #            gives ~1e-14 relative. rtol 1e-10 / atol 1e-12 is that with a wide margin, and still
 #            catches any real bug (a wrong index or formula is off by O(1)).
@@ -457,6 +458,32 @@ def check_grouped_gemm(implementation, counts, d_in, d_out, dtype_name, tile=Non
         _compare_runs(run, dtype)
     finally:
         numba_backend.set_grouped_gemm(*previous)
+
+
+def check_hidden_activation(kind, shape, dtype_name, seed=0, device="cpu"):
+    """backend.hidden_activation against the reference's, forward, both gradients and second order. The gate
+    spans ±100 and holds 0 and ±1e-30, so both branches of σ, its clamp (|g| > 87) and tiny values are hit."""
+    dtype = DTYPES[dtype_name]
+    generator = torch.Generator().manual_seed(seed)
+    gate = torch.randn(shape, generator=generator, dtype=dtype) * 4
+    special = torch.tensor([0.0, 1e-30, -1e-30, 100.0, -100.0, -88.5], dtype=dtype)[:gate.numel()]
+    gate.view(-1)[:special.numel()] = special
+    up = torch.randn(shape, generator=generator, dtype=dtype)
+    grad_hidden = torch.randn(shape, generator=generator, dtype=dtype)
+    gate, up, grad_hidden = gate.to(device), up.to(device), grad_hidden.to(device)
+
+    def run(backend):
+        gate_leaf, up_leaf = gate.clone().requires_grad_(True), up.clone().requires_grad_(True)
+        constants = CLAMPED_SWIGLU_DEFAULTS if kind == "clamped_swiglu" else {}
+        hidden = backend.hidden_activation(kind, gate_leaf, up_leaf, constants.get("swiglu_alpha"),
+                                           constants.get("swiglu_limit"))
+        grad_gate, grad_up = torch.autograd.grad(hidden, (gate_leaf, up_leaf), grad_hidden, create_graph=True)
+        second_gate, second_up = torch.autograd.grad(grad_gate.pow(2).sum() + grad_up.pow(2).sum(),
+                                                     (gate_leaf, up_leaf))
+        return {"hidden": hidden.detach(), "grad gate": grad_gate.detach(), "grad up": grad_up.detach(),
+                "second-order gate": second_gate, "second-order up": second_up}
+
+    _compare_runs(run, dtype)
 
 
 def _compare_runs(run, dtype):

@@ -22,7 +22,8 @@ import torch
 
 import backend_cases
 from backend_cases import (DTYPES, EDGE_CASES, HALF_DTYPES, LAYER_CASES, OPTION_CASES, check_float_steps,
-                           check_float_steps_16bit, check_grouped_gemm, check_integer_steps, check_layer,
+                           check_float_steps_16bit, check_grouped_gemm, check_hidden_activation,
+                           check_integer_steps, check_layer,
                            check_routers, check_rows_nobody_owns, check_second_order,
                            check_sigmoid_extreme_logits, edge_case_ids, random_expert_ids)
 from fastmoe_edu import ROUTERS, MoELayer, backends
@@ -162,6 +163,29 @@ def test_capacity_all_dropped_outputs_zero():
 ])
 def test_grouped_gemm(implementation, dtype_name, counts, d_in, d_out):
     check_grouped_gemm(implementation, counts, d_in, d_out, dtype_name)
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("kind,shape", [("swiglu", (37, 24)), ("swiglu", (0, 8)), ("swiglu", (5, 1)),
+                                        ("geglu", (9, 16)), ("clamped_swiglu", (9, 16))])
+def test_hidden_activation(kind, shape, dtype_name):
+    check_hidden_activation(kind, shape, dtype_name)
+
+
+def test_float32_sigmoid_within_3_ulp():
+    """numba_activation's vectorized float32 σ (the fused SwiGLU's) against σ in float64, on a dense grid of
+    g in [-90, 90]: relative error ≤ 3 float32 ulp (3 · 2⁻²³) wherever σ(g) is a normal float32."""
+    from fastmoe_edu.backends import numba_activation
+    gate = torch.linspace(-90, 90, 200_001, dtype=torch.float32)[None, :]
+    up = torch.ones_like(gate)
+    hidden = torch.empty_like(gate)
+    numba_activation.swiglu_forward_float32(gate.numpy(), up.numpy(), hidden.numpy())   # g σ(g)
+    nonzero = gate != 0
+    sigma = hidden[nonzero].double() / gate[nonzero].double()
+    exact = torch.sigmoid(gate[nonzero].double())
+    normal = exact > torch.finfo(torch.float32).tiny * 4
+    relative = ((sigma - exact).abs() / exact)[normal]
+    assert relative.max() <= 3 * 2.0 ** -23, f"worst relative error {relative.max():.3g}"
 
 
 def test_set_grouped_gemm_rejects_unknown():

@@ -162,7 +162,7 @@ class ExpertParallel:
                 expert_out = run_sharded_experts(experts, expert_rows, local_counts, backend,  #    every expert
                                                  self.layout.tensor, rows_differ=self.drop_duplicate_tokens)
             else:
-                expert_out = experts(expert_rows, local_counts, backend.grouped_matmul)        # 7. grouped GEMM
+                expert_out = experts(expert_rows, local_counts, backend)        # 7. grouped GEMM
         if clock is not None:
             clock.computed()
         with named_range("ep/gather"):
@@ -197,7 +197,7 @@ class ExpertParallel:
         rest_out = self.exchange_and_run(experts, regrouped[n_shadow:], rest_counts, backend)
         with named_range("ep/shadowed experts"):
             shadow_out = run_shadowed(experts, shadow_weights(experts, shadowed, L, comm), regrouped[:n_shadow],
-                                      counts[shadowed], backend.grouped_matmul)
+                                      counts[shadowed], backend)
         return Permute.apply(torch.cat([shadow_out, rest_out]), inverse_permutation(order))   # back in buffer order
 
     def __deepcopy__(self, memo):

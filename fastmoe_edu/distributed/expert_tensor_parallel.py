@@ -78,13 +78,13 @@ def run_sharded_experts(experts: Experts, rows: torch.Tensor, counts: torch.Tens
     ``rows_differ``: the tp ranks hold different rows (duplicate token dropping) rather than the same ones.
     """
     if not rows_differ:
-        partial = experts(copy_to_tensor_region(rows, tensor), counts, backend.grouped_matmul)
+        partial = experts(copy_to_tensor_region(rows, tensor), counts, backend)
         return reduce_from_tensor_region(partial, tensor)                      # Σ over the tp shards
     all_counts = tensor.allgather(counts.to(torch.int64)).reshape(tensor.size, -1)     # [tp, L]
     shares = all_counts.sum(dim=1).tolist()                                    # rows of each tp rank
     gathered = AllGatherRows.apply(rows, shares, tensor)                        # rank-major
     by_expert = regroup_by_expert(gathered, all_counts)                         # expert-major, ranks in order
-    partial = experts(by_expert, all_counts.sum(dim=0).to(counts.device), backend.grouped_matmul)
+    partial = experts(by_expert, all_counts.sum(dim=0).to(counts.device), backend)
     return ReduceScatterRows.apply(regroup_by_source(partial, all_counts), shares, tensor)   # my rows, summed
 
 

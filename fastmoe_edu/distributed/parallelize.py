@@ -71,7 +71,7 @@ def parallelize(model: nn.Module, layout: ParallelLayout, options: ParallelOptio
                     layer.backend_name)
             if kind not in shadow_rates:
                 shadow_rates[kind] = measure_rates(layout.expert, experts,
-                                                   get_backend(layer.backend_name, experts.w1.device).grouped_matmul)
+                                                   get_backend(layer.backend_name, experts.w1.device))
             runner.shadow_rates = shadow_rates[kind]
         layer.reduce = SumOverRanks(layout.data)
         decided.append(LayerPlan(name, layer, settings))

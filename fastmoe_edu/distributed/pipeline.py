@@ -271,7 +271,7 @@ def pipelined_expert_exchange(experts, buffer: torch.Tensor, counts: torch.Tenso
 
     def run_piece(received: torch.Tensor, piece_counts: torch.Tensor) -> torch.Tensor:
         expert_rows = regroup_by_expert(received, piece_counts)
-        out = experts(expert_rows, piece_counts.sum(0).to(counts.device), backend.grouped_matmul)
+        out = experts(expert_rows, piece_counts.sum(0).to(counts.device), backend)
         return regroup_by_source(out, piece_counts)
 
     params = [p for p in experts.parameters() if p.requires_grad]

@@ -60,7 +60,7 @@ class ShadowRates:
     seconds_per_flop: float       # γ: the experts' grouped GEMM, per flop
 
 
-def measure_rates(comm: Communicator, experts: Experts, grouped_matmul, probe_bytes: int = 2 ** 18,
+def measure_rates(comm: Communicator, experts: Experts, backend, probe_bytes: int = 2 ** 18,
                   probe_rows: int = 256, repeats: int = 3) -> ShadowRates:
     """β and γ on this hardware: the fastest of ``repeats`` timings of an all-to-all with ``probe_bytes``
     per peer and of one expert on ``probe_rows`` rows; then the slowest rank's figures (a max-reduce),
@@ -78,7 +78,7 @@ def measure_rates(comm: Communicator, experts: Experts, grouped_matmul, probe_by
             start = wall_clock(device)
             comm.alltoallv(send, [rows_per_peer] * comm.size, [rows_per_peer] * comm.size, purpose="shadow_probe")
             middle = wall_clock(device)
-            experts(tokens, counts.to(device), grouped_matmul)
+            experts(tokens, counts.to(device), backend)
             end = wall_clock(device)
             exchange_s, expert_s = min(exchange_s, middle - start), min(expert_s, end - middle)
     sent_bytes = max(1, comm.size - 1) * rows_per_peer * d_model * send.element_size()
@@ -173,10 +173,10 @@ def shadow_weights(experts: Experts, shadowed: list[int], num_local: int, comm: 
 
 
 def run_shadowed(experts: Experts, weights: dict[str, torch.Tensor], rows: torch.Tensor, counts: torch.Tensor,
-                 grouped_matmul) -> torch.Tensor:
+                 backend) -> torch.Tensor:
     """The shadowed experts on this rank's rows for them (expert-major, ``counts[S]``): the experts'
     own forward with the broadcast weights in place of the local ones."""
-    return functional_call(experts, weights, (rows, counts, grouped_matmul))
+    return functional_call(experts, weights, (rows, counts, backend))
 
 
 def split_segments(counts: torch.Tensor, chosen: list[int]) -> tuple[torch.Tensor, int]:
