@@ -12,7 +12,8 @@ In one process, with the same weights: transformers' ``MixtralSparseMoeBlock`` i
     mixtral   T 8192 tokens, d 512, h 1024, E 8, k 2       (a Mixtral-shaped layer at laptop scale)
     default   T 2048 tokens, d 64, h 128, E 8, k 2          (fastmoe_edu's default model's MoE layer)
 
-Printed per layer: each implementation's median forward + backward time, ÷ HF's fastest, and the
+Printed per layer: each implementation's median forward + backward time (the implementations run in turns,
+one step each per round), ÷ HF's fastest, and the
 expert-GEMM FLOP rate ÷ the rate one large ``torch.mm`` reaches here (the GEMM peak); a row of the numba
 layer with torch's SwiGLU instead of its fused pass (what that kernel saves); last, the same
 expert products timed alone (torch.mm, each expert's row count as routed): no layer that runs its
@@ -72,23 +73,35 @@ def hf_block(d: int, h: int, experts: int, top_k: int, implementation: str, devi
 CLOCK = time.perf_counter
 
 
-def wall_times(step, repeats: int) -> list[float]:
-    """Time (CLOCK) of each of ``repeats`` calls of ``step`` after one warm-up call (numba compiles there); on a
-    GPU each timed call ends when the device has finished its work, not when it was queued."""
+def timed(step) -> float:
+    """Time (CLOCK) of one call of ``step``; on a GPU until the device has finished its work, not when it was queued."""
     wait = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
+    start = CLOCK()
     step()
     wait()
-    times = []
-    for _ in range(repeats):
-        start = CLOCK()
-        step()
-        wait()
-        times.append(CLOCK() - start)
-    return times
+    return CLOCK() - start
+
+
+def wall_times(step, repeats: int) -> list[float]:
+    """Time of each of ``repeats`` calls of ``step`` after one warm-up call (numba compiles there)."""
+    timed(step)
+    return [timed(step) for _ in range(repeats)]
 
 
 def median_seconds(step, repeats: int) -> float:
     return statistics.median(wall_times(step, repeats))
+
+
+def interleaved_medians(steps: dict, repeats: int) -> dict:
+    """{name: median seconds} of ``steps`` run in turns (one call of each, ``repeats`` rounds, after a warm-up
+    round): on a shared machine a slow spell then slows every implementation alike instead of one of them."""
+    for step in steps.values():
+        timed(step)
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            times[name].append(timed(step))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def gemm_peak(device: str, size: int = 2048, repeats: int = 10) -> float:
@@ -104,7 +117,7 @@ def layer_table(name: str, shape: dict, tokens: int, repeats: int, device: str, 
     x = torch.randn(T, d, device=device, requires_grad=True)
     upstream = torch.randn(T, d, device=device)
     flops = 3 * 2 * 3 * T * k * d * h                              # 3 expert matmuls, forward + 2× backward
-    rows = {}
+    steps = {}
     for implementation in implementations():
         block = hf_block(d, h, E, k, implementation, device)
 
@@ -112,15 +125,16 @@ def layer_table(name: str, shape: dict, tokens: int, repeats: int, device: str, 
             out = block(x[None])
             out = out[0] if isinstance(out, tuple) else out
             (out.reshape(T, d) * upstream).sum().backward()
-        rows[f"HF [{implementation}]"] = median_seconds(step, repeats)
+        steps[f"HF [{implementation}]"] = step
     source = hf_block(d, h, E, k, "eager", device)
     for backend in ("reference", "numba"):
         layer = from_hf(source, backend=backend).to(device)
 
         def step(layer=layer):
             (layer(x) * upstream).sum().backward()
-        rows[f"moefy [{backend}]"] = median_seconds(step, repeats)
-    rows["moefy [numba], torch's SwiGLU"] = median_seconds(lambda: with_torch_swiglu(step), repeats)
+        steps[f"moefy [{backend}]"] = step
+    steps["moefy [numba], torch's SwiGLU"] = lambda step=step: with_torch_swiglu(step)
+    rows = interleaved_medians(steps, repeats)
     fastest_hf = min(v for key, v in rows.items() if key.startswith("HF"))
     floor = expert_gemms_alone(layer.last_routing.tokens_per_expert.tolist(), d, h, repeats, device)
     lines = [f"{name}: T={T} d={d} h={h} E={E} k={k} SwiGLU, forward + backward",
