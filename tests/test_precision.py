@@ -62,12 +62,27 @@ def test_float16_overflow_skips_the_update_and_halves_the_scale(tmp_path):
 # with loss scaling: at most 0.063). Bounds: 0.1 at every step, 0.03 on average.
 # The default batch (32 × 64 tokens): with 8 × 32 a single step's loss is noisy enough that one
 # token's routing flipping by rounding moves it by 0.1.
+DEFAULT_BATCH = ("--batch_size=32", "--seq_len=64")
+
+
+@pytest.fixture(scope="module")
+def float32_losses(tmp_path_factory):
+    """backend -> the float32 run's losses: trained once per backend, for every low-precision run compared with it."""
+    runs = {}
+
+    def losses(backend):
+        if backend not in runs:
+            out = tmp_path_factory.mktemp(f"f32_{backend}")
+            runs[backend] = train(small(out, *DEFAULT_BATCH, f"--backend={backend}"))["train_loss"]
+        return runs[backend]
+    return losses
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("backend", ["reference", "numba"])
-def test_low_precision_loss_tracks_float32(tmp_path, dtype, backend):
-    default_batch = ("--batch_size=32", "--seq_len=64")
-    full = train(small(tmp_path / "f32", *default_batch, f"--backend={backend}"))["train_loss"]
-    low = train(small(tmp_path / dtype, *default_batch, f"--backend={backend}", f"--dtype={dtype}"))["train_loss"]
+def test_low_precision_loss_tracks_float32(tmp_path, dtype, backend, float32_losses):
+    full = float32_losses(backend)
+    low = train(small(tmp_path / dtype, *DEFAULT_BATCH, f"--backend={backend}", f"--dtype={dtype}"))["train_loss"]
     gaps = [abs(a - b) for a, b in zip(full, low)]
     assert len(gaps) == 20 and max(gaps) < 0.1 and sum(gaps) / len(gaps) < 0.03, gaps
     assert low[-1] < low[0] - 0.5                                   # and it trains
@@ -169,10 +184,9 @@ def test_master_weights_keep_bfloat16_parameters_and_float32_routers(tmp_path):
 
 # The same tolerance as bfloat16 under autocast above: the arithmetic differs only in where values
 # are rounded (bfloat16 parameters and gradients instead of bfloat16 copies of float32 ones).
-def test_bfloat16_master_weights_train_like_float32(tmp_path):
-    default_batch = ("--batch_size=32", "--seq_len=64")
-    full = train(small(tmp_path / "f32", *default_batch))["train_loss"]
-    low = train(small(tmp_path / "bf16", *default_batch, "--dtype=bfloat16", "--master_weights=optimizer"))
+def test_bfloat16_master_weights_train_like_float32(tmp_path, float32_losses):
+    full = float32_losses("reference")                               # the default backend
+    low = train(small(tmp_path / "bf16", *DEFAULT_BATCH, "--dtype=bfloat16", "--master_weights=optimizer"))
     gaps = [abs(a - b) for a, b in zip(full, low["train_loss"])]
     assert len(gaps) == 20 and max(gaps) < 0.1 and sum(gaps) / len(gaps) < 0.03, gaps
     assert low["train_loss"][-1] < low["train_loss"][0] - 0.5
