@@ -27,7 +27,7 @@ import torch
 pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[hf]')")
 
 from fastmoe_edu.hf import SUPPORTED, HFMoEBlock, moefy, to_hf  # noqa: E402
-from test_hf import D, HIDDEN, NEW_BLOCKS  # noqa: E402
+from test_hf import D, HIDDEN, NEW_BLOCKS, gradient_pairs  # noqa: E402
 from test_hf import close as block_close  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread", "transformers_modeling")
@@ -200,39 +200,8 @@ def tiny_model(cls_name: str):
 
 
 def moe_gradients(cls_name: str, block, layer):
-    """(name, the layer's gradient, HF's in the layer's layout) for every HF parameter of the block that its forward
-    reads, written out from the HF modeling code (not from fastmoe_edu.hf's mapping)."""
-    router_path, shared_attr = MODELS[cls_name].router, MODELS[cls_name].shared
-    ours = {name: param.grad for name, param in layer.named_parameters()}
-    pairs = [("router.weight", ours["router.weight"], block.get_parameter(router_path).grad)]
-    experts = block.experts
-    if cls_name == "NemotronHMoE":                      # no gate matrix: up_proj [E, I, d], down_proj [E, d, I]
-        pairs += [("w1", ours["experts.w1"], experts.up_proj.grad), ("w2", ours["experts.w2"], experts.down_proj.grad)]
-    else:
-        gate_up, down = experts.gate_up_proj.grad, experts.down_proj.grad
-        if cls_name == "OpenAIPrivacyFilterMLP":      # x @ W: [E, d, 2I] = [gate | up], [E, I, d]; biases; router c
-            gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-            bias = experts.gate_up_proj_bias.grad
-            pairs += [("router.logit_bias", ours["router.logit_bias"], block.router.bias.grad),
-                      ("b1", ours["experts.b1"], bias[:, :HIDDEN]), ("b3", ours["experts.b3"], bias[:, HIDDEN:]),
-                      ("b2", ours["experts.b2"], experts.down_proj_bias.grad)]
-        pairs += [("w1", ours["experts.w1"], gate_up[:, :HIDDEN]), ("w3", ours["experts.w3"], gate_up[:, HIDDEN:]),
-                  ("w2", ours["experts.w2"], down)]
-    mlp = getattr(block, shared_attr, None) if shared_attr is not None else None
-    if mlp is not None:
-        if cls_name == "NemotronHMoE":
-            pairs += [("shared w1", ours["shared_experts.w1"], mlp.up_proj.weight.grad)]
-        else:
-            if cls_name == "MiniMaxM3VLSparseMoeBlock":  # one gate_up_proj Linear [2I, d] = [gate; up]
-                width = mlp.down_proj.weight.shape[1]
-                gate, up = mlp.gate_up_proj.weight.grad[:width], mlp.gate_up_proj.weight.grad[width:]
-            else:
-                gate, up = mlp.gate_proj.weight.grad, mlp.up_proj.weight.grad
-            pairs += [("shared w1", ours["shared_experts.w1"], gate), ("shared w3", ours["shared_experts.w3"], up)]
-        pairs.append(("shared w2", ours["shared_experts.w2"], mlp.down_proj.weight.grad))
-    if getattr(block, "shared_expert_gate", None) is not None:      # Qwen2-style σ(x · g) on the shared output
-        pairs.append(("shared gate", ours["shared_experts.gate"], block.shared_expert_gate.weight.grad[0]))
-    return pairs
+    """test_hf.gradient_pairs for a family of MODELS."""
+    return gradient_pairs(cls_name, block, layer, MODELS[cls_name].router, MODELS[cls_name].shared)
 
 
 def embed(model, ids):
