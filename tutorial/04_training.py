@@ -50,6 +50,7 @@
 import dataclasses
 import os
 import tempfile
+import textwrap
 import time
 
 import matplotlib.pyplot as plt
@@ -137,8 +138,10 @@ def draw_history(axes, history, title=""):
                      labels=[f"expert {e}" for e in range(share.shape[2])], colors=plt.cm.tab10.colors)
         for level in np.arange(1, share.shape[2]) / share.shape[2]:
             ax.axhline(level, color="white", ls=":", lw=0.8)
-        ax.set(xlabel="step", ylim=(0, 1), title=f"MoE layer {layer}: share of assignments per expert")
-        ax.legend(fontsize=7, loc="upper left", ncol=share.shape[2])
+        # The shares fill 0..1; the legend goes in a band above them, not on them.
+        ax.set(xlabel="step", ylim=(0, 1.15), yticks=np.linspace(0, 1, 5),
+               title=f"MoE layer {layer}: share of assignments per expert")
+        ax.legend(fontsize=7, loc="upper center", ncol=share.shape[2], frameon=False, borderaxespad=0.1)
     axes[3].plot(steps, [r["load_imbalance"] for r in history["train"]], color="tab:red", lw=1)
     axes[3].axhline(1.0, color="grey", ls=":")
     axes[3].set(xlabel="step", title="max / mean tokens per expert (mean over layers)")
@@ -238,7 +241,7 @@ flips = [r1["step"] for r1, r2 in zip(reference_run["history"]["train"], numba_r
 first_flip = flips[0] if flips else None
 before_flip = difference[: first_flip - 1] if first_flip else difference
 
-fig, axes = plt.subplots(1, 2, figsize=(13, 3.8))
+fig, axes = plt.subplots(1, 2, figsize=(13, 4.4))
 axes[0].plot(steps, ref_loss, label="reference", lw=2)
 axes[0].plot(steps, nb_loss, label="numba", lw=1, ls="--")
 axes[0].set(xlabel="step", ylabel="LM loss", title="loss: reference vs numba backend")
@@ -258,7 +261,7 @@ ax.set_yticks(ticks, labels=[f"{t:g}" for t in ticks])
 ax.set(xlabel="step", ylabel="float32 rounding steps",
        title=f"|loss difference| in float32 rounding steps (0 = bit-identical;\n"
              f"1 step = {rounding_step.min():.2g} to {rounding_step.max():.2g} at these losses)")
-ax.legend(fontsize=8, loc="upper left")
+ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)   # off the stems
 plt.tight_layout()
 plt.show()
 
@@ -266,12 +269,13 @@ identical = int((difference == 0).sum())
 print(f"{identical} of {len(difference)} steps have bit-identical losses; the largest difference is "
       f"{difference.max():.3g} = {in_steps.max():.0f} float32 rounding steps at step {int(in_steps.argmax()) + 1}")
 if first_flip:
-    print(f"until step {first_flip - 1} both runs routed every token identically and the losses differ by at "
-          f"most {in_steps[: first_flip - 1].max():.0f} rounding steps ({before_flip.max():.3g}). At step "
-          f"{first_flip} a token whose top-k scores were nearly tied went to another expert in one run, and "
-          f"from then on the two runs are different (equally valid) trajectories: mean |difference| afterwards "
-          f"{difference[first_flip - 1:].mean():.3g}, against a loss that moved by "
-          f"{ref_loss.max() - ref_loss.min():.2f}.")
+    print(textwrap.fill(
+        f"until step {first_flip - 1} both runs routed every token identically and the losses differ by at "
+        f"most {in_steps[: first_flip - 1].max():.0f} rounding steps ({before_flip.max():.3g}). At step "
+        f"{first_flip} a token whose top-k scores were nearly tied went to another expert in one run, and "
+        f"from then on the two runs are different (equally valid) trajectories: mean |difference| afterwards "
+        f"{difference[first_flip - 1:].mean():.3g}, against a loss that moved by "
+        f"{ref_loss.max() - ref_loss.min():.2f}.", width=110))
 else:
     print("both runs routed every token identically at every step; the losses differ only by rounding "
           "(the kernels add up in a different order)")
