@@ -28,6 +28,7 @@ import torch
 import transformers
 from torch.nn.functional import cross_entropy
 
+from fastmoe_edu.backends import set_cpu_threads
 from fastmoe_edu.distributed import ParallelLayout, abort_on_exception, allreduce_gradients, parallelize
 from fastmoe_edu.hf import HFMoEBlock, moefy
 
@@ -62,7 +63,7 @@ def train(model, ids, layout=None, plan=None):
 def main(output: str) -> None:
     layout = ParallelLayout()
     abort_on_exception(layout.world.engine)
-    torch.set_num_threads(1)
+    set_cpu_threads(1, "numba")        # torch and numba's pool: numba's would reset torch's count
     ranks, rank = layout.data_size, layout.data_rank
     ids = torch.randint(0, 40, (ranks * SEQS_PER_RANK, SEQ_LEN), generator=torch.Generator().manual_seed(7))
     mine = slice(rank * SEQS_PER_RANK, (rank + 1) * SEQS_PER_RANK)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from fastmoe_edu import MoELayer
-from fastmoe_edu.backends import get_backend
+from fastmoe_edu.backends import get_backend, set_cpu_threads
 from fastmoe_edu.distributed import ParallelLayout, abort_on_exception, allreduce_gradients, parallelize
 from fastmoe_edu.distributed.exchange import exchange_counts
 
@@ -118,7 +118,7 @@ def soft_moe_checks(world: ParallelLayout) -> tuple[dict, dict]:
 def main(output: str) -> None:
     world = ParallelLayout()
     abort_on_exception(world.world.engine)
-    torch.set_num_threads(1)
+    set_cpu_threads(1, "numba")        # torch and numba's pool: numba's would reset torch's count
     results, skipped = soft_moe_checks(world)
     for errors in results.values():                      # the worst rank decides
         for key, value in errors.items():

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from fastmoe_edu.backends import set_cpu_threads
 from fastmoe_edu.distributed import (ParallelLayout, abort_on_exception, allreduce_gradients, keep_local_experts,
                                      open_world, parallelize)
 from fastmoe_edu.distributed.expert_tensor_parallel import shard_experts
@@ -190,7 +191,7 @@ def main(output: str) -> None:
     world = open_world()
     abort_on_exception(world.engine)
     torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
+    set_cpu_threads(1, "numba")        # torch and numba's pool: numba's would reset torch's count
     ref_logits, ref_loss, ref_grads = reference()
     results = {}
     for name, tp, ep, dp, options in cases(world.size):
