@@ -167,8 +167,11 @@ def hf_config(family, top_k):
         return transformers.DeepseekV3Config(moe_intermediate_size=D_HIDDEN, n_routed_experts=NUM_EXPERTS,
                                              n_group=N_GROUP, topk_group=TOPK_GROUP, n_shared_experts=1,
                                              routed_scaling_factor=ROUTED_SCALING, norm_topk_prob=True, **common)
+    # No jitter and no dropout: both act only in training mode, where MoELayer (no dropout) would differ
+    # from the block and from_hf warns so; here the blocks are only evaluated.
     return transformers.SwitchTransformersConfig(d_model=D_MODEL, d_ff=D_HIDDEN, num_experts=NUM_EXPERTS,
-                                                 expert_capacity=SWITCH_CAPACITY, router_jitter_noise=0.0)
+                                                 expert_capacity=SWITCH_CAPACITY, router_jitter_noise=0.0,
+                                                 dropout_rate=0.0)
 
 
 def router_weight(block):
@@ -299,7 +302,8 @@ for r in comparison:
 # ## 3. Try it: family and top_k
 #
 # Pick a family and `k`; the block is rebuilt with that `num_experts_per_tok` (same `W`, same tokens)
-# and drawn as above. Switch is top-1 by construction: the slider then shows 1 and is greyed out.
+# and drawn as above. Switch is top-1 by construction: the slider then shows 1 and is greyed out, and
+# gets your own value back when you pick another family.
 # Things to try: raise `k` for Qwen2-MoE and watch `Σ w` grow towards 1; for DeepSeek-V3, `k = 4`
 # uses every expert of the two chosen groups, so the weights are spread over exactly two groups.
 
@@ -311,6 +315,7 @@ controls = {
 }
 plot_area = widgets.Output()
 shown = {}                       # the data behind the plot on screen, for inspection by code
+chosen_k = {"value": controls["top_k"].value}   # the student's own top_k, kept while Switch forces 1
 
 
 def redraw(family="Mixtral", top_k=2):
@@ -322,6 +327,13 @@ def redraw(family="Mixtral", top_k=2):
 
 def on_change(change=None):
     forced_k = FIXED_TOP_K.get(controls["family"].value)
+    if forced_k is None and controls["top_k"].disabled:             # leaving Switch: give k back
+        controls["top_k"].disabled = False
+        if controls["top_k"].value != chosen_k["value"]:
+            controls["top_k"].value = chosen_k["value"]  # this change calls on_change again
+            return
+    if forced_k is None:
+        chosen_k["value"] = controls["top_k"].value
     controls["top_k"].disabled = forced_k is not None
     if forced_k is not None and controls["top_k"].value != forced_k:
         controls["top_k"].value = forced_k        # show the k in use; this change calls on_change again
@@ -546,8 +558,9 @@ def draw_training(axes, log):
     axes[3].stackplot(after[len(after) - share.shape[1]:], share, labels=[f"expert {e}" for e in range(len(share))])
     for level in np.arange(1, len(share)) / len(share):
         axes[3].axhline(level, color="white", ls=":", lw=0.8)
-    axes[3].set(xlabel="step", ylim=(0, 1), title="upcycled MoE layer 0: share of assignments per expert")
-    axes[3].legend(fontsize=7, loc="upper left", ncol=4)
+    axes[3].set(xlabel="step", ylim=(0, 1.15), yticks=np.linspace(0, 1, 5),    # the legend above the shares
+                title="upcycled MoE layer 0: share of assignments per expert")
+    axes[3].legend(fontsize=7, loc="upper center", ncol=4, frameon=False, borderaxespad=0.1)
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))             # steps are whole numbers
 
