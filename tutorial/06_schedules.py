@@ -401,7 +401,7 @@ share = cost_model.PIECE_LATENCY_SHARE
 in_one_go = cost_model.allreduce_time(plan["total"], layer.ranks, layer.ranks, layer.hw)
 print(f"one block's replicated gradients: {plan['total'] / 1e6:.1f} MB in {len(layer.grad_sizes)} tensors; "
       f"all-reduced over {layer.ranks} ranks in one go: {in_one_go * 1e3:.2f} ms")
-print(f"a piece costs a + b·B with a = {plan['a'] * 1e3:.3f} ms, 1/b = {1e-9 / plan['b']:.2f} GB/s; window W = "
+print(f"a piece costs a + b·B with a = {plan['a'] * 1e3:.3f} ms, 1/b = {1e-9 / plan['b']:.2f} GB/s;\nwindow W = "
       f"{plan['window'] * 1e3:.3f} ms → B_fit = {(plan['window'] - plan['a']) / plan['b'] / 1e6:.1f} MB, "
       f"B_min = {plan['a'] * (1 - share) / (share * plan['b']) / 1e6:.1f} MB (a ≤ {share:.0%} of a piece's time) "
       f"→ piece size B* = {plan['piece_bytes'] / 1e6:.1f} MB")

@@ -208,9 +208,11 @@ def draw_shadowing(data: dict, skews, bytes_per_element: int, cost_ratio: float)
     axes[0].set(xlabel="rank", ylabel="MB per step", title="bytes on each rank's link, 4·max(sent, received) rows\n"
                 f"(+ shadowing {shadow_mb:.0f} MB: weights broadcast, gradients summed)")
     axes[1].set(xlabel="rank", ylabel="rows", title="rows each rank computes")
-    for ax in axes[:2]:
+    for ax, key in ((axes[0], "link_bytes"), (axes[1], "computes")):
         ax.set_xticks(ranks)
-        ax.legend(fontsize=7)
+        # Headroom above the tallest bar for the legend, so that it covers no bar (an even load fills the axes).
+        ax.set_ylim(0, 1.25 * max(s["before"][key].max(), s["after"][key].max()) / (1e6 if key == "link_bytes" else 1))
+        ax.legend(fontsize=7, loc="upper center", ncol=2, frameon=False)
     ax = axes[2]
     ax.plot(skews, [x["before"]["T"] * 1e3 for x in sweep], "o-", color="tab:grey", label="without shadowing")
     ax.plot(skews, [x["after"]["T"] * 1e3 for x in sweep], "s-", color="tab:blue", label="choose_shadowed's pick")
