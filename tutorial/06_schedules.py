@@ -723,8 +723,10 @@ plt.show()
 # %% [markdown]
 # Where they differ, and why. The prediction overlaps: chunk 1's rows travel while chunk 0's experts
 # compute, and chunk 0's results go home while chunk 1 computes, so the pass is shorter than its tasks
-# one after another. The measurement is not: on each rank the chunks' parts follow one another, and
-# much of the pass is spent waiting in receives. Two causes, both of this machine:
+# one after another. The measurement is not: on each rank the chunks' parts follow one another, so the
+# measured pass takes about as long as every task one after another, or longer (both printed above),
+# and the time the parts leave is spent waiting in receives (red; its share, printed above, grows when
+# the machine is busy). Two causes, both of this machine:
 #
 # * the `mpich` wheel has no asynchronous progress thread, so a posted message only moves while its rank
 #   is *inside* an MPI call. Chunk 1's rows travel during chunk 0's `receive` (that wait covers both
