@@ -25,6 +25,10 @@ def main(selected: list[str]) -> None:
     if not numba.config.ENABLE_CUDASIM:
         sys.exit("start this script with NUMBA_ENABLE_CUDASIM=1 (numba's CUDA simulator)")
     numba_backend.run_cuda_kernels_on_cpu_tensors(True)
+    # The simulator runs each GPU thread as a Python thread while its block manager polls them in a loop that
+    # holds the GIL for a whole switch interval (5 ms by default) at a time; at 0.2 ms the threads run between
+    # polls sooner: about 30 % less time for the same cases (measured 2026-12-07 on 2 cores).
+    sys.setswitchinterval(2e-4)
     cases = backend_cases.simulator_cases()
     results = {}
     for case in selected or cases:

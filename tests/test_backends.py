@@ -21,7 +21,8 @@ import pytest
 import torch
 
 import backend_cases
-from backend_cases import (DTYPES, EDGE_CASES, HALF_DTYPES, LAYER_CASES, OPTION_CASES, check_float_steps,
+from backend_cases import (DTYPES, EDGE_CASES, HALF_DTYPES, LAYER_CASES, OPTION_CASES, SIMULATOR_OPTION_DTYPES,
+                           check_float_steps,
                            check_float_steps_16bit, check_grouped_gemm, check_hidden_activation,
                            check_integer_steps, check_layer,
                            check_routers, check_rows_nobody_owns, check_second_order,
@@ -61,12 +62,24 @@ def test_layer_matches_reference(target, router, expert, dtype_name, request):
         check_layer(router, expert, dtype_name, backend="reference" if target == "reference" else "numba")
 
 
-@pytest.mark.parametrize("case", list(OPTION_CASES))
-@pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("target", [t for t in TARGETS if t != "reference"])
+def _option_params():
+    """target × dtype × option case; the simulator takes each case in one dtype (SIMULATOR_OPTION_DTYPES)."""
+    params = []
+    for target in TARGETS:
+        name, marks = (target.values[0], target.marks) if hasattr(target, "values") else (target, ())
+        if name == "reference":
+            continue
+        params += [pytest.param(name, dtype_name, case, marks=marks, id=f"{name}-{dtype_name}-{case}")
+                   for case in OPTION_CASES for dtype_name in DTYPES
+                   if name != "numba-cudasim" or SIMULATOR_OPTION_DTYPES[case] == dtype_name]
+    return params
+
+
+@pytest.mark.parametrize("target,dtype_name,case", _option_params())
 def test_layer_options_match_reference(target, dtype_name, case, request):
     """Router options (groups, route_scale, renormalize, router_bias, logit_softcap), shared experts and the
-    expert kinds outside the grid: forward, input gradient and every router/expert/shared gradient."""
+    expert kinds outside the grid: forward, input gradient and every router/expert/shared gradient (in the
+    simulator in one dtype per case, float32 and float64 by turns: backend_cases.SIMULATOR_OPTION_DTYPES)."""
     router, expert, options = OPTION_CASES[case]
     if target == "numba-cudasim":
         error = request.getfixturevalue("cudasim_results")[f"options-{case}-{dtype_name}"]
