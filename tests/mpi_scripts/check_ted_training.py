@@ -35,7 +35,10 @@ def main(work_dir: str, result_path: str) -> None:
     work = Path(work_dir)
     results = {}
     for case, extra in CASES.items():
-        whole = train(parse_args([*TINY, *extra, f"--out_dir={work / case / 'whole'}"]))
+        # The resumed case's uninterrupted run also prints what the command line prints (rank 0: the layout, the
+        # options, "done"), which tests/test_distributed_training.py reads from the launch's output.
+        shown = ["--progress=true"] if case == RESUMED_CASE else []
+        whole = train(parse_args([*TINY, *extra, f"--out_dir={work / case / 'whole'}", *shown]))
         results[case] = {"whole": whole["train_loss"], "whole_val": whole["final_val_loss"]}
         if case == RESUMED_CASE:
             split = [*TINY, *extra, f"--out_dir={work / case / 'split'}"]
