@@ -20,6 +20,7 @@ saving a notebook never dirties the repository. These tests check
 """
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import os
@@ -34,6 +35,7 @@ import pytest
 jupytext = pytest.importorskip("jupytext")
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
+zmq = pytest.importorskip("zmq")
 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIAL = ROOT / "tutorial"
@@ -43,14 +45,18 @@ NAMES = [p.stem for p in PY_SOURCES]
 
 KERNEL_NAME = "python3"
 # A whole notebook runs in 10-40 s under QUICK here, 03 (MPI launches) in ~100 s; the longest cell, 03's TED
-# job (4 ranks on 2 cores, PyTorch's memory profiler in every variant), took 57 s at a load average of 7. A
-# known nbclient /
-# ipywidgets race (the kernel's "idle" status overtaking its execute_reply after a widget cell,
-# jupyter/nbclient#312, zeromq/pyzmq#1558) leaves nbclient waiting for a reply that already came: seen in 01,
-# 03 and 06, up to twice in one run, each time waiting out the whole cell timeout (nbclient's default: no
-# timeout, i.e. forever). So: a cell timeout about twice the slowest real cell (120 s) but small against CI's
-# budget, and up to two retries of the notebook when it trips. tutorial/README.md documents the same timeout for
-# headless runs by hand (test_documented_headless_command_bounds_each_cell keeps the two in step).
+# job (4 ranks on 2 cores, PyTorch's memory profiler in every variant), took 57-64 s at a load average of 4-7.
+# A known upstream race (jupyter/nbclient#312, zeromq/pyzmq#1558) leaves the executing client waiting for a
+# kernel reply that has already arrived: zmq.asyncio watches each socket's edge-triggered file descriptor, and
+# now and then the edge is missed, so nothing wakes the wait until its timeout, when a last check finds the
+# reply. Seen after widget cells (01, 03, 06): 2 of 30 `jupyter nbconvert --execute` runs of the six notebooks
+# each sat out one whole 120 s cell timeout and then went on; a replay of 06's first explorer 310 times in
+# nbclient missed 4 replies, each found only at the timeout. So _WakingClient below checks its two sockets for
+# waiting messages twice a second while a cell runs (the same 290 replays: no wait over 0.5 s), and the cell
+# timeout and the retries stay as the net for a kernel that does not answer at all: about twice the slowest
+# real cell (120 s) but small against CI's budget, and up to two retries of the notebook. tutorial/README.md
+# documents the same timeout for headless runs by hand (test_documented_headless_command_bounds_each_cell
+# keeps the two in step).
 CELL_TIMEOUT_S = 120
 ATTEMPTS = 3
 # Wall-clock bound per notebook, retries included. Why: a hung kernel or a race that trips on every
@@ -207,11 +213,34 @@ def kernel_env(tmp_path_factory):
     return env
 
 
+class _WakingClient(nbclient.NotebookClient):
+    """nbclient's NotebookClient that looks at its shell and iopub sockets twice a second while a cell runs.
+
+    Reading a zmq.asyncio socket's EVENTS hands any message already waiting to the coroutine that waits for
+    it, so a missed wake-up (the upstream race described at CELL_TIMEOUT_S) costs at most half a second.
+    """
+
+    WAKE_INTERVAL_S = 0.5
+
+    async def async_execute_cell(self, cell, cell_index, execution_count=None, store_history=True):
+        waker = asyncio.ensure_future(self._wake())
+        try:
+            return await super().async_execute_cell(cell, cell_index, execution_count, store_history)
+        finally:
+            waker.cancel()
+
+    async def _wake(self) -> None:
+        while True:
+            await asyncio.sleep(self.WAKE_INTERVAL_S)
+            for channel in (self.kc.shell_channel, self.kc.iopub_channel):
+                channel.socket.get(zmq.EVENTS)
+
+
 def _execute(nb, env: dict, cwd: Path, monkeypatch, cell_timeout_s: float = CELL_TIMEOUT_S) -> None:
     for key, value in env.items():
         monkeypatch.setenv(key, value)          # the kernel process inherits this environment
-    client = nbclient.NotebookClient(nb, kernel_name=KERNEL_NAME, timeout=int(cell_timeout_s),
-                                     resources={"metadata": {"path": str(cwd)}})
+    client = _WakingClient(nb, kernel_name=KERNEL_NAME, timeout=int(cell_timeout_s),
+                           resources={"metadata": {"path": str(cwd)}})
     client.execute()
 
 
