@@ -61,6 +61,7 @@
 # %%
 import math
 import os
+import textwrap
 import time
 
 # numba's CPU kernels run on OpenMP threads. By default an OpenMP thread that has finished its work
@@ -724,11 +725,13 @@ if not separable:
           f"  in different conditions (largest spread {spread_ms * 1e3:.1f} ms); rerun the cell on a quieter machine")
 elif experts_differ:
     nb_bound = ref_step / parts["numba"]["experts"]
-    print(f"  but the experts are not unchanged here: the numba backend's experts ran {experts_speedup:.2f}× "
-          "as fast as the reference's (its grouped GEMM, backends/grouped_gemm_torch.py, is a different "
-          "implementation from the reference's loop over experts); with numba's own experts the bound is "
-          f"reference step / numba's experts = {nb_bound:.2f}×, and the measured {layer_speedup:.2f}× is "
-          + ("below it" if layer_speedup <= nb_bound else "above it: too noisy to judge"))
+    print(textwrap.fill(
+        f"but the experts are not unchanged here: the numba backend's experts ran {experts_speedup:.2f}× "
+        "as fast as the reference's (its grouped GEMM, backends/grouped_gemm_torch.py, is a different "
+        "implementation from the reference's loop over experts); with numba's own experts the bound is "
+        f"reference step / numba's experts = {nb_bound:.2f}×, and the measured {layer_speedup:.2f}× is "
+        + ("below it" if layer_speedup <= nb_bound else "above it: too noisy to judge"),
+        width=110, initial_indent="  ", subsequent_indent="    "))
 else:
     rest_speedup = parts["reference"]["rest"] / parts["numba"]["rest"]
     predicted = 1 / ((1 - f_rest) + f_rest / rest_speedup)
