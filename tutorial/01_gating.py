@@ -71,6 +71,8 @@ import fastmoe_edu
 from fastmoe_edu import MoELayer, ROUTERS
 from fastmoe_edu.routers import router_z_loss
 
+from _nbhelpers.forced_value import ForcedValue        # the top_k slider a router may force (next to this notebook)
+
 QUICK = os.environ.get("FASTMOE_EDU_QUICK", "0") == "1"
 torch.set_num_threads(1)          # small tensors: one thread is fastest and leaves the other core free
 
@@ -232,21 +234,12 @@ controls = {
 }
 plot_area = widgets.Output()
 shown = {}                       # the data behind the plot on screen, for inspection by code
-chosen_k = {"value": controls["top_k"].value}   # the student's own top_k, kept while a router forces another
+top_k_widget = ForcedValue(controls["top_k"])   # keeps the student's own top_k while a router forces another
 
 
 def on_change(change=None):
     forced_k = ROUTERS[controls["router"].value].required_top_k      # 1 for switch, 2 for gshard
-    if forced_k is None and controls["top_k"].disabled:             # leaving switch / gshard: give k back
-        controls["top_k"].disabled = False
-        if controls["top_k"].value != chosen_k["value"]:
-            controls["top_k"].value = chosen_k["value"]  # this change calls on_change again
-            return
-    if forced_k is None:
-        chosen_k["value"] = controls["top_k"].value
-    controls["top_k"].disabled = forced_k is not None
-    if forced_k is not None and controls["top_k"].value != forced_k:
-        controls["top_k"].value = forced_k       # show the k in use; this change calls on_change again
+    if not top_k_widget.settle(forced_k):          # it changed top_k's value: on_change runs again
         return
     shown["data"] = route(**{name: control.value for name, control in controls.items()})
     with plot_area:

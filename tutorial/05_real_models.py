@@ -82,6 +82,8 @@ from fastmoe_edu import MoELayer, hf
 from fastmoe_edu.data import batch_rng, get_dataset
 from fastmoe_edu.hf import HFMoEBlock, from_hf, moe_aux_loss, moefy, upcycle
 
+from _nbhelpers.forced_value import ForcedValue        # the top_k slider Switch forces to 1 (next to this notebook)
+
 QUICK = os.environ.get("FASTMOE_EDU_QUICK", "0") == "1"
 torch.set_num_threads(1)          # tiny tensors: one thread is fastest and leaves the other core free
 print(f"fastmoe_edu {fastmoe_edu.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
@@ -315,7 +317,7 @@ controls = {
 }
 plot_area = widgets.Output()
 shown = {}                       # the data behind the plot on screen, for inspection by code
-chosen_k = {"value": controls["top_k"].value}   # the student's own top_k, kept while Switch forces 1
+top_k_widget = ForcedValue(controls["top_k"])   # keeps the student's own top_k while Switch forces 1
 
 
 def redraw(family="Mixtral", top_k=2):
@@ -327,16 +329,7 @@ def redraw(family="Mixtral", top_k=2):
 
 def on_change(change=None):
     forced_k = FIXED_TOP_K.get(controls["family"].value)
-    if forced_k is None and controls["top_k"].disabled:             # leaving Switch: give k back
-        controls["top_k"].disabled = False
-        if controls["top_k"].value != chosen_k["value"]:
-            controls["top_k"].value = chosen_k["value"]  # this change calls on_change again
-            return
-    if forced_k is None:
-        chosen_k["value"] = controls["top_k"].value
-    controls["top_k"].disabled = forced_k is not None
-    if forced_k is not None and controls["top_k"].value != forced_k:
-        controls["top_k"].value = forced_k        # show the k in use; this change calls on_change again
+    if not top_k_widget.settle(forced_k):          # it changed top_k's value: on_change runs again
         return
     with plot_area:
         plot_area.clear_output(wait=True)
