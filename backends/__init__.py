@@ -4,7 +4,7 @@ Every backend is a module with the functions of the :class:`~.interface.Backend`
 (``backends/interface.py``: the signatures, what each computes, which carry gradients):
 
     prune_capacity, count_tokens_per_expert, exclusive_prefix_sum, stable_positions,
-    scatter_rows, gather_combine, grouped_matmul, hidden_activation, softmax_top_k_route, sigmoid_top_k_route
+    scatter_rows, gather_combine, grouped_matmul, expert_feed_forward, softmax_top_k_route, sigmoid_top_k_route
 
 plus ``available(device) -> (ok, reason)`` and ``NAME``. The layer asks :func:`get_backend` for one by
 the name in its config: a name in :data:`REGISTRY` (``"reference"``: plain PyTorch; ``"numba"``:

@@ -8,13 +8,14 @@ A *backend* is a module with the functions of :class:`Backend` (plain module-lev
     count_tokens_per_expert, exclusive_prefix_sum  where each expert's segment of rows begins
     stable_positions                               the row of every (token, slot) in that layout
     scatter_rows                                   tokens -> expert-contiguous rows
-    grouped_matmul                                 every expert's linear maps, one segment each
+    expert_feed_forward                            every expert's network on its segment of rows
+      (grouped_matmul                              its linear maps, one segment each)
     gather_combine                                 rows -> tokens, weighted by the router
 
 These are the steps of FastMoE (He et al., 2021, arXiv:2103.13262); the sigmoid router is
 DeepSeek-V3's (DeepSeek-AI, 2024, arXiv:2412.19437). The plain-PyTorch reference implementation is
-``fastmoe_edu/dispatch.py`` plus the two routing functions of ``fastmoe_edu/routing.py``; its
-docstrings give the full semantics.
+``fastmoe_edu/dispatch.py``, the two routing functions of ``fastmoe_edu/routing.py`` and
+``fastmoe_edu/experts.py``'s ``expert_feed_forward``; their docstrings give the full semantics.
 
 Shapes: ``T`` tokens, ``k`` slots per token, ``E`` experts, ``d`` features. ``expert_ids`` and
 ``rows`` are int64 ``[T, k]`` with -1 for a dropped assignment. Contract: integer results equal the
@@ -83,11 +84,11 @@ class Backend(Protocol):
         """out[segment e] = rows[segment e] · weight[e]ᵀ, for rows ``[N, d_in]`` in segments of
         counts[e] rows and weight ``[E, d_out, d_in]``. Differentiable in ``rows`` and ``weight``."""
 
-    def hidden_activation(self, kind: str, gate: torch.Tensor, up: torch.Tensor | None, alpha: float | None = None,
-                          limit: float | None = None) -> torch.Tensor:
-        """An expert's hidden units ``[N, d_hidden]`` from gate = W1·x and (gated kinds) up = W3·x: e.g.
-        silu(gate) ⊙ up for ``kind="swiglu"``; every kind as ``fastmoe_edu.experts.hidden_activation``
-        defines it. Differentiable in ``gate`` and ``up``."""
+    def expert_feed_forward(self, experts, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Every expert of ``experts`` (a ``fastmoe_edu.experts.Experts``: its stacked weights, kind and constants)
+        on its segment of ``rows`` ``[N, d_model]`` (counts[e] rows for expert e) -> ``[N, d_model]``, as
+        ``fastmoe_edu.experts.expert_feed_forward`` defines it: W2·act(W1·x) (⊙ W3·x), biases if any.
+        Differentiable in ``rows`` and every weight."""
 
     # ------------------------------------------------------------------------------------------------
     # Routing: differentiable in the weights, not in the ids

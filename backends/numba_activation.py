@@ -6,7 +6,9 @@ The reference computes an expert's hidden units from gate = W1·x and up = W3·x
 
 which is three passes over [N, d_hidden] forward (silu, the product, and autograd keeps silu(g) as a
 third saved tensor) and four backward (silu again, two products, silu's backward). Here one pass reads
-gate and up and writes h; the backward reads gate, up and grad_h once and writes both gradients:
+gate and up and writes h; the backward reads gate, up and grad_h once and writes both gradients, and h
+again (the experts' backward needs h for W2's gradient; numba_backend.SwiGLUExperts recomputes it here
+rather than keep it from the forward):
 
     grad_up[i]   = grad_h[i] · g σ(g)
     grad_gate[i] = grad_h[i] · up[i] · σ(g) · (1 + g (1 − σ(g)))       (d/dg of g σ(g))
@@ -28,7 +30,7 @@ vectorization (1 + z ≥ 1 is never zero).
 
 float64 tensors take the same passes with ``math.exp`` (exact to float64's rounding, not vectorized). The
 backend sends everything else (CUDA tensors, 16-bit tensors, the other expert kinds, second-order
-gradients) to the reference's torch operations: see ``numba_backend.hidden_activation``.
+gradients) to the reference's torch operations: see ``numba_backend.expert_feed_forward``.
 """
 import math
 
@@ -95,18 +97,22 @@ def swiglu_forward_float32(gate, up, hidden):
 
 
 @numba.njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
-def swiglu_backward_float32(gate, up, grad_hidden, grad_gate, grad_up):
-    """grad_up = grad_h · g σ(g); grad_gate = grad_h · up · σ(g) (1 + g (1 − σ(g))), float32 [N, H]."""
+def swiglu_backward_float32(gate, up, grad_hidden, grad_gate, grad_up, hidden):
+    """grad_up = grad_h · g σ(g); grad_gate = grad_h · up · σ(g) (1 + g (1 − σ(g))), float32 [N, H]; and the
+    forward's hidden = g σ(g) ⊙ up again (the experts' backward needs it for W2's gradient: recomputing it
+    here, from the values this pass reads anyway, is cheaper than keeping it from the forward)."""
     num_rows = gate.shape[0]
     for task in prange((num_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         for row in range(task * ROWS_PER_TASK, min((task + 1) * ROWS_PER_TASK, num_rows)):
             g_row, u_row, d_row = gate[row], up[row], grad_hidden[row]
-            dg_row, du_row = grad_gate[row], grad_up[row]
+            dg_row, du_row, h_row = grad_gate[row], grad_up[row], hidden[row]
             for col in range(g_row.shape[0]):
-                g, d = g_row[col], d_row[col]
+                g, u, d = g_row[col], u_row[col], d_row[col]
                 s = sigmoid_float32(g)
-                du_row[col] = d * g * s
-                dg_row[col] = d * u_row[col] * s * (np.float32(1.0) + g * (np.float32(1.0) - s))
+                silu = g * s
+                h_row[col] = silu * u
+                du_row[col] = d * silu
+                dg_row[col] = d * u * s * (np.float32(1.0) + g * (np.float32(1.0) - s))
 
 
 @numba.njit(parallel=True, error_model="numpy", cache=True)
@@ -121,15 +127,17 @@ def swiglu_forward_float64(gate, up, hidden):
 
 
 @numba.njit(parallel=True, error_model="numpy", cache=True)
-def swiglu_backward_float64(gate, up, grad_hidden, grad_gate, grad_up):
+def swiglu_backward_float64(gate, up, grad_hidden, grad_gate, grad_up, hidden):
     num_rows = gate.shape[0]
     for task in prange((num_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         for row in range(task * ROWS_PER_TASK, min((task + 1) * ROWS_PER_TASK, num_rows)):
             for col in range(gate.shape[1]):
-                g, d = gate[row, col], grad_hidden[row, col]
+                g, u, d = gate[row, col], up[row, col], grad_hidden[row, col]
                 s = sigmoid_float64(g)
-                grad_up[row, col] = d * g * s
-                grad_gate[row, col] = d * up[row, col] * s * (1.0 + g * (1.0 - s))
+                silu = g * s
+                hidden[row, col] = silu * u
+                grad_up[row, col] = d * silu
+                grad_gate[row, col] = d * u * s * (1.0 + g * (1.0 - s))
 
 
 #: dtype name -> (forward, backward) kernels.

@@ -21,8 +21,9 @@ passes are kernels too:
                                    grad_w[t, s] = <grad_y[t], expert_out[rows[t, s]]>
     softmax_top_k_route   backward: ∂L/∂logits through the (renormalized) softmax weights (groups, bias only select)
     sigmoid_top_k_route   backward: ∂L/∂logits through the (normalized) sigmoid weights
-    hidden_activation    SwiGLU h = silu(gate) ⊙ up in one pass, both gradients in one pass (numba_activation.py;
-                         CPU float32/float64; other kinds and devices: the reference's torch operations)
+    expert_feed_forward  SwiGLU experts one expert at a time: torch's products, the activation one fused pass each
+                         way (numba_activation.py), its hidden units recomputed in the backward, not kept (CPU
+                         float32/float64; other kinds and devices: the reference's function, this grouped GEMM)
 
 Asked for second-order gradients (``create_graph=True``), each backward returns the reference's instead,
 built from torch operations that can be differentiated again (``second_order.py``).
@@ -32,7 +33,8 @@ matrix and cumsums it (O(T·k·E) memory traffic); here ranking is a two-pass co
 O(T·k), in one kernel call. Scatter and combine are single token-major passes (x[t] or grad_y[t] read
 once, its k rows touched) instead of index_select + index_copy + einsum, and the combine's backward
 computes both gradients in one pass. The experts' SwiGLU is one vectorized pass forward and one
-backward where torch runs three and four (numba_activation.py). The grouped GEMM is the same arithmetic
+backward where torch runs three and four (numba_activation.py), run on each expert's rows right after
+its products, while they are in cache. The grouped GEMM is the same arithmetic
 as the reference's (torch's matrix products, one call or one per segment, with an explicit backward):
 on a CPU the expert GEMMs are most of a step for both backends, so the layer speed-up is bounded by
 what runs outside them (docs/benchmarks.md).
@@ -50,13 +52,14 @@ reproducible from run to run (no float atomics; every output element is one task
 from __future__ import annotations
 
 import math
+import types
 
 import numba
 import torch
 
 from fastmoe_edu import dispatch as reference_dispatch
 from fastmoe_edu import routing as reference_routing
-from fastmoe_edu.experts import hidden_activation as reference_hidden_activation
+from fastmoe_edu.experts import expert_feed_forward as reference_expert_feed_forward, run_experts
 from fastmoe_edu.routing import min_score_sum
 
 from . import grouped_gemm_torch, numba_activation, numba_cpu
@@ -321,44 +324,93 @@ def grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, counts: torch.Tenso
 
 
 # ----------------------------------------------------------------------------------------------------
-# The experts' activation
+# The experts: each expert's three products and its SwiGLU, segment by segment (CPU)
 # ----------------------------------------------------------------------------------------------------
-class SwiGLU(torch.autograd.Function):
-    """h = silu(gate) ⊙ up in one pass; the backward both gradients in one pass (numba_activation.py)."""
+class SwiGLUExperts(torch.autograd.Function):
+    """out[segment e] = W2_e · (silu(W1_e·x) ⊙ W3_e·x), one expert at a time (module docstring).
+
+    Forward per segment: gate, up = x·W1ᵀ, x·W3ᵀ (kept for the backward), h = silu(gate) ⊙ up in one
+    fused pass into a scratch block the size of the largest segment (not kept), out = h·W2ᵀ. Backward
+    per segment, with g = ∂L/∂out:
+
+        g_h = g·W2                                   (∂L/∂h)
+        g_gate, g_up, h = swiglu_backward(gate, up, g_h)           one pass; h recomputed
+        ∂L/∂W2_e = gᵀ·h    ∂L/∂W1_e = g_gateᵀ·x    ∂L/∂W3_e = g_upᵀ·x    ∂L/∂x = g_gate·W1 + g_up·W3
+    """
 
     @staticmethod
-    def forward(ctx, gate, up):
-        gate, up = gate.contiguous(), up.contiguous()
-        forward_kernel, _ = numba_activation.SWIGLU_KERNELS[str(gate.dtype).removeprefix("torch.")]
-        hidden = torch.empty_like(gate)
-        forward_kernel(numba_cpu.array(gate), numba_cpu.array(up), numba_cpu.array(hidden))
-        ctx.save_for_backward(gate, up)
-        return hidden
+    def forward(ctx, rows, w1, w3, w2, counts):
+        segments = grouped_gemm_torch._segments(counts)
+        forward_kernel, _ = numba_activation.SWIGLU_KERNELS[str(rows.dtype).removeprefix("torch.")]
+        width = w1.shape[1]
+        gate, up = rows.new_empty(rows.shape[0], width), rows.new_empty(rows.shape[0], width)
+        out = _rows_output(rows, segments, w2.shape[1])
+        hidden = rows.new_empty(max((end - begin for _, begin, end in segments), default=0), width)
+        for expert, begin, end in segments:
+            x, h = rows[begin:end], hidden[:end - begin]
+            torch.mm(x, w1[expert].t(), out=gate[begin:end])                         # W1·x
+            torch.mm(x, w3[expert].t(), out=up[begin:end])                           # W3·x
+            forward_kernel(numba_cpu.array(gate[begin:end]), numba_cpu.array(up[begin:end]), numba_cpu.array(h))
+            torch.mm(h, w2[expert].t(), out=out[begin:end])                          # W2·h
+        ctx.segments = segments
+        ctx.save_for_backward(rows, w1, w3, w2, counts, gate, up)
+        return out
 
     @staticmethod
-    def backward(ctx, grad_hidden):
-        gate, up = ctx.saved_tensors
+    def backward(ctx, grad_out):
+        rows, w1, w3, w2, counts, gate, up = ctx.saved_tensors
         if create_graph_requested():
-            swiglu = lambda g, u: reference_hidden_activation("swiglu", g, u)  # noqa: E731
-            return reference_vjp(swiglu, (gate, up), grad_hidden)
-        _, backward_kernel = numba_activation.SWIGLU_KERNELS[str(gate.dtype).removeprefix("torch.")]
-        grad_hidden = grad_hidden.contiguous()
-        grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
-        backward_kernel(numba_cpu.array(gate), numba_cpu.array(up), numba_cpu.array(grad_hidden),
-                        numba_cpu.array(grad_gate), numba_cpu.array(grad_up))
-        return grad_gate, grad_up
+            def feed_forward(rows, w1, w3, w2):
+                experts = types.SimpleNamespace(w1=w1, w3=w3, w2=w2, b1=None, b2=None, b3=None, kind="swiglu",
+                                                swiglu_alpha=None, swiglu_limit=None)
+                return reference_expert_feed_forward(experts, rows, counts)
+            return (*reference_vjp(feed_forward, (rows, w1, w3, w2), grad_out), None)
+        _, backward_kernel = numba_activation.SWIGLU_KERNELS[str(rows.dtype).removeprefix("torch.")]
+        grad_out = grad_out.contiguous()
+        need_rows, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:4]
+        grad_rows = _rows_output(rows, ctx.segments, rows.shape[1]) if need_rows else None
+        # Empty segments' weight gradients stay 0.
+        grad_w1, grad_w3, grad_w2 = (torch.zeros_like(w) if need else None
+                                     for w, need in ((w1, need_w1), (w3, need_w3), (w2, need_w2)))
+        most = max((end - begin for _, begin, end in ctx.segments), default=0)
+        grad_hidden, grad_gate, grad_up, hidden = (rows.new_empty(most, w1.shape[1]) for _ in range(4))
+        for expert, begin, end in ctx.segments:
+            n, g, x = end - begin, grad_out[begin:end], rows[begin:end]
+            g_h, g_gate, g_up, h = grad_hidden[:n], grad_gate[:n], grad_up[:n], hidden[:n]
+            torch.mm(g, w2[expert], out=g_h)                                         # ∂L/∂h = g·W2
+            backward_kernel(numba_cpu.array(gate[begin:end]), numba_cpu.array(up[begin:end]),
+                            numba_cpu.array(g_h), numba_cpu.array(g_gate), numba_cpu.array(g_up),
+                            numba_cpu.array(h))
+            if need_w2:
+                torch.mm(g.t(), h, out=grad_w2[expert])                              # gᵀ·h
+            if need_w1:
+                torch.mm(g_gate.t(), x, out=grad_w1[expert])                         # g_gateᵀ·x
+            if need_w3:
+                torch.mm(g_up.t(), x, out=grad_w3[expert])                           # g_upᵀ·x
+            if need_rows:
+                torch.mm(g_gate, w1[expert], out=grad_rows[begin:end])               # g_gate·W1
+                grad_rows[begin:end].addmm_(g_up, w3[expert])                        #   + g_up·W3
+        return grad_rows, grad_w1, grad_w3, grad_w2, None
 
 
-def hidden_activation(kind: str, gate: torch.Tensor, up: torch.Tensor | None, alpha: float | None = None,
-                      limit: float | None = None) -> torch.Tensor:
-    """The experts' hidden units (fastmoe_edu.experts.hidden_activation): SwiGLU on float32/float64 CPU
-    tensors as the fused kernels of numba_activation.py; every other case (CUDA or 16-bit tensors, the
-    other expert kinds) as the reference's torch operations."""
-    fused = (kind == "swiglu" and gate.device.type == "cpu" and not _cuda_kernels_for_cpu_tensors
-             and gate.dtype in (torch.float32, torch.float64) and up.dtype == gate.dtype)
+def _rows_output(rows: torch.Tensor, segments, width: int) -> torch.Tensor:
+    """[N, width] for a segment-wise result: rows past the last segment (if any) are 0, as the reference's."""
+    covered = segments[-1][2] if segments else 0
+    return rows.new_empty(rows.shape[0], width) if covered == rows.shape[0] else rows.new_zeros(rows.shape[0], width)
+
+
+def expert_feed_forward(experts, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The experts on their segments (fastmoe_edu.experts.expert_feed_forward). SwiGLU experts without biases on
+    float32/float64 CPU tensors: :class:`SwiGLUExperts` (the fused activation of numba_activation.py, each
+    expert's work done while its rows are in cache, its hidden units recomputed in the backward instead of
+    kept). Every other case (CUDA or 16-bit tensors, other kinds, biases, the tiled GEMM): the reference's
+    function with this backend's grouped GEMM."""
+    fused = (experts.kind == "swiglu" and experts.b1 is None and experts.b2 is None and rows.device.type == "cpu"
+             and not _cuda_kernels_for_cpu_tensors and _grouped_gemm != "tiled"
+             and rows.dtype in (torch.float32, torch.float64) and experts.w1.dtype == rows.dtype)
     if not fused:
-        return reference_hidden_activation(kind, gate, up, alpha, limit)
-    return SwiGLU.apply(gate, up)
+        return run_experts(experts, rows, counts, grouped_matmul)
+    return SwiGLUExperts.apply(rows.contiguous(), experts.w1, experts.w3, experts.w2, counts)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The reference backend: the plain-PyTorch functions of ``fastmoe_edu.dispatch``, the two routing
-functions of ``fastmoe_edu.routing`` and the experts' activation (``fastmoe_edu.experts``), gathered under the names every backend
+functions of ``fastmoe_edu.routing`` and the experts' network (``fastmoe_edu.experts``), gathered under the names every backend
 provides."""
 from fastmoe_edu.dispatch import (  # noqa: F401  (re-exported: this module *is* the backend table)
     count_tokens_per_expert,
@@ -10,7 +10,7 @@ from fastmoe_edu.dispatch import (  # noqa: F401  (re-exported: this module *is*
     scatter_rows,
     stable_positions,
 )
-from fastmoe_edu.experts import hidden_activation  # noqa: F401
+from fastmoe_edu.experts import expert_feed_forward  # noqa: F401
 from fastmoe_edu.routing import sigmoid_top_k_route, softmax_top_k_route  # noqa: F401
 
 NAME = "reference"

@@ -15,7 +15,8 @@ In one process, with the same weights: transformers' ``MixtralSparseMoeBlock`` i
 Printed per layer: each implementation's median forward + backward time (the implementations run in turns,
 one step each per round), ÷ HF's fastest, and the
 expert-GEMM FLOP rate ÷ the rate one large ``torch.mm`` reaches here (the GEMM peak); a row of the numba
-layer with torch's SwiGLU instead of its fused pass (what that kernel saves); last, the same
+layer with the reference's experts (torch's SwiGLU, all experts' products before the activation) instead of
+its fused ones (what that fusion saves); last, the same
 expert products timed alone (torch.mm, each expert's row count as routed): no layer that runs its
 experts on torch's GEMMs can beat HF's fastest by more than HF's time ÷ that. Then the training
 tokens/s of a small HF Mixtral language model (2 layers, d 64) before and after ``moefy``.
@@ -133,7 +134,7 @@ def layer_table(name: str, shape: dict, tokens: int, repeats: int, device: str, 
         def step(layer=layer):
             (layer(x) * upstream).sum().backward()
         steps[f"moefy [{backend}]"] = step
-    steps["moefy [numba], torch's SwiGLU"] = lambda step=step: with_torch_swiglu(step)
+    steps["moefy [numba], experts unfused"] = lambda step=step: with_unfused_experts(step)
     rows = interleaved_medians(steps, repeats)
     fastest_hf = min(v for key, v in rows.items() if key.startswith("HF"))
     floor = expert_gemms_alone(layer.last_routing.tokens_per_expert.tolist(), d, h, repeats, device)
@@ -148,16 +149,19 @@ def layer_table(name: str, shape: dict, tokens: int, repeats: int, device: str, 
     return lines
 
 
-def with_torch_swiglu(step) -> None:
-    """``step()`` with the numba backend's fused SwiGLU pass replaced by the reference's torch operations: what
-    the fused kernels (backends/numba_activation.py) save inside the layer."""
-    from fastmoe_edu.backends import numba_backend, reference
-    fused = numba_backend.hidden_activation
-    numba_backend.hidden_activation = reference.hidden_activation
+def with_unfused_experts(step) -> None:
+    """``step()`` with the numba backend's fused experts (backends/numba_backend.py ``SwiGLUExperts``) replaced by
+    the reference's experts on the same grouped GEMM (torch's SwiGLU operations): what the fusion saves inside
+    the layer."""
+    from fastmoe_edu.backends import numba_backend
+    from fastmoe_edu.experts import run_experts
+    fused = numba_backend.expert_feed_forward
+    numba_backend.expert_feed_forward = lambda experts, rows, counts: run_experts(
+        experts, rows, counts, numba_backend.grouped_matmul)
     try:
         step()
     finally:
-        numba_backend.hidden_activation = fused
+        numba_backend.expert_feed_forward = fused
 
 
 def expert_gemms_alone(counts: list[int], d: int, h: int, repeats: int, device: str) -> float:

@@ -62,6 +62,7 @@ import numba
 import torch
 
 from fastmoe_edu import MoELayer
+from fastmoe_edu.experts import run_experts
 from _device import best_seconds, default_device, describe, device_argument, synchronize
 from fastmoe_edu.backends import grouped_gemm_torch, numba_backend, reference
 
@@ -82,8 +83,9 @@ def torch_grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, counts: torch
     return grouped_gemm_torch.segment_matmul(rows, weight, counts)
 
 
-#: What the torch-only layer hands its experts: torch's grouped GEMM and the reference's (torch) activation.
-TORCH_EXPERT_OPS = types.SimpleNamespace(grouped_matmul=torch_grouped_matmul, hidden_activation=reference.hidden_activation)
+#: What the torch-only layer hands its experts: the reference's experts (torch's activation) on torch's grouped GEMM.
+TORCH_EXPERT_OPS = types.SimpleNamespace(
+    expert_feed_forward=lambda experts, rows, counts: run_experts(experts, rows, counts, torch_grouped_matmul))
 
 
 def torch_sort_forward(layer: MoELayer, tokens: torch.Tensor) -> torch.Tensor:

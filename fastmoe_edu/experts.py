@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .checks import is_finite_number
+from .dispatch import grouped_matmul as reference_grouped_matmul
 
 #: expert kind -> the activation of its first linear map (gated kinds multiply it by W3·x).
 ACTIVATIONS = {"swiglu": nn.functional.silu, "geglu": nn.functional.gelu,
@@ -90,26 +91,42 @@ class Experts(nn.Module):
     def forward(self, rows: torch.Tensor, counts: torch.Tensor, backend) -> torch.Tensor:
         """rows [N, d_model] sorted by expert (counts[e] rows for expert e) -> [N, d_model].
 
-        ``backend`` (backends/) runs the two steps: ``grouped_matmul(rows, weight[E, out, in], counts)``, the
-        grouped GEMM, and ``hidden_activation``, the function above (fused into one pass by the numba backend).
+        ``backend`` (backends/) runs them: its ``expert_feed_forward``, which for the reference is the function
+        below (the numba backend fuses each expert's three products and its SwiGLU on a CPU).
         """
-        # expert_of_row[n]: the expert whose segment row n sits in; each row gets that expert's bias.
-        # A gather (bias[expert_of_row]), not bias.repeat_interleave(counts): the gradient of a gather
-        # is a sort-based scatter-add on GPUs, the same bits in every run, where repeat_interleave's
-        # backward (index_add_) adds with atomics in whatever order the threads arrive.
-        expert_of_row = None
-        if self.b1 is not None:
-            experts = torch.arange(counts.numel(), device=counts.device)
-            expert_of_row = experts.repeat_interleave(counts, output_size=rows.shape[0])
+        return backend.expert_feed_forward(self, rows, counts)
 
-        def linear(inputs, weight, bias):                                          # W·x (+ b_e) per segment
-            out = backend.grouped_matmul(inputs, weight, counts)
-            return out if bias is None else out + bias[expert_of_row]
 
-        gate = linear(rows, self.w1, self.b1)                                      # W1·x
-        up = None if self.w3 is None else linear(rows, self.w3, self.b3)           # W3·x
-        hidden = backend.hidden_activation(self.kind, gate, up, self.swiglu_alpha, self.swiglu_limit)
-        return linear(hidden, self.w2, self.b2)                                    # W2·h
+def expert_feed_forward(experts: Experts, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The reference backend's ``expert_feed_forward``: :func:`run_experts` on the reference's grouped GEMM."""
+    return run_experts(experts, rows, counts, reference_grouped_matmul)
+
+
+def run_experts(experts: Experts, rows: torch.Tensor, counts: torch.Tensor, grouped_matmul) -> torch.Tensor:
+    """Every expert on its segment of ``rows`` [N, d_model] (expert-sorted, counts[e] rows for expert e):
+
+        out[segment e] = W2_e · act(W1_e·x (+ b1_e)) (⊙ (W3_e·x (+ b3_e))) (+ b2_e)
+
+    ``grouped_matmul(rows, weight[E, out, in], counts)`` is the grouped GEMM that runs the products (the
+    reference's loop over the experts, or a backend's own).
+    """
+    # expert_of_row[n]: the expert whose segment row n sits in; each row gets that expert's bias.
+    # A gather (bias[expert_of_row]), not bias.repeat_interleave(counts): the gradient of a gather
+    # is a sort-based scatter-add on GPUs, the same bits in every run, where repeat_interleave's
+    # backward (index_add_) adds with atomics in whatever order the threads arrive.
+    expert_of_row = None
+    if experts.b1 is not None:
+        expert_of_row = torch.arange(counts.numel(), device=counts.device).repeat_interleave(
+            counts, output_size=rows.shape[0])
+
+    def linear(inputs, weight, bias):                                              # W·x (+ b_e) per segment
+        out = grouped_matmul(inputs, weight, counts)
+        return out if bias is None else out + bias[expert_of_row]
+
+    gate = linear(rows, experts.w1, experts.b1)                                    # W1·x
+    up = None if experts.w3 is None else linear(rows, experts.w3, experts.b3)      # W3·x
+    hidden = hidden_activation(experts.kind, gate, up, experts.swiglu_alpha, experts.swiglu_limit)
+    return linear(hidden, experts.w2, experts.b2)                                  # W2·h
 
 
 def _uniform(num_experts: int, fan_out: int, fan_in: int) -> torch.Tensor:

@@ -445,9 +445,11 @@ def check_grouped_gemm(implementation, counts, d_in, d_out, dtype_name, tile=Non
     def run(backend):
         rows_leaf, weight_leaf = rows.clone().requires_grad_(True), weight.clone().requires_grad_(True)
         out = backend.grouped_matmul(rows_leaf, weight_leaf, counts)
-        grad_rows, grad_weight = torch.autograd.grad(out, (rows_leaf, weight_leaf), grad_out, create_graph=True)
-        # Second order (backends/second_order.py): the gradient of a penalty on the first gradients.
-        penalty = grad_rows.pow(2).sum() + grad_weight.pow(2).sum()
+        # First order by the backward pass itself (create_graph=False), then again with a graph: that takes
+        # backends/second_order.py's path, whose gradients the penalty on them differentiates once more.
+        grad_rows, grad_weight = torch.autograd.grad(out, (rows_leaf, weight_leaf), grad_out, retain_graph=True)
+        graph_rows, graph_weight = torch.autograd.grad(out, (rows_leaf, weight_leaf), grad_out, create_graph=True)
+        penalty = graph_rows.pow(2).sum() + graph_weight.pow(2).sum()
         second_rows, second_weight = torch.autograd.grad(penalty, (rows_leaf, weight_leaf))
         return {"grouped_matmul": out.detach(), "grad rows": grad_rows.detach(), "grad weight": grad_weight.detach(),
                 "second-order rows": second_rows, "second-order weight": second_weight}
@@ -460,28 +462,41 @@ def check_grouped_gemm(implementation, counts, d_in, d_out, dtype_name, tile=Non
         numba_backend.set_grouped_gemm(*previous)
 
 
-def check_hidden_activation(kind, shape, dtype_name, seed=0, device="cpu"):
-    """backend.hidden_activation against the reference's, forward, both gradients and second order. The gate
-    spans ±100 and holds 0 and ±1e-30, so both branches of σ, its clamp (|g| > 87) and tiny values are hit."""
+def check_expert_feed_forward(kind, counts, bias, dtype_name, d_model=8, d_hidden=12, seed=0, device="cpu"):
+    """backend.expert_feed_forward against the reference's: the output, the gradients of the rows and of every
+    weight and bias, and second order. ``counts`` may hold empty segments; weights of std 0.5 give gate values of
+    std ≈ 1.4 (both branches of σ; the extremes are the kernel test's, test_swiglu_kernels_at_extreme_gates), at
+    the scale the tolerances above assume."""
+    from fastmoe_edu.experts import Experts
     dtype = DTYPES[dtype_name]
+    torch.manual_seed(seed)
+    constants = CLAMPED_SWIGLU_DEFAULTS if kind == "clamped_swiglu" else {}
+    experts = Experts(len(counts), d_model, d_hidden, kind, bias, **constants).to(dtype)
+    with torch.no_grad():
+        for param in experts.parameters():
+            param.normal_(0.0, 0.5)
+    experts = experts.to(device)
     generator = torch.Generator().manual_seed(seed)
-    gate = torch.randn(shape, generator=generator, dtype=dtype) * 4
-    special = torch.tensor([0.0, 1e-30, -1e-30, 100.0, -100.0, -88.5], dtype=dtype)[:gate.numel()]
-    gate.view(-1)[:special.numel()] = special
-    up = torch.randn(shape, generator=generator, dtype=dtype)
-    grad_hidden = torch.randn(shape, generator=generator, dtype=dtype)
-    gate, up, grad_hidden = gate.to(device), up.to(device), grad_hidden.to(device)
+    counts = torch.tensor(counts)
+    rows = torch.randn(int(counts.sum()), d_model, generator=generator, dtype=dtype).to(device)
+    grad_out = torch.randn(rows.shape[0], d_model, generator=generator, dtype=dtype).to(device)
+    counts = counts.to(device)
+    names = [name for name, _ in experts.named_parameters()]
 
     def run(backend):
-        gate_leaf, up_leaf = gate.clone().requires_grad_(True), up.clone().requires_grad_(True)
-        constants = CLAMPED_SWIGLU_DEFAULTS if kind == "clamped_swiglu" else {}
-        hidden = backend.hidden_activation(kind, gate_leaf, up_leaf, constants.get("swiglu_alpha"),
-                                           constants.get("swiglu_limit"))
-        grad_gate, grad_up = torch.autograd.grad(hidden, (gate_leaf, up_leaf), grad_hidden, create_graph=True)
-        second_gate, second_up = torch.autograd.grad(grad_gate.pow(2).sum() + grad_up.pow(2).sum(),
-                                                     (gate_leaf, up_leaf))
-        return {"hidden": hidden.detach(), "grad gate": grad_gate.detach(), "grad up": grad_up.detach(),
-                "second-order gate": second_gate, "second-order up": second_up}
+        rows_leaf = rows.clone().requires_grad_(True)
+        leaves = [rows_leaf, *experts.parameters()]
+        out = backend.expert_feed_forward(experts, rows_leaf, counts)
+        # First order by the backward pass itself, then with a graph (second_order.py's path) for the second
+        # order; b2's gradient is Σ of grad_out alone, so the penalty does not depend on b2.
+        firsts = torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
+        graphs = torch.autograd.grad(out, leaves, grad_out, create_graph=True)
+        seconds = torch.autograd.grad(sum(g.pow(2).sum() for g in graphs), leaves, allow_unused=True)
+        seconds = [torch.zeros_like(leaf) if second is None else second for leaf, second in zip(leaves, seconds)]
+        result = {"expert_feed_forward": out.detach()}
+        for name, first, second in zip(["rows", *names], firsts, seconds):
+            result[f"grad {name}"], result[f"second-order {name}"] = first.detach(), second
+        return result
 
     _compare_runs(run, dtype)
 

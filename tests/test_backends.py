@@ -23,7 +23,7 @@ import torch
 import backend_cases
 from backend_cases import (DTYPES, EDGE_CASES, HALF_DTYPES, LAYER_CASES, OPTION_CASES, SIMULATOR_OPTION_DTYPES,
                            check_float_steps,
-                           check_float_steps_16bit, check_grouped_gemm, check_hidden_activation,
+                           check_float_steps_16bit, check_grouped_gemm, check_expert_feed_forward,
                            check_integer_steps, check_layer,
                            check_routers, check_rows_nobody_owns, check_second_order,
                            check_sigmoid_extreme_logits, edge_case_ids, random_expert_ids)
@@ -179,10 +179,38 @@ def test_grouped_gemm(implementation, dtype_name, counts, d_in, d_out):
 
 
 @pytest.mark.parametrize("dtype_name", DTYPES)
-@pytest.mark.parametrize("kind,shape", [("swiglu", (37, 24)), ("swiglu", (0, 8)), ("swiglu", (5, 1)),
-                                        ("geglu", (9, 16)), ("clamped_swiglu", (9, 16))])
-def test_hidden_activation(kind, shape, dtype_name):
-    check_hidden_activation(kind, shape, dtype_name)
+@pytest.mark.parametrize("kind,counts,bias", [
+    ("swiglu", [5, 0, 70, 3], False),   # the fused SwiGLUExperts: an empty segment, a segment over 64 rows
+    ("swiglu", [0, 0, 0], False),       # no rows at all
+    ("swiglu", [4, 6, 0], True),        # biases: the reference's function on numba's grouped GEMM
+    ("geglu", [3, 0, 5], False),
+    ("clamped_swiglu", [3, 0, 5], True),
+])
+def test_expert_feed_forward(kind, counts, bias, dtype_name):
+    check_expert_feed_forward(kind, counts, bias, dtype_name)
+
+
+def test_swiglu_kernels_at_extreme_gates():
+    """numba_activation's two float32 passes against torch's formulas where σ is hardest: gates of 0, ±1e-30,
+    ±100 and −88.5 (past the clamp at 87), and random ones spanning ±16. The backward's recomputed hidden units
+    are the forward's to 2 float32 ulp (fastmath lets the compiler contract g·σ·u differently in the two loops)."""
+    from fastmoe_edu.backends import numba_activation
+    from fastmoe_edu.experts import hidden_activation
+    generator = torch.Generator().manual_seed(0)
+    gate = torch.randn(37, 24, generator=generator) * 4
+    gate.view(-1)[:6] = torch.tensor([0.0, 1e-30, -1e-30, 100.0, -100.0, -88.5])
+    up, grad_hidden = torch.randn(37, 24, generator=generator), torch.randn(37, 24, generator=generator)
+    hidden, again, grad_gate, grad_up = (torch.empty_like(gate) for _ in range(4))
+    numba_activation.swiglu_forward_float32(gate.numpy(), up.numpy(), hidden.numpy())
+    numba_activation.swiglu_backward_float32(gate.numpy(), up.numpy(), grad_hidden.numpy(), grad_gate.numpy(),
+                                             grad_up.numpy(), again.numpy())
+    gate_leaf, up_leaf = gate.double().requires_grad_(True), up.double().requires_grad_(True)
+    want = hidden_activation("swiglu", gate_leaf, up_leaf)
+    want_gate, want_up = torch.autograd.grad(want, (gate_leaf, up_leaf), grad_hidden.double())
+    for got, expected, name in ((hidden, want, "hidden"), (grad_gate, want_gate, "grad gate"),
+                                (grad_up, want_up, "grad up")):
+        torch.testing.assert_close(got.double(), expected.detach(), rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(again, hidden, rtol=2 * 2.0 ** -23, atol=1e-38, msg="recomputed hidden")
 
 
 def test_float32_sigmoid_within_3_ulp():
