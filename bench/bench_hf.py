@@ -185,7 +185,9 @@ def expert_gemms_alone(counts: list[int], d: int, h: int, repeats: int, device: 
     return median_seconds(run, repeats)
 
 
-def training_tokens_per_second(steps: int, moefied: bool, device: str) -> float:
+def training_step(moefied: bool, device: str):
+    """One optimizer step of a small HF Mixtral language model, as HF built it or after ``moefy`` (backend auto);
+    returns (step, tokens per step)."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     from fastmoe_edu.hf import moefy
@@ -204,7 +206,7 @@ def training_tokens_per_second(steps: int, moefied: bool, device: str) -> float:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return batch.numel() / median_seconds(step, steps)
+    return step, batch.numel()
 
 
 def main() -> None:
@@ -236,8 +238,9 @@ def main() -> None:
         shape = LAYERS[name]
         print()
         print("\n".join(layer_table(name, shape, args.tokens or shape["tokens"], args.repeats, args.device, peak)))
-    before = training_tokens_per_second(args.train_steps, False, args.device)
-    after = training_tokens_per_second(args.train_steps, True, args.device)
+    (before_step, tokens), (after_step, _) = training_step(False, args.device), training_step(True, args.device)
+    seconds = interleaved_medians({"before": before_step, "after": after_step}, args.train_steps)   # in turns
+    before, after = tokens / seconds["before"], tokens / seconds["after"]
     print(f"\ntraining a small HF Mixtral (2 layers, d 64, 8 experts, batch 32 × 64): {before:,.0f} tokens/s as HF "
           f"built it, {after:,.0f} after moefy (backend auto): {after / before:.2f}×")
 

@@ -630,8 +630,9 @@ print(f"speed-up range over these sizes: {speedup.min():.1f}× to {speedup.max()
 # A training step of an MoE layer is more than dispatch: the router, the experts' matrix products
 # (the grouped GEMM and the SwiGLU activation) and the backward pass of all of it. The numba backend
 # speeds up the dispatch and routing kernels. The experts' matrix products are torch GEMMs in both
-# backends, but called through different grouped-GEMM code (the reference loops over the experts;
-# the numba backend uses `backends/grouped_gemm_torch.py`), so the cell times the experts of each
+# backends, but run differently (the reference: each product for all experts, then the activation;
+# the numba backend: one expert at a time, its products and a fused SwiGLU pass while its rows are in
+# cache, `SwiGLUExperts` in `backends/numba_backend.py`), so the cell times the experts of each
 # backend separately. If a fraction $f$ of the reference's step can be sped up by a factor $s$, the
 # step gets faster by
 #
@@ -727,8 +728,9 @@ elif experts_differ:
     nb_bound = ref_step / parts["numba"]["experts"]
     print(textwrap.fill(
         f"but the experts are not unchanged here: the numba backend's experts ran {experts_speedup:.2f}× "
-        "as fast as the reference's (its grouped GEMM, backends/grouped_gemm_torch.py, is a different "
-        "implementation from the reference's loop over experts); with numba's own experts the bound is "
+        "as fast as the reference's (it runs one expert at a time, its products and a fused SwiGLU pass, "
+        "where the reference runs each product for all experts, then torch's activation); with numba's own "
+        "experts the bound is "
         f"reference step / numba's experts = {nb_bound:.2f}×, and the measured {layer_speedup:.2f}× is "
         + ("below it" if layer_speedup <= nb_bound else "above it: too noisy to judge"),
         width=110, initial_indent="  ", subsequent_indent="    "))
