@@ -344,7 +344,10 @@ class SwiGLUExperts(torch.autograd.Function):
         forward_kernel, _ = numba_activation.SWIGLU_KERNELS[str(rows.dtype).removeprefix("torch.")]
         width = w1.shape[1]
         gate, up = rows.new_empty(rows.shape[0], width), rows.new_empty(rows.shape[0], width)
-        out = _rows_output(rows, segments, w2.shape[1])
+        if (segments[-1][2] if segments else 0) != rows.shape[0]:
+            raise ValueError(f"expert_feed_forward: rows has {rows.shape[0]} rows but counts sum to "
+                             f"{int(counts.sum())}; each row must belong to one expert's segment")
+        out = rows.new_empty(rows.shape[0], w2.shape[1])
         hidden = rows.new_empty(max((end - begin for _, begin, end in segments), default=0), width)
         for expert, begin, end in segments:
             x, h = rows[begin:end], hidden[:end - begin]
@@ -368,7 +371,7 @@ class SwiGLUExperts(torch.autograd.Function):
         _, backward_kernel = numba_activation.SWIGLU_KERNELS[str(rows.dtype).removeprefix("torch.")]
         grad_out = grad_out.contiguous()
         need_rows, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:4]
-        grad_rows = _rows_output(rows, ctx.segments, rows.shape[1]) if need_rows else None
+        grad_rows = torch.empty_like(rows) if need_rows else None
         # Empty segments' weight gradients stay 0.
         grad_w1, grad_w3, grad_w2 = (torch.zeros_like(w) if need else None
                                      for w, need in ((w1, need_w1), (w3, need_w3), (w2, need_w2)))
@@ -391,12 +394,6 @@ class SwiGLUExperts(torch.autograd.Function):
                 torch.mm(g_gate, w1[expert], out=grad_rows[begin:end])               # g_gate·W1
                 grad_rows[begin:end].addmm_(g_up, w3[expert])                        #   + g_up·W3
         return grad_rows, grad_w1, grad_w3, grad_w2, None
-
-
-def _rows_output(rows: torch.Tensor, segments, width: int) -> torch.Tensor:
-    """[N, width] for a segment-wise result: rows past the last segment (if any) are 0, as the reference's."""
-    covered = segments[-1][2] if segments else 0
-    return rows.new_empty(rows.shape[0], width) if covered == rows.shape[0] else rows.new_zeros(rows.shape[0], width)
 
 
 def expert_feed_forward(experts, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

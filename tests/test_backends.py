@@ -190,6 +190,12 @@ def test_expert_feed_forward(kind, counts, bias, dtype_name):
     check_expert_feed_forward(kind, counts, bias, dtype_name)
 
 
+def test_fused_experts_refuse_rows_outside_the_segments():
+    from fastmoe_edu.experts import Experts
+    with pytest.raises(ValueError, match="rows has 11 rows but counts sum to 10"):
+        numba_backend.expert_feed_forward(Experts(3, 8, 12), torch.randn(11, 8), torch.tensor([5, 0, 5]))
+
+
 def test_swiglu_kernels_at_extreme_gates():
     """numba_activation's two float32 passes against torch's formulas where σ is hardest: gates of 0, ±1e-30,
     ±100 and −88.5 (past the clamp at 87), and random ones spanning ±16. The backward's recomputed hidden units
