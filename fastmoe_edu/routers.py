@@ -232,7 +232,9 @@ class Router(nn.Module):
         autocasting = torch.is_autocast_enabled(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
             out = self.route(x.float() if autocasting else x, backend)
-            aux_loss = self.balance_loss_weight * self.balance_loss(out, reduce)
+            # With a weight of 0 (HF models after moefy: HF adds its own) the loss and its reduce are skipped.
+            aux_loss = (self.balance_loss_weight * self.balance_loss(out, reduce) if self.balance_loss_weight
+                        else out.logits.new_zeros(()))
             if self.z_loss_weight:
                 aux_loss = aux_loss + self.z_loss_weight * router_z_loss(out.logits, reduce)
         return out, aux_loss
