@@ -447,6 +447,12 @@ runs_to_differ = len(atomic_runs) if race_differs else None
 print(f"racing runs: {len(atomic_runs)} of at most {MAX_RACE_RUNS} ("
       + ("stopped at the first that differed from run 1)" if race_differs else "none differed from run 1)"))
 
+# %% [markdown]
+# Drawn: on the left, which thread of the simulated launch (one thread per element) writes each element
+# of the buffer; on the right, the rows of the first assignments, stable and racing (red: a row a racing
+# run handed out differently from the stable order).
+
+# %%
 tm = sim["thread_map"]
 block_of, thread_of = tm["block_of"].numpy(), tm["thread_of"].numpy()
 fig, axes = plt.subplots(1, 2, figsize=(13, 6), gridspec_kw={"width_ratios": [1, 1.4]})
@@ -500,6 +506,10 @@ ax.set_title(f"positions of the first {n} assignments (chunks of {chunk_demo} he
 plt.tight_layout()
 plt.show()
 
+# %% [markdown]
+# What the racing runs did with the rows: the same set of places, in an order that may change.
+
+# %%
 same_set = all(torch.equal(torch.sort(run.reshape(-1)).values, torch.sort(big_rows.reshape(-1)).values)
                for run in atomic_runs)
 in_order = sum(torch.equal(run, big_rows) for run in atomic_runs)
@@ -690,6 +700,10 @@ layer_times = {name: {"median": float(np.median(v)), "min": min(v), "max": max(v
                for name, v in layer_samples.items()}
 numba.set_num_threads(numba_threads)
 
+# %% [markdown]
+# The breakdown: each backend's step, its experts alone, and the rest; then what Amdahl's law says.
+
+# %%
 parts = {}
 
 

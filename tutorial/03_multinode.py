@@ -260,7 +260,10 @@ def run_probe(ranks, launcher=mpirun_command):
             "samples": per_rank[0]["forward_seconds_all"],           # every timed forward (slowest rank's)
             "per_rank": per_rank, "launch_seconds": time.perf_counter() - started}
 
+# %% [markdown]
+# The launches: every rank count under mpirun, and two ranks under torchrun.
 
+# %%
 P_TORCH = 2
 # Section 3 judges the timings against a model, so every size that fits the cores is launched more than
 # once: a timing that moves between launches (the machine's other work) must be seen as noise, not as a
@@ -289,9 +292,12 @@ for P, launcher in tqdm(launches, desc="MoE layer launches"):
     else:
         on_torch = run_probe(P, launcher)
 
-# The same script under torchrun: ParallelLayout() now opens torch.distributed (gloo) instead of MPI.
+# %% [markdown]
+# The same script under torchrun: `ParallelLayout()` now opens torch.distributed (gloo) instead of MPI.
 # Routing happens before any communication, so the rows each rank sends, and the bytes the
 # communicator counts, must be the same as under mpirun.
+
+# %%
 same_rows = [r["send_rows"] for r in on_torch["per_rank"]] == [r["send_rows"] for r in probes[P_TORCH]["per_rank"]]
 same_bytes = ([r["stats"]["expert/alltoallv"]["bytes_sent"] for r in on_torch["per_rank"]]
               == [r["stats"]["expert/alltoallv"]["bytes_sent"] for r in probes[P_TORCH]["per_rank"]])
@@ -435,7 +441,10 @@ print(f"fit over {len(fit_points)} points (P = {FIT_RANKS}, {FIT_LAUNCHES} launc
 print(f"fitted per launch: α from {alphas.min() * 1e6:.1f} to {alphas.max() * 1e6:.1f} µs, "
       f"β from {betas.min() * 1e9:.3f} to {betas.max() * 1e9:.3f} ns/byte")
 
+# %% [markdown]
+# The fitted line α·(P − 1) + β·bytes against every measured point, and how well it fits.
 
+# %%
 def predicted(p):
     return alpha * (p["ranks"] - 1) + beta * p["bytes_per_rank"]
 
@@ -532,7 +541,10 @@ def alltoall_counters(reports):
 def mean_forward(run):
     return float(np.mean([t for launch in run["launch_samples"] for t in launch]))
 
+# %% [markdown]
+# The model's prediction for each P beside the measurement, from every launch's counters together.
 
+# %%
 base_low, base_forward, base_high = quartiles(probes[1]["launch_samples"])
 base_mean = mean_forward(probes[1])
 rows_pred = []
@@ -583,6 +595,10 @@ for r in rows_pred:
           f"{r['forward_measured'] * 1e3:>9.2f}ms{r['forward_predicted'] * 1e3:>9.2f}ms{r['ratio']:>12.2f}"
           f"{r['ratio_range'][0]:>8.2f}–{r['ratio_range'][1]:<6.2f}{r['launches']:>10}  {r['verdict']}")
 
+# %% [markdown]
+# The same numbers as a plot.
+
+# %%
 fig, ax = plt.subplots(figsize=(9.5, 3.8))
 Ps = [r["P"] for r in rows_pred]
 ax.errorbar(Ps, [r["forward_measured"] * 1e3 for r in rows_pred], fmt="o-", capsize=3,
@@ -598,7 +614,10 @@ ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=Fal
 plt.tight_layout()
 plt.show()
 
-# Per row: what the numbers say (computed, not written by hand), wrapped to the page.
+# %% [markdown]
+# What each row says, in words computed from the numbers (not written by hand), wrapped to the page.
+
+# %%
 def say(text):
     print(textwrap.fill(text, width=110, subsequent_indent="    ", break_on_hyphens=False))
 
@@ -700,7 +719,11 @@ def explorer_hardware(bandwidth_GBps, network="cluster", c=CLUSTER) -> cost_mode
         links = dict(alpha_intra=alpha, beta_intra=beta, alpha_inter=alpha, beta_inter=beta)
     return cost_model.Hardware(**links, flops_per_second=c["GPU_TFLOPS"] * 1e12, ranks_per_node=c["gpus_per_node"])
 
+# %% [markdown]
+# The cost of one step: the experts' compute plus the flat or the hierarchical all-to-all (the same
+# formulas as `fastmoe_edu/distributed/cost_model.py`).
 
+# %%
 def step_time(P, bandwidth_GBps, experts_per_gpu, network="cluster", w=WORKLOAD, c=CLUSTER):
     """Seconds per training step on P GPUs: compute, and communication with flat / hierarchical all-to-all."""
     d, d_ff, k, T, L = w["d_model"], w["d_ff"], w["top_k"], w["tokens_per_gpu"], w["n_layers"]
@@ -736,7 +759,10 @@ def who_is_faster(flat, hier, gpus=GPU_COUNTS):
                      for winner, first, last in runs)
     return winners, text
 
+# %% [markdown]
+# The explorer's drawing function: one call per change of a control.
 
+# %%
 def redraw_cost(gpus=256, bandwidth_GBps=50.0, experts_per_gpu=2, network="cluster", show=True):
     """Plot step time over cluster sizes and the split at ``gpus``; return the plotted numbers."""
     curve = [step_time(P, bandwidth_GBps, experts_per_gpu, network) for P in GPU_COUNTS]
@@ -784,7 +810,10 @@ def redraw_cost(gpus=256, bandwidth_GBps=50.0, experts_per_gpu=2, network="clust
             "winners": winners, "winners_text": winners_text, "at_gpus": here, "comm_share_flat": here["flat"] / (here["flat"] + here["compute"]),
             "comm_share_hier": here["hier"] / (here["hier"] + here["compute"])}
 
+# %% [markdown]
+# The controls.
 
+# %%
 bandwidth_slider = widgets.FloatLogSlider(value=50, base=10, min=0.5, max=math.log10(CLUSTER["link_GBps"]), step=0.1,
                                           description="net GB/s", continuous_update=False)
 network_menu = widgets.Dropdown(options=["cluster", "measured here"], value="cluster", description="network")

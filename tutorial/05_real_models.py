@@ -137,7 +137,7 @@ print(f"fastmoe_edu.hf converts {len(hf.SUPPORTED)} HF MoE block classes and nam
 # 8 experts form 4 groups of 2, of which the best 2 compete, and it gets a small random correction
 # bias. Switch gets `expert_capacity = 3` per sequence. The tokens are 2 sequences of 12 random vectors.
 #
-# The next cell (collapsed in JupyterLab: click the ··· to read it) defines `build_block(family, top_k)`,
+# The next two cells (collapsed in JupyterLab: click the ··· to read them) define `build_block(family, top_k)`,
 # `route(family, top_k)`, which runs HF's router and returns its decision as plain numbers (and
 # compares the block with `from_hf(block)`), and `draw(results)`, which plots one or more decisions.
 
@@ -221,6 +221,7 @@ def route(family, top_k=2):
             "from_hf_difference": difference, "unsupported_reason": reason}
 
 
+# %% jupyter={"source_hidden": true}
 def draw(results):
     """One column per routing decision: token × expert combine weights (each with its own colour scale,
     from 0 to its largest weight: the families' weights differ in size), load per expert."""
