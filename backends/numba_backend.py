@@ -341,12 +341,12 @@ class SwiGLUExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, w1, w3, w2, counts):
         segments = grouped_gemm_torch._segments(counts)
-        forward_kernel, _ = numba_activation.SWIGLU_KERNELS[str(rows.dtype).removeprefix("torch.")]
-        width = w1.shape[1]
-        gate, up = rows.new_empty(rows.shape[0], width), rows.new_empty(rows.shape[0], width)
         if (segments[-1][2] if segments else 0) != rows.shape[0]:
             raise ValueError(f"expert_feed_forward: rows has {rows.shape[0]} rows but counts sum to "
                              f"{int(counts.sum())}; each row must belong to one expert's segment")
+        forward_kernel, _ = numba_activation.SWIGLU_KERNELS[str(rows.dtype).removeprefix("torch.")]
+        width = w1.shape[1]
+        gate, up = rows.new_empty(rows.shape[0], width), rows.new_empty(rows.shape[0], width)
         out = rows.new_empty(rows.shape[0], w2.shape[1])
         hidden = rows.new_empty(max((end - begin for _, begin, end in segments), default=0), width)
         # The kernels get numpy views, sliced per expert (slicing the torch tensors would cost ~10 µs a call).
@@ -408,8 +408,14 @@ def expert_feed_forward(experts, rows: torch.Tensor, counts: torch.Tensor) -> to
              and not _cuda_kernels_for_cpu_tensors and _grouped_gemm != "tiled"
              and rows.dtype in (torch.float32, torch.float64) and experts.w1.dtype == rows.dtype)
     if not fused:
-        return run_experts(experts, rows, counts, grouped_matmul)
+        return unfused_expert_feed_forward(experts, rows, counts)
     return SwiGLUExperts.apply(rows.contiguous(), experts.w1, experts.w3, experts.w2, counts)
+
+
+def unfused_expert_feed_forward(experts, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The reference's experts on this backend's grouped GEMM (torch's activation): what CUDA tensors and every
+    case SwiGLUExperts does not take run."""
+    return run_experts(experts, rows, counts, grouped_matmul)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -154,10 +154,8 @@ def with_unfused_experts(step) -> None:
     the reference's experts on the same grouped GEMM (torch's SwiGLU operations): what the fusion saves inside
     the layer."""
     from fastmoe_edu.backends import numba_backend
-    from fastmoe_edu.experts import run_experts
     fused = numba_backend.expert_feed_forward
-    numba_backend.expert_feed_forward = lambda experts, rows, counts: run_experts(
-        experts, rows, counts, numba_backend.grouped_matmul)
+    numba_backend.expert_feed_forward = numba_backend.unfused_expert_feed_forward
     try:
         step()
     finally:

@@ -17,7 +17,6 @@ from torch.overrides import TorchFunctionMode
 
 from fastmoe_edu import MoELayer
 from fastmoe_edu.backends import numba_backend
-from fastmoe_edu.experts import run_experts
 
 #: Tensor calls that wait for the device on a GPU.
 SYNCHRONIZING = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__int__, torch.Tensor.__float__,
@@ -55,8 +54,7 @@ class CatchSynchronizations(TorchFunctionMode):
 def experts_as_on_a_gpu(monkeypatch):
     """The experts by the path CUDA tensors take (numba's grouped GEMM, torch's activation): the CPU's fused
     SwiGLUExperts reads the segment sizes on the host, which costs nothing on a CPU and never runs on a GPU."""
-    monkeypatch.setattr(numba_backend, "expert_feed_forward",
-                        lambda experts, rows, counts: run_experts(experts, rows, counts, numba_backend.grouped_matmul))
+    monkeypatch.setattr(numba_backend, "expert_feed_forward", numba_backend.unfused_expert_feed_forward)
 
 
 def synchronizations(layer: MoELayer, x: torch.Tensor) -> list[str]:
