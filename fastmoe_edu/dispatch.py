@@ -82,9 +82,13 @@ def _prune_slot_major(expert_ids: torch.Tensor, num_experts: int, capacity: int,
 
 
 def count_tokens_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """count[e] = number of (token, slot) pairs routed to expert e. Dropped (-1) ids are ignored."""
+    """count[e] = number of (token, slot) pairs routed to expert e. Dropped (-1) ids are ignored.
+
+    A 1 added at each kept id. (``bincount(ids[ids >= 0])`` counts the same, but on a GPU it first waits for
+    the device to learn how many ids are kept and which is largest; this never waits.)"""
     ids = expert_ids.reshape(-1)
-    return torch.bincount(ids[ids >= 0], minlength=num_experts)
+    kept = (ids >= 0).to(torch.int64)
+    return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).index_add_(0, ids.clamp(min=0), kept)
 
 
 def exclusive_prefix_sum(counts: torch.Tensor) -> torch.Tensor:

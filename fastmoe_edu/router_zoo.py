@@ -21,9 +21,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import routing
+from .dispatch import count_tokens_per_expert
 from .precision import at_least_float32
-from .routers import (Router, RouterOutput, assignments_per_expert, check_bool, check_groups, check_number, local_sum,
-                      switch_balance_loss)
+from .routers import Router, RouterOutput, check_bool, check_groups, check_number, local_sum, switch_balance_loss
 
 
 def cv_squared(values: torch.Tensor) -> torch.Tensor:
@@ -234,7 +234,7 @@ class SigmoidRouter(Router, name="sigmoid"):
                                         self.num_groups, self.top_k_groups, False)
             if self.renormalize:               # renormalize_eps=ε (LFM2-MoE): w = s / (Σ s + ε) · scale, here in torch
                 weights = weights / (weights.sum(dim=-1, keepdim=True) + self.renormalize_eps) * self.route_scale
-        self.last_load = assignments_per_expert(expert_ids, self.num_experts)
+        self.last_load = count_tokens_per_expert(expert_ids, self.num_experts)
         return RouterOutput(expert_ids, weights, self.capacity(x.shape[0]), logits,
                             torch.sigmoid(at_least_float32(logits)))
 

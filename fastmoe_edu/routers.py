@@ -40,6 +40,7 @@ from torch import nn
 
 from . import routing
 from .checks import is_finite_number
+from .dispatch import count_tokens_per_expert
 # Switch Transformer: route in at least float32 (a bfloat16 softmax is too coarse to rank experts).
 from .precision import at_least_float32
 from .routing import min_score_sum
@@ -53,15 +54,6 @@ def local_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def assignments_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """count[e] = number of assignments to expert e (ids -1 are not counted), int64 [E]: a 1 added at each
-    kept id. (``bincount(ids[ids >= 0])`` counts the same, but on a GPU it first waits for the device to learn
-    how many ids are kept and which is largest; this never waits.)"""
-    ids = expert_ids.reshape(-1)
-    ones = (ids >= 0).to(torch.int64)
-    return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).index_add_(0, ids.clamp(min=0), ones)
-
-
 def switch_balance_loss(probs: torch.Tensor, expert_ids: torch.Tensor, reduce=local_sum) -> torch.Tensor:
     """Switch/Mixtral balance loss  E · Σ_e f_e · P_e  (= 1 when perfectly balanced).
 
@@ -70,7 +62,7 @@ def switch_balance_loss(probs: torch.Tensor, expert_ids: torch.Tensor, reduce=lo
     Both are ratios of sums over tokens; one ``reduce`` of [counts, Σ_t p, T] makes them global.
     """
     num_experts = probs.shape[-1]
-    counts = assignments_per_expert(expert_ids, num_experts).to(probs.dtype)
+    counts = count_tokens_per_expert(expert_ids, num_experts).to(probs.dtype)
     totals = reduce(torch.cat([counts, probs.sum(dim=0), probs.new_full((1,), probs.shape[0])]))
     counts, prob_sums, num_tokens = totals[:num_experts], totals[num_experts:-1], totals[-1]
     fraction = counts / counts.sum().clamp(min=1)                                               # f_e
